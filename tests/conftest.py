@@ -1,0 +1,27 @@
+"""Test-wide setup. Triton's interpreter must be switched on before any kernel is imported, so the
+CPU suite exercises the real Triton kernels on CPU tensors."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none (the CPU suite covers the "
+                                   "kernels through TRITON_INTERPRET=1)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def impl(request, monkeypatch):
+    """Run a test under FASTCPS_IMPL=<param>."""
+    monkeypatch.setenv("FASTCPS_IMPL", request.param)
+    return request.param
