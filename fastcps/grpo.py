@@ -60,7 +60,9 @@ def compute_advantages(
     if std not in ("prompt", "global"):
         raise ValueError(f"compute_advantages: std must be 'prompt' or 'global', got {std!r}")
     if rewards.ndim != 1 or rewards.numel() == 0:
-        raise ValueError(f"compute_advantages: rewards must be a non-empty 1-D tensor, got shape {tuple(rewards.shape)}")
+        raise ValueError(
+            f"compute_advantages: rewards must be a non-empty 1-D tensor, got shape {tuple(rewards.shape)}"
+        )
     if group_ids.shape != rewards.shape:
         raise ValueError(
             f"compute_advantages: group_ids shape {tuple(group_ids.shape)} != rewards shape {tuple(rewards.shape)}"
@@ -83,7 +85,9 @@ def compute_advantages(
     groups, inv = torch.unique(group_ids, return_inverse=True)
     num_groups = groups.numel()
 
-    counts = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, torch.ones_like(r))
+    counts = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(
+        0, inv, torch.ones_like(r)
+    )
     group_mean = torch.zeros_like(counts).index_add_(0, inv, r) / counts
     centered = r - group_mean[inv]
     group_var = torch.zeros_like(counts).index_add_(0, inv, centered * centered) / counts
