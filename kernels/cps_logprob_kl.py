@@ -156,12 +156,12 @@ def cps_logprob_kl_bwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, kl_w, grad_l
     return dv
 
 
-def compile_variants():
+def compile_variants(batch: int = 1):
     """(name, kernel, signature, constexprs, num_warps) for ``bench/ptx_report.py``: each uniform
-    latent dtype × with/without v_ref, forward and backward, at the tiling of B = 1, N = 4096·64."""
+    latent dtype × with/without v_ref, forward and backward, at the tiling of a (batch, 4096·64) latent."""
     out = []
     for tname, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        cfg = launch_config(1, 4096 * 64, [torch_dtype.itemsize])
+        cfg = launch_config(batch, 4096 * 64, [torch_dtype.itemsize])
         lat = f"*{tname}"
         for has_ref in (False, True):
             ref = lat if has_ref else "constexpr"
@@ -176,7 +176,7 @@ def compile_variants():
             if not has_ref:
                 consts["vref_ptr"] = None
             tag = ",ref" if has_ref else ""
-            out.append((f"logprob_kl_fwd[{tname}{tag}]", _logprob_kl_fwd_kernel, sig, consts, cfg.num_warps))
+            out.append((f"logprob_kl_fwd[{tname}{tag}]@B={batch}", _logprob_kl_fwd_kernel, sig, consts, cfg.num_warps))
             sig = {
                 "x_ptr": lat, "v_ptr": lat, "prev_ptr": lat, "vref_ptr": ref, "dv_ptr": lat,
                 "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "lp_w_ptr": "*fp32",
@@ -189,5 +189,5 @@ def compile_variants():
             consts = {"HAS_REF": has_ref, "BLOCK": cfg.block, "ITERS": cfg.iters}
             if not has_ref:
                 consts.update(vref_ptr=None, kl_w_ptr=None, g_kl_ptr=None)
-            out.append((f"logprob_kl_bwd[{tname}{tag}]", _logprob_kl_bwd_kernel, sig, consts, cfg.num_warps))
+            out.append((f"logprob_kl_bwd[{tname}{tag}]@B={batch}", _logprob_kl_bwd_kernel, sig, consts, cfg.num_warps))
     return out

@@ -186,13 +186,13 @@ def cps_step_fwd(x, v, alpha, beta, std, lp_w, lp_c, *, noise=None, seed=None, o
     return out, logp, mean
 
 
-def compile_variants():
+def compile_variants(batch: int = 1):
     """(name, kernel, signature, constexprs, num_warps) for every variant ``bench/ptx_report.py``
     compiles: each uniform latent dtype × each mode (noise / seed / prev, with and without mean),
-    at the heuristic tiling of a B = 1, N = 4096·64 latent."""
+    at the heuristic tiling of a (batch, 4096·64) latent."""
     out = []
     for tname, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        cfg = launch_config(1, 4096 * 64, [torch_dtype.itemsize])
+        cfg = launch_config(batch, 4096 * 64, [torch_dtype.itemsize])
         for mode, mname in ((MODE_NOISE, "noise"), (MODE_SEED, "seed"), (MODE_PREV, "prev")):
             for write_mean in (False, True):
                 lat = f"*{tname}"
@@ -212,6 +212,6 @@ def compile_variants():
                 for k, t in sig.items():
                     if t == "constexpr" and k not in consts:
                         consts[k] = None
-                name = f"cps_step[{tname},{mname}{',mean' if write_mean else ''}]"
+                name = f"cps_step[{tname},{mname}{',mean' if write_mean else ''}]@B={batch}"
                 out.append((name, _cps_step_kernel, sig, consts, cfg.num_warps))
     return out

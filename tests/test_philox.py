@@ -1,0 +1,97 @@
+"""fastcps.ops.philox.philox_randn reproduces Triton's tl.randn (checked under the interpreter)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastcps.ops.philox import philox_randint4x, philox_randn  # noqa: E402
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
+    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported", allow_module_level=True)
+
+
+@triton.jit
+def _randn_kernel(out_ptr, words_ptr, seed, off_ptr, n, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    m = o < n
+    off = tl.load(off_ptr + o, mask=m, other=0)
+    tl.store(out_ptr + o, tl.randn(seed, off), mask=m)
+    a, b, c, d = tl.randint4x(seed, off)
+    tl.store(words_ptr + 4 * o + 0, a.to(tl.int32, bitcast=True), mask=m)
+    tl.store(words_ptr + 4 * o + 1, b.to(tl.int32, bitcast=True), mask=m)
+    tl.store(words_ptr + 4 * o + 2, c.to(tl.int32, bitcast=True), mask=m)
+    tl.store(words_ptr + 4 * o + 3, d.to(tl.int32, bitcast=True), mask=m)
+
+
+def _triton(seed, offs):
+    n = offs.numel()
+    out = torch.empty(n, dtype=torch.float32)
+    words = torch.empty(n, 4, dtype=torch.int32)
+    _randn_kernel[(1,)](out, words, seed, offs, n, BLOCK=triton.next_power_of_2(n))
+    return out, words
+
+
+# around 2**31 (int32 sign) and 2**32 (hi word into the second counter), and far beyond
+_EDGE = [2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 3 * 2**33 + 1, 2**62 + 11]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 1, 2**31 + 5, 2**40 + 77, -3])
+def test_matches_tl_randn(seed):
+    offs = torch.cat([torch.arange(0, 120), torch.tensor(_EDGE)]).long()
+    out, words = _triton(seed, offs)
+    mine = torch.stack(philox_randint4x(seed, offs), 1)
+    mine32 = torch.where(mine >= 2**31, mine - 2**32, mine).to(torch.int32)
+    assert torch.equal(mine32, words), "Philox words differ from Triton's"
+    ref = philox_randn(seed, offs)
+    assert ref.dtype == torch.float32 and ref.shape == offs.shape
+    # the words are exact; log/cos are library calls (numpy here, libdevice on GPU): ulp-level
+    torch.testing.assert_close(ref, out, rtol=0, atol=1e-6)
+
+
+def test_hi_word_matters_and_counters_distinct():
+    a = philox_randn(7, torch.tensor([5, 5 + 2**32, 5 + 2**33]))
+    assert len(set(a.tolist())) == 3
+    assert not torch.equal(philox_randn(7, torch.arange(64)), philox_randn(8, torch.arange(64)))
+
+
+def test_int32_offsets_equal_int64_below_2_32():
+    offs = torch.arange(1000, 1100)
+    assert torch.equal(philox_randn(3, offs.int()), philox_randn(3, offs))
+
+
+def test_statistics():
+    z = philox_randn(2024, torch.arange(200_000))
+    assert abs(float(z.mean())) < 0.01
+    assert abs(float(z.std()) - 1.0) < 0.01
+    assert bool(torch.isfinite(z).all())
+
+
+def test_bad_seed():
+    with pytest.raises(ValueError):
+        philox_randn(2**64, torch.arange(3))
+    with pytest.raises(TypeError):
+        philox_randn(1.5, torch.arange(3))
+
+
+def test_kernel_seed_noise_is_philox_randn_and_tiling_independent():
+    """cps_step_fwd(seed=...) draws tl.randn(seed, offset + b*N + n): same prev for any BLOCK/ITERS,
+    and the CPU path's philox_randn gives the same noise."""
+    from fastcps.kernels import cps_step_fwd
+
+    B, N, off = 3, 1000, 2**32 - 1500  # the counters cross 2**32 inside the batch
+    x, v = torch.randn(B, N), torch.randn(B, N)
+    zero, one = torch.zeros(B), torch.ones(B)
+    p1, l1, _ = cps_step_fwd(x, v, zero, zero, one, one, zero, seed=99, offset=off)
+    p2, l2, _ = cps_step_fwd(x, v, zero, zero, one, one, zero, seed=99, offset=off, block=64, iters=4,
+                             num_warps=1)
+    assert torch.equal(p1, p2)
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
+    eps = philox_randn(99, off + torch.arange(B * N).view(B, N))
+    torch.testing.assert_close(p1, eps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(l1, -(eps**2).mean(1), rtol=1e-5, atol=1e-6)
