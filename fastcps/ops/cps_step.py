@@ -103,6 +103,9 @@ def cps_step(
             counters = offset + torch.arange(x2.numel(), dtype=torch.int64, device=x.device)
             n2 = philox_randn(seed, counters).reshape(x2.shape)
         prev, logp, mean = _step_math_compiled(x2, v2, alpha, beta, std, lp_w, lp_c, n2, p2)
+        if p2 is None and prev.dtype != torch.float32:
+            # Inductor may fuse away the round trip through the half dtype; score the x' as stored.
+            logp = _step_math_compiled(x2, v2, alpha, beta, std, lp_w, lp_c, None, prev)[1]
         mean = mean if return_mean else None
     prev = prev_sample if prev_sample is not None else prev.reshape(x.shape)
     return StepResult(prev, logp, None if mean is None else mean.reshape(x.shape))

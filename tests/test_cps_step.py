@@ -1,0 +1,174 @@
+"""The rollout step op: fused (Triton through the interpreter, and the CPU path) vs the fp32 reference."""
+
+import math
+
+import pytest
+import torch
+
+from fastcps import cps_step, cps_step_ref, step_coeffs
+from tolerance import assert_close_fp32, assert_close_lowp, logp_ulp_allowance
+
+IMPLS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def coeffs_for(batch, sampler="cps", last=False, eta=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sigma = 0.15 + 0.8 * torch.rand(batch, generator=g)
+    sigma_next = torch.zeros(batch) if last else sigma * (0.3 + 0.6 * torch.rand(batch, generator=g))
+    return step_coeffs(sampler, sigma, sigma_next, eta)
+
+
+def naive_step(x, v, eps, c, dtype):
+    """PyTorch op by op in ``dtype``: the same-precision baseline of the tolerance rule."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    col = lambda t: t.to(dtype).view(shape)  # noqa: E731
+    mean = col(c.alpha) * x.to(dtype) + col(c.beta) * v.to(dtype)
+    prev = mean + col(c.s) * eps.to(dtype)
+    dims = tuple(range(1, x.ndim))
+    logp = c.lp_c.to(dtype) - c.lp_w.to(dtype) * ((prev - mean) ** 2).mean(dims)
+    return prev, logp, mean
+
+
+def inputs(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).to(dtype) for _ in range(3)]
+
+
+SHAPES = [(1, 1), (2, 3), (3, 1009), (1, 7, 64), (4, 2, 5, 7), (5, 257)]
+
+
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("case", ["mid", "last", "eta0", "gaussian"])
+def test_step_with_given_noise_matches_reference(impl, dtype, shape, case):
+    x, v, eps = inputs(shape, dtype, seed=hash((shape, str(dtype), case)) % 2**31)
+    b = shape[0]
+    c = {"mid": coeffs_for(b), "last": coeffs_for(b, last=True), "eta0": coeffs_for(b, eta=0.0),
+         "gaussian": coeffs_for(b, sampler="flow_sde")}[case]
+    ref = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=eps)
+    ref_prev32 = (c.alpha.view((-1,) + (1,) * (x.ndim - 1)) * x.float()
+                  + c.beta.view((-1,) + (1,) * (x.ndim - 1)) * v.float()
+                  + c.s.view((-1,) + (1,) * (x.ndim - 1)) * eps.float())
+    out = cps_step(x, v, c, noise=eps, return_mean=True)
+    assert out.prev_sample.dtype == dtype and out.prev_sample.shape == x.shape
+    assert out.log_prob.dtype == torch.float32 and out.log_prob.shape == (b,)
+    # the log-prob is that of the x' actually returned
+    own = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, prev_sample=out.prev_sample)
+    assert_close_fp32("log_prob of returned x'", out.log_prob, own.log_prob, rtol=1e-6, atol=1e-7)
+    if dtype == torch.float32:
+        assert_close_fp32("prev_sample", out.prev_sample, ref.prev_sample)
+        assert_close_fp32("mean", out.mean, ref.mean)
+        assert_close_fp32("log_prob", out.log_prob, ref.log_prob, atol=1e-7)
+    else:
+        pt_prev, pt_logp, pt_mean = naive_step(x, v, eps, c, dtype)
+        assert_close_lowp("prev_sample", out.prev_sample, ref_prev32, pt_prev, dtype)
+        assert_close_lowp("mean", out.mean, ref.mean.float(), pt_mean, dtype)
+        allow = logp_ulp_allowance(ref_prev32, ref.mean.float(), c.lp_w, dtype)
+        assert_close_lowp("log_prob", out.log_prob, ref.log_prob, pt_logp, torch.float32, ulp=allow)
+    if case in ("last", "eta0"):
+        assert torch.equal(out.prev_sample, out.mean)  # s = 0: deterministic
+
+
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_score_given_prev_sample(impl, dtype):
+    x, v, prev = inputs((3, 4, 33), dtype, seed=7)
+    c = coeffs_for(3, sampler="dance_sde")
+    out = cps_step(x, v, c, prev_sample=prev)
+    ref = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, prev_sample=prev)
+    assert out.prev_sample is prev and out.mean is None
+    assert_close_fp32("log_prob", out.log_prob, ref.log_prob, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+def test_non_contiguous_inputs(impl):
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(3, 64, 17, generator=g) for _ in range(3)]
+    x, v, eps = (t.transpose(1, 2) for t in base)  # (3, 17, 64), not contiguous
+    assert not x.is_contiguous()
+    c = coeffs_for(3)
+    out = cps_step(x, v, c, noise=eps, return_mean=True)
+    ref = cps_step_ref(x.contiguous(), v.contiguous(), c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=eps.contiguous())
+    assert_close_fp32("prev_sample", out.prev_sample, ref.prev_sample)
+    assert_close_fp32("log_prob", out.log_prob, ref.log_prob, atol=1e-7)
+    row_strided = torch.randn(3, 40, generator=g)[:, 5:30]  # unit inner stride, row stride 40
+    out = cps_step(row_strided, row_strided * 2, c, noise=row_strided * 0.5)
+    ref = cps_step_ref(row_strided, row_strided * 2, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=row_strided * 0.5)
+    assert_close_fp32("prev_sample (row-strided)", out.prev_sample, ref.prev_sample)
+
+
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+def test_in_kernel_rng_statistics_and_reproducibility(impl):
+    b, n = 4, 250_000  # 10^6 draws
+    x = torch.zeros(b, n)
+    v = torch.zeros(b, n)
+    c = step_coeffs("cps", torch.full((b,), 0.9), torch.full((b,), 0.5), 1.0)  # s = σ' = 0.5, μ = 0
+    out = cps_step(x, v, c, seed=1234, return_mean=True)
+    eps = (out.prev_sample - out.mean) / 0.5
+    assert abs(float(eps.mean())) < 5 / math.sqrt(b * n)
+    assert abs(float(eps.std()) - 1.0) < 5e-3
+    corr = torch.corrcoef(eps[:, :20000])
+    off = corr - torch.eye(b)
+    assert float(off.abs().max()) < 5 / math.sqrt(20000), corr  # rows independent
+    again = cps_step(x, v, c, seed=1234)
+    assert torch.equal(again.prev_sample, out.prev_sample)
+    other = cps_step(x, v, c, seed=1235)
+    assert not torch.equal(other.prev_sample, out.prev_sample)
+    # Launch shape does not matter: row 2 alone, with the counter offset it has in the batch.
+    row = cps_step(x[2:3], v[2:3], step_coeffs("cps", 0.9, 0.5, 1.0), seed=1234, offset=2 * n)
+    assert torch.equal(row.prev_sample[0], out.prev_sample[2])
+    # log-prob of the drawn x' is consistent
+    ref = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, prev_sample=out.prev_sample)
+    assert_close_fp32("log_prob", out.log_prob, ref.log_prob, atol=1e-7)
+
+
+def test_seeded_noise_is_the_same_on_both_paths(monkeypatch):
+    x = torch.zeros(2, 3000)
+    c = step_coeffs("cps", torch.full((2,), 0.9), torch.full((2,), 0.5), 1.0)
+    monkeypatch.setenv("FASTCPS_IMPL", "triton")
+    tri = cps_step(x, x, c, seed=99, offset=12345).prev_sample
+    monkeypatch.setenv("FASTCPS_IMPL", "torch")
+    cpu = cps_step(x, x, c, seed=99, offset=12345).prev_sample
+    torch.testing.assert_close(cpu, tri, atol=2e-6, rtol=1e-5)
+
+
+def test_offsets_beyond_int32():
+    """Counters past 2³¹ (and 2³²) still give distinct, well-formed noise: int64 index math."""
+    x = torch.zeros(1, 2048)
+    c = step_coeffs("cps", 0.9, 0.5, 1.0)
+    lo = cps_step(x, x, c, seed=5, offset=0).prev_sample
+    hi = cps_step(x, x, c, seed=5, offset=2**32 + 17).prev_sample
+    mid = cps_step(x, x, c, seed=5, offset=2**31 - 1000).prev_sample
+    for t in (hi, mid):
+        assert torch.isfinite(t).all() and not torch.equal(t, lo)
+        assert abs(float(t.std()) / 0.5 - 1) < 0.1
+
+
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+def test_bad_inputs_name_the_argument(impl):
+    x = torch.randn(2, 8)
+    c = coeffs_for(2)
+    with pytest.raises(ValueError, match="'model_output' has shape"):
+        cps_step(x, torch.randn(2, 9), c, noise=x)
+    with pytest.raises(TypeError, match="'model_output' has dtype torch.int64"):
+        cps_step(x, torch.ones(2, 8, dtype=torch.int64), c, noise=x)
+    with pytest.raises(ValueError, match="'noise' is on meta"):
+        cps_step(x, x, c, noise=torch.empty(2, 8, device="meta"))
+    with pytest.raises(ValueError, match="exactly one of noise, seed or prev_sample"):
+        cps_step(x, x, c, noise=x, seed=1)
+    with pytest.raises(ValueError, match="coefficient 'alpha' must have shape \\(2,\\)"):
+        cps_step(x, x, coeffs_for(3), noise=x)
+    with pytest.raises(ValueError, match="'sample' must have shape \\(B, ...\\)"):
+        cps_step(torch.randn(8), torch.randn(8), c, noise=torch.randn(8))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("FASTCPS_IMPL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        cps_step(torch.zeros(1, 4), torch.zeros(1, 4), coeffs_for(1), noise=torch.zeros(1, 4))
+    monkeypatch.setenv("FASTCPS_IMPL", "cuda")
+    with pytest.raises(ValueError, match="FASTCPS_IMPL must be one of"):
+        cps_step(torch.zeros(1, 4), torch.zeros(1, 4), coeffs_for(1), noise=torch.zeros(1, 4))
