@@ -1,6 +1,6 @@
 """Compile every fused kernel for sm_90 without a GPU and report registers, spills and load widths.
 
-Each variant (latent dtype × mode, at the heuristic tiling of a B = 1, N = 4096·64 latent) is built
+Each variant (latent dtype × mode, at the heuristic tilings of (1, 4096·64) and (16, 4096·64)) is built
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``; pointers, N, the row
 strides and n_chunks are marked 16-divisible (``tt.divisibility``), which is what Triton's runtime
 specialisation gives for real latents (N a multiple of 16, 16-byte aligned allocations). Then:
@@ -11,13 +11,21 @@ specialisation gives for real latents (N a multiple of 16, 16-byte aligned alloc
   ``.v4.b32`` (16 bytes: 4 fp32 or 8 bf16/fp16), and the SASS of the cubin is scanned for
   ``LDG.E.128``/``STG.E.128``. The unpredicated loads are the per-row fp32 coefficients.
 
-Measured with Triton 3.8.0 / ptxas 12.9 (BLOCK = 16 bytes·32 lanes·4 warps: 512 fp32 or 1024 half
-elements, 4 warps, ITERS = 1 at B = 1):
+Measured with Triton 3.8.0 / ptxas 12.9, sm_90a, 60 variants (3 dtypes × {cps_step noise/seed/prev
+± mean, logprob_kl fwd/bwd ± v_ref} × tilings B = 1 and B = 16 of N = 4096·64):
 
-    every variant: 0 spill bytes, all latent loads/stores 128-bit (ld.global.v4 / LDG.E.128);
-    registers 16-40 (the seed mode, which inlines 10 Philox rounds + Box-Muller, is the highest).
+    tiling: 4 warps, BLOCK = 16 B/thread·32·4 = 512 fp32 / 1024 bf16|fp16 elements;
+            ITERS = 1 at B = 1 (512 or 256 programs), 8 fp32 / 4 half at B = 16 (the loop runs;
+            LLVM or ptxas unrolls it in most variants: up to 32 LDG.E.128 per program).
+    every variant: 0 spill bytes, no local memory, every masked latent load ld.global.v4.b32 in PTX
+    and LDG.E.128 in SASS, latent stores STG.E.128; registers 27-40 at B = 1, 30-56 at B = 16 (the
+    most: logprob_kl_fwd[bf16|fp16,ref] and cps_step[bf16,noise,mean] with the unrolled loop).
+    Occupancy: ≤ 32 regs gives all 2048 threads/SM, 40 gives 1536, 56 gives 1152; the unrolled
+    variants trade that for 4-8 independent 16-byte loads in flight per thread, which is what a
+    streaming kernel needs (to be confirmed by bench timings on a GPU; none was available here).
 
-The exact per-kernel table is what ``python bench/ptx_report.py`` prints.
+No tuning was needed beyond the 16-bytes-per-thread BLOCK rule; the first heuristic met both goals.
+``python bench/ptx_report.py`` prints the per-kernel table; ``--json`` the rows.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 
-__all__ = ["ptx_report", "toolchain", "ToolchainMissing"]
+__all__ = ["ToolchainMissing", "ptx_report", "toolchain"]
 
 # Arguments that Triton's runtime marks 16-divisible for real latents (pointers are added by type).
 _BATCHES = (1, 16)
@@ -43,7 +51,7 @@ class ToolchainMissing(RuntimeError):
 def toolchain() -> dict:
     """Paths of Triton's bundled NVIDIA binaries; raises ToolchainMissing naming what is absent."""
     try:
-        import triton  # noqa: F401
+        import triton
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the install
@@ -84,7 +92,7 @@ def _compile(fn, sig, consts, num_warps):
 
 def _ptxas_usage(ptxas: str, ptx: str) -> dict:
     # Triton targets sm_90a (its .target line), which ptxas must be told as --gpu-name.
-    arch = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.M)
+    arch = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.MULTILINE)
     arch = arch.group(1) if arch else "sm_90a"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -149,7 +157,7 @@ def ptx_report() -> list[dict]:
     tools = toolchain()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
-        res = subprocess.run([sys.executable, os.path.abspath(__file__), "--json"], env=env,
+        res = subprocess.run([sys.executable, os.path.abspath(__file__), "--json"], env=env, check=False,
                              capture_output=True, text=True)
         if res.returncode == 2:
             raise ToolchainMissing(res.stderr.strip())
@@ -182,7 +190,7 @@ def _print_table(rows) -> None:
              "sass_ldg128": "LDG128", "sass_stg128": "STG128", "loads_128bit": "128b"}
     print(" ".join(f"{heads[c]:>{w}}" if c != "kernel" else f"{heads[c]:<{w}}" for c, w in cols))
     for r in rows:
-        print(" ".join(f"{str(r[c]):>{w}}" if c != "kernel" else f"{r[c]:<{w}}" for c, w in cols))
+        print(" ".join(f"{r[c]!s:>{w}}" if c != "kernel" else f"{r[c]:<{w}}" for c, w in cols))
 
 
 def main(argv=None) -> int:

@@ -7,4 +7,4 @@ and (B,) fp32 coefficient tensors; see each module's docstring for the math and 
 from .cps_logprob_kl import cps_logprob_kl_bwd, cps_logprob_kl_fwd
 from .cps_step import cps_step_fwd
 
-__all__ = ["cps_step_fwd", "cps_logprob_kl_fwd", "cps_logprob_kl_bwd"]
+__all__ = ["cps_logprob_kl_bwd", "cps_logprob_kl_fwd", "cps_step_fwd"]

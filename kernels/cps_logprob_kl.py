@@ -13,13 +13,20 @@ Same launch shape as ``cps_step``: grid (B, chunks), per-chunk fp32 partial sums
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .cps_step import _N_LIMIT, launch_config
 
-__all__ = ["cps_logprob_kl_fwd", "cps_logprob_kl_bwd"]
+__all__ = ["LogprobKL", "cps_logprob_kl_bwd", "cps_logprob_kl_fwd"]
+
+
+class LogprobKL(NamedTuple):
+    logp: torch.Tensor  # (B,) fp32
+    kl: torch.Tensor  # (B,) fp32, zeros when v_ref is None
 
 
 @triton.jit
@@ -109,7 +116,7 @@ def cps_logprob_kl_fwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, lp_c, kl_w, 
     """Training forward, one pass. d = prev - (alpha*x + beta*v).
 
     logp[b] = lp_c[b] - lp_w[b]*mean_n(d^2); kl[b] = kl_w[b]*beta[b]^2*mean_n((v - v_ref)^2)
-    (v_ref may be None -> kl = zeros, v_ref never loaded). Returns (logp, kl), each fp32 (B,).
+    (v_ref may be None -> kl = zeros, v_ref never loaded). Returns LogprobKL(logp, kl), each fp32 (B,).
     ``block``/``num_warps``/``iters`` override the launch heuristics (testing).
     """
     B, N = x.shape
@@ -117,7 +124,7 @@ def cps_logprob_kl_fwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, lp_c, kl_w, 
     if B == 0 or N == 0:
         nan = torch.full((B,), float("nan"), dtype=torch.float32, device=x.device)
         kl = kl_w * beta * beta * nan if has_ref else torch.zeros((B,), dtype=torch.float32, device=x.device)
-        return lp_c - lp_w * nan, kl
+        return LogprobKL(lp_c - lp_w * nan, kl)
     cfg = _cfg(x, v, prev_sample, v_ref, block, num_warps, iters)
     part = torch.empty((2 if has_ref else 1, B, cfg.chunks), dtype=torch.float32, device=x.device)
     _logprob_kl_fwd_kernel[(B, cfg.chunks)](
@@ -131,7 +138,7 @@ def cps_logprob_kl_fwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, lp_c, kl_w, 
         kl = kl_w * (beta * beta) * (sums[1] / N)
     else:
         kl = torch.zeros((B,), dtype=torch.float32, device=x.device)
-    return logp, kl
+    return LogprobKL(logp, kl)
 
 
 def cps_logprob_kl_bwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, kl_w, grad_logp, grad_kl, *,

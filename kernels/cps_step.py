@@ -17,11 +17,13 @@ reproduces it on CPU.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["cps_step_fwd", "launch_config", "LaunchConfig"]
+__all__ = ["LaunchConfig", "StepOut", "cps_step_fwd", "launch_config"]
 
 # Programs to aim for: ~8 per SM of an H100 (132 SMs) so that every SM keeps several 16-byte loads
 # per thread in flight; more would only grow the partial-sum buffer.
@@ -36,18 +38,17 @@ MODE_SEED = 1  # noise drawn in-kernel by tl.randn
 MODE_PREV = 2  # prev_sample given: log-prob only
 
 
-class LaunchConfig(tuple):
-    """(block, num_warps, iters, chunks)."""
+class LaunchConfig(NamedTuple):
+    block: int  # elements per block (power of two)
+    num_warps: int
+    iters: int  # blocks per program (constexpr)
+    chunks: int  # programs per row: the grid is (B, chunks)
 
-    __slots__ = ()
 
-    def __new__(cls, block, num_warps, iters, chunks):
-        return super().__new__(cls, (block, num_warps, iters, chunks))
-
-    block = property(lambda self: self[0])
-    num_warps = property(lambda self: self[1])
-    iters = property(lambda self: self[2])
-    chunks = property(lambda self: self[3])
+class StepOut(NamedTuple):
+    prev: torch.Tensor | None  # (B, N) x.dtype, None when prev_sample was given
+    logp: torch.Tensor  # (B,) fp32
+    mean: torch.Tensor | None  # (B, N) x.dtype when return_mean
 
 
 def launch_config(B: int, N: int, itemsizes, *, block=None, num_warps=None, iters=None) -> LaunchConfig:
@@ -145,8 +146,8 @@ def cps_step_fwd(x, v, alpha, beta, std, lp_w, lp_c, *, noise=None, seed=None, o
                     prev_sample (B,N) given -> no prev written, only its log-prob.
     logp[b] = lp_c[b] - lp_w[b] * mean_n((prev - mu)^2), computed in fp32 from the prev value as it is
     STORED (i.e. after rounding prev to x.dtype), so it equals the log-prob of the tensor returned.
-    Returns (prev or None, logp fp32 (B,), mean or None); prev and mean are new contiguous (B,N)
-    tensors of x.dtype. ``block``/``num_warps``/``iters`` override the launch heuristics (testing).
+    Returns StepOut(prev or None, logp fp32 (B,), mean or None), a NamedTuple; prev and mean are new
+    contiguous (B,N) tensors of x.dtype. ``block``/``num_warps``/``iters`` override the launch heuristics (testing).
     """
     given = (noise is not None) + (seed is not None) + (prev_sample is not None)
     if given != 1:
@@ -166,7 +167,7 @@ def cps_step_fwd(x, v, alpha, beta, std, lp_w, lp_c, *, noise=None, seed=None, o
     if B == 0 or N == 0:
         # nothing to launch; mean over an empty row is NaN, as torch's .mean() would say
         d2 = torch.full((B,), float("nan"), dtype=torch.float32, device=x.device)
-        return out, lp_c - lp_w * d2, mean
+        return StepOut(out, lp_c - lp_w * d2, mean)
 
     tensors = [t for t in (x, v, noise, prev_sample) if t is not None]
     cfg = launch_config(B, N, [t.element_size() for t in tensors], block=block, num_warps=num_warps,
@@ -183,7 +184,7 @@ def cps_step_fwd(x, v, alpha, beta, std, lp_w, lp_c, *, noise=None, seed=None, o
         num_warps=cfg.num_warps,
     )
     logp = lp_c - lp_w * (part.sum(1) / N)
-    return out, logp, mean
+    return StepOut(out, logp, mean)
 
 
 def compile_variants(batch: int = 1):

@@ -4,10 +4,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from fastcps.ops.philox import philox_randint4x, philox_randn  # noqa: E402
+from fastcps.ops.philox import philox_randint4x, philox_randn
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
