@@ -146,26 +146,24 @@ def _ptx_scan(ptx: str) -> dict:
     }
 
 
-def ptx_report() -> list[dict]:
+def ptx_report(shard: tuple[int, int] | None = None) -> list[dict]:
     """One dict per compiled kernel variant: name, num_warps, BLOCK, ITERS, registers, spill bytes,
     load/store width counts and ``loads_128bit`` (every masked latent load is ld.global.v4 and the
     SASS has no narrower LDG in it besides the coefficient loads).
 
     Under ``TRITON_INTERPRET=1`` (the CPU test suite) ``@triton.jit`` yields interpreter functions that
-    cannot be compiled, so the report is then computed in a child process without that variable.
+    cannot be compiled, so the report is then computed in child processes without that variable, one
+    per CPU core (up to 4; the 60 compiles take ~1 min on one core). ``shard=(k, n)`` compiles every
+    n-th variant from the k-th.
     """
     tools = toolchain()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
-        res = subprocess.run([sys.executable, os.path.abspath(__file__), "--json"], env=env, check=False,
-                             capture_output=True, text=True)
-        if res.returncode == 2:
-            raise ToolchainMissing(res.stderr.strip())
-        if res.returncode != 0:
-            raise RuntimeError(f"ptx_report child process failed:\n{res.stderr[-4000:]}")
-        return json.loads(res.stdout)
+        return _in_children(max(1, min(4, os.cpu_count() or 1)))
     rows = []
-    for name, fn, sig, consts, num_warps in _variants():
+    variants = _variants()
+    if shard is not None:
+        variants = variants[shard[0]::shard[1]]
+    for name, fn, sig, consts, num_warps in variants:
         ck = _compile(fn, sig, consts, num_warps)
         row = {"kernel": name, "num_warps": num_warps, "BLOCK": consts.get("BLOCK"),
                "ITERS": consts.get("ITERS")}
@@ -179,6 +177,23 @@ def ptx_report() -> list[dict]:
             row["sass_ldg_other"] <= row["ptx_ld_scalar_coeffs"])
         rows.append(row)
     return rows
+
+
+def _in_children(n: int) -> list[dict]:
+    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--json", f"--shard={k}/{n}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(n)]
+    outs = [(p, *p.communicate()) for p in procs]
+    rows = []
+    for p, out, err in outs:
+        if p.returncode == 2:
+            raise ToolchainMissing(err.strip())
+        if p.returncode != 0:
+            raise RuntimeError(f"ptx_report child process failed:\n{err[-4000:]}")
+        rows += json.loads(out)
+    order = {name: i for i, (name, *_rest) in enumerate(_variants())}
+    return sorted(rows, key=lambda r: order[r["kernel"]])
 
 
 def _print_table(rows) -> None:
@@ -195,8 +210,10 @@ def _print_table(rows) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    shard = next((tuple(int(i) for i in a.split("=", 1)[1].split("/")) for a in argv
+                  if a.startswith("--shard=")), None)
     try:
-        rows = ptx_report()
+        rows = ptx_report(shard)
     except ToolchainMissing as exc:
         print(f"ptx_report: {exc}", file=sys.stderr)
         return 2
