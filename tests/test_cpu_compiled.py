@@ -12,6 +12,7 @@ from tolerance import assert_close_fp32
 def compiled(monkeypatch):
     monkeypatch.setenv("FASTCPS_IMPL", "torch")
     monkeypatch.setenv("FASTCPS_COMPILE", "1")
+    monkeypatch.setenv("FASTCPS_COMPILE_MIN_NUMEL", "0")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

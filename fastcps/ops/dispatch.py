@@ -51,14 +51,18 @@ def maybe_compile(fn):
 
     Compilation happens on the first call for each new shape/dtype (``dynamic=None`` lets inductor
     generalise after the second shape), so steady-state calls cost one fused loop per tensor pass.
-    ``FASTCPS_COMPILE=0`` turns it off (eager reference math).
+    ``FASTCPS_COMPILE=0`` turns it off (eager reference math). Tensors smaller than
+    ``FASTCPS_COMPILE_MIN_NUMEL`` (default 2^18 elements, a quarter of one FLUX latent batch) run
+    eager too: each new graph costs ~10-20 s of inductor time on 2 cores, which the toy's 16K-element
+    latents never earn back (eager costs them tens of microseconds).
     """
     compiled = None
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         nonlocal compiled
-        if os.environ.get("FASTCPS_COMPILE", "1") == "0" or fn.__name__ in _COMPILE_FAILED:
+        if (os.environ.get("FASTCPS_COMPILE", "1") == "0" or fn.__name__ in _COMPILE_FAILED
+                or args[0].numel() < int(os.environ.get("FASTCPS_COMPILE_MIN_NUMEL", 1 << 18))):
             return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=None, fullgraph=True)

@@ -1,0 +1,69 @@
+"""The few collective helpers the trainer needs, over torch.distributed (gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(backend: str | None = None) -> None:
+    """Start the process group through DeepSpeed. A plain ``python -m fastcps.train`` (no launcher) runs
+    as a world of one: the rendezvous variables are filled in here."""
+    import deepspeed
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
+        os.environ.setdefault(key, value)
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-sized tensors from every rank, in rank order."""
+    if world() == 1:
+        return t.clone()
+    t = t.contiguous().to(comm_device())
+    out = [torch.empty_like(t) for _ in range(world())]
+    dist.all_gather(out, t)
+    return torch.cat(out).cpu()
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if world() == 1:
+        return t
+    buf = t.clone().to(comm_device())
+    dist.all_reduce(buf, op=op)
+    return buf.to(t.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any rank (so all ranks take the same branch)."""
+    if world() == 1:
+        return bool(flag)
+    return bool(all_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX)[0] > 0)

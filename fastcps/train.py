@@ -1,0 +1,90 @@
+"""Entry point: ``deepspeed fastcps/train.py --config configs/digits_cps.json [--set k=v ...]``
+(also ``python -m fastcps.train``). Reads top to bottom: config -> DeepSpeed -> Trainer.fit()."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher: import the installed package
+    sys.path.pop(0) if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent else None
+
+from fastcps.config import RunConfig  # noqa: E402
+from fastcps.configlib import ConfigError, load_config, save_config, validate_tree  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="GRPO with Coefficients-Preserving Sampling")
+    p.add_argument("--config", help="JSON run config (configs/*.json)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
+def load_run_config(args) -> RunConfig:
+    if args.resume:
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.json there (is it a fastcps run directory?)")
+        if args.config:
+            raise ConfigError("give either --config or --resume: a resumed run keeps its saved config")
+        return load_config(RunConfig, str(saved), args.overrides)
+    if not args.config:
+        raise ConfigError("--config is required, e.g. --config configs/digits_cps.json")
+    return load_config(RunConfig, args.config, args.overrides)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_run_config(args)
+        validate_tree(cfg, world_size=world)  # before any model loads
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+
+    from fastcps import distributed as dist
+    from fastcps.rewards import RewardFailed
+    from fastcps.trainer import NonFiniteStop, Trainer
+
+    t0 = time.perf_counter()
+    dist.init()
+    run_dir = Path(args.resume) if args.resume else Path(cfg.output_dir) / cfg.name
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+    dist.barrier()
+    trainer = Trainer(cfg, run_dir)
+    if args.resume:
+        trainer.load_checkpoint(run_dir)
+        if dist.is_main():
+            print(f"[fastcps] resumed {run_dir} at epoch {trainer.epoch}", flush=True)
+    try:
+        trainer.fit()
+    except RewardFailed as err:
+        print(f"[fastcps] stopped: {err}", file=sys.stderr, flush=True)
+        return 3
+    except NonFiniteStop as err:
+        print(f"[fastcps] {err}", file=sys.stderr, flush=True)
+        return 4
+    if dist.is_main():
+        print(f"[fastcps] done in {time.perf_counter() - t0:.1f} s; run directory {run_dir}", flush=True)
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
