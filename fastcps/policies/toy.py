@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -33,8 +33,14 @@ from fastcps.policies.base import Cond, Policy
 from fastcps.toy.digits import IMAGE_SIZE, NUM_TOKENS, TOKEN_CHANNELS, image_ids, unpack
 from fastcps.toy.text_encoder import ToyTextEncoder
 
-__all__ = ["ToyDigitsPolicy", "DEFAULT_WEIGHTS", "default_transformer_config", "build_transformer",
-           "save_weights", "load_weights"]
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "ToyDigitsPolicy",
+    "build_transformer",
+    "default_transformer_config",
+    "load_weights",
+    "save_weights",
+]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_WEIGHTS = ASSETS / "toy_digits_base.safetensors"
@@ -42,19 +48,19 @@ DEFAULT_WEIGHTS = ASSETS / "toy_digits_base.safetensors"
 
 def default_transformer_config(text_hidden: int = 64) -> dict:
     # ~0.47M parameters (1.9 MB fp32): fwd+bwd at batch 32 takes ~80 ms on 2 CPU cores.
-    return dict(
-        patch_size=1,
-        in_channels=TOKEN_CHANNELS,
-        out_channels=None,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=32,
-        num_attention_heads=2,
-        joint_attention_dim=text_hidden,
-        pooled_projection_dim=text_hidden,
-        guidance_embeds=False,
-        axes_dims_rope=[8, 12, 12],  # sums to attention_head_dim; (unused, row, col) as in FLUX
-    )
+    return {
+        "patch_size": 1,
+        "in_channels": TOKEN_CHANNELS,
+        "out_channels": None,
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "attention_head_dim": 32,
+        "num_attention_heads": 2,
+        "joint_attention_dim": text_hidden,
+        "pooled_projection_dim": text_hidden,
+        "guidance_embeds": False,
+        "axes_dims_rope": [8, 12, 12],  # sums to attention_head_dim; (unused, row, col) as in FLUX
+    }
 
 
 def build_transformer(config: dict) -> FluxTransformer2DModel:
@@ -63,15 +69,26 @@ def build_transformer(config: dict) -> FluxTransformer2DModel:
     return FluxTransformer2DModel(**cfg)
 
 
-def save_weights(path: str | Path, transformer: FluxTransformer2DModel, text_encoder: ToyTextEncoder,
-                 transformer_config: dict, extra: dict | None = None) -> None:
+def save_weights(
+    path: str | Path,
+    transformer: FluxTransformer2DModel,
+    text_encoder: ToyTextEncoder,
+    transformer_config: dict,
+    extra: dict | None = None,
+) -> None:
     """One safetensors file: ``transformer.*`` and ``text_encoder.*`` tensors, configs as JSON metadata."""
     from safetensors.torch import save_file
 
-    tensors = {f"transformer.{k}": v.detach().to("cpu", torch.float32).contiguous()
-               for k, v in transformer.state_dict().items()}
-    tensors.update({f"text_encoder.{k}": v.detach().to("cpu", torch.float32).contiguous()
-                    for k, v in text_encoder.model.state_dict().items()})
+    tensors = {
+        f"transformer.{k}": v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in transformer.state_dict().items()
+    }
+    tensors.update(
+        {
+            f"text_encoder.{k}": v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in text_encoder.model.state_dict().items()
+        }
+    )
     meta = {
         "format": "fastcps-toy-digits-v1",
         "transformer_config": json.dumps(transformer_config, sort_keys=True),
@@ -99,16 +116,20 @@ def load_weights(path: str | Path) -> tuple[FluxTransformer2DModel, ToyTextEncod
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
     if meta.get("format") != "fastcps-toy-digits-v1":
-        raise ValueError(f"{path} is not a fastcps toy-digits weights file (metadata format="
-                         f"{meta.get('format')!r}); make one with `python -m fastcps.toy.pretrain`")
+        raise ValueError(
+            f"{path} is not a fastcps toy-digits weights file (metadata format="
+            f"{meta.get('format')!r}); make one with `python -m fastcps.toy.pretrain`"
+        )
     state = load_file(str(path))
     tcfg = json.loads(meta["transformer_config"])
     transformer = build_transformer(tcfg)
-    transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items()
-                                 if k.startswith("transformer.")}, strict=True)
+    transformer.load_state_dict(
+        {k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")}, strict=True
+    )
     text_encoder = ToyTextEncoder(json.loads(meta["text_encoder_config"]))
-    text_encoder.model.load_state_dict({k[len("text_encoder."):]: v for k, v in state.items()
-                                        if k.startswith("text_encoder.")}, strict=True)
+    text_encoder.model.load_state_dict(
+        {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}, strict=True
+    )
     return transformer, text_encoder, meta
 
 
@@ -120,15 +141,23 @@ class ToyDigitsPolicy(Policy):
     transformer taken at construction, kept outside DeepSpeed.
     """
 
-    def __init__(self, weights: str | Path | None = None, device="cpu", dtype: torch.dtype = torch.float32,
-                 shift: float = 1.0):
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        device="cpu",
+        dtype: torch.dtype = torch.float32,
+        shift: float = 1.0,
+    ):
         self.device = torch.device(device)
         self.dtype = dtype
         self.shift = float(shift)
         self.weights_path = Path(weights) if weights else DEFAULT_WEIGHTS
         transformer, text_encoder, meta = load_weights(self.weights_path)
         self.metadata = meta
-        self.transformer = transformer.to(device=self.device, dtype=dtype).train()
+        transformer = transformer.to(self.device)
+        if dtype != torch.float32:  # (a no-op .to(dtype) still makes diffusers warn)
+            transformer = transformer.to(dtype)
+        self.transformer = transformer.train()
         # The text encoder stays fp32 and frozen; its outputs are cast to `dtype` per call.
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self._reference = copy.deepcopy(self.transformer).eval().requires_grad_(False)
@@ -149,16 +178,21 @@ class ToyDigitsPolicy(Policy):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if num_steps not in self._sigma_cache:
-            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.shift,
-                                                    use_dynamic_shifting=False)
+            sched = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=1000, shift=self.shift, use_dynamic_shifting=False
+            )
             sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps))
             self._sigma_cache[num_steps] = sched.sigmas.detach().to(torch.float32).cpu()
         return self._sigma_cache[num_steps].to(device or self.device)
 
-    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def velocity(
+        self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond
+    ) -> torch.Tensor:
         b = latents.shape[0]
         if latents.shape[1:] != self.latent_shape():
-            raise ValueError(f"latents must be [B, {NUM_TOKENS}, {TOKEN_CHANNELS}], got {tuple(latents.shape)}")
+            raise ValueError(
+                f"latents must be [B, {NUM_TOKENS}, {TOKEN_CHANNELS}], got {tuple(latents.shape)}"
+            )
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(b)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DigitCNN", "DigitReward", "DEFAULT_CLASSIFIER", "load_classifier", "to_classifier_input"]
+__all__ = ["DEFAULT_CLASSIFIER", "DigitCNN", "DigitReward", "load_classifier", "to_classifier_input"]
 
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parent.parent / "assets" / "toy_digits_classifier.safetensors"
 
@@ -30,14 +30,18 @@ class DigitCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 8×8
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 4×4
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(2 * w * 16, 64), nn.ReLU(),
-                                  nn.Linear(64, 10))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.2), nn.Linear(2 * w * 16, 64), nn.ReLU(), nn.Linear(64, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -46,8 +50,10 @@ class DigitCNN(nn.Module):
 def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
     """Images [B, 3 or 1, H, W] in [0, 1] -> [B, 1, 16, 16] in [-1, 1] (gray = channel mean)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"digit reward expects images [B, 3, H, W] (or [B, 1, H, W]) in [0, 1], "
-                         f"got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"digit reward expects images [B, 3, H, W] (or [B, 1, H, W]) in [0, 1], "
+            f"got shape {tuple(images.shape)}"
+        )
     x = images.float().mean(dim=1, keepdim=True)
     if x.shape[-2:] != (16, 16):
         x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
@@ -95,7 +101,9 @@ class DigitReward:
             model = self._load(device)
             return model(to_classifier_input(images.to(device))).float().softmax(dim=-1)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+    ) -> torch.Tensor:
         from fastcps.toy.digits import digit_of
 
         if len(prompts) != images.shape[0]:

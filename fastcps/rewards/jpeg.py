@@ -2,8 +2,9 @@
 
 Each image is quantised to uint8 RGB and saved with PIL at quality 95; the reward is minus the file
 size in kilobytes (1 kB = 1000 bytes), as DDPO does (``-len(buffer) / 1000``). Scale: a 512×512 photo
-is typically 30–150 kB (reward −150 … −30); a 16×16 toy digit is ~0.6–0.8 kB, mostly JPEG header
-(~0.6 kB), so on the toy the reward moves only by a few hundredths. Runs on CPU, under no grad.
+is typically 30–150 kB (reward −150 … −30; uniform noise is ~310 kB); a 16×16 toy image lies between
+0.63 kB (blank: mostly the JPEG header) and ~0.93 kB (uniform noise), so on the toy it moves by
+tenths. Runs on CPU, under no grad.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ class JpegCompressibility:
     def __init__(self, quality: int = 95):
         self.quality = int(quality)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str] | None = None,
-                 metadata: list[dict] | None = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str] | None = None, metadata: list[dict] | None = None
+    ) -> torch.Tensor:
         from PIL import Image
 
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"jpeg_compressibility expects images [B, 3, H, W] in [0, 1], "
-                             f"got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"jpeg_compressibility expects images [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}"
+            )
         with torch.no_grad():
             arr = (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
             arr = arr.permute(0, 2, 3, 1).cpu().numpy()

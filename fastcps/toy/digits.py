@@ -11,29 +11,28 @@ used only to measure the classifier that the ``digit`` reward is built on.
 from __future__ import annotations
 
 import re
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "IMAGE_SIZE",
-    "PATCH",
-    "NUM_TOKENS",
-    "TOKEN_CHANNELS",
-    "SPLIT_SEED",
-    "NUM_HELDOUT",
     "DIGIT_WORDS",
+    "IMAGE_SIZE",
+    "NUM_HELDOUT",
+    "NUM_TOKENS",
+    "PATCH",
+    "SPLIT_SEED",
     "TEMPLATES",
-    "load_split",
-    "prompt_for",
+    "TOKEN_CHANNELS",
     "all_prompts",
-    "parse_digit",
     "digit_of",
-    "pack",
-    "unpack",
     "image_ids",
+    "load_split",
+    "pack",
+    "parse_digit",
+    "prompt_for",
+    "unpack",
 ]
 
 IMAGE_SIZE = 16
@@ -139,11 +138,12 @@ def unpack(tokens: torch.Tensor, height: int = IMAGE_SIZE, width: int = IMAGE_SI
     return x.reshape(b, c, height, width)
 
 
-def image_ids(height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, device=None, dtype=torch.float32) -> torch.Tensor:
+def image_ids(
+    height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """FLUX ``img_ids`` [(H/2)(W/2), 3]: (0, row, col) per token, as FluxPipeline._prepare_latent_image_ids."""
     hp, wp = height // PATCH, width // PATCH
     ids = torch.zeros(hp, wp, 3)
     ids[..., 1] += torch.arange(hp)[:, None]
     ids[..., 2] += torch.arange(wp)[None, :]
     return ids.reshape(hp * wp, 3).to(device=device, dtype=dtype)
-

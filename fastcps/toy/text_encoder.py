@@ -20,12 +20,30 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from fastcps.toy.digits import DIGIT_WORDS
 
-__all__ = ["VOCAB", "MAX_LENGTH", "WordTokenizer", "ToyTextEncoder", "default_text_config"]
+__all__ = ["MAX_LENGTH", "VOCAB", "ToyTextEncoder", "WordTokenizer", "default_text_config"]
 
 _SPECIAL = ("<pad>", "<bos>", "<eos>", "<unk>")
 _WORDS = (
-    "a", "an", "the", "of", "handwritten", "digit", "number", "sketch", "drawing", "written", "picture",
-    "image", "photo", "numeral", "hand", "by", "in", "black", "white", "and",
+    "a",
+    "an",
+    "the",
+    "of",
+    "handwritten",
+    "digit",
+    "number",
+    "sketch",
+    "drawing",
+    "written",
+    "picture",
+    "image",
+    "photo",
+    "numeral",
+    "hand",
+    "by",
+    "in",
+    "black",
+    "white",
+    "and",
 )
 VOCAB: tuple[str, ...] = _SPECIAL + _WORDS + DIGIT_WORDS + tuple(str(d) for d in range(10))
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -57,20 +75,20 @@ class WordTokenizer:
 
 
 def default_text_config() -> dict:
-    return dict(
-        vocab_size=len(VOCAB),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_LENGTH,
-        projection_dim=64,
+    return {
+        "vocab_size": len(VOCAB),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": MAX_LENGTH,
+        "projection_dim": 64,
         # Our <eos> has id 2, which sends CLIP's own pooler_output down its legacy argmax rule (it
         # would pool at the largest token id); ToyTextEncoder therefore pools at <eos> itself.
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-    )
+        "pad_token_id": PAD_ID,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+    }
 
 
 class ToyTextEncoder(nn.Module):
@@ -82,8 +100,10 @@ class ToyTextEncoder(nn.Module):
         self.config_dict = cfg
         self.tokenizer = WordTokenizer(max_length=cfg["max_position_embeddings"])
         if len(self.tokenizer.vocab) != cfg["vocab_size"]:
-            raise ValueError(f"text encoder config has vocab_size={cfg['vocab_size']} but the toy "
-                             f"vocabulary has {len(self.tokenizer.vocab)} words")
+            raise ValueError(
+                f"text encoder config has vocab_size={cfg['vocab_size']} but the toy "
+                f"vocabulary has {len(self.tokenizer.vocab)} words"
+            )
         self.model = CLIPTextModel(CLIPTextConfig(**cfg))
 
     @property
