@@ -60,11 +60,19 @@ def main(argv=None) -> int:
     run_dir = Path(args.resume) if args.resume else Path(cfg.output_dir) / cfg.name
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
+        saved = run_dir / "config.json"
+        if saved.exists():  # a resumed (or re-used) run: keep what was there
+            saved.rename(run_dir / f"config.before_{time.strftime('%Y%m%d-%H%M%S')}.json")
+        save_config(cfg, saved)
     dist.barrier()
-    trainer = Trainer(cfg, run_dir)
+    try:
+        trainer = Trainer(cfg, run_dir)
+        if args.resume:
+            trainer.load_checkpoint(run_dir)
+    except FileNotFoundError as err:  # weights, prompt files, DeepSpeed config: the message names the key
+        print(f"[fastcps] {err}", file=sys.stderr, flush=True)
+        return 2
     if args.resume:
-        trainer.load_checkpoint(run_dir)
         if dist.is_main():
             print(f"[fastcps] resumed {run_dir} at epoch {trainer.epoch}", flush=True)
     try:

@@ -509,5 +509,13 @@ class Trainer:
             raise RuntimeError(f"--resume {run_dir}: DeepSpeed could not load the checkpoint in {root}")
         self.load_state_dict(client["trainer"])
         tag = (root / "latest").read_text().strip()
+        if dist.is_main():  # metrics logged after this checkpoint will be logged again: set them aside
+            log = Path(run_dir) / "metrics.jsonl"
+            if log.exists():
+                rows = log.read_text().splitlines()
+                keep = [r for r in rows if r.strip() and json.loads(r)["epoch"] <= self.epoch]
+                if len(keep) != len([r for r in rows if r.strip()]):
+                    shutil.copy(log, log.with_name(f"metrics.before_resume_epoch{self.epoch:05d}.jsonl"))
+                    log.write_text("".join(r + "\n" for r in keep))
         if self.ema is not None:
             self.ema.load_state_dict(torch.load(root / tag / f"ema_rank{self.rank}.pt"))

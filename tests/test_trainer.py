@@ -1,0 +1,154 @@
+"""The GRPO trainer on the digits toy: config errors, one epoch (ZeRO-3, 1 and 2 processes), exact
+on-policy ratio, resume equivalence, SIGTERM checkpoints, failure handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastcps.config import RunConfig
+from fastcps.configlib import ConfigError, load_config, validate_tree
+from fastcps.train import main
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / "configs" / "digits_cps.json")
+TINY = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=4",
+        "train.rollout_batch_size=8", "train.minibatch_size=4", "eval.num_prompts=2",
+        "eval.images_per_prompt=2", "eval.every=1", "log.progress=false", "checkpoint.every=0",
+        f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}"]
+
+
+def sets(items):
+    return [a for kv in items for a in ("--set", kv)]
+
+
+def clean_env(**extra):
+    """The test process may hold a process group of its own (main() in-process): children get a fresh one."""
+    drop = {"MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_cli(args, env_extra=None, launcher=None, timeout=300):
+    env = clean_env(**(env_extra or {}))
+    cmd = (launcher or [sys.executable, "-m", "fastcps.train"]) + args
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- config errors, before any model loads ----------------------------------------------------------
+
+def test_unknown_key_and_wrong_type_are_named(capsys):
+    assert main(["--config", CONFIG, "--set", "train.lrr=1e-4"]) == 2
+    assert "train.lrr" in capsys.readouterr().err
+    assert main(["--config", CONFIG, "--set", "train.images_per_prompt=four"]) == 2
+    assert "train.images_per_prompt" in capsys.readouterr().err
+    assert main(["--config", CONFIG, "--set", "sampler.name=euler"]) == 2
+    assert "sampler.name" in capsys.readouterr().err
+
+
+def test_batch_arithmetic_depends_on_world_size():
+    cfg = load_config(RunConfig, CONFIG, ["train.prompts_per_epoch=3", "train.images_per_prompt=4",
+                                          "train.rollout_batch_size=6", "train.minibatch_size=6"])
+    validate_tree(cfg, world_size=2)  # 12 images, 6 per process: fine
+    with pytest.raises(ConfigError, match="does not split over 5 processes"):
+        validate_tree(cfg, world_size=5)
+    with pytest.raises(ConfigError, match="rollout_batch_size = 6 does not divide the 4 images"):
+        validate_tree(cfg, world_size=3)
+
+
+def test_missing_weights_path_names_the_key(tmp_path, capsys):
+    rc = main(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "policy.pretrained=/no/such.safetensors"]))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "policy.pretrained" in err and "/no/such.safetensors" in err
+
+
+# --- end to end ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_one_epoch_single_process_and_exact_ratio(tmp_path):
+    r = run_cli(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "name=one", "train.num_epochs=1"]))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "one"
+    rows = metrics(run)
+    assert rows[0]["epoch"] == 0 and "eval/digit" in rows[0] and "eval/diversity" in rows[0]
+    last = rows[-1]
+    for key in ("reward/mean", "reward/digit/mean", "train/loss", "train/kl", "train/clipfrac", "train/ratio_dev",
+                "train/zero_std_frac", "time/rollout_s", "time/update_s", "memory/peak_gib", "eval/digit"):
+        assert key in last, key
+    assert last["train/ratio_dev"] == 0.0  # old_logprob = recompute, fp32 on CPU: exactly on-policy
+    assert (run / "config.json").is_file() and (run / "reward_curve.png").is_file()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert list((run / "images").glob("eval_images_epoch0000.png"))
+    final = run / "checkpoints" / "final"
+    weights = load_file(str(final / "policy.safetensors"))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
+    assert (run / "checkpoints" / "latest").read_text().strip() == "final"
+
+
+@pytest.mark.slow
+def test_one_epoch_two_processes_zero3(tmp_path):
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", "29611", str(ROOT / "fastcps" / "train.py")]
+    r = run_cli(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "name=two", "train.num_epochs=1",
+                                                    "train.prompts_per_epoch=3", "train.rollout_batch_size=6",
+                                                    "train.minibatch_size=3"]),
+                launcher=launcher, timeout=400)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rows = metrics(tmp_path / "two")
+    assert rows[-1]["train/ratio_dev"] == 0.0 and "eval/digit" in rows[-1]
+    ckpt = tmp_path / "two" / "checkpoints" / "final"
+    assert len(list(ckpt.glob("*zero_pp_rank_1_*"))) >= 1  # rank 1 held its own ZeRO-3 partition
+
+
+@pytest.mark.slow
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    common = TINY + [f"output_dir={tmp_path}", "eval.every=0"]
+    full = run_cli(["--config", CONFIG] + sets(common + ["name=full", "train.num_epochs=3"]))
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = run_cli(["--config", CONFIG] + sets(common + ["name=part", "train.num_epochs=1"]))
+    assert part.returncode == 0, part.stderr[-3000:]
+    resumed = run_cli(["--resume", str(tmp_path / "part"), "--set", "train.num_epochs=3"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "final" / "policy.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoints" / "final" / "policy.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    ra = [r["reward/mean"] for r in metrics(tmp_path / "full")]
+    rb = [r["reward/mean"] for r in metrics(tmp_path / "part")]
+    assert len(ra) == len(rb) == 3
+    assert max(abs(x - y) for x, y in zip(ra, rb)) <= 1e-6, (ra, rb)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
+    env = clean_env()
+    args = sets(TINY + [f"output_dir={tmp_path}", "name=term", "train.num_epochs=200", "eval.every=0"])
+    proc = subprocess.Popen([sys.executable, "-m", "fastcps.train", "--config", CONFIG] + args, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "epoch 1/200" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, "".join(seen) + out
+    root = tmp_path / "term" / "checkpoints"
+    tag = (root / "latest").read_text().strip()
+    assert tag.startswith("interrupted_epoch"), tag
+    resumed = run_cli(["--resume", str(tmp_path / "term"), "--set", "train.num_epochs=3"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout
