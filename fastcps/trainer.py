@@ -499,6 +499,9 @@ class Trainer:
                 state = {n: p.detach().to("cpu", torch.float32).contiguous().clone() for n, p in named}
                 save_file(state, str(path), metadata={"format": "fastcps-policy-weights",
                                                       "policy": self.cfg.policy.name})
+                if self.policy.lora:  # diffusers' LoRA format: pipeline.load_lora_weights(folder) reads it
+                    lora = {"transformer." + n.replace(".default", ""): t for n, t in state.items()}
+                    save_file(lora, str(path.with_name("pytorch_lora_weights.safetensors")))
 
     def load_checkpoint(self, run_dir: Path) -> None:
         root = Path(run_dir) / "checkpoints"

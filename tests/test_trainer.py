@@ -152,3 +152,63 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
     resumed = run_cli(["--resume", str(tmp_path / "term"), "--set", "train.num_epochs=3"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_lora_multi_reward_ema_kl_window_rollout_logprobs(tmp_path):
+    """One run through the options a FLUX user turns on: LoRA (peft) with the reference = adapters
+    off, beta_kl > 0, EMA for eval, an SDE window, old log-probs from the rollout, weighted rewards."""
+    cfg = str(ROOT / "configs" / "digits_multi.json")
+    extra = ["name=lora", "train.num_epochs=2", "policy.lora={\"r\": 4, \"alpha\": 8}", "train.beta_kl=0.01",
+             "train.ema_decay=0.9", "sampler.sde_window_size=2", "train.old_logprob=rollout"]
+    r = run_cli(["--config", cfg] + sets(TINY + [f"output_dir={tmp_path}"] + extra))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = metrics(tmp_path / "lora")
+    last = rows[-1]
+    for key in ("reward/digit/mean", "reward/jpeg_compressibility/mean", "eval/digit", "eval/jpeg_compressibility"):
+        assert key in last, key
+    assert last["train/trained_steps"] <= 2  # only the window's steps are stochastic and trained
+    assert last["train/kl"] > 0  # adapters moved the policy away from the reference
+    assert 0 < last["train/ratio_dev"] < 0.05  # rollout vs training forward: batch sizes differ
+    final = tmp_path / "lora" / "checkpoints" / "final"
+    lora = load_file(str(final / "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("transformer.") and ".lora_" in k and ".default" not in k for k in lora)
+    assert any(float(t.abs().max()) > 0 for k, t in lora.items() if "lora_B" in k)  # trained
+    assert (final / "ema_rank0.pt").is_file()
+
+
+class BoomReward:
+    name = "boom"
+
+    def __call__(self, images, prompts, metadata):
+        raise RuntimeError("scorer server unreachable")
+
+
+def test_a_reward_that_raises_stops_the_run_and_names_it(tmp_path, capsys):
+    from fastcps import rewards
+
+    rewards.register("boom", "test_trainer:BoomReward")
+    rc = main(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "train.num_epochs=1", "eval.every=0",
+                                                  'rewards=[{"name": "boom"}]']))
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "reward 'boom' raised RuntimeError: scorer server unreachable" in err
+
+
+def test_non_finite_loss_skips_steps_then_stops(tmp_path, monkeypatch, capsys):
+    import fastcps.trainer as trainer_mod
+    from fastcps.ops.cps_logprob_kl import LogprobKL
+
+    real = trainer_mod.cps_logprob_kl
+
+    def nan_logprob(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return LogprobKL(out.log_prob * float("nan"), out.kl)
+
+    monkeypatch.setattr(trainer_mod, "cps_logprob_kl", nan_logprob)
+    rc = main(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "name=nan", "train.num_epochs=3",
+                                                  "eval.every=0", "train.max_nonfinite_steps=2",
+                                                  "train.old_logprob=rollout"]))
+    assert rc == 4
+    err = capsys.readouterr().err
+    assert "2 optimizer steps in a row had a non-finite loss or gradient" in err

@@ -15,9 +15,10 @@ def build_policy(cfg, device) -> Policy:
     if cfg.name == "toy":
         from fastcps.policies.toy import ToyDigitsPolicy
 
-        if cfg.lora is not None:
-            raise ValueError("policy.lora: the toy policy trains all of its 0.47M parameters; set policy.lora to null")
-        return ToyDigitsPolicy(cfg.pretrained or None, device=device, dtype=dtype)
+        policy = ToyDigitsPolicy(cfg.pretrained or None, device=device, dtype=dtype)
+        if cfg.lora is not None:  # the toy trains all 0.47M parameters by default; LoRA exercises the FLUX path
+            policy.add_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
+        return policy
     raise NotImplementedError(
         f"policy.name = {cfg.name!r}: the FLUX and SD3 adapters are not in this release yet; "
         "only 'toy' can be trained (see the README's status section)"

@@ -41,15 +41,41 @@ class Policy(abc.ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1], fp32, no grad."""
 
+    #: module names LoRA adapts by default (flow_grpo's targets for the FLUX/SD3 transformers)
+    default_lora_targets: tuple[str, ...] = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    )
+    lora: bool = False
+
+    def add_lora(self, r: int, alpha: float, target_modules=(), dropout: float = 0.0) -> None:
+        """Freeze the transformer and add peft LoRA adapters (B = 0 at start: the policy is the base)."""
+        from peft import LoraConfig
+
+        targets = list(target_modules) or list(self.default_lora_targets)
+        names = {n.split(".", 2)[-1] for n, _ in self.transformer.named_modules()}
+        present = [t for t in targets if any(n.endswith(t) for n in names)]
+        if not present:
+            raise ValueError(f"policy.lora.target_modules {targets} match no module of {type(self.transformer).__name__}")
+        self.transformer.requires_grad_(False)
+        self.transformer.add_adapter(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=present))
+        self.lora = True
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def reference(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Yields the module that predicts the reference policy's velocity (the frozen base):
-        a frozen copy, or ``model`` with its LoRA adapters disabled."""
-        raise NotImplementedError(f"{type(self).__name__} has no reference policy")
-        yield  # pragma: no cover
+        ``model`` with its LoRA adapters disabled, or (in subclasses) a frozen copy."""
+        if not self.lora:
+            raise NotImplementedError(f"{type(self).__name__} without LoRA has no reference policy")
+        module = getattr(model, "module", model)  # a DeepSpeed engine wraps the transformer
+        module.disable_adapters()
+        try:
+            yield model
+        finally:
+            module.enable_adapters()
 
     def initial_noise(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """x1 ~ N(0, I) in fp32, shape (batch, *latent_shape)."""

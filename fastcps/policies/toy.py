@@ -225,4 +225,8 @@ class ToyDigitsPolicy(Policy):
 
     @contextlib.contextmanager
     def reference(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        yield self._reference
+        if self.lora:  # adapters off = the base, without a second copy of it
+            with super().reference(model) as base:
+                yield base
+        else:
+            yield self._reference
