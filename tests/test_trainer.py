@@ -169,7 +169,8 @@ def test_lora_multi_reward_ema_kl_window_rollout_logprobs(tmp_path):
         assert key in last, key
     assert last["train/trained_steps"] <= 2  # only the window's steps are stochastic and trained
     assert last["train/kl"] > 0  # adapters moved the policy away from the reference
-    assert 0 < last["train/ratio_dev"] < 0.05  # rollout vs training forward: batch sizes differ
+    # rollout (batch 8) vs training forward (batch 4): in fp32 on CPU the two agree to the bit here
+    assert 0 <= last["train/ratio_dev"] < 0.05
     final = tmp_path / "lora" / "checkpoints" / "final"
     lora = load_file(str(final / "pytorch_lora_weights.safetensors"))
     assert lora and all(k.startswith("transformer.") and ".lora_" in k and ".default" not in k for k in lora)
