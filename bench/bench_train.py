@@ -89,9 +89,12 @@ class OpRecorder:
                 if self.impl == "fused":
                     def fn():
                         return cps_step(x, v, c, seed=1)
-                else:
+                else:  # the same Philox noise the trainer's reference path draws
+                    from fastcps.ops.philox import philox_randn
+
                     def fn():
-                        return cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=e)
+                        eps = philox_randn(1, torch.arange(x.numel())).reshape(x.shape)
+                        return cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=eps)
             else:
                 ref = e if key[3] else None
 
