@@ -270,3 +270,152 @@ def test_ocr_rapidocr_real():
 def test_ocr_bad_engine():
     with pytest.raises(ValueError, match="engine"):
         build_reward("ocr", {"engine": "tesseract"})
+
+
+# --- geneval rules on synthetic detections -----------------------------------------------------------------
+
+
+def _det(label, box, score=0.95, color=None):
+    return {"label": label, "box": list(box), "score": score, "color": color}
+
+
+def _geneval_cases():
+    L, R = (10, 40, 60, 90), (140, 40, 190, 90)  # left / right halves of a 200-px image
+    T, B = (80, 5, 120, 45), (80, 150, 120, 190)  # top / bottom
+    return [
+        # (metadata, detections, strict, partial)
+        ({"tag": "single_object", "include": [{"class": "bench", "count": 1}]}, [_det("bench", L)], 1, 1.0),
+        ({"tag": "single_object", "include": [{"class": "bench", "count": 1}]},
+         [_det("bench", L, score=0.2)], 0, 0.0),  # below the 0.3 threshold
+        ({"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "umbrella", "count": 1}]},
+         [_det("dog", L), _det("cat", R)], 0, 0.5),
+        ({"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]},
+         [_det("cat", L), _det("cat", R), _det("cat", T)], 1, 1.0),
+        ({"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]},
+         [_det("cat", L), _det("cat", R), _det("cat", T), _det("cat", B)], 0, 0.5),  # too many
+        ({"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]},
+         [_det("cat", L), _det("cat", R), _det("cat", T), _det("cat", B, score=0.5)], 1, 1.0),  # 0.5 < 0.9
+        ({"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
+         [_det("car", L, color="red")], 1, 1.0),
+        ({"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
+         [_det("car", L, color="blue")], 0, 0.0),
+        ({"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
+                                           {"class": "vase", "count": 1, "color": "green"}]},
+         [_det("car", L, color="red"), _det("vase", R, color="green")], 1, 1.0),
+        ({"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
+                                           {"class": "vase", "count": 1, "color": "green"}]},
+         [_det("car", L, color="green"), _det("vase", R, color="red")], 0, 0.0),  # swapped binding
+        ({"tag": "position", "include": [{"class": "dog", "count": 1},
+                                         {"class": "cat", "count": 1, "position": ["right of", 0]}]},
+         [_det("dog", L), _det("cat", R)], 1, 1.0),
+        ({"tag": "position", "include": [{"class": "dog", "count": 1},
+                                         {"class": "cat", "count": 1, "position": ["left of", 0]}]},
+         [_det("dog", L), _det("cat", R)], 0, 0.5),
+        ({"tag": "position", "include": [{"class": "dog", "count": 1},
+                                         {"class": "cat", "count": 1, "position": ["below", 0]}]},
+         [_det("dog", T), _det("cat", B)], 1, 1.0),
+        ({"tag": "position", "include": [{"class": "dog", "count": 1},
+                                         {"class": "cat", "count": 1, "position": ["above", 0]}]},
+         [_det("cat", R)], 0, 0.0),  # no target: both rules fail
+    ]
+
+
+@pytest.mark.parametrize("mode", ["strict", "partial"])
+def test_geneval_rules(mode):
+    cases = _geneval_cases()
+    r = build_reward("geneval", {"detector": "given", "score": mode})
+    meta = [dict(m, detections=d) for m, d, _, _ in cases]
+    s = r(torch.zeros(len(cases), 3, 8, 8), ["p"] * len(cases), meta)
+    want = torch.tensor([float(st if mode == "strict" else pa) for _, _, st, pa in cases])
+    torch.testing.assert_close(s, want)
+    assert r.last_reasons[0] == [] and r.last_reasons[1] == ["expected bench>=1, found 0"]
+
+
+def test_geneval_relative_position_threshold():
+    from fastcps.rewards.geneval import Detection, relative_position
+
+    a = Detection("a", (0, 0, 10, 10))
+    assert relative_position(Detection("b", (30, 0, 40, 10)), a) == {"right of"}
+    assert relative_position(Detection("b", (30, 30, 40, 40)), a) == {"right of", "below"}
+    # centres 1.5 px apart with boxes of 10: inside 0.1·(10+10) = 2 px, no relation
+    assert relative_position(Detection("b", (1.5, 0, 11.5, 10)), a) == set()
+    # mostly vertical offset: only "above"
+    assert relative_position(Detection("b", (3, -30, 13, -20)), a) == {"above"}
+
+
+def test_geneval_errors():
+    r = build_reward("geneval", {"detector": "given"})
+    with pytest.raises(ValueError, match="no colours"):
+        r(torch.zeros(1, 3, 8, 8), ["a red car"],
+          [{"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}],
+            "detections": [_det("car", (0, 0, 4, 4))]}])
+    with pytest.raises(ValueError, match="GenEval metadata"):
+        r(torch.zeros(1, 3, 8, 8), ["a car"], [{}])
+    with pytest.raises(ValueError, match=r"rewards\[\]\.args\.url"):
+        build_reward("geneval", {})(torch.zeros(1, 3, 8, 8), ["a car"],
+                                    [{"tag": "single_object", "include": [{"class": "car", "count": 1}]}])
+
+
+@pytest.fixture
+def loopback_server():
+    """A detection server on 127.0.0.1 that checks the PNGs and answers with metadata['detections']."""
+    import base64
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from PIL import Image
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/broken":
+                self.send_response(500)
+                self.end_headers()
+                self.wfile.write(b"detector crashed")
+                return
+            sizes = [Image.open(io.BytesIO(base64.b64decode(s))).size for s in body["images"]]
+            seen.append((sizes, body["prompts"]))
+            out = json.dumps({"detections": [m["detections"] for m in body["metadata"]]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    th = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", seen
+    srv.shutdown()
+    srv.server_close()
+    th.join(timeout=5)
+
+
+def test_geneval_server_detector(loopback_server):
+    url, seen = loopback_server
+    cases = _geneval_cases()[:6]
+    meta = [dict(m, detections=d) for m, d, _, _ in cases]
+    r = build_reward("geneval", {"detector": "server", "url": url + "/detect", "timeout": 10})
+    s = r(torch.rand(len(cases), 3, 12, 16), [f"p{i}" for i in range(len(cases))], meta)
+    torch.testing.assert_close(s, torch.tensor([float(c[2]) for c in cases]))
+    assert seen == [([(16, 12)] * len(cases), [f"p{i}" for i in range(len(cases))])]
+    bad = build_reward("geneval", {"url": url + "/broken", "timeout": 10})
+    with pytest.raises(RuntimeError, match="HTTP 500: detector crashed"):
+        bad(torch.rand(1, 3, 8, 8), ["p"], meta[:1])
+
+
+def test_geneval_server_unreachable():
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = build_reward("geneval", {"url": f"http://127.0.0.1:{port}/", "timeout": 2})
+    with pytest.raises(RuntimeError, match="unreachable"):
+        r(torch.rand(1, 3, 8, 8), ["p"], [{"tag": "single_object", "include": [{"class": "car", "count": 1}]}])
