@@ -58,11 +58,11 @@ def _tiny_hf_clip(root):
     proc.save_pretrained(root / "processor")
     eos = vocab["<|endoftext|>"]
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=eos - 1,
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2),
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16,
+                     "bos_token_id": eos - 1, "eos_token_id": eos, "pad_token_id": eos},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -419,3 +419,13 @@ def test_geneval_server_unreachable():
     r = build_reward("geneval", {"url": f"http://127.0.0.1:{port}/", "timeout": 2})
     with pytest.raises(RuntimeError, match="unreachable"):
         r(torch.rand(1, 3, 8, 8), ["p"], [{"tag": "single_object", "include": [{"class": "car", "count": 1}]}])
+
+
+def test_hub_id_offline_error_names_key(hf_clip_dir, monkeypatch):
+    from fastcps.rewards._util import is_local_path
+
+    assert not is_local_path("yuvalkirstain/PickScore_v1") and is_local_path("/x/y") and is_local_path("a/b/c")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = build_reward("pickscore", {"model": "fastcps-test/no-such-model", "processor": str(hf_clip_dir / "processor")})
+    with pytest.raises(OSError, match=r"rewards\[\]\.args\.model.*HF_HUB_OFFLINE"):
+        r(_images(1), ["a cat"])

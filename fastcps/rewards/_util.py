@@ -24,7 +24,7 @@ def is_local_path(value: str) -> bool:
     """A value is a local path when it exists, is absolute / starts with ``.`` or ``~``, has a file
     suffix, or is not shaped like a hub id ``org/name``; otherwise it is taken for a hub id."""
     s = str(value)
-    if Path(s).expanduser().exists() or s.startswith(("/", ".", "~")) or os.sep + os.sep in s:
+    if Path(s).expanduser().exists() or s.startswith(("/", ".", "~")):
         return True
     if Path(s).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".json"):
         return True

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from fastcps.rewards._util import (
-    batches, check_inputs, hub_kwargs, hub_load_error, resolve_device, resolve_dtype, resolve_weights,
+    batches,
+    check_inputs,
+    hub_kwargs,
+    hub_load_error,
+    resolve_device,
+    resolve_dtype,
+    resolve_weights,
 )
 from fastcps.rewards.pickscore import clip_embed_images
 
@@ -37,7 +43,7 @@ class AestheticHead(nn.Module):
         return self.layers(x)
 
     @classmethod
-    def from_state_dict(cls, sd: dict) -> "AestheticHead":
+    def from_state_dict(cls, sd: dict) -> AestheticHead:
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
         try:
             w = [sd[f"layers.{i}.weight"] for i in (0, 2, 4, 6, 7)]

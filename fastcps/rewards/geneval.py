@@ -66,7 +66,7 @@ class Detection:
     color: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Detection":
+    def from_dict(cls, d: dict) -> Detection:
         try:
             box = tuple(float(v) for v in d["box"])
             if len(box) != 4:

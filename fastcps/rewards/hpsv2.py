@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from fastcps.rewards._util import (
-    batches, check_inputs, clip_preprocess, hub_kwargs, hub_load_error, resolve_device, resolve_dtype,
+    batches,
+    check_inputs,
+    clip_preprocess,
+    hub_kwargs,
+    hub_load_error,
+    resolve_device,
+    resolve_dtype,
     resolve_weights,
 )
 

@@ -32,7 +32,7 @@ from fastcps.rewards._util import check_inputs, to_pil, to_uint8_hwc
 
 __all__ = ["OcrReward", "edit_distance", "normalize_text", "ocr_score", "quoted_text"]
 
-_QUOTED = re.compile(r"[\"“”„](.*?)[\"“”]", re.S)
+_QUOTED = re.compile(r"[\"“”„](.*?)[\"“”]", re.DOTALL)
 
 
 def normalize_text(s: str) -> str:

@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 
 from fastcps.rewards._util import (
-    batches, check_inputs, hub_kwargs, hub_load_error, resolve_device, resolve_dtype, resolve_weights,
+    batches,
+    check_inputs,
+    hub_kwargs,
+    hub_load_error,
+    resolve_device,
+    resolve_dtype,
+    resolve_weights,
 )
 
 __all__ = ["PickScoreReward", "clip_scores"]
