@@ -45,6 +45,10 @@ class PolicyConfig:
     """`flash` uses flash-attn through diffusers' attention backend on CUDA when installed."""
     offload_frozen: bool = False
     """Move text encoders to CPU once prompt embeddings are cached."""
+    max_sequence_length: int = 512
+    """T5 tokens per prompt (flux: 512 as flow_grpo, schnell's pipeline uses 256; sd3: 256)."""
+    gradient_checkpointing: bool = False
+    """Recompute the transformer's activations in backward (diffusers' gradient checkpointing)."""
 
 
 @dataclass

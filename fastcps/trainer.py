@@ -102,6 +102,19 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def save_diffusers_lora(state: dict[str, torch.Tensor], peft_config, path: Path) -> None:
+    """peft adapter weights as stock diffusers writes them (``save_lora_weights``): keys
+    ``transformer.<module>.lora_A.weight`` and the adapter's LoraConfig (r, lora_alpha, targets) in the
+    ``lora_adapter_metadata`` header. Without that header ``load_lora_weights`` assumes alpha = r and
+    would scale the update by r / alpha (off by 2x for r 64, alpha 128)."""
+    from safetensors.torch import save_file
+
+    tensors = {"transformer." + n.replace(".default", ""): t for n, t in state.items()}
+    meta = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in peft_config.to_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(
+        meta, indent=2, sort_keys=True, default=str)})
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path):
         import deepspeed
@@ -500,8 +513,8 @@ class Trainer:
                 save_file(state, str(path), metadata={"format": "fastcps-policy-weights",
                                                       "policy": self.cfg.policy.name})
                 if self.policy.lora:  # diffusers' LoRA format: pipeline.load_lora_weights(folder) reads it
-                    lora = {"transformer." + n.replace(".default", ""): t for n, t in state.items()}
-                    save_file(lora, str(path.with_name("pytorch_lora_weights.safetensors")))
+                    save_diffusers_lora(state, self.engine.module.peft_config["default"],
+                                        path.with_name("pytorch_lora_weights.safetensors"))
 
     def load_checkpoint(self, run_dir: Path) -> None:
         root = Path(run_dir) / "checkpoints"

@@ -19,10 +19,16 @@ def build_policy(cfg, device) -> Policy:
         if cfg.lora is not None:  # the toy trains all 0.47M parameters by default; LoRA exercises the FLUX path
             policy.add_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
         return policy
-    raise NotImplementedError(
-        f"policy.name = {cfg.name!r}: the FLUX and SD3 adapters are not in this release yet; "
-        "only 'toy' can be trained (see the README's status section)"
-    )
+    if cfg.name in ("flux", "sd3"):
+        if cfg.name == "flux":
+            from fastcps.policies.flux import FluxPolicy as cls
+        else:
+            from fastcps.policies.sd3 import SD3Policy as cls
+        policy = cls(cfg, device=device)
+        if cfg.lora is not None:  # None = full fine-tuning
+            policy.add_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
+        return policy
+    raise NotImplementedError(f"policy.name = {cfg.name!r}: choose toy, flux or sd3")
 
 
 __all__ = ["Cond", "Policy", "build_policy", "DTYPES"]

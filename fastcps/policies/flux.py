@@ -1,0 +1,259 @@
+"""FLUX.1-dev / FLUX.1-schnell through diffusers' ``FluxPipeline`` components.
+
+Loading: every component comes from ``from_pretrained(path, subfolder=...)`` (``transformer``, ``vae``,
+``text_encoder`` = CLIP-L, ``text_encoder_2`` = T5-XXL, ``tokenizer``/``tokenizer_2``, ``scheduler``),
+so a local snapshot of ``black-forest-labs/FLUX.1-dev`` and the hub id load the same way.
+
+Conventions, as ``FluxPipeline.__call__`` does them (diffusers 0.42):
+- latents are packed 2x2 patches of the 16-channel VAE latent: ``(L, 64)`` per image with
+  ``L = (res/16)^2`` (1024 tokens at 512 px); ``img_ids`` carry (0, row, col) for the RoPE,
+  ``txt_ids`` are zeros;
+- ``timestep = σ`` (the transformer multiplies by 1000 itself);
+- guidance is distilled: dev has a guidance embedding and gets ``guidance`` (3.5) per sample;
+  schnell has none;
+- schedule: ``linspace(1, 1/N, N)`` with the dynamic (resolution-dependent) shift
+  ``mu = calculate_shift(L, ...)`` from the scheduler config when ``use_dynamic_shifting`` (dev),
+  else the config's static ``shift`` (schnell: 1), plus the trailing 0;
+- decode: unpack, ``z / scaling_factor + shift_factor``, VAE decode, ``x/2 + 0.5`` clamped to [0, 1].
+
+Text encoders and VAE are frozen (no grad, eval); with ``offload_frozen`` the text encoders go back
+to the CPU after each ``encode`` (the trainer caches every prompt's encoding, so they run rarely).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from fastcps.policies.base import Cond, Policy
+from fastcps.schedule import flow_sigmas
+
+
+def resolve_pretrained(pretrained: str, family: str, example: str, subfolders: tuple[str, ...]) -> str:
+    """A local pipeline folder or a hub id; raises FileNotFoundError naming `policy.pretrained`."""
+    if not pretrained:
+        raise FileNotFoundError(
+            f"config key `policy.pretrained` is empty: the {family} policy needs a local pipeline folder or a "
+            f"hub id, e.g. --set policy.pretrained={example}")
+    p = Path(os.path.expanduser(pretrained))
+    looks_local = p.is_absolute() or pretrained.startswith((".", "~")) or p.exists() or pretrained.count("/") != 1
+    if not looks_local:
+        return pretrained  # a hub id: from_pretrained resolves it (cache, or download when online)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"{family} weights not found at {pretrained!r} (config key `policy.pretrained`): give a folder "
+            f"holding a diffusers pipeline ({', '.join(subfolders)}/), or a hub id such as {example}")
+    missing = [s for s in subfolders if not (p / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{pretrained!r} (config key `policy.pretrained`) is not a complete {family} pipeline folder: "
+            f"missing {', '.join(s + '/' for s in missing)}")
+    return str(p)
+
+
+def load_component(cls, path: str, subfolder: str, **kw):
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, **kw)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise FileNotFoundError(
+            f"could not load {subfolder}/ of {path!r} (config key `policy.pretrained`): {err}") from err
+
+
+def set_attention_backend(transformer, backend: str, device: torch.device) -> str:
+    """``flash`` through diffusers' attention dispatcher when on CUDA and flash-attn is installed;
+    otherwise SDPA (diffusers' default), with a warning when flash was asked for."""
+    if backend != "flash":
+        return "sdpa"
+    if device.type != "cuda":
+        warnings.warn("policy.attention_backend = 'flash' needs CUDA; using SDPA", stacklevel=2)
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        warnings.warn("policy.attention_backend = 'flash' but flash-attn is not installed "
+                      "(pip install 'fastcps[flash]'); using SDPA", stacklevel=2)
+        return "sdpa"
+    transformer.set_attention_backend("flash")
+    return "flash"
+
+
+class DiffusersPolicy(Policy):
+    """What FLUX and SD3 share: frozen text encoders/VAE, offloading, base reference for full FT."""
+
+    transformer_cls = None
+    pipeline_cls = None
+    subfolders: tuple[str, ...] = ()
+    text_encoder_names: tuple[str, ...] = ()
+
+    def _load_common(self, cfg, device) -> None:
+        from diffusers import AutoencoderKL
+
+        self.cfg = cfg
+        self.device = torch.device(device)
+        from fastcps.policies import DTYPES
+
+        self.dtype = DTYPES[cfg.dtype]
+        self.path = resolve_pretrained(cfg.pretrained, self.family, self.example, self.subfolders)
+        self.transformer = load_component(self.transformer_cls, self.path, "transformer", torch_dtype=self.dtype)
+        self.transformer.to(self.device).train()
+        if cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.attention_backend = set_attention_backend(self.transformer, cfg.attention_backend, self.device)
+        self.vae = load_component(AutoencoderKL, self.path, "vae", torch_dtype=self.dtype)
+        self.vae.to(self.device).eval().requires_grad_(False)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        res = int(cfg.resolution)
+        if res % (2 * self.vae_scale_factor):
+            raise ValueError(f"policy.resolution = {res} must be a multiple of {2 * self.vae_scale_factor} "
+                             f"for {self.family} (VAE x{self.vae_scale_factor}, 2x2 patches)")
+        self.resolution = res
+        self._base = None
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self.pipe, n) for n in self.text_encoder_names]
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        if self.cfg.offload_frozen:
+            for m in self._text_encoders():
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.cfg.offload_frozen:
+                for m in self._text_encoders():
+                    m.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _frozen_text_encoder(self, cls, subfolder: str):
+        m = load_component(cls, self.path, subfolder, torch_dtype=self.dtype)
+        return m.to("cpu" if self.cfg.offload_frozen else self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        img = self.vae.decode(z.to(self.device, self.vae.dtype), return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0.0, 1.0)
+
+    @contextlib.contextmanager
+    def reference(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """LoRA: ``model`` with adapters off. Full fine-tuning: the base transformer, loaded again
+        (frozen, outside DeepSpeed) on first use: only runs with ``train.beta_kl > 0`` pay for it."""
+        if self.lora:
+            with super().reference(model) as base:
+                yield base
+            return
+        if self._base is None:
+            self._base = load_component(self.transformer_cls, self.path, "transformer", torch_dtype=self.dtype)
+            self._base.to(self.device).eval().requires_grad_(False)
+            if self.attention_backend == "flash":
+                self._base.set_attention_backend("flash")
+        yield self._base
+
+
+class FluxPolicy(DiffusersPolicy):
+    family = "FLUX"
+    example = "black-forest-labs/FLUX.1-dev"
+    subfolders = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+
+    def __init__(self, cfg, device="cpu"):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        self.transformer_cls = FluxTransformer2DModel
+        self._load_common(cfg, device)
+        tc = self.transformer.config
+        if tc.guidance_embeds:
+            self.guidance = 3.5 if cfg.guidance is None else float(cfg.guidance)
+        else:
+            if cfg.guidance is not None:
+                raise ValueError(f"policy.guidance = {cfg.guidance}, but {self.path} has no guidance embedding "
+                                 "(FLUX.1-schnell is not guidance-distilled): set policy.guidance to null")
+            self.guidance = None
+        self.pipe = FluxPipeline(
+            scheduler=load_component(FlowMatchEulerDiscreteScheduler, self.path, "scheduler"),
+            vae=self.vae,
+            text_encoder=self._frozen_text_encoder(CLIPTextModel, "text_encoder"),
+            tokenizer=load_component(CLIPTokenizer, self.path, "tokenizer"),
+            text_encoder_2=self._frozen_text_encoder(T5EncoderModel, "text_encoder_2"),
+            tokenizer_2=load_component(T5TokenizerFast, self.path, "tokenizer_2"),
+            transformer=None,  # ours trains under DeepSpeed; the pipeline only encodes prompts
+        )
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.max_sequence_length = int(cfg.max_sequence_length)
+        lat = self.resolution // self.vae_scale_factor  # 64 at 512 px
+        self.latent_hw = lat
+        self.num_tokens = (lat // 2) ** 2
+        self.channels = tc.in_channels  # 64 = 16 latent channels x 2 x 2
+        self.img_ids = FluxPipeline._prepare_latent_image_ids(1, lat // 2, lat // 2, self.device, torch.float32)
+        self.txt_ids = torch.zeros(self.max_sequence_length, 3, device=self.device)
+        self._sigma_cache: dict[int, torch.Tensor] = {}
+
+    # --- Policy interface -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Cond:
+        with self._encoders_on_device():
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(prompts), prompt_2=None, device=self.device, num_images_per_prompt=1,
+                max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.num_tokens, self.channels)
+
+    def sigmas(self, num_steps: int, device=None) -> torch.Tensor:
+        if num_steps not in self._sigma_cache:
+            c = self.scheduler_config
+            if c.get("use_dynamic_shifting"):
+                from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+                mu = calculate_shift(self.num_tokens, c.get("base_image_seq_len", 256),
+                                     c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                                     c.get("max_shift", 1.15))
+                self._sigma_cache[num_steps] = flow_sigmas(num_steps, mu=mu)
+            else:
+                self._sigma_cache[num_steps] = flow_sigmas(num_steps, shift=float(c.get("shift", 1.0)))
+        return self._sigma_cache[num_steps].to(device or self.device)
+
+    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        b = latents.shape[0]
+        if tuple(latents.shape[1:]) != self.latent_shape():
+            raise ValueError(f"FLUX latents must be [B, {self.num_tokens}, {self.channels}] (packed at "
+                             f"{self.resolution} px), got {tuple(latents.shape)}")
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(b)
+        hidden, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
+        if hidden.shape[0] == 1 and b > 1:
+            hidden, pooled = hidden.expand(b, -1, -1), pooled.expand(b, -1)
+        if hidden.shape[0] != b or sigma.shape[0] != b:
+            raise ValueError(f"batch mismatch: latents {b}, sigma {sigma.shape[0]}, cond {hidden.shape[0]}")
+        dev, dtype = latents.device, self.dtype
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((b,), self.guidance, device=dev, dtype=torch.float32)
+        out = model(
+            hidden_states=latents.to(dtype),
+            timestep=sigma.to(dtype),  # σ: FluxTransformer2DModel multiplies by 1000 itself
+            guidance=guidance,
+            pooled_projections=pooled.to(dev, dtype),
+            encoder_hidden_states=hidden.to(dev, dtype),
+            txt_ids=self.txt_ids[: hidden.shape[1]].to(dev),
+            img_ids=self.img_ids.to(dev),
+            return_dict=False,
+        )[0]
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        z = FluxPipeline._unpack_latents(latents.float(), self.resolution, self.resolution, self.vae_scale_factor)
+        return self._vae_decode(z)

@@ -1,0 +1,125 @@
+"""SD3.5 (Medium/Large) through diffusers' ``StableDiffusion3Pipeline`` components.
+
+Conventions, as ``StableDiffusion3Pipeline.__call__`` does them (diffusers 0.42):
+- latents are the VAE's 16-channel latent, unpacked: ``(16, res/8, res/8)``; the transformer
+  patchifies (2x2) itself;
+- ``timestep = 1000·σ`` (unlike FLUX, SD3's transformer does not scale it);
+- conditioning: the two CLIPs' penultimate states concatenated, padded to T5's width and joined
+  with T5's tokens; pooled = both CLIPs' projected embeddings (``encode_prompt``);
+- schedule: ``flow_sigmas(N, shift)`` with the checkpoint's static shift (3): the base grid
+  ``linspace(1, 1/N, N)`` as for FLUX (MATH.md), shifted, plus the trailing 0. The stock pipeline's
+  ``set_timesteps(N)`` grid instead ends at σ ≈ 0.009 (shifted twice from σ_min = 1/1000), which at
+  6 steps spends the last step on 0.009 → 0 after a 0.43 → 0.009 jump;
+- true classifier-free guidance when ``policy.cfg_scale`` is set (> 1): every velocity runs the
+  batch twice (negative prompt "" and the prompt) and returns ``v_u + s·(v_c − v_u)``, in rollout
+  and in training alike (flow_grpo's SD3.5 recipe: 4.5), so the log-probs see the guided velocity;
+- decode: ``z / scaling_factor + shift_factor``, VAE decode, to [0, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastcps.policies.base import Cond
+from fastcps.policies.flux import DiffusersPolicy, load_component
+from fastcps.schedule import flow_sigmas
+
+
+class SD3Policy(DiffusersPolicy):
+    family = "SD3"
+    example = "stabilityai/stable-diffusion-3.5-medium"
+    subfolders = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                  "tokenizer_2", "tokenizer_3", "scheduler")
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def __init__(self, cfg, device="cpu"):
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        self.transformer_cls = SD3Transformer2DModel
+        self._load_common(cfg, device)
+        if cfg.guidance is not None:
+            raise ValueError("policy.guidance is FLUX.1-dev's distilled guidance; SD3 has none: use "
+                             "policy.cfg_scale for true classifier-free guidance")
+        self.cfg_scale = None if cfg.cfg_scale is None or cfg.cfg_scale <= 1.0 else float(cfg.cfg_scale)
+        self.pipe = StableDiffusion3Pipeline(
+            scheduler=load_component(FlowMatchEulerDiscreteScheduler, self.path, "scheduler"),
+            vae=self.vae,
+            text_encoder=self._frozen_text_encoder(CLIPTextModelWithProjection, "text_encoder"),
+            tokenizer=load_component(CLIPTokenizer, self.path, "tokenizer"),
+            text_encoder_2=self._frozen_text_encoder(CLIPTextModelWithProjection, "text_encoder_2"),
+            tokenizer_2=load_component(CLIPTokenizer, self.path, "tokenizer_2"),
+            text_encoder_3=self._frozen_text_encoder(T5EncoderModel, "text_encoder_3"),
+            tokenizer_3=load_component(T5TokenizerFast, self.path, "tokenizer_3"),
+            transformer=None,
+        )
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.max_sequence_length = int(cfg.max_sequence_length)
+        lat = self.resolution // self.vae_scale_factor
+        self.shape = (self.transformer.config.in_channels, lat, lat)
+        self._negative: Cond | None = None
+        self._sigma_cache: dict[int, torch.Tensor] = {}
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        with self._encoders_on_device():
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Cond:
+        if self.cfg_scale is not None and self._negative is None:  # "" once, kept on the policy
+            self._negative = self._encode([""])
+        return self._encode(prompts)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def sigmas(self, num_steps: int, device=None) -> torch.Tensor:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if num_steps not in self._sigma_cache:
+            shift = float(self.scheduler_config.get("shift", 3.0))
+            self._sigma_cache[num_steps] = flow_sigmas(num_steps, shift=shift)
+        return self._sigma_cache[num_steps].to(device or self.device)
+
+    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        b = latents.shape[0]
+        if tuple(latents.shape[1:]) != self.shape:
+            raise ValueError(f"SD3 latents must be [B, {', '.join(map(str, self.shape))}] at {self.resolution} px, "
+                             f"got {tuple(latents.shape)}")
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(b)
+        hidden, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
+        if hidden.shape[0] == 1 and b > 1:
+            hidden, pooled = hidden.expand(b, -1, -1), pooled.expand(b, -1)
+        if hidden.shape[0] != b or sigma.shape[0] != b:
+            raise ValueError(f"batch mismatch: latents {b}, sigma {sigma.shape[0]}, cond {hidden.shape[0]}")
+        dev, dtype = latents.device, self.dtype
+        x = latents.to(dtype)
+        if self.cfg_scale is not None:  # one forward of 2B: [negative; prompt]
+            if self._negative is None:
+                raise RuntimeError("SD3Policy.encode must run before velocity when policy.cfg_scale is set")
+            neg_h = self._negative["encoder_hidden_states"].to(dev, dtype).expand(b, -1, -1)
+            neg_p = self._negative["pooled_projections"].to(dev, dtype).expand(b, -1)
+            x = torch.cat([x, x])
+            sigma = torch.cat([sigma, sigma])
+            hidden = torch.cat([neg_h, hidden.to(dev, dtype)])
+            pooled = torch.cat([neg_p, pooled.to(dev, dtype)])
+        out = model(
+            hidden_states=x,
+            timestep=(sigma * 1000.0).to(dtype),  # SD3's transformer takes the scheduler's t = 1000·σ
+            encoder_hidden_states=hidden.to(dev, dtype),
+            pooled_projections=pooled.to(dev, dtype),
+            return_dict=False,
+        )[0].float()
+        if self.cfg_scale is not None:
+            v_u, v_c = out.chunk(2)
+            out = v_u + self.cfg_scale * (v_c - v_u)
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._vae_decode(latents.float())

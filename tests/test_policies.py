@@ -1,0 +1,237 @@
+"""The `flux` and `sd3` policies on tiny random-weight pipelines (tests/tiny_pipelines.py): they
+agree with the stock diffusers pipelines, their LoRA exports load with ``load_lora_weights``, a
+missing weights path is named, and one GRPO epoch runs under ZeRO-3 with 2 processes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastcps.config import LoraConfig, PolicyConfig
+from fastcps.policies import build_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_pipelines import save_tiny_flux, save_tiny_sd3  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ = 32  # T5 tokens: the tiny tokenizer is character-level
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"flux": save_tiny_flux(root / "flux"), "schnell": save_tiny_flux(root / "schnell", schnell=True),
+            "sd3": save_tiny_sd3(root / "sd3")}
+
+
+def policy_cfg(name, path, **kw):
+    base = dict(name=name, pretrained=str(path), dtype="fp32", resolution=64, max_sequence_length=SEQ)
+    return PolicyConfig(**{**base, **kw})
+
+
+def euler(policy, x, cond, n):
+    sig = policy.sigmas(n)
+    with torch.no_grad():
+        for i in range(n):
+            v = policy.velocity(policy.transformer, x, sig[i].expand(x.shape[0]), cond)
+            x = x + (sig[i + 1] - sig[i]) * v
+    return policy.decode(x)
+
+
+# --- the policies are the pipelines -----------------------------------------------------------------
+
+def test_flux_dev_matches_flux_pipeline(tiny):
+    from diffusers import FluxPipeline
+
+    policy = build_policy(policy_cfg("flux", tiny["flux"], guidance=3.5), "cpu")
+    assert policy.latent_shape() == (16, 64) and policy.guidance == 3.5
+    prompts = ["a cat", 'a sign that reads "hi"']
+    cond = policy.encode(prompts)
+    assert cond["encoder_hidden_states"].shape == (2, SEQ, 32) and cond["pooled_projections"].shape == (2, 32)
+    x1 = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
+    ours = euler(policy, x1, cond, 4)
+    pipe = FluxPipeline.from_pretrained(tiny["flux"])
+    ref = pipe(prompts, height=64, width=64, num_inference_steps=4, guidance_scale=3.5, latents=x1.clone(),
+               max_sequence_length=SEQ, output_type="pt").images
+    assert ours.shape == (2, 3, 64, 64) and 0 <= float(ours.min()) and float(ours.max()) <= 1
+    torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
+    # the dynamic shift is the pipeline's: sigmas of 6 steps at 16 tokens
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    mu = calculate_shift(16, 256, 4096, 0.5, 1.15)
+    retrieve_timesteps(pipe.scheduler, 6, "cpu", sigmas=np.linspace(1.0, 1 / 6, 6), mu=mu)
+    torch.testing.assert_close(policy.sigmas(6), pipe.scheduler.sigmas.float())
+
+
+def test_flux_schnell_has_no_guidance(tiny):
+    with pytest.raises(ValueError, match="policy.guidance"):
+        build_policy(policy_cfg("flux", tiny["schnell"], guidance=3.5), "cpu")
+    policy = build_policy(policy_cfg("flux", tiny["schnell"]), "cpu")
+    assert policy.guidance is None
+    torch.testing.assert_close(policy.sigmas(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))  # static shift 1
+
+
+def test_sd3_true_cfg_matches_sd3_pipeline(tiny):
+    from diffusers import StableDiffusion3Pipeline
+
+    policy = build_policy(policy_cfg("sd3", tiny["sd3"], cfg_scale=4.5), "cpu")
+    assert policy.latent_shape() == (16, 8, 8)
+    prompts = ["a red bus", "three apples"]
+    cond = policy.encode(prompts)
+    x1 = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(1))
+    ours = euler(policy, x1, cond, 4)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny["sd3"])
+    ref = pipe(prompts, height=64, width=64, num_inference_steps=4, guidance_scale=4.5, latents=x1.clone(),
+               sigmas=list(np.linspace(1.0, 1 / 4, 4)), max_sequence_length=SEQ, output_type="pt").images
+    torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
+    plain = build_policy(policy_cfg("sd3", tiny["sd3"]), "cpu")  # no CFG: a different velocity
+    v_cfg = policy.velocity(policy.transformer, x1, torch.full((2,), 0.5), cond)
+    v_plain = plain.velocity(plain.transformer, x1, torch.full((2,), 0.5), plain.encode(prompts))
+    assert not torch.allclose(v_cfg, v_plain)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_lora_export_loads_in_stock_diffusers(tiny, tmp_path, name):
+    """Adapters off = the base; the exported file, read by ``pipeline.load_lora_weights``, gives the
+    trained policy's velocity exactly (alpha/r = 2 travels in the file's metadata)."""
+    from diffusers import DiffusionPipeline
+
+    from fastcps.trainer import save_diffusers_lora
+
+    policy = build_policy(policy_cfg(name, tiny[name], lora=LoraConfig(r=4, alpha=8.0)), "cpu")
+    cond = policy.encode(["a dog"])
+    x = torch.randn(1, *policy.latent_shape(), generator=torch.Generator().manual_seed(2))
+    s = torch.tensor([0.6])
+    with torch.no_grad():
+        base = policy.velocity(policy.transformer, x, s, cond)
+        torch.manual_seed(3)
+        named = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
+        assert named and all("lora_" in n for n in named)
+        for p in named.values():
+            p.normal_(0, 0.3)
+        trained = policy.velocity(policy.transformer, x, s, cond)
+        with policy.reference(policy.transformer) as ref:
+            torch.testing.assert_close(policy.velocity(ref, x, s, cond), base)
+    assert not torch.allclose(trained, base)
+    save_diffusers_lora({n: p.detach().clone() for n, p in named.items()}, policy.transformer.peft_config["default"],
+                        tmp_path / "pytorch_lora_weights.safetensors")
+    pipe = DiffusionPipeline.from_pretrained(tiny[name])
+    pipe.load_lora_weights(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.velocity(pipe.transformer, x, s, cond), trained, atol=1e-6, rtol=1e-5)
+
+
+# --- errors a user can meet --------------------------------------------------------------------------
+
+def test_missing_weights_path_is_named(tiny, tmp_path, capsys):
+    for name in ("flux", "sd3"):
+        with pytest.raises(FileNotFoundError) as err:
+            build_policy(policy_cfg(name, "/no/such/model"), "cpu")
+        assert "/no/such/model" in str(err.value) and "policy.pretrained" in str(err.value)
+        with pytest.raises(FileNotFoundError, match="policy.pretrained"):
+            build_policy(policy_cfg(name, ""), "cpu")
+    (tmp_path / "half" / "transformer").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="missing vae/"):
+        build_policy(policy_cfg("flux", tmp_path / "half"), "cpu")
+    from fastcps.train import main
+
+    assert main(["--config", str(ROOT / "configs" / "flux_pickscore.json"), "--set", "policy.pretrained=/no/such/flux",
+                 "--set", f"output_dir={tmp_path}", "--set", f"prompts.source={ROOT}/configs/prompts/pickscore.txt",
+                 "--set", f"deepspeed_config={ROOT}/configs/ds_zero3.json"]) == 2
+    assert "/no/such/flux" in capsys.readouterr().err
+
+
+# --- one GRPO epoch, ZeRO-3, 2 processes ----------------------------------------------------------------
+
+def tiny_run_args(path, out, name):
+    sets = [f"policy.pretrained={path}", "policy.dtype=fp32", "policy.resolution=64", f"policy.max_sequence_length={SEQ}",
+            'policy.lora={"r": 4, "alpha": 8.0}', "policy.offload_frozen=false",
+            'rewards=[{"name": "jpeg_compressibility"}]', "sampler.num_steps=4", "sampler.sde_window_size=2",
+            "sampler.sde_window_range=[0, 2]", "train.num_epochs=1", "train.prompts_per_epoch=2",
+            "train.images_per_prompt=4", "train.rollout_batch_size=4", "train.minibatch_size=2",
+            "train.gradient_accumulation_steps=2", "eval.every=0", "log.progress=false", "checkpoint.every=0",
+            f"output_dir={out}", f"name={name}", f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}"]
+    return [a for kv in sets for a in ("--set", kv)]
+
+
+def launch(config, path, out, name, port):
+    drop = {"MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "fastcps" / "train.py"),
+           "--config", str(ROOT / "configs" / config)] + tiny_run_args(path, out, name)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
+    """Both runs at once (each is mostly interpreter and DeepSpeed start-up)."""
+    from diffusers import DiffusionPipeline
+
+    runs = {"flux": launch("flux_pickscore.json", tiny["flux"], tmp_path, "flux", 29641),
+            "sd3": launch("sd35_ocr.json", tiny["sd3"], tmp_path, "sd3", 29653)}
+    logs = {k: p.communicate(timeout=400)[0] for k, p in runs.items()}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, f"{name}:\n" + logs[name][-4000:]
+    for name in runs:
+        run = tmp_path / name
+        last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+        assert last["train/ratio_dev"] == 0.0 and np.isfinite(last["train/loss"])
+        assert "reward/jpeg_compressibility/mean" in last
+        final = run / "checkpoints" / "final"
+        assert len(list(final.glob("*zero_pp_rank_1_*"))) >= 1  # rank 1 held its own ZeRO-3 partition
+        trained = load_file(str(final / "policy.safetensors"))
+        assert trained and all("lora_" in k for k in trained)
+        assert any(float(t.abs().max()) > 0 for k, t in trained.items() if "lora_B" in k)  # it moved
+        pipe = DiffusionPipeline.from_pretrained(tiny[name])
+        pipe.load_lora_weights(final)  # the saved adapter, in stock diffusers
+        plain = lambda k: re.sub(r"\.default(_\d+)?\.", ".", k)  # noqa: E731  (adapter names differ)
+        loaded = {plain(k): v for k, v in pipe.transformer.state_dict().items() if "lora_" in k}
+        assert len(loaded) == len(trained)
+        for k, t in trained.items():
+            torch.testing.assert_close(loaded[plain(k)], t)
+
+
+# --- configs and the plan (no weights) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["flux_pickscore", "flux_schnell_hpsv2", "sd35_ocr", "sd35_geneval"])
+def test_shipped_configs_load_and_name_their_prompts(name):
+    from fastcps.config import RunConfig
+    from fastcps.configlib import load_config, validate_tree
+    from fastcps.prompts import load_prompts
+
+    cfg = load_config(RunConfig, str(ROOT / "configs" / f"{name}.json"))
+    for world in (1, 2, 4, 8):
+        validate_tree(cfg, world_size=world)
+    prompts, meta = load_prompts(str(ROOT / cfg.prompts.source))
+    assert len(prompts) >= 8 and cfg.policy.lora is not None and cfg.policy.dtype == "bf16"
+    if name == "sd35_geneval":
+        assert all(m["tag"] and m["include"] for m in meta)
+    if name == "sd35_ocr":
+        assert all(p.count('"') == 2 for p in prompts)
+
+
+def test_plan_flux_dev_world_8():
+    import io
+
+    from fastcps.config import RunConfig
+    from fastcps.configlib import load_config
+    from fastcps.plan import plan
+
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "flux_pickscore.json"))
+    buf = io.StringIO()
+    out = plan(cfg, 8, out=buf)
+    assert out["params"] == 11_901_408_320  # FLUX.1-dev's transformer, counted on the meta device
+    assert out["per_rank"] == 48 and out["trained_steps"] == 3 and out["optimizer_steps"] == 2
+    assert out["backwards"] == 48 * 3 and out["memory_full"] > out["memory_lora"] + 15 * 2**30
+    text = buf.getvalue()
+    for key in ("batch arithmetic", "gradient accumulation", "memory per GPU under ZeRO-3", "LoRA", "full FT",
+                "forwards"):
+        assert key in text
