@@ -214,7 +214,15 @@ def plan(cfg: RunConfig, world: int, model_config: Path | None = None, out=sys.s
                 f"full FT loads a second frozen copy: +{gib(wbytes * n_params).strip()} (unpartitioned)")
     p(f"  reference policy (beta_kl = {t.beta_kl:g}): {ref_note if t.beta_kl > 0 else 'not used'}")
     emb = txt_tokens * mc["joint_attention_dim"] * wbytes
-    p(f"  cached prompt embeddings: {emb / 2**20:.1f} MiB per distinct prompt (kept for the run)")
+    seen = t.num_epochs * t.prompts_per_epoch
+    try:
+        from fastcps.prompts import load_prompts
+
+        seen = min(seen, len(load_prompts(cfg.prompts.source)[0]))
+    except (OSError, ValueError):
+        pass
+    p(f"  cached prompt embeddings: {emb / 2**20:.1f} MiB per distinct prompt, kept for the run on the policy's "
+      f"device (the trainer caches every prompt): up to {seen} prompts = {gib(seen * emb).strip()} per GPU")
     p(f"  full FT - LoRA difference: {gib(tot['full'] - tot['lora']).strip()} per GPU "
       f"({16 if wbytes == 2 else 20} bytes/parameter of optimizer state + gradients, partitioned over {world})")
     return {"params": n_params, "lora_params": n_lora, "per_rank": per_rank, "optimizer_steps": opt_steps,

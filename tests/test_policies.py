@@ -73,9 +73,21 @@ def test_flux_dev_matches_flux_pipeline(tiny):
 def test_flux_schnell_has_no_guidance(tiny):
     with pytest.raises(ValueError, match="policy.guidance"):
         build_policy(policy_cfg("flux", tiny["schnell"], guidance=3.5), "cpu")
-    policy = build_policy(policy_cfg("flux", tiny["schnell"]), "cpu")
-    assert policy.guidance is None
+    with pytest.warns(UserWarning, match="needs CUDA; using SDPA"):  # flash-attn is CUDA-only
+        policy = build_policy(policy_cfg("flux", tiny["schnell"], attention_backend="flash", offload_frozen=True), "cpu")
+    assert policy.guidance is None and policy.attention_backend == "sdpa" and not policy.lora
     torch.testing.assert_close(policy.sigmas(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))  # static shift 1
+    # full fine-tuning: every transformer weight trains; the reference is the base, loaded again
+    assert len(policy.trainable_parameters()) == len(list(policy.transformer.parameters()))
+    cond = policy.encode(["a cat"])
+    x, s = torch.randn(1, *policy.latent_shape()), torch.tensor([0.5])
+    with torch.no_grad():
+        base = policy.velocity(policy.transformer, x, s, cond)
+        for p in policy.transformer.parameters():
+            p.add_(0.01)
+        with policy.reference(policy.transformer) as ref:
+            assert ref is not policy.transformer and not any(q.requires_grad for q in ref.parameters())
+            torch.testing.assert_close(policy.velocity(ref, x, s, cond), base)
 
 
 def test_sd3_true_cfg_matches_sd3_pipeline(tiny):
