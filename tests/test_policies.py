@@ -173,26 +173,35 @@ def tiny_run_args(path, out, name):
     return [a for kv in sets for a in ("--set", kv)]
 
 
-def launch(config, path, out, name, port):
-    drop = {"MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(ROOT / "fastcps" / "train.py"),
-           "--config", str(ROOT / "configs" / config)] + tiny_run_args(path, out, name)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
-    """Both runs at once (each is mostly interpreter and DeepSpeed start-up)."""
+    """Two ranks (a process each, rendezvous through the environment as the launcher sets it up)
+    run a FLUX epoch, then an SD3 epoch: one interpreter and DeepSpeed start-up for both."""
     from diffusers import DiffusionPipeline
 
-    runs = {"flux": launch("flux_pickscore.json", tiny["flux"], tmp_path, "flux", 29641),
-            "sd3": launch("sd35_ocr.json", tiny["sd3"], tmp_path, "sd3", 29653)}
-    logs = {k: p.communicate(timeout=400)[0] for k, p in runs.items()}
-    for name, proc in runs.items():
-        assert proc.returncode == 0, f"{name}:\n" + logs[name][-4000:]
-    for name in runs:
+    args = (["--config", str(ROOT / "configs" / "flux_pickscore.json")] + tiny_run_args(tiny["flux"], tmp_path, "flux")
+            + ["--next", "--config", str(ROOT / "configs" / "sd35_ocr.json")]
+            + tiny_run_args(tiny["sd3"], tmp_path, "sd3"))
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in {"LOCAL_WORLD_SIZE"}}
+        env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "multi_run.py")] + args, cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 0, f"rank {rank}:\n" + logs[rank][-4000:]
+    for name in ("flux", "sd3"):
         run = tmp_path / name
         last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
         assert last["train/ratio_dev"] == 0.0 and np.isfinite(last["train/loss"])
