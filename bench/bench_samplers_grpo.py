@@ -22,6 +22,11 @@ and ``eval/digit`` (ODE samples of the fixed eval set: sampler-neutral), and tra
 ``docs/figures/samplers_grpo_ablations.png``, ``bench/results/samplers_grpo.csv`` (one row per run),
 ``bench/results/samplers_grpo/<run>.jsonl`` (each run's metrics; the run directory itself is deleted),
 and prints the tables. A run whose metrics file already exists is not run again (``--rerun`` forces).
+
+"Epochs to 90%": the first epoch at which the seed-mean curve reaches 90% of the best sampler's final
+value (own reward: its 3-epoch running mean). The own-sampler reward is not comparable across
+samplers (a noisy sampler's rollouts score lower before any training); the ODE eval is. The mean
+``train/clipfrac`` is reported to show how tight each run's trust region was in practice.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ DEFAULT_FORM = {"cps": "paper", "flow_sde": "gaussian", "dance_sde": "gaussian"}
 LABEL = {"cps": "CPS (η 0.8)", "flow_sde": "Flow-SDE (η 0.7)", "dance_sde": "Dance-SDE (η 0.3)"}
 COLUMNS = ["timestamp", "device", "threads", "torch", "fastcps", "commit", "study", "run", "sampler", "eta",
            "logprob", "clip_range", "seed", "epochs", "images_per_epoch", "num_steps", "final_reward_own",
-           "final_reward_own_last3", "final_eval_digit", "final_eval_diversity", "base_eval_digit", "wall_s"]
+           "final_reward_own_last3", "final_eval_digit", "final_eval_diversity", "base_eval_digit", "mean_clipfrac", "wall_s"]
 
 
 def run_spec(study: str, sampler: str, eta: float, form: str, seed: int, args) -> dict:
@@ -109,7 +114,7 @@ def run_one(spec: dict, args, run_root: Path, metrics_dir: Path) -> Path:
 
 def read_metrics(path: Path) -> dict:
     """{"reward": {epoch: v}, "eval": {epoch: v}, "div": {epoch: v}, "wall_s": s}."""
-    out = {"reward": {}, "eval": {}, "div": {}, "wall_s": float("nan")}
+    out = {"reward": {}, "eval": {}, "div": {}, "clipfrac": {}, "wall_s": float("nan")}
     for line in path.read_text().splitlines():
         m = json.loads(line)
         if "bench/wall_s" in m:
@@ -122,7 +127,13 @@ def read_metrics(path: Path) -> dict:
             out["eval"][e] = m["eval/digit"]
         if "eval/diversity" in m:
             out["div"][e] = m["eval/diversity"]
+        if "train/clipfrac" in m:
+            out["clipfrac"][e] = m["train/clipfrac"]
     return out
+
+
+def mean_clipfrac(r: dict) -> float:
+    return float(np.mean(list(r["clipfrac"].values()))) if r["clipfrac"] else float("nan")
 
 
 def curve(runs: list[dict], key: str) -> tuple[list[int], np.ndarray, np.ndarray]:
@@ -154,7 +165,8 @@ def summarize(specs: list[dict], metrics_dir: Path, args) -> dict:
         dv = [r["div"][max(r["div"])] for r in runs]
         table.append({"sampler": sampler, "seeds": len(runs), "own": (np.mean(own), np.std(own)),
                           "eval": (np.mean(ev), np.std(ev)), "div": (np.mean(dv), np.std(dv)),
-                          "base": np.mean([r["eval"][0] for r in runs]), "wall": np.mean([r["wall_s"] for r in runs])})
+                          "base": np.mean([r["eval"][0] for r in runs]), "wall": np.mean([r["wall_s"] for r in runs]),
+                      "clipfrac": np.mean([mean_clipfrac(r) for r in runs])})
     best_own = max(t["own"][0] for t in table)
     best_eval = max(t["eval"][0] for t in table)
     for t in table:
@@ -174,25 +186,25 @@ def fmt_pm(x) -> str:
 
 def print_tables(summary: dict, specs: list[dict]) -> str:
     lines = [("| sampler | seeds | own-sampler reward (last 3 epochs) | ODE eval/digit (final) | eval/diversity (final) | "
-             "epochs to 90% of best own | epochs to 90% of best eval | wall s/run |"),
-             "|---|---|---|---|---|---|---|---|"]
+             "epochs to 90% of best own | epochs to 90% of best eval | mean clipfrac | wall s/run |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for t in summary["table"]:
         lines.append(f"| {LABEL.get(t['sampler'], t['sampler'])} | {t['seeds']} | {fmt_pm(t['own'])} | {fmt_pm(t['eval'])} | "
                      f"{fmt_pm(t['div'])} | {t['to90_own'] if t['to90_own'] is not None else 'not reached'} | "
-                     f"{t['to90_eval'] if t['to90_eval'] is not None else 'not reached'} | {t['wall']:.0f} |")
+                     f"{t['to90_eval'] if t['to90_eval'] is not None else 'not reached'} | {t['clipfrac']:.3f} | {t['wall']:.0f} |")
     base = np.mean([r["eval"][0] for r in summary["data"].values()])
     lines.append(f"\nbase model eval/digit {base:.3f}; best own {summary['best_own']:.3f} (90%: "
                  f"{0.9 * summary['best_own']:.3f}); best eval {summary['best_eval']:.3f} (90%: "
                  f"{0.9 * summary['best_eval']:.3f}). ± is the std over seeds.")
     abl = [s for s in specs if s["study"] != "main" or (s["seed"] == specs[0]["seed"] and s["sampler"] in ("cps", "flow_sde"))]
     if any(s["study"] != "main" for s in specs):
-        lines += ["", "| study | sampler | η | log-prob | clip | seed | own reward (last 3) | ODE eval/digit | eval/diversity |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| study | sampler | η | log-prob | clip | seed | own reward (last 3) | ODE eval/digit | eval/diversity "
+                  "| mean clipfrac |", "|---|---|---|---|---|---|---|---|---|---|"]
         for s in sorted(abl, key=lambda s: (s["sampler"], s["logprob"], s["eta"])):
             r = summary["data"][s["run"]]
             lines.append(f"| {s['study']} | {s['sampler']} | {s['eta']:g} | {s['logprob']} | {s['clip_range']:g} | "
                          f"{s['seed']} | {final_own(r):.3f} | {r['eval'][max(r['eval'])]:.3f} | "
-                         f"{r['div'][max(r['div'])]:.3f} |")
+                         f"{r['div'][max(r['div'])]:.3f} | {mean_clipfrac(r):.3f} |")
     text = "\n".join(lines)
     print(text)
     return text
@@ -329,7 +341,8 @@ def main(argv=None) -> dict:
                      "final_reward_own_last3": f"{final_own(r):.4f}",
                      "final_eval_digit": f"{r['eval'][max(r['eval'])]:.4f}",
                      "final_eval_diversity": f"{r['div'][max(r['div'])]:.4f}",
-                     "base_eval_digit": f"{r['eval'][0]:.4f}", "wall_s": f"{r['wall_s']:.1f}"})
+                     "base_eval_digit": f"{r['eval'][0]:.4f}", "mean_clipfrac": f"{mean_clipfrac(r):.4f}",
+                     "wall_s": f"{r['wall_s']:.1f}"})
     if rows:
         append_csv(args.csv, rows, COLUMNS)
     text = print_tables(summary, specs)
