@@ -46,7 +46,7 @@ class PolicyConfig:
     offload_frozen: bool = False
     """Move text encoders to CPU once prompt embeddings are cached."""
     max_sequence_length: int = 512
-    """T5 tokens per prompt (flux: 512 as flow_grpo, schnell's pipeline uses 256; sd3: 256)."""
+    """T5 tokens per prompt (flow_grpo: 512 for FLUX, 128 for SD3.5; the pipelines' defaults are 512 / 256)."""
     gradient_checkpointing: bool = False
     """Recompute the transformer's activations in backward (diffusers' gradient checkpointing)."""
 

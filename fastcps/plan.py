@@ -78,7 +78,6 @@ def gib(x: float) -> str:
 
 
 def plan(cfg: RunConfig, world: int, model_config: Path | None = None, out=sys.stdout) -> dict:
-    from fastcps.policies.base import Policy
     from fastcps.rollout import plan_steps
     from fastcps.schedule import flow_sigmas
 
@@ -166,7 +165,11 @@ def plan(cfg: RunConfig, world: int, model_config: Path | None = None, out=sys.s
     largest = max(sum(q.numel() for q in blk.parameters()) for name, blk in model.named_modules()
                   if name.count(".") == 1 and name.split(".")[0].endswith("blocks"))
     live = max(largest, min(n_params, 10**9))
-    targets = list(pol.lora.target_modules) if pol.lora and pol.lora.target_modules else list(Policy.default_lora_targets)
+    if pol.name == "sd3":
+        from fastcps.policies.sd3 import SD3Policy as cls
+    else:
+        from fastcps.policies.flux import FluxPolicy as cls
+    targets = list(pol.lora.target_modules) if pol.lora and pol.lora.target_modules else list(cls.default_lora_targets)
     r = pol.lora.r if pol.lora else 64
     n_lora, n_layers = lora_params(model, targets, r)
     wbytes = 2 if pol.dtype in ("bf16", "fp16") else 4
