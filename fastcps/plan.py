@@ -28,7 +28,9 @@ from pathlib import Path
 from fastcps.config import RunConfig
 from fastcps.configlib import ConfigError, load_config, validate_tree
 
-MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"
+MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"  # in the repo checkout
+if not MODELS.is_dir():  # an installed package: the configs/ folder of the working directory
+    MODELS = Path("configs") / "models"
 GIB = 2**30
 # Frozen components, for reference (published sizes, not built here): parameters in billions.
 FROZEN = {

@@ -253,6 +253,10 @@ def test_plan_flux_dev_world_8():
     assert out["per_rank"] == 48 and out["trained_steps"] == 3 and out["optimizer_steps"] == 2
     assert out["backwards"] == 48 * 3 and out["memory_full"] > out["memory_lora"] + 15 * 2**30
     text = buf.getvalue()
+    from fastcps.plan import main
+
+    assert main(["--config", str(ROOT / "configs" / "flux_pickscore.json"), "--world-size", "8"]) == 0
+    assert main(["--config", str(ROOT / "configs" / "flux_pickscore.json"), "--world-size", "7"]) == 2
     for key in ("batch arithmetic", "gradient accumulation", "memory per GPU under ZeRO-3", "LoRA", "full FT",
                 "forwards"):
         assert key in text
