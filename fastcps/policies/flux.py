@@ -135,11 +135,18 @@ class DiffusersPolicy(Policy):
         m = load_component(cls, self.path, subfolder, torch_dtype=self.dtype)
         return m.to("cpu" if self.cfg.offload_frozen else self.device).eval().requires_grad_(False)
 
+    #: images per VAE decode call: bounds the decoder's full-resolution activations (128 channels at
+    #: 512x512 is 64 MiB per tensor per image in bf16, several alive at once)
+    decode_chunk = 4
+
     @torch.no_grad()
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
         z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
-        img = self.vae.decode(z.to(self.device, self.vae.dtype), return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0.0, 1.0)
+        out = []
+        for part in z.split(self.decode_chunk):
+            img = self.vae.decode(part.to(self.device, self.vae.dtype), return_dict=False)[0]
+            out.append((img.float() / 2 + 0.5).clamp(0.0, 1.0))
+        return torch.cat(out)
 
     @contextlib.contextmanager
     def reference(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
