@@ -168,13 +168,16 @@ class Trainer:
         return ds
 
     def _cond(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Encodings, computed once per prompt and cached."""
+        """Encodings, computed once per prompt and cached in host memory: FLUX's T5 states are 4 MiB
+        a prompt, so a whole prompt set would not fit beside the model; a batch moves over per call."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
         if todo:
             enc = self.policy.encode(todo)
             for i, p in enumerate(todo):
-                self._cond_cache[p] = {k: v[i:i + 1] for k, v in enc.items()}
-        return {k: torch.cat([self._cond_cache[p][k] for p in prompts]) for k in self._cond_cache[prompts[0]]}
+                self._cond_cache[p] = {k: v[i:i + 1].detach().to("cpu").clone() for k, v in enc.items()}
+        keys = self._cond_cache[prompts[0]]
+        return {k: torch.cat([self._cond_cache[p][k] for p in prompts]).to(self.device, non_blocking=True)
+                for k in keys}
 
     def _initial_noise(self, seed_parts: tuple, indices: list[int]) -> torch.Tensor:
         """x1 for global sample indices, each from its own seeded generator: the batch split and the
