@@ -162,10 +162,10 @@ def test_missing_weights_path_is_named(tiny, tmp_path, capsys):
 
 # --- one GRPO epoch, ZeRO-3, 2 processes ----------------------------------------------------------------
 
-def tiny_run_args(path, out, name):
+def tiny_run_args(path, out, name, rewards):
     sets = [f"policy.pretrained={path}", "policy.dtype=fp32", "policy.resolution=64", f"policy.max_sequence_length={SEQ}",
             'policy.lora={"r": 4, "alpha": 8.0}', "policy.offload_frozen=false",
-            'rewards=[{"name": "jpeg_compressibility"}]', "sampler.num_steps=4", "sampler.sde_window_size=2",
+            f"rewards={json.dumps(rewards)}", "sampler.num_steps=4", "sampler.sde_window_size=2",
             "sampler.sde_window_range=[0, 2]", "train.num_epochs=1", "train.prompts_per_epoch=2",
             "train.images_per_prompt=4", "train.rollout_batch_size=4", "train.minibatch_size=2",
             "train.gradient_accumulation_steps=2", "eval.every=0", "log.progress=false", "checkpoint.every=0",
@@ -187,9 +187,18 @@ def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
     run a FLUX epoch, then an SD3 epoch: one interpreter and DeepSpeed start-up for both."""
     from diffusers import DiffusionPipeline
 
-    args = (["--config", str(ROOT / "configs" / "flux_pickscore.json")] + tiny_run_args(tiny["flux"], tmp_path, "flux")
+    from tiny_rewards import _tiny_hf_clip, tiny_hps_checkpoint
+
+    clip = tmp_path / "tiny_pickscore"
+    _tiny_hf_clip(clip)
+    hps_ckpt, hps_cfg = tiny_hps_checkpoint(tmp_path)
+    pickscore = [{"name": "pickscore", "args": {"model": str(clip / "model"), "processor": str(clip / "processor"),
+                                                "max_length": 16}}]
+    hpsv2 = [{"name": "hpsv2", "args": {"checkpoint": str(hps_ckpt), "model_config": str(hps_cfg)}}]
+    args = (["--config", str(ROOT / "configs" / "flux_pickscore.json")]
+            + tiny_run_args(tiny["flux"], tmp_path, "flux", pickscore)
             + ["--next", "--config", str(ROOT / "configs" / "sd35_ocr.json")]
-            + tiny_run_args(tiny["sd3"], tmp_path, "sd3"))
+            + tiny_run_args(tiny["sd3"], tmp_path, "sd3", hpsv2))
     port = free_port()
     procs = []
     for rank in range(2):
@@ -205,7 +214,7 @@ def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
         run = tmp_path / name
         last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
         assert last["train/ratio_dev"] == 0.0 and np.isfinite(last["train/loss"])
-        assert "reward/jpeg_compressibility/mean" in last
+        assert f"reward/{'pickscore' if name == 'flux' else 'hpsv2'}/mean" in last
         final = run / "checkpoints" / "final"
         assert len(list(final.glob("*zero_pp_rank_1_*"))) >= 1  # rank 1 held its own ZeRO-3 partition
         trained = load_file(str(final / "policy.safetensors"))
