@@ -61,6 +61,21 @@ class Policy(abc.ABC):
         self.transformer.add_adapter(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=present))
         self.lora = True
 
+    @staticmethod
+    def batch_inputs(latents: torch.Tensor, sigma, cond: Cond) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(σ, per-token text states, pooled text vector), each broadcast to the latents' batch:
+        a float or one σ serves every sample, one prompt's conditioning serves every sample."""
+        b = latents.shape[0]
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(b)
+        hidden, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
+        if hidden.shape[0] == 1 and b > 1:
+            hidden, pooled = hidden.expand(b, -1, -1), pooled.expand(b, -1)
+        if hidden.shape[0] != b or sigma.shape[0] != b:
+            raise ValueError(f"batch mismatch: latents {b}, sigma {sigma.shape[0]}, cond {hidden.shape[0]}")
+        return sigma, hidden, pooled
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 

@@ -91,14 +91,7 @@ class SD3Policy(DiffusersPolicy):
         if tuple(latents.shape[1:]) != self.shape:
             raise ValueError(f"SD3 latents must be [B, {', '.join(map(str, self.shape))}] at {self.resolution} px, "
                              f"got {tuple(latents.shape)}")
-        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(b)
-        hidden, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
-        if hidden.shape[0] == 1 and b > 1:
-            hidden, pooled = hidden.expand(b, -1, -1), pooled.expand(b, -1)
-        if hidden.shape[0] != b or sigma.shape[0] != b:
-            raise ValueError(f"batch mismatch: latents {b}, sigma {sigma.shape[0]}, cond {hidden.shape[0]}")
+        sigma, hidden, pooled = self.batch_inputs(latents, sigma, cond)
         dev, dtype = latents.device, self.dtype
         x = latents.to(dtype)
         if self.cfg_scale is not None:  # one forward of 2B: [negative; prompt]

@@ -188,20 +188,11 @@ class ToyDigitsPolicy(Policy):
     def velocity(
         self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond
     ) -> torch.Tensor:
-        b = latents.shape[0]
         if latents.shape[1:] != self.latent_shape():
             raise ValueError(
                 f"latents must be [B, {NUM_TOKENS}, {TOKEN_CHANNELS}], got {tuple(latents.shape)}"
             )
-        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(b)
-        hidden = cond["encoder_hidden_states"]
-        pooled = cond["pooled_projections"]
-        if hidden.shape[0] == 1 and b > 1:
-            hidden, pooled = hidden.expand(b, -1, -1), pooled.expand(b, -1)
-        if hidden.shape[0] != b or sigma.shape[0] != b:
-            raise ValueError(f"batch mismatch: latents {b}, sigma {sigma.shape[0]}, cond {hidden.shape[0]}")
+        sigma, hidden, pooled = self.batch_inputs(latents, sigma, cond)
         dtype = self.dtype
         out = model(
             hidden_states=latents.to(dtype),
