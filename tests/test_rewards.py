@@ -14,12 +14,7 @@ from fastcps.rewards import REGISTRY, WeightedReward, build_reward
 from tiny_rewards import TINY_OPEN_CLIP, WORDS, _tiny_hf_clip, tiny_hps_checkpoint  # noqa: F401
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_names():

@@ -20,14 +20,7 @@ from fastcps.toy.digits import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two OpenMP threads wait on each other when another process holds a
-    # core: a 64×384 linear took 25 ms with 2 threads vs 1.7 ms with 1. One thread keeps this file fast.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,15 @@ def hub_load_error(reward: str, key: str, value, err: Exception) -> OSError:
     )
 
 
+def from_pretrained(reward: str, key: str, cls, value):
+    """``cls.from_pretrained(value)`` (offline when HF_HUB_OFFLINE=1); a failure names the reward and
+    the config key that gave ``value``."""
+    try:
+        return cls.from_pretrained(value, **hub_kwargs())
+    except OSError as err:
+        raise hub_load_error(reward, key, value, err) from err
+
+
 def resolve_device(device, images: torch.Tensor) -> torch.device:
     return torch.device(device) if device is not None else images.device
 

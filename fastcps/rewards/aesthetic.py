@@ -15,8 +15,7 @@ from torch import nn
 from fastcps.rewards._util import (
     batches,
     check_inputs,
-    hub_kwargs,
-    hub_load_error,
+    from_pretrained,
     resolve_device,
     resolve_dtype,
     resolve_weights,
@@ -89,14 +88,8 @@ class AestheticReward:
             else:
                 sd = torch.load(head_path, map_location="cpu", weights_only=True)
             head = AestheticHead.from_state_dict(sd)
-            try:
-                self._processor = CLIPImageProcessor.from_pretrained(proc, **hub_kwargs())
-            except OSError as err:
-                raise hub_load_error(self.name, "processor", proc, err) from err
-            try:
-                clip = CLIPModel.from_pretrained(mdl, **hub_kwargs())
-            except OSError as err:
-                raise hub_load_error(self.name, "model", mdl, err) from err
+            self._processor = from_pretrained(self.name, "processor", CLIPImageProcessor, proc)
+            clip = from_pretrained(self.name, "model", CLIPModel, mdl)
             dt = resolve_dtype(self.name, self.dtype, device)
             self._clip = clip.to(device=device, dtype=dt).eval().requires_grad_(False)
             self._head = head.to(device=device).eval().requires_grad_(False)

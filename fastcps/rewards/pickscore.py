@@ -15,8 +15,7 @@ import torch
 from fastcps.rewards._util import (
     batches,
     check_inputs,
-    hub_kwargs,
-    hub_load_error,
+    from_pretrained,
     resolve_device,
     resolve_dtype,
     resolve_weights,
@@ -77,14 +76,8 @@ class PickScoreReward:
 
             proc, _ = resolve_weights(self.name, "processor", self.processor_id)
             mdl, _ = resolve_weights(self.name, "model", self.model_id)
-            try:
-                self._processor = CLIPProcessor.from_pretrained(proc, **hub_kwargs())
-            except OSError as err:
-                raise hub_load_error(self.name, "processor", proc, err) from err
-            try:
-                model = CLIPModel.from_pretrained(mdl, **hub_kwargs())
-            except OSError as err:
-                raise hub_load_error(self.name, "model", mdl, err) from err
+            self._processor = from_pretrained(self.name, "processor", CLIPProcessor, proc)
+            model = from_pretrained(self.name, "model", CLIPModel, mdl)
             dt = resolve_dtype(self.name, self.dtype, device)
             self._model = model.to(device=device, dtype=dt).eval().requires_grad_(False)
         elif next(self._model.parameters()).device != device:
