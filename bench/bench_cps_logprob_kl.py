@@ -127,21 +127,11 @@ def main(argv=None) -> list[dict]:
     directions = args.directions.split(",")
     if set(directions) - {"fwd", "fwd+bwd"}:
         raise SystemExit(f"--directions: choose from fwd,fwd+bwd, got {args.directions}")
-    rows = []
-    if not args.ptx_only:
-        for dtype in dtypes:
-            for shape in shapes:
-                common.fresh_compile_cache(device)
-                for direction in directions:
-                    rows += bench_one(device, shape, dtype, direction, impls, args)
-        print(f"\n{OP} on {common.device_name(device)}, threads={torch.get_num_threads()}, "
-              f"timer={args.timer}, commit {common.git_commit()} -> {args.csv}")
-        common.print_table(rows, common.TABLE_COLS)
-        common.append_csv(args.csv, rows)
-    if args.ptx or args.ptx_only:
-        print(f"\nsm_90 compile report ({OP} kernels) -> {args.ptx_csv}")
-        rows += common.run_ptx(("logprob_kl",), args.ptx_csv)
-    return rows
+
+    def cells(shape, dtype):
+        return [row for direction in directions for row in bench_one(device, shape, dtype, direction, impls, args)]
+
+    return common.run_and_report(OP, args, device, shapes, dtypes, cells, ("logprob_kl",))
 
 
 if __name__ == "__main__":

@@ -91,20 +91,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--mean", action="store_true", help="fused also writes μ (return_mean=True)")
     args = p.parse_args(argv)
     device, shapes, dtypes, impls = common.setup(args)
-    rows = []
-    if not args.ptx_only:
-        for dtype in dtypes:
-            for shape in shapes:
-                common.fresh_compile_cache(device)
-                rows += bench_one(device, shape, dtype, impls, args)
-        print(f"\n{OP} on {common.device_name(device)}, threads={torch.get_num_threads()}, "
-              f"timer={args.timer}, commit {common.git_commit()} -> {args.csv}")
-        common.print_table(rows, common.TABLE_COLS)
-        common.append_csv(args.csv, rows)
-    if args.ptx or args.ptx_only:
-        print(f"\nsm_90 compile report ({OP} kernels) -> {args.ptx_csv}")
-        rows += common.run_ptx(("cps_step",), args.ptx_csv)
-    return rows
+    return common.run_and_report(OP, args, device, shapes, dtypes,
+                                 lambda shape, dtype: bench_one(device, shape, dtype, impls, args), ("cps_step",))
 
 
 if __name__ == "__main__":

@@ -301,6 +301,26 @@ def run_ptx(prefixes: tuple[str, ...], csv_path: Path | str) -> list[dict]:
     return out
 
 
+def run_and_report(op: str, args, device: torch.device, shapes, dtypes, bench_cells, ptx_prefixes) -> list[dict]:
+    """The shared body of an op benchmark's main(): time every (dtype, shape) cell unless
+    ``--ptx-only`` (``bench_cells(shape, dtype)`` returns its rows; a fresh compile cache per shape),
+    print and append the table, then the sm_90 report with ``--ptx``/``--ptx-only``."""
+    rows = []
+    if not args.ptx_only:
+        for dtype in dtypes:
+            for shape in shapes:
+                fresh_compile_cache(device)
+                rows += bench_cells(shape, dtype)
+        print(f"\n{op} on {device_name(device)}, threads={torch.get_num_threads()}, "
+              f"timer={args.timer}, commit {git_commit()} -> {args.csv}")
+        print_table(rows, TABLE_COLS)
+        append_csv(args.csv, rows)
+    if args.ptx or args.ptx_only:
+        print(f"\nsm_90 compile report ({op} kernels) -> {args.ptx_csv}")
+        rows += run_ptx(ptx_prefixes, args.ptx_csv)
+    return rows
+
+
 # ---------------------------------------------------------------- command line
 
 
