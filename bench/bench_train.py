@@ -39,7 +39,7 @@ class OpRecorder:
 
     def __init__(self, impl: str):
         import fastcps.rollout as rollout_mod
-        import fastcps.trainer as trainer_mod
+        import fastcps.update as update_mod
         from fastcps.ops.cps_logprob_kl import LogprobKL, cps_logprob_kl, cps_logprob_kl_ref
         from fastcps.ops.cps_step import StepResult, cps_step, cps_step_ref
 
@@ -65,15 +65,15 @@ class OpRecorder:
                 return cps_logprob_kl(x, v, prev, c, v_ref)
             return LogprobKL(*cps_logprob_kl_ref(x, v, prev, c.alpha, c.beta, c.lp_w, c.lp_c, c.kl_w, v_ref=v_ref))
 
-        self.originals = (rollout_mod.cps_step, trainer_mod.cps_logprob_kl)
+        self.originals = (rollout_mod.cps_step, update_mod.cps_logprob_kl)
         rollout_mod.cps_step = step
-        trainer_mod.cps_logprob_kl = logprob_kl
+        update_mod.cps_logprob_kl = logprob_kl
 
     def restore(self):
         import fastcps.rollout as rollout_mod
-        import fastcps.trainer as trainer_mod
+        import fastcps.update as update_mod
 
-        rollout_mod.cps_step, trainer_mod.cps_logprob_kl = self.originals
+        rollout_mod.cps_step, update_mod.cps_logprob_kl = self.originals
 
     def isolated_seconds(self, repeats: int = 5) -> float:
         """Time every recorded call again, alone, with the implementation the epochs used."""

@@ -50,13 +50,14 @@ def comm_device() -> torch.device:
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-sized tensors from every rank, in rank order."""
+    """Concatenate equal-sized tensors from every rank, in rank order, on ``t``'s device (the
+    collective itself runs on the backend's device: CUDA for nccl, CPU for gloo)."""
     if world() == 1:
         return t.clone()
-    t = t.contiguous().to(comm_device())
-    out = [torch.empty_like(t) for _ in range(world())]
-    dist.all_gather(out, t)
-    return torch.cat(out).cpu()
+    buf = t.contiguous().to(comm_device())
+    out = [torch.empty_like(buf) for _ in range(world())]
+    dist.all_gather(out, buf)
+    return torch.cat(out).to(t.device)
 
 
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -67,8 +68,13 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return buf.to(t.device)
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any rank (so all ranks take the same branch)."""
-    if world() == 1:
-        return bool(flag)
-    return bool(all_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX)[0] > 0)
+def any_rank(flag: bool | torch.Tensor) -> bool:
+    """True on every rank when ``flag`` is True on any rank (so all ranks take the same branch).
+    A tensor flag is reduced where it lives and read once: one host synchronisation."""
+    if isinstance(flag, torch.Tensor):
+        flag = flag.reshape(1).to(torch.float32)
+    else:
+        flag = torch.tensor([float(flag)])
+    if world() > 1:
+        flag = all_reduce(flag, dist.ReduceOp.MAX)
+    return bool(flag[0] > 0)

@@ -18,7 +18,7 @@ class AdvantageOutput(NamedTuple):
     advantages: Tensor  # [N], rewards' float dtype (float32 for integer rewards)
     zero_std_mask: Tensor  # [N] bool: the sample's group has (numerically) identical rewards
     zero_std_frac: Tensor  # 0-dim float: fraction of GROUPS (not samples) with zero std
-    group_mean: Tensor  # [G] float64, groups in sorted order of their id (torch.unique order)
+    group_mean: Tensor  # [G] float64, groups in sorted order of their id (NaN for an absent id < num_groups)
     group_std: Tensor  # [G] float64, population std of each group (whatever `std` mode was used)
 
 
@@ -39,6 +39,7 @@ def compute_advantages(
     eps: float = 1e-4,
     clip: float | None = 5.0,
     zero_std_threshold: float = 1e-6,
+    num_groups: int | None = None,
 ) -> AdvantageOutput:
     """Group-relative advantages ``A = (r - mean_group) / (std + eps)``, clipped to ``±clip``.
 
@@ -55,7 +56,13 @@ def compute_advantages(
     - Statistics are computed in float64: rewards such as PickScore sit near 22, where one float32 ulp
       is 1.9e-6 — above the 1e-6 threshold — so identical rewards could look like a non-zero std.
 
-    Vectorized with ``torch.unique(return_inverse=True)`` and ``index_add_``: no Python loop.
+    - ``num_groups``: when the ids are known to be ``0 .. num_groups − 1`` (the trainer's prompt
+      slots), they index the groups directly: no ``torch.unique``, whose output size depends on the
+      values (a host synchronisation on a GPU, impossible on fake tensors). Groups with no sample
+      are ignored.
+
+    Vectorized with ``index_add_``: no Python loop. Values are checked on the host when they are
+    there (CPU tensors: a ValueError naming the fix), else by a device-side assert (no host sync).
     """
     if std not in ("prompt", "global"):
         raise ValueError(f"compute_advantages: std must be 'prompt' or 'global', got {std!r}")
@@ -73,17 +80,30 @@ def compute_advantages(
         raise ValueError(
             f"compute_advantages: group_ids on {group_ids.device} but rewards on {rewards.device}; move both to one device"
         )
-    if not bool(torch.isfinite(rewards).all()):
-        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()[:8]
-        raise ValueError(
-            f"compute_advantages: non-finite rewards at indices {bad}; fix the reward function "
-            "(nothing is silently replaced)"
-        )
+    finite = torch.isfinite(rewards).all()
+    if _on_host(rewards):
+        if not bool(finite):
+            bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()[:8]
+            raise ValueError(
+                f"compute_advantages: non-finite rewards at indices {bad}; fix the reward function "
+                "(nothing is silently replaced)"
+            )
+    else:
+        torch._assert_async(finite, "compute_advantages: non-finite rewards; fix the reward function")
 
     out_dtype = rewards.dtype if rewards.dtype.is_floating_point else torch.float32
     r = rewards.detach().to(torch.float64)
-    groups, inv = torch.unique(group_ids, return_inverse=True)
-    num_groups = groups.numel()
+    if num_groups is None:
+        groups, inv = torch.unique(group_ids, return_inverse=True)
+        num_groups = groups.numel()
+    else:
+        inv = group_ids.long()
+        in_range = ((inv >= 0) & (inv < num_groups)).all()
+        if _on_host(inv):
+            if not bool(in_range):
+                raise ValueError(f"compute_advantages: group_ids must lie in [0, num_groups={num_groups})")
+        else:
+            torch._assert_async(in_range, "compute_advantages: group_ids must lie in [0, num_groups)")
 
     counts = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(
         0, inv, torch.ones_like(r)
@@ -101,17 +121,26 @@ def compute_advantages(
     if clip is not None:
         adv = adv.clamp(-clip, clip)
 
-    zero_group = group_std < zero_std_threshold
+    present = counts > 0
+    zero_group = present & (group_std < zero_std_threshold)
     zero_std_mask = zero_group[inv]
     adv = torch.where(zero_std_mask, torch.zeros_like(adv), adv)
 
     return AdvantageOutput(
         advantages=adv.to(out_dtype),
         zero_std_mask=zero_std_mask,
-        zero_std_frac=zero_group.to(torch.float32).mean(),
+        zero_std_frac=zero_group.to(torch.float32).sum() / present.to(torch.float32).sum(),
         group_mean=group_mean,
         group_std=group_std,
     )
+
+
+def _on_host(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read without a device synchronisation: a real CPU tensor, not
+    one being traced by torch.compile or a fake tensor standing in for a device one."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "cpu" and not is_fake(t) and not torch.compiler.is_compiling()
 
 
 def grpo_loss(

@@ -3,15 +3,23 @@
 Which steps are stochastic and which are trained is decided once per epoch (``plan_steps``): every
 step, or a MixGRPO-style window with the ODE outside it; of the stochastic steps that inject noise
 (s > 0: CPS's last step does not), the first ``timestep_fraction`` are trained and stored in fp32.
+
+Devices. The plan's coefficients are computed and validated on the CPU from the CPU schedule (Python
+values, no GPU involved) and moved to the model's device once per epoch (``StepPlan.to``); prompt
+encodings live in host memory and an epoch's distinct prompts move to the device once
+(``PromptEncodings.for_prompts``). Inside a step nothing leaves the device and nothing waits for it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fastcps.ops.cps_step import cps_step
 from fastcps.samplers import StepCoeffs, step_coeffs
@@ -22,13 +30,31 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without stalling the GPU queue: a copy from pageable memory waits for the stream,
+    one from pinned memory does not."""
+    if device.type == "cuda" and t.device.type == "cpu" and torch.cuda.is_available():
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class StepPlan(NamedTuple):
     stochastic: list[bool]  # per step: the sampler's step (True) or the ODE step (False)
     trained: list[int]  # step indices stored and trained, in order
+    coeffs: list[StepCoeffs]  # per step, fp32 of shape (1,): on the CPU until ``to(device)``
+    sigmas: torch.Tensor  # (T + 1,) fp32 schedule: on the CPU until ``to(device)``
+
+    def to(self, device) -> "StepPlan":
+        """The same plan with its tensors on ``device``: one small copy per epoch."""
+        return self._replace(coeffs=[StepCoeffs(*(to_device(t, device) for t in c)) for c in self.coeffs],
+                             sigmas=to_device(self.sigmas, device))
 
 
 def plan_steps(sampler: str, eta, sigmas: torch.Tensor, *, timestep_fraction: float = 1.0,
                window_size: int | None = None, window_start: int = 0, logprob=None) -> StepPlan:
+    """The epoch's steps and their coefficients, computed and validated on the CPU from the schedule's
+    values (a device schedule is copied once); ``.to(device)`` moves the result."""
+    sigmas = sigmas.detach().to("cpu", torch.float32)
     n = len(sigmas) - 1
     if window_size is None:
         stochastic = [True] * n
@@ -36,21 +62,15 @@ def plan_steps(sampler: str, eta, sigmas: torch.Tensor, *, timestep_fraction: fl
         if not 0 <= window_start <= n - window_size:
             raise ValueError(f"sde window [{window_start}, {window_start + window_size}) does not fit {n} steps")
         stochastic = [window_start <= i < window_start + window_size for i in range(n)]
-    noisy = []
+    coeffs, noisy = [], []
     for i in range(n):
-        if stochastic[i]:
-            c = step_coeffs(sampler, sigmas[i], sigmas[i + 1], eta, sigma_max=sigmas[1], logprob=logprob)
-            if float(c.s[0]) > 0:  # a step without noise has no policy gradient: never trained
-                noisy.append(i)
+        name = sampler if stochastic[i] else "ode"
+        c = step_coeffs(name, sigmas[i], sigmas[i + 1], eta, sigma_max=sigmas[1], logprob=logprob)
+        coeffs.append(c)
+        if stochastic[i] and float(c.s[0]) > 0:  # a step without noise has no policy gradient: never trained
+            noisy.append(i)
     k = max(1, math.ceil(timestep_fraction * len(noisy))) if noisy else 0
-    return StepPlan(stochastic, noisy[:k])
-
-
-def coeffs_for_step(plan: StepPlan, i: int, sampler: str, eta, sigmas: torch.Tensor, batch: int,
-                    logprob=None) -> StepCoeffs:
-    name = sampler if plan.stochastic[i] else "ode"
-    return step_coeffs(name, sigmas[i], sigmas[i + 1], eta, batch_size=batch, sigma_max=sigmas[1],
-                       logprob=logprob, device=sigmas.device)
+    return StepPlan(stochastic, noisy[:k], coeffs, sigmas)
 
 
 class Trajectory(NamedTuple):
@@ -61,19 +81,19 @@ class Trajectory(NamedTuple):
 
 
 @torch.no_grad()
-def sample(policy, model, cond, x: torch.Tensor, sigmas: torch.Tensor, plan: StepPlan, *, sampler: str,
-           eta=None, logprob=None, step_seeds: list[int] | None = None, first_index: int = 0) -> Trajectory:
-    """Run all steps from x = x1. Noise of step i, sample b comes from Philox with
-    seed ``step_seeds[i]`` and counter ``(first_index + b)·N + n``: the same images whatever the
-    batch split or the number of processes."""
+def sample(policy, model, cond, x: torch.Tensor, plan: StepPlan, *, step_seeds: list[int] | None = None,
+           first_index: int = 0) -> Trajectory:
+    """Run all steps from x = x1 with ``plan``'s schedule and coefficients (on ``x``'s device). Noise of step i,
+    sample b comes from Philox with seed ``step_seeds[i]`` and counter ``(first_index + b)·N + n``:
+    the same images whatever the batch split or the number of processes."""
     b = x.shape[0]
     numel = x[0].numel()
     trained = set(plan.trained)
     xs, nexts, lps = [], [], []
     x = x.float()
-    for i in range(len(sigmas) - 1):
-        v = policy.velocity(model, x, sigmas[i].expand(b), cond)
-        c = coeffs_for_step(plan, i, sampler, eta, sigmas, b, logprob)
+    for i in range(len(plan.coeffs)):
+        v = policy.velocity(model, x, plan.sigmas[i].expand(b), cond)
+        c = plan.coeffs[i]
         if step_seeds is None:
             out = cps_step(x, v.float(), c, noise=torch.randn_like(x))
         else:
@@ -89,4 +109,131 @@ def sample(policy, model, cond, x: torch.Tensor, sigmas: torch.Tensor, plan: Ste
         torch.stack(xs, 1) if xs else empty,
         torch.stack(nexts, 1) if nexts else empty,
         torch.stack(lps, 1) if lps else x.new_zeros((b, 0)),
+    )
+
+
+class PromptEncodings:
+    """Encodings computed once per prompt and kept in host memory: FLUX's T5 states are 4 MiB a
+    prompt, so a whole prompt set would not fit beside the model. ``for_prompts`` moves the distinct
+    prompts of a list to the device in one copy and says which row each entry uses."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.host: dict[str, dict[str, torch.Tensor]] = {}
+
+    def for_prompts(self, prompts: list[str], device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        unique = list(dict.fromkeys(prompts))
+        todo = [p for p in unique if p not in self.host]
+        if todo:
+            enc = self.policy.encode(todo)
+            for i, p in enumerate(todo):
+                self.host[p] = {k: v[i:i + 1].detach().to("cpu").clone() for k, v in enc.items()}
+        row = {p: i for i, p in enumerate(unique)}
+        cond = {k: to_device(torch.cat([self.host[p][k] for p in unique]), device) for k in self.host[unique[0]]}
+        index = to_device(torch.tensor([row[p] for p in prompts], dtype=torch.long), device)
+        return cond, index
+
+
+def select(cond: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The conditioning rows of ``index`` (a device tensor or slice of one): a gather on the device."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+@dataclass
+class EpochData:
+    """One rank's rollout of one epoch: everything the update reads lives on the model's device,
+    except the rewards (validated on the CPU where they were computed; the advantages derived from
+    them move to the device once, see ``fastcps.update.epoch_advantages``)."""
+
+    prompts: list[str]  # this rank's samples' prompts
+    group: torch.Tensor  # (n,) int64, CPU: the prompt slot of each sample (its advantage group)
+    cond: dict[str, torch.Tensor]  # encodings of this rank's distinct prompts, device
+    cond_index: torch.Tensor  # (n,) int64, device: each sample's row of ``cond``
+    plan: StepPlan  # schedule and coefficients on the device
+    x_t: torch.Tensor  # (n, J, *latent) fp32, device
+    x_next: torch.Tensor  # (n, J, *latent) fp32, device
+    log_prob: torch.Tensor  # (n, J) fp32, device
+    reward: torch.Tensor  # (n,) fp32, CPU
+    components: dict[str, torch.Tensor]  # name -> (n,) fp32, CPU
+    preview: torch.Tensor | None  # the first rollout batch's images (device)
+    reward_time: float
+
+
+def epoch_slots(cfg, epoch: int, num_prompts: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(chosen prompt of each slot, this rank's slots, index of its first sample): K copies of each
+    chosen prompt, shuffled over all ranks, so a group may span ranks."""
+    t = cfg.train
+    rng = np.random.default_rng(derive_seed(cfg.seed, epoch, 1))
+    chosen = rng.choice(num_prompts, size=t.prompts_per_epoch, replace=t.prompts_per_epoch > num_prompts)
+    slots = np.repeat(np.arange(t.prompts_per_epoch), t.images_per_prompt)
+    slots = slots[rng.permutation(len(slots))]
+    per_rank = len(slots) // world
+    return chosen, slots[rank * per_rank:(rank + 1) * per_rank], rank * per_rank
+
+
+def window_start(cfg, epoch: int) -> int:
+    s = cfg.sampler
+    if s.sde_window_size is None:
+        return 0
+    lo, hi = s.sde_window_range or (0, s.num_steps - s.sde_window_size + 1)
+    return int(np.random.default_rng(derive_seed(cfg.seed, epoch, 11)).integers(lo, hi))
+
+
+def epoch_plan(cfg, epoch: int, policy) -> StepPlan:
+    """The epoch's plan on the CPU (host values: run it outside any fake-tensor mode)."""
+    s = cfg.sampler
+    return plan_steps(s.name, s.eta, policy.sigmas(s.num_steps, device="cpu"), timestep_fraction=s.timestep_fraction,
+                      window_size=s.sde_window_size, window_start=window_start(cfg, epoch), logprob=s.logprob)
+
+
+def initial_noise(policy, seed_parts: tuple, indices: list[int], device) -> torch.Tensor:
+    """x1 for global sample indices, each from its own seeded CPU generator: the batch split, the
+    number of processes and the device do not change a sample's noise."""
+    shape = policy.latent_shape()
+    out = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(*seed_parts, i))) for i in indices]
+    return to_device(torch.stack(out), device)
+
+
+def rollout_epoch(cfg, epoch: int, plan: StepPlan, policy, model, reward_fn, encodings: PromptEncodings,
+                  prompt_pool: tuple[list[str], list[dict]], *, device, rank: int = 0, world: int = 1,
+                  check_stop: Callable[[], None] = lambda: None, progress: bool = False) -> EpochData:
+    """Sample this rank's images of ``epoch`` with ``plan`` (``epoch_plan``, on the CPU), decode and
+    score them, keep the trained steps.
+
+    ``reward_fn(images, prompts, metadata)`` returns a ``RewardOutput`` of CPU fp32 tensors (checked
+    finite there). One host synchronisation per rollout batch: reading the rewards."""
+    t = cfg.train
+    pool, pool_meta = prompt_pool
+    chosen, mine, lo = epoch_slots(cfg, epoch, len(pool), rank, world)
+    prompts = [pool[chosen[g]] for g in mine]
+    meta = [pool_meta[chosen[g]] for g in mine]
+    cond, cond_index = encodings.for_prompts(prompts, device)
+
+    plan = plan.to(device)
+    step_seeds = [derive_seed(cfg.seed, epoch, 2, i) for i in range(len(plan.coeffs))]
+    xs, nexts, lps, rewards, comps = [], [], [], [], []
+    preview, t_reward = None, 0.0
+    bs = t.rollout_batch_size
+    for start in tqdm(range(0, len(mine), bs), desc=f"epoch {epoch} rollout", disable=not progress, leave=False):
+        batch = slice(start, start + bs)
+        idx = list(range(lo + start, lo + start + bs))
+        x1 = initial_noise(policy, (cfg.seed, epoch, 3), idx, device)
+        traj = sample(policy, model, select(cond, cond_index[batch]), x1, plan, step_seeds=step_seeds,
+                      first_index=idx[0])
+        t0 = time.perf_counter()
+        images = policy.decode(traj.final)
+        r = reward_fn(images, prompts[batch], meta[batch])
+        t_reward += time.perf_counter() - t0
+        preview = images if preview is None else preview
+        xs.append(traj.x_t)
+        nexts.append(traj.x_next)
+        lps.append(traj.log_prob)
+        rewards.append(r.total)
+        comps.append(r.components)
+        check_stop()
+    return EpochData(
+        prompts=prompts, group=torch.as_tensor(mine, dtype=torch.long), cond=cond, cond_index=cond_index,
+        plan=plan, x_t=torch.cat(xs), x_next=torch.cat(nexts), log_prob=torch.cat(lps),
+        reward=torch.cat(rewards), components={k: torch.cat([c[k] for c in comps]) for k in comps[0]},
+        preview=preview, reward_time=t_reward,
     )

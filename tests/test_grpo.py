@@ -86,6 +86,27 @@ def test_clipping():
     assert compute_advantages(-rewards, ids, clip=3.0).advantages[17].item() == -3.0
 
 
+@pytest.mark.parametrize("std", ["prompt", "global"])
+def test_known_group_count_equals_the_unique_path(std):
+    """The trainer passes num_groups (its prompt slots 0..G-1): no torch.unique, same numbers; a slot
+    with no sample is ignored, also in zero_std_frac."""
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(24, generator=g)
+    ids = torch.arange(6).repeat_interleave(4)[perm]  # groups spread over the batch, as over ranks
+    rewards = torch.randn(24, generator=g)
+    rewards[ids >= 4] = 0.5  # groups 4 and 5: identical rewards
+    a = compute_advantages(rewards, ids, std=std)
+    b = compute_advantages(rewards, ids, std=std, num_groups=6)
+    torch.testing.assert_close(b.advantages, a.advantages, rtol=0, atol=0)
+    torch.testing.assert_close(b.group_std, a.group_std, rtol=0, atol=0)
+    assert float(a.zero_std_frac) == float(b.zero_std_frac) == pytest.approx(2 / 6)
+    c = compute_advantages(rewards, ids + 1, std=std, num_groups=8)  # slots 0 and 7 are empty
+    torch.testing.assert_close(c.advantages, a.advantages, rtol=0, atol=0)
+    assert float(c.zero_std_frac) == float(a.zero_std_frac)
+    with pytest.raises(ValueError, match="num_groups=6"):
+        compute_advantages(rewards, ids + 1, num_groups=6)
+
+
 def test_advantage_input_errors():
     with pytest.raises(ValueError, match="non-finite rewards at indices \\[1\\]"):
         compute_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))

@@ -115,7 +115,7 @@ def test_lora_export_loads_in_stock_diffusers(tiny, tmp_path, name):
     trained policy's velocity exactly (alpha/r = 2 travels in the file's metadata)."""
     from diffusers import DiffusionPipeline
 
-    from fastcps.trainer import save_diffusers_lora
+    from fastcps.checkpoint import save_diffusers_lora
 
     policy = build_policy(policy_cfg(name, tiny[name], lora=LoraConfig(r=4, alpha=8.0)), "cpu")
     cond = policy.encode(["a dog"])

@@ -197,16 +197,16 @@ def test_a_reward_that_raises_stops_the_run_and_names_it(tmp_path, capsys):
 
 
 def test_non_finite_loss_skips_steps_then_stops(tmp_path, monkeypatch, capsys):
-    import fastcps.trainer as trainer_mod
+    import fastcps.update as update_mod
     from fastcps.ops.cps_logprob_kl import LogprobKL
 
-    real = trainer_mod.cps_logprob_kl
+    real = update_mod.cps_logprob_kl
 
     def nan_logprob(*args, **kwargs):
         out = real(*args, **kwargs)
         return LogprobKL(out.log_prob * float("nan"), out.kl)
 
-    monkeypatch.setattr(trainer_mod, "cps_logprob_kl", nan_logprob)
+    monkeypatch.setattr(update_mod, "cps_logprob_kl", nan_logprob)
     rc = main(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "name=nan", "train.num_epochs=3",
                                                   "eval.every=0", "train.max_nonfinite_steps=2",
                                                   "train.old_logprob=rollout"]))

@@ -1,0 +1,269 @@
+"""Virtual CUDA: the trainer's tensor paths with every model tensor on a fake CUDA device.
+
+The class of bug this file exists for: a tensor on the wrong device, or a host synchronisation, in the
+code that only a GPU run would exercise. The CPU suite cannot see either: on a CPU every tensor is on
+the same device and reading a value costs nothing. The first of them was real: on main at 1fd2617 the
+rewards were moved to the CPU, ``distributed.all_gather_cat`` returned CPU tensors, and the advantages
+met CUDA log-probs in ``grpo_loss`` (``-adv * ratio``): the first update on a GPU would have raised.
+Run against that code, ``test_rollout_and_micro_step_on_fake_cuda`` fails the same way
+(``FakeTensorDeviceMismatchError`` in ``grpo_loss``); it passes now because ``epoch_advantages`` moves
+them to the model's device once per epoch.
+
+What runs here, for the toy, tiny FLUX and tiny SD3 (true CFG), LoRA and full fine-tuning, with
+β_KL > 0 (the reference forward): the trainer's own functions — ``epoch_plan`` (host values),
+``rollout_epoch`` (several steps, an SDE window, decode, rewards), ``epoch_advantages``, ``minibatches``,
+``recompute_old_logprobs`` and ``micro_step_loss`` — on fake CUDA tensors; the rollout steps and the
+loss micro-step under ``NoHostTraffic`` (no value read on the host, nothing moved between devices);
+and the micro-step's backward on fake CPU tensors (the autograd engine needs a real CUDA context for a
+backward on CUDA tensors), which must reach every trained parameter and no frozen one.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+
+from fastcps.config import RunConfig
+from fastcps.configlib import load_config
+from fastcps.policies import build_policy
+from fastcps.prompts import load_prompts
+from fastcps.rewards import RewardOutput
+from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch, sample, select
+from fastcps.update import epoch_advantages, micro_step_loss, minibatches, recompute_old_logprobs, run_update
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_cuda import HostSyncError, NoHostTraffic, fake_policy  # noqa: E402
+from tiny_pipelines import save_tiny_flux, save_tiny_sd3  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA = torch.device("cuda")
+# 4 steps with a 2-step SDE window, 2 prompts x 2 images, rollout batch 2, minibatch 2, beta_KL > 0.
+COMMON = ["sampler.num_steps=4", "sampler.sde_window_size=2", "train.prompts_per_epoch=2",
+          "train.images_per_prompt=2", "train.rollout_batch_size=2", "train.minibatch_size=2", "train.beta_kl=0.01"]
+CASES = {
+    "toy-full": [],
+    "toy-lora": ['policy.lora={"r": 4, "alpha": 8}'],
+    "flux-lora": ["policy.name=flux", "policy.resolution=64", "policy.max_sequence_length=32", "policy.guidance=3.5",
+                  'policy.lora={"r": 4, "alpha": 8}'],
+    "flux-full": ["policy.name=flux", "policy.resolution=64", "policy.max_sequence_length=32", "policy.guidance=3.5"],
+    "sd3-cfg-lora": ["policy.name=sd3", "policy.resolution=64", "policy.max_sequence_length=32", "policy.cfg_scale=4.5",
+                     'policy.lora={"r": 4, "alpha": 8}'],
+    "sd3-cfg-full": ["policy.name=sd3", "policy.resolution=64", "policy.max_sequence_length=32",
+                     "policy.cfg_scale=4.5"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"flux": save_tiny_flux(root / "flux"), "sd3": save_tiny_sd3(root / "sd3")}
+
+
+class HostReward:
+    """Scores like ``WeightedReward``: one fp32 value per image, on the CPU (rewards may compute
+    where they like; the trainer moves what the update needs)."""
+
+    parts = [("host", 1.0, None)]
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, images, prompts, metadata):
+        assert images.device.type == self.device.type and images.shape[:2] == (len(prompts), 3), images
+        r = torch.rand(len(prompts))
+        return RewardOutput(r, {"host": r})
+
+
+def build(case: str, tiny, device="cpu"):
+    sets = COMMON + CASES[case]
+    if "policy.name=flux" in sets:
+        sets.append(f"policy.pretrained={tiny['flux']}")
+    if "policy.name=sd3" in sets:
+        sets.append(f"policy.pretrained={tiny['sd3']}")
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"), sets)
+    policy = build_policy(cfg.policy, "cpu")
+    if cfg.policy.lora is None and cfg.policy.name != "toy":
+        with policy.reference(policy.transformer):  # full FT loads its frozen base on first use: do it now
+            pass
+    return cfg, policy
+
+
+def on(device: torch.device, *tensors):
+    for t in tensors:
+        assert t.device.type == device.type, f"{tuple(t.shape)} on {t.device}, expected {device}"
+
+
+def epoch_on_fake(cfg, policy, device):
+    """The trainer's epoch up to one micro-step's loss, with the policy on a fake ``device``."""
+    plan = epoch_plan(cfg, 0, policy)  # host values, before any fake tensor
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_policy(policy, mode, device)
+    with mode:
+        encodings = PromptEncodings(policy)
+        data = rollout_epoch(cfg, 0, plan, policy, policy.transformer, HostReward(device), encodings,
+                             load_prompts("digits"), device=device)
+        adv = epoch_advantages(data, cfg.train, device)
+        batches = minibatches(data.x_t.shape[0], cfg.train.minibatch_size, (0, 0, 4, 0, 0), device)
+        old = recompute_old_logprobs(policy, policy.transformer, data, batches, clip_range=cfg.train.clip_range)
+        mb = batches[0]
+        with NoHostTraffic():
+            out, logp = micro_step_loss(policy, policy.transformer, data, mb, 0, old[mb, 0], adv.local[mb],
+                                        clip_range=cfg.train.clip_range, beta_kl=cfg.train.beta_kl)
+    return data, adv, old, out, logp, mode, plan
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rollout_and_micro_step_on_fake_cuda(case, tiny):
+    cfg, policy = build(case, tiny)
+    data, adv, old, out, logp, mode, plan = epoch_on_fake(cfg, policy, CUDA)
+    n, j = 4, len(data.plan.trained)
+    assert j >= 1 and data.plan.stochastic.count(True) == 2  # the window's noisy steps are trained
+    assert data.x_t.shape[:2] == (n, j) and data.log_prob.shape == (n, j)
+    on(CUDA, data.x_t, data.x_next, data.log_prob, data.cond_index, data.plan.sigmas, *data.plan.coeffs[0],
+       *data.cond.values(), data.preview, adv.local, old, out.loss, out.kl_mean, logp)
+    assert data.reward.device.type == "cpu" and adv.rewards.shape == (n,)
+    assert out.loss.shape == () and logp.shape == (cfg.train.minibatch_size,)
+
+    # A rollout batch's steps (velocity, fused step, log-prob) neither read nor move device values.
+    with mode, NoHostTraffic():
+        x1 = torch.randn(2, *policy.latent_shape(), device=CUDA)
+        traj = sample(policy, policy.transformer, select(data.cond, data.cond_index[:2]), x1, data.plan,
+                      step_seeds=[1, 2, 3, 4])
+    on(CUDA, traj.final, traj.x_t, traj.log_prob)
+
+
+@pytest.mark.parametrize("case", ["toy-full", "flux-lora", "sd3-cfg-full"])
+def test_micro_step_backward_reaches_the_trained_parameters(case, tiny):
+    """The autograd graph of a micro-step, on fake CPU tensors: gradients reach every trained
+    parameter (LoRA's, or all of the transformer's) and no frozen one (base weights, reference)."""
+    cfg, policy = build(case, tiny)
+    trained = {id(p) for p in policy.trainable_parameters()}
+    cpu = torch.device("cpu")
+    *_, out, _, mode, _ = epoch_on_fake(cfg, policy, cpu)
+    with mode:
+        out.loss.backward()
+    params = list(policy.transformer.parameters())
+    assert any(id(p) in trained for p in params)
+    for p in params:
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.shape == p.shape, "a trained parameter got no gradient"
+        else:
+            assert p.grad is None, "a frozen parameter got a gradient"
+    if cfg.policy.lora is None and case.startswith("toy"):
+        assert all(p.grad is None for p in policy._reference.parameters())
+
+
+class FakeEngine:
+    """DeepSpeed's engine as the update loop uses it; backward only records the loss (the autograd
+    engine cannot run on fake CUDA tensors), the optimizer step always applies."""
+
+    def __init__(self, module):
+        self.module, self.losses, self.boundaries = module, [], []
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def set_gradient_accumulation_boundary(self, flag):
+        self.boundaries.append(flag)
+
+    def backward(self, loss):
+        self.losses.append(loss)
+
+    def step(self):
+        pass
+
+    def was_step_applied(self):
+        return True
+
+
+class FlagOptimizer:
+    skip_flag, last_skipped = None, False
+
+
+@pytest.mark.parametrize("case", ["toy-lora", "sd3-cfg-full"])
+def test_update_loop_reads_nothing_on_the_host(case, tiny):
+    """``run_update`` end to end (old log-probs recomputed, two passes, accumulation over minibatches
+    and steps) under ``NoHostTraffic``: its statistics and non-finite flag stay on the device."""
+    cfg, policy = build(case, tiny)
+    cfg.train.num_inner_epochs, cfg.train.gradient_accumulation_steps = 2, 2
+    data, adv, *_, mode, _ = epoch_on_fake(cfg, policy, CUDA)
+    engine, opt, skips = FakeEngine(policy.transformer), FlagOptimizer(), []
+    guard = NoHostTraffic(allow_uploads=True)
+    with mode, guard:
+        stats = run_update(engine, opt, policy, data, adv.local, cfg.train, epoch=0, seed=0,
+                           after_optimizer_step=skips.append)
+    assert guard.uploads == 2  # one minibatch order per pass
+    j = len(data.plan.trained)
+    assert len(engine.losses) == 2 * 2 * j and engine.boundaries.count(True) == 2 == len(skips)  # 2 passes x 2 mb
+    on(CUDA, stats.sums, stats.ratio_dev, *engine.losses)
+
+
+def test_advantages_left_on_the_host_are_caught(tiny):
+    """The guard works: advantages not moved to the device fail the micro-step as on a GPU."""
+    cfg, policy = build("toy-full", tiny)
+    data, adv, old, *_ , mode, _ = epoch_on_fake(cfg, policy, CUDA)
+    with mode:
+        host_adv = torch.zeros(cfg.train.minibatch_size)  # what main at 1fd2617 handed over
+        mb = minibatches(4, 2, (0,), CUDA)[0]
+        with pytest.raises(FakeTensorDeviceMismatchError):
+            micro_step_loss(policy, policy.transformer, data, mb, 0, old[mb, 0], host_adv,
+                            clip_range=cfg.train.clip_range, beta_kl=0.0)
+
+
+def test_no_host_traffic_catches_a_sync_and_a_transfer():
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        x = torch.ones(3, device=CUDA)
+        with NoHostTraffic(), pytest.raises(HostSyncError, match="read on the host"):
+            float(x.sum())
+        with NoHostTraffic(), pytest.raises(HostSyncError, match="moves data"):
+            x.cpu()
+        with NoHostTraffic():
+            (x * torch.tensor(2.0)).sum()  # a 0-dim CPU scalar is fine
+
+
+@pytest.mark.slow
+def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
+    """configs/flux_pickscore.json at FLUX.1-dev's real size: the 11.9 B-parameter transformer built from
+    configs/models/flux1-dev_transformer.json (no weights: meta, then fake CUDA), LoRA r 64, bf16,
+    gradient checkpointing, 512 px (1024 image + 512 text tokens), 6 steps with a 3-step SDE window,
+    T5/CLIP-sized conditioning. Rollout, advantages and a training micro-step all stay on the device."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+
+    sets = [f"policy.pretrained={tiny['flux']}", "policy.offload_frozen=false", "train.prompts_per_epoch=1",
+            "train.images_per_prompt=2", "train.rollout_batch_size=2", "train.minibatch_size=2",
+            "train.gradient_accumulation_steps=1", "sampler.sde_window_range=[0, 1]"]
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "flux_pickscore.json"), sets)
+    policy = build_policy(cfg.policy, "cpu")  # tiny encoders and VAE; the transformer is replaced below
+    mc = json.loads((ROOT / "configs" / "models" / "flux1-dev_transformer.json").read_text())
+    with torch.device("meta"):
+        big = FluxTransformer2DModel.from_config({k: v for k, v in mc.items() if not k.startswith("_")})
+    policy.transformer = big.to(torch.bfloat16)
+    policy.transformer.enable_gradient_checkpointing()
+    policy.add_lora(cfg.policy.lora.r, cfg.policy.lora.alpha)
+    assert sum(p.numel() for p in policy.transformer.parameters()) > 11.9e9
+    plan = epoch_plan(cfg, 0, policy)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_policy(policy, mode, CUDA)
+    L = cfg.policy.max_sequence_length
+
+    def encode(prompts):  # T5-XXL and CLIP-L shapes (the tiny pipeline's encoders are 32 wide)
+        return {"encoder_hidden_states": torch.zeros(len(prompts), L, 4096, dtype=torch.bfloat16, device=CUDA),
+                "pooled_projections": torch.zeros(len(prompts), 768, dtype=torch.bfloat16, device=CUDA)}
+
+    policy.encode = encode
+    with mode:
+        data = rollout_epoch(cfg, 0, plan, policy, policy.transformer, HostReward(CUDA), PromptEncodings(policy),
+                             load_prompts(cfg.prompts.source), device=CUDA)
+        adv = epoch_advantages(data, cfg.train, CUDA)
+        mb = minibatches(2, 2, (0,), CUDA)[0]
+        with NoHostTraffic():
+            out, logp = micro_step_loss(policy, policy.transformer, data, mb, 0, data.log_prob[mb, 0], adv.local[mb],
+                                        clip_range=cfg.train.clip_range, beta_kl=cfg.train.beta_kl)
+    assert data.x_t.shape == (2, 3, 1024, 64) and data.preview.shape == (2, 3, 512, 512)
+    on(CUDA, data.x_t, data.log_prob, out.loss, logp)
+    assert out.loss.requires_grad
