@@ -38,6 +38,13 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work. Only where a phase's wall time is read: on a GPU the host
+    runs ahead, so an unsynchronised timer charges queued work to whichever phase reads a value next."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
 class StepPlan(NamedTuple):
     stochastic: list[bool]  # per step: the sampler's step (True) or the ODE step (False)
     trained: list[int]  # step indices stored and trained, in order
@@ -220,6 +227,7 @@ def rollout_epoch(cfg, epoch: int, plan: StepPlan, policy, model, reward_fn, enc
         x1 = initial_noise(policy, (cfg.seed, epoch, 3), idx, device)
         traj = sample(policy, model, select(cond, cond_index[batch]), x1, plan, step_seeds=step_seeds,
                       first_index=idx[0])
+        synchronize(device)  # the reward reads values next: keep the sampling's time out of its timer
         t0 = time.perf_counter()
         images = policy.decode(traj.final)
         r = reward_fn(images, prompts[batch], meta[batch])

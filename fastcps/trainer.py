@@ -31,7 +31,8 @@ from fastcps.optim import EMA, SkippingAdamW
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
 from fastcps.rewards import WeightedReward
-from fastcps.rollout import PromptEncodings, epoch_plan, initial_noise, plan_steps, rollout_epoch, sample
+from fastcps.rollout import (PromptEncodings, epoch_plan, initial_noise, plan_steps, rollout_epoch, sample,
+                             synchronize)
 from fastcps.update import epoch_advantages, run_update
 
 
@@ -119,11 +120,12 @@ class Trainer:
                              check_stop=self._check_stop, progress=self._progress)
         t_rollout = time.perf_counter() - t0
         adv = epoch_advantages(data, cfg.train, self.device, rank=self.rank, world=self.world)
+        synchronize(self.device)
         t1 = time.perf_counter()
         stats = run_update(self.engine, self.optimizer, self.policy, data, adv.local, cfg.train, epoch=epoch,
                            seed=cfg.seed, rank=self.rank, after_optimizer_step=lambda skipped: self._after_optimizer_step(epoch, skipped),
                            check_stop=self._check_stop, progress=self._progress)
-        train_metrics = stats.metrics(self.world) if stats is not None else {}
+        train_metrics = stats.metrics(self.world) if stats is not None else {}  # reads the device: synchronises
         t_update = time.perf_counter() - t1
         rewards = adv.rewards
         metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False))}
@@ -136,7 +138,8 @@ class Trainer:
             "train/trained_steps": float(len(data.plan.trained)),
             "time/rollout_s": t_rollout - data.reward_time,
             "time/reward_s": data.reward_time,
-            "time/update_s": t_update,
+            "time/update_s": t_update,  # includes the recompute
+            "time/recompute_s": stats.recompute_s if stats is not None else 0.0,
             "time/epoch_s": time.perf_counter() - t0,
             "perf/images_per_s": rewards.numel() / max(time.perf_counter() - t0, 1e-9),
             "memory/peak_gib": peak_memory_gib(self.device),

@@ -10,6 +10,7 @@ optimizer's skip decision) and once per epoch (the metrics).
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from fastcps import distributed as dist
 from fastcps.grpo import LossOutput, compute_advantages, grpo_loss
 from fastcps.ops.cps_logprob_kl import cps_logprob_kl
-from fastcps.rollout import EpochData, derive_seed, select, to_device
+from fastcps.rollout import EpochData, derive_seed, select, synchronize, to_device
 
 
 class Advantages(NamedTuple):
@@ -90,6 +91,7 @@ class UpdateStats:
     def __init__(self, device):
         self.sums = torch.zeros(4, dtype=torch.float32, device=device)  # loss, kl, clipfrac, finite count
         self.ratio_dev = torch.zeros((), dtype=torch.float32, device=device)
+        self.recompute_s = 0.0  # wall time of the old-log-prob forwards (host clock, read once)
 
     def add(self, out: LossOutput, finite: torch.Tensor, first_window: bool) -> None:
         f = finite.to(torch.float32)
@@ -132,7 +134,10 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
     for inner in range(t.num_inner_epochs):
         batches = minibatches(n, t.minibatch_size, (seed, epoch, 4, inner, rank), device)
         if inner == 0 and t.old_logprob == "recompute":
+            t0 = time.perf_counter()
             old = recompute_old_logprobs(policy, engine, data, batches, **loss_kw)
+            synchronize(device)
+            stats.recompute_s = time.perf_counter() - t0
         for w in range(0, len(batches), t.gradient_accumulation_steps):
             window = batches[w:w + t.gradient_accumulation_steps]
             n_micro, k = len(window) * n_steps, 0
