@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cps_step import _N_LIMIT, launch_config
+from .cps_step import _N_LIMIT, FP_FUSION, launch_config
 
 __all__ = ["LogprobKL", "cps_logprob_kl_bwd", "cps_logprob_kl_fwd"]
 
@@ -131,6 +131,7 @@ def cps_logprob_kl_fwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, lp_c, kl_w, 
         x, v, prev_sample, v_ref, alpha, beta, part,
         N, x.stride(0), v.stride(0), prev_sample.stride(0), v_ref.stride(0) if has_ref else 0, cfg.chunks,
         HAS_REF=has_ref, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
     sums = part.sum(2)
     logp = lp_c - lp_w * (sums[0] / N)
@@ -159,6 +160,7 @@ def cps_logprob_kl_bwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, kl_w, grad_l
         alpha, beta, lp_w, kl_w if has_ref else None, grad_logp, grad_kl if has_ref else None,
         N, x.stride(0), v.stride(0), prev_sample.stride(0), v_ref.stride(0) if has_ref else 0,
         HAS_REF=has_ref, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
     return dv
 

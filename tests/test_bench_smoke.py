@@ -1,7 +1,8 @@
 """Each kernel benchmark's main() on a tiny size with a tiny repeat count, writing to a tmp CSV: the
 columns and rows are checked, never the timings. The CPU fused path runs eagerly here
 (--cpu-eager: the compiled path is covered by tests/test_cpu_compiled.py and costs ~20 s of inductor
-start-up per graph); the --ptx path runs when Triton's bundled ptxas/cuobjdump are present."""
+start-up per graph); the --ptx path runs when Triton and its cuobjdump are present, reading the rows that
+common.ptx_rows() compiles once per process (shared with tests/test_ptx_report.py)."""
 
 import csv
 import importlib
@@ -79,4 +80,5 @@ def test_ptx_only(tmp_path, name, prefix):
     assert rows and all(r["kernel"].startswith(prefix) for r in rows)
     for r in rows:
         int(r["registers"]), int(r["spill_bytes"]), int(r["ptx_ld_v4"])
+        assert r["ptxas"].startswith("ptxas"), r
     assert not (tmp_path / "unused.csv").exists()

@@ -1,31 +1,34 @@
-"""Every fused kernel compiles for sm_90 (no GPU needed) with 0 spill bytes and 128-bit latent loads.
+"""Every fused kernel compiles for sm_90 (no GPU needed) with 0 spill bytes and 128-bit latent loads,
+and the report's checks do flag a spill and a narrow load.
 
-The compile runs in a child process without TRITON_INTERPRET (see bench/ptx_report.py); it takes
-about a minute on 2 CPU cores (60 variants).
+The 60 variants are compiled once per test run, in child processes without TRITON_INTERPRET (see
+bench/ptx_report.py), through ``common.ptx_rows()``: tests/test_bench_smoke.py::test_ptx_only reads the
+same rows, so neither compiles twice.
 """
 
-import importlib.util
+import importlib
 import pathlib
+import sys
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "ptx_report.py"
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+common = importlib.import_module("common")
+report = common.load_ptx_report()
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("fastcps_bench_ptx_report", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _skip_without_toolchain():
+    why = common.ptx_toolchain_missing()
+    if why:
+        pytest.skip(f"cannot compile for sm_90 here: {why}")
 
 
 @pytest.fixture(scope="module")
 def rows():
-    mod = _load()
-    try:
-        return mod.ptx_report()
-    except mod.ToolchainMissing as exc:
-        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    _skip_without_toolchain()
+    return common.ptx_rows()
 
 
 def test_every_kernel_and_mode_is_reported(rows):
@@ -38,25 +41,74 @@ def test_every_kernel_and_mode_is_reported(rows):
             for k in ("fwd", "bwd"):
                 assert f"logprob_kl_{k}[{dt}]@B={b}" in names
                 assert f"logprob_kl_{k}[{dt},ref]@B={b}" in names
+    assert len(rows) == len(names) == 60
     assert any(r["ITERS"] > 1 for r in rows), "the chunk loop (ITERS > 1) must be compiled too"
+    assert all(r["ptxas"].startswith("ptxas") for r in rows), {r["ptxas"] for r in rows}
 
 
-def test_no_spills(rows):
+def test_no_spills_no_local_memory(rows):
     for r in rows:
-        assert r["registers"] is not None and r["spill_stores"] is not None, r
-        assert r["spill_bytes"] == 0, f"{r['kernel']} spills {r['spill_bytes']} bytes"
-        assert r["cubin_local_bytes"] in (0, None), f"{r['kernel']} uses local memory: {r}"
-        assert r["registers"] <= 128, f"{r['kernel']} uses {r['registers']} registers"
+        assert r["spill_bytes"] == 0, f"{r['kernel']} spills {r['spill_bytes']} bytes: {r}"
+        assert r["stack_bytes"] == 0 and r["cubin_local_bytes"] == 0, f"{r['kernel']} uses local memory: {r}"
+        assert 0 < r["registers"] <= 128, f"{r['kernel']} uses {r['registers']} registers"
 
 
-def test_latent_loads_are_128_bit(rows):
+def test_latent_loads_and_stores_are_128_bit(rows):
     for r in rows:
         assert r["ptx_ld_v4"] > 0 and r["ptx_ld_narrow"] == 0, f"{r['kernel']}: non-v4 masked loads: {r}"
         assert r["sass_ldg128"] > 0, f"{r['kernel']}: no LDG.E.128 in SASS: {r}"
         assert r["loads_128bit"], r
-
-
-def test_latent_stores_are_128_bit(rows):
-    for r in rows:
-        # at most the one scalar partial-sum store per program
+        # at most the one scalar partial-sum store per program (two with v_ref)
         assert r["ptx_st_narrow"] <= 2, f"{r['kernel']}: narrow stores: {r}"
+
+
+def test_report_finds_no_problem(rows):
+    assert [p for r in rows for p in report.problems(r)] == []
+
+
+def test_checks_flag_a_narrow_load_and_a_spill_in_compiled_controls():
+    # bench/ptx_controls.py: a stride-2 latent load and a maxnreg=24 kernel, compiled like the real ones.
+    _skip_without_toolchain()
+    found = {r["kernel"]: r for r in report.ptx_report(controls=True)}
+    narrow, spill = found["control_strided_load"], found["control_spill"]
+    assert narrow["ptx_ld_narrow"] > 0 and narrow["sass_ldg128"] == 0 and not narrow["loads_128bit"], narrow
+    assert any("narrower than ld.global.v4" in p for p in report.problems(narrow)), report.problems(narrow)
+    assert spill["spill_bytes"] > 0 and spill["stack_bytes"] > 0 and spill["loads_128bit"], spill
+    assert any("spills to local memory" in p for p in report.problems(spill)), report.problems(spill)
+
+
+# The scanners on hand-written snippets (Triton 3.9 PTX, cuobjdump 13.1 SASS): no compile needed.
+_PTX = """
+\tld.global.b32 \t{ %r1 }, [ %rd1 + 0 ];
+\t@%p1 ld.global.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd2 + 0 ];
+\t@%p1 ld.global.b16 { %rs1 }, [ %rd3 + 0 ];
+\t@%p2 st.global.v4.b32 [ %rd4 + 0 ], { %r2, %r3, %r4, %r5 };
+\t@%p3 st.global.b32 [ %rd5 + 0 ], { %r6 };
+"""
+_CUOBJDUMP = """
+Resource usage:
+ Function k:
+  REG:24 STACK:128 SHARED:0 LOCAL:0 CONSTANT[0]:568 TEXTURE:0 SURFACE:0 SAMPLER:0
+        /*0090*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*00a0*/              @!P0 LDG.E R8, desc[UR4][R6.64] ;
+        /*00b0*/                   STL.64 [R1+0x8], R4 ;
+        /*00c0*/                   STL [R1], R9 ;
+        /*00d0*/                   LDL.LU.64 R4, [R1+0x8] ;
+        /*00e0*/                   STG.E.128 desc[UR4][R10.64], R4 ;
+        /*00f0*/                   LDGSTS.E.128 [R0], desc[UR4][R2.64] ;
+"""
+
+
+def test_scan_ptx_counts_narrow_masked_loads():
+    got = report.scan_ptx(_PTX)
+    assert got == {"ptx_ld_v4": 1, "ptx_ld_narrow": 1, "ptx_ld_scalar_coeffs": 1, "ptx_st_v4": 1,
+                   "ptx_st_narrow": 1}
+
+
+def test_scan_cuobjdump_reads_registers_spills_and_widths():
+    got = report.scan_cuobjdump(_CUOBJDUMP)
+    assert got == {"registers": 24, "stack_bytes": 128, "cubin_local_bytes": 0, "spill_stores": 12,
+                   "spill_loads": 8, "sass_ldg128": 1, "sass_ldg_other": 1, "sass_stg128": 1,
+                   "sass_stg_other": 0}
+    with pytest.raises(ValueError, match="REG"):
+        report.scan_cuobjdump("cuobjdump info: File does not contain device code")
