@@ -17,16 +17,17 @@ Timing rules:
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import functools
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from fastcps import runinfo
+from fastcps.runinfo import device_name, git_commit, versions  # noqa: F401  (the benchmarks' names for them)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -50,51 +51,6 @@ TOKENS, CHANNELS = 4096, 64
 
 
 # ---------------------------------------------------------------- run metadata
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
-
-
-@functools.lru_cache(maxsize=1)
-def versions() -> dict:
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:
-        tv = "none"
-    try:
-        import fastcps
-
-        fv = getattr(fastcps, "__version__", "unknown")
-    except ImportError:
-        fv = "none"
-    return {"torch": torch.__version__, "triton": tv, "fastcps": fv}
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str:
-    """Short hash of HEAD, with "+dirty" when the working tree differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def meta(device: torch.device, timer: str = "wall") -> dict:
@@ -229,22 +185,7 @@ def result_rows(base: dict, timings: dict, nbytes: dict, peaks: dict, notes: dic
 
 
 def append_csv(path: Path | str, rows: list[dict], columns: list[str] = COLUMNS) -> Path:
-    """Append rows (header written for a new file); refuses a file whose header differs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != columns:
-            raise ValueError(f"{path} has columns {header}, expected {columns}; write to a new file "
-                             "with --csv (or move the old one aside)")
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    return path
+    return runinfo.append_csv(path, rows, columns)
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
