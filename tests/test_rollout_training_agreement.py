@@ -44,17 +44,17 @@ class ConstantReward:
         return RewardOutput(r, {"constant": r})
 
 
-def rollout_and_training(run: str, logprob: str, dtype: str, epoch: int = 0):
+def rollout_and_training(run: str, logprob: str, dtype: str, epoch: int = 0, device: str = "cpu"):
     sets = RUNS[run] + [f"sampler.logprob={logprob}", f"policy.dtype={dtype}", "sampler.num_steps=4",
                         "train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=8",
                         "train.minibatch_size=2"]
     cfg = load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"), sets)
     torch.manual_seed(0)
-    policy = build_policy(cfg.policy, "cpu")
-    cpu = torch.device("cpu")
+    device = torch.device(device)
+    policy = build_policy(cfg.policy, device)
     data = rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, policy), policy, policy.transformer, ConstantReward(),
-                         PromptEncodings(policy), load_prompts("digits"), device=cpu)
-    batches = minibatches(8, 2, (cfg.seed, epoch, 4, 0, 0), cpu)
+                         PromptEncodings(policy), load_prompts("digits"), device=device)
+    batches = minibatches(8, 2, (cfg.seed, epoch, 4, 0, 0), device)
     train = recompute_old_logprobs(policy, policy.transformer, data, batches, clip_range=1e-4)
     return cfg, policy, data, train
 
@@ -66,12 +66,12 @@ def bf16_bound(data, policy, k: float = 4.0) -> torch.Tensor:
     rms(δv) ≤ k·ε·rms(v) with ε = 2^-8 and k = 4 (the last layers' roundings add up; a whole
     transformer in bf16 is not exact to one rounding), rms(v) measured on the rollout's latents."""
     bounds = torch.zeros_like(data.log_prob)
+    cond = {k_: t[data.cond_index] for k_, t in data.cond.items()}
     for j, step in enumerate(data.plan.trained):
         c = data.plan.coeffs[step]
         x, x_next = data.x_t[:, j], data.x_next[:, j]
         with torch.no_grad():
-            v = policy.velocity(policy.transformer, x, data.plan.sigmas[step].expand(x.shape[0]),
-                                {k_: t[data.cond_index] for k_, t in data.cond.items()}).float()
+            v = policy.velocity(policy.transformer, x, data.plan.sigmas[step].expand(x.shape[0]), cond).float()
         rms = lambda t: t.reshape(t.shape[0], -1).pow(2).mean(1).sqrt()  # noqa: E731
         d = x_next - (c.alpha * x + c.beta * v)
         dv = k * BF16_EPS * rms(v)
@@ -100,6 +100,19 @@ def test_bf16_rollout_and_training_log_probs_agree_within_bf16_rounding(run, log
     bound = bf16_bound(data, policy)
     gap = (train - data.log_prob).abs()
     assert bool((gap <= bound).all()), f"max gap {float(gap.max()):.3g}, bound there {float(bound.flatten()[gap.argmax()]):.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("logprob", ["paper", "gaussian"])
+def test_on_cuda_through_the_triton_path(logprob, monkeypatch):
+    """The same checks with the toy on a GPU, the rollout through the Triton step kernel and the
+    training side through the Triton log-prob kernel (fp32 to 1e-5: GPU matmuls of other batch sizes
+    round differently; bf16 within the bound)."""
+    monkeypatch.setenv("FASTCPS_IMPL", "triton")
+    _, _, data, train = rollout_and_training("flow_sde-window", logprob, "fp32", device="cuda")
+    torch.testing.assert_close(train, data.log_prob, rtol=1e-5, atol=1e-5 * float(data.log_prob.abs().max()))
+    _, policy, data, train = rollout_and_training("cps", logprob, "bf16", device="cuda")
+    assert bool(((train - data.log_prob).abs() <= bf16_bound(data, policy)).all())
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
