@@ -108,7 +108,12 @@ def run_prompts(cfg) -> tuple[list[str], list[dict]]:
     ``prompts.source``), as the trainer picks it (one per digit on the toy)."""
     from fastcps.prompts import load_prompts
 
-    pool, meta = load_prompts(cfg.prompts.eval_source or cfg.prompts.source)
+    source = cfg.prompts.eval_source or cfg.prompts.source
+    try:
+        pool, meta = load_prompts(source)
+    except (FileNotFoundError, ValueError) as err:  # e.g. a relative path from another working directory
+        raise UsageError(f"the run's eval prompts ({source!r}) do not load: {err}. Give --prompts FILE or "
+                         "--prompt TEXT") from err
     n = min(cfg.eval.num_prompts, len(pool))
     pick = [i * len(pool) // n for i in range(n)]
     return [pool[i] for i in pick], [meta[i] for i in pick]

@@ -186,7 +186,7 @@ def write(path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("case", ["no run", "not a run", "no checkpoint", "prompt file suffix", "jsonl line",
-                                  "other family", "lora weights", "missing --out", "not png", "cpws steps"])
+                                  "other family", "run's prompts gone", "lora weights", "missing --out", "not png", "cpws steps"])
 def test_bad_input_exits_2_naming_the_argument(case, toy_run, tmp_path, capsys):
     run, out = str(toy_run), ["--out", str(tmp_path / "g.png")]
     if case == "no run":
@@ -205,6 +205,11 @@ def test_bad_input_exits_2_naming_the_argument(case, toy_run, tmp_path, capsys):
         save_config(cfg, tmp_path / "r" / "config.json")
         (tmp_path / "r" / "checkpoints").symlink_to(toy_run / "checkpoints")
         argv, want = ["--run", str(tmp_path / "r")] + out, "weights of a 'toy' policy, but the run's config.json says "
+    elif case == "run's prompts gone":
+        cfg = load_config(RunConfig, str(toy_run / "config.json"), ["prompts.source=/no/such/prompts.txt"])
+        save_config(cfg, tmp_path / "r" / "config.json")
+        (tmp_path / "r" / "checkpoints").symlink_to(toy_run / "checkpoints")
+        argv, want = ["--run", str(tmp_path / "r")] + out, "Give --prompts FILE or --prompt TEXT"
     elif case == "lora weights":  # a LoRA export in a full fine-tuning run
         argv, want = ["--run", str(fake_run(tmp_path, lora={"r": 2, "alpha": 2})[0])] + out, "(policy.lora)"
     elif case == "missing --out":
