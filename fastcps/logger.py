@@ -1,12 +1,76 @@
-"""Run feedback on rank 0: TensorBoard scalars and image grids, a metrics.jsonl, the reward curve."""
+"""Run feedback on rank 0: TensorBoard scalars and image grids, a metrics.jsonl, the reward curve,
+progress lines, and the summary a finished run prints."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 
 import torch
+
+
+class PhaseLine:
+    """A progress bar's twin for logs people read later (a file, a scheduler's log): nothing while the
+    phase runs, then one line with its count, time and rate, e.g.
+    ``[fastcps] epoch 3 rollout: 64 images in 1.2 s (53.3 images/s)``. No carriage returns."""
+
+    def __init__(self, iterable=None, *, total=None, desc: str, unit: str, unit_scale: int = 1, file=None):
+        self.iterable, self.desc, self.unit, self.scale = iterable, desc, unit, unit_scale
+        self.file = file or sys.stderr
+        self.n = 0
+        self.t0 = time.perf_counter()
+        self.closed = False
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        dt = time.perf_counter() - self.t0
+        count = self.n * self.scale
+        print(f"[fastcps] {self.desc}: {count} {self.unit} in {dt:.1f} s ({count / max(dt, 1e-9):.1f} {self.unit}/s)",
+              file=self.file, flush=True)
+
+
+class _Silent:
+    def __init__(self, iterable=None):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(iterable=None, *, total=None, desc: str, unit: str, unit_scale: int = 1, enabled: bool = True,
+             file=None):
+    """A tqdm bar when ``file`` (stderr) is a terminal, else one ``PhaseLine`` when the phase ends;
+    nothing when not ``enabled``. Use as an iterable wrapper or with ``update(n)`` / ``close()``.
+    ``unit_scale`` counts each step as that many units (a rollout batch = its images)."""
+    if not enabled:
+        return _Silent(iterable)
+    file = file or sys.stderr
+    if file.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale if unit_scale != 1 else False,
+                    leave=False, file=file)
+    return PhaseLine(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=file)
 
 
 class RunLogger:

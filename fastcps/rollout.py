@@ -19,8 +19,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from fastcps.logger import progress as progress_bar
 from fastcps.ops.cps_step import cps_step
 from fastcps.samplers import StepCoeffs, step_coeffs
 
@@ -221,7 +221,8 @@ def rollout_epoch(cfg, epoch: int, plan: StepPlan, policy, model, reward_fn, enc
     xs, nexts, lps, rewards, comps = [], [], [], [], []
     preview, t_reward = None, 0.0
     bs = t.rollout_batch_size
-    for start in tqdm(range(0, len(mine), bs), desc=f"epoch {epoch} rollout", disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(mine), bs), desc=f"epoch {epoch + 1} rollout", unit="images", unit_scale=bs,
+                              enabled=progress):
         batch = slice(start, start + bs)
         idx = list(range(lo + start, lo + start + bs))
         x1 = initial_noise(policy, (cfg.seed, epoch, 3), idx, device)

@@ -84,8 +84,32 @@ def main(argv=None) -> int:
         print(f"[fastcps] {err}", file=sys.stderr, flush=True)
         return 4
     if dist.is_main():
-        print(f"[fastcps] done in {time.perf_counter() - t0:.1f} s; run directory {run_dir}", flush=True)
+        print(f"[fastcps] done in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(where_things_are(run_dir, lora=cfg.policy.lora is not None), flush=True)
     return 0
+
+
+def where_things_are(run_dir: Path, *, lora: bool) -> str:
+    """The end of a run: where its outputs are and the command that shows the result."""
+    ckpts = run_dir / "checkpoints"
+    latest = ckpts / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else None
+    rows = [("run directory", f"{run_dir}  (config.json, metrics.jsonl, images/)")]
+    if tag:
+        rows.append(("checkpoint" if tag != "final" else "final checkpoint",
+                     f"{ckpts / tag}  (policy.safetensors: the trained weights)"))
+        if lora:
+            rows.append(("LoRA for diffusers", f"{ckpts / tag / 'pytorch_lora_weights.safetensors'}  "
+                                               f"(pipe.load_lora_weights(\"{ckpts / tag}\"))"))
+    if (run_dir / "reward_curve.png").is_file():
+        rows.append(("reward curve", str(run_dir / "reward_curve.png")))
+    if (run_dir / "tb").is_dir():
+        rows.append(("TensorBoard", f"tensorboard --logdir {run_dir / 'tb'}"))
+    if tag:
+        pick = "" if tag == "final" else f" --checkpoint {tag}"
+        rows.append(("see the result", f"python -m fastcps.sample --run {run_dir}{pick} --out {run_dir / 'sample.png'}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"[fastcps]   {k:<{width}}  {v}" for k, v in rows)
 
 
 def _has_cuda() -> bool:

@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fastcps import distributed as dist
 from fastcps.grpo import LossOutput, compute_advantages, grpo_loss
+from fastcps.logger import progress as progress_bar
 from fastcps.ops.cps_logprob_kl import cps_logprob_kl
 from fastcps.rollout import EpochData, derive_seed, select, synchronize, to_device
 
@@ -128,8 +128,8 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
     device = data.x_t.device
     stats = UpdateStats(device)
     loss_kw = dict(clip_range=t.clip_range, beta_kl=t.beta_kl)
-    bar = tqdm(total=t.num_inner_epochs * n * n_steps // t.minibatch_size, desc=f"epoch {epoch} update",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=t.num_inner_epochs * n * n_steps // t.minibatch_size, desc=f"epoch {epoch + 1} update",
+                       unit="micro-steps", enabled=progress)
     old = data.log_prob
     for inner in range(t.num_inner_epochs):
         batches = minibatches(n, t.minibatch_size, (seed, epoch, 4, inner, rank), device)
