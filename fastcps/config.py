@@ -193,7 +193,7 @@ class LogConfig:
     images_every: int = 5
     """Write rollout and eval image grids every this many epochs; 0 = never."""
     progress: bool = True
-    """tqdm progress bars for rollout and update (rank 0)."""
+    """Progress of rollout and update on rank 0: tqdm bars on a terminal, one plain line per phase otherwise."""
 
 
 @dataclass

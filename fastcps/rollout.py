@@ -201,6 +201,22 @@ def initial_noise(policy, seed_parts: tuple, indices: list[int], device) -> torc
     return to_device(torch.stack(out), device)
 
 
+def eval_prompt_set(cfg) -> tuple[list[str], list[dict]]:
+    """The run's fixed eval set: ``eval.num_prompts`` spread evenly over ``prompts.eval_source`` (else
+    ``prompts.source``): one per digit on the toy. The trainer and ``fastcps.sample`` both use it."""
+    from fastcps.prompts import load_prompts
+
+    pool, meta = load_prompts(cfg.prompts.eval_source or cfg.prompts.source)
+    n = min(cfg.eval.num_prompts, len(pool))
+    pick = [i * len(pool) // n for i in range(n)]
+    return [pool[i] for i in pick], [meta[i] for i in pick]
+
+
+def eval_noise(policy, seed: int, prompt_index: int, k: int, device) -> torch.Tensor:
+    """x1 of one eval prompt's K images (``Trainer.evaluate``; ``fastcps.sample`` reproduces it)."""
+    return initial_noise(policy, (seed, 5), [prompt_index * k + i for i in range(k)], torch.device(device))
+
+
 def rollout_epoch(cfg, epoch: int, plan: StepPlan, policy, model, reward_fn, encodings: PromptEncodings,
                   prompt_pool: tuple[list[str], list[dict]], *, device, rank: int = 0, world: int = 1,
                   check_stop: Callable[[], None] = lambda: None, progress: bool = False) -> EpochData:

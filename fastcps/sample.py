@@ -104,19 +104,15 @@ def check_weights_file(path: Path, family: str) -> None:
 
 
 def run_prompts(cfg) -> tuple[list[str], list[dict]]:
-    """The run's fixed eval set: ``eval.num_prompts`` spread evenly over ``prompts.eval_source`` (else
-    ``prompts.source``), as the trainer picks it (one per digit on the toy)."""
-    from fastcps.prompts import load_prompts
+    """The run's fixed eval set, as the trainer picks it (``rollout.eval_prompt_set``)."""
+    from fastcps.rollout import eval_prompt_set
 
-    source = cfg.prompts.eval_source or cfg.prompts.source
     try:
-        pool, meta = load_prompts(source)
+        return eval_prompt_set(cfg)
     except (FileNotFoundError, ValueError) as err:  # e.g. a relative path from another working directory
+        source = cfg.prompts.eval_source or cfg.prompts.source
         raise UsageError(f"the run's eval prompts ({source!r}) do not load: {err}. Give --prompts FILE or "
                          "--prompt TEXT") from err
-    n = min(cfg.eval.num_prompts, len(pool))
-    pick = [i * len(pool) // n for i in range(n)]
-    return [pool[i] for i in pick], [meta[i] for i in pick]
 
 
 def chosen_prompts(args, cfg) -> tuple[list[str], list[dict]]:
@@ -177,18 +173,10 @@ class Comparison:
     components: dict[str, dict[str, torch.Tensor]]  # -> reward name -> (P, K)
 
 
-def eval_noise(policy, seed: int, prompt_index: int, k: int, device) -> torch.Tensor:
-    """x1 of one prompt's K images: the trainer's eval noises (``Trainer.evaluate``), so the default
-    sample reproduces eval/<reward>."""
-    from fastcps.rollout import initial_noise
-
-    return initial_noise(policy, (seed, 5), [prompt_index * k + i for i in range(k)], torch.device(device))
-
-
 @torch.no_grad()
 def generate(policy, model, encodings, prompts: list[str], plan, *, k: int, seed: int, device) -> torch.Tensor:
     """(P, K, 3, H, W): every prompt's K images with ``plan``; noise seeded by (seed, prompt, image)."""
-    from fastcps.rollout import derive_seed, sample
+    from fastcps.rollout import derive_seed, eval_noise, sample
 
     step_seeds = [derive_seed(seed, 6, i) for i in range(len(plan.coeffs))]
     out = []

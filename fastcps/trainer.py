@@ -31,8 +31,8 @@ from fastcps.optim import EMA, SkippingAdamW
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
 from fastcps.rewards import WeightedReward
-from fastcps.rollout import (PromptEncodings, epoch_plan, initial_noise, plan_steps, rollout_epoch, sample,
-                             synchronize)
+from fastcps.rollout import (PromptEncodings, epoch_plan, eval_noise, eval_prompt_set, plan_steps, rollout_epoch,
+                             sample, synchronize)
 from fastcps.update import epoch_advantages, run_update
 
 
@@ -62,13 +62,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(cfg.seed)
         self.prompts, self.prompt_meta = load_prompts(cfg.prompts.source)
-        if cfg.prompts.eval_source:
-            eval_pool, eval_meta = load_prompts(cfg.prompts.eval_source)
-        else:
-            eval_pool, eval_meta = self.prompts, self.prompt_meta
-        n = min(cfg.eval.num_prompts, len(eval_pool))
-        pick = [i * len(eval_pool) // n for i in range(n)]  # evenly spread: one per digit on the toy
-        self.eval_prompts = [(eval_pool[i], eval_meta[i]) for i in pick]
+        self.eval_prompts = list(zip(*eval_prompt_set(cfg)))
 
         self.policy = policy if policy is not None else build_policy(cfg.policy, self.device)
         self.encodings = PromptEncodings(self.policy)
@@ -182,7 +176,7 @@ class Trainer:
             for p_idx in mine:
                 real = p_idx < len(self.eval_prompts)
                 prompt, meta = self.eval_prompts[min(p_idx, len(self.eval_prompts) - 1)]
-                x1 = initial_noise(self.policy, (e.seed, 5), [p_idx * k + i for i in range(k)], self.device)
+                x1 = eval_noise(self.policy, e.seed, p_idx, k, self.device)
                 cond, _ = self.encodings.for_prompts([prompt], self.device)
                 images = self.policy.decode(sample(self.policy, self.engine, cond, x1, plan).final)
                 if not real:

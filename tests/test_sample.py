@@ -19,7 +19,8 @@ from fastcps.checkpoint import export_weights
 from fastcps.config import RunConfig
 from fastcps.configlib import load_config, save_config
 from fastcps.policies import build_policy
-from fastcps.sample import compare, eval_noise, main
+from fastcps.rollout import eval_noise
+from fastcps.sample import compare, main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_trainer import CONFIG, ROOT, clean_env, sets  # noqa: E402
