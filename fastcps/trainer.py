@@ -78,6 +78,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.skipped_total = 0
         self._stop_signal = False
+        self._stepped_in_epoch = False  # an optimizer step of the epoch in flight has run (see fit's Interrupted)
         self.logger = RunLogger(self.run_dir, enabled=dist.is_main(), tensorboard=cfg.log.tensorboard,
                                 wandb=cfg.log.wandb, config=to_dict(cfg))
 
@@ -109,6 +110,7 @@ class Trainer:
     # --- one epoch --------------------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> dict[str, float]:
         cfg, t0 = self.cfg, time.perf_counter()
+        self._stepped_in_epoch = False
         data = rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, self.policy), self.policy, self.engine, self.reward_fn, self.encodings,
                              (self.prompts, self.prompt_meta), device=self.device, rank=self.rank, world=self.world,
                              check_stop=self._check_stop, progress=self._progress)
@@ -144,6 +146,7 @@ class Trainer:
         return metrics
 
     def _after_optimizer_step(self, epoch: int, skipped: bool) -> None:
+        self._stepped_in_epoch = True
         if skipped:
             self.nonfinite_in_a_row += 1
             self.skipped_total += 1
@@ -224,14 +227,17 @@ class Trainer:
                     self.save_checkpoint(f"epoch{self.epoch:05d}", periodic=True)
             self.save_checkpoint("final")
         except Interrupted:
-            self.epoch = max(self.epoch, 0)
             tag = f"interrupted_epoch{self.epoch:05d}"
-            # The epoch in flight is abandoned, its finished updates kept: a resume starts the next one.
-            self.epoch += 1
+            # Before the epoch in flight's first optimizer step nothing has changed: a resume runs that
+            # epoch again, exactly as an uninterrupted run would (every random choice is derived from
+            # (seed, epoch)). After it, the epoch is abandoned with its finished updates kept and a
+            # resume starts the next one (its rollout is gone: the rest of its update cannot be redone).
+            if self._stepped_in_epoch:
+                self.epoch += 1
             self.save_checkpoint(tag)
             if dist.is_main():
                 print(f"[fastcps] interrupted: checkpoint {self.run_dir / 'checkpoints' / tag}; resume with "
-                      f"--resume {self.run_dir}", flush=True)
+                      f"--resume {self.run_dir} (it starts at epoch {self.epoch + 1})", flush=True)
         finally:
             self._restore_signal_handlers(handlers)
             if dist.is_main():
