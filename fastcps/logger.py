@@ -160,7 +160,8 @@ def plot_reward_curve(run_dir: Path, out: Path | None = None) -> Path | None:
     axes[1].set_title("eval/diversity (mode-collapse guard)")
     for ax in axes:
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # eval.every = 0: the diversity panel stays empty
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(Path(run_dir).name)
     fig.tight_layout()
