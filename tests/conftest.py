@@ -1,6 +1,7 @@
 """Test-wide setup. Triton's interpreter must be switched on before any kernel is imported, so the
 CPU suite exercises the real Triton kernels on CPU tensors."""
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -11,6 +12,46 @@ os.environ.setdefault("FASTCPS_COMPILE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@contextlib.contextmanager
+def isolated_global_state():
+    """Undo, on exit, what the body changed in the process: environment variables (an in-process
+    ``fastcps.train.main`` sets MASTER_PORT, RANK, ...; the benchmarks pin FASTCPS_IMPL), the reward
+    registry (test rewards), and a process group started inside (DeepSpeed's, gloo)."""
+    from fastcps.rewards import REGISTRY
+
+    env, registry = dict(os.environ), dict(REGISTRY)
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        yield
+    finally:
+        if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+            destroy_process_group()
+        REGISTRY.clear()
+        REGISTRY.update(registry)
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update(env)
+
+
+def destroy_process_group() -> None:
+    """Through DeepSpeed's communication layer when it started the group (it keeps references of its
+    own; its next ``init_distributed`` then starts a fresh group), else through torch."""
+    import sys
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None and comm.cdb is not None and comm.cdb.is_initialized():
+        comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_global_state():
+    """No test sees what an earlier one left in the process (see ``isolated_global_state``)."""
+    with isolated_global_state():
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

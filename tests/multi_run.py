@@ -1,22 +1,118 @@
 """Run ``fastcps.train.main`` on several argument lists, one after the other, in this process:
-``python tests/multi_run.py ARGS... --next ARGS...``. Started once per rank (RANK / WORLD_SIZE /
-MASTER_* in the environment, no launcher), it runs several 2-process trainings for the interpreter
-and DeepSpeed start-up of one (most of a tiny run's cost). Exits with the first non-zero code."""
+``python tests/multi_run.py [--dump DIR] ARGS... --next ARGS...``. Started once per rank (RANK /
+WORLD_SIZE / MASTER_* in the environment, no launcher; ``launch`` below does that), it runs several
+trainings for the interpreter and DeepSpeed start-up of one (most of a tiny run's cost). Exits with
+the first non-zero code. ``--dump DIR``: record what every training micro-step is fed
+(``wiring_support.UpdateDump``) to ``DIR/run<k>.rank<r>.pt``.
 
+``launch(runs, world)`` starts the ranks on a free port with a clean environment, waits with a
+timeout, and kills whatever is still running on the way out (a failing or hanging test leaves no
+process behind)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
-from fastcps.train import main
+ROOT = Path(__file__).resolve().parent.parent
+# The launcher's variables: a child must not inherit the test process's own rendezvous (an in-process
+# ``main()`` leaves them behind when a test forgets to clean up).
+RENDEZVOUS = ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
-if __name__ == "__main__":
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it): no fixed port that a parallel run could hold."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra) -> dict[str, str]:
+    """The test process's environment without its rendezvous, on DeepSpeed's CPU accelerator, with one
+    OpenMP thread: on 2 shared cores a tiny run's epoch took 14 s with torch's default of 2 threads and
+    0.9 s with 1 (two threads of one process wait on each other when another process holds a core)."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    return {**env, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` and what it started (it leads its own session: ``start_new_session=True``), and
+    reap it. A launcher's rank processes go with it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=30)
+
+
+def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """``cmd`` in its own session (``stop`` kills it whole), output (stdout and stderr) piped as text."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def run_command(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to its end (``timeout`` seconds at most); nothing it started outlives the call."""
+    proc = start(cmd, env)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        stop(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def launch(runs: list[list[str]], world: int, *, dump: Path | None = None, timeout: float = 500) -> list[str]:
+    """Run the argument lists ``runs`` one after the other in ``world`` rank processes; returns each
+    rank's output. Fails (AssertionError with the logs) when a rank exits non-zero."""
+    args = ["--dump", str(dump)] if dump is not None else []
+    for i, run in enumerate(runs):
+        args += (["--next"] if i else []) + run
+    port = free_port()
+    procs = []
+    try:
+        for rank in range(world):
+            env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port))
+            procs.append(start([sys.executable, str(Path(__file__).resolve())] + args, env))
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            stop(p)
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n" + logs[rank][-4000:]
+    return logs
+
+
+def _main(argv: list[str]) -> int:
+    from fastcps.train import main
+
+    dump = None
+    if argv[:1] == ["--dump"]:
+        from wiring_support import UpdateDump  # tests/ is this script's folder: on sys.path
+
+        dump, argv = UpdateDump(Path(argv[1])), argv[2:]
     runs, cur = [], []
-    for a in sys.argv[1:]:
+    for a in argv:
         if a == "--next":
             runs.append(cur)
             cur = []
         else:
             cur.append(a)
     runs.append(cur)
-    for args in runs:
+    for k, args in enumerate(runs):
+        if dump is not None:
+            dump.start(k)
         rc = main(args)
+        if dump is not None:
+            dump.save()
         if rc:
-            sys.exit(rc)
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

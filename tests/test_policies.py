@@ -3,9 +3,7 @@ agree with the stock diffusers pipelines, their LoRA exports load with ``load_lo
 missing weights path is named, and one GRPO epoch runs under ZeRO-3 with 2 processes."""
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from fastcps.config import LoraConfig, PolicyConfig
 from fastcps.policies import build_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from multi_run import launch  # noqa: E402
 from tiny_pipelines import save_tiny_flux, save_tiny_sd3  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,14 +172,6 @@ def tiny_run_args(path, out, name, rewards):
     return [a for kv in sets for a in ("--set", kv)]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
     """Two ranks (a process each, rendezvous through the environment as the launcher sets it up)
@@ -195,21 +186,10 @@ def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
     pickscore = [{"name": "pickscore", "args": {"model": str(clip / "model"), "processor": str(clip / "processor"),
                                                 "max_length": 16}}]
     hpsv2 = [{"name": "hpsv2", "args": {"checkpoint": str(hps_ckpt), "model_config": str(hps_cfg)}}]
-    args = (["--config", str(ROOT / "configs" / "flux_pickscore.json")]
-            + tiny_run_args(tiny["flux"], tmp_path, "flux", pickscore)
-            + ["--next", "--config", str(ROOT / "configs" / "sd35_ocr.json")]
-            + tiny_run_args(tiny["sd3"], tmp_path, "sd3", hpsv2))
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in {"LOCAL_WORLD_SIZE"}}
-        env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "multi_run.py")] + args, cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=400)[0] for p in procs]
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank}:\n" + logs[rank][-4000:]
+    launch([["--config", str(ROOT / "configs" / "flux_pickscore.json")]
+            + tiny_run_args(tiny["flux"], tmp_path, "flux", pickscore),
+            ["--config", str(ROOT / "configs" / "sd35_ocr.json")] + tiny_run_args(tiny["sd3"], tmp_path, "sd3", hpsv2)],
+           world=2, timeout=400)
     for name in ("flux", "sd3"):
         run = tmp_path / name
         last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]

@@ -23,7 +23,8 @@ from fastcps.rollout import eval_noise
 from fastcps.sample import compare, main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_trainer import CONFIG, ROOT, clean_env, sets  # noqa: E402
+from multi_run import child_env  # noqa: E402
+from test_trainer import CONFIG, ROOT, sets  # noqa: E402
 
 TINY_RUN = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=4",
             "train.rollout_batch_size=4", "train.minibatch_size=4", "eval.num_prompts=2", "eval.images_per_prompt=2",
@@ -39,7 +40,7 @@ def trained_run(tmp_path_factory):
     with open(out / "stdout.log", "w") as so, open(out / "stderr.log", "w") as se:
         proc = subprocess.run([sys.executable, "-m", "fastcps.train", "--config", CONFIG]
                               + sets(TINY_RUN + [f"output_dir={out}", "name=one"]),
-                              cwd=ROOT, env=clean_env(OMP_NUM_THREADS="1"), stdout=so, stderr=se, timeout=300)
+                              cwd=ROOT, env=child_env(), stdout=so, stderr=se, timeout=300)
     stdout, stderr = (out / "stdout.log").read_text(), (out / "stderr.log").read_text()
     assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     return SimpleNamespace(dir=out / "one", stdout=stdout, stderr=stderr)
