@@ -1,0 +1,127 @@
+"""Test-only hooks for the wiring tests (tests/test_wiring.py): a reward with a known direction, an
+engine that stands in for DeepSpeed's in one process, and a recorder of what the update is fed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class Brightness:
+    """Mean pixel value of each image, in [0, 1]: a reward any policy can move, read off the images."""
+
+    def __call__(self, images, prompts, metadata):
+        return images.float().mean(dim=(1, 2, 3))
+
+
+class Darkness:
+    """1 − brightness: with Brightness it makes a weighted total whose components are known exactly."""
+
+    def __call__(self, images, prompts, metadata):
+        return 1.0 - images.float().mean(dim=(1, 2, 3))
+
+
+class PlainEngine:
+    """``deepspeed.initialize``'s engine as the trainer uses it, for one process without ZeRO: backward
+    accumulates, ``step`` at an accumulation boundary clips the gradient norm (DeepSpeed's
+    ``gradient_clipping``), steps the optimizer and clears the gradients. Checkpoints are one file of
+    model and optimizer state per tag, with DeepSpeed's ``latest`` file beside them."""
+
+    def __init__(self, model, optimizer, config):
+        self.module, self.optimizer, self.clip = model, optimizer, config.get("gradient_clipping")
+        self.boundary = True
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def set_gradient_accumulation_boundary(self, flag: bool) -> None:
+        self.boundary = flag
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if not self.boundary:
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(params, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def was_step_applied(self) -> bool:
+        return not self.optimizer.last_skipped
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+        folder = Path(root) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "client": client_state}, folder / "state.pt")
+        (Path(root) / "latest").write_text(tag)
+
+    def load_checkpoint(self, root: str):
+        tag = (Path(root) / "latest").read_text().strip()
+        state = torch.load(Path(root) / tag / "state.pt", weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return str(Path(root) / tag), state["client"]
+
+
+def plain_initialize(model, optimizer, config):
+    """Stands in for ``deepspeed.initialize`` (monkeypatched): no process group, no ZeRO."""
+    return PlainEngine(model, optimizer, config), optimizer, None, None
+
+
+class UpdateDump:
+    """Records, for every training micro-step (``fastcps.update.micro_step_loss`` with gradients on,
+    i.e. not the old-log-prob recompute), each sample's global index (rank·n + local index), epoch,
+    trained-step index, prompt slot, reward, the advantage the loss was given and the latents it was
+    given; ``save()`` writes them to ``<folder>/run<k>.rank<r>.pt``."""
+
+    def __init__(self, folder: Path):
+        import fastcps.trainer as trainer
+        import fastcps.update as update
+
+        self.folder, self.records, self.run = Path(folder), [], 0
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.where: dict = {}
+        real_run, real_loss = trainer.run_update, update.micro_step_loss
+
+        def run_update(engine, optimizer, policy, data, adv, train_cfg, *, epoch, seed, rank=0, **kwargs):
+            self.where = {"epoch": epoch, "rank": rank, "offset": rank * data.x_t.shape[0]}
+            return real_run(engine, optimizer, policy, data, adv, train_cfg, epoch=epoch, seed=seed, rank=rank,
+                            **kwargs)
+
+        def micro_step_loss(policy, model, data, mb, j, old_logp, adv, **kwargs):
+            if torch.is_grad_enabled():
+                local = mb.cpu()
+                self.records.append({
+                    **self.where, "j": j, "index": (local + self.where["offset"]).tolist(),
+                    "group": data.group[local].tolist(), "reward": data.reward[local].clone(),
+                    "adv": adv.detach().cpu().clone(), "x_t": data.x_t[mb, j].detach().cpu().clone(),
+                    "x_next": data.x_next[mb, j].detach().cpu().clone()})
+            return real_loss(policy, model, data, mb, j, old_logp, adv, **kwargs)
+
+        trainer.run_update, update.micro_step_loss = run_update, micro_step_loss
+
+    def start(self, run: int) -> None:
+        self.run, self.records = run, []
+
+    def save(self) -> None:
+        rank = int(os.environ.get("RANK", "0"))
+        torch.save(self.records, self.folder / f"run{self.run}.rank{rank}.pt")
+
+
+def load_dump(folder: Path, run: int) -> dict[tuple[int, int, int], dict]:
+    """(epoch, global index, trained step) -> that sample's record, over all ranks of one run."""
+    out = {}
+    for path in sorted(Path(folder).glob(f"run{run}.rank*.pt")):
+        for rec in torch.load(path, weights_only=False):
+            for i, g in enumerate(rec["index"]):
+                key = (rec["epoch"], g, rec["j"])
+                assert key not in out, f"sample {key} trained twice in one pass ({path})"
+                out[key] = {"group": rec["group"][i], "reward": float(rec["reward"][i]), "adv": float(rec["adv"][i]),
+                            "x_t": rec["x_t"][i], "x_next": rec["x_next"][i]}
+    return out
