@@ -25,7 +25,7 @@ from fastcps.rewards import REGISTRY
 from fastcps.rollout import epoch_plan, plan_steps, window_start
 from fastcps.samplers import SAMPLERS, step_coeffs
 from fastcps.update import epoch_advantages
-from wiring_support import plain_initialize
+from wiring_support import advantages_by_hand, plain_initialize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,8 +88,11 @@ def test_training_moves_the_reward_the_right_way_and_negation_reverses_it(traine
     real = trainer_mod.epoch_advantages
 
     def brightness_change(sign: int) -> float:
-        monkeypatch.setattr(trainer_mod, "epoch_advantages",
-                            lambda *a, **k: (lambda o: o._replace(local=sign * o.local))(real(*a, **k)))
+        def signed_advantages(*args, **kwargs):
+            out = real(*args, **kwargs)
+            return out._replace(local=sign * out.local)
+
+        monkeypatch.setattr(trainer_mod, "epoch_advantages", signed_advantages)
         t = trainer(f"sampler.name={sampler}", "train.lr=1e-4", "train.minibatch_size=8")
         before = t.evaluate(0)["eval/brightness"]
         for epoch in range(DIRECTION_EPOCHS):
@@ -131,9 +134,7 @@ def test_epoch_advantages_follow_the_config(std):
     cfg = load_config(RunConfig, CONFIG, SMALL + [f"train.adv_std={std}", "train.adv_clip_max=1.3"])
     data = type("Data", (), {"reward": torch.tensor(rewards, dtype=torch.float32), "group": torch.tensor(groups)})
     out = epoch_advantages(data, cfg.train, torch.device("cpu"))
-    mean = np.array([rewards[groups == g].mean() for g in groups])
-    std_ = np.array([rewards[groups == g].std() for g in groups]) if std == "prompt" else rewards.std()
-    expected = np.clip((rewards - mean) / (std_ + 1e-4), -1.3, 1.3)
+    expected = advantages_by_hand(rewards, groups, std=std, clip=1.3)
     assert (np.abs(expected) == 1.3).any() and (np.abs(expected) < 1.3).any()  # the clip matters here
     np.testing.assert_allclose(out.local.numpy(), expected, rtol=1e-6, atol=1e-7)
 
@@ -150,9 +151,7 @@ def test_weighted_rewards_sum_into_the_advantages(trainer, monkeypatch):
     torch.testing.assert_close(d, 1 - b)
     torch.testing.assert_close(data.reward, 2.0 * b - 0.5 * d)
     assert float(data.reward.std()) > 0
-    r, g = data.reward.double().numpy(), data.group.numpy()
-    by_hand = [(r[i] - r[g == g[i]].mean()) / (r[g == g[i]].std() + 1e-4) for i in range(len(r))]
-    np.testing.assert_allclose(adv.local.numpy(), by_hand, rtol=1e-5)
+    np.testing.assert_allclose(adv.local.numpy(), advantages_by_hand(data.reward, data.group), rtol=1e-5)
     assert metrics["reward/mean"] == pytest.approx(float(data.reward.mean()))
     assert metrics["reward/brightness/mean"] == pytest.approx(float(b.mean()))
     assert metrics["reward/darkness/mean"] == pytest.approx(float(d.mean()))

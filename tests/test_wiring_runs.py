@@ -19,13 +19,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from multi_run import ROOT, child_env, launch, start, stop
-from wiring_support import load_dump
+from wiring_support import advantages_by_hand, load_dump
 
 pytestmark = pytest.mark.slow
 
@@ -102,15 +101,6 @@ def two_ranks(tmp_path_factory):
 
 # --- ranks -------------------------------------------------------------------------------------------
 
-def by_hand_advantages(samples: dict) -> dict[int, float]:
-    """Group advantages (population std, eps 1e-4, clip 5) from the dumped rewards, in numpy."""
-    idx = sorted(samples)
-    r = np.array([samples[i]["reward"] for i in idx], dtype=np.float64)
-    g = np.array([samples[i]["group"] for i in idx])
-    adv = [(r[k] - r[g == g[k]].mean()) / (r[g == g[k]].std() + 1e-4) for k in range(len(idx))]
-    return dict(zip(idx, np.clip(adv, -5, 5)))
-
-
 def test_one_and_two_ranks_feed_the_update_the_same_samples(one_process, two_ranks):
     """Per (epoch, global sample index, trained step), what the update's micro-step received: latents
     before and after the step, prompt slot, reward, advantage. The first epoch must agree to rounding
@@ -132,9 +122,10 @@ def test_one_and_two_ranks_feed_the_update_the_same_samples(one_process, two_ran
             assert gap <= tol, f"{field} of sample {key} differs by {gap:.3g} between 1 and 2 processes"
     for dump in (one, two):
         for epoch in range(2):
-            samples = {i: dump[(epoch, i, 0)] for i in range(8)}
-            assert sorted(s["group"] for s in samples.values()) == [0] * 4 + [1] * 4
-            for i, adv in by_hand_advantages(samples).items():
+            samples = [dump[(epoch, i, 0)] for i in range(8)]
+            groups = [s["group"] for s in samples]
+            assert sorted(groups) == [0] * 4 + [1] * 4
+            for i, adv in enumerate(advantages_by_hand([s["reward"] for s in samples], groups)):
                 for j in range(3):
                     assert dump[(epoch, i, j)]["adv"] == pytest.approx(adv, rel=1e-5, abs=1e-6), (epoch, i, j)
 

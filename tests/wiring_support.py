@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -21,6 +22,15 @@ class Darkness:
 
     def __call__(self, images, prompts, metadata):
         return 1.0 - images.float().mean(dim=(1, 2, 3))
+
+
+def advantages_by_hand(rewards, groups, *, std: str = "prompt", clip: float = 5.0) -> np.ndarray:
+    """GRPO advantages in numpy, float64, from the definition: (r - group mean) / (std + 1e-4), the
+    population std of the group (``prompt``) or of all rewards (``global``), clipped to ±clip."""
+    r, g = np.asarray(rewards, dtype=np.float64), np.asarray(groups)
+    mean = np.array([r[g == k].mean() for k in g])
+    spread = np.array([r[g == k].std() for k in g]) if std == "prompt" else r.std()
+    return np.clip((r - mean) / (spread + 1e-4), -clip, clip)
 
 
 class PlainEngine:
