@@ -184,6 +184,8 @@ def nothing_launches(monkeypatch):
         monkeypatch.setattr(fastcps.kernels, name, launched)
     monkeypatch.setattr(torch, "compile", launched)
     monkeypatch.delenv("FASTCPS_IMPL", raising=False)
+    monkeypatch.setenv("FASTCPS_COMPILE", "1")  # so that a CPU body reached by mistake would compile
+    monkeypatch.setenv("FASTCPS_COMPILE_MIN_NUMEL", "0")
 
 
 def assert_fake_cuda(t, shape, dtype):
