@@ -6,6 +6,11 @@ A sampler is therefore one small function ``(σ, σ', η) -> StepCoeffs``; one f
 
 σ, σ' and η may be Python floats or per-sample tensors; the result is always per-sample fp32 of
 shape (B,) once broadcast against ``batch_size``.
+
+Validation never stalls a GPU nor breaks a torch.compile graph: inputs readable on the host (Python
+numbers, CPU tensors, outside tracing) are checked there and raise ``ValueError``; CUDA tensors and
+traced graphs get device-side asserts (``torch._assert_async``) with the same messages, and Python
+numbers are still checked as numbers.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import is_fake
 
 __all__ = [
     "StepCoeffs",
@@ -53,11 +60,39 @@ class Sampler:
     uses_eta: bool = True
 
 
-def _f32(value, like: torch.Tensor | None = None) -> torch.Tensor:
+def _f32(value, like: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """``value`` as fp32 on ``device`` (default: ``like``'s). Python numbers go through ``torch.full``,
+    a fill kernel, not a host-to-device copy."""
+    device = like.device if device is None and like is not None else device
     if isinstance(value, torch.Tensor):
-        return value.detach().to(torch.float32)
-    device = like.device if like is not None else None
-    return torch.tensor(float(value), dtype=torch.float32, device=device)
+        # non_blocking only from the host: a device-to-host copy must land before it is read
+        return value.detach().to(device=device, dtype=torch.float32, non_blocking=value.device.type == "cpu")
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
+def _readable_on_host(*values) -> bool:
+    """True when every tensor among ``values`` can be read without a device sync or a graph break:
+    real CPU tensors, outside torch.compile tracing and fake-tensor mode."""
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+        return False
+    return all(not isinstance(v, torch.Tensor) or (v.device.type == "cpu" and not is_fake(v)) for v in values)
+
+
+def _require(bad, message: str, detail: Callable[[], str] | None = None) -> None:
+    """Stop where ``bad`` holds: a Python bool (numbers) or a host-readable tensor raises
+    ``ValueError(message + detail())`` now; a device tensor or a traced one becomes a device-side assert
+    with ``message`` (no host sync; the run stops with it when the assert runs)."""
+    if isinstance(bad, torch.Tensor):
+        if not _readable_on_host(bad):
+            torch._assert_async(torch.logical_not(bad.any()), message)
+            return
+        bad = bool(bad.any())
+    if bad:
+        raise ValueError(message + (detail() if detail is not None else ""))
+
+
+def _show(value) -> str:
+    return str(value.tolist() if isinstance(value, torch.Tensor) else value)
 
 
 # Each rule returns (s, a1); a0 = 1 − σ' for every sampler in scope.
@@ -71,18 +106,15 @@ def _flow_sde_std(sigma, sigma_next, eta, sigma_max):
     # Flow-GRPO eq. 3: s = η·sqrt(σ / (1 − σ*))·sqrt(Δ), with σ* = sigmas[1] at σ = 1 so the first
     # step (σ = 1) does not divide by zero. Flow-GRPO reads sigmas[1] off its scheduler.
     at_one = sigma == 1.0
-    if bool(at_one.any()):
-        if sigma_max is None:
-            raise ValueError(
-                "flow_sde at sigma = 1 needs sigma_max: Flow-GRPO replaces sigma by the schedule's "
-                "second sigma (sigmas[1]) there. Pass sigma_max=sigmas[1]."
-            )
-        sigma_max = _f32(sigma_max, sigma)
-        if bool((sigma_max >= 1.0).any()):
-            raise ValueError(f"sigma_max must be < 1 (the schedule's second sigma), got {sigma_max}")
+    if sigma_max is None:
+        _require(at_one, "flow_sde at sigma = 1 needs sigma_max: Flow-GRPO replaces sigma by the schedule's "
+                         "second sigma (sigmas[1]) there. Pass sigma_max=sigmas[1].")
+        sigma_star = sigma  # σ < 1 everywhere, as just required
     else:
-        sigma_max = sigma  # unused where σ < 1
-    sigma_star = torch.where(at_one, sigma_max.expand_as(sigma), sigma)
+        sigma_max = _f32(sigma_max, sigma)
+        _require(at_one & (sigma_max >= 1.0), "sigma_max must be < 1 (the schedule's second sigma)",
+                 lambda: f", got {sigma_max}")
+        sigma_star = torch.where(at_one, sigma_max.expand_as(sigma), sigma)
     return eta * torch.sqrt(sigma / (1.0 - sigma_star)) * torch.sqrt(sigma - sigma_next)
 
 
@@ -104,13 +136,14 @@ def _cps(sigma, sigma_next, eta, sigma_max):
 
 def _cpws(sigma, sigma_next, eta, sigma_max):
     s = _flow_sde_std(sigma, sigma_next, eta, sigma_max)
-    if bool((s > sigma_next).any()):
+
+    def where_too_big() -> str:
         bad = int(torch.nonzero(s > sigma_next)[0, 0])
-        raise ValueError(
-            f"cpws needs its Wiener std s <= sigma_next (eq. 17), but sample {bad} has "
-            f"s = {float(s.flatten()[bad]):.4g} > sigma_next = {float(sigma_next.flatten()[bad]):.4g}. "
-            "Lower eta, or use cps (whose std is sigma_next·sin(eta·pi/2)) for that step."
-        )
+        return (f" (sample {bad} has s = {float(s.flatten()[bad]):.4g} > "
+                f"sigma_next = {float(sigma_next.flatten()[bad]):.4g})")
+
+    _require(s > sigma_next, "cpws needs its Wiener std s <= sigma_next (eq. 17). Lower eta, or use cps "
+                             "(whose std is sigma_next·sin(eta·pi/2)) for that step", where_too_big)
     return s, torch.sqrt(sigma_next * sigma_next - s * s)
 
 
@@ -165,11 +198,12 @@ def step_coeffs(
     eta = spec.default_eta if eta is None else eta
 
     ref = next((t for t in (sigma, sigma_next, eta) if isinstance(t, torch.Tensor)), None)
-    if device is None:
-        device = ref.device if ref is not None else "cpu"
-    sig = _f32(sigma).to(device).reshape(-1)
-    nxt = _f32(sigma_next).to(device).reshape(-1)
-    et = _f32(eta).to(device).reshape(-1)
+    device = torch.device(device if device is not None else ref.device if ref is not None else "cpu")
+    # Computed on the host when every input is readable there (one copy of the result to `device`
+    # at the end), else on `device` with device-side asserts.
+    on_host = _readable_on_host(sigma, sigma_next, eta, sigma_max)
+    where = torch.device("cpu") if on_host else device
+    sig, nxt, et = (_f32(t, device=where).reshape(-1) for t in (sigma, sigma_next, eta))
     sizes = {t.numel() for t in (sig, nxt, et)} - {1}
     if batch_size is not None:
         sizes.add(batch_size)
@@ -181,13 +215,14 @@ def step_coeffs(
     b = sizes.pop() if sizes else 1
     sig, nxt, et = (t.expand(b).contiguous() for t in (sig, nxt, et))
 
-    if bool((sig <= 0).any()) or bool((sig > 1).any()):
-        raise ValueError(f"sigma must lie in (0, 1], got {sig.tolist()}")
-    if bool((nxt < 0).any()) or bool((nxt >= sig).any()):
-        raise ValueError(f"sigma_next must satisfy 0 <= sigma_next < sigma, got sigma={sig.tolist()}, "
-                         f"sigma_next={nxt.tolist()}")
-    if spec.uses_eta and bool((et < 0).any()):
-        raise ValueError(f"eta must be >= 0 for {sampler}, got {et.tolist()}")
+    # Off the host, Python numbers are still checked as numbers (a ValueError now, not an assert later).
+    c_sig, c_nxt, c_et = (t if on_host or isinstance(raw, torch.Tensor) else raw
+                          for raw, t in zip((sigma, sigma_next, eta), (sig, nxt, et)))
+    _require((c_sig <= 0) | (c_sig > 1), "sigma must lie in (0, 1]", lambda: f", got {_show(c_sig)}")
+    _require((c_nxt < 0) | (c_nxt >= c_sig), "sigma_next must satisfy 0 <= sigma_next < sigma",
+             lambda: f", got sigma={_show(c_sig)}, sigma_next={_show(c_nxt)}")
+    if spec.uses_eta:
+        _require(c_et < 0, f"eta must be >= 0 for {sampler}", lambda: f", got {_show(c_et)}")
 
     s, a1 = spec.noise(sig, nxt, et, sigma_max)
     a0 = 1.0 - nxt
@@ -202,4 +237,7 @@ def step_coeffs(
         lp_w = torch.where(s > 0, 0.5 / var, nan)
         lp_c = torch.where(s > 0, -torch.log(s) - _LOG_SQRT_2PI, nan)
     kl_w = lp_w.clone()  # Flow-GRPO's KL carries the same 1/(2s²) as its log-prob; CPS's carries 1.
-    return StepCoeffs(a0, a1, s, alpha, beta, lp_w, lp_c, kl_w)
+    coeffs = StepCoeffs(a0, a1, s, alpha, beta, lp_w, lp_c, kl_w)
+    if where != device:
+        coeffs = StepCoeffs(*torch.stack(coeffs).to(device, non_blocking=True).unbind(0))
+    return coeffs
