@@ -1,4 +1,4 @@
-"""Every sampler of the paper as three per-sample scalars (MATH.md, "One shape for every sampler").
+"""Every sampler of the paper as three per-sample scalars (docs/math.md, "One shape for every sampler").
 
 A step is ``x' = a0·x̂0 + a1·x̂1 + s·ε = α·x + β·v + s·ε`` and its log-probability is
 ``lp_c − lp_w·mean((x' − μ)²)``; the KL to a reference policy is ``kl_w·β²·mean((v − v_ref)²)``.
@@ -30,9 +30,14 @@ __all__ = [
     "get_sampler",
     "step_coeffs",
     "LOGPROB_FORMS",
+    "KL_FORMS",
 ]
 
 LOGPROB_FORMS = ("paper", "gaussian")
+# KL to the reference, kl_w·mean((μθ − μref)²): "paper" = CPS eq. 16 / FlowCPS's code (kl_w = 1);
+# "gaussian" = the KL of the two step Gaussians, Flow-GRPO's paper eq. 6 (1/(2s²)); "flow_grpo" =
+# Flow-GRPO's training code (scripts/train_sd3.py), 1/(2·std_dev_t²) with std_dev_t = s/√Δ, i.e. Δ/(2s²).
+KL_FORMS = ("paper", "gaussian", "flow_grpo")
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -57,6 +62,7 @@ class Sampler:
     default_eta: float
     noise: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (σ, σ', η, σ_max) -> (s, a1)
     logprob: str  # "paper" (CPS eq. 15) or "gaussian" (Flow-GRPO eq. 14)
+    kl: str  # the KL form of its anchor's training code: "paper", "gaussian" or "flow_grpo"
     uses_eta: bool = True
 
 
@@ -157,14 +163,27 @@ def _dpmpp1_sde(sigma, sigma_next, eta, sigma_max):
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in (
-        Sampler("cps", 0.8, _cps, "paper"),
-        Sampler("flow_sde", 0.7, _flow_sde, "gaussian"),
-        Sampler("dance_sde", 0.3, _dance_sde, "gaussian"),
-        Sampler("ode", 0.0, _ode, "paper", uses_eta=False),
-        Sampler("cpws", 0.7, _cpws, "paper"),
-        Sampler("dpmpp1_sde", 0.0, _dpmpp1_sde, "gaussian", uses_eta=False),
+        # FlowCPS's scripts/train_*.py: mean((μ − μ_ref)²), unnormalised.
+        Sampler("cps", 0.8, _cps, "paper", "paper"),
+        # Flow-GRPO's scripts/train_sd3.py: mean((μ − μ_ref)²) / (2·std_dev_t²), std_dev_t without √Δ.
+        Sampler("flow_sde", 0.7, _flow_sde, "gaussian", "flow_grpo"),
+        # DanceGRPO's code has no KL: the Gaussian form, the true KL of its step.
+        Sampler("dance_sde", 0.3, _dance_sde, "gaussian", "gaussian"),
+        Sampler("ode", 0.0, _ode, "paper", "paper", uses_eta=False),
+        Sampler("cpws", 0.7, _cpws, "paper", "paper"),  # the CPS paper's sampler family: its KL form
+        Sampler("dpmpp1_sde", 0.0, _dpmpp1_sde, "gaussian", "gaussian", uses_eta=False),
     )
 }
+
+
+def _kl_weight(form: str, s: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``kl_w`` of ``KL = kl_w·mean((μθ − μref)²)``: 1 ("paper"), 1/(2s²) ("gaussian"), or Δ/(2s²)
+    ("flow_grpo": Flow-GRPO's training code divides by 2·std_dev_t² where std_dev_t = s/√Δ).
+    Undefined (NaN) where a divisor form meets s = 0: such steps are never trained."""
+    if form == "paper":
+        return torch.ones_like(s)
+    num = 0.5 * delta if form == "flow_grpo" else torch.full_like(s, 0.5)
+    return torch.where(s > 0, num / (s * s), torch.full_like(s, float("nan")))
 
 
 def get_sampler(name: str) -> Sampler:
@@ -183,6 +202,7 @@ def step_coeffs(
     batch_size: int | None = None,
     sigma_max=None,
     logprob: str | None = None,
+    kl: str | None = None,
     device: torch.device | str | None = None,
 ) -> StepCoeffs:
     """Per-sample coefficients of one step from σ to σ' (floats or (B,) tensors).
@@ -190,11 +210,16 @@ def step_coeffs(
     ``eta=None`` takes the sampler's default; ``logprob`` picks "paper" (−mean((x'−μ)²)) or
     "gaussian" (the full Gaussian density, mean over elements) and defaults to the sampler's own.
     Under "gaussian" a step with s = 0 has no density: its lp_w and lp_c are NaN, never trained.
+    ``kl`` picks the KL weight ``kl_w`` of ``kl_w·mean((μθ − μref)²)`` (KL_FORMS) and defaults to the
+    form of the sampler's anchor's training code.
     """
     spec = get_sampler(sampler)
     form = spec.logprob if logprob is None else logprob
     if form not in LOGPROB_FORMS:
         raise ValueError(f"logprob must be one of {LOGPROB_FORMS}, got {logprob!r}")
+    kl_form = spec.kl if kl is None else kl
+    if kl_form not in KL_FORMS:
+        raise ValueError(f"kl must be one of {KL_FORMS}, got {kl!r}")
     eta = spec.default_eta if eta is None else eta
 
     ref = next((t for t in (sigma, sigma_next, eta) if isinstance(t, torch.Tensor)), None)
@@ -236,7 +261,7 @@ def step_coeffs(
         nan = torch.full_like(s, float("nan"))
         lp_w = torch.where(s > 0, 0.5 / var, nan)
         lp_c = torch.where(s > 0, -torch.log(s) - _LOG_SQRT_2PI, nan)
-    kl_w = lp_w.clone()  # Flow-GRPO's KL carries the same 1/(2s²) as its log-prob; CPS's carries 1.
+    kl_w = _kl_weight(kl_form, s, sig - nxt)
     coeffs = StepCoeffs(a0, a1, s, alpha, beta, lp_w, lp_c, kl_w)
     if where != device:
         coeffs = StepCoeffs(*torch.stack(coeffs).to(device, non_blocking=True).unbind(0))

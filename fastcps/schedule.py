@@ -8,7 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 
 def flow_sigmas(num_steps: int, *, shift: float = 1.0, mu: float | None = None) -> torch.Tensor:
-    """(num_steps + 1,) fp32 sigmas from 1 toward 0 with the trailing 0 (MATH.md, Notation).
+    """(num_steps + 1,) fp32 sigmas from 1 toward 0 with the trailing 0 (docs/math.md, Notation).
 
     Like FluxPipeline, the base grid is ``linspace(1, 1/N, N)``; ``mu`` applies FLUX's dynamic
     (exponential) shift as the pipeline computes it, else ``shift`` is SD3's static shift.

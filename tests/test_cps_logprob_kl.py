@@ -103,7 +103,7 @@ def test_reference_gradcheck_fp64():
     coeffs = [t.double() for t in ref_args(c)]
     v.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda vv: cps_logprob_kl_ref(x, vv, prev, *coeffs, v_ref=vref), (v,))
-    # and the closed-form ∂v of MATH.md is what autograd finds
+    # and the closed-form ∂v of docs/math.md is what autograd finds
     lp, kl = cps_logprob_kl_ref(x, v, prev, *coeffs, v_ref=vref)
     (lp.sum() + kl.sum()).backward()
     alpha, beta, lp_w, _, kl_w = coeffs

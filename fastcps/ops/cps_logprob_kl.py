@@ -1,5 +1,5 @@
 """Training op: per-sample log-prob of a stored x' and KL to the reference policy, with the fused
-backward that writes ∂v in one pass (MATH.md, "Gradients").
+backward that writes ∂v in one pass (docs/math.md, "Gradients").
 
 ``cps_logprob_kl_ref`` is the plain fp32 PyTorch oracle (differentiable by autograd, used for
 gradcheck); ``cps_logprob_kl`` validates its arguments and calls the operator

@@ -7,7 +7,7 @@ Conventions, as ``StableDiffusion3Pipeline.__call__`` does them (diffusers 0.42)
 - conditioning: the two CLIPs' penultimate states concatenated, padded to T5's width and joined
   with T5's tokens; pooled = both CLIPs' projected embeddings (``encode_prompt``);
 - schedule: ``flow_sigmas(N, shift)`` with the checkpoint's static shift (3): the base grid
-  ``linspace(1, 1/N, N)`` as for FLUX (MATH.md), shifted, plus the trailing 0. The stock pipeline's
+  ``linspace(1, 1/N, N)`` as for FLUX (docs/math.md), shifted, plus the trailing 0. The stock pipeline's
   ``set_timesteps(N)`` grid instead ends at σ ≈ 0.009 (shifted twice from σ_min = 1/1000), which at
   6 steps spends the last step on 0.009 → 0 after a 0.43 → 0.009 jump;
 - true classifier-free guidance when ``policy.cfg_scale`` is set (> 1): every velocity runs the
