@@ -18,6 +18,7 @@ and the micro-step's backward on fake CPU tensors (the autograd engine needs a r
 backward on CUDA tensors), which must reach every trained parameter and no frozen one.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -267,3 +268,22 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     assert data.x_t.shape == (2, 3, 1024, 64) and data.preview.shape == (2, 3, 512, 512)
     on(CUDA, data.x_t, data.log_prob, out.loss, logp)
     assert out.loss.requires_grad
+
+
+def test_each_rank_takes_its_local_gpu(monkeypatch):
+    """On a node of 8 GPUs each rank builds its policy on cuda:LOCAL_RANK and joins NCCL from there;
+    DeepSpeed's engine sets the device only later, so without this every rank's policy, prompt
+    encodings and rollout would sit on GPU 0 (and meet the engine's weights on another GPU)."""
+    import fastcps.distributed as distributed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert distributed.local_device() == torch.device("cuda", 5) and calls == [5]
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # init(): no real process group here
+    for key, default in (("MASTER_PORT", "29500"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(key, os.environ.get(key, default))  # init() fills these in: restore them after
+    calls.clear()
+    distributed.init()
+    assert calls == [5]
