@@ -206,10 +206,14 @@ def transients(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
     k = cfg.eval.images_per_prompt
     evaluation = max(m.step("nograd", k * c).peak, model.vae_peak(min(4, k))) if cfg.eval.every else 0.0
     step_fp32 = 0.0 if zero.offload_optimizer else 4 * min(model.trained / world, zero.sub_group_size)
+    # policy.offload_frozen: the text encoders come to the GPU while new prompts are encoded (the first
+    # epochs; encodings are cached in host memory); their own activations are not modeled
+    moved_in = sum(TEXT_ENCODERS[p.name].values()) * 1e9 * BYTES[p.dtype] if p.offload_frozen else 0.0
     return {"training micro-step": {"activations (measured)": act, "ZeRO-3 gathered parameters": gathered},
             "rollout step": {"forward / VAE decode (measured)": rollout, "ZeRO-3 gathered parameters": gathered},
             "eval step": {"forward / VAE decode (measured)": evaluation, "ZeRO-3 gathered parameters": gathered},
-            "optimizer step": {"fp32 gradient of the partition": step_fp32}}
+            "optimizer step": {"fp32 gradient of the partition": step_fp32},
+            "prompt encoding": {"text encoders moved in": moved_in}}
 
 
 def memory(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:

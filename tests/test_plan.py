@@ -134,6 +134,9 @@ def test_plan_arithmetic_on_a_tiny_transformer(tiny_flux):
     small = total - z["gathered_params"]
     assert m3["persistent"]["transformer weights"] == pytest.approx(2 * (z["gathered_params"] / 8 + small))
     assert m3["peak"] == max(m3["phase_totals"].values())
+    # policy.offload_frozen: T5-XXL + CLIP-L (4.885 B, bf16) come in only while prompts are encoded
+    assert m3["persistent"]["text encoders"] == 0.0
+    assert m3["transients"]["prompt encoding"]["text encoders moved in"] == pytest.approx(4.885e9 * 2)
     assert r["projected_epoch_s"] == pytest.approx(r["epoch_flop"] / (8 * 989e12 * 0.4))
     no_recompute = plan(load_config(RunConfig, str(FLUX_CFG), ["train.old_logprob=rollout", "train.beta_kl=0.01"]),
                         8, tiny_flux)
@@ -155,7 +158,7 @@ def test_json_and_gpu_mem(tiny_flux, tmp_path):
     wide.write_text(json.dumps({**TINY_FLUX, "num_attention_heads": 8, "num_layers": 4, "num_single_layers": 4}))
     off = [*common, "--model-config", str(wide), "--set", "policy.gradient_checkpointing=false",
            "--set", "train.minibatch_size=48", "--set", "train.gradient_accumulation_steps=1",
-           "--set", "train.rollout_batch_size=1", "--set", "eval.every=0"]
+           "--set", "train.rollout_batch_size=1", "--set", "eval.every=0", "--set", "policy.offload_frozen=false"]
     r = run_json(*off)
     with_ckpt, without = r["peak_gib_with_checkpointing"], r["peak_gib_without_checkpointing"]
     assert with_ckpt < without
