@@ -121,11 +121,11 @@ def passes(cfg: RunConfig, world: int, n_trained: float) -> dict:
            "old_logprob_calls": minibatches * n_trained if t.old_logprob == "recompute" else 0.0,
            "train": t.num_inner_epochs * per_rank * n_trained,
            "train_calls": t.num_inner_epochs * minibatches * n_trained}
-    # the reference's no-grad forward beside every training forward, and beside every old log-prob
-    # recompute too: Trainer._recompute_old goes through the same _loss
+    # the reference's no-grad forward beside every training forward (update.recompute_old_logprobs
+    # skips it: the reference does not change a log-prob)
     kl = t.beta_kl > 0
-    out["reference"] = out["train"] + out["old_logprob"] if kl else 0.0
-    out["reference_calls"] = out["train_calls"] + out["old_logprob_calls"] if kl else 0.0
+    out["reference"] = out["train"] if kl else 0.0
+    out["reference_calls"] = out["train_calls"] if kl else 0.0
     eval_calls = 0.0
     if e.every:  # every rank runs ceil(prompts / world) prompts, K images in one call per step
         eval_calls = math.ceil(e.num_prompts / world) * (e.num_steps or s.num_steps) / e.every
