@@ -53,17 +53,12 @@ def model_files(cfg: RunConfig) -> dict[str, Path]:
 
 
 def policy_sigmas(family: str, scheduler_config: dict, resolution: int, num_steps: int):
-    """The policy's own ``sigmas`` (FLUX.1-dev: the resolution-dependent dynamic shift), without
-    loading it: only the scheduler config and the token count are read by that method."""
-    import torch
+    """The policy's own schedule (FLUX.1-dev: the resolution-dependent dynamic shift) without loading
+    it: ``fastcps.schedule.pipeline_sigmas`` reads only the scheduler config and the token count."""
+    from fastcps.schedule import pipeline_sigmas
 
-    from fastcps.policies.flux import FluxPolicy
-    from fastcps.policies.sd3 import SD3Policy
-
-    pol = (FluxPolicy if family == "flux" else SD3Policy).__new__(FluxPolicy if family == "flux" else SD3Policy)
-    pol.scheduler_config, pol.num_tokens = scheduler_config, (resolution // 16) ** 2
-    pol._sigma_cache, pol.device = {}, torch.device("cpu")
-    return pol.sigmas(num_steps, device="cpu")
+    return pipeline_sigmas(scheduler_config, (resolution // 16) ** 2, num_steps,
+                           default_shift=1.0 if family == "flux" else 3.0)
 
 
 class Loader:
