@@ -61,6 +61,10 @@ class SamplerConfig:
     """Sampling steps of a rollout."""
     logprob: Literal["paper", "gaussian"] | None = None
     """Log-prob form; None = the sampler's own (cps: paper, flow_sde/dance_sde: gaussian)."""
+    kl: Literal["paper", "gaussian", "flow_grpo"] | None = None
+    """KL form of train.beta_kl·KL, KL = w·mean((μθ − μref)²); None = the sampler's anchor's training code:
+    cps `paper` (w = 1, FlowCPS), flow_sde `flow_grpo` (w = 1/(2·std_dev_t²), Flow-GRPO's code, no √Δ),
+    dance_sde `gaussian` (w = 1/(2s²), the step Gaussians' KL; DanceGRPO has no KL). See docs/math.md."""
     timestep_fraction: float = 1.0
     """Fraction of the noisy steps that are trained (the first ones, as flow_grpo does)."""
     sde_window_size: int | None = None

@@ -21,9 +21,21 @@ def init(backend: str | None = None) -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
+    local_device()  # before the process group: NCCL binds each rank to the current device
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def local_device() -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK``, made current (so NCCL and every allocation that
+    names plain ``cuda`` use it: without this, all ranks of a node would share GPU 0 until DeepSpeed's
+    engine sets the device, after the policy is already built), or the CPU."""
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
 def rank() -> int:

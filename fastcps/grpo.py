@@ -1,4 +1,4 @@
-"""The GRPO math (MATH.md, "GRPO objective"; paper eq. 4-5): group advantages and the clipped loss.
+"""The GRPO math (docs/math.md, "GRPO: advantages and loss"; paper eq. 4-5): group advantages and the clipped loss.
 
 Pure torch functions on flat per-sample tensors: no models, no distributed code. Groups that span ranks
 are gathered by the caller first (the advantage of a sample depends on its whole group).
@@ -161,7 +161,7 @@ def grpo_loss(
 
     ``old_logp`` and ``advantages`` are constants of the rollout and are detached here. Computed in
     float32 whatever the input dtype: at logp == old_logp the ratio is exp(0) = 1 exactly, and the first
-    on-policy update must see ratio_dev = 0 (MATH.md: anchors see 0.98-1.02 from precision mismatch).
+    on-policy update must see ratio_dev = 0 (docs/math.md: anchors see 0.98-1.02 from precision mismatch).
     Checking the loss for non-finite values is the caller's job (it costs a device sync).
     """
     if logp.shape != old_logp.shape or logp.shape != advantages.shape:

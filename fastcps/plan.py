@@ -1,30 +1,26 @@
 """What a run will cost, before any weight loads: ``python -m fastcps.plan --config X.json --world-size 8``.
 
-Prints the batch arithmetic, a per-GPU memory estimate under ZeRO-3 (LoRA vs full fine-tuning),
-and the transformer forward/backward passes per epoch. The parameter count is exact: the
-transformer is built on the ``meta`` device from its config (``configs/models/*.json``, copied from
-the hub's ``transformer/config.json``; or ``<policy.pretrained>/transformer/config.json`` when that is
-a local folder), and LoRA's count is summed over the Linear layers the targets match, as peft does.
+Measured, on fake tensors (``fastcps.measure``; no weights, no GPU): the real transformer is built from
+its config (``configs/models/*.json``, copied from the hub; or ``<policy.pretrained>/transformer/`` when
+that is a local folder), with the config's LoRA adapters, and run at the config's resolution, text
+length and batch sizes: FLOPs of a forward and of autograd's backward (and of gradient checkpointing's
+re-forwards), and the peak bytes of a training micro-step, a rollout forward and a VAE decode.
+Counted around them (``fastcps.plan_costs``): the passes of an epoch, ZeRO-2/3 partitions, buffers
+and gathers with DeepSpeed's defaults, frozen models at published sizes, the rollout's buffers.
 
-Memory model (bytes per parameter, mixed precision with DeepSpeed's bf16 optimizer):
-- frozen weights: 2 (bf16), partitioned over the ranks by ZeRO-3;
-- trained weights: 2 (bf16 copy) + 2 (bf16 gradient) + 4 (fp32 master) + 8 (Adam m, v) = 16,
-  partitioned; ZeRO-3 also gathers whole layers for each forward/backward (the "live" working set,
-  at most ``stage3_max_live_parameters``, 1e9 by default, and at least the largest block);
-- activations per sample of one training forward: ~34·s·h bytes per transformer block (s tokens,
-  hidden h; Korthikanti et al. 2022, with memory-efficient attention so no s² term), or with
-  gradient checkpointing 2·s·h per block (its input) plus one block's 34·s·h.
-Activations do not shrink with LoRA: the gradient still flows through every block.
+Options: ``--gpu-mem GIB`` says whether the peak fits and, if not, which ``--set`` flags make it fit;
+``--mfu`` / ``--peak-tflops`` turn the epoch's FLOPs into a projected time; ``--json`` prints one
+JSON object instead of the table. Config errors exit with status 2 and name the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
+from fastcps import plan_costs as pc
 from fastcps.config import RunConfig
 from fastcps.configlib import ConfigError, load_config, validate_tree
 
@@ -32,223 +28,181 @@ MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"  # in the
 if not MODELS.is_dir():  # an installed package: the configs/ folder of the working directory
     MODELS = Path("configs") / "models"
 GIB = 2**30
-# Frozen components, for reference (published sizes, not built here): parameters in billions.
-FROZEN = {
-    "flux": {"T5-XXL encoder": 4.762, "CLIP-L text": 0.123, "VAE": 0.084},
-    "sd3": {"T5-XXL encoder": 4.762, "CLIP-G text": 0.695, "CLIP-L text": 0.123, "VAE": 0.084},
-}
-ACT_PER_BLOCK = 34  # bytes per token per hidden unit of one block's saved activations (bf16)
+H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense bf16 (NVIDIA's datasheet: 1979 with sparsity)
 
 
-def model_config_path(cfg: RunConfig) -> Path:
-    local = Path(cfg.policy.pretrained) / "transformer" / "config.json"
-    if cfg.policy.pretrained and local.is_file():
-        return local
-    name = cfg.policy.pretrained.lower()
-    if cfg.policy.name == "flux":
-        return MODELS / ("flux1-schnell_transformer.json" if "schnell" in name else "flux1-dev_transformer.json")
-    if cfg.policy.name == "sd3":
-        if "large" in name:
-            raise ConfigError(f"no shipped transformer config for {cfg.policy.pretrained!r}; pass --model-config")
-        return MODELS / "sd3.5-medium_transformer.json"
-    raise ConfigError(f"policy.name = {cfg.policy.name!r}: the plan covers flux and sd3")
-
-
-def build_meta(name: str, config: dict):
-    import torch
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    cls = FluxTransformer2DModel if name == "flux" else SD3Transformer2DModel
-    with torch.device("meta"):  # shapes only: no memory, no weights
-        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-
-
-def lora_params(model, targets: list[str], r: int) -> tuple[int, int]:
-    """(LoRA parameters, adapted Linear layers) for peft's suffix match of ``targets``."""
-    import torch
-
-    n = layers = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            n += r * (mod.in_features + mod.out_features)
-            layers += 1
-    return n, layers
-
-
-def gib(x: float) -> str:
-    return f"{x / GIB:8.2f} GiB"
-
-
-def plan(cfg: RunConfig, world: int, model_config: Path | None = None, out=sys.stdout) -> dict:
-    from fastcps.rollout import plan_steps
-    from fastcps.schedule import flow_sigmas
-
-    def p(line=""):
-        print(line, file=out)
-
-    t, s, pol = cfg.train, cfg.sampler, cfg.policy
-    path = model_config or model_config_path(cfg)
-    mc = json.loads(Path(path).read_text())
-    model = build_meta(pol.name, mc)
-    n_params = sum(q.numel() for q in model.parameters())
-
-    # --- batch arithmetic -----------------------------------------------------------------------
-    images = t.prompts_per_epoch * t.images_per_prompt
-    per_rank = images // world
-    rollout_batches = per_rank // t.rollout_batch_size
-    minibatches = per_rank // t.minibatch_size
-    opt_steps = t.num_inner_epochs * minibatches // t.gradient_accumulation_steps
-    # trained steps: the sampler's noisy steps in the SDE window (timestep_fraction of them)
-    sig = flow_sigmas(s.num_steps, shift=3.0)
-    win = s.sde_window_size
-    n_trained = len(plan_steps(s.name, s.eta, sig, timestep_fraction=s.timestep_fraction, window_size=win,
-                               window_start=0, logprob=s.logprob).trained)
-    micro_per_opt = t.gradient_accumulation_steps * n_trained
-    p(f"fastcps plan: {cfg.name}  ({pol.name}, {pol.pretrained or 'no weights named'}; transformer config {path})")
-    p(f"world size {world}")
-    p()
-    p("batch arithmetic")
-    p(f"  prompts per epoch           {t.prompts_per_epoch} groups x K = {t.images_per_prompt} images = {images} images")
-    p(f"  per rank                    {per_rank} images = {rollout_batches} rollout batches of {t.rollout_batch_size}"
-      f", {minibatches} minibatches of {t.minibatch_size}")
-    span = min(t.images_per_prompt, world)
-    p(f"  groups across ranks         the {images} slots are shuffled over {world} ranks: a group of "
-      f"{t.images_per_prompt} spans up to {span} ranks; advantages are computed after an all-gather of "
-      f"{images} rewards")
-    p(f"  trained steps per image     {n_trained} of {s.num_steps} ({s.name}, "
-      f"{'SDE window ' + str(win) if win else 'every noisy step'}, timestep_fraction {s.timestep_fraction})")
-    p(f"  gradient accumulation       {t.gradient_accumulation_steps} minibatches x {n_trained} steps = "
-      f"{micro_per_opt} micro-steps per optimizer step")
-    p(f"  optimizer steps per epoch   {opt_steps} (num_inner_epochs {t.num_inner_epochs}); samples per "
-      f"optimizer step {t.minibatch_size * t.gradient_accumulation_steps * world} images x {n_trained} steps")
-
-    # --- passes per epoch --------------------------------------------------------------------------
-    cfg_mult = 2 if (pol.name == "sd3" and pol.cfg_scale and pol.cfg_scale > 1) else 1
-    roll_fwd = per_rank * s.num_steps * cfg_mult
-    old_fwd = per_rank * n_trained * cfg_mult if t.old_logprob == "recompute" else 0
-    train_fb = t.num_inner_epochs * per_rank * n_trained * cfg_mult
-    ref_fwd = train_fb if t.beta_kl > 0 else 0
-    recompute = train_fb if pol.gradient_checkpointing else 0
-    e = cfg.eval
-    eval_fwd = 0.0
-    if e.every:
-        eval_fwd = math.ceil(e.num_prompts / world) * e.images_per_prompt * (e.num_steps or s.num_steps) * cfg_mult / e.every
-    p()
-    p("transformer passes per epoch, per rank (sample-passes: one image through the transformer once"
-      + ("; true CFG doubles each" if cfg_mult == 2 else "") + ")")
-    p(f"  rollout forwards (no grad)          {roll_fwd:>8}  = {per_rank} images x {s.num_steps} steps"
-      f" in {rollout_batches * s.num_steps} calls")
-    p(f"  old log-prob forwards (no grad)     {old_fwd:>8}  (old_logprob = {t.old_logprob})")
-    p(f"  training forwards + backwards       {train_fb:>8}  in {t.num_inner_epochs * minibatches * n_trained} calls")
-    p(f"  gradient-checkpoint re-forwards     {recompute:>8}")
-    p(f"  reference forwards (beta_kl > 0)    {ref_fwd:>8}")
-    p(f"  eval forwards (amortised)           {eval_fwd:>8.1f}  every {e.every} epochs")
-    total_fwd = roll_fwd + old_fwd + train_fb + recompute + ref_fwd + eval_fwd
-    p(f"  total: {total_fwd:.0f} forwards and {train_fb} backwards per rank; x{world} ranks = "
-      f"{total_fwd * world:.0f} / {train_fb * world}")
-
-    # --- memory -----------------------------------------------------------------------------------
+def model_files(cfg: RunConfig) -> dict[str, Path]:
+    """transformer / scheduler / vae configs: the local pipeline folder's, else the shipped copies."""
+    pol = cfg.policy
+    local = Path(pol.pretrained) if pol.pretrained else None
+    if local is not None and (local / "transformer" / "config.json").is_file():
+        return {"transformer": local / "transformer" / "config.json", "vae": local / "vae" / "config.json",
+                "scheduler": local / "scheduler" / "scheduler_config.json"}
+    name = pol.pretrained.lower()
     if pol.name == "flux":
-        h = mc["num_attention_heads"] * mc["attention_head_dim"]
-        img_tokens = (pol.resolution // 16) ** 2
-        txt_tokens = pol.max_sequence_length
-        blocks = mc["num_layers"] + mc["num_single_layers"]
-    else:
-        h = mc["num_attention_heads"] * mc["attention_head_dim"]
-        img_tokens = (pol.resolution // 8 // mc["patch_size"]) ** 2
-        txt_tokens = 77 + pol.max_sequence_length
-        blocks = mc["num_layers"] + len(mc.get("dual_attention_layers") or [])  # dual: a second attention
-    tokens = img_tokens + txt_tokens
-    act_block = ACT_PER_BLOCK * tokens * h
-    act_full = act_block * blocks
-    act_ckpt = 2 * tokens * h * blocks + act_block
-    act_sample = act_ckpt if pol.gradient_checkpointing else act_full
-    mb = t.minibatch_size * cfg_mult
-    largest = max(sum(q.numel() for q in blk.parameters()) for name, blk in model.named_modules()
-                  if name.count(".") == 1 and name.split(".")[0].endswith("blocks"))
-    live = max(largest, min(n_params, 10**9))
+        stem = "flux1-schnell" if "schnell" in name else "flux1-dev"
+        return {"transformer": MODELS / f"{stem}_transformer.json", "vae": MODELS / "flux1_vae.json",
+                "scheduler": MODELS / f"{stem}_scheduler.json"}
     if pol.name == "sd3":
-        from fastcps.policies.sd3 import SD3Policy as cls
-    else:
-        from fastcps.policies.flux import FluxPolicy as cls
-    targets = list(pol.lora.target_modules) if pol.lora and pol.lora.target_modules else list(cls.default_lora_targets)
-    r = pol.lora.r if pol.lora else 64
-    n_lora, n_layers = lora_params(model, targets, r)
-    wbytes = 2 if pol.dtype in ("bf16", "fp16") else 4
-    lora_mem = {"frozen weights (partition)": wbytes * n_params / world, "trained weights (partition)": wbytes * n_lora / world,
-                "gradients (partition)": wbytes * n_lora / world, "optimizer fp32 master+Adam (partition)": 12 * n_lora / world}
-    full_mem = {"frozen weights (partition)": 0.0, "trained weights (partition)": wbytes * n_params / world,
-                "gradients (partition)": wbytes * n_params / world,
-                "optimizer fp32 master+Adam (partition)": 12 * n_params / world}
-    shared = {"gathered live parameters (ZeRO-3)": wbytes * live,
-              f"activations, {mb} samples x {tokens} tokens": act_sample * mb}
-    p()
-    p(f"transformer: {n_params / 1e9:.3f} B parameters ({blocks} blocks, hidden {h}; built on the meta device)")
-    p(f"LoRA r {r}, alpha {pol.lora.alpha if pol.lora else 2 * r:g}: {n_lora / 1e6:.1f} M parameters in {n_layers} "
-      f"Linear layers ({', '.join(targets)})")
-    p(f"tokens per sample: {img_tokens} image + {txt_tokens} text; activations per sample "
-      f"{gib(act_full).strip()} without, {gib(act_ckpt).strip()} with gradient checkpointing "
-      f"(policy.gradient_checkpointing = {str(pol.gradient_checkpointing).lower()})")
-    p()
-    p(f"memory per GPU under ZeRO-3 at world size {world} (dtype {pol.dtype}), training step:")
-    p(f"  {'':42} {'LoRA':>12} {'full FT':>12}")
-    tot = {"lora": 0.0, "full": 0.0}
-    for k in lora_mem:
-        p(f"  {k:42} {gib(lora_mem[k]):>12} {gib(full_mem[k]):>12}")
-        tot["lora"] += lora_mem[k]
-        tot["full"] += full_mem[k]
-    for k, v in shared.items():
-        p(f"  {k:42} {gib(v):>12} {gib(v):>12}")
-        tot["lora"] += v
-        tot["full"] += v
-    frozen = FROZEN[pol.name]
-    vae = frozen["VAE"] * 1e9 * wbytes
-    enc = sum(v for k, v in frozen.items() if k != "VAE") * 1e9 * wbytes
-    p(f"  {'VAE (frozen, on GPU)':42} {gib(vae):>12} {gib(vae):>12}")
-    tot["lora"] += vae
-    tot["full"] += vae
-    if pol.offload_frozen:
-        p(f"  {'text encoders (frozen)':42} {'on CPU':>12} {'on CPU':>12}   ({gib(enc).strip()} of host memory, "
-          "policy.offload_frozen)")
-    else:
-        p(f"  {'text encoders (frozen, on GPU)':42} {gib(enc):>12} {gib(enc):>12}")
-        tot["lora"] += enc
-        tot["full"] += enc
-    p(f"  {'total (before reward models, CUDA context)':42} {gib(tot['lora']):>12} {gib(tot['full']):>12}")
-    ref_note = ("adapters off: no extra memory" if pol.lora else
-                f"full FT loads a second frozen copy: +{gib(wbytes * n_params).strip()} (unpartitioned)")
-    p(f"  reference policy (beta_kl = {t.beta_kl:g}): {ref_note if t.beta_kl > 0 else 'not used'}")
-    emb = txt_tokens * mc["joint_attention_dim"] * wbytes
-    seen = t.num_epochs * t.prompts_per_epoch
-    try:
-        from fastcps.prompts import load_prompts
+        if "large" in name:
+            raise ConfigError(f"policy.pretrained = {pol.pretrained!r}: no shipped SD3.5-Large config; give a "
+                              "local pipeline folder or --model-config")
+        return {"transformer": MODELS / "sd3.5-medium_transformer.json", "vae": MODELS / "sd3.5_vae.json",
+                "scheduler": MODELS / "sd3.5-medium_scheduler.json"}
+    raise ConfigError(f"policy.name = {pol.name!r}: the plan covers flux and sd3 (the toy needs no plan)")
 
-        seen = min(seen, len(load_prompts(cfg.prompts.source)[0]))
-    except (OSError, ValueError):
-        pass
-    p(f"  cached prompt embeddings: {emb / 2**20:.1f} MiB per distinct prompt, kept for the run on the policy's "
-      f"device (the trainer caches every prompt): up to {seen} prompts = {gib(seen * emb).strip()} per GPU")
-    p(f"  full FT - LoRA difference: {gib(tot['full'] - tot['lora']).strip()} per GPU "
-      f"({16 if wbytes == 2 else 20} bytes/parameter of optimizer state + gradients, partitioned over {world})")
-    return {"params": n_params, "lora_params": n_lora, "per_rank": per_rank, "optimizer_steps": opt_steps,
-            "trained_steps": n_trained, "forwards": total_fwd, "backwards": train_fb,
-            "memory_lora": tot["lora"], "memory_full": tot["full"], "activations_per_sample": act_sample}
+
+def policy_sigmas(family: str, scheduler_config: dict, resolution: int, num_steps: int):
+    """The policy's own schedule (FLUX.1-dev: the resolution-dependent dynamic shift) without loading
+    it: ``fastcps.schedule.pipeline_sigmas`` reads only the scheduler config and the token count."""
+    from fastcps.schedule import pipeline_sigmas
+
+    return pipeline_sigmas(scheduler_config, (resolution // 16) ** 2, num_steps,
+                           default_shift=1.0 if family == "flux" else 3.0)
+
+
+class Loader:
+    """Builds (once per distinct shape) the measured Model of a config and its ZeRO settings."""
+
+    def __init__(self, cfg: RunConfig, transformer_config: Path | None = None):
+        self.files = model_files(cfg)
+        if transformer_config is not None:
+            self.files["transformer"] = transformer_config
+        for key in ("transformer", "vae", "scheduler"):
+            if not self.files[key].is_file():
+                raise ConfigError(f"{key} config {str(self.files[key])!r} not found (from policy.pretrained = "
+                                  f"{cfg.policy.pretrained!r}); pass --model-config or a local pipeline folder")
+        ds_path = Path(cfg.deepspeed_config)
+        if not ds_path.is_file():
+            raise ConfigError(f"DeepSpeed config {str(ds_path)!r} (config key `deepspeed_config`) not found")
+        self.zero_section = json.loads(ds_path.read_text()).get("zero_optimization", {})
+        self.zero = pc.zero_settings(self.zero_section)
+        self.scheduler = json.loads(self.files["scheduler"].read_text())
+        self._models: dict = {}
+
+    def load_zero(self, stage: int, offload: bool = False) -> pc.Zero:
+        z = pc.zero_settings(self.zero_section, stage)
+        z.offload_optimizer = offload or z.offload_optimizer
+        return z
+
+    def model(self, cfg: RunConfig) -> pc.Model:
+        from fastcps import measure
+        from fastcps.policies.flux import FluxPolicy
+        from fastcps.policies.sd3 import SD3Policy
+
+        pol = cfg.policy
+        if pol.resolution % 16:
+            raise ConfigError(f"policy.resolution = {pol.resolution} must be a multiple of 16 (VAE x8, 2x2 patches)")
+        targets = list(pol.lora.target_modules) if pol.lora else []
+        lora = None
+        if pol.lora is not None:
+            targets = targets or list((FluxPolicy if pol.name == "flux" else SD3Policy).default_lora_targets)
+            lora = (pol.lora.r, float(pol.lora.alpha), tuple(targets))
+        text = pol.max_sequence_length + (77 if pol.name == "sd3" else 0)  # SD3: CLIP's 77 + T5's tokens
+        key = (lora, text, pol.resolution, pol.dtype)
+        if key not in self._models:
+            m = measure.meter(pol.name, str(self.files["transformer"]), pol.resolution, text, pol.dtype, lora)
+            self._models[key] = self._describe(m, pol, text)
+        return self._models[key]
+
+    def _describe(self, meter, pol, text: int) -> pc.Model:
+        from fastcps import measure
+
+        threshold = self.zero.param_persistence_threshold
+        params = list(meter.model.parameters())
+        largest = max(sum(p.numel() for p in mod.parameters(recurse=False) if p.numel() >= threshold)
+                      for mod in meter.model.modules())
+        c = meter.config
+        res = pol.resolution
+        latent = (res // 16) ** 2 * c["in_channels"] if pol.name == "flux" else c["in_channels"] * (res // 8) ** 2
+        vae_path, dtype = str(self.files["vae"]), pol.dtype
+        return pc.Model(
+            family=pol.name, params=sum(p.numel() for p in params),
+            trained=sum(p.numel() for p in params if p.requires_grad),
+            small=sum(p.numel() for p in params if p.numel() < threshold), largest_fetch=largest,
+            text_tokens=text, joint_dim=c["joint_attention_dim"], pooled_dim=c["pooled_projection_dim"],
+            latent_numel=latent, vae_params=measure.vae_decode_peak(vae_path, res, 1, dtype)[0], meter=meter,
+            vae_peak=lambda b: measure.vae_decode_peak(vae_path, res, b, dtype)[1],
+            sigmas=lambda n: policy_sigmas(pol.name, self.scheduler, res, n))
+
+
+def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_mem: float | None = None,
+         reserve: float = 1.0, mfu: float = 0.4, peak_tflops: float = H100_BF16_DENSE_TFLOPS) -> dict:
+    """Everything the report shows, as one dict (bytes, FLOPs, seconds; ``*_gib`` in GiB)."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu must lie in (0, 1], got {mfu}")
+    loader = Loader(cfg, model_config)
+    model = loader.model(cfg)
+    n_mean, n_min, n_max = pc.mean_trained(cfg, model.sigmas(cfg.sampler.num_steps))
+    fl = pc.flops(cfg, world, model, n_mean)
+    mem = {s: pc.memory(cfg, world, model, loader.load_zero(s)) for s in (2, 3)}
+    mine = mem[3] if loader.zero.stage >= 3 else mem[2]
+    c, t = pc.cfg_mult(cfg), cfg.train
+    acts = {"train": model.meter.step("train", t.minibatch_size * c).peak,
+            "train_checkpointed": model.meter.step("ckpt", t.minibatch_size * c).peak,
+            "rollout": model.meter.step("nograd", t.rollout_batch_size * c).peak,
+            "vae_decode": model.vae_peak(min(4, t.rollout_batch_size))}
+    other = pc.with_changes(cfg, {"policy.gradient_checkpointing": not cfg.policy.gradient_checkpointing})
+    other_peak = pc.memory(other, world, model, loader.zero)["peak"]
+    ckpt_peaks = {cfg.policy.gradient_checkpointing: mine["peak"], not cfg.policy.gradient_checkpointing: other_peak}
+    traffic = pc.zero_traffic(cfg, world, model, n_mean)
+    seconds = fl["epoch"] / (world * peak_tflops * 1e12 * mfu)
+    out = {
+        "config": cfg.name, "world_size": world, "zero_stage": loader.zero.stage, "files": {k: str(v) for k, v in
+                                                                                          loader.files.items()},
+        "transformer_params": model.params - (model.trained if cfg.policy.lora else 0),
+        "trained_params": model.trained, "lora": cfg.policy.lora is not None,
+        "images_per_rank": fl["passes"]["per_rank"], "optimizer_steps": fl["passes"]["optimizer_steps"],
+        "trained_steps_per_image": n_mean, "trained_steps_range": [n_min, n_max], "cfg_batch_multiplier": c,
+        "forward_flop_per_image": fl["forward_per_image"], "backward_flop_per_image": fl["backward_per_image"],
+        "recompute_flop_per_image": fl["recompute_per_image"], "backward": "autograd on fake CPU tensors",
+        "phase_flop": fl["phases"], "epoch_flop": fl["epoch"], "passes": fl["passes"],
+        "flow_grpo_phase_flop": fl["flow_grpo_phases"], "flow_grpo_epoch_flop": fl["flow_grpo_epoch"],
+        "activation_peak_bytes": acts, "memory": mem, "peak_gib_per_gpu": mine["peak"] / GIB,
+        "peak_phase": mine["peak_phase"],
+        "peak_gib_with_checkpointing": ckpt_peaks[True] / GIB, "peak_gib_without_checkpointing": ckpt_peaks[False] / GIB,
+        "zero_traffic_bytes_per_gpu": traffic, "mfu": mfu, "peak_tflops": peak_tflops,
+        "projected_epoch_s": seconds, "flow_grpo_projected_epoch_s": fl["flow_grpo_epoch"] / fl["epoch"] * seconds,
+        "reserve_gib": reserve,
+    }
+    if gpu_mem is not None:
+        limit = (gpu_mem - reserve) * GIB
+        out["gpu_mem_gib"] = gpu_mem
+        out["fits"] = mine["peak"] <= limit
+        sug = pc.suggest(cfg, world, loader.zero, limit, loader.model, loader.load_zero)
+        out["suggestion"] = {"set": sug["flags"], "peak_gib": sug["peak"] / GIB, "fits": sug["fits"]}
+    return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Batch arithmetic, memory and passes of a run (loads no weights)")
+    ap = argparse.ArgumentParser(description="FLOPs, memory and ZeRO traffic of a run, measured on fake tensors "
+                                             "(loads no weights, needs no GPU)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--world-size", type=int, required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--model-config", help="transformer config.json (default: configs/models/ by policy)")
+    ap.add_argument("--gpu-mem", type=float, metavar="GIB", help="GPU memory: does the run fit, and if not, how")
+    ap.add_argument("--reserve", type=float, default=1.0, metavar="GIB",
+                    help="kept free of --gpu-mem for the CUDA context, NCCL and fragmentation (not measured; 1)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="fraction of --peak-tflops reached (0.4): projection only")
+    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                    help="per-GPU dense bf16 peak (989: H100 SXM)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(RunConfig, args.config, args.overrides)
         validate_tree(cfg, world_size=args.world_size)
-        plan(cfg, args.world_size, Path(args.model_config) if args.model_config else None)
+        out = plan(cfg, args.world_size, Path(args.model_config) if args.model_config else None,
+                   gpu_mem=args.gpu_mem, reserve=args.reserve, mfu=args.mfu, peak_tflops=args.peak_tflops)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(out, default=float))
+    else:
+        from fastcps.plan_report import report
+
+        report(cfg, out, sys.stdout)
     return 0
 
 

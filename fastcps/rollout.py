@@ -58,7 +58,7 @@ class StepPlan(NamedTuple):
 
 
 def plan_steps(sampler: str, eta, sigmas: torch.Tensor, *, timestep_fraction: float = 1.0,
-               window_size: int | None = None, window_start: int = 0, logprob=None) -> StepPlan:
+               window_size: int | None = None, window_start: int = 0, logprob=None, kl=None) -> StepPlan:
     """The epoch's steps and their coefficients, computed and validated on the CPU from the schedule's
     values (a device schedule is copied once); ``.to(device)`` moves the result."""
     sigmas = sigmas.detach().to("cpu", torch.float32)
@@ -72,7 +72,7 @@ def plan_steps(sampler: str, eta, sigmas: torch.Tensor, *, timestep_fraction: fl
     coeffs, noisy = [], []
     for i in range(n):
         name = sampler if stochastic[i] else "ode"
-        c = step_coeffs(name, sigmas[i], sigmas[i + 1], eta, sigma_max=sigmas[1], logprob=logprob)
+        c = step_coeffs(name, sigmas[i], sigmas[i + 1], eta, sigma_max=sigmas[1], logprob=logprob, kl=kl)
         coeffs.append(c)
         if stochastic[i] and float(c.s[0]) > 0:  # a step without noise has no policy gradient: never trained
             noisy.append(i)
@@ -190,7 +190,8 @@ def epoch_plan(cfg, epoch: int, policy) -> StepPlan:
     """The epoch's plan on the CPU (host values: run it outside any fake-tensor mode)."""
     s = cfg.sampler
     return plan_steps(s.name, s.eta, policy.sigmas(s.num_steps, device="cpu"), timestep_fraction=s.timestep_fraction,
-                      window_size=s.sde_window_size, window_start=window_start(cfg, epoch), logprob=s.logprob)
+                      window_size=s.sde_window_size, window_start=window_start(cfg, epoch), logprob=s.logprob,
+                      kl=s.kl)
 
 
 def initial_noise(policy, seed_parts: tuple, indices: list[int], device) -> torch.Tensor:

@@ -8,7 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 
 def flow_sigmas(num_steps: int, *, shift: float = 1.0, mu: float | None = None) -> torch.Tensor:
-    """(num_steps + 1,) fp32 sigmas from 1 toward 0 with the trailing 0 (MATH.md, Notation).
+    """(num_steps + 1,) fp32 sigmas from 1 toward 0 with the trailing 0 (docs/math.md, Notation).
 
     Like FluxPipeline, the base grid is ``linspace(1, 1/N, N)``; ``mu`` applies FLUX's dynamic
     (exponential) shift as the pipeline computes it, else ``shift`` is SD3's static shift.
@@ -20,3 +20,18 @@ def flow_sigmas(num_steps: int, *, shift: float = 1.0, mu: float | None = None) 
     base = np.linspace(1.0, 1.0 / num_steps, num_steps)
     sched.set_timesteps(sigmas=base, mu=mu) if dynamic else sched.set_timesteps(sigmas=base)
     return sched.sigmas.to(torch.float32)
+
+
+def pipeline_sigmas(scheduler_config: dict, num_tokens: int, num_steps: int, *, default_shift: float = 1.0) -> torch.Tensor:
+    """The schedule a pipeline's scheduler config gives for ``num_tokens`` image tokens: FLUX.1-dev's
+    resolution-dependent dynamic shift (``mu = calculate_shift(num_tokens, ...)``, as FluxPipeline
+    computes it) when ``use_dynamic_shifting``, else the static ``shift`` (FLUX.1-schnell 1, SD3.5 3).
+    The policies and ``fastcps.plan`` (which loads no model) share it."""
+    c = scheduler_config
+    if c.get("use_dynamic_shifting"):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        mu = calculate_shift(num_tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        return flow_sigmas(num_steps, mu=mu)
+    return flow_sigmas(num_steps, shift=float(c.get("shift", default_shift)))

@@ -16,7 +16,7 @@ class StepOutput(NamedTuple):
     prev_sample: torch.Tensor  # x' (the given one when prev_sample was passed)
     log_prob: torch.Tensor  # (B,) fp32, the sampler's own definition unless logprob= says otherwise
     mean: torch.Tensor  # μ = α·x + β·v, differentiable w.r.t. model_output when it requires grad
-    std: torch.Tensor  # (B,) fp32 injected std s of MATH.md
+    std: torch.Tensor  # (B,) fp32 injected std s of docs/math.md
 
 
 def sde_step_with_logprob(

@@ -59,7 +59,7 @@ class Trainer:
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.rank, self.world = dist.rank(), dist.world()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = dist.local_device()
         torch.manual_seed(cfg.seed)
         self.prompts, self.prompt_meta = load_prompts(cfg.prompts.source)
         self.eval_prompts = list(zip(*eval_prompt_set(cfg)))

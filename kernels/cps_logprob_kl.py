@@ -1,4 +1,4 @@
-"""Fused training forward/backward of a step's log-probability and KL (MATH.md, "Log-probability",
+"""Fused training forward/backward of a step's log-probability and KL (docs/math.md, "Log-probability of a step",
 "KL to the reference policy", "Gradients").
 
 With ``d = x' − (α·x + β·v)``:

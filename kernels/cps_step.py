@@ -1,6 +1,6 @@
 """Fused rollout step: ``prev = α·x + β·v + s·ε`` and its log-probability, one pass over memory.
 
-MATH.md, "One shape for every sampler": every sampler in scope is ``μ = α·x + β·v``, ``x' = μ + s·ε``,
+docs/math.md, "One shape for every sampler": every sampler in scope is ``μ = α·x + β·v``, ``x' = μ + s·ε``,
 ``logp = lp_c − lp_w·mean((x' − μ)²)``; only the per-sample fp32 scalars differ, and they are read
 from (B,) tensors (never float constexprs: σ changes every step and would recompile the kernel).
 

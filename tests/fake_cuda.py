@@ -22,16 +22,18 @@ def _fake(t: torch.Tensor, mode, device) -> torch.Tensor:
 
 
 def _fake_module(module: torch.nn.Module, mode, device, seen: dict) -> None:
+    """``seen`` maps id(original) -> (original, replacement): holding the original keeps its id from
+    being reused by a new object while the conversion runs (a reused id would alias two tensors)."""
     for m in module.modules():
         if id(m) in seen:
             continue
-        seen[id(m)] = m
+        seen[id(m)] = (m, m)
         for name, p in list(m._parameters.items()):
             if p is None:
                 continue
             if id(p) not in seen:  # tied weights stay tied
-                seen[id(p)] = torch.nn.Parameter(_fake(p, mode, device), requires_grad=p.requires_grad)
-            m._parameters[name] = seen[id(p)]
+                seen[id(p)] = (p, torch.nn.Parameter(_fake(p, mode, device), requires_grad=p.requires_grad))
+            m._parameters[name] = seen[id(p)][1]
         for name, b in list(m._buffers.items()):
             if b is not None:
                 m._buffers[name] = _fake(b, mode, device)

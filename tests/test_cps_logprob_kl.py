@@ -1,5 +1,7 @@
 """The training op: fused log-prob/KL forward and ∂v backward vs the fp32 reference."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -9,6 +11,11 @@ from tolerance import assert_close_fp32, assert_close_lowp
 IMPLS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (2, 3), (3, 1009), (1, 7, 64), (4, 2, 5, 7)]
+
+
+def stable_seed(*key) -> int:
+    """A per-case seed that is the same in every run (``hash()`` of a str changes with PYTHONHASHSEED)."""
+    return zlib.crc32(repr(key).encode())
 
 
 def make(shape, dtype, sampler="cps", last=False, seed=0):
@@ -49,7 +56,7 @@ def grads(fn, v, g_lp, g_kl):
 @pytest.mark.parametrize("case", ["mid", "last", "gaussian", "no_ref"])
 def test_forward_backward_match_reference(impl, dtype, shape, case):
     x, v, prev, vref, c = make(shape, dtype, sampler="flow_sde" if case == "gaussian" else "cps",
-                               last=case == "last", seed=hash((shape, str(dtype), case)) % 2**31)
+                               last=case == "last", seed=stable_seed(shape, dtype, case))
     if case == "gaussian":  # Flow-SDE needs σ < 1 without sigma_max; make() keeps σ ≤ 0.95
         pass
     use_ref = None if case == "no_ref" else vref
@@ -96,7 +103,7 @@ def test_reference_gradcheck_fp64():
     coeffs = [t.double() for t in ref_args(c)]
     v.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda vv: cps_logprob_kl_ref(x, vv, prev, *coeffs, v_ref=vref), (v,))
-    # and the closed-form ∂v of MATH.md is what autograd finds
+    # and the closed-form ∂v of docs/math.md is what autograd finds
     lp, kl = cps_logprob_kl_ref(x, v, prev, *coeffs, v_ref=vref)
     (lp.sum() + kl.sum()).backward()
     alpha, beta, lp_w, _, kl_w = coeffs

@@ -2,6 +2,8 @@
 
 import math
 
+import zlib
+
 import pytest
 import torch
 
@@ -10,6 +12,11 @@ from tolerance import assert_close_fp32, assert_close_lowp, logp_ulp_allowance
 
 IMPLS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def stable_seed(*key) -> int:
+    """A per-case seed that is the same in every run (``hash()`` of a str changes with PYTHONHASHSEED)."""
+    return zlib.crc32(repr(key).encode())
 
 
 def coeffs_for(batch, sampler="cps", last=False, eta=None, seed=0):
@@ -43,7 +50,7 @@ SHAPES = [(1, 1), (2, 3), (3, 1009), (1, 7, 64), (4, 2, 5, 7), (5, 257)]
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("case", ["mid", "last", "eta0", "gaussian"])
 def test_step_with_given_noise_matches_reference(impl, dtype, shape, case):
-    x, v, eps = inputs(shape, dtype, seed=hash((shape, str(dtype), case)) % 2**31)
+    x, v, eps = inputs(shape, dtype, seed=stable_seed(shape, dtype, case))
     b = shape[0]
     c = {"mid": coeffs_for(b), "last": coeffs_for(b, last=True), "eta0": coeffs_for(b, eta=0.0),
          "gaussian": coeffs_for(b, sampler="flow_sde")}[case]

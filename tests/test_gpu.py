@@ -21,7 +21,7 @@ def on_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("b", [1, 4, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_step_and_logprob_kl_at_flux_sizes(b, dtype):
     g = torch.Generator(device="cuda").manual_seed(b)
     x, v, eps, vref = (torch.randn(b, 4096, 64, device="cuda", generator=g).to(dtype) for _ in range(4))
@@ -58,3 +58,34 @@ def test_seeded_noise_matches_the_cpu_philox():
 
     cpu = 0.5 * philox_randn(3, 11 + torch.arange(2 * 4096)).reshape(2, 4096)
     torch.testing.assert_close(gpu, cpu, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block, iters, warps", [(128, 1, 1), (256, 4, 2), (1024, 8, 4), (2048, 2, 8)])
+def test_every_tiling_agrees_on_cuda(dtype, block, iters, warps):
+    """The launchers' block/iters/num_warps overrides on the device: the multi-iteration chunk loop
+    (ITERS > 1), an odd N whose last chunk is partial, and rows with a stride other than N (a slice of
+    a wider tensor), against the fp32 reference."""
+    from fastcps.kernels import cps_logprob_kl_bwd, cps_logprob_kl_fwd, cps_step_fwd
+
+    b, n = 3, 4096 * 16 + 17
+    g = torch.Generator(device="cuda").manual_seed(block + iters)
+    wide = [torch.randn(b, n + 40, device="cuda", generator=g).to(dtype) for _ in range(4)]
+    x, v, eps, vref = (t[:, 5:5 + n] for t in wide)  # row stride n + 40
+    assert x.stride(0) != n
+    c = step_coeffs("flow_sde", torch.tensor([0.9, 0.5, 0.2], device="cuda"), torch.tensor([0.7, 0.3, 0.0],
+                    device="cuda"), sigma_max=0.95)
+    tile = dict(block=block, iters=iters, num_warps=warps)
+    prev, logp, _ = cps_step_fwd(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=eps, **tile)
+    own = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, prev_sample=prev)
+    assert_close_fp32("log_prob", logp, own.log_prob, rtol=1e-5, atol=1e-6)
+    lp, kl = cps_logprob_kl_fwd(x, v, prev, vref, c.alpha, c.beta, c.lp_w, c.lp_c, c.kl_w, **tile)
+    vr = v.float().requires_grad_(True)
+    rlp, rkl = cps_logprob_kl_ref(x, vr, prev, c.alpha, c.beta, c.lp_w, c.lp_c, c.kl_w, v_ref=vref)
+    assert_close_fp32("log_prob (training)", lp, rlp, rtol=1e-5, atol=1e-6)
+    assert_close_fp32("kl", kl, rkl, rtol=1e-5, atol=1e-6)
+    g_lp, g_kl = torch.randn(b, device="cuda", generator=g), torch.randn(b, device="cuda", generator=g)
+    (rlp * g_lp + rkl * g_kl).sum().backward()
+    dv = cps_logprob_kl_bwd(x, v, prev, vref, c.alpha, c.beta, c.lp_w, c.kl_w, g_lp, g_kl, **tile)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert_close_fp32("dv", dv.float(), vr.grad, rtol=tol, atol=1e-7)

@@ -1,4 +1,4 @@
-"""GRPO math against numbers computed by hand (MATH.md, "GRPO objective")."""
+"""GRPO math against numbers computed by hand (docs/math.md, "GRPO: advantages and loss")."""
 
 import math
 

@@ -209,7 +209,7 @@ def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
             torch.testing.assert_close(loaded[plain(k)], t)
 
 
-# --- configs and the plan (no weights) -------------------------------------------------------------------
+# --- configs (no weights; the plan is tested in tests/test_plan.py) ------------------------------------
 
 @pytest.mark.parametrize("name", ["flux_pickscore", "flux_schnell_hpsv2", "sd35_ocr", "sd35_geneval"])
 def test_shipped_configs_load_and_name_their_prompts(name):
@@ -226,26 +226,3 @@ def test_shipped_configs_load_and_name_their_prompts(name):
         assert all(m["tag"] and m["include"] for m in meta)
     if name == "sd35_ocr":
         assert all(p.count('"') == 2 for p in prompts)
-
-
-def test_plan_flux_dev_world_8():
-    import io
-
-    from fastcps.config import RunConfig
-    from fastcps.configlib import load_config
-    from fastcps.plan import plan
-
-    cfg = load_config(RunConfig, str(ROOT / "configs" / "flux_pickscore.json"))
-    buf = io.StringIO()
-    out = plan(cfg, 8, out=buf)
-    assert out["params"] == 11_901_408_320  # FLUX.1-dev's transformer, counted on the meta device
-    assert out["per_rank"] == 48 and out["trained_steps"] == 3 and out["optimizer_steps"] == 2
-    assert out["backwards"] == 48 * 3 and out["memory_full"] > out["memory_lora"] + 15 * 2**30
-    text = buf.getvalue()
-    from fastcps.plan import main
-
-    assert main(["--config", str(ROOT / "configs" / "flux_pickscore.json"), "--world-size", "8"]) == 0
-    assert main(["--config", str(ROOT / "configs" / "flux_pickscore.json"), "--world-size", "7"]) == 2
-    for key in ("batch arithmetic", "gradient accumulation", "memory per GPU under ZeRO-3", "LoRA", "full FT",
-                "forwards"):
-        assert key in text

@@ -1,4 +1,4 @@
-"""MATH.md's "Checks every implementation must pass", one test each, plus the Figure 2 numbers."""
+"""Every check the samplers' math must pass (docs/math.md), one test each, plus the Figure 2 numbers."""
 
 import math
 

@@ -154,3 +154,53 @@ def test_every_sampler_runs_and_eta_zero_is_ode():
 def test_public_import():
     assert fastcps.sde_step_with_logprob is sde_step_with_logprob
     assert fastcps.StepOutput._fields == ("prev_sample", "log_prob", "mean", "std")
+
+
+# --- the KL each sampler trains with equals its anchor's training code ----------------------------------
+
+def flow_grpo_std_dev_t(sigma, sigma_max, noise_level):
+    """Flow-GRPO's sde_step_with_logprob returns this std_dev_t (no √dt) and scripts/train_sd3.py divides
+    its KL by 2·std_dev_t²."""
+    return torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
+
+
+def kl_of(sampler, v, v_ref, x, prev, sig, nxt, eta=None, kl=None):
+    c = fastcps.step_coeffs(sampler, sig, nxt, eta, sigma_max=SIGMAS[1], kl=kl)
+    return fastcps.cps_logprob_kl(x, v, prev, c, v_ref).kl
+
+
+@pytest.mark.parametrize("index", [0, 3, 9])
+def test_kl_of_each_sampler_equals_its_anchor(index):
+    shape = (2, 16, 64)
+    v, x, eps = rand(shape, 10 + index)
+    v_ref = v + 0.1 * rand(shape, 20 + index)[0]
+    b, dims = shape[0], (1, 2)
+    sig, nxt = SIGMAS[index].repeat(b), SIGMAS[index + 1].repeat(b)
+    if index < 9:  # FlowCPS, scripts/train_sd3.py: kl_loss = ((μ − μ_ref)**2).mean(dims), unnormalised
+        prev, _, mu = flow_grpo_step(v, x, sig, nxt, SIGMAS[1], 0.8, noise=eps, sde_type="cps")
+        mu_ref = flow_grpo_step(v_ref, x, sig, nxt, SIGMAS[1], 0.8, prev_sample=prev, sde_type="cps")[2]
+        want = ((mu - mu_ref) ** 2).mean(dim=dims)
+        torch.testing.assert_close(kl_of("cps", v, v_ref, x, prev, sig, nxt), want, rtol=1e-5, atol=1e-9)
+    # Flow-GRPO, scripts/train_sd3.py: ((μ − μ_ref)**2).mean(dims) / (2·std_dev_t**2), sigma_max rule at σ = 1
+    prev, _, mu = flow_grpo_step(v, x, sig, nxt, SIGMAS[1], 0.7, noise=eps)
+    mu_ref = flow_grpo_step(v_ref, x, sig, nxt, SIGMAS[1], 0.7, prev_sample=prev)[2]
+    std_dev_t = flow_grpo_std_dev_t(sig, SIGMAS[1], 0.7)
+    want = ((mu - mu_ref) ** 2).mean(dim=dims) / (2 * std_dev_t ** 2)
+    torch.testing.assert_close(kl_of("flow_sde", v, v_ref, x, prev, sig, nxt), want, rtol=1e-5, atol=1e-9)
+    # ... and by name: the Gaussian form (Flow-GRPO's paper, eq. 6: s = std_dev_t·√Δ) and the unnormalised one
+    s2 = (std_dev_t * torch.sqrt(sig - nxt)) ** 2
+    torch.testing.assert_close(kl_of("flow_sde", v, v_ref, x, prev, sig, nxt, kl="gaussian"),
+                               ((mu - mu_ref) ** 2).mean(dim=dims) / (2 * s2), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(kl_of("flow_sde", v, v_ref, x, prev, sig, nxt, kl="paper"),
+                               ((mu - mu_ref) ** 2).mean(dim=dims), rtol=1e-5, atol=1e-9)
+    # DanceGRPO has no KL in its code: the Gaussian form of its step, std_dev_t = η·√Δ (flux_step)
+    s, n = float(SIGMAS[index]), float(SIGMAS[index + 1])
+    prev, _, mu = dance_flux_step(v, x, 0.3, s, n, noise=eps)
+    mu_ref = dance_flux_step(v_ref, x, 0.3, s, n, prev_sample=prev)[2]
+    want = ((mu - mu_ref) ** 2).mean(dim=dims) / (2 * (0.3 * math.sqrt(s - n)) ** 2)
+    torch.testing.assert_close(kl_of("dance_sde", v, v_ref, x, prev, sig, nxt), want, rtol=1e-5, atol=1e-9)
+
+
+def test_unknown_kl_form_is_named():
+    with pytest.raises(ValueError, match="kl must be one of"):
+        fastcps.step_coeffs("cps", 0.5, 0.4, kl="reverse")

@@ -2,7 +2,7 @@
 against the scheduler's σ' (what the next model call is told the noise level is).
 
 A coefficients-preserving sampler (CPS, CPWS) matches σ' exactly; Flow-SDE and Dance-SDE exceed it
-(MATH.md eq. 11), most at the last step where σ' = 0 and the excess is the residual noise in the image.
+(docs/math.md; paper eq. 11), most at the last step where σ' = 0 and the excess is the residual noise in the image.
 CPWS is undefined where its Wiener std exceeds σ' (always at the last step): those cells are "undef".
 """
 

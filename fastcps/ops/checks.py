@@ -45,3 +45,31 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows
+
+
+def check_op_inputs(op: str, x: torch.Tensor, latents: dict, coeffs: dict) -> None:
+    """Checks that the ``torch.ops.fastcps`` operators run in their real and fake kernels alike.
+
+    The public wrappers have already given the friendlier errors above; these stop a direct caller
+    of the operator (or a fake CUDA run mixing in a CPU tensor) before a kernel reads a wrong
+    pointer: (B, N) latents with unit inner stride on ``x``'s device, (B,) contiguous fp32
+    coefficients there too. Plain comparisons (a few microseconds per call): on symbolic shapes
+    they become guards.
+    """
+    shape, device = x.shape, x.device
+    if len(shape) != 2:
+        raise ValueError(f"{op}: 'x' must be (B, N) rows, got shape {tuple(shape)}")
+    for name, t in {"x": x, **latents}.items():
+        if t is None:
+            continue
+        if t.device != device:
+            raise ValueError(f"{op}: '{name}' is on {t.device} but 'x' is on {device}; "
+                             "move them to the same device")
+        if t.shape != shape:
+            raise ValueError(f"{op}: '{name}' has shape {tuple(t.shape)}, 'x' has {tuple(shape)}; they must match")
+        if shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{op}: '{name}' needs unit stride along N (see fastcps.ops.checks.as_rows)")
+    for name, c in coeffs.items():
+        if c.device != device or c.dtype != torch.float32 or c.shape != shape[:1] or (shape[0] > 1 and c.stride(0) != 1):
+            raise ValueError(f"{op}: coefficient '{name}' is {c.dtype} {tuple(c.shape)} on {c.device}; it must "
+                             f"be contiguous float32 ({shape[0]},) on {device}, like 'x'")

@@ -1,18 +1,22 @@
 """Training op: per-sample log-prob of a stored x' and KL to the reference policy, with the fused
-backward that writes ∂v in one pass (MATH.md, "Gradients").
+backward that writes ∂v in one pass (docs/math.md, "Gradients").
 
 ``cps_logprob_kl_ref`` is the plain fp32 PyTorch oracle (differentiable by autograd, used for
-gradcheck); ``cps_logprob_kl`` runs the Triton kernels on CUDA and the compiled reference math on
-CPU, both behind one ``torch.autograd.Function`` that saves only its inputs.
+gradcheck); ``cps_logprob_kl`` validates its arguments and calls the operator
+``torch.ops.fastcps.cps_logprob_kl``, whose backward is the operator
+``torch.ops.fastcps.cps_logprob_kl_backward``; both run the Triton kernels on CUDA and the compiled
+reference math on CPU (``fastcps.ops.dispatch.choose_impl``). Why ``custom_op`` (opaque to
+torch.compile) rather than ``triton_op``: see ``fastcps/ops/cps_step.py``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
-from fastcps.ops.checks import as_rows, check_coeff, check_latent
+from fastcps.ops.checks import as_rows, check_coeff, check_latent, check_op_inputs
 from fastcps.ops.dispatch import choose_impl, maybe_compile
 from fastcps.samplers import StepCoeffs
 
@@ -65,34 +69,79 @@ _fwd_compiled = maybe_compile(_fwd_math)
 _bwd_compiled = maybe_compile(_bwd_math)
 
 
-class _LogprobKLFunction(torch.autograd.Function):
+@torch.library.custom_op("fastcps::cps_logprob_kl", mutates_args=())
+def cps_logprob_kl_op(x: Tensor, v: Tensor, prev: Tensor, v_ref: Optional[Tensor], alpha: Tensor, beta: Tensor,
+                      lp_w: Tensor, lp_c: Tensor, kl_w: Tensor) -> tuple[Tensor, Tensor]:
+    """(logp, kl), each (B,) fp32, of (B, N) rows; kl is zeros without ``v_ref``. Gradient: to v only."""
+    _check_fwd(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w)
+    if choose_impl(x) == "triton":
+        from fastcps.kernels import cps_logprob_kl_fwd
+
+        logp, kl = cps_logprob_kl_fwd(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w)
+    else:
+        logp, kl = _fwd_compiled(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w)
+    return logp.contiguous(), kl.contiguous()
+
+
+def _check_fwd(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w):
+    check_op_inputs("fastcps::cps_logprob_kl", x, {"v": v, "prev": prev, "v_ref": v_ref},
+                    {"alpha": alpha, "beta": beta, "lp_w": lp_w, "lp_c": lp_c, "kl_w": kl_w})
+
+
+@cps_logprob_kl_op.register_fake
+def _(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w):
+    _check_fwd(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w)
+    return x.new_empty(x.shape[:1], dtype=torch.float32), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcps::cps_logprob_kl_backward", mutates_args=())
+def cps_logprob_kl_backward_op(x: Tensor, v: Tensor, prev: Tensor, v_ref: Optional[Tensor], alpha: Tensor,
+                               beta: Tensor, lp_w: Tensor, kl_w: Optional[Tensor], g_logp: Tensor,
+                               g_kl: Optional[Tensor]) -> Tensor:
+    """∂v (B, N) in v's dtype from the (B,) fp32 output gradients; ``kl_w``/``g_kl`` go with ``v_ref``."""
+    _check_bwd(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl)
+    if choose_impl(x) == "triton":
+        from fastcps.kernels import cps_logprob_kl_bwd
+
+        return cps_logprob_kl_bwd(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl)
+    return _bwd_compiled(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl).contiguous()
+
+
+def _check_bwd(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl):
+    if v_ref is not None and (kl_w is None or g_kl is None):
+        raise ValueError("fastcps::cps_logprob_kl_backward: with v_ref, give kl_w and g_kl too")
+    check_op_inputs("fastcps::cps_logprob_kl_backward", x, {"v": v, "prev": prev, "v_ref": v_ref},
+                    {"alpha": alpha, "beta": beta, "lp_w": lp_w, "g_logp": g_logp,
+                     **({} if v_ref is None else {"kl_w": kl_w, "g_kl": g_kl})})
+
+
+@cps_logprob_kl_backward_op.register_fake
+def _(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl):
+    _check_bwd(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl)
+    return v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w = inputs
+    ctx.save_for_backward(x, v, prev, v_ref, alpha, beta, lp_w, kl_w)
+
+
+def _backward(ctx, g_logp, g_kl):
     """Gradient flows only to v: x and x' are data, v_ref is the frozen reference, the coefficients
-    are functions of σ."""
-
-    @staticmethod
-    def forward(ctx, v, x, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w, impl):
-        if impl == "triton":
-            from fastcps.kernels import cps_logprob_kl_fwd
-
-            logp, kl = cps_logprob_kl_fwd(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w)
-        else:
-            logp, kl = _fwd_compiled(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w)
-        ctx.impl = impl
-        ctx.save_for_backward(x, v, prev, v_ref, alpha, beta, lp_w, kl_w)
-        return logp, kl
-
-    @staticmethod
-    def backward(ctx, g_logp, g_kl):
-        x, v, prev, v_ref, alpha, beta, lp_w, kl_w = ctx.saved_tensors
-        g_logp = torch.zeros_like(alpha) if g_logp is None else g_logp.float().contiguous()
+    are functions of σ (their gradients are None)."""
+    x, v, prev, v_ref, alpha, beta, lp_w, kl_w = ctx.saved_tensors
+    if not ctx.needs_input_grad[1]:
+        return (None,) * 9
+    g_logp = torch.zeros_like(alpha) if g_logp is None else g_logp.float().contiguous()
+    if v_ref is None:
+        kl_w = g_kl = None
+    else:
         g_kl = torch.zeros_like(alpha) if g_kl is None else g_kl.float().contiguous()
-        if ctx.impl == "triton":
-            from fastcps.kernels import cps_logprob_kl_bwd
+    dv = torch.ops.fastcps.cps_logprob_kl_backward(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl)
+    return None, dv, None, None, None, None, None, None, None
 
-            dv = cps_logprob_kl_bwd(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl)
-        else:
-            dv = _bwd_compiled(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl)
-        return dv, None, None, None, None, None, None, None, None, None
+
+cps_logprob_kl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cps_logprob_kl(
@@ -117,9 +166,8 @@ def cps_logprob_kl(
     alpha, beta, lp_w, lp_c, kl_w = (
         check_coeff(n, getattr(coeffs, n), b, x.device) for n in ("alpha", "beta", "lp_w", "lp_c", "kl_w")
     )
-    impl = choose_impl(x)
-    logp, kl = _LogprobKLFunction.apply(
-        as_rows(v), as_rows(x.detach()), as_rows(prev_sample.detach()), ref_model_output,
-        alpha, beta, lp_w, lp_c, kl_w, impl,
+    logp, kl = torch.ops.fastcps.cps_logprob_kl(
+        as_rows(x.detach()), as_rows(v), as_rows(prev_sample.detach()), ref_model_output,
+        alpha, beta, lp_w, lp_c, kl_w,
     )
     return LogprobKL(logp, kl)

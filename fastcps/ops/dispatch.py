@@ -54,14 +54,17 @@ def maybe_compile(fn):
     ``FASTCPS_COMPILE=0`` turns it off (eager reference math). Tensors smaller than
     ``FASTCPS_COMPILE_MIN_NUMEL`` (default 2^18 elements, a quarter of one FLUX latent batch) run
     eager too: each new graph costs ~10-20 s of inductor time on 2 cores, which the toy's 16K-element
-    latents never earn back (eager costs them tens of microseconds).
+    latents never earn back (eager costs them tens of microseconds). Inside a graph being traced by
+    torch.compile it is the plain function (no nested compile); the operators' bodies are opaque to
+    tracing and run it only on real tensors.
     """
     compiled = None
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         nonlocal compiled
-        if (os.environ.get("FASTCPS_COMPILE", "1") == "0" or fn.__name__ in _COMPILE_FAILED
+        if (torch.compiler.is_compiling() or os.environ.get("FASTCPS_COMPILE", "1") == "0"
+                or fn.__name__ in _COMPILE_FAILED
                 or args[0].numel() < int(os.environ.get("FASTCPS_COMPILE_MIN_NUMEL", 1 << 18))):
             return fn(*args, **kwargs)
         if compiled is None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from fastcps.policies.base import Cond, Policy
-from fastcps.schedule import flow_sigmas
+from fastcps.schedule import pipeline_sigmas
 
 
 def resolve_pretrained(pretrained: str, family: str, example: str, subfolders: tuple[str, ...]) -> str:
@@ -217,16 +217,7 @@ class FluxPolicy(DiffusersPolicy):
 
     def sigmas(self, num_steps: int, device=None) -> torch.Tensor:
         if num_steps not in self._sigma_cache:
-            c = self.scheduler_config
-            if c.get("use_dynamic_shifting"):
-                from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-                mu = calculate_shift(self.num_tokens, c.get("base_image_seq_len", 256),
-                                     c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
-                                     c.get("max_shift", 1.15))
-                self._sigma_cache[num_steps] = flow_sigmas(num_steps, mu=mu)
-            else:
-                self._sigma_cache[num_steps] = flow_sigmas(num_steps, shift=float(c.get("shift", 1.0)))
+            self._sigma_cache[num_steps] = pipeline_sigmas(self.scheduler_config, self.num_tokens, num_steps)
         return self._sigma_cache[num_steps].to(device or self.device)
 
     def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:

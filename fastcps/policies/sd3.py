@@ -6,8 +6,8 @@ Conventions, as ``StableDiffusion3Pipeline.__call__`` does them (diffusers 0.42)
 - ``timestep = 1000·σ`` (unlike FLUX, SD3's transformer does not scale it);
 - conditioning: the two CLIPs' penultimate states concatenated, padded to T5's width and joined
   with T5's tokens; pooled = both CLIPs' projected embeddings (``encode_prompt``);
-- schedule: ``flow_sigmas(N, shift)`` with the checkpoint's static shift (3): the base grid
-  ``linspace(1, 1/N, N)`` as for FLUX (MATH.md), shifted, plus the trailing 0. The stock pipeline's
+- schedule: ``schedule.pipeline_sigmas`` with the checkpoint's static shift (3): the base grid
+  ``linspace(1, 1/N, N)`` as for FLUX (docs/math.md), shifted, plus the trailing 0. The stock pipeline's
   ``set_timesteps(N)`` grid instead ends at σ ≈ 0.009 (shifted twice from σ_min = 1/1000), which at
   6 steps spends the last step on 0.009 → 0 after a 0.43 → 0.009 jump;
 - true classifier-free guidance when ``policy.cfg_scale`` is set (> 1): every velocity runs the
@@ -22,7 +22,7 @@ import torch
 
 from fastcps.policies.base import Cond
 from fastcps.policies.flux import DiffusersPolicy, load_component
-from fastcps.schedule import flow_sigmas
+from fastcps.schedule import pipeline_sigmas
 
 
 class SD3Policy(DiffusersPolicy):
@@ -82,8 +82,8 @@ class SD3Policy(DiffusersPolicy):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if num_steps not in self._sigma_cache:
-            shift = float(self.scheduler_config.get("shift", 3.0))
-            self._sigma_cache[num_steps] = flow_sigmas(num_steps, shift=shift)
+            tokens = (self.resolution // self.vae_scale_factor // 2) ** 2  # read only by a dynamic shift
+            self._sigma_cache[num_steps] = pipeline_sigmas(self.scheduler_config, tokens, num_steps, default_shift=3.0)
         return self._sigma_cache[num_steps].to(device or self.device)
 
     def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``ocr``: does the image show the text the prompt quotes (MATH.md, "Rewards used by the paper")?
+"""``ocr``: does the image show the text the prompt quotes (the paper's OCR reward, arXiv 2509.05952)?
 
 target = the text between the first pair of quotes in the prompt (``"..."``, also ``“...”``), or
 ``metadata[i]["text"]`` when given; target and recognized text are lower-cased with spaces removed;

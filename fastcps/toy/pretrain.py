@@ -2,7 +2,7 @@
 
     python -m fastcps.toy.pretrain --out fastcps/assets/toy_digits_base.safetensors --steps N --seed S
 
-Rectified flow as in MATH.md: ``x_σ = (1 − σ)·x0 + σ·x1``, target ``v = x1 − x0``, σ ~ U(0, 1), MSE.
+Rectified flow as in docs/math.md: ``x_σ = (1 − σ)·x0 + σ·x1``, target ``v = x1 − x0``, σ ~ U(0, 1), MSE.
 Each image is conditioned on a prompt for its label, the template drawn at random per sample (so the
 paraphrases "the number 7", "a sketch of the digit 7", ... all work). The transformer and the text
 encoder train jointly from a seeded random init; both ship in one safetensors file with their

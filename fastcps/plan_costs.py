@@ -1,0 +1,346 @@
+"""The cost model behind ``python -m fastcps.plan``: passes, FLOPs, memory per GPU and ZeRO traffic of
+one epoch, from a RunConfig and the transformer's measurements (``fastcps.measure``).
+
+Everything the transformer does is measured on fake tensors (FLOPs per sample, peak activation
+bytes of a training micro-step with and without gradient checkpointing, of a no-grad forward, of a
+VAE decode). What is not measured is counted from its size: the ZeRO partitions and buffers
+(DeepSpeed's formulas and defaults), the frozen models (published parameter counts), the rollout's
+buffers. Terms and formulas are listed in ``memory`` and ``zero_traffic``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fastcps.config import RunConfig
+
+GIB = 2**30
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "float32": 4, "float16": 2, "bfloat16": 2}
+# Frozen models as placed by the trainer: published parameter counts (the weights cannot be
+# downloaded here), in billions. Text encoders: T5-XXL encoder, CLIP-L (FLUX) / CLIP-L + CLIP-G (SD3).
+TEXT_ENCODERS = {"flux": {"T5-XXL encoder": 4.762, "CLIP-L text": 0.123},
+                 "sd3": {"T5-XXL encoder": 4.762, "CLIP-G text": 0.695, "CLIP-L text": 0.123}}
+# Rewards on the training GPU (fastcps/rewards/*): PickScore and HPSv2 are CLIP ViT-H-14 (986 M),
+# aesthetic a CLIP ViT-L/14 (428 M) + a small MLP; ocr runs on the CPU, geneval on a detection server.
+REWARD_PARAMS = {"pickscore": 0.986, "hpsv2": 0.986, "aesthetic": 0.428}
+# flow_grpo's rule (scripts/train_flux.py, train_sd3.py): num_train_timesteps = int(num_steps *
+# timestep_fraction) with timestep_fraction 0.99, the first steps of the trajectory: 5 of 6 for its
+# FLUX.1-dev recipe (config/grpo.py pickscore_flux), 9 of 10 for SD3.5 (geneval_sd3, general_ocr_sd3);
+# old log-probs from the rollout (no recompute); no gradient checkpointing.
+FLOW_GRPO_TIMESTEP_FRACTION = 0.99
+
+
+@dataclass
+class Model:
+    """What the cost model needs of the transformer and its surroundings (sizes in elements)."""
+
+    family: str
+    params: int  # all transformer parameters, LoRA included
+    trained: int
+    small: int  # parameters of tensors below ZeRO-3's persistence threshold (never partitioned)
+    largest_fetch: int  # the largest module's own parameters: what ZeRO-3 gathers at once
+    text_tokens: int
+    joint_dim: int
+    pooled_dim: int
+    latent_numel: int
+    vae_params: int
+    meter: object = None  # fastcps.measure.TransformerMeter
+    vae_peak: object = None  # batch -> peak bytes of a VAE decode
+    sigmas: object = None  # num_steps -> the policy's sigma schedule
+
+
+@dataclass
+class Zero:
+    """The DeepSpeed ZeRO settings that size buffers, DeepSpeed's defaults filled in."""
+
+    stage: int
+    reduce_bucket_size: int
+    contiguous_gradients: bool
+    overlap_comm: bool
+    prefetch_bucket_size: int
+    max_live_parameters: int
+    param_persistence_threshold: int
+    sub_group_size: int
+    offload_optimizer: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def zero_settings(zero_section: dict, stage: int | None = None) -> Zero:
+    """``zero_optimization`` of a DeepSpeed JSON through DeepSpeed's own config class (its defaults)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed logs its accelerator choice to stdout
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    section = dict(zero_section)
+    if stage is not None:
+        section["stage"] = stage
+        if "overlap_comm" not in zero_section:
+            section.pop("overlap_comm", None)
+    z = DeepSpeedZeroConfig(**section)
+    off = z.offload_optimizer is not None and str(getattr(z.offload_optimizer, "device", "none")).endswith("cpu")
+    return Zero(int(z.stage), int(z.reduce_bucket_size), bool(z.contiguous_gradients), bool(z.overlap_comm),
+                int(z.prefetch_bucket_size), int(z.max_live_parameters), int(z.param_persistence_threshold),
+                int(z.sub_group_size), off)
+
+
+def cfg_mult(cfg: RunConfig) -> int:
+    """Transformer samples per image: true CFG (SD3, cfg_scale > 1) runs every velocity on 2B."""
+    p = cfg.policy
+    return 2 if p.name == "sd3" and p.cfg_scale is not None and p.cfg_scale > 1 else 1
+
+
+def trained_steps(cfg: RunConfig, sigmas) -> list[int]:
+    """Trained steps per image for every SDE-window start the trainer can draw (``Trainer._plan``:
+    uniform over ``sde_window_range``), from ``fastcps.rollout.plan_steps`` on the policy's sigmas."""
+    from fastcps.rollout import plan_steps
+
+    s = cfg.sampler
+    starts = [0]
+    if s.sde_window_size is not None:
+        lo, hi = s.sde_window_range or (0, s.num_steps - s.sde_window_size + 1)
+        starts = list(range(lo, hi))
+    return [len(plan_steps(s.name, s.eta, sigmas, timestep_fraction=s.timestep_fraction,
+                           window_size=s.sde_window_size, window_start=w, logprob=s.logprob).trained)
+            for w in starts]
+
+
+def passes(cfg: RunConfig, world: int, n_trained: float) -> dict:
+    """Transformer work of one epoch on one rank: image-forwards per phase and forward calls."""
+    t, s, e = cfg.train, cfg.sampler, cfg.eval
+    per_rank = t.prompts_per_epoch * t.images_per_prompt // world
+    minibatches = per_rank // t.minibatch_size
+    out = {"per_rank": per_rank, "minibatches": minibatches,
+           "optimizer_steps": t.num_inner_epochs * minibatches // t.gradient_accumulation_steps,
+           "rollout": per_rank * s.num_steps, "rollout_calls": per_rank // t.rollout_batch_size * s.num_steps,
+           "old_logprob": per_rank * n_trained if t.old_logprob == "recompute" else 0.0,
+           "old_logprob_calls": minibatches * n_trained if t.old_logprob == "recompute" else 0.0,
+           "train": t.num_inner_epochs * per_rank * n_trained,
+           "train_calls": t.num_inner_epochs * minibatches * n_trained}
+    # the reference's no-grad forward beside every training forward (update.recompute_old_logprobs
+    # skips it: the reference does not change a log-prob)
+    kl = t.beta_kl > 0
+    out["reference"] = out["train"] if kl else 0.0
+    out["reference_calls"] = out["train_calls"] if kl else 0.0
+    eval_calls = 0.0
+    if e.every:  # every rank runs ceil(prompts / world) prompts, K images in one call per step
+        eval_calls = math.ceil(e.num_prompts / world) * (e.num_steps or s.num_steps) / e.every
+    out["eval_calls"], out["eval"] = eval_calls, eval_calls * e.images_per_prompt
+    return out
+
+
+def flops(cfg: RunConfig, world: int, model: Model, n_trained: float) -> dict:
+    """FLOPs per image forward and per epoch (all ranks), per phase, and flow_grpo's recipe beside."""
+    c = cfg_mult(cfg)
+    mb = cfg.train.minibatch_size * c
+    plain, ckpt = model.meter.step("train", mb), model.meter.step("ckpt", mb)
+    fwd, bwd = plain.forward_flop / mb * c, plain.backward_flop / mb * c  # per image
+    recompute = (ckpt.backward_flop - plain.backward_flop) / mb * c
+    n = passes(cfg, world, n_trained)
+    ph = {"rollout": n["rollout"] * fwd, "old log-prob recompute": n["old_logprob"] * fwd,
+          "training forward": n["train"] * fwd, "training backward": n["train"] * bwd,
+          "checkpoint re-forward": n["train"] * recompute if cfg.policy.gradient_checkpointing else 0.0,
+          "KL reference forward": n["reference"] * fwd, "eval (amortised)": n["eval"] * fwd}
+    ph = {k: v * world for k, v in ph.items()}
+    images = cfg.train.prompts_per_epoch * cfg.train.images_per_prompt  # flow_grpo's rule, same images and beta
+    fg_trained = cfg.train.num_inner_epochs * images * int(cfg.sampler.num_steps * FLOW_GRPO_TIMESTEP_FRACTION)
+    fg_ph = {"rollout": images * cfg.sampler.num_steps * fwd, "training forward": fg_trained * fwd,
+             "training backward": fg_trained * bwd,
+             "KL reference forward": fg_trained * fwd if cfg.train.beta_kl > 0 else 0.0}
+    return {"forward_per_image": fwd, "backward_per_image": bwd, "recompute_per_image": recompute,
+            "phases": ph, "epoch": sum(ph.values()), "flow_grpo_phases": fg_ph, "flow_grpo_epoch": sum(fg_ph.values()),
+            "passes": n}
+
+
+def persistent(cfg: RunConfig, world: int, model: Model, zero: Zero, n_trained_max: int) -> dict:
+    """Bytes per GPU held for the whole epoch (ZeRO partitions, frozen models, rollout buffers)."""
+    p, t, n = cfg.policy, cfg.train, world
+    wb = BYTES[p.dtype]
+    full_ft_ref = p.lora is None and t.beta_kl > 0
+    out = {}
+    # ZeRO-3 partitions them (tensors below the persistence threshold stay whole on every rank);
+    # ZeRO-2 keeps a full copy on every rank
+    out["transformer weights"] = (wb * ((model.params - model.small) / n + model.small) if zero.stage >= 3
+                                  else wb * model.params)
+    out["gradients (partition)"] = wb * model.trained / n
+    buckets = 2 if zero.overlap_comm and zero.stage < 3 else 1  # ZeRO-2 double-buffers with overlap_comm
+    out["gradient reduce bucket"] = wb * (zero.reduce_bucket_size * buckets if zero.contiguous_gradients
+                                          else min(zero.reduce_bucket_size, model.trained))
+    out["fp32 master + Adam m, v (partition)"] = 0.0 if zero.offload_optimizer else 12 * model.trained / n
+    out["VAE"] = wb * model.vae_params
+    enc = sum(TEXT_ENCODERS[p.name].values()) * 1e9 * wb
+    out["text encoders"] = 0.0 if p.offload_frozen else enc
+    out["reward models"] = sum(REWARD_PARAMS.get(r.name, 0.0) * 1e9 * BYTES[str(r.args.get("dtype", "float32"))]
+                               for r in cfg.rewards)
+    out["KL reference (frozen copy)"] = wb * model.params if full_ft_ref else 0.0
+    per_rank = t.prompts_per_epoch * t.images_per_prompt // n
+    out["rollout buffers (x_t, x_next fp32, log-probs)"] = per_rank * n_trained_max * (2 * model.latent_numel * 4 + 8)
+    distinct = min(t.prompts_per_epoch, per_rank) + (1 if cfg_mult(cfg) == 2 else 0)  # + the negative prompt
+    out["prompt encodings of the epoch"] = distinct * (model.text_tokens * model.joint_dim + model.pooled_dim) * wb
+    return out
+
+
+def live_gathered(cfg: RunConfig, model: Model, zero: Zero) -> float:
+    """ZeRO-3's gathered working set: the running module's parameters plus the prefetch bucket,
+    capped by stage3_max_live_parameters."""
+    if zero.stage < 3:
+        return 0.0
+    return BYTES[cfg.policy.dtype] * min(zero.max_live_parameters, model.largest_fetch + zero.prefetch_bucket_size)
+
+
+def transients(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
+    """Bytes per GPU on top of ``persistent`` in each phase (measured activations + ZeRO-3 gathers)."""
+    c, t, p = cfg_mult(cfg), cfg.train, cfg.policy
+    gathered = live_gathered(cfg, model, zero)
+    m = model.meter
+    train = m.step("ckpt" if p.gradient_checkpointing else "train", t.minibatch_size * c)
+    act = train.peak
+    if t.beta_kl > 0 and p.lora is not None:  # the reference's no-grad forward while the graph is alive
+        act = max(act, train.saved + m.step("nograd", t.minibatch_size * c).peak)
+    decode = model.vae_peak(min(4, t.rollout_batch_size))  # DiffusersPolicy.decode_chunk = 4
+    rollout = max(m.step("nograd", t.rollout_batch_size * c).peak, decode)
+    k = cfg.eval.images_per_prompt
+    evaluation = max(m.step("nograd", k * c).peak, model.vae_peak(min(4, k))) if cfg.eval.every else 0.0
+    step_fp32 = 0.0 if zero.offload_optimizer else 4 * min(model.trained / world, zero.sub_group_size)
+    # policy.offload_frozen: the text encoders come to the GPU while new prompts are encoded (the first
+    # epochs; encodings are cached in host memory); their own activations are not modeled
+    moved_in = sum(TEXT_ENCODERS[p.name].values()) * 1e9 * BYTES[p.dtype] if p.offload_frozen else 0.0
+    return {"training micro-step": {"activations (measured)": act, "ZeRO-3 gathered parameters": gathered},
+            "rollout step": {"forward / VAE decode (measured)": rollout, "ZeRO-3 gathered parameters": gathered},
+            "eval step": {"forward / VAE decode (measured)": evaluation, "ZeRO-3 gathered parameters": gathered},
+            "optimizer step": {"fp32 gradient of the partition": step_fp32},
+            "prompt encoding": {"text encoders moved in": moved_in}}
+
+
+def memory(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
+    """Per-GPU bytes: the persistent terms, each phase's transients, each phase's total and the peak."""
+    n_max = max(trained_steps(cfg, model.sigmas(cfg.sampler.num_steps)))
+    keep = persistent(cfg, world, model, zero, n_max)
+    trans = transients(cfg, world, model, zero)
+    base = sum(keep.values())
+    totals = {ph: base + sum(v.values()) for ph, v in trans.items()}
+    phase = max(totals, key=totals.get)
+    return {"persistent": keep, "transients": trans, "phase_totals": totals, "peak": totals[phase],
+            "peak_phase": phase, "stage": zero.stage}
+
+
+def zero_traffic(cfg: RunConfig, world: int, model: Model, n_trained: float) -> dict:
+    """Bytes received per GPU per epoch by the ZeRO collectives (ring: (N-1)/N of each full tensor).
+
+    ZeRO-3: every forward call gathers the partitioned weights (frozen ones too), every backward
+    gathers them again, and a gradient-checkpoint re-forward once more (counted; DeepSpeed may keep a
+    block gathered from its re-forward to its backward when stage3_max_reuse_distance allows);
+    reduce-scatter of the trained gradients per backward. ZeRO-2: full weights stay; reduce-scatter of
+    the trained gradients per backward, all-gather of the updated trained weights per optimizer step.
+    """
+    wb, n = BYTES[cfg.policy.dtype], passes(cfg, world, n_trained)
+    ring = (world - 1) / world
+    forwards = n["rollout_calls"] + n["old_logprob_calls"] + n["train_calls"] + n["reference_calls"] + n["eval_calls"]
+    gathers = forwards + n["train_calls"] * (2 if cfg.policy.gradient_checkpointing else 1)
+    grads = n["train_calls"] * wb * model.trained * ring
+    z3 = gathers * wb * (model.params - model.small) * ring
+    z2 = n["optimizer_steps"] * wb * model.trained * ring
+    return {"zero3_allgather": z3, "zero3_reduce_scatter": grads, "zero3_total": z3 + grads,
+            "zero2_allgather": z2, "zero2_reduce_scatter": grads, "zero2_total": z2 + grads,
+            "zero3_gathers": gathers, "gathered_params": model.params - model.small, "bytes_per_param": wb}
+
+
+def with_changes(cfg: RunConfig, changes: dict) -> RunConfig:
+    """A copy of ``cfg`` with dotted-key changes applied (``{"train.minibatch_size": 2}``)."""
+    out = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        obj = out
+        *path, last = key.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, last, value)
+    return out
+
+
+def smaller_batches(per_rank: int, current: int) -> list[int]:
+    return [b for b in range(current - 1, 0, -1) if per_rank % b == 0]
+
+
+def levers(cfg: RunConfig, world: int, zero: Zero) -> list[list[tuple[dict, dict]]]:
+    """The changes that lower the peak, cheapest first; each lever lists its settings mildest first as
+    (changes to the RunConfig or to ZeRO ("zero.stage", "zero.offload_optimizer"), --set flags)."""
+    t, p = cfg.train, cfg.policy
+    per_rank = t.prompts_per_epoch * t.images_per_prompt // world
+    out = []
+    if not p.gradient_checkpointing:
+        out.append([({"policy.gradient_checkpointing": True}, {"policy.gradient_checkpointing": "true"})])
+    minibatch = []
+    for b in smaller_batches(per_rank, t.minibatch_size):
+        images = t.minibatch_size * t.gradient_accumulation_steps  # keep the images per optimizer step
+        gas = images // b if images % b == 0 and (per_rank // b) % (images // b) == 0 else t.gradient_accumulation_steps
+        minibatch.append(({"train.minibatch_size": b, "train.gradient_accumulation_steps": gas},
+                          {"train.minibatch_size": b, "train.gradient_accumulation_steps": gas}))
+    out.append(minibatch)
+    out.append([({"train.rollout_batch_size": b}, {"train.rollout_batch_size": b})
+                for b in smaller_batches(per_rank, t.rollout_batch_size)])
+    if not p.offload_frozen:
+        out.append([({"policy.offload_frozen": True}, {"policy.offload_frozen": "true"})])
+    if p.lora is None:
+        from fastcps.config import LoraConfig
+
+        out.append([({"policy.lora": LoraConfig()}, {"policy.lora.r": 64})])
+    if zero.stage < 3:
+        out.append([({"zero.stage": 3}, {"deepspeed_config": "configs/ds_zero3.json"})])
+    if not zero.offload_optimizer:
+        out.append([({"zero.offload_optimizer": True},
+                      {"deepspeed_config": "<a copy with zero_optimization.offload_optimizer.device = \"cpu\">"})])
+    return [lever for lever in out if lever]
+
+
+def suggest(cfg: RunConfig, world: int, zero: Zero, limit: float, load_model, load_zero) -> dict:
+    """The cheapest changes after which the peak fits ``limit`` bytes: levers are taken in order
+    (``levers``), each at its mildest setting that fits, else its strongest; then each taken lever is
+    relaxed again as far as the others allow. ``load_model(cfg)`` / ``load_zero(stage, offload)`` give
+    the Model and Zero of a changed config."""
+
+    def peak(chosen: list[dict]) -> float:
+        merged = {k: v for changes in chosen for k, v in changes.items()}
+        z = load_zero(merged.pop("zero.stage", zero.stage), merged.pop("zero.offload_optimizer", zero.offload_optimizer))
+        c = with_changes(cfg, merged)
+        return memory(c, world, load_model(c), z)["peak"]
+
+    ladder = levers(cfg, world, zero)
+    chosen: dict[int, int] = {}  # lever index -> setting index
+
+    def setting(override: dict | None = None, skip: int | None = None) -> list[dict]:
+        picks = {**chosen, **(override or {})}
+        return [ladder[i][j][0] for i, j in picks.items() if i != skip]
+
+    best = peak([])
+    for i, lever in enumerate(ladder):
+        if best <= limit:
+            break
+        for j in range(len(lever)):
+            if peak(setting({i: j})) <= limit:
+                chosen[i] = j
+                break
+        else:
+            if peak(setting({i: len(lever) - 1})) < best:
+                chosen[i] = len(lever) - 1
+        best = peak(setting())
+    if best <= limit:  # relax: drop a lever, or take its mildest setting that still fits
+        for i in sorted(chosen):
+            if peak(setting(skip=i)) <= limit:
+                del chosen[i]
+                continue
+            for j in range(chosen[i]):
+                if peak(setting({i: j})) <= limit:
+                    chosen[i] = j
+                    break
+        best = peak(setting())
+    flags = {k: v for i, j in sorted(chosen.items()) for k, v in ladder[i][j][1].items()}
+    return {"flags": [f"{k}={v}" for k, v in flags.items()], "peak": best, "fits": best <= limit}
+
+
+def mean_trained(cfg: RunConfig, sigmas) -> tuple[float, int, int]:
+    counts = trained_steps(cfg, sigmas)
+    return float(np.mean(counts)), min(counts), max(counts)
