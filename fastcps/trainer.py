@@ -78,7 +78,6 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.skipped_total = 0
         self._stop_signal = False
-        self._stepped_in_epoch = False  # an optimizer step of the epoch in flight has run (see fit's Interrupted)
         self.logger = RunLogger(self.run_dir, enabled=dist.is_main(), tensorboard=cfg.log.tensorboard,
                                 wandb=cfg.log.wandb, config=to_dict(cfg))
 
@@ -110,17 +109,17 @@ class Trainer:
     # --- one epoch --------------------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> dict[str, float]:
         cfg, t0 = self.cfg, time.perf_counter()
-        self._stepped_in_epoch = False
-        data = rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, self.policy), self.policy, self.engine, self.reward_fn, self.encodings,
-                             (self.prompts, self.prompt_meta), device=self.device, rank=self.rank, world=self.world,
+        data = rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, self.policy), self.policy, self.engine, self.reward_fn,
+                             self.encodings, (self.prompts, self.prompt_meta), device=self.device, rank=self.rank, world=self.world,
                              check_stop=self._check_stop, progress=self._progress)
         t_rollout = time.perf_counter() - t0
         adv = epoch_advantages(data, cfg.train, self.device, rank=self.rank, world=self.world)
         synchronize(self.device)
         t1 = time.perf_counter()
+        # A stop waits for the end of the update (see fit).
         stats = run_update(self.engine, self.optimizer, self.policy, data, adv.local, cfg.train, epoch=epoch,
-                           seed=cfg.seed, rank=self.rank, after_optimizer_step=lambda skipped: self._after_optimizer_step(epoch, skipped),
-                           check_stop=self._check_stop, progress=self._progress)
+                           seed=cfg.seed, rank=self.rank, progress=self._progress,
+                           after_optimizer_step=lambda skipped: self._after_optimizer_step(epoch, skipped))
         train_metrics = stats.metrics(self.world) if stats is not None else {}  # reads the device: synchronises
         t_update = time.perf_counter() - t1
         rewards = adv.rewards
@@ -146,7 +145,6 @@ class Trainer:
         return metrics
 
     def _after_optimizer_step(self, epoch: int, skipped: bool) -> None:
-        self._stepped_in_epoch = True
         if skipped:
             self.nonfinite_in_a_row += 1
             self.skipped_total += 1
@@ -225,15 +223,14 @@ class Trainer:
                     print(f"[fastcps] epoch {self.epoch}/{cfg.train.num_epochs}: {self._fmt(metrics)}", flush=True)
                 if cfg.checkpoint.every and self.epoch % cfg.checkpoint.every == 0 and self.epoch < cfg.train.num_epochs:
                     self.save_checkpoint(f"epoch{self.epoch:05d}", periodic=True)
+                self._check_stop()
             self.save_checkpoint("final")
         except Interrupted:
+            # A stop lands in a rollout (checked per rollout batch: nothing has changed yet, a resume runs
+            # that epoch again) or at the end of an epoch (a stop during the update lets the update finish:
+            # its rollout would be gone, so the rest of it could not be redone). Either way every random
+            # choice is derived from (seed, epoch), and the resumed run ends where an uninterrupted one ends.
             tag = f"interrupted_epoch{self.epoch:05d}"
-            # Before the epoch in flight's first optimizer step nothing has changed: a resume runs that
-            # epoch again, exactly as an uninterrupted run would (every random choice is derived from
-            # (seed, epoch)). After it, the epoch is abandoned with its finished updates kept and a
-            # resume starts the next one (its rollout is gone: the rest of its update cannot be redone).
-            if self._stepped_in_epoch:
-                self.epoch += 1
             self.save_checkpoint(tag)
             if dist.is_main():
                 print(f"[fastcps] interrupted: checkpoint {self.run_dir / 'checkpoints' / tag}; resume with "

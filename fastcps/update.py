@@ -111,8 +111,7 @@ class UpdateStats:
 
 
 def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, train_cfg, *, epoch: int, seed: int,
-               rank: int = 0, after_optimizer_step=lambda skipped: None, check_stop=lambda: None,
-               progress: bool = False) -> UpdateStats | None:
+               rank: int = 0, after_optimizer_step=lambda skipped: None, progress: bool = False) -> UpdateStats | None:
     """``num_inner_epochs`` passes over this rank's samples; each optimizer step accumulates
     ``gradient_accumulation_steps`` minibatches × every trained step (DeepSpeed's boundary is driven
     explicitly). A micro-step whose loss is not finite flags its window: the optimizer skips it.
@@ -159,6 +158,5 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
             # norm: it then never calls the optimizer).
             after_optimizer_step(optimizer.last_skipped or not engine.was_step_applied())
             optimizer.skip_flag = None
-            check_stop()
     bar.close()
     return stats

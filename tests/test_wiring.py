@@ -235,12 +235,16 @@ def test_checkpoint_rotation_keeps_the_newest_periodic_ones_and_final(fitted):
         assert torch.equal(w, trained[name].detach())
 
 
-@pytest.mark.parametrize("stop_in, next_epoch", [("rollout", 1), ("update", 2)])
-def test_an_interrupt_repeats_the_epoch_in_flight_unless_it_was_updated(trainer, monkeypatch, stop_in, next_epoch):
-    """A stop (SIGTERM's flag) in the second epoch's rollout: nothing changed, the checkpoint says
-    "run epoch 1 again"; after that epoch's first optimizer step: "go on with epoch 2"."""
+@pytest.mark.parametrize("stop_in, tag, next_epoch", [("rollout", "interrupted_epoch00001", 1),
+                                                     ("update", "interrupted_epoch00002", 2)])
+def test_an_interrupt_leaves_a_checkpoint_an_uninterrupted_run_passes_through(trainer, monkeypatch, stop_in, tag,
+                                                                              next_epoch):
+    """A stop (SIGTERM's flag) in the second epoch's rollout: nothing changed, the checkpoint says "run
+    epoch 1 again". A stop during its update: the update runs to its end (both optimizer steps), the
+    checkpoint says "go on with epoch 2". Either is a state the uninterrupted run passes through."""
     t = trainer("train.num_epochs=3")  # 2 optimizer steps an epoch
     real_rollout, real_after = trainer_mod.rollout_epoch, t._after_optimizer_step
+    steps = []
 
     def rollout(cfg, epoch, *args, **kwargs):
         t._stop_signal = t._stop_signal or (stop_in == "rollout" and epoch == 1)
@@ -248,15 +252,17 @@ def test_an_interrupt_repeats_the_epoch_in_flight_unless_it_was_updated(trainer,
 
     def after(epoch, skipped):
         real_after(epoch, skipped)
+        steps.append(epoch)
         t._stop_signal = t._stop_signal or (stop_in == "update" and epoch == 1)
 
     monkeypatch.setattr(trainer_mod, "rollout_epoch", rollout)
     monkeypatch.setattr(t, "_after_optimizer_step", after)
     t.fit()
     root = t.run_dir / "checkpoints"
-    assert (root / "latest").read_text() == "interrupted_epoch00001"
-    saved = torch.load(root / "interrupted_epoch00001" / "state.pt", weights_only=False)
+    assert (root / "latest").read_text() == tag
+    saved = torch.load(root / tag / "state.pt", weights_only=False)
     assert saved["client"]["trainer"]["epoch"] == next_epoch
+    assert steps == ([0, 0] if stop_in == "rollout" else [0, 0, 1, 1])
 
 
 # --- the plan: which steps are stochastic, which are trained ----------------------------------------

@@ -33,8 +33,7 @@ COMMON = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_
           "train.rollout_batch_size=4", "train.minibatch_size=4", "eval.every=0", "log.progress=false",
           "log.tensorboard=false", "log.images_every=0", "checkpoint.every=0",
           f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}"]
-# One process: minibatch 4 x accumulation 2, one optimizer step an epoch; a SIGTERM then has one right
-# answer wherever it lands (before the epoch's step: repeat the epoch; after it: the next epoch).
+# One process: minibatch 4 x accumulation 2, one optimizer step an epoch.
 ONE = COMMON + ["train.gradient_accumulation_steps=2"]
 # Two ranks, 4 samples each: one optimizer step an epoch too (gradients averaged over the ranks), so the
 # second epoch's images match one process's.
@@ -175,10 +174,13 @@ def test_resume_matches_an_uninterrupted_run(one_process):
 
 def test_sigterm_checkpoints_and_the_resumed_run_continues_as_if_uninterrupted(one_process):
     out = one_process["out"]
-    assert f"interrupted: checkpoint {out / 'term' / 'checkpoints' / 'interrupted_epoch00001'}" in one_process["term_log"]
-    assert (out / "term" / "checkpoints" / "interrupted_epoch00001" / "policy.safetensors").is_file()
-    # Signalled during the second epoch, before its optimizer step: that epoch runs again on resume.
-    assert epochs_after_resume(one_process["log"], out / "term") == (1, [2, 3])
+    # Signalled in the second epoch: in its rollout, the checkpoint is "before epoch 2" and the resume
+    # runs it again; in its update, the update finishes and the checkpoint is "after epoch 2".
+    m = re.search(r"interrupted: checkpoint (\S+interrupted_epoch0000([12]));", one_process["term_log"])
+    assert m and m[1] == str(out / "term" / "checkpoints" / f"interrupted_epoch0000{m[2]}"), one_process["term_log"][-2000:]
+    assert (Path(m[1]) / "policy.safetensors").is_file()
+    done = int(m[2])
+    assert epochs_after_resume(one_process["log"], out / "term") == (done, list(range(done + 1, 4)))
     assert_same_end(out / "full", out / "term", 3)
 
 
