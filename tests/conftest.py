@@ -13,6 +13,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "traces: runs fastcps code under torch.compile/dynamo (bench/mutation.sh deselects these: "
+                   "dynamo cannot trace the mutation tool's trampolines)")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
