@@ -217,13 +217,3 @@ def test_bad_inputs_name_the_argument(impl):
         cps_step(x, x, coeffs_for(3), noise=x)
     with pytest.raises(ValueError, match="'sample' must have shape \\(B, ...\\)"):
         cps_step(torch.randn(8), torch.randn(8), c, noise=torch.randn(8))
-
-
-def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("FASTCPS_IMPL", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        cps_step(torch.zeros(1, 4), torch.zeros(1, 4), coeffs_for(1), noise=torch.zeros(1, 4))
-    monkeypatch.setenv("FASTCPS_IMPL", "cuda")
-    with pytest.raises(ValueError, match="FASTCPS_IMPL must be one of"):
-        cps_step(torch.zeros(1, 4), torch.zeros(1, 4), coeffs_for(1), noise=torch.zeros(1, 4))
