@@ -1,4 +1,5 @@
-"""The rollout step op: fused (Triton through the interpreter, and the CPU path) vs the fp32 reference."""
+"""The rollout step op against the float64 oracle (tests/oracle.py): the Triton kernel through the
+interpreter, and the eager CPU path. The compiled CPU path users run is in tests/test_cpu_compiled.py."""
 
 import math
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from fastcps import cps_step, cps_step_ref, step_coeffs
-from tolerance import assert_close_fp32, assert_close_lowp, logp_ulp_allowance
+from fastcps.ops.cps_step import StepResult
+from oracle import assert_step_close
 
 IMPLS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -26,15 +28,10 @@ def coeffs_for(batch, sampler="cps", last=False, eta=None, seed=0):
     return step_coeffs(sampler, sigma, sigma_next, eta)
 
 
-def naive_step(x, v, eps, c, dtype):
-    """PyTorch op by op in ``dtype``: the same-precision baseline of the tolerance rule."""
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    col = lambda t: t.to(dtype).view(shape)  # noqa: E731
-    mean = col(c.alpha) * x.to(dtype) + col(c.beta) * v.to(dtype)
-    prev = mean + col(c.s) * eps.to(dtype)
-    dims = tuple(range(1, x.ndim))
-    logp = c.lp_c.to(dtype) - c.lp_w.to(dtype) * ((prev - mean) ** 2).mean(dims)
-    return prev, logp, mean
+def case_coeffs(case, batch):
+    """mid: a cps step; last: σ' = 0 (s = 0); eta0: the ODE step; gaussian: Flow-SDE, lp_w = 1/(2s²)."""
+    return {"mid": lambda: coeffs_for(batch), "last": lambda: coeffs_for(batch, last=True),
+            "eta0": lambda: coeffs_for(batch, eta=0.0), "gaussian": lambda: coeffs_for(batch, sampler="flow_sde")}[case]()
 
 
 def inputs(shape, dtype, seed):
@@ -43,67 +40,93 @@ def inputs(shape, dtype, seed):
 
 
 SHAPES = [(1, 1), (2, 3), (3, 1009), (1, 7, 64), (4, 2, 5, 7), (5, 257)]
+CASES = ["mid", "last", "eta0", "gaussian"]
 
 
-@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+@pytest.mark.parametrize("impl", ["triton"], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("case", ["mid", "last", "eta0", "gaussian"])
-def test_step_with_given_noise_matches_reference(impl, dtype, shape, case):
+@pytest.mark.parametrize("case", CASES)
+def test_triton_step_matches_float64_oracle(impl, dtype, shape, case):
+    """The Triton kernel (interpreter): x', μ and the log-prob of the x' it stored, every dtype and shape
+    (N = 1, odd N, N below and above one block)."""
     x, v, eps = inputs(shape, dtype, seed=stable_seed(shape, dtype, case))
-    b = shape[0]
-    c = {"mid": coeffs_for(b), "last": coeffs_for(b, last=True), "eta0": coeffs_for(b, eta=0.0),
-         "gaussian": coeffs_for(b, sampler="flow_sde")}[case]
-    ref = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=eps)
-    ref_prev32 = (c.alpha.view((-1,) + (1,) * (x.ndim - 1)) * x.float()
-                  + c.beta.view((-1,) + (1,) * (x.ndim - 1)) * v.float()
-                  + c.s.view((-1,) + (1,) * (x.ndim - 1)) * eps.float())
+    c = case_coeffs(case, shape[0])
     out = cps_step(x, v, c, noise=eps, return_mean=True)
-    assert out.prev_sample.dtype == dtype and out.prev_sample.shape == x.shape
-    assert out.log_prob.dtype == torch.float32 and out.log_prob.shape == (b,)
-    # the log-prob is that of the x' actually returned
-    own = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, prev_sample=out.prev_sample)
-    assert_close_fp32("log_prob of returned x'", out.log_prob, own.log_prob, rtol=1e-6, atol=1e-7)
-    if dtype == torch.float32:
-        assert_close_fp32("prev_sample", out.prev_sample, ref.prev_sample)
-        assert_close_fp32("mean", out.mean, ref.mean)
-        assert_close_fp32("log_prob", out.log_prob, ref.log_prob, atol=1e-7)
-    else:
-        pt_prev, pt_logp, pt_mean = naive_step(x, v, eps, c, dtype)
-        assert_close_lowp("prev_sample", out.prev_sample, ref_prev32, pt_prev, dtype)
-        assert_close_lowp("mean", out.mean, ref.mean.float(), pt_mean, dtype)
-        allow = logp_ulp_allowance(ref_prev32, ref.mean.float(), c.lp_w, dtype)
-        assert_close_lowp("log_prob", out.log_prob, ref.log_prob, pt_logp, torch.float32, ulp=allow)
+    assert_step_close(out, x, v, c, noise=eps)
     if case in ("last", "eta0"):
         assert torch.equal(out.prev_sample, out.mean)  # s = 0: deterministic
 
 
-@pytest.mark.parametrize("impl", IMPLS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_score_given_prev_sample(impl, dtype):
+@pytest.mark.parametrize("case", CASES)
+def test_reference_and_eager_cpu_path_match_float64_oracle(monkeypatch, dtype, case):
+    """``cps_step_ref`` (the fp32 oracle of the benchmarks and GPU tests) and the CPU operator with
+    FASTCPS_COMPILE=0. Both run ``_step_math`` eagerly, so the second adds only what the operator does
+    around it: rows and back, x' and μ in the sample's dtype, the log-prob rescored from the stored x'."""
+    monkeypatch.setenv("FASTCPS_IMPL", "torch")
+    for shape in SHAPES:
+        x, v, eps = inputs(shape, dtype, seed=stable_seed(shape, dtype, case, "eager"))
+        c = case_coeffs(case, shape[0])
+        ref = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=eps)
+        assert_step_close(ref, x, v, c, noise=eps, where=f" (cps_step_ref {shape})")
+        out = cps_step(x, v, c, noise=eps, return_mean=True)
+        assert_step_close(out, x, v, c, noise=eps, where=f" (eager operator {shape})")
+        scored = cps_step(x, v, c, prev_sample=out.prev_sample)
+        assert scored.mean is None
+        assert_step_close(scored, x, v, c, prev_sample=out.prev_sample, where=f" (eager scoring {shape})")
+
+
+@pytest.mark.parametrize("impl", ["triton"], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_scores_a_given_prev_sample(impl, dtype):
+    """Scoring mode of the kernel (nothing drawn, nothing written): the given x' comes back as is."""
     x, v, prev = inputs((3, 4, 33), dtype, seed=7)
     c = coeffs_for(3, sampler="dance_sde")
     out = cps_step(x, v, c, prev_sample=prev)
-    ref = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, prev_sample=prev)
-    assert out.prev_sample is prev and out.mean is None
-    assert_close_fp32("log_prob", out.log_prob, ref.log_prob, atol=1e-6)
+    assert out.mean is None
+    assert_step_close(out, x, v, c, prev_sample=prev)
 
 
 @pytest.mark.parametrize("impl", IMPLS, indirect=True)
 def test_non_contiguous_inputs(impl):
+    """Transposed latents (copied to rows by the wrapper) and row-strided ones (passed as they are)."""
     g = torch.Generator().manual_seed(3)
     base = [torch.randn(3, 64, 17, generator=g) for _ in range(3)]
     x, v, eps = (t.transpose(1, 2) for t in base)  # (3, 17, 64), not contiguous
     assert not x.is_contiguous()
     c = coeffs_for(3)
-    out = cps_step(x, v, c, noise=eps, return_mean=True)
-    ref = cps_step_ref(x.contiguous(), v.contiguous(), c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=eps.contiguous())
-    assert_close_fp32("prev_sample", out.prev_sample, ref.prev_sample)
-    assert_close_fp32("log_prob", out.log_prob, ref.log_prob, atol=1e-7)
-    row_strided = torch.randn(3, 40, generator=g)[:, 5:30]  # unit inner stride, row stride 40
-    out = cps_step(row_strided, row_strided * 2, c, noise=row_strided * 0.5)
-    ref = cps_step_ref(row_strided, row_strided * 2, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=row_strided * 0.5)
-    assert_close_fp32("prev_sample (row-strided)", out.prev_sample, ref.prev_sample)
+    assert_step_close(cps_step(x, v, c, noise=eps, return_mean=True), x, v, c, noise=eps, where=" (transposed)")
+    x, v, eps = (torch.randn(3, 40, generator=g)[:, 5:30] for _ in range(3))  # unit inner stride, row stride 40
+    assert_step_close(cps_step(x, v, c, noise=eps, return_mean=True), x, v, c, noise=eps, where=" (row-strided)")
+
+
+TILINGS = [(32, 1, 1), (32, 4, 1), (64, 2, 2), (16, 8, 1), (512, 1, 4)]  # (block, iters, num_warps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block, iters, warps", TILINGS)
+def test_step_kernel_agrees_for_every_tiling(dtype, block, iters, warps):
+    """The launcher's block/iters/num_warps overrides through the interpreter (tests/test_gpu.py does the
+    same on a device): the multi-iteration chunk loop (ITERS > 1), N = 333 whose last chunk is partial
+    (with (32, 4): 77 elements, one block fully masked), rows with a stride other than N. x' and μ are
+    elementwise, so they must equal the default tiling's bit for bit; the log-prob only reorders sums."""
+    from fastcps.kernels import cps_step_fwd
+
+    b, n = 3, 333
+    g = torch.Generator().manual_seed(block * iters)
+    x, v, eps = (torch.randn(b, n + 40, generator=g).to(dtype)[:, 5:5 + n] for _ in range(3))  # row stride n + 40
+    assert x.stride(0) == n + 40
+    c = coeffs_for(b, sampler="flow_sde")
+    coeffs = (c.alpha, c.beta, c.s, c.lp_w, c.lp_c)
+    tile = dict(block=block, iters=iters, num_warps=warps)
+    prev, logp, mean = cps_step_fwd(x, v, *coeffs, noise=eps, return_mean=True, **tile)
+    assert_step_close(StepResult(prev, logp, mean), x, v, c, noise=eps)
+    default = cps_step_fwd(x, v, *coeffs, noise=eps, return_mean=True)
+    assert torch.equal(prev, default.prev) and torch.equal(mean, default.mean)
+    scored = cps_step_fwd(x, v, *coeffs, prev_sample=eps, **tile)
+    assert scored.prev is None and scored.mean is None
+    assert_step_close(StepResult(eps, scored.logp, None), x, v, c, prev_sample=eps, where=" (scoring)")
 
 
 def test_in_kernel_rng_statistics_over_a_million_draws():
@@ -142,8 +165,7 @@ def test_in_kernel_rng_reproducible_and_independent_of_launch_shape(impl):
     # Launch shape does not matter: row 2 alone, with the counter offset it has in the batch.
     row = cps_step(x[2:3], x[2:3], step_coeffs("cps", 0.9, 0.5, 1.0), seed=1234, offset=2 * n)
     assert torch.equal(row.prev_sample[0], out.prev_sample[2])
-    ref = cps_step_ref(x, x, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, prev_sample=out.prev_sample)
-    assert_close_fp32("log_prob", out.log_prob, ref.log_prob, atol=1e-7)
+    assert_step_close(out._replace(mean=None), x, x, c, prev_sample=out.prev_sample)  # log-prob of the drawn x'
 
 
 def test_rng_does_not_depend_on_block_size():
@@ -195,13 +217,3 @@ def test_bad_inputs_name_the_argument(impl):
         cps_step(x, x, coeffs_for(3), noise=x)
     with pytest.raises(ValueError, match="'sample' must have shape \\(B, ...\\)"):
         cps_step(torch.randn(8), torch.randn(8), c, noise=torch.randn(8))
-
-
-def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("FASTCPS_IMPL", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        cps_step(torch.zeros(1, 4), torch.zeros(1, 4), coeffs_for(1), noise=torch.zeros(1, 4))
-    monkeypatch.setenv("FASTCPS_IMPL", "cuda")
-    with pytest.raises(ValueError, match="FASTCPS_IMPL must be one of"):
-        cps_step(torch.zeros(1, 4), torch.zeros(1, 4), coeffs_for(1), noise=torch.zeros(1, 4))

@@ -193,3 +193,81 @@ def test_loss_input_errors():
         grpo_loss(logp, old, ADV, clip_range=0.2, beta_kl=0.1)
     with pytest.raises(ValueError, match="clip_range"):
         grpo_loss(logp, old, ADV, clip_range=0.0)
+
+
+# ------------------------------------------------------------------ edges the mutation run found untested
+
+
+def test_advantages_of_one_sample_and_of_integer_rewards():
+    """A batch of one reward is valid (a zero-std group of one); integer rewards give float32 advantages."""
+    out = compute_advantages(torch.tensor([3.0]), torch.tensor([0]))
+    assert out.advantages.tolist() == [0.0] and out.zero_std_mask.tolist() == [True]
+    ints = compute_advantages(torch.tensor([0, 1, 1, 3]), torch.tensor([0, 0, 1, 1]))
+    assert ints.advantages.dtype == torch.float32
+    torch.testing.assert_close(ints.advantages, torch.tensor([-0.5 / 0.5001, 0.5 / 0.5001, -1 / 1.0001, 1 / 1.0001]))
+
+
+def test_zero_std_threshold_is_strict():
+    """A group whose std equals the threshold keeps its advantages (only std < threshold is no signal)."""
+    rewards, ids = torch.tensor([0.0, 1.0, 5.0, 5.0]), torch.tensor([0, 0, 1, 1])  # stds 0.5 and 0
+    out = compute_advantages(rewards, ids, zero_std_threshold=0.5)
+    assert out.zero_std_mask.tolist() == [False, False, True, True]
+    assert float(out.zero_std_frac) == 0.5
+
+
+def test_advantage_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"non-empty 1-D tensor, got shape \(2, 2\)"):
+        compute_advantages(torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"non-empty 1-D tensor, got shape \(0,\)"):
+        compute_advantages(torch.ones(0), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer tensor, got torch.complex64"):
+        compute_advantages(torch.ones(2), torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="integer tensor, got torch.bool"):
+        compute_advantages(torch.ones(2), torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="group_ids on meta but rewards on cpu; move both to one device"):
+        compute_advantages(torch.ones(2), torch.zeros(2, dtype=torch.long, device="meta"))
+    bad = torch.full((10,), float("inf"))
+    with pytest.raises(ValueError, match=r"at indices \[0, 1, 2, 3, 4, 5, 6, 7\]; fix the reward function "
+                                         r"\(nothing is silently replaced\)"):
+        compute_advantages(bad, torch.zeros(10, dtype=torch.long))  # the first 8 of 10 are listed
+
+
+def test_advantages_on_fake_device_tensors_assert_on_the_device(monkeypatch):
+    """Rewards on a (fake) CUDA device, or CPU tensors under fake-tensor tracing, are never read on the
+    host: the finiteness and id-range checks become device-side asserts with their messages, and every
+    output stays on the rewards' device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    asserted = []
+    real_assert = torch._assert_async
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: (asserted.append(msg), real_assert(ok, msg))[1])
+    for device in ("cuda", "cpu"):
+        asserted.clear()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            rewards = torch.randn(6, device=device)
+            out = compute_advantages(rewards, torch.arange(6, device=device) % 3, num_groups=3)
+        assert asserted == ["compute_advantages: non-finite rewards; fix the reward function",
+                            "compute_advantages: group_ids must lie in [0, num_groups)"], device
+        for name, t in zip(out._fields, out):
+            assert t.device.type == device, (name, t.device)
+
+
+def test_clipfrac_counts_only_ratios_strictly_outside_the_range():
+    """clipfrac is the fraction with |r − 1| > ε: a ratio exactly at the edge is not counted."""
+    logp, old = torch.tensor([0.5, 0.0]), torch.zeros(2)
+    edge = float((torch.exp(logp[:1]) - 1.0).abs())  # ε equal to the first sample's |r − 1|, bit for bit
+    out = grpo_loss(logp, old, torch.ones(2), clip_range=edge)
+    assert out.clipfrac.item() == 0.0 and out.ratio_dev.item() == edge
+
+
+def test_loss_errors_and_kl_free_outputs_on_the_batch_device():
+    logp, old = _logps(RATIO)
+    with pytest.raises(ValueError, match="^grpo_loss: empty batch$"):
+        grpo_loss(torch.ones(0), torch.ones(0), torch.ones(0), clip_range=0.2)
+    with pytest.raises(ValueError, match=r"grpo_loss: kl shape \(3,\) != logp shape \(4,\)"):
+        grpo_loss(logp, old, ADV, clip_range=0.2, kl=torch.ones(3))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out = grpo_loss(*(torch.zeros(4, device="cuda") for _ in range(3)), clip_range=0.2)
+    assert out.kl_mean.device.type == "cuda" and out.kl_mean.dtype == torch.float32

@@ -103,6 +103,7 @@ def test_cps_step_gradient_is_the_references(impl, mode):
     assert_close_fp32("dv", vg.grad, vr.grad, atol=1e-7)
 
 
+@pytest.mark.traces
 @pytest.mark.parametrize("impl", IMPLS, indirect=True)
 def test_sde_step_with_logprob_compiles_to_one_graph(impl):
     """Rollout (noise=, seed=) and training (prev_sample=, with backward) trace with fullgraph=True
@@ -129,6 +130,7 @@ def test_sde_step_with_logprob_compiles_to_one_graph(impl):
     torch.testing.assert_close(vg.grad, vr.grad)
 
 
+@pytest.mark.traces
 @pytest.mark.parametrize("impl", IMPLS, indirect=True)
 def test_cps_logprob_kl_compiles_to_one_graph(impl):
     """The training op with v_ref, forward and backward, in one compiled graph each, vs the oracle."""
@@ -147,6 +149,7 @@ def test_cps_logprob_kl_compiles_to_one_graph(impl):
     torch.testing.assert_close(vg.grad.float(), vr.grad, atol=1e-6, rtol=2 ** -7)
 
 
+@pytest.mark.traces
 def test_training_step_under_inductor(monkeypatch):
     """One inductor compile (forward and backward graphs, the σ checks lowered as asserts)."""
     monkeypatch.setenv("FASTCPS_IMPL", "torch")
@@ -165,6 +168,7 @@ def test_training_step_under_inductor(monkeypatch):
         compiled(v, sig + 0.5)
 
 
+@pytest.mark.traces
 def test_traced_sigma_checks_run_in_the_graph():
     """Traced, σ tensors cannot be read on the host: their checks become asserts that fire at run time."""
     f = torch.compile(lambda s, n: step_coeffs("cps", s, n).s, fullgraph=True, backend="aot_eager")

@@ -150,3 +150,114 @@ def test_per_sample_tensors_and_errors():
         step_coeffs("cpws", 0.25, 0.0, 0.7)
     with pytest.raises(ValueError, match="logprob must be"):
         step_coeffs("cps", 0.5, 0.4, logprob="laplace")
+
+
+# ------------------------------------------------------------------ edges the mutation run found untested
+
+
+def test_dpmpp1_sde_is_the_dpm_solver_step_in_log_snr():
+    """DPM-Solver++(1S) SDE in λ = log((1 − σ)/σ): a1 = σ'·e^(−h), s = σ'·sqrt(1 − e^(−2h)), h = λ' − λ
+    (the preserving test above holds for any e^(−h), so the value itself is checked here)."""
+    sig, nxt = torch.tensor([0.9, 0.6, 0.35]), torch.tensor([0.7, 0.3, 0.1])
+    lam = lambda s: torch.log((1 - s.double()) / s.double())  # noqa: E731
+    e_minus_h = torch.exp(-(lam(nxt) - lam(sig)))
+    c = step_coeffs("dpmpp1_sde", sig, nxt)
+    torch.testing.assert_close(c.a1.double(), nxt.double() * e_minus_h, rtol=1e-6, atol=0)
+    torch.testing.assert_close(c.s.double(), nxt.double() * torch.sqrt(1 - e_minus_h ** 2), rtol=1e-6, atol=0)
+
+
+def test_sigma_one_takes_sigma_max_for_flow_sde_and_cpws():
+    """At σ = 1, Flow-GRPO's std uses σ_max (the schedule's second sigma) in 1 − σ; CPWS shares that std."""
+    want = 0.3 * (1.0 / (1 - 0.95)) ** 0.5 * (1.0 - 0.97) ** 0.5
+    for name in ("flow_sde", "cpws"):
+        c = step_coeffs(name, 1.0, 0.97, 0.3, sigma_max=0.95)
+        assert float(c.s) == pytest.approx(want, rel=1e-6), name
+    with pytest.raises(ValueError, match=r"^flow_sde at sigma = 1 needs sigma_max: Flow-GRPO replaces sigma by the "
+                                         r"schedule's second sigma \(sigmas\[1\]\) there. Pass sigma_max=sigmas\[1\].$"):
+        step_coeffs("cpws", 1.0, 0.97, 0.3)
+    with pytest.raises(ValueError, match=r"^sigma_max must be < 1 \(the schedule's second sigma\), got 1.0$"):
+        step_coeffs("flow_sde", 1.0, 0.97, sigma_max=1.0)
+    assert float(step_coeffs("flow_sde", 0.9, 0.8, sigma_max=1.0).s) > 0  # σ < 1: σ_max is not used
+
+
+def test_cpws_std_bound_is_inclusive_and_names_the_sample():
+    """s = σ' is allowed (η = 0 at σ' = 0: the deterministic last step); the error names the first sample
+    with s > σ'."""
+    c = step_coeffs("cpws", 0.5, 0.0, 0.0)
+    assert float(c.s) == 0.0 and float(c.a1) == 0.0
+    msg = (r"^cpws needs its Wiener std s <= sigma_next \(eq. 17\). Lower eta, or use cps \(whose std is "
+           r"sigma_next·sin\(eta·pi/2\)\) for that step \(sample 1 has s = 0.0866 > sigma_next = 0\)$")
+    with pytest.raises(ValueError, match=msg):
+        step_coeffs("cpws", torch.tensor([0.5, 0.25]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.3]))
+
+
+def test_errors_show_tensor_values_as_lists():
+    with pytest.raises(ValueError, match=r"^sigma must lie in \(0, 1\], got \[0.5, 1.5\]$"):
+        step_coeffs("cps", torch.tensor([0.5, 1.5]), torch.tensor([0.1, 0.1]))
+
+
+def test_range_checks_name_the_values_at_the_edges():
+    """Numbers are checked after their conversion to (B,) fp32 on the host, so the message lists them."""
+    for sigma, nxt, msg in [(0.0, 0.0, r"^sigma must lie in \(0, 1\], got \[0.0\]$"),
+                            (1.5, 0.5, r"^sigma must lie in \(0, 1\], got \[1.5\]$"),
+                            (0.5, 0.5, r"^sigma_next must satisfy 0 <= sigma_next < sigma, got sigma=\[0.5\], "
+                                       r"sigma_next=\[0.5\]$"),
+                            (0.5, -0.25, r"^sigma_next must satisfy 0 <= sigma_next < sigma, got sigma=\[0.5\], "
+                                         r"sigma_next=\[-0.25\]$")]:
+        with pytest.raises(ValueError, match=msg):
+            step_coeffs("cps", sigma, nxt)
+    assert float(step_coeffs("cps", 1.0, 0.0).a0) == 1.0  # both ends of the closed intervals are allowed
+
+
+def test_gaussian_forms_are_nan_not_inf_at_zero_std():
+    c = step_coeffs("cps", 0.5, 0.0, logprob="gaussian", kl="gaussian")
+    assert math.isnan(float(c.lp_w)) and math.isnan(float(c.lp_c)) and math.isnan(float(c.kl_w))
+    assert math.isnan(float(step_coeffs("dance_sde", 0.5, 0.4, 0.0).kl_w))
+
+
+# "meta" tensors stand in for a GPU's: they have a device and a shape but no values to read or copy out.
+
+
+def test_host_inputs_are_checked_on_the_host_then_moved_to_the_device():
+    """Numbers and CPU tensors are computed and checked on the host (a ValueError with the values), and
+    the coefficients go to ``device`` in one copy at the end."""
+    c = step_coeffs("cps", torch.tensor([0.9, 0.5]), 0.3, device="meta")
+    assert [(t.device.type, tuple(t.shape)) for t in c] == [("meta", (2,))] * len(c)
+    with pytest.raises(ValueError, match=r"^sigma must lie in \(0, 1\], got \[0.5, 1.5\]$"):
+        step_coeffs("cps", torch.tensor([0.5, 1.5]), 0.1, device="meta")
+
+
+@pytest.mark.parametrize("on_device", ["sigma", "sigma_next", "eta", "sigma_max"])
+def test_one_device_input_keeps_everything_on_the_device(monkeypatch, on_device):
+    """One input on the device sends the whole computation there: nothing is copied to the host (a meta
+    tensor cannot be), every check is a device-side assert, Python numbers are still checked as numbers."""
+    asserted = []
+    real_assert = torch._assert_async
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: (asserted.append(msg.split(" ")[0]), real_assert(ok, msg))[1])
+    args = {"sigma": torch.tensor([1.0, 0.5]), "sigma_next": 0.4, "eta": 0.7, "sigma_max": 0.95}
+    args[on_device] = torch.as_tensor(args[on_device]).to("meta")
+    c = step_coeffs("flow_sde", args["sigma"], args["sigma_next"], args["eta"], sigma_max=args["sigma_max"],
+                    device="meta")
+    assert [(t.device.type, tuple(t.shape)) for t in c] == [("meta", (2,))] * len(c)
+    assert {"sigma", "sigma_next", "sigma_max"} <= set(asserted) or on_device == "eta", asserted
+    if on_device != "sigma":  # σ on the host, a bad one: checked on the device with the rest, not read here
+        asserted.clear()
+        step_coeffs("flow_sde", torch.tensor([1.5, 0.5]), args["sigma_next"], args["eta"],
+                    sigma_max=args["sigma_max"], device="meta")
+        assert "sigma" in asserted
+    with pytest.raises(ValueError, match=r"^eta must be >= 0 for cps, got -0.1$"):
+        step_coeffs("cps", torch.tensor([0.5, 0.5], device="meta"), 0.3, -0.1)
+
+
+def test_fake_tensors_are_never_read():
+    """torch.compile's fake tensors (CPU ones here, used outside their mode) have no values: the checks on
+    them are device-side asserts, and Python numbers under an active fake mode are still checked."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        sig, nxt = torch.tensor([0.9, 0.5]), torch.tensor([0.3, 0.2])
+    c = step_coeffs("cpws", sig, nxt, 0.3)
+    assert type(c.s).__name__ == "FakeTensor" and c.s.shape == (2,)
+    with mode, pytest.raises(ValueError, match="sigma_next must satisfy"):
+        step_coeffs("cps", 0.5, 0.6)

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Mutation testing of fastcps with mutmut 3 (in the `dev` extra), in a scratch copy of the checkout per
+# target, so that the repo gets no mutants/ folder and each target keeps its own cache.
+#
+#   bench/mutation.sh math              # = samplers, grpo and ops, one after another
+#   bench/mutation.sh grpo              # one target: fastcps/grpo.py against tests/test_grpo.py
+#   bench/mutation.sh ops "fastcps.ops.philox*"   # only the mutants whose names match
+#   bench/mutation.sh trainer           # fastcps/update.py, rollout.py against the trainer/wiring tests
+#   bench/mutation.sh kernels           # the Triton launchers (the @triton.jit bodies are never mutated)
+#
+# The shared settings are pyproject.toml's [tool.mutmut]; each target swaps in its files and its tests
+# (mutmut then runs, per mutant, only those of the target's tests that reach the mutated function: a
+# per-module list keeps, e.g., the whole kernel matrix from running for every mutant of step_coeffs, which
+# every op test calls). MUTATION_DIR (default build/, gitignored) holds build/mutation-<target>, reused
+# between runs: mutmut re-tests only functions whose code changed, or the mutant names given.
+# Scores and the equivalent mutants: bench/results/mutation.md.
+set -euo pipefail
+
+repo=$(git rev-parse --show-toplevel)
+target=${1:-math}
+shift || true
+if [ "$target" = math ]; then
+  for t in samplers grpo ops; do "$0" "$t" "$@"; done
+  exit 0
+fi
+
+op_tests='"tests/test_cps_step.py", "tests/test_cps_logprob_kl.py", "tests/test_philox.py", "tests/test_ops_library.py"'
+case $target in
+  samplers) mutate='["fastcps/samplers.py"]'
+            tests='["tests/test_samplers.py", "tests/test_sde_step_with_logprob.py", "tests/test_ops_library.py"]' ;;
+  grpo)     mutate='["fastcps/grpo.py"]'; tests='["tests/test_grpo.py"]' ;;
+  ops)      mutate='["fastcps/ops/*.py"]'; tests="[$op_tests, \"tests/test_sde_step_with_logprob.py\"]" ;;
+  kernels)  mutate='["fastcps/kernels/*.py"]'; tests="[$op_tests]" ;;
+  trainer)  mutate='["fastcps/update.py", "fastcps/rollout.py"]'
+            # the wiring tests may not be on every branch yet: take whichever of these exist
+            tests=$(cd "$repo" && python -c 'import glob, json; print(json.dumps([t for t in ("tests/test_trainer.py",
+                "tests/test_wiring.py", "tests/test_rollout_training_agreement.py", "tests/test_toy.py") if glob.glob(t)]))') ;;
+  *) echo "usage: $0 math|samplers|grpo|ops|trainer|kernels [mutant name globs]" >&2; exit 2 ;;
+esac
+
+work=${MUTATION_DIR:-$repo/build}/mutation-$target
+mkdir -p "$work"
+# The sources as the working tree has them (tracked and untracked-but-not-ignored files). kernels/ goes in
+# as fastcps/kernels/, where the installed package has it, so that the copy imports its own kernels rather
+# than the editable install's.
+(cd "$repo" && git ls-files -z -co --exclude-standard fastcps tests pyproject.toml | xargs -0 cp --parents -p -t "$work")
+mkdir -p "$work/fastcps/kernels"
+(cd "$repo/kernels" && git ls-files -z -co --exclude-standard . | xargs -0 cp --parents -p -t "$work/fastcps/kernels")
+
+python - "$work/pyproject.toml" "$mutate" "$tests" <<'EOF'
+import json, re, sys
+path, mutate, tests = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+text = open(path).read()
+for key, value in (("only_mutate", mutate), ("pytest_add_cli_args_test_selection", tests)):
+    text, n = re.subn(rf"^{key} = \[.*?\]$", f"{key} = {json.dumps(value)}", text, flags=re.M | re.S)
+    assert n == 1, f"pyproject.toml [tool.mutmut] needs one '{key} = [...]' line"
+open(path, "w").write(text)
+EOF
+
+cd "$work"
+start=$(date +%s)
+status=0
+# the progress spinner rewrites one line (\r): print each finished line and the spinner's last state only
+mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "$@" 2>&1 | python -u -c '
+import sys
+last, line = "", ""
+for ch in iter(lambda: sys.stdin.read(1), ""):
+    if ch not in "\r\n":
+        line += ch
+        continue
+    if line[:1] and 0x2800 <= ord(line[0]) <= 0x28FF:  # a braille spinner frame
+        last = line
+    elif line.strip():
+        print(line)
+    line = ""
+print(last)' || status=$?
+echo "target $target: $(( $(date +%s) - start )) s wall, $(nproc) cores, mutmut $(python -c 'import importlib.metadata as m; print(m.version("mutmut"))')"
+mutmut results --all true > results.txt || true
+python "$repo/bench/mutation_summary.py" results.txt
+exit "$status"
