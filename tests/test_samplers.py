@@ -261,3 +261,16 @@ def test_fake_tensors_are_never_read():
     assert type(c.s).__name__ == "FakeTensor" and c.s.shape == (2,)
     with mode, pytest.raises(ValueError, match="sigma_next must satisfy"):
         step_coeffs("cps", 0.5, 0.6)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_coefficients_are_fp32_whatever_the_default_dtype(name):
+    """A notebook's torch.set_default_dtype(torch.float64) must not turn the coefficients (which the
+    kernels read as fp32) into fp64: Python numbers and the KL's NaN fill are made fp32 explicitly."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        c = step_coeffs(name, 0.6, 0.4, 0.7, batch_size=2)
+    finally:
+        torch.set_default_dtype(default)
+    assert {t.dtype for t in c} == {torch.float32}, name
