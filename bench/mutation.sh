@@ -24,7 +24,7 @@ if [ "$target" = math ]; then
   exit 0
 fi
 
-op_tests='"tests/test_cps_step.py", "tests/test_cps_logprob_kl.py", "tests/test_philox.py", "tests/test_ops_library.py"'
+op_tests='"tests/test_cps_step.py", "tests/test_cps_logprob_kl.py", "tests/test_philox.py", "tests/test_ops_library.py", "tests/test_dispatch.py", "tests/test_op_arguments.py"'
 case $target in
   samplers) mutate='["fastcps/samplers.py"]'
             tests='["tests/test_samplers.py", "tests/test_sde_step_with_logprob.py", "tests/test_ops_library.py"]' ;;

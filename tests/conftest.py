@@ -54,12 +54,6 @@ def no_leaked_global_state():
         yield
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "traces: runs fastcps code under torch.compile/dynamo (bench/mutation.sh deselects these: "
-                   "dynamo cannot trace the mutation tool's trampolines)")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
