@@ -159,3 +159,7 @@ def test_bad_inputs_name_the_argument(impl):
         cps_logprob_kl(x.int(), v, prev, c)
     with pytest.raises(ValueError, match="'model_output' is on meta"):
         cps_logprob_kl(x, torch.empty(2, 8, device="meta"), prev, c)
+    for name in ("alpha", "beta", "lp_w", "lp_c", "kl_w"):
+        bad = c._replace(**{name: torch.ones(3)})
+        with pytest.raises(ValueError, match=rf"^coefficient '{name}' must have shape \(2,\) \(one per sample\), got \(3,\)$"):
+            cps_logprob_kl(x, v, prev, bad, vref)

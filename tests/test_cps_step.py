@@ -2,7 +2,7 @@
 interpreter, and the eager CPU path. The compiled CPU path users run is in tests/test_cpu_compiled.py."""
 
 import math
-
+import re
 import zlib
 
 import pytest
@@ -203,17 +203,64 @@ def test_offsets_beyond_int32():
 
 @pytest.mark.parametrize("impl", IMPLS, indirect=True)
 def test_bad_inputs_name_the_argument(impl):
+    """Each refusal of the public wrapper, with its whole message: the argument, what it got, the fix."""
     x = torch.randn(2, 8)
     c = coeffs_for(2)
-    with pytest.raises(ValueError, match="'model_output' has shape"):
-        cps_step(x, torch.randn(2, 9), c, noise=x)
-    with pytest.raises(TypeError, match="'model_output' has dtype torch.int64"):
-        cps_step(x, torch.ones(2, 8, dtype=torch.int64), c, noise=x)
-    with pytest.raises(ValueError, match="'noise' is on meta"):
-        cps_step(x, x, c, noise=torch.empty(2, 8, device="meta"))
-    with pytest.raises(ValueError, match="exactly one of noise, seed or prev_sample"):
-        cps_step(x, x, c, noise=x, seed=1)
-    with pytest.raises(ValueError, match="coefficient 'alpha' must have shape \\(2,\\)"):
-        cps_step(x, x, coeffs_for(3), noise=x)
-    with pytest.raises(ValueError, match="'sample' must have shape \\(B, ...\\)"):
-        cps_step(torch.randn(8), torch.randn(8), c, noise=torch.randn(8))
+    meta = torch.empty(2, 8, device="meta")
+    cases = [
+        (dict(model_output=torch.randn(2, 9), noise=x), ValueError,
+         "argument 'model_output' has shape (2, 9) but 'sample' has shape (2, 8); they must match"),
+        (dict(model_output=torch.ones(2, 8, dtype=torch.int64), noise=x), TypeError,
+         "argument 'model_output' has dtype torch.int64; expected float32, bfloat16 or float16"),
+        (dict(model_output=[0.0] * 8, noise=x), TypeError, "argument 'model_output' must be a torch.Tensor, got list"),
+        (dict(noise=torch.randn(2, 9)), ValueError,
+         "argument 'noise' has shape (2, 9) but 'sample' has shape (2, 8); they must match"),
+        (dict(noise=meta), ValueError,
+         "argument 'noise' is on meta but 'sample' is on cpu; move them to the same device"),
+        (dict(prev_sample=torch.randn(2, 7)), ValueError,
+         "argument 'prev_sample' has shape (2, 7) but 'sample' has shape (2, 8); they must match"),
+        (dict(prev_sample=meta), ValueError,
+         "argument 'prev_sample' is on meta but 'sample' is on cpu; move them to the same device"),
+        (dict(noise=x, seed=1), ValueError,
+         "cps_step needs exactly one of noise, seed or prev_sample (got 2); use prev_sample to score a given x'"),
+        (dict(), ValueError,
+         "cps_step needs exactly one of noise, seed or prev_sample (got 0); use prev_sample to score a given x'"),
+        (dict(seed=1.0), TypeError, "argument 'seed' must be a Python int, got float"),
+        (dict(seed=2**63), ValueError,
+         "argument 'seed' must fit in int64 (the kernel's seed type), got 9223372036854775808"),
+        (dict(seed=-(2**63) - 1), ValueError,
+         "argument 'seed' must fit in int64 (the kernel's seed type), got -9223372036854775809"),
+        (dict(coeffs=coeffs_for(3), noise=x), ValueError,
+         "coefficient 'alpha' must have shape (2,) (one per sample), got (3,)"),
+        (dict(coeffs=c._replace(beta=0.5), noise=x), TypeError, "coefficient 'beta' must be a (B,) tensor, got float"),
+        (dict(coeffs=c._replace(lp_c=c.lp_c.to("meta")), noise=x), ValueError,
+         "coefficient 'lp_c' is on meta but the latents are on cpu"),
+        (dict(sample=torch.randn(8), model_output=torch.randn(8), noise=torch.randn(8)), ValueError,
+         "argument 'sample' must have shape (B, ...) with at least one non-batch dim, got shape (8,)"),
+    ]
+    for kwargs, error, message in cases:
+        args = {"sample": x, "model_output": x, "coeffs": c, **kwargs}
+        with pytest.raises(error, match="^" + re.escape(message) + "$"):
+            cps_step(args.pop("sample"), args.pop("model_output"), args.pop("coeffs"), **args)
+    with pytest.raises(ValueError, match="^cps_step_ref needs exactly one of noise or prev_sample$"):
+        cps_step_ref(x, x, c.alpha, c.beta, c.s, c.lp_w, c.lp_c)
+
+
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+def test_what_the_wrapper_accepts_and_converts(impl):
+    """The int64 edges of a seed, one coefficient for the whole batch (shape (1,)), fp64 coefficients
+    (made fp32), a latent of N = 2 with stride 2 (copied to unit stride); a given x' comes back as is."""
+    g = torch.Generator().manual_seed(11)
+    x, v, eps = (torch.randn(2, 8, generator=g) for _ in range(3))
+    c = coeffs_for(2)
+    for seed in (-(2**63), 2**63 - 1):
+        assert torch.isfinite(cps_step(x, v, c, seed=seed).prev_sample).all()
+    shared = c._replace(**{n: getattr(c, n)[:1] for n in ("alpha", "beta", "s", "lp_w", "lp_c")})
+    per_sample = c._replace(**{n: getattr(c, n)[:1].expand(2) for n in ("alpha", "beta", "s", "lp_w", "lp_c")})
+    assert_step_close(cps_step(x, v, shared, noise=eps), x, v, per_sample, noise=eps, where=" (one shared coefficient)")
+    wide = c._replace(**{n: getattr(c, n).double() for n in ("alpha", "beta", "s", "lp_w", "lp_c")})
+    assert_step_close(cps_step(x, v, wide, noise=eps), x, v, c, noise=eps, where=" (fp64 coefficients)")
+    xs, vs, es = (torch.randn(2, 4, generator=g)[:, ::2] for _ in range(3))  # (2, 2), stride (4, 2)
+    assert_step_close(cps_step(xs, vs, c, noise=es, return_mean=True), xs, vs, c, noise=es, where=" (N = 2, stride 2)")
+    assert cps_step(x, v, c, prev_sample=eps).prev_sample is eps
+    assert cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, prev_sample=eps).prev_sample is eps

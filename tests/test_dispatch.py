@@ -113,3 +113,19 @@ def test_a_failed_compile_warns_once_and_stays_eager(monkeypatch, recorded_compi
         assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
         assert torch.equal(g(torch.ones(2)), torch.full((2,), 2.0))
     assert compiled == ["<lambda>"]  # f is not compiled again; other functions still are
+
+
+def test_torch_is_obeyed_on_cuda_tensors_and_a_missing_triton_is_seen(monkeypatch):
+    """FASTCPS_IMPL=torch keeps a GPU tensor on the PyTorch path; with triton not importable, auto
+    falls back to it (and _triton_available says so rather than raising)."""
+    import sys
+
+    with FakeTensorMode():
+        cuda = torch.empty(2, device="cuda")
+    monkeypatch.setenv("FASTCPS_IMPL", "torch")
+    assert choose_impl(cuda) == "torch"
+    monkeypatch.setenv("FASTCPS_IMPL", "auto")
+    assert dispatch._triton_available() is True
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    assert dispatch._triton_available() is False
+    assert choose_impl(cuda) == "torch"

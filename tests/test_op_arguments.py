@@ -94,3 +94,34 @@ def test_operators_differentiate_to_v_only(op):
         sum(o.float().sum() for o in out if o.numel()).backward()
         assert x.grad is None
         assert (args[1].grad is not None) == v_requires_grad
+
+
+
+def replaced(op, args, names, kinds, make):
+    """``args`` with every present tensor argument of the given kinds ("latents": x and the latents,
+    "coeffs": the coefficients) replaced by ``make(t)``."""
+    wanted = {"latents": ["x", *LATENTS[op]], "coeffs": COEFFS[op]}
+    chosen = {n for k in kinds for n in wanted[k]}
+    return [make(a.detach()) if n in chosen and a is not None else a for a, n in zip(args, names)]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_stride_rule_edges(op):
+    """One column (N = 1) needs no unit stride and one sample (B = 1) no contiguous coefficient; a
+    column pair (N = 2) with stride 2 and a coefficient pair (B = 2) with stride 2 are refused."""
+    args, names = valid_args(op)
+    column = replaced(op, args, names, ["latents"], lambda t: t[:, :1].t().contiguous().t())  # (3, 1), stride (1, 3)
+    assert column[0].shape == (3, 1) and column[0].stride(1) != 1
+    call(op, column)
+    one = replaced(op, args, names, ["latents", "coeffs"], lambda t: t[:1])
+    one = replaced(op, one, names, ["coeffs"], lambda t: t.repeat(2)[::2])  # (1,), stride 2
+    call(op, one)
+    pair = replaced(op, args, names, ["latents"], lambda t: t[:, :4:2])  # (3, 2), stride (7, 2)
+    pair[0] = pair[0].contiguous()  # x with unit stride: the first latent is the one refused
+    with pytest.raises(ValueError, match=rf"^fastcps::{op}: '{LATENTS[op][0]}' needs unit stride along N"):
+        call(op, pair)
+    two = replaced(op, args, names, ["latents", "coeffs"], lambda t: t[:2])
+    two = replaced(op, two, names, ["coeffs"], lambda t: t.repeat(2)[::2])  # (2,), stride 2
+    with pytest.raises(ValueError, match=rf"^fastcps::{op}: coefficient '{COEFFS[op][0]}' is torch.float32 \(2,\) "
+                                         r"on cpu; it must be contiguous float32 \(2,\) on cpu, like 'x'$"):
+        call(op, two)

@@ -1,6 +1,7 @@
 """fastcps.ops.philox.philox_randn reproduces Triton's tl.randn (checked under the interpreter)."""
 
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -72,11 +73,31 @@ def test_statistics():
     assert bool(torch.isfinite(z).all())
 
 
-def test_bad_seed():
-    with pytest.raises(ValueError):
-        philox_randn(2**64, torch.arange(3))
-    with pytest.raises(TypeError):
-        philox_randn(1.5, torch.arange(3))
+def test_bad_seed_and_offsets_name_the_problem():
+    offs = torch.arange(3)
+    for seed, error, message in [(2**63, ValueError, "seed must fit in int64 (the kernel argument's type), got 9223372036854775808"),
+                                 (-(2**63) - 1, ValueError, "seed must fit in int64 (the kernel argument's type), got -9223372036854775809"),
+                                 (1.5, TypeError, "seed must be a Python int, got float"),
+                                 (True, TypeError, "seed must be a Python int, got bool")]:
+        with pytest.raises(error, match="^" + re.escape(message) + "$"):
+            philox_randn(seed, offs)
+    with pytest.raises(TypeError, match=r"^offsets must be an int64 \(or int32\) tensor, got torch.float32$"):
+        philox_randn(1, offs.float())
+    for seed in (-(2**63), 2**63 - 1):  # the int64 edges are seeds like any other
+        torch.testing.assert_close(philox_randn(seed, offs), _triton(seed, offs)[0], rtol=0, atol=1e-6)
+
+
+def test_uniform_float_at_the_sign_edge():
+    """Triton's uint_to_uniform_float bitcasts to int32 and flips negative words (x < 0 -> ~x): the
+    words 2**31 - 1 and 2**31 map to the same float, 2**32 - 1 to 0."""
+    from fastcps.ops.philox import _uint_to_uniform_float
+
+    words = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1], dtype=torch.int64)
+    as_int32 = torch.where(words >= 2**31, words - 2**32, words)
+    flipped = torch.where(as_int32 < 0, -as_int32 - 1, as_int32)
+    want = flipped.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    assert torch.equal(_uint_to_uniform_float(words), want)
+    assert want[2] == want[3] and want[4] == 0
 
 
 def test_kernel_seed_noise_is_philox_randn_and_tiling_independent():
