@@ -1,13 +1,23 @@
-"""The update's statistics (fastcps.update.UpdateStats): what the logs' train/loss, train/kl,
-train/clipfrac and train/ratio_dev mean. A wrong mean here misleads every run's reader silently; the
-trainer's other tests only check that the numbers exist. Across ranks: tests/test_wiring_runs.py."""
+"""The update loop's contract (fastcps.update): what the logs' train/loss, train/kl, train/clipfrac and
+train/ratio_dev mean, the loss scaling under accumulation, the non-finite flag of a window, the old
+log-probs' source. A wrong value here trains or logs wrongly without failing a run; the trainer's other
+tests check results end to end. Across ranks: tests/test_wiring_runs.py."""
 
 import math
+from pathlib import Path
 
+import pytest
 import torch
 
+import fastcps.update as update_mod
+from fastcps.config import RunConfig
+from fastcps.configlib import load_config
 from fastcps.grpo import LossOutput
-from fastcps.update import UpdateStats
+from fastcps.policies import build_policy
+from fastcps.prompts import load_prompts
+from fastcps.rewards import RewardOutput
+from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch
+from fastcps.update import UpdateStats, epoch_advantages
 
 
 def loss_output(loss, kl, clipfrac, ratio_dev):
@@ -37,3 +47,103 @@ def test_no_finite_micro_step_gives_nan_means_not_an_error():
     m = stats.metrics(world=1)
     assert all(math.isnan(m[k]) for k in ("train/loss", "train/kl", "train/clipfrac"))
     assert m["train/ratio_dev"] == 0.5
+
+
+# ---- run_update's loop on the toy, real CPU tensors -------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+# 4 samples in minibatches of 2, one minibatch per optimizer step: two windows per pass.
+SETS = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=2",
+        "train.rollout_batch_size=2", "train.minibatch_size=2", "train.gradient_accumulation_steps=1"]
+
+
+def toy_epoch(sets):
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"), SETS + sets)
+    policy = build_policy(cfg.policy, "cpu")
+    plan = epoch_plan(cfg, 0, policy)
+    reward = lambda images, prompts, metadata: RewardOutput(images.float().mean(dim=(1, 2, 3)), {})
+    reward.parts = [("brightness", 1.0, None)]
+    data = rollout_epoch(cfg, 0, plan, policy, policy.transformer, reward, PromptEncodings(policy),
+                         load_prompts("digits"), device=torch.device("cpu"))
+    return cfg, policy, data, epoch_advantages(data, cfg.train, torch.device("cpu")).local
+
+
+class RecordingEngine:
+    """Backward records the loss it is given (no gradient), ``step`` at a boundary records the
+    optimizer's skip flag; every optimizer step applies."""
+
+    def __init__(self, module, optimizer):
+        self.module, self.optimizer, self.losses, self.flags, self.boundary = module, optimizer, [], [], False
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def set_gradient_accumulation_boundary(self, flag):
+        self.boundary = flag
+
+    def backward(self, loss):
+        self.losses.append(float(loss.detach()))
+
+    def step(self):
+        if self.boundary:
+            self.flags.append(bool(self.optimizer.skip_flag))
+
+    def was_step_applied(self):
+        return True
+
+
+class FlagOptimizer:
+    skip_flag, last_skipped = None, False
+
+
+def recorded_losses(monkeypatch, make_nan=lambda call: False):
+    """Wraps micro_step_loss (training calls only): the outputs in call order; ``make_nan(call)`` turns
+    that call's loss into NaN."""
+    real, outs = update_mod.micro_step_loss, []
+
+    def wrapped(*args, **kwargs):
+        out, logp = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            if make_nan(len(outs)):
+                out = out._replace(loss=out.loss * float("nan"))
+            outs.append(out)
+        return out, logp
+
+    monkeypatch.setattr(update_mod, "micro_step_loss", wrapped)
+    return outs
+
+
+@pytest.mark.parametrize("old_logprob", ["recompute", "rollout"])
+def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, old_logprob):
+    """One trained step (an SDE window of 1), 2 passes x 2 windows: each backward gets loss / n_micro; a
+    non-finite loss flags its window's optimizer step and no other; after_optimizer_step hears 'applied';
+    ratio_dev is the first window's, against old log-probs recomputed (or the rollout's, here shifted by
+    0.01 so the two differ)."""
+    cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=1", f"train.old_logprob={old_logprob}",
+                                        "train.num_inner_epochs=2"])
+    assert len(data.plan.trained) == 1
+    data.log_prob = data.log_prob + 0.01
+    outs = recorded_losses(monkeypatch, make_nan=lambda call: call == 3)  # the last window of pass 2
+    opt, skips = FlagOptimizer(), []
+    engine = RecordingEngine(policy.transformer, opt)
+    stats = update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0,
+                                  after_optimizer_step=skips.append)
+    assert len(outs) == 4 and engine.losses[:3] == [float(o.loss) for o in outs[:3]]  # n_micro = 1
+    assert engine.flags == [False, False, False, True] and skips == [False] * 4 and opt.skip_flag is None
+    m = stats.metrics(world=1)
+    first = float(outs[0].ratio_dev)
+    assert m["train/ratio_dev"] == first
+    assert (first == 0.0) == (old_logprob == "recompute")  # recomputed: exactly on-policy
+    assert (stats.recompute_s > 0) == (old_logprob == "recompute") and stats.recompute_s < 60
+    assert m["train/loss"] == pytest.approx(sum(float(o.loss) for o in outs[:3]) / 3, rel=1e-6)
+
+
+def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch):
+    cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=2", "train.gradient_accumulation_steps=2"])
+    outs = recorded_losses(monkeypatch)
+    opt = FlagOptimizer()
+    engine = RecordingEngine(policy.transformer, opt)
+    update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0)
+    n_micro = 2 * 2  # 2 minibatches x 2 trained steps in the one window
+    assert len(outs) == n_micro and engine.flags == [False]
+    assert engine.losses == pytest.approx([float(o.loss) / n_micro for o in outs], rel=1e-6)
