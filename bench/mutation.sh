@@ -6,6 +6,7 @@
 #   bench/mutation.sh grpo              # one target: fastcps/grpo.py against tests/test_grpo.py
 #   bench/mutation.sh ops "fastcps.ops.philox*"   # only the mutants whose names match
 #   bench/mutation.sh trainer           # fastcps/update.py, rollout.py against the trainer/wiring tests
+#   bench/mutation.sh update            # (or rollout) one of the two
 #   bench/mutation.sh kernels           # the Triton launchers (the @triton.jit bodies are never mutated)
 #
 # The shared settings are pyproject.toml's [tool.mutmut]; each target swaps in its files and its tests
@@ -31,7 +32,10 @@ case $target in
   grpo)     mutate='["fastcps/grpo.py"]'; tests='["tests/test_grpo.py"]' ;;
   ops)      mutate='["fastcps/ops/*.py"]'; tests="[$op_tests, \"tests/test_sde_step_with_logprob.py\"]" ;;
   kernels)  mutate='["fastcps/kernels/*.py"]'; tests="[$op_tests]" ;;
-  trainer)  mutate='["fastcps/update.py", "fastcps/rollout.py"]'
+  trainer|update|rollout)
+            mutate='["fastcps/update.py", "fastcps/rollout.py"]'
+            [ "$target" = update ] && mutate='["fastcps/update.py"]'
+            [ "$target" = rollout ] && mutate='["fastcps/rollout.py"]'
             # test_trainer.py's three end-to-end runs (12-17 s each, the same ground as the in-process
             # wiring tests) are left out: with them every surviving mutant costs a minute
             tests='["tests/test_update.py", "tests/test_wiring.py", "tests/test_rollout_training_agreement.py", "tests/test_toy.py",
@@ -40,7 +44,7 @@ case $target in
                     "tests/test_trainer.py::test_missing_weights_path_names_the_key",
                     "tests/test_trainer.py::test_a_reward_that_raises_stops_the_run_and_names_it",
                     "tests/test_trainer.py::test_non_finite_loss_skips_steps_then_stops"]' ;;
-  *) echo "usage: $0 math|samplers|grpo|ops|trainer|kernels [mutant name globs]" >&2; exit 2 ;;
+  *) echo "usage: $0 math|samplers|grpo|ops|trainer|update|rollout|kernels [mutant name globs]" >&2; exit 2 ;;
 esac
 
 work=${MUTATION_DIR:-$repo/build}/mutation-$target

@@ -128,14 +128,14 @@ def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, 
     engine = RecordingEngine(policy.transformer, opt)
     stats = update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0,
                                   after_optimizer_step=skips.append)
-    assert len(outs) == 4 and engine.losses[:3] == [float(o.loss) for o in outs[:3]]  # n_micro = 1
+    assert len(outs) == 4 and engine.losses[:3] == [float(o.loss.detach()) for o in outs[:3]]  # n_micro = 1
     assert engine.flags == [False, False, False, True] and skips == [False] * 4 and opt.skip_flag is None
     m = stats.metrics(world=1)
     first = float(outs[0].ratio_dev)
     assert m["train/ratio_dev"] == first
     assert (first == 0.0) == (old_logprob == "recompute")  # recomputed: exactly on-policy
     assert (stats.recompute_s > 0) == (old_logprob == "recompute") and stats.recompute_s < 60
-    assert m["train/loss"] == pytest.approx(sum(float(o.loss) for o in outs[:3]) / 3, rel=1e-6)
+    assert m["train/loss"] == pytest.approx(sum(float(o.loss.detach()) for o in outs[:3]) / 3, rel=1e-6)
 
 
 def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch):
