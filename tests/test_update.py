@@ -146,4 +146,4 @@ def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch):
     update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0)
     n_micro = 2 * 2  # 2 minibatches x 2 trained steps in the one window
     assert len(outs) == n_micro and engine.flags == [False]
-    assert engine.losses == pytest.approx([float(o.loss) / n_micro for o in outs], rel=1e-6)
+    assert engine.losses == pytest.approx([float(o.loss.detach()) / n_micro for o in outs], rel=1e-6)
