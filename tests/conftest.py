@@ -79,3 +79,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def float64_default():
+    """torch.set_default_dtype(torch.float64) for one test (a notebook's habit), restored after it."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)

@@ -273,12 +273,7 @@ def test_loss_errors_and_kl_free_outputs_on_the_batch_device():
     assert out.kl_mean.device.type == "cuda" and out.kl_mean.dtype == torch.float32
 
 
-def test_kl_free_loss_metrics_are_fp32_whatever_the_default_dtype():
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        logp, old = _logps(RATIO)
-        out = grpo_loss(logp.float(), old.float(), ADV.float(), clip_range=0.2)
-    finally:
-        torch.set_default_dtype(default)
+def test_kl_free_loss_metrics_are_fp32_whatever_the_default_dtype(float64_default):
+    logp, old = _logps(RATIO)
+    out = grpo_loss(logp.float(), old.float(), ADV.float(), clip_range=0.2)
     assert out.kl_mean.dtype == torch.float32 and out.loss.dtype == torch.float32

@@ -264,13 +264,8 @@ def test_fake_tensors_are_never_read():
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_coefficients_are_fp32_whatever_the_default_dtype(name):
+def test_coefficients_are_fp32_whatever_the_default_dtype(name, float64_default):
     """A notebook's torch.set_default_dtype(torch.float64) must not turn the coefficients (which the
     kernels read as fp32) into fp64: Python numbers and the KL's NaN fill are made fp32 explicitly."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        c = step_coeffs(name, 0.6, 0.4, 0.7, batch_size=2)
-    finally:
-        torch.set_default_dtype(default)
+    c = step_coeffs(name, 0.6, 0.4, 0.7, batch_size=2)
     assert {t.dtype for t in c} == {torch.float32}, name

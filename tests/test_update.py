@@ -18,6 +18,7 @@ from fastcps.prompts import load_prompts
 from fastcps.rewards import RewardOutput
 from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch
 from fastcps.update import UpdateStats, epoch_advantages
+from wiring_support import FlagOptimizer, RecordingEngine
 
 
 def loss_output(loss, kl, clipfrac, ratio_dev):
@@ -68,34 +69,6 @@ def toy_epoch(sets):
     return cfg, policy, data, epoch_advantages(data, cfg.train, torch.device("cpu")).local
 
 
-class RecordingEngine:
-    """Backward records the loss it is given (no gradient), ``step`` at a boundary records the
-    optimizer's skip flag; every optimizer step applies."""
-
-    def __init__(self, module, optimizer):
-        self.module, self.optimizer, self.losses, self.flags, self.boundary = module, optimizer, [], [], False
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def set_gradient_accumulation_boundary(self, flag):
-        self.boundary = flag
-
-    def backward(self, loss):
-        self.losses.append(float(loss.detach()))
-
-    def step(self):
-        if self.boundary:
-            self.flags.append(bool(self.optimizer.skip_flag))
-
-    def was_step_applied(self):
-        return True
-
-
-class FlagOptimizer:
-    skip_flag, last_skipped = None, False
-
-
 def recorded_losses(monkeypatch, make_nan=lambda call: False):
     """Wraps micro_step_loss (training calls only): the outputs in call order; ``make_nan(call)`` turns
     that call's loss into NaN."""
@@ -128,8 +101,8 @@ def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, 
     engine = RecordingEngine(policy.transformer, opt)
     stats = update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0,
                                   after_optimizer_step=skips.append)
-    assert len(outs) == 4 and engine.losses[:3] == [float(o.loss.detach()) for o in outs[:3]]  # n_micro = 1
-    assert engine.flags == [False, False, False, True] and skips == [False] * 4 and opt.skip_flag is None
+    assert len(outs) == 4 and [float(x) for x in engine.losses[:3]] == [float(o.loss.detach()) for o in outs[:3]]  # n_micro = 1
+    assert [bool(f) for f in engine.skip_flags] == [False, False, False, True] and skips == [False] * 4 and opt.skip_flag is None
     m = stats.metrics(world=1)
     first = float(outs[0].ratio_dev)
     assert m["train/ratio_dev"] == first
@@ -145,5 +118,5 @@ def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch):
     engine = RecordingEngine(policy.transformer, opt)
     update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0)
     n_micro = 2 * 2  # 2 minibatches x 2 trained steps in the one window
-    assert len(outs) == n_micro and engine.flags == [False]
-    assert engine.losses == pytest.approx([float(o.loss.detach()) / n_micro for o in outs], rel=1e-6)
+    assert len(outs) == n_micro and [bool(f) for f in engine.skip_flags] == [False]
+    assert [float(x) for x in engine.losses] == pytest.approx([float(o.loss.detach()) / n_micro for o in outs], rel=1e-6)

@@ -37,6 +37,7 @@ from fastcps.update import epoch_advantages, micro_step_loss, minibatches, recom
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_cuda import HostSyncError, NoHostTraffic, fake_policy  # noqa: E402
 from tiny_pipelines import save_tiny_flux, save_tiny_sd3  # noqa: E402
+from wiring_support import FlagOptimizer, RecordingEngine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.device("cuda")
@@ -157,33 +158,6 @@ def test_micro_step_backward_reaches_the_trained_parameters(case, tiny):
         assert all(p.grad is None for p in policy._reference.parameters())
 
 
-class FakeEngine:
-    """DeepSpeed's engine as the update loop uses it; backward only records the loss (the autograd
-    engine cannot run on fake CUDA tensors), the optimizer step always applies."""
-
-    def __init__(self, module):
-        self.module, self.losses, self.boundaries = module, [], []
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def set_gradient_accumulation_boundary(self, flag):
-        self.boundaries.append(flag)
-
-    def backward(self, loss):
-        self.losses.append(loss)
-
-    def step(self):
-        pass
-
-    def was_step_applied(self):
-        return True
-
-
-class FlagOptimizer:
-    skip_flag, last_skipped = None, False
-
-
 @pytest.mark.parametrize("case", ["toy-lora", "sd3-cfg-full"])
 def test_update_loop_reads_nothing_on_the_host(case, tiny):
     """``run_update`` end to end (old log-probs recomputed, two passes, accumulation over minibatches
@@ -191,7 +165,8 @@ def test_update_loop_reads_nothing_on_the_host(case, tiny):
     cfg, policy = build(case, tiny)
     cfg.train.num_inner_epochs, cfg.train.gradient_accumulation_steps = 2, 2
     data, adv, *_, mode, _ = epoch_on_fake(cfg, policy, CUDA)
-    engine, opt, skips = FakeEngine(policy.transformer), FlagOptimizer(), []
+    opt, skips = FlagOptimizer(), []
+    engine = RecordingEngine(policy.transformer, opt)
     guard = NoHostTraffic(allow_uploads=True)
     with mode, guard:
         stats = run_update(engine, opt, policy, data, adv.local, cfg.train, epoch=0, seed=0,

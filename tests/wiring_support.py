@@ -79,6 +79,40 @@ class PlainEngine:
         return str(Path(root) / tag), state["client"]
 
 
+class RecordingEngine:
+    """DeepSpeed's engine as ``run_update`` uses it, without training: ``backward`` records the (detached)
+    loss it is handed, ``step`` at an accumulation boundary records the optimizer's ``skip_flag`` as it
+    is (a device bool: reading it would need a real device), and every optimizer step applies. Works on
+    fake CUDA tensors, where the autograd engine cannot run."""
+
+    def __init__(self, module, optimizer):
+        self.module, self.optimizer = module, optimizer
+        self.losses, self.boundaries, self.skip_flags, self.boundary = [], [], [], False
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def set_gradient_accumulation_boundary(self, flag: bool) -> None:
+        self.boundary = flag
+        self.boundaries.append(flag)
+
+    def backward(self, loss) -> None:
+        self.losses.append(loss.detach())
+
+    def step(self) -> None:
+        if self.boundary:
+            self.skip_flags.append(self.optimizer.skip_flag)
+
+    def was_step_applied(self) -> bool:
+        return True
+
+
+class FlagOptimizer:
+    """The two attributes ``run_update`` sets on the optimizer (fastcps.optim.SkippingAdamW's)."""
+
+    skip_flag, last_skipped = None, False
+
+
 def plain_initialize(model, optimizer, config):
     """Stands in for ``deepspeed.initialize`` (monkeypatched): no process group, no ZeRO."""
     return PlainEngine(model, optimizer, config), optimizer, None, None
