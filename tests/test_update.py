@@ -120,3 +120,35 @@ def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch):
     n_micro = 2 * 2  # 2 minibatches x 2 trained steps in the one window
     assert len(outs) == n_micro and [bool(f) for f in engine.skip_flags] == [False]
     assert [float(x) for x in engine.losses] == pytest.approx([float(o.loss.detach()) / n_micro for o in outs], rel=1e-6)
+
+
+def test_progress_counts_the_work_it_reports(monkeypatch, capsys):
+    """The plain progress lines (logs read later) name the epoch and count what was done: the rollout's
+    images, the update's micro-steps; a terminal bar's total is the number of updates it will get."""
+    import fastcps.rollout as rollout_mod
+    from fastcps.logger import progress
+
+    bars = []
+
+    def recording(*args, **kwargs):
+        bars.append((kwargs, progress(*args, **kwargs)))
+        return bars[-1][1]
+
+    monkeypatch.setattr(rollout_mod, "progress_bar", recording)
+    monkeypatch.setattr(update_mod, "progress_bar", recording)
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"),
+                      SETS + ["train.num_inner_epochs=2"])
+    policy = build_policy(cfg.policy, "cpu")
+    reward = lambda images, prompts, metadata: RewardOutput(images.float().mean(dim=(1, 2, 3)), {})
+    data = rollout_epoch(cfg, 2, epoch_plan(cfg, 2, policy), policy, policy.transformer, reward,
+                         PromptEncodings(policy), load_prompts("digits"), device=torch.device("cpu"), progress=True)
+    adv = epoch_advantages(data, cfg.train, torch.device("cpu")).local
+    opt = FlagOptimizer()
+    update_mod.run_update(RecordingEngine(policy.transformer, opt), opt, policy, data, adv, cfg.train, epoch=2,
+                          seed=0, progress=True)
+    micro = 2 * 2 * len(data.plan.trained)  # 2 passes x 2 minibatches x the trained steps
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[fastcps]")]
+    assert [line.split(" in ")[0] for line in lines] == ["[fastcps] epoch 3 rollout: 4 images",
+                                                         f"[fastcps] epoch 3 update: {micro} micro-steps"]
+    update_kwargs, update_bar = bars[1]
+    assert update_kwargs["total"] == update_bar.n == micro and update_bar.closed
