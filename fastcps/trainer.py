@@ -113,7 +113,7 @@ class Trainer:
                              self.encodings, (self.prompts, self.prompt_meta), device=self.device, rank=self.rank, world=self.world,
                              check_stop=self._check_stop, progress=self._progress)
         t_rollout = time.perf_counter() - t0
-        adv = epoch_advantages(data, cfg.train, self.device, rank=self.rank, world=self.world)
+        adv = epoch_advantages(data, cfg.train, self.device, rank=self.rank)
         synchronize(self.device)
         t1 = time.perf_counter()
         # A stop waits for the end of the update (see fit).

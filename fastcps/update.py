@@ -29,7 +29,7 @@ class Advantages(NamedTuple):
     zero_std_frac: torch.Tensor  # 0-dim: fraction of groups whose rewards are all equal
 
 
-def epoch_advantages(data: EpochData, train_cfg, device, *, rank: int = 0, world: int = 1) -> Advantages:
+def epoch_advantages(data: EpochData, train_cfg, device, *, rank: int = 0) -> Advantages:
     """Group advantages of this rank's samples. A group may span ranks, so rewards and group ids are
     gathered first (rank order: rank r's samples are rows r·n .. (r+1)·n − 1). Computed on the CPU in
     float64 (a few hundred numbers), then moved to the model's device once."""

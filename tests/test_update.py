@@ -27,7 +27,7 @@ def loss_output(loss, kl, clipfrac, ratio_dev):
                       ratio_dev=t(ratio_dev))
 
 
-def test_means_over_finite_micro_steps_and_ratio_dev_over_the_first_window():
+def test_means_over_finite_micro_steps_and_ratio_dev_over_the_first_window(float64_default):
     stats = UpdateStats("cpu")
     steps = [(loss_output(1.0, 0.5, 0.25, 0.1), True),   # first window
              (loss_output(2.0, 1.5, 0.75, 0.3), False),  # after the first optimizer step: not in ratio_dev
@@ -37,7 +37,8 @@ def test_means_over_finite_micro_steps_and_ratio_dev_over_the_first_window():
         stats.add(out, torch.isfinite(out.loss), first_window)
     m = stats.metrics(world=1)
     assert m == {"train/loss": 2.0, "train/kl": 1.0, "train/clipfrac": 0.5, "train/ratio_dev": 0.10000000149011612}
-    assert stats.sums.dtype == torch.float32 and stats.sums.device.type == "cpu"
+    assert stats.sums.tolist() == [6.0, 3.0, 1.5, 3.0]  # loss, kl, clipfrac, finite count
+    assert stats.sums.dtype == stats.ratio_dev.dtype == torch.float32 and stats.sums.device.type == "cpu"
 
 
 def test_no_finite_micro_step_gives_nan_means_not_an_error():
@@ -91,11 +92,11 @@ def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, 
     """One trained step (an SDE window of 1), 2 passes x 2 windows: each backward gets loss / n_micro; a
     non-finite loss flags its window's optimizer step and no other; after_optimizer_step hears 'applied';
     ratio_dev is the first window's, against old log-probs recomputed (or the rollout's, here shifted by
-    0.01 so the two differ)."""
+    0.01-0.04 per sample so that every window's ratio_dev differs)."""
     cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=1", f"train.old_logprob={old_logprob}",
                                         "train.num_inner_epochs=2"])
     assert len(data.plan.trained) == 1
-    data.log_prob = data.log_prob + 0.01
+    data.log_prob = data.log_prob + 0.01 * torch.arange(1, 5)[:, None]  # a different ratio for every sample
     outs = recorded_losses(monkeypatch, make_nan=lambda call: call == 3)  # the last window of pass 2
     opt, skips = FlagOptimizer(), []
     engine = RecordingEngine(policy.transformer, opt)
@@ -106,12 +107,15 @@ def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, 
     m = stats.metrics(world=1)
     first = float(outs[0].ratio_dev)
     assert m["train/ratio_dev"] == first
+    if old_logprob == "rollout":  # the other windows' ratio_dev differ from the first's (so the check can tell)
+        later = [float(o.ratio_dev) for o in outs[1:3]]  # pass 1's second window, pass 2's first
+        assert first not in later and first < max(later), (first, later)
     assert (first == 0.0) == (old_logprob == "recompute")  # recomputed: exactly on-policy
     assert (stats.recompute_s > 0) == (old_logprob == "recompute") and stats.recompute_s < 60
     assert m["train/loss"] == pytest.approx(sum(float(o.loss.detach()) for o in outs[:3]) / 3, rel=1e-6)
 
 
-def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch):
+def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch, capsys):
     cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=2", "train.gradient_accumulation_steps=2"])
     outs = recorded_losses(monkeypatch)
     opt = FlagOptimizer()
@@ -120,6 +124,7 @@ def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch):
     n_micro = 2 * 2  # 2 minibatches x 2 trained steps in the one window
     assert len(outs) == n_micro and [bool(f) for f in engine.skip_flags] == [False]
     assert [float(x) for x in engine.losses] == pytest.approx([float(o.loss.detach()) / n_micro for o in outs], rel=1e-6)
+    assert "[fastcps]" not in capsys.readouterr().err  # no progress lines unless asked for
 
 
 def test_progress_counts_the_work_it_reports(monkeypatch, capsys):
@@ -151,4 +156,74 @@ def test_progress_counts_the_work_it_reports(monkeypatch, capsys):
     assert [line.split(" in ")[0] for line in lines] == ["[fastcps] epoch 3 rollout: 4 images",
                                                          f"[fastcps] epoch 3 update: {micro} micro-steps"]
     update_kwargs, update_bar = bars[1]
-    assert update_kwargs["total"] == update_bar.n == micro and update_bar.closed
+    assert type(update_kwargs["total"]) is int and update_kwargs["total"] == update_bar.n == micro and update_bar.closed
+
+
+@pytest.mark.parametrize("beta_kl", [0.0, 0.5])
+def test_kl_term_is_beta_times_the_kl_to_the_weights_training_started_from(monkeypatch, beta_kl):
+    """micro_step_loss's β·KL: the KL of the fused op between the trained velocity and the velocity of the
+    weights the run started from (a copy taken before the weights moved), at the step's σ and prompts;
+    with β = 0 no reference forward runs and train/kl logs 0. Zero advantages and the current log-probs as
+    old ones make the policy term 0, so the loss is β·KL alone."""
+    import copy
+
+    from fastcps.ops.cps_logprob_kl import cps_logprob_kl
+    from fastcps.rollout import select
+
+    cfg, policy, data, _ = toy_epoch(["sampler.sde_window_size=2"])
+    start = copy.deepcopy(policy.transformer).requires_grad_(False)
+    with torch.no_grad():  # the trained weights move away from the reference
+        for p in policy.transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    entered = []
+    real_reference = policy.reference
+    monkeypatch.setattr(policy, "reference", lambda model: (entered.append(model), real_reference(model))[1])
+
+    mb, j = torch.tensor([2, 0]), len(data.plan.trained) - 1  # the last trained step, samples out of order
+    step = data.plan.trained[j]
+    x_t, x_next, cond = data.x_t[mb, j], data.x_next[mb, j], select(data.cond, data.cond_index[mb])
+    sigma = data.plan.sigmas[step].expand(2)
+    with torch.no_grad():
+        v, v_start = (policy.velocity(m, x_t, sigma, cond) for m in (policy.transformer, start))
+        logp, kl = cps_logprob_kl(x_t, v, x_next, data.plan.coeffs[step], v_start)
+    assert float(kl.mean()) > 1e-6  # the moved weights are visibly off the reference
+
+    out, out_logp = update_mod.micro_step_loss(policy, policy.transformer, data, mb, j, logp, torch.zeros(2),
+                                               clip_range=1e-4, beta_kl=beta_kl)
+    torch.testing.assert_close(out_logp.detach(), logp, rtol=1e-6, atol=1e-6)
+    expected_kl = float(kl.mean()) if beta_kl > 0 else 0.0
+    assert float(out.kl_mean) == pytest.approx(expected_kl, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(beta_kl * expected_kl, rel=1e-5, abs=1e-12)
+    assert entered == ([policy.transformer] if beta_kl > 0 else [])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_epoch_advantages_are_this_ranks_rows_of_groups_spanning_ranks(monkeypatch, rank):
+    """Rank ``rank`` of 2: the other rank's rewards and group ids arrive through the gather (in rank order);
+    each group's mean and population std cover both ranks; this rank gets its own rows, in fp32, and the
+    configured zero-std threshold (not compute_advantages' default) zeroes group 1 (std 0.01 < 0.1)."""
+    from types import SimpleNamespace
+
+    mine = SimpleNamespace(reward=torch.tensor([1.0, 5.00, 3.0, 5.02]), group=torch.tensor([0, 1, 0, 1]))
+    other = {torch.float32: torch.tensor([2.0, 6.0, 5.01, 4.99]), torch.int64: torch.tensor([0, 0, 1, 1])}
+    ranks = lambda t: [other[t.dtype], t] if rank == 1 else [t, other[t.dtype]]
+    monkeypatch.setattr(update_mod.dist, "all_gather_cat", lambda t: torch.cat(ranks(t)))
+    train_cfg = SimpleNamespace(adv_std="prompt", adv_clip_max=5.0, zero_std_threshold=0.1, prompts_per_epoch=2)
+
+    out = epoch_advantages(mine, train_cfg, torch.device("cpu"), rank=rank)
+    g0 = torch.tensor([1.0, 3.0, 2.0, 6.0], dtype=torch.float64)  # group 0's rewards: both ranks
+    expected = ((torch.tensor([1.0, 3.0], dtype=torch.float64) - g0.mean()) / (g0.std(unbiased=False) + 1e-4)).float()
+    assert out.local.dtype == torch.float32 and out.local.shape == (4,)
+    torch.testing.assert_close(out.local[[0, 2]], expected, rtol=1e-6, atol=0)
+    assert out.local[[1, 3]].tolist() == [0.0, 0.0]  # group 1: std 0.01, below the configured threshold
+    assert float(out.zero_std_frac) == 0.5
+    assert out.rewards.tolist() == torch.cat(ranks(mine.reward)).tolist()
+
+
+def test_minibatch_orders_are_seeded_permutations():
+    a = update_mod.minibatches(10, 4, (0, 3, 4, 0, 0), torch.device("cpu"))
+    assert [len(b) for b in a] == [4, 4, 2] and all(b.dtype == torch.long for b in a)
+    assert sorted(torch.cat(a).tolist()) == list(range(10))
+    same = update_mod.minibatches(10, 4, (0, 3, 4, 0, 0), torch.device("cpu"))
+    other_pass = update_mod.minibatches(10, 4, (0, 3, 4, 1, 0), torch.device("cpu"))
+    assert torch.equal(torch.cat(a), torch.cat(same)) and not torch.equal(torch.cat(a), torch.cat(other_pass))
