@@ -1,0 +1,117 @@
+"""The rollout's contract (fastcps.rollout), in one process: which prompt slots each rank samples, a sample's
+noise and trajectory whatever its batch or rank, the prompt-encoding cache, the eval set and its noise. The
+same across real processes: tests/test_wiring_runs.py; rollout vs training log-probs:
+tests/test_rollout_training_agreement.py."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastcps.config import RunConfig
+from fastcps.configlib import load_config
+from fastcps.policies import build_policy
+from fastcps.prompts import load_prompts
+from fastcps.rollout import (PromptEncodings, Trajectory, derive_seed, epoch_plan, epoch_slots, eval_noise,
+                             eval_prompt_set, initial_noise, sample, select)
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+
+
+def toy(sets=()):
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"), ["sampler.num_steps=4", *sets])
+    return cfg, build_policy(cfg.policy, "cpu")
+
+
+def test_derive_seed_is_a_31_bit_hash_of_all_its_parts_in_order():
+    seeds = [derive_seed(0, e, 2, i) for e in range(20) for i in range(50)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**31 for s in seeds)
+    assert {s & 1 for s in seeds} == {0, 1} and max(seeds) >= 2**30  # all 31 bits are used
+    assert derive_seed(1, 2) != derive_seed(2, 1) and derive_seed(7, 1) != derive_seed(7, 2)
+    assert derive_seed(7, 0) == derive_seed(7)  # SeedSequence drops trailing zeros (see the docstring)
+    assert derive_seed(-1) == derive_seed(2**32 - 1)  # negative parts are taken as 32-bit words
+    # Pinned: every run's prompts, noise and minibatch orders follow from derive_seed; another value here
+    # means a resumed checkpoint of an older run would continue with other samples than it started with.
+    assert (derive_seed(0, 0, 1), derive_seed(0, 0, 2, 0)) == (1683718082, 779308542)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_epoch_slots_deal_k_copies_of_each_chosen_prompt_over_the_ranks(world):
+    cfg, _ = toy(["train.prompts_per_epoch=4", "train.images_per_prompt=2"])  # 8 samples an epoch
+    parts = [epoch_slots(cfg, 3, 10, rank, world) for rank in range(world)]
+    chosen, one_rank, _ = epoch_slots(cfg, 3, 10, 0, 1)
+    assert all(np.array_equal(c, chosen) for c, _, _ in parts)  # every rank draws the same prompts
+    assert len(set(chosen.tolist())) == 4 and all(0 <= c < 10 for c in chosen)
+    assert [len(s) for _, s, _ in parts] == [8 // world] * world
+    assert np.array_equal(np.concatenate([s for _, s, _ in parts]), one_rank)  # one order, cut into shares
+    assert [lo for *_, lo in parts] == [rank * 8 // world for rank in range(world)]  # first global sample
+    assert sorted(one_rank.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3] and one_rank.tolist() != sorted(one_rank.tolist())
+    nxt, nxt_slots, _ = epoch_slots(cfg, 4, 10, 0, 1)
+    assert not (np.array_equal(nxt, chosen) and np.array_equal(nxt_slots, one_rank))  # another epoch, another draw
+
+
+def test_epoch_slots_repeat_prompts_only_when_the_pool_is_too_small():
+    cfg, _ = toy(["train.prompts_per_epoch=4", "train.images_per_prompt=2"])
+    assert sorted(epoch_slots(cfg, 0, 4, 0, 1)[0].tolist()) == [0, 1, 2, 3]  # as many as needed: no repeat
+    small = epoch_slots(cfg, 0, 3, 0, 1)[0]
+    assert len(small) == 4 and set(small.tolist()) <= {0, 1, 2}
+
+
+def test_a_samples_noise_and_trajectory_do_not_depend_on_its_batch():
+    """Samples 0-3 as one batch and as two batches (first_index 0 and 2, as two ranks would run them):
+    the same x1, the same per-step noise, the same stored steps. Another epoch's seed parts: other noise."""
+    cfg, policy = toy()
+    plan = epoch_plan(cfg, 0, policy)
+    x1 = initial_noise(policy, (0, 0, 3), [0, 1, 2, 3], CPU)
+    assert torch.equal(x1[2:], initial_noise(policy, (0, 0, 3), [2, 3], CPU))
+    assert not torch.equal(x1, initial_noise(policy, (0, 1, 3), [0, 1, 2, 3], CPU))
+    assert x1.dtype == torch.float32 and x1.shape == (4, *policy.latent_shape())
+    pool = load_prompts("digits")[0]
+    cond, index = PromptEncodings(policy).for_prompts([pool[0], pool[5], pool[9], pool[5]], CPU)
+    seeds = [derive_seed(0, 0, 2, i) for i in range(len(plan.coeffs))]
+    run = lambda s: sample(policy, policy.transformer, select(cond, index[s]), x1[s], plan, step_seeds=seeds,
+                           first_index=s.start)
+    whole, halves = run(slice(0, 4)), [run(slice(0, 2)), run(slice(2, 4))]
+    for field in Trajectory._fields:
+        torch.testing.assert_close(torch.cat([getattr(h, field) for h in halves]), getattr(whole, field),
+                                   rtol=1e-5, atol=1e-6, msg=field)
+    j = len(plan.trained)
+    assert plan.trained == list(range(j)) and j == 3  # cps, 4 steps: the last one has no noise
+    assert whole.x_t.shape == whole.x_next.shape == (4, j, *policy.latent_shape()) and whole.log_prob.shape == (4, j)
+    assert torch.equal(whole.x_t[:, 0], x1) and torch.equal(whole.x_t[:, 1:], whole.x_next[:, :-1])
+    assert torch.isfinite(whole.log_prob).all() and not torch.equal(whole.final, whole.x_next[:, -1])
+
+
+def test_prompt_encodings_encode_each_prompt_once_and_index_its_rows(monkeypatch):
+    _, policy = toy()
+    real, calls = policy.encode, []
+    monkeypatch.setattr(policy, "encode", lambda prompts: (calls.append(list(prompts)), real(prompts))[1])
+    enc = PromptEncodings(policy)
+    cond, index = enc.for_prompts(["b", "a", "b"], CPU)
+    assert calls == [["b", "a"]] and index.tolist() == [0, 1, 0] and index.dtype == torch.long
+    cond2, index2 = enc.for_prompts(["a", "c"], CPU)
+    assert calls == [["b", "a"], ["c"]] and index2.tolist() == [0, 1]  # only the new prompt is encoded
+    for got, prompts in ((cond, ["b", "a"]), (cond2, ["a", "c"])):
+        want = real(prompts)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(v, cond[k][[0, 1, 0]]) for k, v in select(cond, index).items())
+
+
+@pytest.mark.parametrize("n, picked", [(4, [0, 10, 20, 30]), (40, list(range(40))), (99, list(range(40)))])
+def test_eval_set_spreads_its_prompts_over_the_pool(n, picked):
+    cfg, _ = toy([f"eval.num_prompts={n}"])
+    pool, meta = load_prompts("digits")
+    prompts, prompt_meta = eval_prompt_set(cfg)
+    assert prompts == [pool[i] for i in picked] and prompt_meta == [meta[i] for i in picked]
+
+
+def test_eval_noise_gives_every_image_of_every_prompt_its_own_draw():
+    _, policy = toy()
+    x = torch.cat([eval_noise(policy, 0, p, 3, CPU) for p in range(3)])
+    assert x.shape == (9, *policy.latent_shape())
+    assert len({tuple(row.flatten()[:4].tolist()) for row in x}) == 9  # no image shares another's x1
+    assert torch.equal(x[3:6], eval_noise(policy, 0, 1, 3, CPU)) and not torch.equal(x[:3], eval_noise(policy, 1, 0, 3, CPU))
