@@ -115,3 +115,27 @@ def test_eval_noise_gives_every_image_of_every_prompt_its_own_draw():
     assert x.shape == (9, *policy.latent_shape())
     assert len({tuple(row.flatten()[:4].tolist()) for row in x}) == 9  # no image shares another's x1
     assert torch.equal(x[3:6], eval_noise(policy, 0, 1, 3, CPU)) and not torch.equal(x[:3], eval_noise(policy, 1, 0, 3, CPU))
+
+
+def test_the_gpu_branches_pin_and_synchronize_only_for_cuda(monkeypatch):
+    """to_device/synchronize's CUDA paths, with torch.cuda stubbed (no GPU here): a host tensor bound for a
+    GPU goes through pinned memory without blocking; a CPU target is a plain copy; only a CUDA device is
+    synchronised, that device."""
+    from fastcps.rollout import synchronize, to_device
+
+    moves, syncs = [], []
+
+    class Pinned:
+        def to(self, device, non_blocking=False):
+            moves.append((device, non_blocking))
+            return "moved"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: Pinned())
+    gpu = torch.device("cuda", 1)
+    assert to_device(torch.ones(2), gpu) == "moved" and moves == [(gpu, True)]
+    assert torch.equal(to_device(torch.ones(2), CPU), torch.ones(2)) and len(moves) == 1
+    synchronize("cpu")
+    synchronize(gpu)
+    assert syncs == [gpu]
