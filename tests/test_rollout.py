@@ -14,7 +14,7 @@ from fastcps.configlib import load_config
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
 from fastcps.rollout import (PromptEncodings, Trajectory, derive_seed, epoch_plan, epoch_slots, eval_noise,
-                             eval_prompt_set, initial_noise, sample, select)
+                             eval_prompt_set, initial_noise, rollout_epoch, sample, select)
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -139,3 +139,56 @@ def test_the_gpu_branches_pin_and_synchronize_only_for_cuda(monkeypatch):
     synchronize("cpu")
     synchronize(gpu)
     assert syncs == [gpu]
+
+
+def toy_rollout(cfg, policy, epoch, rank=0, world=1, reward_delay=0.0):
+    import time
+
+    from fastcps.rewards import RewardOutput
+
+    def reward(images, prompts, metadata):
+        time.sleep(reward_delay)
+        return RewardOutput(images.float().mean(dim=(1, 2, 3)), {"brightness": images.float().mean(dim=(1, 2, 3))})
+
+    return rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, policy), policy, policy.transformer, reward,
+                         PromptEncodings(policy), load_prompts("digits"), device=CPU, rank=rank, world=world)
+
+
+def test_two_ranks_roll_out_the_one_rank_epoch_cut_in_two():
+    """In process, what tests/test_wiring_runs.py checks across processes: rank r of 2 samples the one-rank
+    epoch's samples r·n .. (r+1)·n − 1, with the same prompts, noise, steps and rewards; a repeat of the
+    epoch is the same to the bit; the reward timer counts the reward calls."""
+    import time
+
+    cfg, policy = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
+    t0 = time.perf_counter()
+    one = toy_rollout(cfg, policy, 1, reward_delay=0.05)  # 8 samples in 4 rollout batches
+    wall = time.perf_counter() - t0
+    assert 4 * 0.05 <= one.reward_time < min(wall, 4 * 0.05 + 0.5)
+    ranks = [toy_rollout(cfg, policy, 1, rank=r, world=2) for r in range(2)]
+    for field in ("x_t", "x_next", "log_prob", "reward", "group"):
+        torch.testing.assert_close(torch.cat([getattr(d, field) for d in ranks]), getattr(one, field),
+                                   rtol=1e-5, atol=1e-6, msg=field)
+    assert sum((d.prompts for d in ranks), []) == one.prompts
+    torch.testing.assert_close(torch.cat([d.components["brightness"] for d in ranks]), one.components["brightness"])
+    again = toy_rollout(cfg, policy, 1)
+    assert all(torch.equal(getattr(again, f), getattr(one, f)) for f in ("x_t", "x_next", "log_prob", "reward"))
+    assert one.preview.shape[0] == 2 and one.x_t.shape[0] == 8  # the first rollout batch's images
+
+
+def test_each_step_of_each_epoch_of_each_run_draws_its_own_noise(monkeypatch):
+    """The Philox seeds rollout_epoch hands to ``sample``: one per step, all different, and different for
+    another epoch or another run seed."""
+    import fastcps.rollout as rollout_mod
+
+    seen = {}
+    real = rollout_mod.sample
+    monkeypatch.setattr(rollout_mod, "sample", lambda *a, step_seeds, **kw: (seen.setdefault(key, step_seeds),
+                                                                            real(*a, step_seeds=step_seeds, **kw))[1])
+    for key in [(0, 0), (0, 1), (1, 0)]:
+        cfg, policy = toy([f"seed={key[0]}", "train.prompts_per_epoch=1", "train.images_per_prompt=2",
+                           "train.rollout_batch_size=2"])
+        toy_rollout(cfg, policy, key[1])
+    assert all(len(s) == 4 for s in seen.values())  # one seed per step
+    every = [s for seeds in seen.values() for s in seeds]
+    assert len(set(every)) == len(every)
