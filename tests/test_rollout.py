@@ -146,7 +146,10 @@ def toy_rollout(cfg, policy, epoch, rank=0, world=1, reward_delay=0.0):
 
     from fastcps.rewards import RewardOutput
 
+    meta_of = dict(zip(*load_prompts("digits")))
+
     def reward(images, prompts, metadata):
+        assert metadata == [meta_of[p] for p in prompts]  # each image's prompt and its metadata (the digit)
         time.sleep(reward_delay)
         return RewardOutput(images.float().mean(dim=(1, 2, 3)), {"brightness": images.float().mean(dim=(1, 2, 3))})
 
@@ -173,7 +176,9 @@ def test_two_ranks_roll_out_the_one_rank_epoch_cut_in_two():
     torch.testing.assert_close(torch.cat([d.components["brightness"] for d in ranks]), one.components["brightness"])
     again = toy_rollout(cfg, policy, 1)
     assert all(torch.equal(getattr(again, f), getattr(one, f)) for f in ("x_t", "x_next", "log_prob", "reward"))
-    assert one.preview.shape[0] == 2 and one.x_t.shape[0] == 8  # the first rollout batch's images
+    assert one.preview.shape[0] == 2 and one.x_t.shape[0] == 8  # the first rollout batch's images:
+    torch.testing.assert_close(one.preview.float().mean(dim=(1, 2, 3)), one.reward[:2])  # (reward = brightness)
+    assert torch.equal(ranks[0].preview, one.preview)
 
 
 def test_each_step_of_each_epoch_of_each_run_draws_its_own_noise(monkeypatch):
