@@ -8,6 +8,7 @@
 #   bench/mutation.sh trainer           # fastcps/update.py, rollout.py against the trainer/wiring tests
 #   bench/mutation.sh update            # (or rollout) one of the two
 #   bench/mutation.sh kernels           # the Triton launchers (the @triton.jit bodies are never mutated)
+#   MUTATION_TESTS='["tests/test_rollout.py"]' bench/mutation.sh rollout "fastcps.rollout.x_plan*"
 #
 # The shared settings are pyproject.toml's [tool.mutmut]; each target swaps in its files and its tests
 # (mutmut then runs, per mutant, only those of the target's tests that reach the mutated function: a
@@ -50,6 +51,9 @@ case $target in
   *) echo "usage: $0 math|samplers|grpo|ops|trainer|update|rollout|kernels [mutant name globs]" >&2; exit 2 ;;
 esac
 
+# MUTATION_TESTS='["tests/a.py", ...]' replaces the target's tests: a fast first pass whose kills stand (a
+# subset of the suite killed them) and whose survivors are re-run with the target's own list afterwards.
+tests=${MUTATION_TESTS:-$tests}
 work=${MUTATION_DIR:-$repo/build}/mutation-$target
 mkdir -p "$work"
 # The sources as the working tree has them (tracked and untracked-but-not-ignored files). kernels/ goes in
