@@ -197,3 +197,15 @@ def test_each_step_of_each_epoch_of_each_run_draws_its_own_noise(monkeypatch):
     assert all(len(s) == 4 for s in seen.values())  # one seed per step
     every = [s for seeds in seen.values() for s in seeds]
     assert len(set(every)) == len(every)
+
+
+@pytest.mark.parametrize("logprob, kl", [("gaussian", "paper"), ("paper", "flow_grpo")])
+def test_epoch_plan_uses_the_configured_logprob_and_kl_forms(logprob, kl):
+    from fastcps.samplers import step_coeffs
+
+    cfg, policy = toy([f"sampler.logprob={logprob}", f"sampler.kl={kl}"])
+    plan, default = epoch_plan(cfg, 0, policy), epoch_plan(toy()[0], 0, policy)
+    sigmas = policy.sigmas(4, device="cpu")
+    want = step_coeffs("cps", sigmas[0], sigmas[1], cfg.sampler.eta, sigma_max=sigmas[1], logprob=logprob, kl=kl)
+    assert all(torch.equal(a, b) for a, b in zip(plan.coeffs[0], want))
+    assert not all(torch.equal(a, b) for a, b in zip(plan.coeffs[0], default.coeffs[0]))  # the forms matter here

@@ -300,7 +300,7 @@ def test_window_places_the_stochastic_steps_and_ode_elsewhere():
         ode = step_coeffs("ode", sigmas[i], sigmas[i + 1])
         assert all(torch.equal(a, b) for a, b in zip(plan.coeffs[i], ode))
     assert plan_steps("cps", 0.8, sigmas, window_size=2, window_start=4).trained == [4]  # step 5: σ' = 0
-    with pytest.raises(ValueError, match="does not fit 6 steps"):
+    with pytest.raises(ValueError, match=r"sde window \[4, 7\) does not fit 6 steps"):
         plan_steps("cps", 0.8, sigmas, window_size=3, window_start=4)
 
 
