@@ -159,8 +159,8 @@ def toy_rollout(cfg, policy, epoch, rank=0, world=1, reward_delay=0.0):
 
 def test_two_ranks_roll_out_the_one_rank_epoch_cut_in_two():
     """In process, what tests/test_wiring_runs.py checks across processes: rank r of 2 samples the one-rank
-    epoch's samples r·n .. (r+1)·n − 1, with the same prompts, noise, steps and rewards; a repeat of the
-    epoch is the same to the bit; the reward timer counts the reward calls."""
+    epoch's samples r·n .. (r+1)·n − 1, with the same prompts, noise, steps and rewards; so do rollout batches
+    of 4 instead of 2; a repeat of the epoch is the same to the bit; the reward timer counts the reward calls."""
     import time
 
     cfg, policy = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
@@ -176,6 +176,10 @@ def test_two_ranks_roll_out_the_one_rank_epoch_cut_in_two():
     torch.testing.assert_close(torch.cat([d.components["brightness"] for d in ranks]), one.components["brightness"])
     again = toy_rollout(cfg, policy, 1)
     assert all(torch.equal(getattr(again, f), getattr(one, f)) for f in ("x_t", "x_next", "log_prob", "reward"))
+    cfg4, _ = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=4"])
+    wide = toy_rollout(cfg4, policy, 1)  # batches of 4: each sample keeps its own step noise
+    for field in ("x_t", "x_next", "log_prob", "reward"):
+        torch.testing.assert_close(getattr(wide, field), getattr(one, field), rtol=1e-5, atol=1e-6, msg=field)
     assert one.preview.shape[0] == 2 and one.x_t.shape[0] == 8  # the first rollout batch's images:
     torch.testing.assert_close(one.preview.float().mean(dim=(1, 2, 3)), one.reward[:2])  # (reward = brightness)
     assert torch.equal(ranks[0].preview, one.preview)
