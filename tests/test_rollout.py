@@ -50,6 +50,9 @@ def test_epoch_slots_deal_k_copies_of_each_chosen_prompt_over_the_ranks(world):
     assert sorted(one_rank.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3] and one_rank.tolist() != sorted(one_rank.tolist())
     nxt, nxt_slots, _ = epoch_slots(cfg, 4, 10, 0, 1)
     assert not (np.array_equal(nxt, chosen) and np.array_equal(nxt_slots, one_rank))  # another epoch, another draw
+    other_run, _ = toy(["seed=1", "train.prompts_per_epoch=4", "train.images_per_prompt=2"])
+    run_chosen, run_slots, _ = epoch_slots(other_run, 3, 10, 0, 1)
+    assert not (np.array_equal(run_chosen, chosen) and np.array_equal(run_slots, one_rank))  # another run seed too
 
 
 def test_epoch_slots_repeat_prompts_only_when_the_pool_is_too_small():
@@ -213,3 +216,16 @@ def test_epoch_plan_uses_the_configured_logprob_and_kl_forms(logprob, kl):
     want = step_coeffs("cps", sigmas[0], sigmas[1], cfg.sampler.eta, sigma_max=sigmas[1], logprob=logprob, kl=kl)
     assert all(torch.equal(a, b) for a, b in zip(plan.coeffs[0], want))
     assert not all(torch.equal(a, b) for a, b in zip(plan.coeffs[0], default.coeffs[0]))  # the forms matter here
+
+
+def test_epoch_plan_steps_with_the_configured_eta():
+    """η sets each stochastic step's noise share: the plan's coefficients are step_coeffs' at the configured η."""
+    from fastcps.samplers import step_coeffs
+
+    cfg, policy = toy(["sampler.eta=0.3"])
+    plan, default = epoch_plan(cfg, 0, policy), epoch_plan(toy()[0], 0, policy)
+    sigmas = policy.sigmas(4, device="cpu")
+    for i in plan.trained:
+        want = step_coeffs("cps", sigmas[i], sigmas[i + 1], 0.3, sigma_max=sigmas[1])
+        assert all(torch.equal(a, b) for a, b in zip(plan.coeffs[i], want)), i
+    assert toy()[0].sampler.eta != 0.3 and not torch.equal(plan.coeffs[0].s, default.coeffs[0].s)

@@ -246,6 +246,21 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     assert out.loss.requires_grad
 
 
+def test_prompt_encodings_keep_their_cache_in_host_memory():
+    """The encoder runs on the GPU, but its outputs are cached on the CPU (FLUX's T5 states are 4 MiB a
+    prompt: a GPU cache would grow by a prompt set's worth beside the model); each call copies its rows over."""
+    class Encoder:
+        def encode(self, prompts):
+            return {"states": torch.zeros(len(prompts), 3, 8, dtype=torch.bfloat16, device=CUDA)}
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        encodings = PromptEncodings(Encoder())
+        cond, index = encodings.for_prompts(["a", "b", "a"], CUDA)
+    assert [v["states"].device.type for v in encodings.host.values()] == ["cpu", "cpu"]
+    on(CUDA, cond["states"], index)
+    assert cond["states"].shape == (2, 3, 8) and cond["states"].dtype == torch.bfloat16
+
+
 def test_each_rank_takes_its_local_gpu(monkeypatch):
     """On a node of 8 GPUs each rank builds its policy on cuda:LOCAL_RANK and joins NCCL from there;
     DeepSpeed's engine sets the device only later, so without this every rank's policy, prompt
