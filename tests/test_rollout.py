@@ -3,25 +3,25 @@ noise and trajectory whatever its batch or rank, the prompt-encoding cache, the 
 same across real processes: tests/test_wiring_runs.py; rollout vs training log-probs:
 tests/test_rollout_training_agreement.py."""
 
-from pathlib import Path
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from fastcps.config import RunConfig
-from fastcps.configlib import load_config
+import fastcps.rollout as rollout_mod
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
 from fastcps.rollout import (PromptEncodings, Trajectory, derive_seed, epoch_plan, epoch_slots, eval_noise,
-                             eval_prompt_set, initial_noise, rollout_epoch, sample, select)
+                             eval_prompt_set, initial_noise, sample, select)
+from fastcps.samplers import step_coeffs
+from wiring_support import brightness_reward, toy_config, toy_rollout
 
-ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 
 
 def toy(sets=()):
-    cfg = load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"), ["sampler.num_steps=4", *sets])
+    cfg = toy_config(["sampler.num_steps=4", *sets])
     return cfg, build_policy(cfg.policy, "cpu")
 
 
@@ -144,31 +144,13 @@ def test_the_gpu_branches_pin_and_synchronize_only_for_cuda(monkeypatch):
     assert syncs == [gpu]
 
 
-def toy_rollout(cfg, policy, epoch, rank=0, world=1, reward_delay=0.0):
-    import time
-
-    from fastcps.rewards import RewardOutput
-
-    meta_of = dict(zip(*load_prompts("digits")))
-
-    def reward(images, prompts, metadata):
-        assert metadata == [meta_of[p] for p in prompts]  # each image's prompt and its metadata (the digit)
-        time.sleep(reward_delay)
-        return RewardOutput(images.float().mean(dim=(1, 2, 3)), {"brightness": images.float().mean(dim=(1, 2, 3))})
-
-    return rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, policy), policy, policy.transformer, reward,
-                         PromptEncodings(policy), load_prompts("digits"), device=CPU, rank=rank, world=world)
-
-
 def test_two_ranks_roll_out_the_one_rank_epoch_cut_in_two():
     """In process, what tests/test_wiring_runs.py checks across processes: rank r of 2 samples the one-rank
     epoch's samples r·n .. (r+1)·n − 1, with the same prompts, noise, steps and rewards; so do rollout batches
     of 4 instead of 2; a repeat of the epoch is the same to the bit; the reward timer counts the reward calls."""
-    import time
-
     cfg, policy = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
     t0 = time.perf_counter()
-    one = toy_rollout(cfg, policy, 1, reward_delay=0.05)  # 8 samples in 4 rollout batches
+    one = toy_rollout(cfg, policy, 1, reward=brightness_reward(delay=0.05))  # 8 samples in 4 rollout batches
     wall = time.perf_counter() - t0
     assert 4 * 0.05 <= one.reward_time < min(wall, 4 * 0.05 + 0.5)
     ranks = [toy_rollout(cfg, policy, 1, rank=r, world=2) for r in range(2)]
@@ -191,8 +173,6 @@ def test_two_ranks_roll_out_the_one_rank_epoch_cut_in_two():
 def test_each_step_of_each_epoch_of_each_run_draws_its_own_noise(monkeypatch):
     """The Philox seeds rollout_epoch hands to ``sample``: one per step, all different, and different for
     another epoch or another run seed."""
-    import fastcps.rollout as rollout_mod
-
     seen = {}
     real = rollout_mod.sample
     monkeypatch.setattr(rollout_mod, "sample", lambda *a, step_seeds, **kw: (seen.setdefault(key, step_seeds),
@@ -208,8 +188,6 @@ def test_each_step_of_each_epoch_of_each_run_draws_its_own_noise(monkeypatch):
 
 @pytest.mark.parametrize("logprob, kl", [("gaussian", "paper"), ("paper", "flow_grpo")])
 def test_epoch_plan_uses_the_configured_logprob_and_kl_forms(logprob, kl):
-    from fastcps.samplers import step_coeffs
-
     cfg, policy = toy([f"sampler.logprob={logprob}", f"sampler.kl={kl}"])
     plan, default = epoch_plan(cfg, 0, policy), epoch_plan(toy()[0], 0, policy)
     sigmas = policy.sigmas(4, device="cpu")
@@ -220,8 +198,6 @@ def test_epoch_plan_uses_the_configured_logprob_and_kl_forms(logprob, kl):
 
 def test_epoch_plan_steps_with_the_configured_eta():
     """η sets each stochastic step's noise share: the plan's coefficients are step_coeffs' at the configured η."""
-    from fastcps.samplers import step_coeffs
-
     cfg, policy = toy(["sampler.eta=0.3"])
     plan, default = epoch_plan(cfg, 0, policy), epoch_plan(toy()[0], 0, policy)
     sigmas = policy.sigmas(4, device="cpu")

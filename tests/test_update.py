@@ -3,22 +3,22 @@ train/ratio_dev mean, the loss scaling under accumulation, the non-finite flag o
 log-probs' source. A wrong value here trains or logs wrongly without failing a run; the trainer's other
 tests check results end to end. Across ranks: tests/test_wiring_runs.py."""
 
+import copy
 import math
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import fastcps.rollout as rollout_mod
 import fastcps.update as update_mod
-from fastcps.config import RunConfig
-from fastcps.configlib import load_config
 from fastcps.grpo import LossOutput
+from fastcps.logger import progress
+from fastcps.ops.cps_logprob_kl import cps_logprob_kl
 from fastcps.policies import build_policy
-from fastcps.prompts import load_prompts
-from fastcps.rewards import RewardOutput
-from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch
+from fastcps.rollout import select
 from fastcps.update import UpdateStats, epoch_advantages
-from wiring_support import FlagOptimizer, RecordingEngine
+from wiring_support import FlagOptimizer, RecordingEngine, toy_config, toy_rollout
 
 
 def loss_output(loss, kl, clipfrac, ratio_dev):
@@ -53,20 +53,15 @@ def test_no_finite_micro_step_gives_nan_means_not_an_error():
 
 # ---- run_update's loop on the toy, real CPU tensors -------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
 # 4 samples in minibatches of 2, one minibatch per optimizer step: two windows per pass.
 SETS = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=2",
         "train.rollout_batch_size=2", "train.minibatch_size=2", "train.gradient_accumulation_steps=1"]
 
 
 def toy_epoch(sets):
-    cfg = load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"), SETS + sets)
+    cfg = toy_config(SETS + sets)
     policy = build_policy(cfg.policy, "cpu")
-    plan = epoch_plan(cfg, 0, policy)
-    reward = lambda images, prompts, metadata: RewardOutput(images.float().mean(dim=(1, 2, 3)), {})
-    reward.parts = [("brightness", 1.0, None)]
-    data = rollout_epoch(cfg, 0, plan, policy, policy.transformer, reward, PromptEncodings(policy),
-                         load_prompts("digits"), device=torch.device("cpu"))
+    data = toy_rollout(cfg, policy, 0)
     return cfg, policy, data, epoch_advantages(data, cfg.train, torch.device("cpu")).local
 
 
@@ -130,9 +125,6 @@ def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch, capsys)
 def test_progress_counts_the_work_it_reports(monkeypatch, capsys):
     """The plain progress lines (logs read later) name the epoch and count what was done: the rollout's
     images, the update's micro-steps; a terminal bar's total is the number of updates it will get."""
-    import fastcps.rollout as rollout_mod
-    from fastcps.logger import progress
-
     bars = []
 
     def recording(*args, **kwargs):
@@ -141,12 +133,9 @@ def test_progress_counts_the_work_it_reports(monkeypatch, capsys):
 
     monkeypatch.setattr(rollout_mod, "progress_bar", recording)
     monkeypatch.setattr(update_mod, "progress_bar", recording)
-    cfg = load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"),
-                      SETS + ["train.num_inner_epochs=2"])
+    cfg = toy_config(SETS + ["train.num_inner_epochs=2"])
     policy = build_policy(cfg.policy, "cpu")
-    reward = lambda images, prompts, metadata: RewardOutput(images.float().mean(dim=(1, 2, 3)), {})
-    data = rollout_epoch(cfg, 2, epoch_plan(cfg, 2, policy), policy, policy.transformer, reward,
-                         PromptEncodings(policy), load_prompts("digits"), device=torch.device("cpu"), progress=True)
+    data = toy_rollout(cfg, policy, 2, progress=True)
     adv = epoch_advantages(data, cfg.train, torch.device("cpu")).local
     opt = FlagOptimizer()
     update_mod.run_update(RecordingEngine(policy.transformer, opt), opt, policy, data, adv, cfg.train, epoch=2,
@@ -165,11 +154,6 @@ def test_kl_term_is_beta_times_the_kl_to_the_weights_training_started_from(monke
     weights the run started from (a copy taken before the weights moved), at the step's σ and prompts;
     with β = 0 no reference forward runs and train/kl logs 0. Zero advantages and the current log-probs as
     old ones make the policy term 0, so the loss is β·KL alone."""
-    import copy
-
-    from fastcps.ops.cps_logprob_kl import cps_logprob_kl
-    from fastcps.rollout import select
-
     cfg, policy, data, _ = toy_epoch(["sampler.sde_window_size=2"])
     start = copy.deepcopy(policy.transformer).requires_grad_(False)
     with torch.no_grad():  # the trained weights move away from the reference
@@ -202,8 +186,6 @@ def test_epoch_advantages_are_this_ranks_rows_of_groups_spanning_ranks(monkeypat
     """Rank ``rank`` of 2: the other rank's rewards and group ids arrive through the gather (in rank order);
     each group's mean and population std cover both ranks; this rank gets its own rows, in fp32, and the
     configured zero-std threshold (not compute_advantages' default) zeroes group 1 (std 0.01 < 0.1)."""
-    from types import SimpleNamespace
-
     mine = SimpleNamespace(reward=torch.tensor([1.0, 5.00, 3.0, 5.02]), group=torch.tensor([0, 1, 0, 1]))
     other = {torch.float32: torch.tensor([2.0, 6.0, 5.01, 4.99]), torch.int64: torch.tensor([0, 0, 1, 1])}
     ranks = lambda t: [other[t.dtype], t] if rank == 1 else [t, other[t.dtype]]

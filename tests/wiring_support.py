@@ -4,10 +4,13 @@ engine that stands in for DeepSpeed's in one process, and a recorder of what the
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Brightness:
@@ -22,6 +25,41 @@ class Darkness:
 
     def __call__(self, images, prompts, metadata):
         return 1.0 - images.float().mean(dim=(1, 2, 3))
+
+
+def toy_config(sets=()):
+    """The digits toy's run config (configs/digits_cps.json) with ``sets`` (``"field=value"``) applied."""
+    from fastcps.config import RunConfig
+    from fastcps.configlib import load_config
+
+    return load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"), list(sets))
+
+
+def brightness_reward(delay: float = 0.0):
+    """A trainer reward (``RewardOutput``): each image's brightness, as the total and as its one component.
+    It checks that each image comes with its own prompt's metadata (the digit); ``delay`` s per call."""
+    from fastcps.prompts import load_prompts
+    from fastcps.rewards import RewardOutput
+
+    meta_of = dict(zip(*load_prompts("digits")))
+
+    def reward(images, prompts, metadata):
+        assert metadata == [meta_of[p] for p in prompts]
+        time.sleep(delay)
+        value = Brightness()(images, prompts, metadata)
+        return RewardOutput(value, {"brightness": value})
+
+    return reward
+
+
+def toy_rollout(cfg, policy, epoch: int, *, reward=None, **kwargs):
+    """``rollout_epoch`` of the toy on the CPU with its epoch's plan and a brightness reward."""
+    from fastcps.prompts import load_prompts
+    from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch
+
+    return rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, policy), policy, policy.transformer,
+                         reward or brightness_reward(), PromptEncodings(policy), load_prompts("digits"),
+                         device=torch.device("cpu"), **kwargs)
 
 
 def advantages_by_hand(rewards, groups, *, std: str = "prompt", clip: float = 5.0) -> np.ndarray:
