@@ -39,10 +39,11 @@ case $target in
             [ "$target" = rollout ] && mutate='["fastcps/rollout.py"]'
             # test_trainer.py's three end-to-end runs (12-17 s each, the same ground as the in-process
             # wiring tests) are left out: with them every surviving mutant costs a minute
-            # two fake-CUDA cases: on CPU tensors a dropped device= or to_device() changes nothing
+            # three fake-CUDA cases: on CPU tensors a dropped device= or to_device() changes nothing
             tests='["tests/test_update.py", "tests/test_rollout.py", "tests/test_wiring.py", "tests/test_rollout_training_agreement.py", "tests/test_toy.py",
                     "tests/test_virtual_cuda.py::test_rollout_and_micro_step_on_fake_cuda[toy-full]",
                     "tests/test_virtual_cuda.py::test_update_loop_reads_nothing_on_the_host[toy-lora]",
+                    "tests/test_virtual_cuda.py::test_prompt_encodings_keep_their_cache_in_host_memory",
                     "tests/test_trainer.py::test_unknown_key_and_wrong_type_are_named",
                     "tests/test_trainer.py::test_batch_arithmetic_depends_on_world_size",
                     "tests/test_trainer.py::test_missing_weights_path_names_the_key",
