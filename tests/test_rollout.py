@@ -13,7 +13,7 @@ import fastcps.rollout as rollout_mod
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
 from fastcps.rollout import (PromptEncodings, Trajectory, derive_seed, epoch_plan, epoch_slots, eval_noise,
-                             eval_prompt_set, initial_noise, sample, select)
+                             eval_prompt_set, initial_noise, plan_steps, sample, select)
 from fastcps.samplers import step_coeffs
 from wiring_support import brightness_reward, toy_config, toy_rollout
 
@@ -196,12 +196,24 @@ def test_epoch_plan_uses_the_configured_logprob_and_kl_forms(logprob, kl):
     assert not all(torch.equal(a, b) for a, b in zip(plan.coeffs[0], default.coeffs[0]))  # the forms matter here
 
 
-def test_epoch_plan_steps_with_the_configured_eta():
-    """η sets each stochastic step's noise share: the plan's coefficients are step_coeffs' at the configured η."""
-    cfg, policy = toy(["sampler.eta=0.3"])
-    plan, default = epoch_plan(cfg, 0, policy), epoch_plan(toy()[0], 0, policy)
+@pytest.mark.parametrize("sampler", ["cps", "flow_sde"])
+def test_epoch_plan_steps_with_the_configured_eta(sampler):
+    """η sets each stochastic step's noise share: the plan's coefficients are step_coeffs' at the configured η
+    (and flow_sde's σ = 1 step takes the schedule's second σ for σ_max, as Flow-GRPO does)."""
+    cfg, policy = toy(["sampler.eta=0.3", f"sampler.name={sampler}"])
+    plan, default = epoch_plan(cfg, 0, policy), epoch_plan(toy([f"sampler.name={sampler}"])[0], 0, policy)
     sigmas = policy.sigmas(4, device="cpu")
+    assert float(sigmas[0]) == 1.0 and plan.trained
     for i in plan.trained:
-        want = step_coeffs("cps", sigmas[i], sigmas[i + 1], 0.3, sigma_max=sigmas[1])
+        want = step_coeffs(sampler, sigmas[i], sigmas[i + 1], 0.3, sigma_max=sigmas[1])
         assert all(torch.equal(a, b) for a, b in zip(plan.coeffs[i], want)), i
     assert toy()[0].sampler.eta != 0.3 and not torch.equal(plan.coeffs[0].s, default.coeffs[0].s)
+
+
+def test_plan_steps_computes_in_fp32_whatever_the_schedules_dtype():
+    """The plan's σ (the model's timesteps) and coefficients are fp32 (the kernels' dtype) from a float64 schedule too."""
+    _, policy = toy()
+    sigmas = policy.sigmas(4, device="cpu")
+    plan, wide = plan_steps("cps", 0.7, sigmas), plan_steps("cps", 0.7, sigmas.double())
+    assert plan.sigmas.dtype == wide.sigmas.dtype == torch.float32 and torch.equal(plan.sigmas, wide.sigmas)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for c, w in zip(plan.coeffs, wide.coeffs) for a, b in zip(c, w))

@@ -313,6 +313,8 @@ def test_epoch_plan_draws_the_window_from_its_range(window_range, starts):
     sets += [f"sampler.sde_window_range={window_range}"] if window_range else []
     cfg = load_config(RunConfig, CONFIG, sets)
     assert {window_start(cfg, e) for e in range(100)} == starts
+    other_run = load_config(RunConfig, CONFIG, sets + ["seed=1"])  # the run seed draws too
+    assert [window_start(other_run, e) for e in range(20)] != [window_start(cfg, e) for e in range(20)]
     policy = type("Policy", (), {"sigmas": lambda self, n, device=None: toy_sigmas(n)})()
     for epoch in range(6):
         w = window_start(cfg, epoch)
