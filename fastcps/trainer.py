@@ -120,7 +120,7 @@ class Trainer:
         stats = run_update(self.engine, self.optimizer, self.policy, data, adv.local, cfg.train, epoch=epoch,
                            seed=cfg.seed, rank=self.rank, progress=self._progress,
                            after_optimizer_step=lambda skipped: self._after_optimizer_step(epoch, skipped))
-        train_metrics = stats.metrics(self.world) if stats is not None else {}  # reads the device: synchronises
+        train_metrics = stats.metrics() if stats is not None else {}  # reads the device: synchronises
         t_update = time.perf_counter() - t1
         rewards = adv.rewards
         metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False))}

@@ -100,7 +100,7 @@ class UpdateStats:
         if first_window:  # before the first optimizer step the policy is the rollout's: ratio 1
             self.ratio_dev = torch.fmax(self.ratio_dev, out.ratio_dev.float())  # fmax: a NaN is not a max
 
-    def metrics(self, world: int) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """Means over every rank's finite micro-steps (collective: all ranks call it)."""
         sums = dist.all_reduce(self.sums.detach().to(torch.float64).cpu())
         ratio_dev = dist.all_reduce(self.ratio_dev.detach().reshape(1).cpu(), torch.distributed.ReduceOp.MAX)
@@ -116,7 +116,7 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
     ``gradient_accumulation_steps`` minibatches × every trained step (DeepSpeed's boundary is driven
     explicitly). A micro-step whose loss is not finite flags its window: the optimizer skips it.
     ``after_optimizer_step(skipped)`` runs after each optimizer step. Returns the epoch's statistics,
-    still on the device (``.metrics(world)`` reads them), or None when no step is trained. The loop
+    still on the device (``.metrics()`` reads them), or None when no step is trained. The loop
     itself reads nothing on the host: the optimizer's skip decision is the one synchronisation per
     optimizer step."""
     t = train_cfg

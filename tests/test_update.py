@@ -35,7 +35,7 @@ def test_means_over_finite_micro_steps_and_ratio_dev_over_the_first_window(float
              (loss_output(3.0, 1.0, 0.5, 0.05), True)]
     for out, first_window in steps:
         stats.add(out, torch.isfinite(out.loss), first_window)
-    m = stats.metrics(world=1)
+    m = stats.metrics()
     assert m == {"train/loss": 2.0, "train/kl": 1.0, "train/clipfrac": 0.5, "train/ratio_dev": 0.10000000149011612}
     assert stats.sums.tolist() == [6.0, 3.0, 1.5, 3.0]  # loss, kl, clipfrac, finite count
     assert stats.sums.dtype == stats.ratio_dev.dtype == torch.float32 and stats.sums.device.type == "cpu"
@@ -46,9 +46,24 @@ def test_no_finite_micro_step_gives_nan_means_not_an_error():
     assert stats.recompute_s == 0.0
     out = loss_output(float("inf"), 1.0, 1.0, 0.5)
     stats.add(out, torch.isfinite(out.loss), first_window=True)
-    m = stats.metrics(world=1)
+    m = stats.metrics()
     assert all(math.isnan(m[k]) for k in ("train/loss", "train/kl", "train/clipfrac"))
     assert m["train/ratio_dev"] == 0.5
+
+
+def test_metrics_pool_every_ranks_micro_steps_and_take_the_largest_ratio_dev(monkeypatch):
+    """At 2 ranks: the sums (loss, kl, clipfrac, finite count) add over ranks before dividing, so a rank
+    with more finite micro-steps weighs more; ratio_dev is the largest of the ranks'. The other rank's
+    values come through a stand-in for the collective that applies the op it is given."""
+    stats = UpdateStats("cpu")
+    for out in (loss_output(1.0, 0.5, 0.25, 0.1), loss_output(3.0, 1.5, 0.75, 0.2)):
+        stats.add(out, torch.isfinite(out.loss), first_window=True)
+    other_rank = {4: torch.tensor([8.0, 1.0, 0.0, 1.0]), 1: torch.tensor([0.7])}  # by the tensor's size
+    reduce = {torch.distributed.ReduceOp.SUM: torch.sum, torch.distributed.ReduceOp.MAX: torch.amax}
+    monkeypatch.setattr(update_mod.dist, "all_reduce", lambda t, op=torch.distributed.ReduceOp.SUM: reduce[op](
+        torch.stack([t, other_rank[t.numel()].to(t.dtype)]), dim=0))
+    m = stats.metrics()
+    assert m == pytest.approx({"train/loss": 12 / 3, "train/kl": 3 / 3, "train/clipfrac": 1 / 3, "train/ratio_dev": 0.7})
 
 
 # ---- run_update's loop on the toy, real CPU tensors -------------------------------------------------------
@@ -99,7 +114,7 @@ def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, 
                                   after_optimizer_step=skips.append)
     assert len(outs) == 4 and [float(x) for x in engine.losses[:3]] == [float(o.loss.detach()) for o in outs[:3]]  # n_micro = 1
     assert [bool(f) for f in engine.skip_flags] == [False, False, False, True] and skips == [False] * 4 and opt.skip_flag is None
-    m = stats.metrics(world=1)
+    m = stats.metrics()
     first = float(outs[0].ratio_dev)
     assert m["train/ratio_dev"] == first
     if old_logprob == "rollout":  # the other windows' ratio_dev differ from the first's (so the check can tell)
