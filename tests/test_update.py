@@ -125,6 +125,34 @@ def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, 
     assert m["train/loss"] == pytest.approx(sum(float(o.loss.detach()) for o in outs[:3]) / 3, rel=1e-6)
 
 
+class ScriptedEngine(RecordingEngine):
+    """Each optimizer step ends as ``script`` says: (our optimizer skipped it for a non-finite gradient,
+    the engine applied it). The two are independent under DeepSpeed: its fp16 loss scaler skips steps
+    on its own, and a step our optimizer refused still counts as applied to the engine."""
+
+    def __init__(self, module, optimizer, script):
+        super().__init__(module, optimizer)
+        self.script, self.applied = list(script), True
+
+    def step(self) -> None:
+        super().step()
+        if self.boundary:
+            self.optimizer.last_skipped, self.applied = self.script.pop(0)
+
+    def was_step_applied(self) -> bool:
+        return self.applied
+
+
+def test_after_optimizer_step_hears_skipped_when_either_side_skipped():
+    """The EMA and the step counter follow ``after_optimizer_step(skipped)``: a step is skipped when our
+    optimizer refused it or the engine did not apply it, and only then (4 optimizer steps: 2 passes x 2)."""
+    cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=1", "train.num_inner_epochs=2"])
+    opt, heard = FlagOptimizer(), []
+    engine = ScriptedEngine(policy.transformer, opt, [(True, True), (False, False), (True, False), (False, True)])
+    update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, after_optimizer_step=heard.append)
+    assert heard == [True, True, True, False] and engine.script == []
+
+
 def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch, capsys):
     cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=2", "train.gradient_accumulation_steps=2"])
     outs = recorded_losses(monkeypatch)
