@@ -13,7 +13,8 @@ import fastcps.rollout as rollout_mod
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
 from fastcps.rollout import (PromptEncodings, Trajectory, derive_seed, epoch_plan, epoch_slots, eval_noise,
-                             eval_prompt_set, initial_noise, plan_steps, sample, select)
+                             eval_prompt_set, initial_noise, plan_steps, sample, select, synchronize,
+                             to_device)
 from fastcps.samplers import step_coeffs
 from wiring_support import brightness_reward, toy_config, toy_rollout
 
@@ -124,8 +125,6 @@ def test_the_gpu_branches_pin_and_synchronize_only_for_cuda(monkeypatch):
     """to_device/synchronize's CUDA paths, with torch.cuda stubbed (no GPU here): a host tensor bound for a
     GPU goes through pinned memory without blocking; a CPU target is a plain copy; only a CUDA device is
     synchronised, that device."""
-    from fastcps.rollout import synchronize, to_device
-
     moves, syncs = [], []
 
     class Pinned:

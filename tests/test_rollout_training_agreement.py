@@ -8,20 +8,14 @@ bf16's precision below. Either check fails when the training side uses another s
 σ (a shift of one step moves a log-prob by far more than the bound; see the last test).
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from fastcps.config import RunConfig
-from fastcps.configlib import load_config
 from fastcps.policies import build_policy
-from fastcps.prompts import load_prompts
 from fastcps.rewards import RewardOutput
-from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch
 from fastcps.update import minibatches, recompute_old_logprobs
+from wiring_support import toy_config, toy_rollout
 
-ROOT = Path(__file__).resolve().parent.parent
 BF16_EPS = 2.0**-8  # bf16's unit roundoff (8 significant bits)
 # (sampler, extra config) runs: every sampler, an SDE window and timestep_fraction < 1 among them.
 RUNS = {
@@ -48,12 +42,11 @@ def rollout_and_training(run: str, logprob: str, dtype: str, epoch: int = 0, dev
     sets = RUNS[run] + [f"sampler.logprob={logprob}", f"policy.dtype={dtype}", "sampler.num_steps=4",
                         "train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=8",
                         "train.minibatch_size=2"]
-    cfg = load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"), sets)
+    cfg = toy_config(sets)
     torch.manual_seed(0)
     device = torch.device(device)
     policy = build_policy(cfg.policy, device)
-    data = rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, policy), policy, policy.transformer, ConstantReward(),
-                         PromptEncodings(policy), load_prompts("digits"), device=device)
+    data = toy_rollout(cfg, policy, epoch, reward=ConstantReward(), device=device)
     batches = minibatches(8, 2, (cfg.seed, epoch, 4, 0, 0), device)
     train = recompute_old_logprobs(policy, policy.transformer, data, batches, clip_range=1e-4)
     return cfg, policy, data, train

@@ -37,7 +37,7 @@ from fastcps.update import epoch_advantages, micro_step_loss, minibatches, recom
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_cuda import HostSyncError, NoHostTraffic, fake_policy  # noqa: E402
 from tiny_pipelines import save_tiny_flux, save_tiny_sd3  # noqa: E402
-from wiring_support import FlagOptimizer, RecordingEngine  # noqa: E402
+from wiring_support import FlagOptimizer, RecordingEngine, toy_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.device("cuda")
@@ -86,7 +86,7 @@ def build(case: str, tiny, device="cpu"):
         sets.append(f"policy.pretrained={tiny['flux']}")
     if "policy.name=sd3" in sets:
         sets.append(f"policy.pretrained={tiny['sd3']}")
-    cfg = load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"), sets)
+    cfg = toy_config(sets)
     policy = build_policy(cfg.policy, "cpu")
     if cfg.policy.lora is None and cfg.policy.name != "toy":
         with policy.reference(policy.transformer):  # full FT loads its frozen base on first use: do it now

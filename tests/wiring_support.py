@@ -52,14 +52,14 @@ def brightness_reward(delay: float = 0.0):
     return reward
 
 
-def toy_rollout(cfg, policy, epoch: int, *, reward=None, **kwargs):
-    """``rollout_epoch`` of the toy on the CPU with its epoch's plan and a brightness reward."""
+def toy_rollout(cfg, policy, epoch: int, *, reward=None, device="cpu", **kwargs):
+    """``rollout_epoch`` of the digits prompts with the epoch's plan, a brightness reward unless ``reward``."""
     from fastcps.prompts import load_prompts
     from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch
 
     return rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, policy), policy, policy.transformer,
                          reward or brightness_reward(), PromptEncodings(policy), load_prompts("digits"),
-                         device=torch.device("cpu"), **kwargs)
+                         device=torch.device(device), **kwargs)
 
 
 def advantages_by_hand(rewards, groups, *, std: str = "prompt", clip: float = 5.0) -> np.ndarray:
