@@ -58,9 +58,10 @@ tests=${MUTATION_TESTS:-$tests}
 work=${MUTATION_DIR:-$repo/build}/mutation-$target
 mkdir -p "$work"
 # The sources as the working tree has them (tracked and untracked-but-not-ignored files). kernels/ goes in
-# as fastcps/kernels/, where the installed package has it, so that the copy imports its own kernels rather
-# than the editable install's.
-(cd "$repo" && git ls-files -z -co --exclude-standard fastcps tests configs pyproject.toml | xargs -0 cp --parents -p -t "$work")
+# as a real folder fastcps/kernels/ (in the repository a link to it), where the installed package has it,
+# so that the copy imports its own kernels rather than the editable install's.
+(cd "$repo" && git ls-files -z -co --exclude-standard fastcps tests configs pyproject.toml ':!fastcps/kernels' \
+  | xargs -0 cp --parents -p -t "$work")
 mkdir -p "$work/fastcps/kernels"
 (cd "$repo/kernels" && git ls-files -z -co --exclude-standard . | xargs -0 cp --parents -p -t "$work/fastcps/kernels")
 

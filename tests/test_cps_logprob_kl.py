@@ -90,7 +90,7 @@ def test_training_kernels_agree_for_every_tiling(dtype, block, iters, warps, wit
     (tests/test_gpu.py does the same on a device): ITERS > 1, N = 333 with a partial last chunk (with
     (32, 4): 77 elements, one block fully masked), rows with a stride other than N (slices of a wider
     tensor). ∂v is elementwise, so it must equal the default tiling's bit for bit."""
-    from fastcps.kernels import cps_logprob_kl_bwd, cps_logprob_kl_fwd
+    from fastcps.kernels.cps_logprob_kl import cps_logprob_kl_bwd, cps_logprob_kl_fwd
 
     b, n = 3, 333
     x, v, prev, vref, c, g_lp, g_kl = make_case((b, n + 40), dtype, "gaussian", seed=block * iters)

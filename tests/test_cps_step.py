@@ -111,7 +111,7 @@ def test_step_kernel_agrees_for_every_tiling(dtype, block, iters, warps):
     same on a device): the multi-iteration chunk loop (ITERS > 1), N = 333 whose last chunk is partial
     (with (32, 4): 77 elements, one block fully masked), rows with a stride other than N. x' and μ are
     elementwise, so they must equal the default tiling's bit for bit; the log-prob only reorders sums."""
-    from fastcps.kernels import cps_step_fwd
+    from fastcps.kernels.cps_step import cps_step_fwd
 
     b, n = 3, 333
     g = torch.Generator().manual_seed(block * iters)
@@ -133,7 +133,7 @@ def test_in_kernel_rng_statistics_over_a_million_draws():
     """10^6 draws of the kernel's Philox normal: mean ~ 0, std ~ 1, rows uncorrelated. The launcher
     is called with a large block: the interpreter's cost is per block op, and the noise does not
     depend on the launch shape (checked below)."""
-    from fastcps.kernels import cps_step_fwd
+    from fastcps.kernels.cps_step import cps_step_fwd
 
     b, n = 4, 250_000
     x = torch.zeros(b, n)
@@ -169,7 +169,7 @@ def test_in_kernel_rng_reproducible_and_independent_of_launch_shape(impl):
 
 
 def test_rng_does_not_depend_on_block_size():
-    from fastcps.kernels import cps_step_fwd
+    from fastcps.kernels.cps_step import cps_step_fwd
 
     x = torch.zeros(3, 3001)
     one, zero = torch.ones(3), torch.zeros(3)

@@ -66,7 +66,8 @@ def test_every_tiling_agrees_on_cuda(dtype, block, iters, warps):
     """The launchers' block/iters/num_warps overrides on the device: the multi-iteration chunk loop
     (ITERS > 1), an odd N whose last chunk is partial, and rows with a stride other than N (a slice of
     a wider tensor), against the fp32 reference."""
-    from fastcps.kernels import cps_logprob_kl_bwd, cps_logprob_kl_fwd, cps_step_fwd
+    from fastcps.kernels.cps_logprob_kl import cps_logprob_kl_bwd, cps_logprob_kl_fwd
+    from fastcps.kernels.cps_step import cps_step_fwd
 
     b, n = 3, 4096 * 16 + 17
     g = torch.Generator(device="cuda").manual_seed(block + iters)

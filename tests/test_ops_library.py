@@ -7,12 +7,16 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-import fastcps.kernels
+import fastcps.kernels.cps_logprob_kl
+import fastcps.kernels.cps_step
 from fastcps import cps_logprob_kl, cps_logprob_kl_ref, cps_step, cps_step_ref, sde_step_with_logprob, step_coeffs
 from fastcps.ops.dispatch import choose_impl
 from tolerance import assert_close_fp32
 
 IMPLS = ["torch", "triton"]
+# Each Triton launcher and the kernel module the ops import it from (fastcps.kernels is a namespace package).
+LAUNCHER_MODULES = {"cps_step_fwd": fastcps.kernels.cps_step, "cps_logprob_kl_fwd": fastcps.kernels.cps_logprob_kl,
+                    "cps_logprob_kl_bwd": fastcps.kernels.cps_logprob_kl}
 OPS = ("cps_step", "cps_logprob_kl", "cps_logprob_kl_backward")
 
 
@@ -185,7 +189,7 @@ def nothing_launches(monkeypatch):
         raise AssertionError("a kernel launch or a compile happened under FakeTensorMode")
 
     for name in ("cps_step_fwd", "cps_logprob_kl_fwd", "cps_logprob_kl_bwd"):
-        monkeypatch.setattr(fastcps.kernels, name, launched)
+        monkeypatch.setattr(LAUNCHER_MODULES[name], name, launched)
     monkeypatch.setattr(torch, "compile", launched)
     monkeypatch.delenv("FASTCPS_IMPL", raising=False)
     monkeypatch.setenv("FASTCPS_COMPILE", "1")  # so that a CPU body reached by mistake would compile
@@ -254,7 +258,7 @@ def test_cuda_tensors_dispatch_to_the_triton_launchers(monkeypatch):
         def launcher(*args, **kwargs):
             calls.append(name)
             return make(*args, **kwargs)
-        monkeypatch.setattr(fastcps.kernels, name, launcher)
+        monkeypatch.setattr(LAUNCHER_MODULES[name], name, launcher)
 
     fp32_rows = lambda x: x.new_empty(x.shape[:1], dtype=torch.float32)  # noqa: E731
     recorder("cps_step_fwd", lambda x, *a, **k: (torch.empty_like(x), fp32_rows(x), torch.empty_like(x)))

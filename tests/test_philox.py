@@ -103,7 +103,7 @@ def test_uniform_float_at_the_sign_edge():
 def test_kernel_seed_noise_is_philox_randn_and_tiling_independent():
     """cps_step_fwd(seed=...) draws tl.randn(seed, offset + b*N + n): same prev for any BLOCK/ITERS,
     and the CPU path's philox_randn gives the same noise."""
-    from fastcps.kernels import cps_step_fwd
+    from fastcps.kernels.cps_step import cps_step_fwd
 
     B, N, off = 3, 1000, 2**32 - 1500  # the counters cross 2**32 inside the batch
     x, v = torch.randn(B, N), torch.randn(B, N)

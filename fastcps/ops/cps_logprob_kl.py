@@ -75,7 +75,7 @@ def cps_logprob_kl_op(x: Tensor, v: Tensor, prev: Tensor, v_ref: Optional[Tensor
     """(logp, kl), each (B,) fp32, of (B, N) rows; kl is zeros without ``v_ref``. Gradient: to v only."""
     _check_fwd(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w)
     if choose_impl(x) == "triton":
-        from fastcps.kernels import cps_logprob_kl_fwd
+        from fastcps.kernels.cps_logprob_kl import cps_logprob_kl_fwd
 
         logp, kl = cps_logprob_kl_fwd(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w)
     else:
@@ -101,7 +101,7 @@ def cps_logprob_kl_backward_op(x: Tensor, v: Tensor, prev: Tensor, v_ref: Option
     """∂v (B, N) in v's dtype from the (B,) fp32 output gradients; ``kl_w``/``g_kl`` go with ``v_ref``."""
     _check_bwd(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl)
     if choose_impl(x) == "triton":
-        from fastcps.kernels import cps_logprob_kl_bwd
+        from fastcps.kernels.cps_logprob_kl import cps_logprob_kl_bwd
 
         return cps_logprob_kl_bwd(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl)
     return _bwd_compiled(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl).contiguous()

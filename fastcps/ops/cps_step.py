@@ -102,7 +102,7 @@ def cps_step_op(x: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, std: Tensor, 
     logp (B,) fp32; μ (B, N) in x's dtype with ``return_mean``, else (0,). Gradient: to v only."""
     _check_step(x, v, alpha, beta, std, lp_w, lp_c, noise, prev_sample, seed)
     if choose_impl(x) == "triton":
-        from fastcps.kernels import cps_step_fwd
+        from fastcps.kernels.cps_step import cps_step_fwd
 
         prev, logp, mean = cps_step_fwd(x, v, alpha, beta, std, lp_w, lp_c, noise=noise, seed=seed,
                                         offset=offset, prev_sample=prev_sample, return_mean=return_mean)
