@@ -45,8 +45,12 @@ class PolicyConfig:
     """`flash` uses flash-attn through diffusers' attention backend on CUDA when installed."""
     offload_frozen: bool = False
     """Move text encoders to CPU once prompt embeddings are cached."""
-    max_sequence_length: int = 512
-    """T5 tokens per prompt (flow_grpo: 512 for FLUX, 128 for SD3.5; the pipelines' defaults are 512 / 256)."""
+    max_sequence_length: int = 128
+    """T5 tokens per prompt: FLUX attends over them with the image's tokens in every block, so each forward
+    costs more with every token (512 px FLUX.1-dev: 1024 image tokens; 512 text tokens make a forward
+    ~1.33x of 128's). 128 is what flow_grpo trains FLUX and SD3.5 with (the pipelines' defaults are
+    512 / 256). Prompts with more tokens are cut, as the pipelines do; the trainer reports how many at
+    start-up with the length that would keep them whole."""
     gradient_checkpointing: bool = False
     """Recompute the transformer's activations in backward (diffusers' gradient checkpointing)."""
 

@@ -34,3 +34,16 @@ def load_prompts(source: str) -> tuple[list[str], list[dict]]:
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts, meta
+
+
+def truncation_report(counts: list[int], limit: int, what: str = "prompts") -> str | None:
+    """One line saying how many of ``counts`` (tokens per prompt) exceed ``limit`` and the
+    ``policy.max_sequence_length`` that keeps them whole (rounded up to a multiple of 16); None when
+    none does."""
+    over = [c for c in counts if c > limit]
+    if not over:
+        return None
+    keep = -(-max(over) // 16) * 16
+    return (f"{len(over)} of {len(counts)} {what} have more than policy.max_sequence_length = {limit} T5 tokens "
+            f"(the longest {max(over)}) and are cut to {limit}, as the pipelines cut them; "
+            f"--set policy.max_sequence_length={keep} keeps every one whole (at more FLOPs per forward)")

@@ -29,7 +29,7 @@ from fastcps.configlib import to_dict
 from fastcps.logger import RunLogger, plot_reward_curve
 from fastcps.optim import EMA, SkippingAdamW
 from fastcps.policies import build_policy
-from fastcps.prompts import load_prompts
+from fastcps.prompts import load_prompts, truncation_report
 from fastcps.rewards import WeightedReward
 from fastcps.rollout import (PromptEncodings, epoch_plan, eval_noise, eval_prompt_set, plan_steps, rollout_epoch,
                              sample, synchronize)
@@ -66,6 +66,7 @@ class Trainer:
 
         self.policy = policy if policy is not None else build_policy(cfg.policy, self.device)
         self.encodings = PromptEncodings(self.policy)
+        self._report_truncation()
         self.reward_fn = WeightedReward([(r.name, r.weight, r.args) for r in cfg.rewards])
         t = cfg.train
         self.optimizer = SkippingAdamW(self.policy.trainable_parameters(), lr=t.lr, betas=tuple(t.betas),
@@ -80,6 +81,15 @@ class Trainer:
         self._stop_signal = False
         self.logger = RunLogger(self.run_dir, enabled=dist.is_main(), tensorboard=cfg.log.tensorboard,
                                 wandb=cfg.log.wandb, config=to_dict(cfg))
+
+    def _report_truncation(self) -> None:
+        """Prompts longer than policy.max_sequence_length are cut by the text encoder: say so once."""
+        if not dist.is_main():
+            return
+        counts = self.policy.text_token_counts(self.prompts + [p for p, _ in self.eval_prompts])
+        line = None if counts is None else truncation_report(counts, self.cfg.policy.max_sequence_length)
+        if line:
+            print(f"[fastcps] warning: {line}", flush=True)
 
     def _deepspeed_config(self) -> dict:
         path = Path(self.cfg.deepspeed_config)

@@ -226,3 +226,44 @@ def test_shipped_configs_load_and_name_their_prompts(name):
         assert all(m["tag"] and m["include"] for m in meta)
     if name == "sd35_ocr":
         assert all(p.count('"') == 2 for p in prompts)
+
+
+# --- text length: counted before the cut, reported once ----------------------------------------------
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_text_token_counts_are_the_t5_tokens_encode_would_cut(tiny, family):
+    policy = build_policy(policy_cfg(family, tiny[family]), "cpu")
+    long = "x" * (3 * SEQ)  # character-level tiny tokenizer: one token a character, plus </s>
+    counts = policy.text_token_counts(["a cat", long])
+    tok = getattr(policy.pipe, "tokenizer_2" if family == "flux" else "tokenizer_3")
+    assert counts == [len(tok("a cat")["input_ids"]), len(tok(long)["input_ids"])]
+    assert counts[0] < SEQ < counts[1]
+    # what encode gives the long prompt is its first SEQ tokens: the count is of what gets cut
+    clip_tokens = 77 if family == "sd3" else 0  # SD3 puts CLIP's 77 tokens before T5's
+    assert policy.encode([long])["encoder_hidden_states"].shape[1] == clip_tokens + SEQ
+
+
+def test_truncation_report_counts_the_cut_prompts_and_the_length_that_keeps_them():
+    from fastcps.prompts import truncation_report
+
+    assert truncation_report([10, 128, 5], 128) is None
+    line = truncation_report([10, 129, 200, 150], 128)
+    assert line.startswith("3 of 4 prompts have more than policy.max_sequence_length = 128 T5 tokens (the longest 200)")
+    assert "--set policy.max_sequence_length=208 keeps every one whole" in line
+    assert "max_sequence_length=144 " in truncation_report([129], 128) + " "
+
+
+def test_trainer_reports_cut_prompts_once_at_start_up(tiny, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from fastcps.trainer import Trainer
+
+    policy = build_policy(policy_cfg("flux", tiny["flux"]), "cpu")
+    fake = SimpleNamespace(policy=policy, prompts=["a cat", "y" * 40], eval_prompts=[("z" * 50, {})],
+                           cfg=SimpleNamespace(policy=SimpleNamespace(max_sequence_length=SEQ)))
+    Trainer._report_truncation(fake)
+    out = capsys.readouterr().out
+    assert out.count("warning: 2 of 3 prompts have more than policy.max_sequence_length = 32") == 1, out
+    fake.prompts, fake.eval_prompts = ["a cat"], []
+    Trainer._report_truncation(fake)
+    assert capsys.readouterr().out == ""

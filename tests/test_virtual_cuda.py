@@ -205,7 +205,7 @@ def test_no_host_traffic_catches_a_sync_and_a_transfer():
 def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     """configs/flux_pickscore.json at FLUX.1-dev's real size: the 11.9 B-parameter transformer built from
     configs/models/flux1-dev_transformer.json (no weights: meta, then fake CUDA), LoRA r 64, bf16,
-    gradient checkpointing, 512 px (1024 image + 512 text tokens), 6 steps with a 3-step SDE window,
+    gradient checkpointing, 512 px (1024 image + 128 text tokens), 6 steps with a 3-step SDE window,
     T5/CLIP-sized conditioning. Rollout, advantages and a training micro-step all stay on the device."""
     import json
 

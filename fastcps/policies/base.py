@@ -76,6 +76,11 @@ class Policy(abc.ABC):
             raise ValueError(f"batch mismatch: latents {b}, sigma {sigma.shape[0]}, cond {hidden.shape[0]}")
         return sigma, hidden, pooled
 
+    def text_token_counts(self, prompts: list[str]) -> list[int] | None:
+        """Tokens each prompt has for the length-limited text encoder (``policy.max_sequence_length``),
+        before any truncation; None when the policy has no such limit (the toy)."""
+        return None
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 

@@ -89,6 +89,7 @@ class DiffusersPolicy(Policy):
     pipeline_cls = None
     subfolders: tuple[str, ...] = ()
     text_encoder_names: tuple[str, ...] = ()
+    t5_tokenizer_name = "tokenizer_2"  # the pipeline attribute of the T5 tokenizer
 
     def _load_common(self, cfg, device) -> None:
         from diffusers import AutoencoderKL
@@ -113,6 +114,12 @@ class DiffusersPolicy(Policy):
                              f"for {self.family} (VAE x{self.vae_scale_factor}, 2x2 patches)")
         self.resolution = res
         self._base = None
+
+    def text_token_counts(self, prompts: list[str]) -> list[int]:
+        """T5 tokens per prompt, end-of-sequence included, as ``encode_prompt`` counts them before it
+        cuts at ``max_sequence_length`` (CLIP's fixed 77 only feeds the pooled vector)."""
+        tokenizer = getattr(self.pipe, self.t5_tokenizer_name)
+        return [len(ids) for ids in tokenizer(list(prompts), truncation=False)["input_ids"]]
 
     def _text_encoders(self) -> list[torch.nn.Module]:
         return [getattr(self.pipe, n) for n in self.text_encoder_names]

@@ -31,6 +31,7 @@ class SD3Policy(DiffusersPolicy):
     subfolders = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
                   "tokenizer_2", "tokenizer_3", "scheduler")
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    t5_tokenizer_name = "tokenizer_3"
     #: flow_grpo's SD3.5 targets (scripts/train_sd3.py): the joint attention only, no feed-forward
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
