@@ -35,7 +35,16 @@ tilings B = 1 and B = 16 of N = 4096·64), ``enable_fp_fusion=True``; compile fi
     Occupancy (registers go per warp in steps of 8 per thread): ≤ 32 regs gives all 2048 threads/SM,
     40 gives 1536, 41-48 give 1280, 56 gives 1152, 58 gives 1024; the unrolled variants trade that for
     several independent 16-byte loads in flight per thread (bench timings on a GPU: not measured here).
-    Triton 3.8.0 / ptxas 12.9 gave 27-40 at B = 1 and 30-56 at B = 16, also 0 spills.
+    (Those Triton 3.9 figures predate cps_step's own Box-Muller cosine, below; not re-measured since:
+    this project's machines install Triton 3.8.0.)
+
+Measured with Triton 3.8.0 (ptxas 12.9.86, the one Triton bundles; its cubins carry no tool note, so
+the report names the ptxas Triton runs for sm_90), 2026-12-04, bench/results/ptx_report_triton3.8.0.txt:
+every one of the 60 variants has 0 spill bytes, 0 stack frame and no local memory; registers 27-48 at
+B = 1 and 30-56 at B = 16 (33 of 60 use <= 32); every masked latent load ld.global.v4 / LDG.E.128.
+The seeded cps_step variants reach zero only since they draw with ``kernels/cps_step.py::_randn``
+(``tl.randn``'s words and arithmetic, with a cosine free of libdevice's Payne-Hanek slow path): with
+``tl.randn`` they had a 32 B stack frame and 32-64 B of STL, 48-96 B of LDL (the slow path's table).
     Controls (``--controls``): control_strided_load 4 ld.global.b32, 0 LDG.E.128; control_spill
     (maxnreg=24) 124 B STL + 124 B LDL, 128 B stack frame; ``problems`` flags both.
 
@@ -85,7 +94,26 @@ def toolchain() -> dict:
         raise ToolchainMissing(f"Triton cannot find cuobjdump ({exc}); reinstall triton or point "
                                "TRITON_CUOBJDUMP_PATH at one") from exc
     # Older Triton (before triton.knobs) returned (path, version) here; with knobs it is the path.
-    return {"cuobjdump": found[0] if isinstance(found, tuple) else found}
+    return {"cuobjdump": found[0] if isinstance(found, tuple) else found, "ptxas": _triton_ptxas()}
+
+
+def _triton_ptxas(arch: int = 90) -> str:
+    """The assembler Triton runs for ``arch``, as 'ptxas 12.9.86 (path)': Triton's own choice
+    (``triton.backends.nvidia.compiler.get_ptxas``; Triton 3.8 picks its bundled ptxas for sm_90, 3.9
+    ptxas-blackwell) and that binary's ``--version``. 'unknown' when this Triton has no such hook."""
+    try:
+        from triton.backends.nvidia import compiler as nv
+
+        try:
+            tool = nv.get_ptxas(arch)
+        except TypeError:  # a release whose get_ptxas takes no architecture
+            tool = nv.get_ptxas()
+        path = tool.path if hasattr(tool, "path") else str(tool)
+        text = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+    except Exception:  # noqa: BLE001 - the report still runs; the field then says so
+        return "unknown"
+    version = re.search(r"release [\d.]+, V([\d.]+)", text)
+    return f"{os.path.basename(path)} {version.group(1) if version else '?'} ({path})"
 
 
 def _variants(controls: bool = False):
@@ -206,15 +234,18 @@ def problems(row: dict) -> list[str]:
     return out
 
 
-def _report_row(name, consts, options, ck, cuobjdump: str) -> dict:
+def _report_row(name, consts, options, ck, tools: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(ck.asm["cubin"])
-        text = subprocess.run([cuobjdump, "-res-usage", "-sass", path], capture_output=True, text=True,
+        text = subprocess.run([tools["cuobjdump"], "-res-usage", "-sass", path], capture_output=True, text=True,
                               check=True).stdout
+    # The cubin's own note when it has one (Triton 3.9's ptxas-blackwell writes it; 3.8's ptxas 12.9 does
+    # not): else the assembler Triton runs for sm_90.
+    tool = _cubin_tool(ck.asm["cubin"])
     row = {"kernel": name, "num_warps": options["num_warps"], "BLOCK": consts.get("BLOCK"),
-           "ITERS": consts.get("ITERS"), "ptxas": _cubin_tool(ck.asm["cubin"])}
+           "ITERS": consts.get("ITERS"), "ptxas": tools["ptxas"] if tool == "unknown" else tool}
     try:
         row.update(scan_cuobjdump(text))
     except ValueError as exc:
@@ -240,7 +271,7 @@ def ptx_report(shard: tuple[int, int] | None = None, controls: bool = False) -> 
     variants = _variants(controls)
     if shard is not None:
         variants = variants[shard[0]::shard[1]]
-    return [_report_row(name, consts, options, _compile(fn, sig, consts, options), tools["cuobjdump"])
+    return [_report_row(name, consts, options, _compile(fn, sig, consts, options), tools)
             for name, fn, sig, consts, options in variants]
 
 
@@ -289,8 +320,10 @@ def main(argv=None) -> int:
     if "--json" in argv:
         print(json.dumps(rows))
         return 0
+    import triton
+
+    print(f"triton {triton.__version__}, sm_90 cubins built by: {', '.join(sorted({r['ptxas'] for r in rows}))}\n")
     _print_table(rows)
-    print(f"\nptxas (from the cubins): {', '.join(sorted({r['ptxas'] for r in rows}))}")
     bad = [p for r in rows for p in problems(r)]
     print(f"{len(rows)} kernels; " + ("all with 0 spills and 128-bit loads" if not bad
                                      else "NOT OK:\n  " + "\n  ".join(bad)))

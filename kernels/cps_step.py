@@ -88,6 +88,40 @@ def launch_config(B: int, N: int, itemsizes, *, block=None, num_warps=None, iter
 
 
 @triton.jit
+def _cos_below_two_pi(th):
+    """cos(th) for 0 <= th < 2π, to ~1 ulp: Cody-Waite reduction by π/2 (three-part constant) and
+    Cephes' single-precision sin/cos polynomials on [-π/4, π/4].
+
+    Why not ``tl.cos``: libdevice's cosf carries a Payne-Hanek slow path for |th| > 105615 whose
+    7-word table lives in local memory; ptxas 12.9 (Triton 3.8) keeps its 32-byte stack frame and
+    spills 32-64 B around it in every seeded variant, although Box-Muller's angle never leaves [0, 2π).
+    """
+    j = tl.floor(th * 0.636619772 + 0.5)  # nearest quadrant, 0..4
+    a = tl.fma(j, -1.57079601e00, th)
+    a = tl.fma(j, -3.13916473e-07, a)
+    a = tl.fma(j, -5.39030253e-15, a)
+    z = a * a
+    sin_a = tl.fma(tl.fma(tl.fma(-1.9515295891e-4, z, 8.3321608736e-3), z, -1.6666654611e-1) * z, a, a)
+    cos_a = tl.fma(tl.fma(tl.fma(2.443315711809948e-5, z, -1.388731625493765e-3), z, 4.166664568298827e-2)
+                   * z, z, tl.fma(-0.5, z, 1.0))
+    q = j.to(tl.int32)  # cos(a + qπ/2): cos a, -sin a, -cos a, sin a
+    val = tl.where((q & 1) == 0, cos_a, sin_a)
+    return tl.where(((q + 1) & 2) == 0, val, -val)
+
+
+@triton.jit
+def _randn(seed, offset):
+    """``tl.randn(seed, offset)``: the same Philox words, uniforms and Box-Muller arithmetic (so
+    ``fastcps.ops.philox.philox_randn`` reproduces it as before, within 1e-6), with the cosine above."""
+    i1, i2, _, _ = tl.randint4x(seed, offset)
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
+    u2 = tl.uint_to_uniform_float(i2)
+    th = 6.283185307179586 * u2
+    r = tl.math.sqrt(-2.0 * tl.math.log(u1))
+    return r * _cos_below_two_pi(th)
+
+
+@triton.jit
 def _cps_step_kernel(
     x_ptr, v_ptr, noise_ptr, prev_in_ptr, prev_out_ptr, mean_ptr,
     alpha_ptr, beta_ptr, std_ptr, part_ptr,
@@ -129,7 +163,7 @@ def _cps_step_kernel(
             if MODE == 0:
                 eps = tl.load(noise_row + cols, mask=mask, other=0.0).to(tl.float32)
             else:
-                eps = tl.randn(seed, ctr_row + cols)
+                eps = _randn(seed, ctr_row + cols)
             prev_q = (mu + std * eps).to(prev_out_ptr.dtype.element_ty)
             tl.store(prev_out_row + cols, prev_q, mask=mask)
             # log-prob of the value as stored (after rounding to x.dtype), not of the fp32 one

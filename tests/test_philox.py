@@ -116,3 +116,30 @@ def test_kernel_seed_noise_is_philox_randn_and_tiling_independent():
     eps = philox_randn(99, off + torch.arange(B * N).view(B, N))
     torch.testing.assert_close(p1, eps, rtol=0, atol=1e-6)
     torch.testing.assert_close(l1, -(eps**2).mean(1), rtol=1e-5, atol=1e-6)
+
+
+@triton.jit
+def _kernel_randn_kernel(out_ptr, ref_ptr, seed, off_ptr, n, BLOCK: tl.constexpr):
+    from fastcps.kernels.cps_step import _randn
+
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    off = tl.load(off_ptr + o, mask=m, other=0)
+    tl.store(out_ptr + o, _randn(seed, off), mask=m)
+    tl.store(ref_ptr + o, tl.randn(seed, off), mask=m)
+
+
+def test_the_kernels_randn_is_tl_randn_over_the_whole_circle():
+    """cps_step's _randn (tl.randn with a cosine free of libdevice's local-memory slow path) against
+    tl.randn and the float64 Box-Muller on 2**17 draws: every quadrant of the angle, the largest radii."""
+    n = 2**17
+    offs = torch.arange(n, dtype=torch.long) + 2**32 - 7
+    out, ref = torch.empty(n), torch.empty(n)
+    _kernel_randn_kernel[(n // 4096,)](out, ref, 5, offs, n, BLOCK=4096)
+    word = philox_randint4x(5, offs)[1]
+    signed = torch.where(word >= 2**31, word - 2**32, word)
+    theta = (torch.where(signed < 0, -signed - 1, signed) * 4.6566127342e-10).float() * 6.283185307179586
+    assert theta.min() < 0.01 and theta.max() > 6.27  # the angle covers [0, 2π)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, philox_randn(5, offs), rtol=0, atol=1e-6)
+    assert out.abs().max() > 4.0  # the large radii, where a cosine error is magnified most

@@ -8,6 +8,7 @@ same rows, so neither compiles twice.
 
 import importlib
 import pathlib
+import re
 import sys
 
 import pytest
@@ -43,7 +44,8 @@ def test_every_kernel_and_mode_is_reported(rows):
                 assert f"logprob_kl_{k}[{dt},ref]@B={b}" in names
     assert len(rows) == len(names) == 60
     assert any(r["ITERS"] > 1 for r in rows), "the chunk loop (ITERS > 1) must be compiled too"
-    assert all(r["ptxas"].startswith("ptxas") for r in rows), {r["ptxas"] for r in rows}
+    # the assembler and its version: from the cubin's note (Triton 3.9) or the ptxas Triton runs (3.8)
+    assert all(re.match(r"ptxas[\w-]* \d+\.\d+", r["ptxas"]) for r in rows), {r["ptxas"] for r in rows}
 
 
 def test_no_spills_no_local_memory(rows):
