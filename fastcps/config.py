@@ -145,7 +145,9 @@ class TrainConfig:
     beta_kl: float = 0.0
     """Weight of the KL to the reference policy (the frozen base)."""
     old_logprob: Literal["rollout", "recompute"] = "recompute"
-    """Old log-probs from the rollout, or recomputed with the training forward (ratio exactly 1)."""
+    """Old log-probs from the rollout, or from the training forward (ratio exactly 1 before the first
+    optimizer step): the first window's micro-steps use their own forward's, later windows' samples get
+    one no-grad forward before the first step."""
     ema_decay: float | None = None
     """EMA of the trained weights, used for eval; None = off."""
     max_nonfinite_steps: int = 3

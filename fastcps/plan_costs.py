@@ -114,11 +114,14 @@ def passes(cfg: RunConfig, world: int, n_trained: float) -> dict:
     t, s, e = cfg.train, cfg.sampler, cfg.eval
     per_rank = t.prompts_per_epoch * t.images_per_prompt // world
     minibatches = per_rank // t.minibatch_size
+    # update.run_update: the first optimizer step's window takes its old log-probs from its own training
+    # forward; only the later windows' minibatches get a recompute forward
+    recomputed = max(0, minibatches - t.gradient_accumulation_steps) if t.old_logprob == "recompute" else 0
     out = {"per_rank": per_rank, "minibatches": minibatches,
            "optimizer_steps": t.num_inner_epochs * minibatches // t.gradient_accumulation_steps,
            "rollout": per_rank * s.num_steps, "rollout_calls": per_rank // t.rollout_batch_size * s.num_steps,
-           "old_logprob": per_rank * n_trained if t.old_logprob == "recompute" else 0.0,
-           "old_logprob_calls": minibatches * n_trained if t.old_logprob == "recompute" else 0.0,
+           "old_logprob": recomputed * t.minibatch_size * n_trained,
+           "old_logprob_calls": recomputed * n_trained,
            "train": t.num_inner_epochs * per_rank * n_trained,
            "train_calls": t.num_inner_epochs * minibatches * n_trained}
     # the reference's no-grad forward beside every training forward (update.recompute_old_logprobs

@@ -49,12 +49,13 @@ def minibatches(n: int, minibatch_size: int, seed_parts: tuple, device) -> list[
     return [perm[i:i + minibatch_size] for i in range(0, n, minibatch_size)]
 
 
-def micro_step_loss(policy, model, data: EpochData, mb: torch.Tensor, j: int, old_logp: torch.Tensor,
+def micro_step_loss(policy, model, data: EpochData, mb: torch.Tensor, j: int, old_logp: torch.Tensor | None,
                     adv: torch.Tensor, *, clip_range: float, beta_kl: float) -> tuple[LossOutput, torch.Tensor]:
     """The GRPO loss of the ``j``-th trained step for the samples ``mb`` (a device index tensor):
     one training forward, the reference forward when ``beta_kl > 0``, the fused log-prob/KL op with
     the coefficients the rollout used for that step, the clipped loss. Returns (loss output, log-prob).
-    ``old_logp`` and ``adv`` are (len(mb),) on the device."""
+    ``old_logp`` and ``adv`` are (len(mb),) on the device; ``old_logp = None`` takes this forward's own
+    log-prob (detached) as the old one: the policy is still the rollout's, the ratio exactly 1."""
     step = data.plan.trained[j]
     x_t, x_next = data.x_t[mb, j], data.x_next[mb, j]
     cond = select(data.cond, data.cond_index[mb])
@@ -65,6 +66,8 @@ def micro_step_loss(policy, model, data: EpochData, mb: torch.Tensor, j: int, ol
         with torch.no_grad(), policy.reference(model) as ref:
             v_ref = policy.velocity(ref, x_t, sigma, cond)
     logp, kl = cps_logprob_kl(x_t, v, x_next, data.plan.coeffs[step], v_ref)
+    if old_logp is None:
+        old_logp = logp.detach().float()
     out = grpo_loss(logp, old_logp, adv, clip_range=clip_range, kl=kl if v_ref is not None else None,
                     beta_kl=beta_kl)
     return out, logp
@@ -73,10 +76,11 @@ def micro_step_loss(policy, model, data: EpochData, mb: torch.Tensor, j: int, ol
 @torch.no_grad()
 def recompute_old_logprobs(policy, model, data: EpochData, batches: list[torch.Tensor], *, clip_range: float,
                            beta_kl: float = 0.0) -> torch.Tensor:
-    """Old log-probs from the same forward the update runs, same minibatches, same order: the first
-    update's ratio is then exactly 1 (fp32). (The reference forward is skipped: it does not change
-    the log-prob.)"""
-    old = torch.empty_like(data.log_prob)
+    """Old log-probs of the samples in ``batches`` from the same forward the update runs, same
+    minibatches, same order: their ratio is then exactly 1 while the policy is the rollout's. Other
+    samples keep the rollout's log-probs. (The reference forward is skipped: it does not change the
+    log-prob.)"""
+    old = data.log_prob.clone()
     for mb in batches:
         zeros = torch.zeros(mb.shape[0], device=old.device)
         for j in range(len(data.plan.trained)):
@@ -130,22 +134,32 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
     bar = progress_bar(total=t.num_inner_epochs * n * n_steps // t.minibatch_size, desc=f"epoch {epoch + 1} update",
                        unit="micro-steps", enabled=progress)
     old = data.log_prob
+    ga = t.gradient_accumulation_steps
     for inner in range(t.num_inner_epochs):
         batches = minibatches(n, t.minibatch_size, (seed, epoch, 4, inner, rank), device)
-        if inner == 0 and t.old_logprob == "recompute":
+        # old_logprob = recompute: until the first optimizer step the policy is the rollout's, so the first
+        # window's micro-steps take their old log-probs from their own training forward (ratio exactly 1,
+        # no extra pass) and keep them for later passes; only the samples of later windows need a forward
+        # of their own before that step.
+        own = inner == 0 and t.old_logprob == "recompute"
+        if own:
             t0 = time.perf_counter()
-            old = recompute_old_logprobs(policy, engine, data, batches, **loss_kw)
+            old = recompute_old_logprobs(policy, engine, data, batches[ga:], **loss_kw)
             synchronize(device)
             stats.recompute_s = time.perf_counter() - t0
-        for w in range(0, len(batches), t.gradient_accumulation_steps):
-            window = batches[w:w + t.gradient_accumulation_steps]
+        for w in range(0, len(batches), ga):
+            window = batches[w:w + ga]
             n_micro, k = len(window) * n_steps, 0
             bad = torch.zeros((), dtype=torch.bool, device=device)
             for mb in window:
                 for j in range(n_steps):
                     k += 1
                     engine.set_gradient_accumulation_boundary(k == n_micro)
-                    out, _ = micro_step_loss(policy, engine, data, mb, j, old[mb, j], adv[mb], **loss_kw)
+                    first = own and w == 0
+                    out, logp = micro_step_loss(policy, engine, data, mb, j, None if first else old[mb, j], adv[mb],
+                                                **loss_kw)
+                    if first:
+                        old[mb, j] = logp.detach().float()
                     finite = torch.isfinite(out.loss)
                     bad = bad | ~finite
                     stats.add(out, finite, first_window=inner == 0 and w == 0)

@@ -125,6 +125,45 @@ def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, 
     assert m["train/loss"] == pytest.approx(sum(float(o.loss.detach()) for o in outs[:3]) / 3, rel=1e-6)
 
 
+def test_recompute_runs_only_for_later_windows_and_feeds_the_rollout_policys_log_probs(monkeypatch):
+    """old_logprob = recompute with 2 windows x 2 passes: the first window's micro-steps take their own
+    forward's log-prob as the old one (ratio exactly 1, and the loss still has its gradient); the
+    recompute forward runs for the second window's samples only; every micro-step of both passes is fed
+    the log-probs of the rollout's policy, exactly what a recompute of every sample before any step gives."""
+    cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=2", "train.num_inner_epochs=2"])
+    n_steps, n = len(data.plan.trained), data.x_t.shape[0]
+    data.log_prob = data.log_prob + 0.01 * torch.arange(1, n + 1)[:, None]  # the rollout's, told apart
+    first_pass = update_mod.minibatches(n, 2, (0, 0, 4, 0, 0), torch.device("cpu"))
+    before = update_mod.recompute_old_logprobs(policy, policy.transformer, data, first_pass, clip_range=1e-4)
+    fed, recomputes, grads = [], [], []
+    real_loss, real_step = update_mod.grpo_loss, update_mod.micro_step_loss
+
+    def loss(logp, old_logp, *args, **kwargs):
+        if torch.is_grad_enabled():
+            fed.append(old_logp.clone())
+            grads.append(logp.requires_grad)
+        return real_loss(logp, old_logp, *args, **kwargs)
+
+    def step(policy, model, data, mb, j, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            recomputes.append((mb.tolist(), j))
+        return real_step(policy, model, data, mb, j, *args, **kwargs)
+
+    monkeypatch.setattr(update_mod, "grpo_loss", loss)
+    monkeypatch.setattr(update_mod, "micro_step_loss", step)
+    opt = FlagOptimizer()
+    engine = RecordingEngine(policy.transformer, opt)
+    stats = update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0)
+    assert recomputes == [(first_pass[1].tolist(), j) for j in range(n_steps)]  # window 2 of pass 1 only
+    second_pass = update_mod.minibatches(n, 2, (0, 0, 4, 1, 0), torch.device("cpu"))
+    order = [(mb, j) for batches in (first_pass, second_pass) for mb in batches for j in range(n_steps)]
+    assert len(fed) == len(order) == 2 * 2 * n_steps and all(grads)
+    for (mb, j), old in zip(order, fed):
+        assert torch.equal(old, before[mb, j]), (mb, j)
+    assert stats.metrics()["train/ratio_dev"] == 0.0
+    assert not torch.isclose(before, data.log_prob).any()
+
+
 class ScriptedEngine(RecordingEngine):
     """Each optimizer step ends as ``script`` says: (our optimizer skipped it for a non-finite gradient,
     the engine applied it). The two are independent under DeepSpeed: its fp16 loss scaler skips steps
