@@ -45,6 +45,9 @@ class PolicyConfig:
     """`flash` uses flash-attn through diffusers' attention backend on CUDA when installed."""
     offload_frozen: bool = False
     """Move text encoders to CPU once prompt embeddings are cached."""
+    prompt_cache_gib: float = 4.0
+    """Host memory per rank for cached prompt encodings; past it the least recently used go (and are
+    encoded again if they come back). FLUX at 128 T5 tokens: 1 MiB a prompt, ~4000 prompts in 4 GiB."""
     max_sequence_length: int = 128
     """T5 tokens per prompt: FLUX attends over them with the image's tokens in every block, so each forward
     costs more with every token (512 px FLUX.1-dev: 1024 image tokens; 512 text tokens make a forward
@@ -238,3 +241,6 @@ class RunConfig:
             raise ValueError("rewards must name at least one reward")
         if self.eval.every < 0 or self.checkpoint.every < 0:
             raise ValueError("eval.every and checkpoint.every must be >= 0")
+        if self.policy.prompt_cache_gib < 0:
+            raise ValueError(f"policy.prompt_cache_gib must be >= 0 (0: encode prompts every time), "
+                             f"got {self.policy.prompt_cache_gib}")

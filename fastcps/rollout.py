@@ -12,6 +12,8 @@ encodings live in host memory and an epoch's distinct prompts move to the device
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import math
 import time
 from dataclasses import dataclass
@@ -125,13 +127,17 @@ def sample(policy, model, cond, x: torch.Tensor, plan: StepPlan, *, step_seeds: 
 
 
 class PromptEncodings:
-    """Encodings computed once per prompt and kept in host memory: FLUX's T5 states are 4 MiB a
-    prompt, so a whole prompt set would not fit beside the model. ``for_prompts`` moves the distinct
-    prompts of a list to the device in one copy and says which row each entry uses."""
+    """Encodings computed once per prompt and kept in host memory, least recently used first out past
+    ``max_bytes``: FLUX's T5 states are 1 MiB a prompt at 128 tokens (4 MiB at 512), so a 25k-prompt
+    file would hold 25-100 GiB per rank if every encoding stayed. ``for_prompts`` moves the distinct
+    prompts of a list to the device in one copy and says which row each entry uses; an evicted prompt
+    is encoded again when it comes back."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, max_bytes: float = float("inf")):
         self.policy = policy
-        self.host: dict[str, dict[str, torch.Tensor]] = {}
+        self.max_bytes = max_bytes
+        self.host: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.nbytes = 0
 
     def for_prompts(self, prompts: list[str], device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         unique = list(dict.fromkeys(prompts))
@@ -140,9 +146,16 @@ class PromptEncodings:
             enc = self.policy.encode(todo)
             for i, p in enumerate(todo):
                 self.host[p] = {k: v[i:i + 1].detach().to("cpu").clone() for k, v in enc.items()}
+                self.nbytes += sum(t.nbytes for t in self.host[p].values())
+        for p in unique:
+            self.host.move_to_end(p)
         row = {p: i for i, p in enumerate(unique)}
         cond = {k: to_device(torch.cat([self.host[p][k] for p in unique]), device) for k in self.host[unique[0]]}
         index = to_device(torch.tensor([row[p] for p in prompts], dtype=torch.long), device)
+        # evict after the copy: this call's prompts may exceed the bound themselves
+        while self.nbytes > self.max_bytes and self.host:
+            _, dropped = self.host.popitem(last=False)
+            self.nbytes -= sum(t.nbytes for t in dropped.values())
         return cond, index
 
 

@@ -65,7 +65,7 @@ class Trainer:
         self.eval_prompts = list(zip(*eval_prompt_set(cfg)))
 
         self.policy = policy if policy is not None else build_policy(cfg.policy, self.device)
-        self.encodings = PromptEncodings(self.policy)
+        self.encodings = PromptEncodings(self.policy, max_bytes=cfg.policy.prompt_cache_gib * 2**30)
         self._report_truncation()
         self.reward_fn = WeightedReward([(r.name, r.weight, r.args) for r in cfg.rewards])
         t = cfg.train

@@ -216,3 +216,33 @@ def test_plan_steps_computes_in_fp32_whatever_the_schedules_dtype():
     plan, wide = plan_steps("cps", 0.7, sigmas), plan_steps("cps", 0.7, sigmas.double())
     assert plan.sigmas.dtype == wide.sigmas.dtype == torch.float32 and torch.equal(plan.sigmas, wide.sigmas)
     assert all(torch.equal(a, b) and a.dtype == b.dtype for c, w in zip(plan.coeffs, wide.coeffs) for a, b in zip(c, w))
+
+
+def test_prompt_encodings_keep_the_most_recently_used_within_their_bytes(monkeypatch):
+    """A bound of two prompts' encodings: the least recently used goes first, a prompt of the current
+    call is used before it may go, an evicted prompt is encoded again (and equal) when it comes back."""
+    _, policy = toy()
+    real, calls = policy.encode, []
+    monkeypatch.setattr(policy, "encode", lambda prompts: (calls.append(list(prompts)), real(prompts))[1])
+    one = sum(t.nbytes for t in real(["a"]).values())
+    enc = PromptEncodings(policy, max_bytes=2 * one)
+    enc.for_prompts(["a", "b"], CPU)
+    enc.for_prompts(["a"], CPU)  # a is now the most recent: c pushes b out
+    enc.for_prompts(["c"], CPU)
+    assert list(enc.host) == ["a", "c"] and enc.nbytes == 2 * one
+    cond, index = enc.for_prompts(["b", "d", "e"], CPU)  # three at once: all encoded, used, then bounded
+    assert calls == [["a", "b"], ["c"], ["b", "d", "e"]] and index.tolist() == [0, 1, 2]
+    assert list(enc.host) == ["d", "e"] and enc.nbytes == 2 * one
+    want = real(["b", "d", "e"])
+    assert all(torch.equal(cond[k], want[k]) for k in want)
+
+
+def test_a_negative_prompt_cache_is_refused_with_its_key():
+    from fastcps.configlib import validate_tree
+
+    cfg, _ = toy(["policy.prompt_cache_gib=0"])
+    validate_tree(cfg, world_size=1)  # 0: every prompt encoded each time it is used
+    bad, _ = toy(["policy.prompt_cache_gib=-0.5"])
+    with pytest.raises(ValueError, match=r"policy.prompt_cache_gib must be >= 0 \(0: encode prompts every time\), "
+                                         r"got -0.5"):
+        validate_tree(bad, world_size=1)
