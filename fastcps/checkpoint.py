@@ -50,7 +50,9 @@ def save_checkpoint(engine, run_dir: Path, tag: str, client_state: dict, *, ema=
     """Write checkpoint ``tag``; with ``keep``, it is a periodic one and only the newest ``keep``
     periodic checkpoints (``epoch*``) stay (others, like ``final``, are never removed)."""
     root = Path(run_dir) / "checkpoints"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    # A LoRA run's frozen base comes back from policy.pretrained: only the adapter, its optimizer state
+    # and the trainer's go in (FLUX.1-dev's base would add ~24 GB to every checkpoint).
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, exclude_frozen_parameters=lora)
     if ema is not None:
         torch.save(ema.state_dict(), root / tag / f"ema_rank{dist.rank()}.pt")
     export_weights(engine, policy_name, lora, root / tag / "policy.safetensors")
@@ -63,12 +65,13 @@ def save_checkpoint(engine, run_dir: Path, tag: str, client_state: dict, *, ema=
     return root / tag
 
 
-def load_checkpoint(engine, run_dir: Path, *, ema=None) -> dict:
-    """Load the latest checkpoint of ``run_dir``; returns the client state it was saved with."""
+def load_checkpoint(engine, run_dir: Path, *, ema=None, lora: bool = False) -> dict:
+    """Load the latest checkpoint of ``run_dir``; returns the client state it was saved with. A LoRA
+    run's checkpoint holds no frozen weights: the module loads non-strictly, the base staying as loaded."""
     root = Path(run_dir) / "checkpoints"
     if not (root / "latest").is_file():
         raise FileNotFoundError(f"--resume {run_dir}: no DeepSpeed checkpoint under {root} (missing 'latest')")
-    path, client = engine.load_checkpoint(str(root))
+    path, client = engine.load_checkpoint(str(root), load_module_strict=not lora)
     if path is None:
         raise RuntimeError(f"--resume {run_dir}: DeepSpeed could not load the checkpoint in {root}")
     if ema is not None:

@@ -288,7 +288,7 @@ class Trainer:
                                     keep=self.cfg.checkpoint.keep if periodic else None)
 
     def load_checkpoint(self, run_dir: Path) -> None:
-        client = ckpt.load_checkpoint(self.engine, run_dir, ema=self.ema)
+        client = ckpt.load_checkpoint(self.engine, run_dir, ema=self.ema, lora=self.policy.lora)
         self.load_state_dict(client["trainer"])
         if dist.is_main():
             ckpt.set_aside_later_metrics(run_dir, self.epoch)

@@ -193,3 +193,8 @@ def test_resume_at_two_ranks_with_lora_ema_bf16_matches_an_uninterrupted_run(two
     assert (final / "ema_rank0.pt").is_file() and (final / "ema_rank1.pt").is_file()
     lora = load_file(str(final / "policy.safetensors"))
     assert all(".lora_" in k for k in lora) and any(float(t.abs().max()) > 0 for k, t in lora.items() if "lora_B" in k)
+    # a LoRA checkpoint holds no frozen weight (they come back from policy.pretrained), and resumes exactly
+    for states in final.glob("*model_states.pt"):
+        saved = torch.load(states, weights_only=False)
+        assert saved["module"] and all(".lora_" in k for k in saved["module"]), states
+        assert saved.get("frozen_param_fragments") is None and saved.get("frozen_param_shapes") is None, states
