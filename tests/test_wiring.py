@@ -107,7 +107,8 @@ def test_training_moves_the_reward_the_right_way_and_negation_reverses_it(traine
 
 def test_two_inner_epochs_are_two_passes_in_fresh_orders(trainer, monkeypatch):
     """Each pass feeds every (sample, trained step) once, in its own minibatch order; the old
-    log-probs stay those of the rollout policy in the second pass (not recomputed after updates)."""
+    log-probs stay those of the rollout policy in the second pass (not recomputed after updates). The
+    first window's micro-steps get None: their own forward's log-prob is the old one."""
     fed = record_calls(monkeypatch, update_mod, "micro_step_loss", when=lambda *a, **k: torch.is_grad_enabled())
     t = trainer("train.num_inner_epochs=2", "train.minibatch_size=2", "train.gradient_accumulation_steps=2")
     steps = record_calls(monkeypatch, t, "_after_optimizer_step")
@@ -119,8 +120,9 @@ def test_two_inner_epochs_are_two_passes_in_fresh_orders(trainer, monkeypatch):
         assert [args[4] for args, _, _ in calls] == list(range(J)) * 4
         order = [i for args, _, _ in calls[::J] for i in args[3].tolist()]
         assert sorted(order) == list(range(n))
-        for (_, _, _, mb, j, old_logp, _), _, _ in calls:
-            old[p].update({(int(i), j): float(v) for i, v in zip(mb, old_logp)})
+        for k, ((_, _, _, mb, j, old_logp, _), _, (_, logp)) in enumerate(calls):
+            assert (old_logp is None) == (p == 0 and k < 2 * J), (p, k)  # the first window: 2 minibatches
+            old[p].update({(int(i), j): float(v) for i, v in zip(mb, logp.detach() if old_logp is None else old_logp)})
         orders.append(order)
     assert orders[0] != orders[1], f"both passes in order {orders[0]}"
     assert old[0] == old[1]
