@@ -88,37 +88,56 @@ def launch_config(B: int, N: int, itemsizes, *, block=None, num_warps=None, iter
 
 
 @triton.jit
-def _cos_below_two_pi(th):
-    """cos(th) for 0 <= th < 2π, to ~1 ulp: Cody-Waite reduction by π/2 (three-part constant) and
-    Cephes' single-precision sin/cos polynomials on [-π/4, π/4].
+def _cosf_fast_path(th):
+    """libdevice's ``__nv_cosf`` (what ``tl.cos`` calls) without its slow path: the same operations on
+    the same fp32 constants, so for 0 <= th < 105615 it gives ``tl.cos(th)`` bit for bit.
 
-    Why not ``tl.cos``: libdevice's cosf carries a Payne-Hanek slow path for |th| > 105615 whose
-    7-word table lives in local memory; ptxas 12.9 (Triton 3.8) keeps its 32-byte stack frame and
-    spills 32-64 B around it in every seeded variant, although Box-Muller's angle never leaves [0, 2π).
+    Why not ``tl.cos``: cosf reduces |th| >= 105615 with Payne-Hanek, whose 7-word table lives in local
+    memory; ptxas 12.9 (Triton 3.8) keeps that 28 B array (a 32 B stack frame) and spills 32-64 B
+    around it in every seeded cps_step variant, although Box-Muller's angle stays in [0, 2π).
+
+    Transcribed from the sm_90 PTX of ``tl.cos`` with Triton 3.8.0's libdevice: q = rint(th·2/π)
+    (mul.f32, cvt.rni), r = th - q·π/2 by three fma with a three-part π/2, then the sin (q odd) or
+    cos (q even) polynomial in z = r², negated when bit 1 of q + 1 is set. Differences from libdevice,
+    none of which changes a bit for any angle tl.randn can draw (all 75,497,472 of them checked in
+    an exact-fma fp32 emulation of both, 2026-12-04): th·2/π as fma(th, 2/π, +0) and rint by the
+    1.5·2**23 trick (the interpreter has no cvt.rni; with no product feeding an add, fp fusion has
+    nothing to contract); no ftz (libdevice is linked with ftz; none of these values is subnormal);
+    0 - res for its fma(res, -1, 0) (equal for every res, zeros included).
     """
-    j = tl.floor(th * 0.636619772 + 0.5)  # nearest quadrant, 0..4
-    a = tl.fma(j, -1.57079601e00, th)
-    a = tl.fma(j, -3.13916473e-07, a)
-    a = tl.fma(j, -5.39030253e-15, a)
-    z = a * a
-    sin_a = tl.fma(tl.fma(tl.fma(-1.9515295891e-4, z, 8.3321608736e-3), z, -1.6666654611e-1) * z, a, a)
-    cos_a = tl.fma(tl.fma(tl.fma(2.443315711809948e-5, z, -1.388731625493765e-3), z, 4.166664568298827e-2)
-                   * z, z, tl.fma(-0.5, z, 1.0))
-    q = j.to(tl.int32)  # cos(a + qπ/2): cos a, -sin a, -cos a, sin a
-    val = tl.where((q & 1) == 0, cos_a, sin_a)
-    return tl.where(((q + 1) & 2) == 0, val, -val)
+    # t = fl(th·2/π) as an fma with +0 (same value as libdevice's mul.f32, but no product that fp
+    # fusion could contract into the add below); q = rint(t), ties to even, read from the bits of
+    # t + 1.5·2**23 (exact for |t| < 2**22); j = q in fp32.
+    t = tl.fma(th, 0.6366197466850281, 0.0)  # 0x3F22F983, 2/π
+    q = (t + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    j = q.to(tl.float32)
+    r = tl.fma(j, -1.570796251296997, th)  # 0xBFC90FDA
+    r = tl.fma(j, -7.549789415861596e-08, r)  # 0xB3A22168
+    r = tl.fma(j, -5.390302953474238e-15, r)  # 0xA7C234C5
+    z = r * r
+    odd = (q & 1) != 0  # cos(r + qπ/2) = ±sin r: the sin polynomial, times r
+    s = tl.where(odd, r, 1.0)
+    sz = tl.fma(z, s, 0.0)
+    p = tl.where(odd, -1.9574658654164523e-04,  # 0xB94D4153; cos: 0x37CBAC00, 0xBAB607ED
+                 tl.fma(2.4279579520225525e-05, z, -1.3887860113754869e-03))
+    p = tl.fma(p, z, tl.where(odd, 8.33270326256752e-03, 4.1666727513074875e-02))  # 0x3C0885E4, 0x3D2AAABB
+    p = tl.fma(p, z, tl.where(odd, -0.16666662693023682, -0.4999999701976776))  # 0xBE2AAAA8, 0xBEFFFFFF
+    res = tl.fma(p, sz, s)
+    return tl.where(((q + 1) & 2) != 0, 0.0 - res, res)
 
 
 @triton.jit
 def _randn(seed, offset):
-    """``tl.randn(seed, offset)``: the same Philox words, uniforms and Box-Muller arithmetic (so
-    ``fastcps.ops.philox.philox_randn`` reproduces it as before, within 1e-6), with the cosine above."""
+    """``tl.randn(seed, offset)`` bit for bit on the GPU (Triton 3.8.0: the same Philox words, uniforms,
+    log, sqrt and Box-Muller, and libdevice's cosine through ``_cosf_fast_path``), without the local
+    memory of cosf's slow path. ``fastcps.ops.philox.philox_randn`` reproduces it as it reproduced
+    ``tl.randn``: exact words, ulp-level log/cos."""
     i1, i2, _, _ = tl.randint4x(seed, offset)
     u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
     u2 = tl.uint_to_uniform_float(i2)
     th = 6.283185307179586 * u2
     r = tl.math.sqrt(-2.0 * tl.math.log(u1))
-    return r * _cos_below_two_pi(th)
+    return r * _cosf_fast_path(th)
 
 
 @triton.jit

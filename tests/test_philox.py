@@ -118,6 +118,17 @@ def test_kernel_seed_noise_is_philox_randn_and_tiling_independent():
     torch.testing.assert_close(l1, -(eps**2).mean(1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture
+def exact_fma(monkeypatch):
+    """The interpreter's tl.fma computes x*y + z in fp32 (two roundings); the GPU's fma.rn rounds once."""
+    from triton.runtime import interpreter
+
+    def create_fma(self, x, y, z):
+        return interpreter.TensorHandle(_exact_fma(x.data, y.data, z.data), z.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fma", create_fma)
+
+
 @triton.jit
 def _kernel_randn_kernel(out_ptr, ref_ptr, seed, off_ptr, n, BLOCK: tl.constexpr):
     from fastcps.kernels.cps_step import _randn
@@ -129,9 +140,11 @@ def _kernel_randn_kernel(out_ptr, ref_ptr, seed, off_ptr, n, BLOCK: tl.constexpr
     tl.store(ref_ptr + o, tl.randn(seed, off), mask=m)
 
 
-def test_the_kernels_randn_is_tl_randn_over_the_whole_circle():
+def test_the_kernels_randn_is_tl_randn_over_the_whole_circle(exact_fma):
     """cps_step's _randn (tl.randn with a cosine free of libdevice's local-memory slow path) against
-    tl.randn and the float64 Box-Muller on 2**17 draws: every quadrant of the angle, the largest radii."""
+    tl.randn and philox_randn on 2**17 draws: every quadrant of the angle, the largest radii. (The
+    interpreter's tl.cos is numpy's: ulp-level here; the bitwise check against libdevice is the next
+    test.) fma is rounded once, as on the GPU."""
     n = 2**17
     offs = torch.arange(n, dtype=torch.long) + 2**32 - 7
     out, ref = torch.empty(n), torch.empty(n)
@@ -143,3 +156,81 @@ def test_the_kernels_randn_is_tl_randn_over_the_whole_circle():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(out, philox_randn(5, offs), rtol=0, atol=1e-6)
     assert out.abs().max() > 4.0  # the large radii, where a cosine error is magnified most
+
+
+def _f32(hexword: str):
+    import numpy as np
+
+    return np.frombuffer(bytes.fromhex(hexword)[::-1], dtype=np.float32)[0]
+
+
+def _exact_fma(a, b, c):
+    """fp32 fma rounded once: a*b is exact in float64, TwoSum keeps the error of + c, and a float64
+    sum lying exactly half-way between two fp32 values is rounded by that error's sign."""
+    import numpy as np
+
+    a, b, c = (np.asarray(x, dtype=np.float32) for x in (a, b, c))
+    p = a.astype(np.float64) * b.astype(np.float64)
+    c64 = np.broadcast_to(c.astype(np.float64), p.shape)
+    s = p + c64
+    bb = s - p
+    e = (p - (s - bb)) + (c64 - bb)
+    r = s.astype(np.float32)
+    lo = np.where(r.astype(np.float64) > s, np.nextafter(r, np.float32(-np.inf)), r)
+    hi = np.where(r.astype(np.float64) < s, np.nextafter(r, np.float32(np.inf)), r)
+    tie = (s - lo.astype(np.float64) == hi.astype(np.float64) - s) & (lo != hi) & (e != 0)
+    return np.where(tie, np.where(e > 0, hi, lo), r)
+
+
+def _libdevice_cosf(x):
+    """__nv_cosf's fast path (|x| < 105615) as in the sm_90 PTX of tl.cos with Triton 3.8.0's libdevice:
+    mul.f32 by 2/π, cvt.rni, three fma with a three-part π/2, the sin or cos polynomial, sign."""
+    import numpy as np
+
+    assert float(np.abs(x).max()) < 105615.0
+    t = x * _f32("3F22F983")
+    q = np.rint(t).astype(np.int32)  # cvt.rni: ties to even
+    j = q.astype(np.float32)
+    r = _exact_fma(j, _f32("BFC90FDA"), x)
+    r = _exact_fma(j, _f32("B3A22168"), r)
+    r = _exact_fma(j, _f32("A7C234C5"), r)
+    z = r * r
+    odd = (q & 1) != 0
+    s = np.where(odd, r, np.float32(1.0))
+    sz = _exact_fma(z, s, np.float32(0.0))
+    p = np.where(odd, _f32("B94D4153"), _exact_fma(_f32("37CBAC00"), z, _f32("BAB607ED")))
+    p = _exact_fma(p, z, np.where(odd, _f32("3C0885E4"), _f32("3D2AAABB")))
+    p = _exact_fma(p, z, np.where(odd, _f32("BE2AAAA8"), _f32("BEFFFFFF")))
+    res = _exact_fma(p, sz, s)
+    return np.where(((q + 1) & 2) != 0, _exact_fma(res, np.float32(-1.0), np.float32(0.0)), res)
+
+
+@triton.jit
+def _cosf_kernel(th_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    from fastcps.kernels.cps_step import _cosf_fast_path
+
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    tl.store(out_ptr + o, _cosf_fast_path(tl.load(th_ptr + o, mask=m, other=0.0)), mask=m)
+
+
+def test_the_kernels_cosine_is_libdevice_cosf_bit_for_bit(exact_fma):
+    """cps_step's _cosf_fast_path, run by the interpreter with fma rounded once as on the GPU, equals
+    libdevice's cosf fast path bit for bit on angles tl.randn draws: random ones, the four where
+    t = th·2/π is exactly half-way (rint's ties to even decide the quadrant) and their neighbours."""
+    import numpy as np
+
+    words = np.random.default_rng(0).integers(0, 2**31, 2**16)
+    words = np.concatenate([words, [0, 1, 2**31 - 1, 268435488, 805306432, 1342177408, 1879048320]])
+    th = np.float32(6.283185307179586) * (words.astype(np.float32) * np.float32(4.6566127342e-10))
+    ties = np.array([1061752795, 1075235812, 1081824210, 1085271520], dtype=np.int32)
+    assert np.all(th.view(np.int32)[-4:] == ties[[0, 1, 2, 3]])  # the words above draw these angles
+    t = ties.view(np.float32) * _f32("3F22F983")
+    assert np.all(t == np.array([0.5, 1.5, 2.5, 3.5], dtype=np.float32))
+    th = np.concatenate([th, (ties[:, None] + np.arange(-2, 3)).ravel().view(np.float32)])
+    out = torch.empty(th.size)
+    _cosf_kernel[(triton.cdiv(th.size, 4096),)](torch.from_numpy(th), out, th.size, BLOCK=4096)
+    want = _libdevice_cosf(th)
+    differ = np.flatnonzero(out.numpy().view(np.int32) != want.view(np.int32))
+    assert differ.size == 0, (th[differ[:5]], out.numpy()[differ[:5]], want[differ[:5]])
+    assert np.abs(want.astype(np.float64) - np.cos(th.astype(np.float64))).max() < 1e-7

@@ -7,8 +7,11 @@ same rows, so neither compiles twice.
 """
 
 import importlib
+import json
+import os
 import pathlib
 import re
+import subprocess
 import sys
 
 import pytest
@@ -77,6 +80,24 @@ def test_checks_flag_a_narrow_load_and_a_spill_in_compiled_controls():
     assert any("narrower than ld.global.v4" in p for p in report.problems(narrow)), report.problems(narrow)
     assert spill["spill_bytes"] > 0 and spill["stack_bytes"] > 0 and spill["loads_128bit"], spill
     assert any("spills to local memory" in p for p in report.problems(spill)), report.problems(spill)
+
+
+def test_kernel_cosine_is_libdevice_cosf_without_its_local_memory():
+    """cps_step's seeded noise is tl.randn bit for bit only while _cosf_fast_path holds libdevice cosf's
+    constants (tests/test_philox.py checks the arithmetic on them); this Triton's libdevice decides."""
+    _skip_without_toolchain()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json, ptx_controls; print(json.dumps(ptx_controls.cosine_ptx()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=BENCH, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ptx = json.loads(out.stdout)
+    consts = {k: set(re.findall(r"\b0f([0-9A-F]{8})\b", text)) for k, text in ptx.items()}
+    # libdevice's alone: the slow path's bound 105615 and inf, and -1 (it negates with an fma);
+    # the fast path's alone: 1.5·2**23 (its rint). 0 and 1 are in both.
+    assert consts["libdevice"] - {"47CE4780", "7F800000", "BF800000"} == consts["fast_path"] - {"4B400000"}
+    assert len(consts["fast_path"]) == 14, consts
+    assert ".local" in ptx["libdevice"] and "__cudart_i2opi_f" in ptx["libdevice"]
+    assert ".local" not in ptx["fast_path"] and "__cudart_i2opi_f" not in ptx["fast_path"]
 
 
 # The scanners on hand-written snippets (Triton 3.9 PTX, cuobjdump 13.1 SASS): no compile needed.
