@@ -46,6 +46,23 @@ def local_tensor(p: torch.nn.Parameter) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
 
+def refresh_whole_copies(params: list[torch.nn.Parameter]) -> None:
+    """After writing ZeRO-3 partitions (``ds_tensor``) directly: a parameter below
+    ``stage3_param_persistence_threshold`` (``ds_persist``) is also kept whole on every rank, and forwards
+    read that copy, not the partition; DeepSpeed rebuilds it only after its own optimizer step, or when
+    some forward happens to release it. Rebuild it from the partitions now, as DeepSpeed does after a
+    step (release, then all-gather). Collective; a no-op without ZeRO-3 or without persistent parameters."""
+    whole = [p for p in params if getattr(p, "ds_persist", False)]
+    if not whole:
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    held = [p for p in whole if p.ds_status == ZeroParamStatus.AVAILABLE]
+    if held:
+        held[0].partition(param_list=held)
+    whole[0].all_gather(param_list=whole)
+
+
 class EMA:
     """Exponential moving average of the trained weights, kept per rank on the local partitions
     (on the parameters' device, in fp32)."""
@@ -65,11 +82,13 @@ class EMA:
         saved = [local_tensor(p).detach().clone() for p in self.params]
         for s, p in zip(self.shadow, self.params):
             local_tensor(p).copy_(s)
+        refresh_whole_copies(self.params)
         try:
             yield
         finally:
             for b, p in zip(saved, self.params):
                 local_tensor(p).copy_(b)
+            refresh_whole_copies(self.params)
 
     def state_dict(self):
         return {"decay": self.decay, "shadow": self.shadow}

@@ -3,7 +3,8 @@
 WORLD_SIZE / MASTER_* in the environment, no launcher; ``launch`` below does that), it runs several
 trainings for the interpreter and DeepSpeed start-up of one (most of a tiny run's cost). Exits with
 the first non-zero code. ``--dump DIR``: record what every training micro-step is fed
-(``wiring_support.UpdateDump``) to ``DIR/run<k>.rank<r>.pt``.
+(``wiring_support.UpdateDump``) to ``DIR/run<k>.rank<r>.pt``. ``--probe DIR``: record how ZeRO-3 holds
+each parameter of the trained module (``wiring_support.PartitionProbe``) to ``DIR/run<k>.rank<r>.json``.
 
 ``launch(runs, world)`` starts the ranks on a free port with a clean environment, waits with a
 timeout, and kills whatever is still running on the way out (a failing or hanging test leaves no
@@ -65,10 +66,11 @@ def run_command(cmd: list[str], env: dict[str, str], timeout: float) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
-def launch(runs: list[list[str]], world: int, *, dump: Path | None = None, timeout: float = 500) -> list[str]:
+def launch(runs: list[list[str]], world: int, *, dump: Path | None = None, probe: Path | None = None,
+           timeout: float = 500) -> list[str]:
     """Run the argument lists ``runs`` one after the other in ``world`` rank processes; returns each
     rank's output. Fails (AssertionError with the logs) when a rank exits non-zero."""
-    args = ["--dump", str(dump)] if dump is not None else []
+    args = (["--dump", str(dump)] if dump is not None else []) + (["--probe", str(probe)] if probe is not None else [])
     for i, run in enumerate(runs):
         args += (["--next"] if i else []) + run
     port = free_port()
@@ -90,11 +92,14 @@ def launch(runs: list[list[str]], world: int, *, dump: Path | None = None, timeo
 def _main(argv: list[str]) -> int:
     from fastcps.train import main
 
-    dump = None
-    if argv[:1] == ["--dump"]:
-        from wiring_support import UpdateDump  # tests/ is this script's folder: on sys.path
-
-        dump, argv = UpdateDump(Path(argv[1])), argv[2:]
+    recorders = []  # tests/ is this script's folder: wiring_support is on sys.path
+    while argv[:1] in (["--dump"], ["--probe"]):
+        if argv[0] == "--dump":
+            from wiring_support import UpdateDump as recorder
+        else:
+            from wiring_support import PartitionProbe as recorder
+        recorders.append(recorder(Path(argv[1])))
+        argv = argv[2:]
     runs, cur = [], []
     for a in argv:
         if a == "--next":
@@ -104,11 +109,11 @@ def _main(argv: list[str]) -> int:
             cur.append(a)
     runs.append(cur)
     for k, args in enumerate(runs):
-        if dump is not None:
-            dump.start(k)
+        for r in recorders:
+            r.start(k)
         rc = main(args)
-        if dump is not None:
-            dump.save()
+        for r in recorders:
+            r.save()
         if rc:
             return rc
     return 0

@@ -207,3 +207,60 @@ def load_dump(folder: Path, run: int) -> dict[tuple[int, int, int], dict]:
                 out[key] = {"group": rec["group"][i], "reward": float(rec["reward"][i]), "adv": float(rec["adv"][i]),
                             "x_t": rec["x_t"][i], "x_next": rec["x_next"][i]}
     return out
+
+
+class PartitionProbe:
+    """Records how DeepSpeed's ZeRO-3 holds the trained module of every run (``fastcps.trainer.Trainer``),
+    so that a test can tell a partitioned run from one where every tensor stayed whole (below
+    ``stage3_param_persistence_threshold``): right after the engine is built, per parameter, its full
+    size (``ds_numel``), this rank's partition (``ds_tensor``), what it holds at rest (``data``: empty
+    once released), ``ds_persist``, and whether it trains; and, over the run, the forwards of LoRA-wrapped
+    frozen layers with the adapters off (the reference policy: ``train.beta_kl > 0``) or on, each with
+    whether the frozen weight was partitioned and whether it was gathered whole for that forward.
+    ``save()`` writes ``<folder>/run<k>.rank<r>.json``."""
+
+    def __init__(self, folder: Path):
+        import fastcps.trainer as trainer
+
+        self.folder, self.run, self.params, self.forwards = Path(folder), 0, {}, {}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        real_init, probe = trainer.Trainer.__init__, self
+
+        def init(self, *args, **kwargs):
+            real_init(self, *args, **kwargs)
+            probe.record(self.engine.module)
+
+        trainer.Trainer.__init__ = init
+
+    def record(self, module) -> None:
+        for name, p in module.named_parameters():
+            self.params[name] = {
+                "trained": p.requires_grad, "numel": int(getattr(p, "ds_numel", p.numel())),
+                "local": int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else None,
+                "held": int(p.data.numel()), "persist": bool(getattr(p, "ds_persist", False))}
+        for name, m in module.named_modules():
+            if hasattr(m, "base_layer") and hasattr(m, "disable_adapters"):  # peft's LoraLayer
+                m.base_layer.register_forward_hook(self._hook(m))
+
+    def _hook(self, lora_layer):
+        def hook(layer, args, output):
+            w = layer.weight
+            key = "reference" if lora_layer.disable_adapters else "policy"
+            partitioned = hasattr(w, "ds_tensor") and not w.ds_persist and w.ds_tensor.numel() < w.ds_numel
+            gathered = w.data.numel() == getattr(w, "ds_numel", w.numel())
+            stats = self.forwards.setdefault(key, {"calls": 0, "partitioned": 0, "gathered": 0})
+            stats["calls"] += 1
+            stats["partitioned"] += int(partitioned)
+            stats["gathered"] += int(gathered)
+
+        return hook
+
+    def start(self, run: int) -> None:
+        self.run, self.params, self.forwards = run, {}, {}
+
+    def save(self) -> None:
+        import json
+
+        rank = int(os.environ.get("RANK", "0"))
+        (self.folder / f"run{self.run}.rank{rank}.json").write_text(
+            json.dumps({"params": self.params, "forwards": self.forwards}, indent=1))
