@@ -102,17 +102,17 @@ class PlainEngine:
     def was_step_applied(self) -> bool:
         return not self.optimizer.last_skipped
 
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, exclude_frozen_parameters: bool = False) -> None:
         folder = Path(root) / tag
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "client": client_state}, folder / "state.pt")
         (Path(root) / "latest").write_text(tag)
 
-    def load_checkpoint(self, root: str):
+    def load_checkpoint(self, root: str, load_module_strict: bool = True):
         tag = (Path(root) / "latest").read_text().strip()
         state = torch.load(Path(root) / tag / "state.pt", weights_only=False)
-        self.module.load_state_dict(state["module"])
+        self.module.load_state_dict(state["module"], strict=load_module_strict)
         self.optimizer.load_state_dict(state["optimizer"])
         return str(Path(root) / tag), state["client"]
 
