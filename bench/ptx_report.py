@@ -16,37 +16,45 @@ Triton picked: ``ptxas-blackwell`` for sm_90 in Triton 3.9):
 - load/store width: every predicated (masked, i.e. latent) ``ld.global`` in the PTX must be
   ``.v4.b32`` (16 bytes: 4 fp32 or 8 bf16/fp16), and the SASS must load with ``LDG.E.128``; the
   only narrower LDGs allowed are the unpredicated per-row fp32 coefficient loads;
-- ``ptxas``: the assembler and version recorded in the cubin's ``.note.nv.tkinfo``.
+- ``ptxas``: the assembler and version recorded in the cubin's ``.note.nv.tkinfo`` (Triton 3.9's
+  ptxas-blackwell writes one); without a note (Triton 3.8's ptxas 12.9 writes none) the ptxas Triton
+  runs for sm_90 and its ``--version``, as 'ptxas 12.9.86 (path)' (``_triton_ptxas``). The table's
+  header names that ptxas and the Triton version.
 
 ``problems(row)`` states every failed check; bench/ptx_controls.py holds two kernels it must flag (a
 stride-2 latent load, a maxnreg=24 spill), compiled by the same code (``--controls``).
 
-Measured with Triton 3.9.0 (cubins built by ptxas-blackwell 13.4.59, read with cuobjdump 13.1),
-sm_90a, 60 variants (3 dtypes × {cps_step noise/seed/prev ± mean, logprob_kl fwd/bwd ± v_ref} ×
-tilings B = 1 and B = 16 of N = 4096·64), ``enable_fp_fusion=True``; compile figures, no GPU:
+Measured with Triton 3.8.0 (ptxas 12.9.86, the one Triton bundles and runs for sm_90; cuobjdump from
+the same wheel), sm_90a, 2026-12-04, 60 variants (3 dtypes × {cps_step noise/seed/prev ± mean,
+logprob_kl fwd/bwd ± v_ref} × tilings B = 1 and B = 16 of N = 4096·64), ``enable_fp_fusion=True``;
+compile figures, no GPU; the table is bench/results/ptx_report_triton3.8.0.txt:
 
     tiling: 4 warps, BLOCK = 16 B/thread·32·4 = 512 fp32 / 1024 bf16|fp16 elements;
             ITERS = 1 at B = 1 (512 or 256 programs), 8 fp32 / 4 half at B = 16 (the loop runs;
             LLVM or ptxas unrolls it in some variants: up to 32 LDG.E.128 per program).
-    every variant: 0 spill bytes, 0 stack frame, no local memory, every masked latent load
-    ld.global.v4.b32 in PTX and LDG.E.128 in SASS, latent stores STG.E.128.
-    registers 26-44 at B = 1 (the most: cps_step[bf16|fp16,seed(,mean)]), 30-58 at B = 16 (the
-    most: cps_step[bf16,seed(,mean)] 58, logprob_kl_fwd[bf16|fp16,ref] 56); 32 of 60 use ≤ 32.
+    every variant: 0 spill bytes (no STL/LDL), 0 stack frame, no local memory, every masked latent
+    load ld.global.v4.b32 in PTX and LDG.E.128 in SASS.
+    registers 27-48 at B = 1 (the most: cps_step[bf16|fp16,seed]), 30-56 at B = 16 (the most:
+    cps_step[bf16,seed,mean], cps_step[fp16,seed], logprob_kl_fwd[bf16|fp16,ref]); 33 of 60 use
+    ≤ 32. The seeded cps_step variants: 32-48 at B = 1, 40-56 at B = 16.
     Occupancy (registers go per warp in steps of 8 per thread): ≤ 32 regs gives all 2048 threads/SM,
-    40 gives 1536, 41-48 give 1280, 56 gives 1152, 58 gives 1024; the unrolled variants trade that for
-    several independent 16-byte loads in flight per thread (bench timings on a GPU: not measured here).
-    (Those Triton 3.9 figures predate cps_step's own Box-Muller cosine, below; not re-measured since:
-    this project's machines install Triton 3.8.0.)
+    40 gives 1536, 41-48 give 1280, 56 gives 1152; the unrolled variants trade that for several
+    independent 16-byte loads in flight per thread (bench timings on a GPU: not measured here).
 
-Measured with Triton 3.8.0 (ptxas 12.9.86, the one Triton bundles; its cubins carry no tool note, so
-the report names the ptxas Triton runs for sm_90), 2026-12-04, bench/results/ptx_report_triton3.8.0.txt:
-every one of the 60 variants has 0 spill bytes, 0 stack frame and no local memory; registers 27-48 at
-B = 1 and 30-56 at B = 16 (33 of 60 use <= 32); every masked latent load ld.global.v4 / LDG.E.128.
-The seeded cps_step variants reach zero only since they draw with ``kernels/cps_step.py::_randn``
-(``tl.randn``'s words and arithmetic, with a cosine free of libdevice's Payne-Hanek slow path): with
-``tl.randn`` they had a 32 B stack frame and 32-64 B of STL, 48-96 B of LDL (the slow path's table).
-    Controls (``--controls``): control_strided_load 4 ld.global.b32, 0 LDG.E.128; control_spill
-    (maxnreg=24) 124 B STL + 124 B LDL, 128 B stack frame; ``problems`` flags both.
+The seeded variants reach zero because cps_step draws with ``kernels/cps_step.py::_randn``: ``tl.randn``
+bit for bit, with libdevice's cosine transcribed without its Payne-Hanek slow path
+(``_cosf_fast_path``). Drawing ``tl.randn`` itself, the same 12 variants had a 32 B stack frame,
+32 B STL + 48 B LDL (fp32) or 64 B STL + 96 B LDL (bf16/fp16) -- the slow path's 28-byte table, on a
+branch Box-Muller's angle in [0, 2π) never takes -- and 32-47 registers.
+
+Also measured with Triton 3.9.0 (a /tmp venv; cubins built by ptxas-blackwell 13.4.59, which the
+report names both from the cubins' note and as the ptxas Triton runs for sm_90), same code, same day:
+every variant 0 spills, 0 stack, no local memory; registers 26-32 at B = 1, 30-56 at B = 16 (seeded
+32 at B = 1, 40-56 at B = 16); 38 of 60 use ≤ 32.
+
+    Controls (``--controls``, Triton 3.8.0): control_strided_load 4 ld.global.b32, 0 LDG.E.128;
+    control_spill (maxnreg=24) 36 B STL + 36 B LDL, 40 B stack frame (Triton 3.9.0 / ptxas-blackwell
+    13.4.59 gave 124 + 124 B and 128 B); ``problems`` flags both.
 
 ``python bench/ptx_report.py`` prints the per-kernel table; ``--json`` the rows; ``--controls`` the
 control kernels instead.
@@ -98,17 +106,24 @@ def toolchain() -> dict:
 
 
 def _triton_ptxas(arch: int = 90) -> str:
-    """The assembler Triton runs for ``arch``, as 'ptxas 12.9.86 (path)': Triton's own choice
-    (``triton.backends.nvidia.compiler.get_ptxas``; Triton 3.8 picks its bundled ptxas for sm_90, 3.9
-    ptxas-blackwell) and that binary's ``--version``. 'unknown' when this Triton has no such hook."""
+    """The assembler Triton runs for ``arch``, as 'ptxas 12.9.86 (path)': Triton's own choice and that
+    binary's ``--version``. Found by feature, not by version: ``triton.backends.nvidia.compiler.get_ptxas``
+    (3.8 and 3.9: 3.8 picks its bundled ptxas for sm_90, 3.9 ptxas-blackwell), else
+    ``triton.knobs.nvidia.ptxas``; a (path, version) pair as older releases gave is read as its path.
+    'unknown' when neither exists or the binary does not run."""
     try:
         from triton.backends.nvidia import compiler as nv
 
-        try:
-            tool = nv.get_ptxas(arch)
-        except TypeError:  # a release whose get_ptxas takes no architecture
-            tool = nv.get_ptxas()
-        path = tool.path if hasattr(tool, "path") else str(tool)
+        if hasattr(nv, "get_ptxas"):
+            try:
+                tool = nv.get_ptxas(arch)
+            except TypeError:  # a release whose get_ptxas takes no architecture
+                tool = nv.get_ptxas()
+        else:
+            from triton import knobs
+
+            tool = knobs.nvidia.ptxas
+        path = tool.path if hasattr(tool, "path") else tool[0] if isinstance(tool, tuple) else str(tool)
         text = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
     except Exception:  # noqa: BLE001 - the report still runs; the field then says so
         return "unknown"
@@ -322,7 +337,10 @@ def main(argv=None) -> int:
         return 0
     import triton
 
-    print(f"triton {triton.__version__}, sm_90 cubins built by: {', '.join(sorted({r['ptxas'] for r in rows}))}\n")
+    built = sorted({r["ptxas"] for r in rows})
+    runs = toolchain()["ptxas"]
+    print(f"triton {triton.__version__}, ptxas for sm_90: {runs}"
+          + ("" if built == [runs] else f"; cubins built by: {', '.join(built)}") + "\n")
     _print_table(rows)
     bad = [p for r in rows for p in problems(r)]
     print(f"{len(rows)} kernels; " + ("all with 0 spills and 128-bit loads" if not bad

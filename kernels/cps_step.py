@@ -12,7 +12,8 @@ and enough programs at B = 1 (N = 4096·64 fp32 gives 512 programs of 512 elemen
 
 Noise by seed. ``noise[b, n] = tl.randn(seed, offset + b·N + n)`` with an int64 counter, so a seed
 gives the same ``prev`` whatever BLOCK, ITERS or the grid are, and ``fastcps.ops.philox.philox_randn``
-reproduces it on CPU.
+reproduces it on CPU. The kernel spells it ``_randn``: tl.randn bit for bit, without the local memory
+of libdevice cosf's slow path (see ``_cosf_fast_path``).
 """
 
 from __future__ import annotations
@@ -89,40 +90,39 @@ def launch_config(B: int, N: int, itemsizes, *, block=None, num_warps=None, iter
 
 @triton.jit
 def _cosf_fast_path(th):
-    """libdevice's ``__nv_cosf`` (what ``tl.cos`` calls) without its slow path: the same operations on
-    the same fp32 constants, so for 0 <= th < 105615 it gives ``tl.cos(th)`` bit for bit.
+    """libdevice's ``__nv_cosf`` (what ``tl.cos`` calls) without its slow path: the same fp32 operations
+    on the same constants, so for every angle ``tl.randn`` draws it gives ``tl.cos(th)`` bit for bit.
 
     Why not ``tl.cos``: cosf reduces |th| >= 105615 with Payne-Hanek, whose 7-word table lives in local
-    memory; ptxas 12.9 (Triton 3.8) keeps that 28 B array (a 32 B stack frame) and spills 32-64 B
-    around it in every seeded cps_step variant, although Box-Muller's angle stays in [0, 2π).
+    memory; with ptxas 12.9.86 (Triton 3.8.0) every seeded cps_step variant drawing ``tl.randn`` had a
+    32 B stack frame, 32-64 B of STL and 48-96 B of LDL (on that never-taken path: Box-Muller's angle
+    stays in [0, 2π)), which the PTX report (bench/ptx_report.py) counts as local memory.
 
-    Transcribed from the sm_90 PTX of ``tl.cos`` with Triton 3.8.0's libdevice: q = rint(th·2/π)
-    (mul.f32, cvt.rni), r = th - q·π/2 by three fma with a three-part π/2, then the sin (q odd) or
-    cos (q even) polynomial in z = r², negated when bit 1 of q + 1 is set. Differences from libdevice,
-    none of which changes a bit for any angle tl.randn can draw (all 75,497,472 of them checked in
-    an exact-fma fp32 emulation of both, 2026-12-04): th·2/π as fma(th, 2/π, +0) and rint by the
-    1.5·2**23 trick (the interpreter has no cvt.rni; with no product feeding an add, fp fusion has
-    nothing to contract); no ftz (libdevice is linked with ftz; none of these values is subnormal);
-    0 - res for its fma(res, -1, 0) (equal for every res, zeros included).
+    Transcribed from the sm_90 PTX of ``tl.cos`` (Triton 3.8.0's libdevice; 3.9.0's gives the same fast
+    path): q = rint(th·2/π) (mul.f32, cvt.rni), r = th - q·π/2 by three fma with a three-part π/2, the
+    sin polynomial (q odd) or the cos one (q even) in z = r², negated when bit 1 of q + 1 is set.
+    Where this differs from libdevice, no bit changes for any angle tl.randn can draw (all 75,497,472,
+    in an exact-fma fp32 emulation of both; tests/test_philox.py checks a sample and the ties of the
+    rint): th·2/π as fma(th, 2/π, +0) and rint by the 1.5·2**23 trick (the interpreter has no cvt.rni,
+    and with no product feeding an add fp fusion has nothing to contract); both polynomials, then a
+    select, for libdevice's branch on q (fewer registers); z for its fma(z, 1, +0) (z = r² >= +0);
+    no ftz (libdevice is linked with ftz; none of these values is subnormal); 0 - res for its
+    fma(res, -1, 0) (equal for every res, zeros included).
     """
-    # t = fl(th·2/π) as an fma with +0 (same value as libdevice's mul.f32, but no product that fp
-    # fusion could contract into the add below); q = rint(t), ties to even, read from the bits of
-    # t + 1.5·2**23 (exact for |t| < 2**22); j = q in fp32.
-    t = tl.fma(th, 0.6366197466850281, 0.0)  # 0x3F22F983, 2/π
-    q = (t + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    t = tl.fma(th, 0.6366197466850281, 0.0)  # 0x3F22F983 (2/π)
+    q = (t + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000  # rint(t), ties to even
     j = q.to(tl.float32)
     r = tl.fma(j, -1.570796251296997, th)  # 0xBFC90FDA
     r = tl.fma(j, -7.549789415861596e-08, r)  # 0xB3A22168
     r = tl.fma(j, -5.390302953474238e-15, r)  # 0xA7C234C5
     z = r * r
-    odd = (q & 1) != 0  # cos(r + qπ/2) = ±sin r: the sin polynomial, times r
-    s = tl.where(odd, r, 1.0)
-    sz = tl.fma(z, s, 0.0)
-    p = tl.where(odd, -1.9574658654164523e-04,  # 0xB94D4153; cos: 0x37CBAC00, 0xBAB607ED
-                 tl.fma(2.4279579520225525e-05, z, -1.3887860113754869e-03))
-    p = tl.fma(p, z, tl.where(odd, 8.33270326256752e-03, 4.1666727513074875e-02))  # 0x3C0885E4, 0x3D2AAABB
-    p = tl.fma(p, z, tl.where(odd, -0.16666662693023682, -0.4999999701976776))  # 0xBE2AAAA8, 0xBEFFFFFF
-    res = tl.fma(p, sz, s)
+    # sin r: 0xB94D4153, 0x3C0885E4, 0xBE2AAAA8
+    p_sin = tl.fma(tl.fma(-1.9574658654164523e-04, z, 8.33270326256752e-03), z, -0.16666662693023682)
+    sin_r = tl.fma(p_sin, tl.fma(z, r, 0.0), r)
+    # cos r: 0x37CBAC00, 0xBAB607ED, 0x3D2AAABB, 0xBEFFFFFF
+    p_cos = tl.fma(tl.fma(2.4279579520225525e-05, z, -1.3887860113754869e-03), z, 4.1666727513074875e-02)
+    cos_r = tl.fma(tl.fma(p_cos, z, -0.4999999701976776), z, 1.0)
+    res = tl.where((q & 1) != 0, sin_r, cos_r)  # cos(r + qπ/2): cos r, -sin r, -cos r, sin r
     return tl.where(((q + 1) & 2) != 0, 0.0 - res, res)
 
 
