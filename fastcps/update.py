@@ -49,6 +49,19 @@ def minibatches(n: int, minibatch_size: int, seed_parts: tuple, device) -> list[
     return [perm[i:i + minibatch_size] for i in range(0, n, minibatch_size)]
 
 
+def rollout_batches(n: int, batch_size: int, seed_parts: tuple, device) -> list[torch.Tensor]:
+    """The rollout's own batches (rows ``k·b .. (k+1)·b − 1``, in their rollout order) in a seeded order.
+
+    A minibatch laid out as a rollout batch runs the training forward on the same rows in the same
+    order and shape as the rollout's forward, so its log-probs can equal the rollout's bit for bit
+    (checked, see ``run_update``). As a draw it is as good as ``minibatches``: a rank's samples are
+    already in a random order (``epoch_slots`` permutes every slot), so each rollout batch is a
+    uniformly random subset; only the order of the batches is drawn here."""
+    order = np.random.default_rng(derive_seed(*seed_parts)).permutation(n // batch_size)
+    rows = to_device(torch.arange(n, dtype=torch.long), device)
+    return [rows[k * batch_size:(k + 1) * batch_size] for k in order.tolist()]
+
+
 def micro_step_loss(policy, model, data: EpochData, mb: torch.Tensor, j: int, old_logp: torch.Tensor | None,
                     adv: torch.Tensor, *, clip_range: float, beta_kl: float) -> tuple[LossOutput, torch.Tensor]:
     """The GRPO loss of the ``j``-th trained step for the samples ``mb`` (a device index tensor):
@@ -75,12 +88,12 @@ def micro_step_loss(policy, model, data: EpochData, mb: torch.Tensor, j: int, ol
 
 @torch.no_grad()
 def recompute_old_logprobs(policy, model, data: EpochData, batches: list[torch.Tensor], *, clip_range: float,
-                           beta_kl: float = 0.0) -> torch.Tensor:
+                           beta_kl: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
     """Old log-probs of the samples in ``batches`` from the same forward the update runs, same
     minibatches, same order: their ratio is then exactly 1 while the policy is the rollout's. Other
-    samples keep the rollout's log-probs. (The reference forward is skipped: it does not change the
-    log-prob.)"""
-    old = data.log_prob.clone()
+    samples keep the rollout's log-probs (or ``out``'s, written in place). (The reference forward is
+    skipped: it does not change the log-prob.)"""
+    old = data.log_prob.clone() if out is None else out
     for mb in batches:
         zeros = torch.zeros(mb.shape[0], device=old.device)
         for j in range(len(data.plan.trained)):
@@ -96,6 +109,7 @@ class UpdateStats:
         self.sums = torch.zeros(4, dtype=torch.float32, device=device)  # loss, kl, clipfrac, finite count
         self.ratio_dev = torch.zeros((), dtype=torch.float32, device=device)
         self.recompute_s = 0.0  # wall time of the old-log-prob forwards (host clock, read once)
+        self.recomputed = None  # old_logprob = recompute: whether later windows needed their own forward
 
     def add(self, out: LossOutput, finite: torch.Tensor, first_window: bool) -> None:
         f = finite.to(torch.float32)
@@ -110,8 +124,11 @@ class UpdateStats:
         ratio_dev = dist.all_reduce(self.ratio_dev.detach().reshape(1).cpu(), torch.distributed.ReduceOp.MAX)
         n = float(sums[3])
         mean = [float(s) / n if n else float("nan") for s in sums[:3]]
-        return {"train/loss": mean[0], "train/kl": mean[1], "train/clipfrac": mean[2],
-                "train/ratio_dev": float(ratio_dev[0])}
+        out = {"train/loss": mean[0], "train/kl": mean[1], "train/clipfrac": mean[2],
+               "train/ratio_dev": float(ratio_dev[0])}
+        if self.recomputed is not None:  # the same on every rank (decided together)
+            out["train/old_logprob_recomputed"] = float(self.recomputed)
+        return out
 
 
 def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, train_cfg, *, epoch: int, seed: int,
@@ -122,7 +139,17 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
     ``after_optimizer_step(skipped)`` runs after each optimizer step. Returns the epoch's statistics,
     still on the device (``.metrics()`` reads them), or None when no step is trained. The loop
     itself reads nothing on the host: the optimizer's skip decision is the one synchronisation per
-    optimizer step."""
+    optimizer step, and ``old_logprob = recompute`` reads one flag per epoch (below).
+
+    ``old_logprob = recompute``: old log-probs are those of the training forward with the rollout's
+    weights, so the ratio is exactly 1 until the first optimizer step. The first window's micro-steps
+    take them from their own training forward (no extra pass). The later windows' samples need them
+    before that step: when the minibatches are the rollout's batches (``minibatch_size ==
+    rollout_batch_size``: same rows, order and shapes in both forwards) and every log-prob of the first
+    window equals the rollout's bit for bit on every rank, the rollout's are those log-probs and are
+    used as they are; otherwise (another layout, or a single bit differs anywhere) one no-grad forward
+    per later minibatch and trained step computes them, after the first window's backward passes and
+    before its optimizer step. Either way every micro-step is fed the same numbers."""
     t = train_cfg
     n_steps = len(data.plan.trained)
     n = data.x_t.shape[0]
@@ -136,34 +163,36 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
     old = data.log_prob
     ga = t.gradient_accumulation_steps
     for inner in range(t.num_inner_epochs):
-        batches = minibatches(n, t.minibatch_size, (seed, epoch, 4, inner, rank), device)
-        # old_logprob = recompute: until the first optimizer step the policy is the rollout's, so the first
-        # window's micro-steps take their old log-probs from their own training forward (ratio exactly 1,
-        # no extra pass) and keep them for later passes; only the samples of later windows need a forward
-        # of their own before that step.
         own = inner == 0 and t.old_logprob == "recompute"
+        same_layout = own and t.minibatch_size == t.rollout_batch_size
+        draw = rollout_batches if same_layout else minibatches
+        batches = draw(n, t.minibatch_size, (seed, epoch, 4, inner, rank), device)
         if own:
-            t0 = time.perf_counter()
-            old = recompute_old_logprobs(policy, engine, data, batches[ga:], **loss_kw)
-            synchronize(device)
-            stats.recompute_s = time.perf_counter() - t0
+            old = data.log_prob.clone()
+            differs = torch.zeros((), dtype=torch.bool, device=device)  # any own log-prob != the rollout's
         for w in range(0, len(batches), ga):
             window = batches[w:w + ga]
             n_micro, k = len(window) * n_steps, 0
             bad = torch.zeros((), dtype=torch.bool, device=device)
+            first = own and w == 0
             for mb in window:
                 for j in range(n_steps):
                     k += 1
                     engine.set_gradient_accumulation_boundary(k == n_micro)
-                    first = own and w == 0
                     out, logp = micro_step_loss(policy, engine, data, mb, j, None if first else old[mb, j], adv[mb],
                                                 **loss_kw)
                     if first:
-                        old[mb, j] = logp.detach().float()
+                        own_logp = logp.detach().float()
+                        differs = differs | (own_logp != data.log_prob[mb, j]).any()  # NaN differs too
+                        old[mb, j] = own_logp
                     finite = torch.isfinite(out.loss)
                     bad = bad | ~finite
                     stats.add(out, finite, first_window=inner == 0 and w == 0)
                     engine.backward(out.loss / n_micro)
+                    if first and k == n_micro:  # the policy is still the rollout's until the step below
+                        stats.recomputed = _old_logprobs_of_later_windows(
+                            policy, engine, data, batches[ga:], old, reuse=same_layout, differs=differs, stats=stats,
+                            **loss_kw)
                     if k == n_micro:
                         optimizer.skip_flag, optimizer.last_skipped = bad, False
                     engine.step()
@@ -174,3 +203,20 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
             optimizer.skip_flag = None
     bar.close()
     return stats
+
+
+def _old_logprobs_of_later_windows(policy, engine, data: EpochData, later: list[torch.Tensor], old: torch.Tensor, *,
+                                   reuse: bool, differs: torch.Tensor, stats: UpdateStats, clip_range: float,
+                                   beta_kl: float) -> bool:
+    """Fill ``old`` for the samples of ``later`` (see ``run_update``); returns whether it recomputed.
+    Every rank decides the same (ZeRO-3's forwards are collectives): a difference on any rank
+    recomputes everywhere. One host read of a flag per epoch."""
+    if not later:
+        return False
+    if reuse and not dist.any_rank(differs):
+        return False  # ``old`` holds the rollout's log-probs there: bit for bit the training forward's
+    t0 = time.perf_counter()
+    recompute_old_logprobs(policy, engine, data, later, clip_range=clip_range, beta_kl=beta_kl, out=old)
+    synchronize(data.x_t.device)
+    stats.recompute_s = time.perf_counter() - t0
+    return True

@@ -133,7 +133,8 @@ def test_recompute_runs_only_for_later_windows_and_feeds_the_rollout_policys_log
     cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=2", "train.num_inner_epochs=2"])
     n_steps, n = len(data.plan.trained), data.x_t.shape[0]
     data.log_prob = data.log_prob + 0.01 * torch.arange(1, n + 1)[:, None]  # the rollout's, told apart
-    first_pass = update_mod.minibatches(n, 2, (0, 0, 4, 0, 0), torch.device("cpu"))
+    # minibatch_size == rollout_batch_size: the first pass trains on the rollout's batches
+    first_pass = update_mod.rollout_batches(n, 2, (0, 0, 4, 0, 0), torch.device("cpu"))
     before = update_mod.recompute_old_logprobs(policy, policy.transformer, data, first_pass, clip_range=1e-4)
     fed, recomputes, grads = [], [], []
     real_loss, real_step = update_mod.grpo_loss, update_mod.micro_step_loss
@@ -291,3 +292,64 @@ def test_minibatch_orders_are_seeded_permutations():
     same = update_mod.minibatches(10, 4, (0, 3, 4, 0, 0), torch.device("cpu"))
     other_pass = update_mod.minibatches(10, 4, (0, 3, 4, 1, 0), torch.device("cpu"))
     assert torch.equal(torch.cat(a), torch.cat(same)) and not torch.equal(torch.cat(a), torch.cat(other_pass))
+
+
+def fed_old_logprobs(monkeypatch, cfg, policy, data, adv, any_rank=None):
+    """run_update with recording: (old log-probs fed to every training micro-step, no-grad recompute
+    calls, stats); ``any_rank`` replaces the cross-rank vote (another rank's answer)."""
+    fed, recomputes = [], []
+    real_loss, real_step = update_mod.grpo_loss, update_mod.micro_step_loss
+
+    def loss(logp, old_logp, *args, **kwargs):
+        if torch.is_grad_enabled():
+            fed.append(old_logp.clone())
+        return real_loss(logp, old_logp, *args, **kwargs)
+
+    def step(policy, model, data, mb, j, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            recomputes.append((mb.tolist(), j))
+        return real_step(policy, model, data, mb, j, *args, **kwargs)
+
+    monkeypatch.setattr(update_mod, "grpo_loss", loss)
+    monkeypatch.setattr(update_mod, "micro_step_loss", step)
+    if any_rank is not None:
+        monkeypatch.setattr(update_mod.dist, "any_rank", any_rank)
+    opt = FlagOptimizer()
+    stats = update_mod.run_update(RecordingEngine(policy.transformer, opt), opt, policy, data, adv, cfg.train,
+                                  epoch=0, seed=0, rank=0)
+    return fed, recomputes, stats
+
+
+@pytest.mark.parametrize("case", ["equal", "one_ulp", "other_rank", "other_layout"])
+def test_rollout_log_probs_replace_the_recompute_only_when_bitwise_equal(monkeypatch, case):
+    """old_logprob = recompute, 2 windows: the later window's old log-probs are the rollout's when the
+    minibatches are the rollout's batches and every first-window log-prob equals the rollout's bit for
+    bit on every rank (no recompute forward); one ulp off in one value, a difference on another rank, or
+    another batch layout recomputes. Every micro-step is fed the recompute's numbers either way (fp32
+    on the CPU: the rollout's forward and the training forward give the same bits, the premise)."""
+    sets = ["sampler.sde_window_size=2"]
+    if case == "other_layout":
+        sets += ["train.rollout_batch_size=4"]
+    cfg, policy, data, adv = toy_epoch(sets)
+    n_steps, n = len(data.plan.trained), data.x_t.shape[0]
+    draw = update_mod.minibatches if case == "other_layout" else update_mod.rollout_batches
+    batches = draw(n, 2, (0, 0, 4, 0, 0), torch.device("cpu"))
+    truth = update_mod.recompute_old_logprobs(policy, policy.transformer, data, batches, clip_range=1e-4)
+    if case != "other_layout":
+        assert torch.equal(truth, data.log_prob)  # the premise: same rows, order and shapes give the same bits
+    else:  # equal bits by construction: the layout alone must send it to the recompute
+        data.log_prob = truth.clone()
+    if case == "one_ulp":  # the first window's first sample, last trained step: the next float up
+        row = batches[0][0]
+        data.log_prob[row, -1] = torch.nextafter(data.log_prob[row, -1], torch.tensor(float("inf")))
+    vote = (lambda flag: True) if case == "other_rank" else None
+    fed, recomputes, stats = fed_old_logprobs(monkeypatch, cfg, policy, data, adv, any_rank=vote)
+    expect_recompute = case != "equal"
+    assert stats.recomputed is expect_recompute
+    assert stats.metrics()["train/old_logprob_recomputed"] == float(expect_recompute)
+    assert recomputes == ([(batches[1].tolist(), j) for j in range(n_steps)] if expect_recompute else [])
+    order = [(mb, j) for mb in batches for j in range(n_steps)]
+    assert len(fed) == len(order)
+    for (mb, j), old in zip(order, fed):
+        assert torch.equal(old, truth[mb, j]), (case, mb, j)
+    assert stats.metrics()["train/ratio_dev"] == 0.0
