@@ -111,6 +111,33 @@ def test_hpsv2_tiny(hps_ckpt):
     torch.testing.assert_close(r2(x.flip(0), prompts[::-1]).flip(0), s, rtol=1e-4, atol=1e-5)
 
 
+def test_reward_precision_defaults_follow_the_authors(hps_ckpt):
+    """HPSv2 scores with fp32 weights under fp16 autocast (``amp``: tgxs002/HPSv2 img_score.py, DanceGRPO),
+    PickScore and the aesthetic predictor in fp32 (flow_grpo/rewards.py); on the CPU ``amp`` is fp32."""
+    import inspect
+
+    from fastcps.rewards._util import autocast, resolve_dtype
+    from fastcps.rewards.aesthetic import AestheticReward
+    from fastcps.rewards.hpsv2 import HPSv2Reward
+    from fastcps.rewards.pickscore import PickScoreReward
+
+    default = {cls: inspect.signature(cls).parameters["dtype"].default
+               for cls in (HPSv2Reward, PickScoreReward, AestheticReward)}
+    assert default == {HPSv2Reward: "amp", PickScoreReward: "float32", AestheticReward: "float32"}
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("hpsv2", "amp", cuda) == resolve_dtype("hpsv2", "amp", cpu) == torch.float32
+    assert isinstance(autocast("amp", cuda), torch.autocast) and autocast("amp", cuda).fast_dtype == torch.float16
+    assert not isinstance(autocast("amp", cpu), torch.autocast)
+    assert not isinstance(autocast("float32", cuda), torch.autocast)
+    with pytest.raises(ValueError, match="float32/float16/bfloat16/amp"):
+        resolve_dtype("hpsv2", "fp8", cpu)
+    path, cfg_path = hps_ckpt
+    x, prompts = _images(seed=2), ["a cat", "a dog", "a tree"]
+    scores = [build_reward("hpsv2", {"checkpoint": str(path), "model_config": str(cfg_path), **extra})(x, prompts)
+              for extra in ({}, {"dtype": "float32"})]
+    assert torch.equal(scores[0], scores[1])
+
+
 def test_hpsv2_checkpoint_mismatch(tmp_path, hps_ckpt):
     path, _ = hps_ckpt
     bad = dict(TINY_OPEN_CLIP, embed_dim=8)

@@ -77,20 +77,33 @@ def resolve_device(device, images: torch.Tensor) -> torch.device:
 _DTYPES = {
     None: torch.float32, "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "amp": torch.float32,  # fp32 weights, the forward under fp16 autocast on CUDA (``autocast``)
 }
 
 
 def resolve_dtype(reward: str, dtype, device: torch.device) -> torch.dtype:
+    """The reward model's weight dtype for the config value ``dtype``: float32 | float16 | bfloat16, or
+    ``amp`` (fp32 weights, fp16 autocast in the forward on CUDA: torch.cuda.amp, as HPSv2's authors score)."""
     if isinstance(dtype, torch.dtype):
         dt = dtype
     elif dtype in _DTYPES:
         dt = _DTYPES[dtype]
     else:
         raise ValueError(f"reward {reward!r}: config key rewards[].args.dtype must be one of "
-                         f"float32/float16/bfloat16, got {dtype!r}")
+                         f"float32/float16/bfloat16/amp, got {dtype!r}")
     if device.type == "cpu" and dt == torch.float16:
         return torch.float32  # half matmuls on CPU are slow or missing; fp16 is a CUDA option
     return dt
+
+
+def autocast(dtype, device: torch.device):
+    """The context of a reward forward: fp16 autocast for ``dtype="amp"`` on CUDA, else nothing (on the
+    CPU ``amp`` is plain fp32, as float16 is)."""
+    import contextlib
+
+    if dtype == "amp" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def check_inputs(reward: str, images: torch.Tensor, prompts, metadata=None) -> None:

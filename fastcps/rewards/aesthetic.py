@@ -5,6 +5,11 @@ as DDPO / Flow-GRPO compute it. The CLIP model is a transformers ``CLIPModel`` (
 ``openai/clip-vit-large-patch14``), the head a state dict (``sac+logos+ava1-l14-linearMSE.pth`` from
 christophschuhmann/improved-aesthetic-predictor, keys ``layers.{0,2,4,6,7}.{weight,bias}``) whose layer
 sizes are read from the file, so any width works.
+
+Precision: float32 by default, as the RL anchors score (none runs it in bf16): flow_grpo
+``flow_grpo/rewards.py`` ``aesthetic_score``: ``AestheticScorer(dtype=torch.float32)`` (its
+``flow_grpo/aesthetic_scorer.py`` feeds the CLIP inputs in that dtype, no autocast). The head always runs
+in fp32 on the fp32 normalised embedding. ``dtype`` (float16 | bfloat16 | amp) applies to the CLIP model.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 from torch import nn
 
 from fastcps.rewards._util import (
+    autocast,
     batches,
     check_inputs,
     from_pretrained,
@@ -59,7 +65,8 @@ class AestheticReward:
 
     Args (config ``rewards[].args``): ``head`` (path to the MLP state dict, .pth/.pt/.safetensors;
     required), ``model`` / ``processor`` (CLIPModel / CLIPProcessor path or hub id,
-    ``openai/clip-vit-large-patch14``), ``device`` (None = the images'), ``dtype`` (float32),
+    ``openai/clip-vit-large-patch14``), ``device`` (None = the images'), ``dtype`` (float32, the anchors'
+    precision; float16 | bfloat16 | amp for the CLIP model),
     ``batch_size`` (16).
     """
 
@@ -109,7 +116,8 @@ class AestheticReward:
         for sl in batches(images.shape[0], self.batch_size):
             imgs = [im.float().clamp(0, 1).cpu() for im in images[sl]]
             pix = processor(images=imgs, do_rescale=False, return_tensors="pt")["pixel_values"]
-            emb = clip_embed_images(clip, pix.to(device, dt)).float()
+            with autocast(self.dtype, device):
+                emb = clip_embed_images(clip, pix.to(device, dt)).float()
             emb = emb / emb.norm(dim=-1, keepdim=True)
             out.append(head(emb)[:, 0])
         return torch.cat(out).float().to(images.device)

@@ -5,6 +5,13 @@ score = cos(text_embedding, image_embedding) (the paper: 0.304 → 0.377 with CP
 so the LAION base weights are not needed. Images [B, 3, H, W] in [0, 1] are preprocessed on their device
 like open_clip's eval transform (bicubic resize of the short side to the model's image size, center
 crop, OpenAI CLIP mean/std); texts use open_clip's tokenizer (BPE vocabulary shipped in its wheel).
+
+Precision: ``dtype="amp"`` by default, as the authors score: fp32 weights and the forward under fp16
+autocast (tgxs002/HPSv2 ``hpsv2/img_score.py``: ``create_model_and_transforms(..., precision='amp')``,
+which keeps fp32 weights, ``hpsv2/src/open_clip/factory.py`` casting only for 'fp16'/'bf16', then
+``with torch.cuda.amp.autocast():`` around the model; DanceGRPO ``fastvideo/train_grpo_flux.py`` the
+same, ``precision='amp'`` and ``with torch.amp.autocast('cuda')``; flow_grpo ``flow_grpo/hpsv2_scorer.py``
+(yifan123/flow_grpo at 94e23ee) the same). Nobody runs it in bf16. On the CPU ``amp`` is plain fp32.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fastcps.rewards._util import (
+    autocast,
     batches,
     check_inputs,
     clip_preprocess,
@@ -64,14 +72,15 @@ class HPSv2Reward:
       ``model_name``: open_clip architecture ("ViT-H-14").
       ``model_config``: optional open_clip model config (dict or .json path with ``embed_dim``,
         ``vision_cfg``, ``text_cfg``) instead of ``model_name`` (tests use a tiny one).
-      ``device``: None = the images' device.  ``dtype``: float32 | float16 | bfloat16 (float32).
+      ``device``: None = the images' device.  ``dtype``: amp | float32 | float16 | bfloat16 (amp: fp32
+        weights, fp16 autocast on CUDA, the authors' precision; see the module docstring).
       ``batch_size``: images per forward (16).  ``trust_checkpoint``: allow full unpickling (False).
     """
 
     name = "hpsv2"
 
     def __init__(self, checkpoint: str = DEFAULT_CHECKPOINT, model_name: str = "ViT-H-14",
-                 model_config: dict | str | None = None, device=None, dtype: str | None = "float32",
+                 model_config: dict | str | None = None, device=None, dtype: str | None = "amp",
                  batch_size: int = 16, trust_checkpoint: bool = False):
         self.checkpoint, self.model_name, self.model_config = checkpoint, model_name, model_config
         self.device, self.dtype, self.batch_size = device, dtype, int(batch_size)
@@ -153,7 +162,8 @@ class HPSv2Reward:
         for sl in batches(images.shape[0], self.batch_size):
             pix = clip_preprocess(images[sl].to(device), self.image_size, mean, std).to(dt)
             text = tokenizer(list(prompts[sl])).to(device)
-            img = model.encode_image(pix, normalize=True).float()
-            txt = model.encode_text(text, normalize=True).float()
+            with autocast(self.dtype, device):
+                img = model.encode_image(pix, normalize=True).float()
+                txt = model.encode_text(text, normalize=True).float()
             out.append((img * txt).sum(-1))
         return torch.cat(out).to(images.device)

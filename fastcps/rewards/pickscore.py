@@ -6,6 +6,12 @@ score = ``logit_scale.exp() · cos(text_embedding, image_embedding)``, reported 
 Images [B, 3, H, W] in [0, 1] go straight to the CLIP processor (``do_rescale=False``: resize of the short
 side, center crop, normalization), texts are truncated to 77 tokens. The model is a transformers
 ``CLIPModel`` loaded on first call on the images' device (or ``device``), eval mode, no grad.
+
+Precision: float32 by default, as the anchors score (none runs it in bf16): flow_grpo
+``flow_grpo/rewards.py`` ``pickscore_score``: ``PickScoreScorer(dtype=torch.float32, device=device)``, whose
+``flow_grpo/pickscore_scorer.py`` casts the model to that dtype and runs it without autocast; DanceGRPO
+``fastvideo/train_grpo_flux.py``: ``AutoModel.from_pretrained("yuvalkirstain/PickScore_v1")`` (fp32), no
+autocast. ``dtype`` (float16 | bfloat16 | amp) trades that agreement for memory and speed.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastcps.rewards._util import (
+    autocast,
     batches,
     check_inputs,
     from_pretrained,
@@ -53,8 +60,8 @@ class PickScoreReward:
     Args (config ``rewards[].args``):
       ``model``: CLIPModel path or hub id (``yuvalkirstain/PickScore_v1``).
       ``processor``: CLIPProcessor path or hub id (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
-      ``device``: None = the images' device.  ``dtype``: float32 | float16 | bfloat16 (float32; half
-      precisions are meant for CUDA, float16 falls back to float32 on CPU).
+      ``device``: None = the images' device.  ``dtype``: float32 | float16 | bfloat16 | amp (float32, the
+      anchors' precision; half precisions are meant for CUDA, float16 and amp are float32 on CPU).
       ``batch_size``: images per forward (16).  ``scale``: multiplies the score (1.0 = paper's scale).
       ``max_length``: text tokens (77).
     Hub ids load with ``local_files_only`` when ``HF_HUB_OFFLINE=1``; a missing local path raises
@@ -97,6 +104,7 @@ class PickScoreReward:
             tok = processor.tokenizer(list(prompts[sl]), padding=True, truncation=True,
                                       max_length=self.max_length, return_tensors="pt")
             mask = tok.get("attention_mask")
-            out.append(clip_scores(model, pix.to(device, dt), tok["input_ids"].to(device),
-                                   None if mask is None else mask.to(device)))
+            with autocast(self.dtype, device):
+                out.append(clip_scores(model, pix.to(device, dt), tok["input_ids"].to(device),
+                                       None if mask is None else mask.to(device)))
         return (torch.cat(out) * self.scale).float().to(images.device)
