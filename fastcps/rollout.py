@@ -16,6 +16,7 @@ from collections import OrderedDict
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -181,7 +182,8 @@ class EpochData:
     reward: torch.Tensor  # (n,) fp32, CPU
     components: dict[str, torch.Tensor]  # name -> (n,) fp32, CPU
     preview: torch.Tensor | None  # the first rollout batch's images (device)
-    reward_time: float
+    reward_time: float  # decode + waiting for scores: the rollout time scoring did not hide
+    reward_busy_time: float = 0.0  # the reward calls' own wall time (on the worker thread when overlapped)
 
 
 def epoch_slots(cfg, epoch: int, num_prompts: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -238,12 +240,31 @@ def eval_noise(policy, seed: int, prompt_index: int, k: int, device) -> torch.Te
 
 def rollout_epoch(cfg, epoch: int, plan: StepPlan, policy, model, reward_fn, encodings: PromptEncodings,
                   prompt_pool: tuple[list[str], list[dict]], *, device, rank: int = 0, world: int = 1,
-                  check_stop: Callable[[], None] = lambda: None, progress: bool = False) -> EpochData:
+                  check_stop: Callable[[], None] = lambda: None, progress: bool = False,
+                  overlap_rewards: bool = True) -> EpochData:
     """Sample this rank's images of ``epoch`` with ``plan`` (``epoch_plan``, on the CPU), decode and
     score them, keep the trained steps.
 
     ``reward_fn(images, prompts, metadata)`` returns a ``RewardOutput`` of CPU fp32 tensors (checked
-    finite there). One host synchronisation per rollout batch: reading the rewards."""
+    finite there); ``images`` are the decoded batch on the model's device. With ``overlap_rewards`` a
+    rollout batch is scored on one worker thread while the next batch denoises (as flow_grpo does:
+    scripts/train_flux.py submits ``reward_fn`` to a ``ThreadPoolExecutor`` and reads the futures after
+    sampling); batch i's scores are read after batch i+1 is sampled and decoded, before batch i+1 is
+    submitted, so at most one batch is being scored and one batch's images wait beside the sampler. The
+    scores and their order are those of the synchronous loop (``overlap_rewards=False``); a reward's
+    exception re-raises here, with its traceback, at most one batch later. One host synchronisation
+    per rollout batch: reading the rewards.
+
+    ``reward_time`` is the rollout's wall time spent on decoding and on waiting for scores: what the
+    overlap did not hide (synchronously: all of the decode and scoring time), so that the sampling time
+    stays the rollout's time minus ``reward_time``. ``reward_busy_time`` is the scoring's own wall
+    time on its thread, hidden or not.
+
+    The worker runs the reward on the caller's CUDA device and current stream (a thread starts on
+    device 0 and the default stream): the reward's kernels queue behind the decode that made its
+    images and interleave with the next batch's sampling kernels on that stream, so what overlaps is
+    its host work (image preprocessing, tokenising, OCR / detection, copies back) and the sampler's
+    host-side launches, not GPU work; the reward model's GPU work still shares the GPU."""
     t = cfg.train
     pool, pool_meta = prompt_pool
     chosen, mine, lo = epoch_slots(cfg, epoch, len(pool), rank, world)
@@ -253,31 +274,88 @@ def rollout_epoch(cfg, epoch: int, plan: StepPlan, policy, model, reward_fn, enc
 
     plan = plan.to(device)
     step_seeds = [derive_seed(cfg.seed, epoch, 2, i) for i in range(len(plan.coeffs))]
-    xs, nexts, lps, rewards, comps = [], [], [], [], []
+    xs, nexts, lps, scores = [], [], [], []
     preview, t_reward = None, 0.0
     bs = t.rollout_batch_size
-    for start in progress_bar(range(0, len(mine), bs), desc=f"epoch {epoch + 1} rollout", unit="images", unit_scale=bs,
-                              enabled=progress):
-        batch = slice(start, start + bs)
-        idx = list(range(lo + start, lo + start + bs))
-        x1 = initial_noise(policy, (cfg.seed, epoch, 3), idx, device)
-        traj = sample(policy, model, select(cond, cond_index[batch]), x1, plan, step_seeds=step_seeds,
-                      first_index=idx[0])
-        synchronize(device)  # the reward reads values next: keep the sampling's time out of its timer
+    scorer = RewardWorker(reward_fn, enabled=overlap_rewards)
+    try:
+        for start in progress_bar(range(0, len(mine), bs), desc=f"epoch {epoch + 1} rollout", unit="images",
+                                  unit_scale=bs, enabled=progress):
+            batch = slice(start, start + bs)
+            idx = list(range(lo + start, lo + start + bs))
+            x1 = initial_noise(policy, (cfg.seed, epoch, 3), idx, device)
+            traj = sample(policy, model, select(cond, cond_index[batch]), x1, plan, step_seeds=step_seeds,
+                          first_index=idx[0])
+            synchronize(device)  # the reward reads values next: keep the sampling's time out of its timer
+            t0 = time.perf_counter()
+            images = policy.decode(traj.final)
+            scores.extend(scorer.collect())  # the previous batch's scores (raises its error)
+            scorer.submit(images, prompts[batch], meta[batch])  # synchronously: scored here
+            t_reward += time.perf_counter() - t0
+            preview = images if preview is None else preview
+            xs.append(traj.x_t)
+            nexts.append(traj.x_next)
+            lps.append(traj.log_prob)
+            check_stop()
         t0 = time.perf_counter()
-        images = policy.decode(traj.final)
-        r = reward_fn(images, prompts[batch], meta[batch])
+        scores.extend(scorer.collect())
         t_reward += time.perf_counter() - t0
-        preview = images if preview is None else preview
-        xs.append(traj.x_t)
-        nexts.append(traj.x_next)
-        lps.append(traj.log_prob)
-        rewards.append(r.total)
-        comps.append(r.components)
-        check_stop()
+    finally:
+        scorer.close()
     return EpochData(
         prompts=prompts, group=torch.as_tensor(mine, dtype=torch.long), cond=cond, cond_index=cond_index,
         plan=plan, x_t=torch.cat(xs), x_next=torch.cat(nexts), log_prob=torch.cat(lps),
-        reward=torch.cat(rewards), components={k: torch.cat([c[k] for c in comps]) for k in comps[0]},
-        preview=preview, reward_time=t_reward,
+        reward=torch.cat([r.total for r in scores]),
+        components={k: torch.cat([r.components[k] for r in scores]) for k in scores[0].components},
+        preview=preview, reward_time=t_reward, reward_busy_time=scorer.busy_time,
     )
+
+
+class RewardWorker:
+    """Scores rollout batches in submission order: on one worker thread (``enabled``) or at once in
+    the caller's thread. ``collect()`` returns the finished scores (waiting for them) and re-raises a
+    reward's exception; ``busy_time`` sums the reward calls' own wall time."""
+
+    def __init__(self, reward_fn, enabled: bool = True):
+        self.reward_fn = reward_fn
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcps-reward") if enabled else None
+        self.pending: list = []
+        self.busy_time = 0.0
+
+    def _score(self, images, prompts, metadata, stream):
+        t0 = time.perf_counter()
+        try:
+            if stream is None:
+                return self.reward_fn(images, prompts, metadata)
+            with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+                return self.reward_fn(images, prompts, metadata)
+        finally:
+            self.busy_time += time.perf_counter() - t0
+
+    def submit(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> None:
+        if self.pool is None:
+            self.pending.append(_Done(self._score(images, prompts, metadata, None)))
+            return
+        stream = None
+        if images.device.type == "cuda" and torch.cuda.is_available():  # not for fake CUDA tensors
+            index = images.device.index if images.device.index is not None else torch.cuda.current_device()
+            stream = torch.cuda.current_stream(index)  # this thread's: the one the decode queued on
+        self.pending.append(self.pool.submit(self._score, images, prompts, metadata, stream))
+
+    def collect(self) -> list:
+        out = [f.result() for f in self.pending]
+        self.pending.clear()
+        return out
+
+    def close(self) -> None:
+        """Drop queued work (an exception or a stop is leaving the rollout) and wait for the running call."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
+
+class _Done(NamedTuple):
+    value: object
+
+    def result(self):
+        return self.value

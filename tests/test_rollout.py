@@ -3,6 +3,7 @@ noise and trajectory whatever its batch or rank, the prompt-encoding cache, the 
 same across real processes: tests/test_wiring_runs.py; rollout vs training log-probs:
 tests/test_rollout_training_agreement.py."""
 
+import threading
 import time
 
 import numpy as np
@@ -146,12 +147,14 @@ def test_the_gpu_branches_pin_and_synchronize_only_for_cuda(monkeypatch):
 def test_two_ranks_roll_out_the_one_rank_epoch_cut_in_two():
     """In process, what tests/test_wiring_runs.py checks across processes: rank r of 2 samples the one-rank
     epoch's samples r·n .. (r+1)·n − 1, with the same prompts, noise, steps and rewards; so do rollout batches
-    of 4 instead of 2; a repeat of the epoch is the same to the bit; the reward timer counts the reward calls."""
+    of 4 instead of 2; a repeat of the epoch is the same to the bit; the reward timers count the reward calls
+    (busy) and what of them the sampling did not hide (at least the last batch's)."""
     cfg, policy = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
     t0 = time.perf_counter()
     one = toy_rollout(cfg, policy, 1, reward=brightness_reward(delay=0.05))  # 8 samples in 4 rollout batches
     wall = time.perf_counter() - t0
-    assert 4 * 0.05 <= one.reward_time < min(wall, 4 * 0.05 + 0.5)
+    assert 4 * 0.05 <= one.reward_busy_time < min(wall, 4 * 0.05 + 0.5)
+    assert 0.05 <= one.reward_time < wall
     ranks = [toy_rollout(cfg, policy, 1, rank=r, world=2) for r in range(2)]
     for field in ("x_t", "x_next", "log_prob", "reward", "group"):
         torch.testing.assert_close(torch.cat([getattr(d, field) for d in ranks]), getattr(one, field),
@@ -246,3 +249,87 @@ def test_a_negative_prompt_cache_is_refused_with_its_key():
     with pytest.raises(ValueError, match=r"policy.prompt_cache_gib must be >= 0 \(0: encode prompts every time\), "
                                          r"got -0.5"):
         validate_tree(bad, world_size=1)
+
+
+class Recorded:
+    """A reward (``RewardOutput``) that records the thread of each call, sleeps ``delay`` s per call (so the
+    sampler runs meanwhile), and raises on call number ``fail_at``."""
+
+    def __init__(self, inner, delay=0.0, fail_at=None):
+        self.inner, self.delay, self.fail_at = inner, delay, fail_at
+        self.threads, self.calls, self.prompts, self.totals = [], 0, [], []
+
+    def __call__(self, images, prompts, metadata):
+        self.calls += 1
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay)
+        if self.calls == self.fail_at:
+            explode_in_the_reward(self.calls)
+        out = self.inner(images, prompts, metadata)
+        self.prompts += prompts
+        self.totals.append(out.total)
+        return out
+
+
+def explode_in_the_reward(n):
+    raise ValueError(f"reward call {n} failed")
+
+
+def test_overlapped_rewards_give_the_synchronous_epoch_to_the_bit():
+    """Scoring batch i on a worker thread while batch i+1 denoises changes no value and no order: the
+    digit classifier and JPEG sizes (a model and host work) give the EpochData of the synchronous loop."""
+    from fastcps.rewards import WeightedReward
+
+    cfg, policy = toy(["train.prompts_per_epoch=3", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
+    specs = [("digit", 1.0, {}), ("jpeg_compressibility", 0.1, {})]
+    runs = {}
+    for overlap in (False, True):
+        reward = Recorded(WeightedReward(specs), delay=0.02)
+        runs[overlap] = toy_rollout(cfg, policy, 2, reward=reward, overlap_rewards=overlap)
+        main = threading.current_thread().name
+        assert reward.calls == 6 and all((t != main) == overlap for t in reward.threads), reward.threads
+        # each batch's scores sit in the rows of the batch scored, in rollout order
+        assert reward.prompts == runs[overlap].prompts and torch.equal(torch.cat(reward.totals), runs[overlap].reward)
+    sync, over = runs[False], runs[True]
+    for field in ("x_t", "x_next", "log_prob", "reward", "group", "cond_index", "preview"):
+        assert torch.equal(getattr(over, field), getattr(sync, field)), field
+    assert over.components.keys() == sync.components.keys() == {"digit", "jpeg_compressibility"}
+    assert all(torch.equal(over.components[k], sync.components[k]) for k in sync.components)
+    assert over.prompts == sync.prompts and len(set(over.reward.tolist())) > 1
+    assert sync.reward_time >= sync.reward_busy_time >= 6 * 0.02  # synchronous: nothing hidden
+    assert over.reward_busy_time >= 6 * 0.02
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastcps-reward")]  # worker gone
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_reward_exception_reaches_the_caller_with_its_traceback(overlap):
+    import traceback
+
+    cfg, policy = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
+    reward = Recorded(brightness_reward(), fail_at=2)
+    with pytest.raises(ValueError, match="reward call 2 failed") as err:
+        toy_rollout(cfg, policy, 0, reward=reward, overlap_rewards=overlap)
+    frames = [f.name for f in traceback.extract_tb(err.value.__traceback__)]
+    assert "explode_in_the_reward" in frames and "rollout_epoch" in frames
+    assert reward.calls <= 3  # raised at most one batch late, the rest never scored
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastcps-reward")]
+
+
+def test_a_stop_leaves_the_rollout_after_the_batch_in_flight():
+    """check_stop raising (a SIGTERM) ends the rollout at once: a reward call in flight finishes, one
+    still queued is dropped, no later batch is sampled or scored, no worker thread is left behind."""
+    class Stop(Exception):
+        pass
+
+    cfg, policy = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
+    reward, checks = Recorded(brightness_reward(), delay=0.1), []
+
+    def check_stop():
+        checks.append(reward.calls)
+        if len(checks) == 2:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        toy_rollout(cfg, policy, 0, reward=reward, check_stop=check_stop)
+    assert len(checks) == 2 and 1 <= reward.calls <= 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastcps-reward")]
