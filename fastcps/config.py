@@ -54,8 +54,10 @@ class PolicyConfig:
     ~1.33x of 128's). 128 is what flow_grpo trains FLUX and SD3.5 with (the pipelines' defaults are
     512 / 256). Prompts with more tokens are cut, as the pipelines do; the trainer reports how many at
     start-up with the length that would keep them whole."""
-    gradient_checkpointing: bool = False
-    """Recompute the transformer's activations in backward (diffusers' gradient checkpointing)."""
+    gradient_checkpointing: bool | Literal["auto"] = False
+    """Recompute the transformer's activations in backward (diffusers' gradient checkpointing): one more
+    forward per trained step. `auto`: only when the resource plan (fastcps.plan) says the step does not
+    fit the GPU's memory without it (on the CPU: off)."""
 
 
 @dataclass
@@ -149,8 +151,10 @@ class TrainConfig:
     """Weight of the KL to the reference policy (the frozen base)."""
     old_logprob: Literal["rollout", "recompute"] = "recompute"
     """Old log-probs from the rollout, or from the training forward (ratio exactly 1 before the first
-    optimizer step): the first window's micro-steps use their own forward's, later windows' samples get
-    one no-grad forward before the first step."""
+    optimizer step): the first window's micro-steps use their own forward's; later windows' samples use
+    the rollout's when those equal the training forward's bit for bit (minibatch_size ==
+    rollout_batch_size, checked on the first window every epoch), else get one no-grad forward before
+    the first step (fastcps.update.run_update)."""
     ema_decay: float | None = None
     """EMA of the trained weights, used for eval; None = off."""
     max_nonfinite_steps: int = 3
@@ -227,6 +231,10 @@ class RunConfig:
     """Seeds every random choice: prompts, noises, shuffles."""
     deepspeed_config: str = "configs/ds_zero3.json"
     """DeepSpeed JSON (ZeRO stage etc.); batch sizes in it are filled in at run time."""
+    zero_stage: Literal["auto", 2, 3] | None = None
+    """ZeRO stage, overriding the DeepSpeed JSON's: `auto` takes ZeRO-2 (whole weights on every GPU, no
+    parameter gathers) when the resource plan says it fits the GPU's memory and ZeRO-3 when it does not
+    (on the CPU: the JSON's stage); None = the JSON's."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig("digit")])

@@ -97,6 +97,7 @@ def flux_epoch(device: torch.device, *, model_config: dict | None = None, resolu
     ``model_config`` (default: FLUX.1-dev's, 11.9 B parameters) in random weights, tiny text
     encoders of the real widths, a tiny VAE and the jpeg_compressibility reward: one warm-up epoch,
     then one measured epoch: images/s, the epoch split, peak memory beside the plan's prediction."""
+    from fastcps.perf import peak_tflops
     from fastcps.policies import build_policy
     from fastcps.tiny import save_tiny_flux
 
@@ -110,6 +111,7 @@ def flux_epoch(device: torch.device, *, model_config: dict | None = None, resolu
                 'rewards=[{"name": "jpeg_compressibility"}]', f"train.prompts_per_epoch={images // per_prompt}",
                 f"train.images_per_prompt={per_prompt}", "train.rollout_batch_size=8", "train.minibatch_size=4",
                 "train.gradient_accumulation_steps=2", "train.num_epochs=2", "eval.every=0", "log.progress=false",
+                "zero_stage=3",  # explicit: "auto" would plan the tiny transformer of the folder, not build_big_flux's
                 "log.images_every=0", "checkpoint.every=0", f"output_dir={tmp}",
                 f"deepspeed_config={CONFIGS / 'ds_zero3.json'}", f"prompts.source={CONFIGS / 'prompts' / 'pickscore.txt'}"]
         cfg = load_config(RunConfig, str(CONFIGS / "flux_pickscore.json"), sets)
@@ -125,19 +127,36 @@ def flux_epoch(device: torch.device, *, model_config: dict | None = None, resolu
             torch.cuda.reset_peak_memory_stats(device)
         m = trainer.run_epoch(1)
         save_config(cfg, Path(tmp) / "flux_gpucheck.json")
-        predicted = plan_peak_gib(Path(tmp) / "flux_gpucheck.json", model_config)
+        planned = plan_json(Path(tmp) / "flux_gpucheck.json", model_config)
         trainer.logger.close()
+    predicted = planned.get("peak_gib_per_gpu")
     note = f"{n_params / 1e9:.2f} B params, {resolution} px, {images} images, LoRA r {lora_r}, bf16, ckpt, ZeRO-3, 1 process"
     rows = [row("flux", "images_per_s", m["perf/images_per_s"], "img/s", note)]
     for key in ("epoch_s", "rollout_s", "reward_s", "recompute_s", "update_s"):
         rows.append(row("flux", key, m[f"time/{key}"], "s", "update_s includes recompute_s" if key == "update_s" else ""))
     rows.append(row("flux", "peak_gib", m["memory/peak_gib"], "GiB", "torch.cuda.max_memory_allocated, measured epoch"))
     rows.append(row("flux", "plan_peak_gib", predicted, "GiB", "python -m fastcps.plan --world-size 1, same settings"))
+    # utilisation: the FLOPs of the trainer's own calls (fastcps.perf) over each phase's time, and the plan's
+    # counted FLOPs of the same phases beside them (fastcps.plan_epoch): the first GPU run says how far the
+    # trainer is from the hardware and whether the plan counts what the trainer does
+    for key in ("rollout_tflops", "update_tflops", "tflops", "rollout_mfu", "update_mfu", "mfu"):
+        if f"perf/{key}" in m:
+            rows.append(row("flux", key, m[f"perf/{key}"], "TFLOP/s" if key.endswith("tflops") else "fraction",
+                            "counted FLOPs / phase wall time (fastcps.perf)"))
+    ph = planned.get("phase_flop") or {}
+    if ph:
+        update = sum(ph[k] for k in ("old log-prob recompute", "training forward", "training backward",
+                                     "checkpoint re-forward", "KL reference forward"))
+        for key, flop in (("rollout", ph["rollout"]), ("update", update)):
+            rows.append(row("flux", f"plan_{key}_tflop", flop / 1e12, "TFLOP", "the plan's counted epoch, world size 1"))
+            peak, mfu = peak_tflops(device) or planned["peak_tflops"], planned["mfu"]
+            rows.append(row("flux", f"plan_{key}_s", flop / (peak * 1e12 * mfu), "s",
+                            f"the plan's projection at {mfu:.0%} of {peak:g} TFLOP/s; measured {key}_s beside it"))
     return rows
 
 
-def plan_peak_gib(config_path: Path, model_config: dict) -> float | None:
-    """The plan's per-GPU peak for a saved config at world size 1, or None when the plan cannot say."""
+def plan_json(config_path: Path, model_config: dict) -> dict:
+    """The plan (``--json``) of a saved config at world size 1, or {} when the plan cannot say."""
     import contextlib
     import io
 
@@ -154,8 +173,8 @@ def plan_peak_gib(config_path: Path, model_config: dict) -> float | None:
     finally:
         Path(f.name).unlink()
     if rc != 0:
-        return None
+        return {}
     try:
-        return float(json.loads(out.getvalue())["peak_gib_per_gpu"])
-    except (ValueError, KeyError, TypeError):
-        return None
+        return json.loads(out.getvalue())
+    except ValueError:
+        return {}

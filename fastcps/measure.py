@@ -244,9 +244,9 @@ def meter(family: str, config_path: str, resolution: int, text_tokens: int, dtyp
 
 
 @functools.lru_cache(maxsize=None)
-def vae_decode_peak(config_path: str, resolution: int, batch: int, dtype: str = "bf16") -> tuple[int, int]:
+def vae_decode_peak(config_path: str, resolution: int, batch: int, dtype: str = "bf16") -> tuple[int, int, int]:
     """(parameters of the VAE, peak bytes of one no-grad decode of ``batch`` latents at ``resolution``
-    plus the policy's fp32 images)."""
+    plus the policy's fp32 images, FLOPs of that decode)."""
     from diffusers import AutoencoderKL
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -260,4 +260,4 @@ def vae_decode_peak(config_path: str, resolution: int, batch: int, dtype: str = 
         img = vae.decode(z, return_dict=False)[0]
         img = (img.float() / 2 + 0.5).clamp(0.0, 1.0)  # what DiffusersPolicy._vae_decode returns
         del img, z
-    return n_params, live.peak
+    return n_params, live.peak, live.flops["forward"]

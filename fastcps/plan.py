@@ -1,12 +1,19 @@
 """What a run will cost, before any weight loads: ``python -m fastcps.plan --config X.json --world-size 8``.
 
-Measured, on fake tensors (``fastcps.measure``; no weights, no GPU): the real transformer is built from
-its config (``configs/models/*.json``, copied from the hub; or ``<policy.pretrained>/transformer/`` when
-that is a local folder), with the config's LoRA adapters, and run at the config's resolution, text
-length and batch sizes: FLOPs of a forward and of autograd's backward (and of gradient checkpointing's
-re-forwards), and the peak bytes of a training micro-step, a rollout forward and a VAE decode.
-Counted around them (``fastcps.plan_costs``): the passes of an epoch, ZeRO-2/3 partitions, buffers
-and gathers with DeepSpeed's defaults, frozen models at published sizes, the rollout's buffers.
+Counted on the trainer's own code (``fastcps.plan_epoch``): ``rollout_epoch``, ``run_update`` and
+``Trainer.evaluate`` run for one rank on stand-ins that record every transformer call, backward and
+optimizer step; ZeRO's collectives follow from those calls. Measured, on fake tensors
+(``fastcps.measure``; no weights, no GPU): the real transformer is built from its config
+(``configs/models/*.json``, copied from the hub; or ``<policy.pretrained>/transformer/`` when that is a
+local folder), with the config's LoRA adapters, and run at the config's resolution, text length and
+the counted calls' batch sizes: FLOPs of each call, of autograd's backward (and of gradient
+checkpointing's re-forwards), the peak bytes of a training micro-step, a rollout forward and a VAE
+decode. Counted from sizes (``fastcps.plan_costs``, ``fastcps.plan_load``): ZeRO-2/3 partitions and
+buffers with DeepSpeed's defaults, frozen models at published sizes, the rollout's buffers, the load
+phase, one checkpoint's files. Beside it, flow_grpo's own recipe (``plan_epoch.ANCHOR``).
+
+``zero_stage`` / ``policy.gradient_checkpointing`` = "auto" take the cheapest choice that fits
+``--gpu-mem`` (``choose``; the trainer does the same for its GPU: ``resolve_auto``).
 
 Options: ``--gpu-mem GIB`` says whether the peak fits and, if not, which ``--set`` flags make it fit;
 ``--mfu`` / ``--peak-tflops`` turn the epoch's FLOPs into a projected time; ``--json`` prints one
@@ -102,14 +109,17 @@ class Loader:
         key = (lora, text, pol.resolution, pol.dtype)
         if key not in self._models:
             m = measure.meter(pol.name, str(self.files["transformer"]), pol.resolution, text, pol.dtype, lora)
-            self._models[key] = self._describe(m, pol, text)
+            self._models[key] = self._describe(m, pol, text, lora)
         return self._models[key]
 
-    def _describe(self, meter, pol, text: int) -> pc.Model:
+    def _describe(self, meter, pol, text: int, lora) -> pc.Model:
         from fastcps import measure
 
         threshold = self.zero.param_persistence_threshold
         params = list(meter.model.parameters())
+        if pol.lora is not None and "stage3_param_persistence_threshold" not in self.zero_section:
+            # the trainer keeps LoRA matrices whole under ZeRO-3 (fastcps.trainer.keep_lora_whole)
+            threshold = max(threshold, max(p.numel() for p in params if p.requires_grad))
         largest = max(sum(p.numel() for p in mod.parameters(recurse=False) if p.numel() >= threshold)
                       for mod in meter.model.modules())
         c = meter.config
@@ -123,53 +133,165 @@ class Loader:
             text_tokens=text, joint_dim=c["joint_attention_dim"], pooled_dim=c["pooled_projection_dim"],
             latent_numel=latent, vae_params=measure.vae_decode_peak(vae_path, res, 1, dtype)[0], meter=meter,
             vae_peak=lambda b: measure.vae_decode_peak(vae_path, res, b, dtype)[1],
+            vae_flop=lambda b: b * measure.vae_decode_peak(vae_path, res, 1, dtype)[2], meter_lora=lora,
             sigmas=lambda n: policy_sigmas(pol.name, self.scheduler, res, n))
+
+
+def counted_epoch(cfg: RunConfig, world: int, model: pc.Model) -> dict:
+    """The trainer's own epoch functions run on the stand-ins of ``fastcps.plan_epoch``: its calls."""
+    from fastcps import plan_epoch
+
+    return plan_epoch.count_epoch(cfg, world, latent_shape=(1, 1), sigmas=model.sigmas, cfg_mult=pc.cfg_mult(cfg))
+
+
+def load_phase(cfg: RunConfig, world: int, model: pc.Model, stage: int) -> dict:
+    """Bytes per GPU while the models load, term by term (``fastcps.plan_load``)."""
+    from fastcps.plan_load import load_peak_bytes
+
+    return load_peak_bytes(family=cfg.policy.name, stage=stage, world=world, params=model.params, small=model.small,
+                           dtype_bytes=pc.BYTES[cfg.policy.dtype], vae_params=model.vae_params,
+                           text_encoder_params=sum(pc.TEXT_ENCODERS[cfg.policy.name].values()) * 1e9,
+                           offload_frozen=cfg.policy.offload_frozen, largest_fetch=model.largest_fetch)
+
+
+CHOICES = ((2, False), (3, False), (2, True), (3, True))  # cheapest first: no gathers, then no re-forward
+
+
+def choose(cfg: RunConfig, world: int, loader: Loader, model: pc.Model, limit: float | None) -> dict:
+    """ZeRO stage and gradient checkpointing: explicit settings win; ``auto`` takes the cheapest of
+    ``CHOICES`` whose peak fits ``limit`` bytes (without a limit: the DeepSpeed JSON's stage, no
+    checkpointing). Returns {"stage", "checkpointing", "peaks": {(stage, ckpt): bytes}}."""
+    stage, ckpt = cfg.zero_stage, cfg.policy.gradient_checkpointing
+    if stage is None:
+        stage = loader.zero.stage
+    peaks = {}
+    for s, c in CHOICES:  # the larger of the training epoch's peak and the load phase's
+        changed = pc.with_changes(cfg, {"policy.gradient_checkpointing": c})
+        peaks[(s, c)] = max(pc.memory(changed, world, model, loader.load_zero(s))["peak"],
+                            load_phase(cfg, world, model, s)["peak"])
+    allowed = [(s, c) for s, c in CHOICES if stage in ("auto", s) and ckpt in ("auto", c)]
+    if stage != "auto" and stage not in (2, 3):  # a JSON with stage 0 or 1: counted as ZeRO-2's memory
+        allowed = [(2, c) for c in ((False, True) if ckpt == "auto" else (ckpt,))]
+    if limit is None:
+        pick = next(((s, c) for s, c in allowed if s == (loader.zero.stage if stage == "auto" else s) and not c),
+                    allowed[0])
+    else:
+        pick = next(((s, c) for s, c in allowed if peaks[(s, c)] <= limit), allowed[-1])
+    return {"stage": pick[0] if stage in ("auto", 2, 3) else int(stage), "checkpointing": pick[1], "peaks": peaks}
+
+
+def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tuple[RunConfig, str | None]:
+    """``zero_stage`` / ``policy.gradient_checkpointing`` = "auto" made concrete before any weight loads:
+    on a CUDA device the plan's choice for its memory (``choose``: the cheapest that fits total memory
+    minus ``reserve`` GiB); elsewhere (the CPU, the toy: nothing to fit) the DeepSpeed JSON's stage and
+    no checkpointing. Returns the config with concrete values and a line saying what was chosen (None
+    when nothing was "auto")."""
+    import torch
+
+    auto_stage, auto_ckpt = cfg.zero_stage == "auto", cfg.policy.gradient_checkpointing == "auto"
+    if not (auto_stage or auto_ckpt):
+        return cfg, None
+    device = torch.device(device)
+    if device.type != "cuda" or cfg.policy.name not in ("flux", "sd3"):
+        stage, ckpt, why = None, False, f"no GPU memory to fit on {device.type} / {cfg.policy.name}"
+        peak = None
+    else:
+        total = torch.cuda.get_device_properties(device).total_memory / GIB
+        loader = Loader(cfg)
+        chosen = choose(cfg, world, loader, loader.model(cfg), (total - reserve) * GIB)
+        stage, ckpt = chosen["stage"], chosen["checkpointing"]
+        peak = chosen["peaks"][(stage if stage >= 3 else 2, ckpt)] / GIB
+        why = f"planned peak {peak:.1f} GiB of {total:.1f} GiB (minus {reserve:g} reserved)"
+    changes = {}
+    if auto_stage:
+        changes["zero_stage"] = stage
+    if auto_ckpt:
+        changes["policy.gradient_checkpointing"] = ckpt
+    out = pc.with_changes(cfg, changes)
+    shown = out.zero_stage if out.zero_stage is not None else f"{loader_stage(cfg)} (the DeepSpeed JSON's)"
+    line = (f"auto: ZeRO stage {shown}, gradient checkpointing {'on' if out.policy.gradient_checkpointing else 'off'}"
+            f" ({why})")
+    return out, line
+
+
+def loader_stage(cfg: RunConfig) -> int:
+    """The ZeRO stage of the config's DeepSpeed JSON (0 when it has none)."""
+    ds_path = Path(cfg.deepspeed_config)
+    if not ds_path.is_file():
+        raise ConfigError(f"DeepSpeed config {str(ds_path)!r} (config key `deepspeed_config`) not found")
+    return int(json.loads(ds_path.read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
 def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_mem: float | None = None,
          reserve: float = 1.0, mfu: float = 0.4, peak_tflops: float = H100_BF16_DENSE_TFLOPS) -> dict:
     """Everything the report shows, as one dict (bytes, FLOPs, seconds; ``*_gib`` in GiB)."""
+    from fastcps import measure
+    from fastcps import plan_epoch as pe
+
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must lie in (0, 1], got {mfu}")
     loader = Loader(cfg, model_config)
     model = loader.model(cfg)
+    limit = None if gpu_mem is None else (gpu_mem - reserve) * GIB
+    chosen = choose(cfg, world, loader, model, limit)
+    cfg = pc.with_changes(cfg, {"policy.gradient_checkpointing": chosen["checkpointing"]})
+    zero = loader.load_zero(chosen["stage"])
     n_mean, n_min, n_max = pc.mean_trained(cfg, model.sigmas(cfg.sampler.num_steps))
-    fl = pc.flops(cfg, world, model, n_mean)
-    mem = {s: pc.memory(cfg, world, model, loader.load_zero(s)) for s in (2, 3)}
-    mine = mem[3] if loader.zero.stage >= 3 else mem[2]
+    counted = counted_epoch(cfg, world, model)
+    phases = {k: v * world for k, v in pe.phase_flops(counted, model.meter, model.vae_flop, chosen["checkpointing"]).items()}
+    epoch_flop = sum(phases.values())
     c, t = pc.cfg_mult(cfg), cfg.train
-    acts = {"train": model.meter.step("train", t.minibatch_size * c).peak,
-            "train_checkpointed": model.meter.step("ckpt", t.minibatch_size * c).peak,
+    plain = model.meter.step("train", t.minibatch_size * c)
+    images = t.prompts_per_epoch * t.images_per_prompt
+    anchor_meter = measure.meter(cfg.policy.name, str(loader.files["transformer"]), cfg.policy.resolution,
+                                 pe.ANCHOR["text_tokens"], cfg.policy.dtype, model.meter_lora)
+    anchor = {k: v * images for k, v in pe.anchor_flop_per_image(anchor_meter, model.vae_flop).items()}
+    training = epoch_flop - phases["eval"]
+    wb = pc.BYTES[cfg.policy.dtype]
+    traffic_kw = dict(world=world, gathered_params=model.params - model.small, trained_params=model.trained,
+                      bytes_per_param=wb)
+    traffic = {f"zero{s}{'+ckpt' if ck else ''}": pe.zero_traffic(
+        counted, stage=s, checkpointing=ck, grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(s)), **traffic_kw)
+        for s, ck in CHOICES}
+    # DeepSpeed's ZeRO++ quantized weights (zero_quantized_weights: int8 blocks + scales) for slow links
+    traffic["zero3+ckpt, quantized gathers"] = pe.zero_traffic(
+        counted, stage=3, checkpointing=True, gather_bytes_per_param=1.0,
+        grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(3)), **traffic_kw)
+    mine_key = f"zero{chosen['stage'] if chosen['stage'] >= 3 else 2}{'+ckpt' if chosen['checkpointing'] else ''}"
+    mem = {s: pc.memory(cfg, world, model, loader.load_zero(s)) for s in (2, 3)}
+    mine = mem[3] if zero.stage >= 3 else mem[2]
+    load = load_phase(cfg, world, model, zero.stage)
+    acts = {"train": plain.peak, "train_checkpointed": model.meter.step("ckpt", t.minibatch_size * c).peak,
             "rollout": model.meter.step("nograd", t.rollout_batch_size * c).peak,
             "vae_decode": model.vae_peak(min(4, t.rollout_batch_size))}
-    other = pc.with_changes(cfg, {"policy.gradient_checkpointing": not cfg.policy.gradient_checkpointing})
-    other_peak = pc.memory(other, world, model, loader.zero)["peak"]
-    ckpt_peaks = {cfg.policy.gradient_checkpointing: mine["peak"], not cfg.policy.gradient_checkpointing: other_peak}
-    traffic = pc.zero_traffic(cfg, world, model, n_mean)
-    seconds = fl["epoch"] / (world * peak_tflops * 1e12 * mfu)
+    seconds = epoch_flop / (world * peak_tflops * 1e12 * mfu)
     out = {
-        "config": cfg.name, "world_size": world, "zero_stage": loader.zero.stage, "files": {k: str(v) for k, v in
-                                                                                          loader.files.items()},
+        "config": cfg.name, "world_size": world, "zero_stage": zero.stage,
+        "gradient_checkpointing": chosen["checkpointing"],
+        "files": {k: str(v) for k, v in loader.files.items()},
         "transformer_params": model.params - (model.trained if cfg.policy.lora else 0),
         "trained_params": model.trained, "lora": cfg.policy.lora is not None,
-        "images_per_rank": fl["passes"]["per_rank"], "optimizer_steps": fl["passes"]["optimizer_steps"],
+        "gathered_params": model.params - model.small,
+        "images_per_rank": counted["images_per_rank"], "optimizer_steps": counted["optimizer_steps"],
         "trained_steps_per_image": n_mean, "trained_steps_range": [n_min, n_max], "cfg_batch_multiplier": c,
-        "forward_flop_per_image": fl["forward_per_image"], "backward_flop_per_image": fl["backward_per_image"],
-        "recompute_flop_per_image": fl["recompute_per_image"], "backward": "autograd on fake CPU tensors",
-        "phase_flop": fl["phases"], "epoch_flop": fl["epoch"], "passes": fl["passes"],
-        "flow_grpo_phase_flop": fl["flow_grpo_phases"], "flow_grpo_epoch_flop": fl["flow_grpo_epoch"],
+        "forward_flop_per_image": plain.forward_flop / (t.minibatch_size * c) * c,
+        "backward_flop_per_image": plain.backward_flop / (t.minibatch_size * c) * c,
+        "calls_per_rank": {f"{ph} ({kind}, {b} samples)": n for (ph, kind, b), n in sorted(counted["calls"].items())},
+        "phase_flop": phases, "epoch_flop": epoch_flop, "training_epoch_flop": training,
+        "anchor": pe.ANCHOR["name"], "anchor_phase_flop": anchor, "anchor_epoch_flop": anchor["total"],
+        "anchor_ratio": training / anchor["total"],
         "activation_peak_bytes": acts, "memory": mem, "peak_gib_per_gpu": mine["peak"] / GIB,
-        "peak_phase": mine["peak_phase"],
-        "peak_gib_with_checkpointing": ckpt_peaks[True] / GIB, "peak_gib_without_checkpointing": ckpt_peaks[False] / GIB,
-        "zero_traffic_bytes_per_gpu": traffic, "mfu": mfu, "peak_tflops": peak_tflops,
-        "projected_epoch_s": seconds, "flow_grpo_projected_epoch_s": fl["flow_grpo_epoch"] / fl["epoch"] * seconds,
-        "reserve_gib": reserve,
+        "peak_phase": mine["peak_phase"], "load_phase": load, "load_peak_gib_per_gpu": load["peak"] / GIB,
+        "peak_gib_by_choice": {f"zero{s}{'+ckpt' if ck else ''}": v / GIB for (s, ck), v in chosen["peaks"].items()},
+        "zero_traffic_bytes_per_gpu": traffic, "zero_param_traffic_bytes_per_gpu": traffic[mine_key]["parameter all-gather"],
+        "checkpoint_files": (ck := pc.checkpoint_files(cfg, world, model, zero.stage)),
+        "checkpoint_bytes": sum(ck.values()),
+        "mfu": mfu, "peak_tflops": peak_tflops, "projected_epoch_s": seconds, "reserve_gib": reserve,
     }
     if gpu_mem is not None:
-        limit = (gpu_mem - reserve) * GIB
         out["gpu_mem_gib"] = gpu_mem
-        out["fits"] = mine["peak"] <= limit
-        sug = pc.suggest(cfg, world, loader.zero, limit, loader.model, loader.load_zero)
+        out["fits"] = max(mine["peak"], load["peak"]) <= limit
+        sug = pc.suggest(cfg, world, zero, limit, loader.model, loader.load_zero)
         out["suggestion"] = {"set": sug["flags"], "peak_gib": sug["peak"] / GIB, "fits": sug["fits"]}
     return out
 

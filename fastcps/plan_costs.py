@@ -1,17 +1,17 @@
-"""The cost model behind ``python -m fastcps.plan``: passes, FLOPs, memory per GPU and ZeRO traffic of
-one epoch, from a RunConfig and the transformer's measurements (``fastcps.measure``).
+"""The cost model behind ``python -m fastcps.plan``: memory per GPU per phase and ZeRO stage, one
+checkpoint's files, and the changes that make a config fit, from a RunConfig and the transformer's
+measurements (``fastcps.measure``). The epoch's calls, FLOPs and ZeRO traffic: ``fastcps.plan_epoch``.
 
 Everything the transformer does is measured on fake tensors (FLOPs per sample, peak activation
 bytes of a training micro-step with and without gradient checkpointing, of a no-grad forward, of a
 VAE decode). What is not measured is counted from its size: the ZeRO partitions and buffers
 (DeepSpeed's formulas and defaults), the frozen models (published parameter counts), the rollout's
-buffers. Terms and formulas are listed in ``memory`` and ``zero_traffic``.
+buffers. Terms and formulas are listed in ``persistent`` and ``transients``.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +19,8 @@ import numpy as np
 from fastcps.config import RunConfig
 
 GIB = 2**30
-BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "float32": 4, "float16": 2, "bfloat16": 2}
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "float32": 4, "float16": 2, "bfloat16": 2,
+         "amp": 4}  # a reward's "amp": fp32 weights, fp16 autocast (fastcps.rewards._util)
 # Frozen models as placed by the trainer: published parameter counts (the weights cannot be
 # downloaded here), in billions. Text encoders: T5-XXL encoder, CLIP-L (FLUX) / CLIP-L + CLIP-G (SD3).
 TEXT_ENCODERS = {"flux": {"T5-XXL encoder": 4.762, "CLIP-L text": 0.123},
@@ -27,11 +28,6 @@ TEXT_ENCODERS = {"flux": {"T5-XXL encoder": 4.762, "CLIP-L text": 0.123},
 # Rewards on the training GPU (fastcps/rewards/*): PickScore and HPSv2 are CLIP ViT-H-14 (986 M),
 # aesthetic a CLIP ViT-L/14 (428 M) + a small MLP; ocr runs on the CPU, geneval on a detection server.
 REWARD_PARAMS = {"pickscore": 0.986, "hpsv2": 0.986, "aesthetic": 0.428}
-# flow_grpo's rule (scripts/train_flux.py, train_sd3.py): num_train_timesteps = int(num_steps *
-# timestep_fraction) with timestep_fraction 0.99, the first steps of the trajectory: 5 of 6 for its
-# FLUX.1-dev recipe (config/grpo.py pickscore_flux), 9 of 10 for SD3.5 (geneval_sd3, general_ocr_sd3);
-# old log-probs from the rollout (no recompute); no gradient checkpointing.
-FLOW_GRPO_TIMESTEP_FRACTION = 0.99
 
 
 @dataclass
@@ -50,6 +46,8 @@ class Model:
     vae_params: int
     meter: object = None  # fastcps.measure.TransformerMeter
     vae_peak: object = None  # batch -> peak bytes of a VAE decode
+    vae_flop: object = None  # batch -> FLOPs of a VAE decode
+    meter_lora: tuple | None = None  # the LoRA (r, alpha, targets) the meter was built with
     sigmas: object = None  # num_steps -> the policy's sigma schedule
 
 
@@ -109,54 +107,12 @@ def trained_steps(cfg: RunConfig, sigmas) -> list[int]:
             for w in starts]
 
 
-def passes(cfg: RunConfig, world: int, n_trained: float) -> dict:
-    """Transformer work of one epoch on one rank: image-forwards per phase and forward calls."""
-    t, s, e = cfg.train, cfg.sampler, cfg.eval
-    per_rank = t.prompts_per_epoch * t.images_per_prompt // world
-    minibatches = per_rank // t.minibatch_size
-    # update.run_update: the first optimizer step's window takes its old log-probs from its own training
-    # forward; only the later windows' minibatches get a recompute forward
-    recomputed = max(0, minibatches - t.gradient_accumulation_steps) if t.old_logprob == "recompute" else 0
-    out = {"per_rank": per_rank, "minibatches": minibatches,
-           "optimizer_steps": t.num_inner_epochs * minibatches // t.gradient_accumulation_steps,
-           "rollout": per_rank * s.num_steps, "rollout_calls": per_rank // t.rollout_batch_size * s.num_steps,
-           "old_logprob": recomputed * t.minibatch_size * n_trained,
-           "old_logprob_calls": recomputed * n_trained,
-           "train": t.num_inner_epochs * per_rank * n_trained,
-           "train_calls": t.num_inner_epochs * minibatches * n_trained}
-    # the reference's no-grad forward beside every training forward (update.recompute_old_logprobs
-    # skips it: the reference does not change a log-prob)
-    kl = t.beta_kl > 0
-    out["reference"] = out["train"] if kl else 0.0
-    out["reference_calls"] = out["train_calls"] if kl else 0.0
-    eval_calls = 0.0
-    if e.every:  # every rank runs ceil(prompts / world) prompts, K images in one call per step
-        eval_calls = math.ceil(e.num_prompts / world) * (e.num_steps or s.num_steps) / e.every
-    out["eval_calls"], out["eval"] = eval_calls, eval_calls * e.images_per_prompt
-    return out
-
-
-def flops(cfg: RunConfig, world: int, model: Model, n_trained: float) -> dict:
-    """FLOPs per image forward and per epoch (all ranks), per phase, and flow_grpo's recipe beside."""
-    c = cfg_mult(cfg)
-    mb = cfg.train.minibatch_size * c
-    plain, ckpt = model.meter.step("train", mb), model.meter.step("ckpt", mb)
-    fwd, bwd = plain.forward_flop / mb * c, plain.backward_flop / mb * c  # per image
-    recompute = (ckpt.backward_flop - plain.backward_flop) / mb * c
-    n = passes(cfg, world, n_trained)
-    ph = {"rollout": n["rollout"] * fwd, "old log-prob recompute": n["old_logprob"] * fwd,
-          "training forward": n["train"] * fwd, "training backward": n["train"] * bwd,
-          "checkpoint re-forward": n["train"] * recompute if cfg.policy.gradient_checkpointing else 0.0,
-          "KL reference forward": n["reference"] * fwd, "eval (amortised)": n["eval"] * fwd}
-    ph = {k: v * world for k, v in ph.items()}
-    images = cfg.train.prompts_per_epoch * cfg.train.images_per_prompt  # flow_grpo's rule, same images and beta
-    fg_trained = cfg.train.num_inner_epochs * images * int(cfg.sampler.num_steps * FLOW_GRPO_TIMESTEP_FRACTION)
-    fg_ph = {"rollout": images * cfg.sampler.num_steps * fwd, "training forward": fg_trained * fwd,
-             "training backward": fg_trained * bwd,
-             "KL reference forward": fg_trained * fwd if cfg.train.beta_kl > 0 else 0.0}
-    return {"forward_per_image": fwd, "backward_per_image": bwd, "recompute_per_image": recompute,
-            "phases": ph, "epoch": sum(ph.values()), "flow_grpo_phases": fg_ph, "flow_grpo_epoch": sum(fg_ph.values()),
-            "passes": n}
+def grad_bytes(cfg: RunConfig, zero: Zero) -> int:
+    """Bytes per gradient element in the accumulated partition and the reduction: the trainer sets fp32
+    for a bf16/fp16 model under ZeRO-2/3 (``Trainer._deepspeed_config``: data_types.grad_accum_dtype,
+    communication_data_type; a DeepSpeed JSON that sets them itself is not read here)."""
+    wb = BYTES[cfg.policy.dtype]
+    return 4 if wb == 2 and zero.stage in (2, 3) else wb
 
 
 def persistent(cfg: RunConfig, world: int, model: Model, zero: Zero, n_trained_max: int) -> dict:
@@ -169,9 +125,10 @@ def persistent(cfg: RunConfig, world: int, model: Model, zero: Zero, n_trained_m
     # ZeRO-2 keeps a full copy on every rank
     out["transformer weights"] = (wb * ((model.params - model.small) / n + model.small) if zero.stage >= 3
                                   else wb * model.params)
-    out["gradients (partition)"] = wb * model.trained / n
+    gb = grad_bytes(cfg, zero)
+    out[f"gradients (partition, {'fp32' if gb == 4 else p.dtype})"] = gb * model.trained / n
     buckets = 2 if zero.overlap_comm and zero.stage < 3 else 1  # ZeRO-2 double-buffers with overlap_comm
-    out["gradient reduce bucket"] = wb * (zero.reduce_bucket_size * buckets if zero.contiguous_gradients
+    out["gradient reduce bucket"] = gb * (zero.reduce_bucket_size * buckets if zero.contiguous_gradients
                                           else min(zero.reduce_bucket_size, model.trained))
     out["fp32 master + Adam m, v (partition)"] = 0.0 if zero.offload_optimizer else 12 * model.trained / n
     out["VAE"] = wb * model.vae_params
@@ -231,25 +188,19 @@ def memory(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
             "peak_phase": phase, "stage": zero.stage}
 
 
-def zero_traffic(cfg: RunConfig, world: int, model: Model, n_trained: float) -> dict:
-    """Bytes received per GPU per epoch by the ZeRO collectives (ring: (N-1)/N of each full tensor).
-
-    ZeRO-3: every forward call gathers the partitioned weights (frozen ones too), every backward
-    gathers them again, and a gradient-checkpoint re-forward once more (counted; DeepSpeed may keep a
-    block gathered from its re-forward to its backward when stage3_max_reuse_distance allows);
-    reduce-scatter of the trained gradients per backward. ZeRO-2: full weights stay; reduce-scatter of
-    the trained gradients per backward, all-gather of the updated trained weights per optimizer step.
-    """
-    wb, n = BYTES[cfg.policy.dtype], passes(cfg, world, n_trained)
-    ring = (world - 1) / world
-    forwards = n["rollout_calls"] + n["old_logprob_calls"] + n["train_calls"] + n["reference_calls"] + n["eval_calls"]
-    gathers = forwards + n["train_calls"] * (2 if cfg.policy.gradient_checkpointing else 1)
-    grads = n["train_calls"] * wb * model.trained * ring
-    z3 = gathers * wb * (model.params - model.small) * ring
-    z2 = n["optimizer_steps"] * wb * model.trained * ring
-    return {"zero3_allgather": z3, "zero3_reduce_scatter": grads, "zero3_total": z3 + grads,
-            "zero2_allgather": z2, "zero2_reduce_scatter": grads, "zero2_total": z2 + grads,
-            "zero3_gathers": gathers, "gathered_params": model.params - model.small, "bytes_per_param": wb}
+def checkpoint_files(cfg: RunConfig, world: int, model: Model, stage: int) -> dict:
+    """Bytes of one checkpoint, all ranks' files together, by what ``fastcps.checkpoint.save_checkpoint``
+    writes: DeepSpeed's model states (a LoRA run excludes the frozen base: ``exclude_frozen_parameters``)
+    and optimizer states (fp32 master + Adam m, v of the trained parameters, every rank's partition),
+    each rank's EMA (fp32; ZeRO-3: its partition, else the whole trained set on every rank),
+    ``policy.safetensors`` (the trained parameters, gathered) and, for LoRA, diffusers' adapter file."""
+    wb, lora = BYTES[cfg.policy.dtype], cfg.policy.lora is not None
+    out = {"model states": wb * (model.trained if lora else model.params),
+           "optimizer states (fp32 master, Adam m, v)": 12 * model.trained,
+           "EMA": 4 * model.trained * (1 if stage >= 3 else world) if cfg.train.ema_decay else 0,
+           "policy.safetensors": wb * model.trained,
+           "pytorch_lora_weights.safetensors": wb * model.trained if lora else 0}
+    return out
 
 
 def with_changes(cfg: RunConfig, changes: dict) -> RunConfig:

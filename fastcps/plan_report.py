@@ -19,17 +19,21 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     def p(line=""):
         print(line, file=out)
 
-    t, s, pol, n = cfg.train, cfg.sampler, cfg.policy, r["passes"]
+    t, s, pol = cfg.train, cfg.sampler, cfg.policy
+    per_rank = r["images_per_rank"]
     world, c = r["world_size"], r["cfg_batch_multiplier"]
     p(f"fastcps plan: {cfg.name}  ({pol.name}, {pol.pretrained or 'no weights named'}; transformer config "
       f"{r['files']['transformer']})")
-    p(f"world size {world}, ZeRO stage {r['zero_stage']} ({cfg.deepspeed_config})")
+    how = "auto" if cfg.zero_stage == "auto" else ("zero_stage" if cfg.zero_stage else cfg.deepspeed_config)
+    ck = "auto" if pol.gradient_checkpointing == "auto" else "set"
+    p(f"world size {world}, ZeRO stage {r['zero_stage']} ({how}), gradient checkpointing "
+      f"{'on' if r['gradient_checkpointing'] else 'off'} ({ck})")
     p()
     p("batch arithmetic")
     images = t.prompts_per_epoch * t.images_per_prompt
     p(f"  prompts per epoch           {t.prompts_per_epoch} groups x K = {t.images_per_prompt} images = {images} images")
-    p(f"  per rank                    {n['per_rank']} images = {n['per_rank'] // t.rollout_batch_size} rollout batches "
-      f"of {t.rollout_batch_size}, {n['minibatches']} minibatches of {t.minibatch_size}")
+    p(f"  per rank                    {per_rank} images = {per_rank // t.rollout_batch_size} rollout batches "
+      f"of {t.rollout_batch_size}, {per_rank // t.minibatch_size} minibatches of {t.minibatch_size}")
     p(f"  groups across ranks         a group of {t.images_per_prompt} spans up to {min(t.images_per_prompt, world)} "
       f"ranks; advantages after an all-gather of {images} rewards")
     lo, hi = r["trained_steps_range"]
@@ -48,8 +52,7 @@ def report(cfg: RunConfig, r: dict, out) -> None:
       f"({'LoRA r ' + str(pol.lora.r) if pol.lora else 'full fine-tuning'}); measured on fake tensors "
       "(fastcps.measure: real architecture and dtype, no weights, no GPU)")
     p(f"  FLOPs per image             forward {r['forward_flop_per_image'] / 1e12:.2f} T, backward "
-      f"{r['backward_flop_per_image'] / 1e12:.2f} T (measured: {r['backward']}), checkpoint re-forward "
-      f"{r['recompute_flop_per_image'] / 1e12:.2f} T")
+      f"{r['backward_flop_per_image'] / 1e12:.2f} T (autograd on fake CPU tensors)")
     a = r["activation_peak_bytes"]
     p(f"  activations, training micro-step of {t.minibatch_size * c} samples: {gib(a['train']).strip()} without, "
       f"{gib(a['train_checkpointed']).strip()} with gradient checkpointing (peak above the weights)")
@@ -57,22 +60,26 @@ def report(cfg: RunConfig, r: dict, out) -> None:
       f"{min(4, t.rollout_batch_size)} images: {gib(a['vae_decode']).strip()}")
 
     p()
-    p(f"FLOPs per epoch, all {world} GPUs             {'this config':>16} {'flow_grpo recipe':>18}")
-    fg = r["flow_grpo_phase_flop"]
+    p("calls per rank per epoch, counted on the trainer's own epoch functions (fastcps.plan_epoch: rollout_epoch,")
+    p("run_update, Trainer.evaluate; eval divided by eval.every)")
+    for k, v in r["calls_per_rank"].items():
+        p(f"  {k:56} {v:8.1f}")
+    p()
+    p(f"FLOPs per epoch, all {world} GPUs             {'this config':>16} {'anchor':>18}")
+    an = r["anchor_phase_flop"]
     for k, v in r["phase_flop"].items():
-        p(f"  {k:40} {tflop(v)} {tflop(fg[k]) if k in fg else ' ' * 16:>18}")
-    p(f"  {'total':40} {tflop(r['epoch_flop'])} {tflop(r['flow_grpo_epoch_flop']):>18}")
-    p(f"  flow_grpo recipe: the same images, steps, forward and beta_kl; it trains the first int({s.num_steps} x "
-      f"0.99) = {int(s.num_steps * 0.99)} steps of each image (its FLUX.1-dev recipe: 5 of 6; SD3.5: 9 of 10), "
-      "old log-probs from the rollout, no gradient checkpointing; eval not counted")
+        p(f"  {k:40} {tflop(v)} {tflop(an[k]) if k in an else ' ' * 16:>18}")
+    p(f"  {'total':40} {tflop(r['epoch_flop'])} {tflop(r['anchor_epoch_flop']):>18}")
+    p(f"  anchor: {r['anchor']} (yifan123/flow_grpo config/grpo.py; 6 rollout forwards + 3 trained steps per image,")
+    p("  128 text tokens, old log-probs from the rollout, no checkpointing, the same images per epoch; eval not counted)")
+    p(f"  training epoch (without eval) / anchor: {r['anchor_ratio']:.3f}x")
     p(f"  projected epoch time: {r['projected_epoch_s']:.0f} s on {world} GPUs at {r['mfu']:.0%} of "
-      f"{r['peak_tflops']:.0f} TFLOP/s (flow_grpo recipe {r['flow_grpo_projected_epoch_s']:.0f} s) -- a "
-      "PROJECTION from FLOPs, not a measurement")
+      f"{r['peak_tflops']:.0f} TFLOP/s -- a PROJECTION from FLOPs, not a measurement")
 
     p()
     m2, m3 = r["memory"][2], r["memory"][3]
     p(f"memory per GPU at world size {world} (dtype {pol.dtype}, gradient checkpointing "
-      f"{str(pol.gradient_checkpointing).lower()})   {'ZeRO-2':>10} {'ZeRO-3':>11}")
+      f"{'on' if r['gradient_checkpointing'] else 'off'})   {'ZeRO-2':>10} {'ZeRO-3':>11}")
     keys = list(dict.fromkeys(list(m2["persistent"]) + list(m3["persistent"])))
     for k in keys:
         p(f"  {k:56} {gib(m2['persistent'].get(k, 0.0))} {gib(m3['persistent'].get(k, 0.0))}")
@@ -84,21 +91,23 @@ def report(cfg: RunConfig, r: dict, out) -> None:
         p(f"  = {phase:54} {gib(m2['phase_totals'][phase])} {gib(m3['phase_totals'][phase])}")
     p(f"  peak (phase)                                             {gib(m2['peak'])} {gib(m3['peak'])}"
       f"   ({m2['peak_phase']} / {m3['peak_phase']})")
-    p(f"  at ZeRO stage {r['zero_stage']}: {r['peak_gib_with_checkpointing']:.2f} GiB with, "
-      f"{r['peak_gib_without_checkpointing']:.2f} GiB without gradient checkpointing; plus the CUDA context, "
-      "NCCL buffers and fragmentation (not modeled)")
+    terms = ", ".join(f"{k} {v / GIB:.2f}" for k, v in r["load_phase"].items() if v and k != "peak")
+    p(f"  load phase (ZeRO stage {r['zero_stage']}): peak {r['load_peak_gib_per_gpu']:.2f} GiB ({terms}; "
+      "fastcps.plan_load)")
+    by = "  ".join(f"{k} {v:.1f}" for k, v in r["peak_gib_by_choice"].items())
+    p(f"  peak by choice (GiB): {by}; plus the CUDA context, NCCL buffers and fragmentation (--reserve)")
     if pol.offload_frozen:
         p("  text encoders on the CPU (policy.offload_frozen): moved in only to encode new prompts")
 
-    z = r["zero_traffic_bytes_per_gpu"]
     p()
-    p("ZeRO traffic per GPU per epoch (received; ring collectives move (N-1)/N of each full tensor)")
-    p(f"  ZeRO-3: {z['zero3_gathers']:.0f} parameter all-gathers (each forward call, each backward, each "
-      f"checkpoint re-forward) x {z['gathered_params'] / 1e9:.2f} B params x {z['bytes_per_param']} bytes x "
-      f"{world - 1}/{world} = "
-      f"{z['zero3_allgather'] / 1e9:.0f} GB, + gradient reduce-scatter {z['zero3_reduce_scatter'] / 1e9:.1f} GB")
-    p(f"  ZeRO-2: gradient reduce-scatter {z['zero2_reduce_scatter'] / 1e9:.1f} GB + all-gather of the updated "
-      f"trained weights per optimizer step {z['zero2_allgather'] / 1e9:.2f} GB = {z['zero2_total'] / 1e9:.1f} GB")
+    p("ZeRO traffic per GPU per epoch (received; ring: (N-1)/N of each full tensor; from the counted calls)")
+    for k, z in r["zero_traffic_bytes_per_gpu"].items():
+        p(f"  {k:32} parameter all-gather {z['parameter all-gather'] / 1e9:9.1f} GB ({z['gathers']:.1f} gathers), "
+          f"gradient reduce-scatter {z['gradient reduce-scatter'] / 1e9:6.1f} GB")
+
+    p()
+    files = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in r["checkpoint_files"].items() if v)
+    p(f"one checkpoint, all ranks: {r['checkpoint_bytes'] / 1e9:.2f} GB ({files})")
 
     if "fits" in r:
         p()

@@ -28,11 +28,14 @@ from fastcps.config import RunConfig
 from fastcps.configlib import to_dict
 from fastcps.logger import RunLogger, plot_reward_curve
 from fastcps.optim import EMA, SkippingAdamW
+from fastcps.perf import FlopLedger, peak_tflops
+from fastcps.perf import metrics as perf_metrics
+from fastcps.plan import resolve_auto
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts, truncation_report
 from fastcps.rewards import WeightedReward
 from fastcps.rollout import (PromptEncodings, epoch_plan, eval_noise, eval_prompt_set, plan_steps, rollout_epoch,
-                             sample, synchronize)
+                             sample, select, synchronize)
 from fastcps.update import epoch_advantages, run_update
 
 
@@ -50,6 +53,52 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def partition_zero3(module: torch.nn.Module, ds_config: dict) -> None:
+    """Partition ``module``'s parameters under ZeRO-3 before ``deepspeed.initialize``, tensor by tensor,
+    from wherever they are (the CPU: ``Policy.deferred_placement``), so that no rank ever holds the whole
+    model on its device.
+
+    Given a module that is not partitioned yet, ``deepspeed.initialize`` first moves all of it to the
+    device (deepspeed 0.19.8, runtime/engine.py:2093-2094, ``_configure_distributed_model``:
+    ``if not (self.dont_change_device or is_zero_init_model): self.module.to(self.device)``, where
+    ``is_zero_init_model`` = some parameter has a ``ds_id``, engine.py:2077-2078) and only then partitions
+    it (runtime/zero/parameter_offload.py:258-279 ``Init(module=...)``). ``deepspeed.zero.Init(module=...)``
+    here does that same partitioning first, one tensor at a time
+    (runtime/zero/partition_parameters.py:1209-1215 ``_convert_to_zero_parameters``: ``param.data =
+    param.data.to(self.local_device)``, broadcast from rank 0, ``param.partition()``: this rank's
+    1/world slice copied out, the whole tensor freed, partition_parameters.py:1200-1206, 1778-1889); the
+    engine then sees a partitioned model and moves nothing. The engine skips its cast to the bf16/fp16
+    of the config for such a model (engine.py:1859), so it is done here first, on the CPU (a no-op when
+    the policy's dtype is the config's, as the trainer sets it). Parameters added later (none today)
+    would be partitioned by the engine as before (parameter_offload.py:262-263). Buffers are never
+    partitioned: the policy put them on the device."""
+    import copy
+
+    import deepspeed
+    from deepspeed.runtime.engine import CASTABLE_DTYPES
+
+    dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else
+             torch.float16 if ds_config.get("fp16", {}).get("enabled") else None)
+    if dtype is not None:
+        for p in module.parameters():
+            if p.dtype in CASTABLE_DTYPES and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    # the arguments parameter_offload.py:271-279 passes (data-parallel group: the world; offload device
+    # and pinning: read from the config by Init itself, partition_parameters.py:1160-1162)
+    deepspeed.zero.Init(module=module, config_dict_or_path=copy.deepcopy(ds_config),
+                        dtype=next(module.parameters()).dtype)
+
+
+def keep_lora_whole(zero: dict, trained) -> None:
+    """LoRA matrices whole on every rank under ZeRO-3 (never gathered): ZeRO-3 keeps a tensor whole when
+    its size is at most ``stage3_param_persistence_threshold`` (deepspeed runtime/zero/parameter_offload.py,
+    ``_mark_persistent_parameters``); FLUX's r-64 matrices reach 64 x 12288, above DeepSpeed's 1e5
+    default. The threshold becomes the largest trained tensor's size; the frozen base's weight matrices
+    (3072 x 3072 and up in FLUX) stay partitioned. A threshold the DeepSpeed JSON sets wins."""
+    largest = max((p.numel() for p in trained), default=0)
+    zero.setdefault("stage3_param_persistence_threshold", max(100_000, largest))
+
+
 class Trainer:
     """One run: builds the policy, rewards and DeepSpeed engine from ``cfg``; ``fit()`` runs the
     epochs with eval and checkpoints; ``state_dict()`` is what a resume restores."""
@@ -57,23 +106,35 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, policy=None):
         import deepspeed
 
-        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.rank, self.world = dist.rank(), dist.world()
         self.device = dist.local_device()
+        # zero_stage / gradient_checkpointing "auto": the resource plan's choice for this GPU, before any weight loads
+        cfg, chosen = resolve_auto(cfg, self.world, self.device)
+        if chosen and dist.is_main():
+            print(f"[fastcps] {chosen}", flush=True)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         torch.manual_seed(cfg.seed)
         self.prompts, self.prompt_meta = load_prompts(cfg.prompts.source)
         self.eval_prompts = list(zip(*eval_prompt_set(cfg)))
 
-        self.policy = policy if policy is not None else build_policy(cfg.policy, self.device)
+        ds = self._deepspeed_config()  # before any weight loads: its ZeRO stage decides where they go
+        stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        self.policy = policy if policy is not None else build_policy(cfg.policy, self.device, zero_stage=stage)
         self.encodings = PromptEncodings(self.policy, max_bytes=cfg.policy.prompt_cache_gib * 2**30)
         self._report_truncation()
         self.reward_fn = WeightedReward([(r.name, r.weight, r.args) for r in cfg.rewards])
         t = cfg.train
         self.optimizer = SkippingAdamW(self.policy.trainable_parameters(), lr=t.lr, betas=tuple(t.betas),
                                        eps=t.adam_eps, weight_decay=t.weight_decay)
+        if stage == 3 and cfg.policy.lora is not None:
+            keep_lora_whole(ds["zero_optimization"], self.policy.trainable_parameters())
+        if stage == 3 and self.policy.deferred_placement:
+            partition_zero3(self.policy.transformer, ds)
         self.engine, _, _, _ = deepspeed.initialize(model=self.policy.transformer, optimizer=self.optimizer,
-                                                    config=self._deepspeed_config())
+                                                    config=ds)
         trained = [p for p in self.engine.module.parameters() if p.requires_grad]
+        self.flops = FlopLedger(self.policy, self.engine)  # perf/tflops, perf/mfu: the calls this trainer makes
+        self.peak_tflops = peak_tflops(self.device)
         self.ema = EMA(trained, t.ema_decay) if t.ema_decay else None
         self.epoch = 0  # next epoch to run
         self.nonfinite_in_a_row = 0
@@ -106,6 +167,25 @@ class Trainer:
         dtype = self.cfg.policy.dtype
         ds["bf16"] = {"enabled": dtype == "bf16"}
         ds["fp16"] = {"enabled": dtype == "fp16"}
+        if self.cfg.zero_stage is not None:  # the run config's (a resolved "auto" included) wins over the JSON's
+            ds.setdefault("zero_optimization", {})["stage"] = int(self.cfg.zero_stage)
+        stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        if dtype in ("bf16", "fp16") and stage in (2, 3):
+            # One accumulation window sums minibatches x trained steps micro-steps (e.g. 18): a bf16 sum
+            # keeps 8 mantissa bits, so each later micro-step's gradient loses low bits to the running
+            # total. DeepSpeed 0.19.8 keeps the summed gradient partition in `data_types.grad_accum_dtype`
+            # (ZeRO-3: runtime/zero/stage3.py:791 grad_partitions_flat_buffer, summed at :2030; ZeRO-2:
+            # stage_1_and_2.py:1259-1300, the fp32 "compact" partition buffer replacing the bf16
+            # grads_in_partition, :2179-2194) and reduces each micro-step's gradients across ranks in
+            # `communication_data_type` (stage3.py:1870 / stage_1_and_2.py:1493: cast, reduce, cast to
+            # the accumulation dtype). Cost per GPU: +2 bytes per trained parameter / world (the fp32
+            # partition instead of a bf16 one) and +2 bytes x zero_optimization.reduce_bucket_size (the
+            # reduce bucket in fp32; x2 for ZeRO-2 with overlap_comm). Only ZeRO-2/3: without ZeRO
+            # DeepSpeed refuses a bf16 model with fp32 accumulation (engine.py:2313-2323), and ZeRO-1
+            # would switch to its BF16_Optimizer wrapper (engine.py:2305-2310), untested here. A value
+            # the user's DeepSpeed JSON sets wins.
+            ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+            ds.setdefault("communication_data_type", "fp32")
         return ds
 
     def _check_stop(self) -> None:
@@ -119,6 +199,7 @@ class Trainer:
     # --- one epoch --------------------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> dict[str, float]:
         cfg, t0 = self.cfg, time.perf_counter()
+        self.flops.phase = "rollout"
         data = rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, self.policy), self.policy, self.engine, self.reward_fn,
                              self.encodings, (self.prompts, self.prompt_meta), device=self.device, rank=self.rank, world=self.world,
                              check_stop=self._check_stop, progress=self._progress)
@@ -126,6 +207,7 @@ class Trainer:
         adv = epoch_advantages(data, cfg.train, self.device, rank=self.rank)
         synchronize(self.device)
         t1 = time.perf_counter()
+        self.flops.phase = "update"
         # A stop waits for the end of the update (see fit).
         stats = run_update(self.engine, self.optimizer, self.policy, data, adv.local, cfg.train, epoch=epoch,
                            seed=cfg.seed, rank=self.rank, progress=self._progress,
@@ -142,13 +224,16 @@ class Trainer:
             "train/skipped_steps": float(self.skipped_total),
             "train/trained_steps": float(len(data.plan.trained)),
             "time/rollout_s": t_rollout - data.reward_time,
-            "time/reward_s": data.reward_time,
+            "time/reward_s": data.reward_time,  # decode + waiting for scores: what overlapping did not hide
+            "time/reward_busy_s": data.reward_busy_time,  # the reward calls' own time, on their worker thread
             "time/update_s": t_update,  # includes the recompute
             "time/recompute_s": stats.recompute_s if stats is not None else 0.0,
             "time/epoch_s": time.perf_counter() - t0,
             "perf/images_per_s": rewards.numel() / max(time.perf_counter() - t0, 1e-9),
             "memory/peak_gib": peak_memory_gib(self.device),
         })
+        metrics.update(perf_metrics(self.flops.take(), {"rollout": metrics["time/rollout_s"], "update": t_update},
+                                    self.peak_tflops))
         every = cfg.log.images_every
         if every and (epoch + 1) % every == 0:
             self.logger.images("rollout/images", data.preview[:16], epoch + 1)
@@ -172,34 +257,49 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
         """ODE samples of the fixed eval set: eval/<reward> and eval/diversity (mean pairwise L2
-        distance between the images of one prompt: the guard against mode collapse)."""
+        distance between the images of one prompt: the guard against mode collapse).
+
+        Whole prompts are batched, up to ``train.rollout_batch_size`` images per call (K when K is
+        larger). Prompt p's images start from ``eval_noise(seed, p)`` and each image's ODE trajectory is
+        its own, so batching changes no value beyond the matmul reduction order of a wider batch. Every
+        rank runs the same calls: ranks whose share is short repeat the last prompt (sampled, not
+        scored), since ZeRO-3 gathers parameters collectively in every forward."""
         cfg, e = self.cfg, self.cfg.eval
         k = e.images_per_prompt
-        per_rank = math.ceil(len(self.eval_prompts) / self.world)  # equal forwards on every rank (ZeRO-3)
+        n_eval = len(self.eval_prompts)
+        per_rank = math.ceil(n_eval / self.world)  # equal forwards on every rank (ZeRO-3)
         mine = [i * self.world + self.rank for i in range(per_rank)]
+        per_call = max(1, cfg.train.rollout_batch_size // k)  # whole prompts per sampling call
         plan = plan_steps("ode", None, self.policy.sigmas(e.num_steps or cfg.sampler.num_steps, device="cpu"))
         plan = plan.to(self.device)
         sums: dict[str, float] = {}
         div_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_prompts, n_images = 0, 0
-        first_images = None
+        shown = []  # the first prompts' images, for the log
         with self.ema.applied() if self.ema else contextlib.nullcontext():
-            for p_idx in mine:
-                real = p_idx < len(self.eval_prompts)
-                prompt, meta = self.eval_prompts[min(p_idx, len(self.eval_prompts) - 1)]
-                x1 = eval_noise(self.policy, e.seed, p_idx, k, self.device)
-                cond, _ = self.encodings.for_prompts([prompt], self.device)
-                images = self.policy.decode(sample(self.policy, self.engine, cond, x1, plan).final)
+            for lo in range(0, per_rank, per_call):
+                chunk = mine[lo:lo + per_call]
+                pairs = [self.eval_prompts[min(p_idx, n_eval - 1)] for p_idx in chunk]
+                x1 = torch.cat([eval_noise(self.policy, e.seed, p_idx, k, self.device) for p_idx in chunk])
+                cond, index = self.encodings.for_prompts([prompt for prompt, _ in pairs for _ in range(k)], self.device)
+                images = self.policy.decode(sample(self.policy, self.engine, select(cond, index), x1, plan).final)
+                real = [j for j, p_idx in enumerate(chunk) if p_idx < n_eval]
                 if not real:
                     continue
-                r = self.reward_fn(images, [prompt] * k, [meta] * k)  # CPU tensors
-                for name, comp in r.components.items():
-                    sums[name] = sums.get(name, 0.0) + float(comp.sum())
-                if k > 1:
-                    div_sum += torch.pdist(images.reshape(k, -1).float()).mean()
-                n_prompts += 1
-                n_images += k
-                first_images = images if first_images is None else torch.cat([first_images, images])
+                rows = torch.cat([torch.arange(j * k, (j + 1) * k) for j in real]).to(images.device)
+                scored = images[rows]
+                r = self.reward_fn(scored, [pairs[j][0] for j in real for _ in range(k)],
+                                   [pairs[j][1] for j in real for _ in range(k)])  # returns CPU tensors
+                for i, j in enumerate(real):
+                    own = slice(i * k, (i + 1) * k)
+                    for name, comp in r.components.items():  # per prompt, in prompt order: the sums of
+                        sums[name] = sums.get(name, 0.0) + float(comp[own].sum())  # one at a time
+                    if k > 1:
+                        div_sum += torch.pdist(scored[own].reshape(k, -1).float()).mean()
+                    n_prompts += 1
+                    n_images += k
+                    if len(shown) < 4:
+                        shown.append(scored[own])
         names = [n for n, _, _ in self.reward_fn.parts]
         vec = torch.tensor([sums.get(n, 0.0) for n in names] + [float(div_sum), n_prompts, n_images],
                            dtype=torch.float64)
@@ -207,8 +307,15 @@ class Trainer:
         out = {f"eval/{n}": float(vec[i] / vec[-1]) for i, n in enumerate(names)}
         out["eval/diversity"] = float(vec[len(names)] / vec[len(names) + 1])
         every = cfg.log.images_every
-        if first_images is not None and (step == 0 or (every and step % every == 0) or step == cfg.train.num_epochs):
-            self.logger.images("eval/images", first_images[: 4 * k], step)
+        if shown and (step == 0 or (every and step % every == 0) or step == cfg.train.num_epochs):
+            self.logger.images("eval/images", torch.cat(shown), step)
+        return out
+
+    def _timed_evaluate(self, step: int) -> dict[str, float]:
+        self.flops.take()  # anything counted before belongs to the epoch's metrics, already logged
+        self.flops.phase, t0 = "eval", time.perf_counter()
+        out = self.evaluate(step)  # ends with an all-reduce of the sums: the device's work is done
+        out.update(perf_metrics(self.flops.take(), {"eval": time.perf_counter() - t0}, self.peak_tflops, total=False))
         return out
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -218,7 +325,7 @@ class Trainer:
         last: dict[str, float] = {}
         try:
             if self.epoch == 0 and cfg.eval.every:
-                last = self.evaluate(0)
+                last = self._timed_evaluate(0)
                 self.logger.scalars(last, 0)
                 if dist.is_main():
                     print(f"[fastcps] base model: {self._fmt(last)}", flush=True)
@@ -226,7 +333,7 @@ class Trainer:
                 metrics = self.run_epoch(epoch)
                 self.epoch = epoch + 1
                 if cfg.eval.every and (self.epoch % cfg.eval.every == 0 or self.epoch == cfg.train.num_epochs):
-                    metrics.update(self.evaluate(self.epoch))
+                    metrics.update(self._timed_evaluate(self.epoch))
                 self.logger.scalars(metrics, self.epoch)
                 last = metrics
                 if dist.is_main():

@@ -119,69 +119,120 @@ def test_dev_trained_steps_come_from_the_policy_dynamic_shift():
     assert not torch.allclose(sig, flow_sigmas(6, shift=3.0))  # what the old plan assumed
 
 
-def test_plan_arithmetic_on_a_tiny_transformer(tiny_flux):
+def tiny_meter(cfg, tiny_flux):
+    from fastcps.plan import Loader
+
+    return Loader(cfg, tiny_flux).model(cfg).meter
+
+
+def test_plan_counts_the_trainers_own_epoch(tiny_flux):
+    """flux_pickscore at 8 ranks: 48 images per rank, rollout batches of 8 (6 x 6 steps = 36 calls),
+    minibatches of 8 = the rollout's batches (the first window's log-probs are the training forward's,
+    the later window's are the rollout's: no recompute), 3 trained steps; FLOPs = counted calls x the
+    measured cost of each call; ZeRO traffic from the same calls."""
     cfg = load_config(RunConfig, str(FLUX_CFG))
     r = plan(cfg, 8, tiny_flux)
-    fwd, bwd, rec = r["forward_flop_per_image"], r["backward_flop_per_image"], r["recompute_flop_per_image"]
-    n, ph = r["passes"], r["phase_flop"]
-    assert r["trained_steps_range"] == [3, 3] and n["per_rank"] == 48 and r["optimizer_steps"] == 2
-    assert ph["rollout"] == pytest.approx(8 * 48 * 6 * fwd)
-    # 12 minibatches of 4, 6 per optimizer step: the first window's 24 images take their old log-probs
-    # from the training forward, the second window's 24 are recomputed
-    assert ph["old log-prob recompute"] == pytest.approx(8 * 24 * 3 * fwd)
-    assert ph["training backward"] == pytest.approx(8 * 48 * 3 * bwd)
-    assert ph["checkpoint re-forward"] == pytest.approx(8 * 48 * 3 * rec)
-    assert ph["KL reference forward"] == 0.0
-    assert ph["eval (amortised)"] == pytest.approx(math.ceil(16 / 8) * 2 * 28 / 20 * fwd * 8)
-    assert r["epoch_flop"] == pytest.approx(sum(ph.values()))
-    fg = r["flow_grpo_phase_flop"]  # flow_grpo: 5 of 6 steps trained, no recompute, no checkpointing
-    assert fg["training forward"] == pytest.approx(384 * 5 * fwd) and fg["rollout"] == ph["rollout"]
-    assert r["flow_grpo_epoch_flop"] == pytest.approx(384 * (6 * fwd + 5 * (fwd + bwd)))
-    # ZeRO traffic: 36 rollout calls + 18 recompute + 36 training forwards + 36 backwards + 36
-    # re-forwards + 2.8 eval calls, each gathering the partitioned weights
+    m = tiny_meter(cfg, tiny_flux)
+    calls, ph = r["calls_per_rank"], r["phase_flop"]
+    assert r["trained_steps_range"] == [3, 3] and r["images_per_rank"] == 48 and r["optimizer_steps"] == 2
+    assert r["zero_stage"] == 3 and r["gradient_checkpointing"] is False  # no --gpu-mem: the JSON's stage, no ckpt
+    assert calls["rollout (nograd, 8 samples)"] == 36
+    assert calls["training forward (train, 8 samples)"] == calls["training backward (backward, 8 samples)"] == 18
+    assert not any(k.startswith("old log-prob recompute") for k in calls)
+    eval_calls = sum(v for k, v in calls.items() if k.startswith("eval"))
+    # eval every 20 epochs: 16 prompts over 8 ranks, both of a rank's prompts (2 images each) in one call per step
+    assert calls["eval (nograd, 4 samples)"] == eval_calls == pytest.approx(28 * math.ceil(16 / 8 / 2) / 20)
+    fwd8 = m.step("nograd", 8).forward_flop
+    assert ph["rollout"] == pytest.approx(8 * 36 * fwd8)
+    assert ph["training forward"] == pytest.approx(8 * 18 * fwd8)
+    assert ph["training backward"] == pytest.approx(8 * 18 * m.step("train", 8).backward_flop)
+    assert ph["checkpoint re-forward"] == ph["old log-prob recompute"] == ph["KL reference forward"] == 0.0
+    assert ph["VAE decode"] > 0 and r["epoch_flop"] == pytest.approx(sum(ph.values()))
+    assert r["training_epoch_flop"] == pytest.approx(r["epoch_flop"] - ph["eval"])
+    an = r["anchor_phase_flop"]  # 6 rollout forwards + 3 trained steps per image at 128 tokens (= ours here)
+    assert an["rollout"] == pytest.approx(384 * 6 * m.step("nograd", 3).forward_flop / 3)
+    assert r["anchor_ratio"] == pytest.approx(r["training_epoch_flop"] / r["anchor_epoch_flop"])
+    # ZeRO-3: 36 rollout + 18 training forwards + 18 backwards + the eval's calls gather the weights
     z = r["zero_traffic_bytes_per_gpu"]
-    assert z["zero3_gathers"] == pytest.approx(4 * 36 + 18 + 2 * 28 / 20)
-    assert z["zero3_allgather"] == pytest.approx(z["zero3_gathers"] * 2 * z["gathered_params"] * 7 / 8)
-    assert z["zero2_allgather"] == pytest.approx(2 * 2 * r["trained_params"] * 7 / 8)
+    gathered = r["gathered_params"]  # the tensors at or above stage3_param_persistence_threshold
+    assert z["zero3"]["gathers"] == pytest.approx(36 + 18 + 18 + eval_calls)
+    assert z["zero3+ckpt"]["gathers"] == pytest.approx(36 + 18 + 2 * 18 + eval_calls)
+    assert z["zero3"]["parameter all-gather"] == pytest.approx(z["zero3"]["gathers"] * 2 * gathered * 7 / 8)
+    assert z["zero3+ckpt, quantized gathers"]["parameter all-gather"] == pytest.approx(
+        z["zero3+ckpt"]["parameter all-gather"] / 2)
+    assert z["zero2"]["parameter all-gather"] == pytest.approx(2 * 2 * r["trained_params"] * 7 / 8)  # 2 steps
+    assert r["zero_param_traffic_bytes_per_gpu"] == z["zero3"]["parameter all-gather"]
     m2, m3 = r["memory"][2], r["memory"][3]
     total = r["transformer_params"] + r["trained_params"]  # LoRA adapters are parameters too
     assert m2["persistent"]["transformer weights"] == 2 * total  # ZeRO-2: a full copy per rank
-    # ZeRO-3: a 1/8 partition, except tensors under stage3_param_persistence_threshold (1e5) kept whole
-    small = total - z["gathered_params"]
-    assert m3["persistent"]["transformer weights"] == pytest.approx(2 * (z["gathered_params"] / 8 + small))
+    # ZeRO-3: a 1/8 partition, except tensors under stage3_param_persistence_threshold kept whole
+    assert m3["persistent"]["transformer weights"] == pytest.approx(2 * (gathered / 8 + total - gathered))
     assert m3["peak"] == max(m3["phase_totals"].values())
     # policy.offload_frozen: T5-XXL + CLIP-L (4.885 B, bf16) come in only while prompts are encoded
     assert m3["persistent"]["text encoders"] == 0.0
     assert m3["transients"]["prompt encoding"]["text encoders moved in"] == pytest.approx(4.885e9 * 2)
     assert r["projected_epoch_s"] == pytest.approx(r["epoch_flop"] / (8 * 989e12 * 0.4))
-    no_recompute = plan(load_config(RunConfig, str(FLUX_CFG), ["train.old_logprob=rollout", "train.beta_kl=0.01"]),
-                        8, tiny_flux)
-    assert no_recompute["phase_flop"]["old log-prob recompute"] == 0.0
-    assert no_recompute["phase_flop"]["KL reference forward"] == pytest.approx(ph["training forward"])
+    # bf16 under ZeRO-2/3: gradients accumulate and reduce in fp32 (Trainer._deepspeed_config)
+    assert m3["persistent"]["gradients (partition, fp32)"] == pytest.approx(4 * r["trained_params"] / 8)
+    assert z["zero3"]["gradient reduce-scatter"] == pytest.approx(18 * 4 * r["trained_params"] * 7 / 8)
+    # a LoRA checkpoint holds no frozen weight: adapter-sized files only
+    files = r["checkpoint_files"]
+    assert files["model states"] == 2 * r["trained_params"] and r["checkpoint_bytes"] == sum(files.values())
+    assert r["checkpoint_bytes"] == (2 + 12 + 2 + 2) * r["trained_params"]  # no EMA in this config
+
+
+def test_a_pass_the_trainer_adds_or_removes_shows_in_the_plan(tiny_flux, monkeypatch):
+    """Other layouts and settings change the counted calls: minibatches of 4 under rollout batches of 8
+    recompute the later window's log-probs (18 calls of 4), old_logprob = rollout does not, beta_kl > 0
+    adds the reference's forward beside every training forward; and a trainer whose sampling loop ran
+    every step twice would show twice the rollout calls."""
+    import fastcps.rollout as rollout_mod
+
+    def calls(*sets):
+        r = plan(load_config(RunConfig, str(FLUX_CFG), list(sets)), 8, tiny_flux)
+        return r["calls_per_rank"], r["phase_flop"]
+
+    small = ["train.minibatch_size=4", "train.gradient_accumulation_steps=6"]
+    c, ph = calls(*small)
+    assert c["old log-prob recompute (nograd, 4 samples)"] == 18 and ph["old log-prob recompute"] > 0
+    c, ph = calls(*small, "train.old_logprob=rollout", "train.beta_kl=0.01")
+    assert not any(k.startswith("old log-prob") for k in c) and ph["old log-prob recompute"] == 0.0
+    assert c["KL reference forward (nograd, 4 samples)"] == c["training forward (train, 4 samples)"] == 36
+    assert ph["KL reference forward"] == pytest.approx(ph["training forward"])
+    real = rollout_mod.sample
+    monkeypatch.setattr(rollout_mod, "sample", lambda *a, **k: (real(*a, **k), real(*a, **k))[1])
+    c, _ = calls()
+    assert c["rollout (nograd, 8 samples)"] == 72
 
 
 def test_json_and_gpu_mem(tiny_flux, tmp_path):
     common = ["--config", str(FLUX_CFG), "--world-size", "8"]
     base = [*common, "--model-config", str(tiny_flux)]
     r = run_json(*base, "--gpu-mem", "80")
-    for key in ("forward_flop_per_image", "epoch_flop", "peak_gib_per_gpu", "fits", "flow_grpo_epoch_flop",
-                "zero_traffic_bytes_per_gpu", "projected_epoch_s"):
-        assert key in r
-    assert r["fits"] and r["suggestion"]["set"] == []
-    # without checkpointing, a limit between the two peaks is met by turning it on, the cheapest lever
-    # (a wider model and big minibatches so that training, not the VAE decode, sets the peak)
+    for key in ("epoch_flop", "forward_flop_per_image", "backward_flop_per_image", "images_per_rank", "world_size",
+                "peak_gib_per_gpu", "fits", "reserve_gib", "zero_stage", "zero_param_traffic_bytes_per_gpu",
+                "anchor_ratio", "projected_epoch_s"):
+        assert key in r, key
+    # zero_stage and gradient_checkpointing "auto": the tiny model fits anything: ZeRO-2, no checkpointing
+    assert r["fits"] and r["suggestion"]["set"] == [] and r["zero_stage"] == 2 and not r["gradient_checkpointing"]
+    assert r["zero_param_traffic_bytes_per_gpu"] == r["zero_traffic_bytes_per_gpu"]["zero2"]["parameter all-gather"]
+    # a wider model and big minibatches so that training, not the VAE decode, sets the peak
     wide = tmp_path / "wide.json"
     wide.write_text(json.dumps({**TINY_FLUX, "num_attention_heads": 8, "num_layers": 4, "num_single_layers": 4}))
-    off = [*common, "--model-config", str(wide), "--set", "policy.gradient_checkpointing=false",
-           "--set", "train.minibatch_size=48", "--set", "train.gradient_accumulation_steps=1",
-           "--set", "train.rollout_batch_size=1", "--set", "eval.every=0", "--set", "policy.offload_frozen=false"]
-    r = run_json(*off)
-    with_ckpt, without = r["peak_gib_with_checkpointing"], r["peak_gib_without_checkpointing"]
-    assert with_ckpt < without
-    r = run_json(*off, "--gpu-mem", str((with_ckpt + without) / 2), "--reserve", "0")
-    assert not r["fits"]
-    assert r["suggestion"] == {"set": ["policy.gradient_checkpointing=true"], "peak_gib": pytest.approx(with_ckpt),
-                               "fits": True}
+    off = [*common, "--model-config", str(wide), "--set", "train.minibatch_size=48", "--set",
+           "train.gradient_accumulation_steps=1", "--set", "train.rollout_batch_size=1", "--set", "eval.every=0",
+           "--set", "policy.offload_frozen=false"]
+    peaks = run_json(*off)["peak_gib_by_choice"]
+    assert peaks["zero3+ckpt"] < peaks["zero3"] < peaks["zero2"] and peaks["zero2+ckpt"] < peaks["zero2"]
+    # auto takes the cheapest choice that fits: between ZeRO-3's and ZeRO-2's peaks, ZeRO-3 without checkpointing
+    r = run_json(*off, "--gpu-mem", str((peaks["zero3"] + peaks["zero2"]) / 2), "--reserve", "0")
+    assert r["fits"] and (r["zero_stage"], r["gradient_checkpointing"]) == (3, False)
+    # an explicit choice wins; then the suggestion names the lever that makes it fit
+    fixed = [*off, "--set", "zero_stage=3", "--set", "policy.gradient_checkpointing=false"]
+    r = run_json(*fixed, "--gpu-mem", str((peaks["zero3+ckpt"] + peaks["zero3"]) / 2), "--reserve", "0")
+    assert not r["fits"] and (r["zero_stage"], r["gradient_checkpointing"]) == (3, False)
+    assert r["suggestion"] == {"set": ["policy.gradient_checkpointing=true"],
+                               "peak_gib": pytest.approx(peaks["zero3+ckpt"]), "fits": True}
     # nothing fits in 1 GiB: the reward model alone is 3.7 GiB
     r = run_json(*base, "--gpu-mem", "1", "--reserve", "0")
     assert not r["fits"] and not r["suggestion"]["fits"]
@@ -191,8 +242,8 @@ def test_table_and_exit_codes(tiny_flux, capsys):
     base = ["--config", str(FLUX_CFG), "--model-config", str(tiny_flux)]
     assert main([*base, "--world-size", "8"]) == 0
     text = capsys.readouterr().out
-    for key in ("batch arithmetic", "FLOPs per epoch", "flow_grpo recipe", "memory per GPU", "ZeRO-2", "ZeRO-3",
-                "PROJECTION", "ZeRO traffic"):
+    for key in ("batch arithmetic", "calls per rank", "FLOPs per epoch", "anchor", "memory per GPU", "ZeRO-2",
+                "ZeRO-3", "PROJECTION", "ZeRO traffic", "quantized gathers"):
         assert key in text
     assert main([*base, "--world-size", "7"]) == 2  # 384 images do not split over 7
     assert "train.prompts_per_epoch" in capsys.readouterr().err
@@ -223,3 +274,36 @@ def test_real_flux_dev_measurement():
     # of 2x the linear layers' forward (input and weight gradients; LoRA's frozen base gets only input ones)
     assert step.backward_flop > 2.5 * attention, step.backward_flop
     assert 0.3 * 2**30 < step.peak < 2 * 2**30
+
+
+def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path, monkeypatch):
+    """zero_stage / gradient_checkpointing "auto" (configs/flux_pickscore.json): on the CPU the JSON's
+    stage and no checkpointing; on a CUDA device the cheapest choice whose planned peak fits its memory
+    (a local pipeline folder with the tiny transformer; the device's memory is given)."""
+    from types import SimpleNamespace
+
+    from fastcps.plan import resolve_auto
+    from fastcps.trainer import Trainer
+
+    cfg = load_config(RunConfig, str(FLUX_CFG))
+    assert cfg.zero_stage == "auto" and cfg.policy.gradient_checkpointing == "auto"
+    out, line = resolve_auto(cfg, 8, "cpu")
+    assert out.zero_stage is None and out.policy.gradient_checkpointing is False and "ZeRO stage 3" in line
+    models = ROOT / "configs" / "models"
+    for sub, src, name in (("transformer", tiny_flux, "config.json"), ("vae", models / "flux1_vae.json", "config.json"),
+                           ("scheduler", models / "flux1-dev_scheduler.json", "scheduler_config.json")):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / name).write_text(Path(src).read_text())
+    local = load_config(RunConfig, str(FLUX_CFG), [f"policy.pretrained={tmp_path}", "policy.offload_frozen=false",
+                                                   "eval.every=0"])
+    peaks = plan(local, 8)["peak_gib_by_choice"]
+    for gib, expect in ((peaks["zero2"] + 2, (2, False)), ((peaks["zero3"] + peaks["zero2"]) / 2 + 1, (3, False))):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, g=gib: SimpleNamespace(total_memory=g * 2**30))
+        out, line = resolve_auto(local, 8, "cuda:0")
+        assert (out.zero_stage, out.policy.gradient_checkpointing) == expect, (gib, peaks, line)
+    # an explicit stage is not "auto": it stays; the trainer's DeepSpeed config takes it over the JSON's
+    fixed = load_config(RunConfig, str(FLUX_CFG), ["zero_stage=2", "policy.gradient_checkpointing=true"])
+    assert resolve_auto(fixed, 8, "cpu") == (fixed, None)
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.world = fixed, 8
+    assert trainer._deepspeed_config()["zero_optimization"]["stage"] == 2

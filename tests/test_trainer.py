@@ -164,3 +164,169 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path, monkeypatch, capsys):
     assert rc == 4
     err = capsys.readouterr().err
     assert "2 optimizer steps in a row had a non-finite loss or gradient" in err
+
+
+# --- the DeepSpeed config the trainer hands to deepspeed.initialize ----------------------------------
+
+def trainer_ds_config(tmp_path, dtype, user: dict, world: int = 2):
+    """``Trainer._deepspeed_config`` for ``policy.dtype=dtype`` and the user's DeepSpeed JSON ``user``
+    (no model, no process group: the method reads only ``cfg`` and ``world``)."""
+    from types import SimpleNamespace
+
+    from fastcps.trainer import Trainer
+
+    path = tmp_path / f"ds_{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(user))
+    cfg = load_config(RunConfig, CONFIG, [f"policy.dtype={dtype}", f"deepspeed_config={path}"])
+    return Trainer._deepspeed_config(SimpleNamespace(cfg=cfg, world=world))
+
+
+def test_bf16_and_fp16_accumulate_and_reduce_gradients_in_fp32_under_zero2_and_zero3(tmp_path):
+    for dtype in ("bf16", "fp16"):
+        for stage in (2, 3):
+            ds = trainer_ds_config(tmp_path, dtype, {"zero_optimization": {"stage": stage}})
+            assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+            assert ds["bf16" if dtype == "bf16" else "fp16"] == {"enabled": True}
+    # fp32 policy: already fp32; no ZeRO / ZeRO-1: DeepSpeed refuses or wraps differently, left alone
+    for dtype, stage in (("fp32", 3), ("fp32", 2), ("bf16", 0), ("bf16", 1)):
+        ds = trainer_ds_config(tmp_path, dtype, {"zero_optimization": {"stage": stage}})
+        assert "data_types" not in ds and "communication_data_type" not in ds, (dtype, stage)
+    # the user's DeepSpeed JSON wins, key by key; its other data_types keys stay
+    user = {"zero_optimization": {"stage": 3}, "communication_data_type": "bf16",
+            "data_types": {"grad_accum_dtype": "bf16", "buffer_dtype": "fp32"}}
+    ds = trainer_ds_config(tmp_path, "bf16", user)
+    assert ds["communication_data_type"] == "bf16"
+    assert ds["data_types"] == {"grad_accum_dtype": "bf16", "buffer_dtype": "fp32"}
+    ds = trainer_ds_config(tmp_path, "bf16", {"zero_optimization": {"stage": 2}, "data_types": {"buffer_dtype": "fp32"}})
+    assert ds["data_types"] == {"buffer_dtype": "fp32", "grad_accum_dtype": "fp32"}
+    assert ds["communication_data_type"] == "fp32"
+
+
+@pytest.mark.slow
+def test_deepspeed_honours_fp32_accumulation_of_a_bf16_model(tmp_path, monkeypatch):
+    """DeepSpeed 0.19.8 (CPU accelerator, one rank) keeps a bf16 model's summed gradients in fp32 under
+    ZeRO-2 and ZeRO-3 with the keys the trainer sets: 18 micro-steps of bf16 gradients then give the
+    norm of their exact (fp64) sum, where a bf16 running sum is off in the 5th digit."""
+    import deepspeed
+
+    from multi_run import free_port
+
+    torch.manual_seed(0)
+    x = torch.randn(18, 4, 64).to(torch.bfloat16)
+    init = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).to(torch.bfloat16)
+
+    def loss_of(model, k):
+        return model(x[k]).float().pow(2).mean() / len(x)
+
+    exact = [torch.zeros_like(p, dtype=torch.float64) for p in init.parameters()]
+    for k in range(len(x)):
+        init.zero_grad()
+        loss_of(init, k).backward()
+        for a, p in zip(exact, init.parameters()):
+            a += p.grad.double()
+    exact_norm = float(torch.sqrt(sum((a * a).sum() for a in exact)))
+
+    for stage in (2, 3):
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            monkeypatch.setenv(key, value)
+        ds = trainer_ds_config(tmp_path, "bf16", {"zero_optimization": {"stage": stage, "overlap_comm": False}}, world=1)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).to(torch.bfloat16)
+        model.load_state_dict(init.state_dict())
+        ds["gradient_clipping"] = 0.0
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                               config=ds)
+        assert engine.optimizer.gradient_accumulation_dtype == torch.float32
+        assert engine.optimizer.communication_data_type == torch.float32
+        for k in range(len(x)):
+            engine.set_gradient_accumulation_boundary(k == len(x) - 1)
+            engine.backward(loss_of(engine, k))
+        engine.step()
+        norm = float(engine.get_global_grad_norm())
+        assert abs(norm - exact_norm) < 1e-6 * exact_norm, (stage, norm, exact_norm)
+        from conftest import destroy_process_group
+
+        destroy_process_group()
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+class ImageLog:
+    def __init__(self):
+        self.logged = []
+
+    def images(self, tag, images, step):
+        self.logged.append((tag, images.clone(), step))
+
+
+def eval_trainer(policy, extra, world=1, rank=0):
+    """A Trainer with what ``evaluate`` reads, around the digits toy ``policy`` (no DeepSpeed: the model
+    is the bare transformer, as in one process without ZeRO)."""
+    from fastcps.rewards import WeightedReward
+    from fastcps.rollout import PromptEncodings, eval_prompt_set
+    from fastcps.trainer import Trainer
+
+    cfg = load_config(RunConfig, CONFIG, ["sampler.num_steps=4", "eval.num_prompts=5", "eval.images_per_prompt=4",
+                                          *extra])
+    t = Trainer.__new__(Trainer)
+    t.cfg, t.world, t.rank, t.device = cfg, world, rank, torch.device("cpu")
+    t.policy, t.engine, t.ema, t.logger = policy, policy.transformer, None, ImageLog()
+    t.encodings = PromptEncodings(policy)
+    t.reward_fn = WeightedReward([(r.name, r.weight, r.args) for r in cfg.rewards])
+    t.eval_prompts = list(zip(*eval_prompt_set(cfg)))
+    return t
+
+
+def test_batched_eval_equals_one_prompt_at_a_time(monkeypatch):
+    """Several whole prompts per sampling call give the metrics and logged images of one prompt per call
+    (K = 4 images, 4 per call = the old loop), to float tolerance: a wider batch may change the order
+    of a matmul's reductions (fp32 on the CPU: ~1e-7 relative a forward, 4 ODE steps; measured 0 here).
+    Two ranks run the same number of calls (ZeRO-3) and their sums are the one-rank sums."""
+    import fastcps.distributed as fdist
+    import fastcps.trainer as trainer_mod
+    from fastcps.policies import build_policy
+
+    calls = []
+    real_sample = trainer_mod.sample
+
+    def counted(policy, model, cond, x1, plan, **kw):
+        calls.append(x1.shape[0])
+        return real_sample(policy, model, cond, x1, plan, **kw)
+
+    monkeypatch.setattr(trainer_mod, "sample", counted)
+    sums = []
+    monkeypatch.setattr(fdist, "all_reduce", lambda v, *a, **kw: sums.append(v.clone()) or v)
+    policy = build_policy(load_config(RunConfig, CONFIG, []).policy, "cpu")
+
+    one = eval_trainer(policy, ["train.rollout_batch_size=4", "log.images_every=1"])
+    ref = one.evaluate(0)
+    assert calls == [4] * 5 and set(ref) == {"eval/digit", "eval/diversity"}
+    (tag, ref_images, step), = one.logger.logged
+    assert tag == "eval/images" and step == 0 and ref_images.shape == (16, 3, 16, 16)  # the first 4 prompts
+    for batch, expected_calls in ((12, [12, 8]), (32, [20]), (6, [4] * 5)):  # 3, 5, 1 prompts per call
+        calls.clear()
+        t = eval_trainer(policy, [f"train.rollout_batch_size={batch}", "log.images_every=1"])
+        out = t.evaluate(0)
+        assert calls == expected_calls, (batch, calls)
+        assert out.keys() == ref.keys()
+        for key in ref:
+            assert abs(out[key] - ref[key]) <= 1e-6 * max(1.0, abs(ref[key])), (batch, key, out[key], ref[key])
+        torch.testing.assert_close(t.logger.logged[0][1], ref_images, rtol=1e-5, atol=1e-6)
+
+    # two ranks: 5 prompts -> 3 each (rank 1 repeats prompt 4, unscored); 2 prompts per call -> 2 calls each
+    sums.clear()
+    calls.clear()
+    per_rank_calls = []
+    for rank in range(2):
+        before = len(calls)
+        eval_trainer(policy, ["train.rollout_batch_size=8"], world=2, rank=rank).evaluate(1)
+        per_rank_calls.append(calls[before:])
+    assert per_rank_calls == [[8, 4], [8, 4]]
+    sums.clear()
+    eval_trainer(policy, ["train.rollout_batch_size=4"]).evaluate(1)
+    whole = sums.pop()
+    sums.clear()
+    for rank in range(2):
+        eval_trainer(policy, ["train.rollout_batch_size=8"], world=2, rank=rank).evaluate(1)
+    torch.testing.assert_close(sums[0] + sums[1], whole, rtol=1e-6, atol=1e-9)
+    assert sums[0][-2:].tolist() == [3, 12] and sums[1][-2:].tolist() == [2, 8]  # prompts, images per rank

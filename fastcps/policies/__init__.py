@@ -9,8 +9,10 @@ from fastcps.policies.base import Cond, Policy
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_policy(cfg, device) -> Policy:
-    """``cfg`` is a ``fastcps.config.PolicyConfig``."""
+def build_policy(cfg, device, zero_stage: int = 0) -> Policy:
+    """``cfg`` is a ``fastcps.config.PolicyConfig``; ``zero_stage`` is the DeepSpeed ZeRO stage the
+    trainer will use (3: the FLUX/SD3 transformer stays on the CPU until the trainer partitions it;
+    the toy is small enough to go to the device whole)."""
     dtype = DTYPES[cfg.dtype]
     if cfg.name == "toy":
         from fastcps.policies.toy import ToyDigitsPolicy
@@ -24,7 +26,7 @@ def build_policy(cfg, device) -> Policy:
             from fastcps.policies.flux import FluxPolicy as cls
         else:
             from fastcps.policies.sd3 import SD3Policy as cls
-        policy = cls(cfg, device=device)
+        policy = cls(cfg, device=device, zero_stage=zero_stage)
         if cfg.lora is not None:  # None = full fine-tuning
             policy.add_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
         return policy

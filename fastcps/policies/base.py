@@ -47,6 +47,10 @@ class Policy(abc.ABC):
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     )
     lora: bool = False
+    #: True when the transformer was left on the CPU for ZeRO-3 (its buffers on the device): the trainer
+    #: partitions it onto the device tensor by tensor (``fastcps.trainer.partition_zero3``), so no rank
+    #: ever holds the whole model there
+    deferred_placement: bool = False
 
     def add_lora(self, r: int, alpha: float, target_modules=(), dropout: float = 0.0) -> None:
         """Freeze the transformer and add peft LoRA adapters (B = 0 at start: the policy is the base)."""

@@ -91,7 +91,7 @@ class DiffusersPolicy(Policy):
     text_encoder_names: tuple[str, ...] = ()
     t5_tokenizer_name = "tokenizer_2"  # the pipeline attribute of the T5 tokenizer
 
-    def _load_common(self, cfg, device) -> None:
+    def _load_common(self, cfg, device, zero_stage: int = 0) -> None:
         from diffusers import AutoencoderKL
 
         self.cfg = cfg
@@ -101,8 +101,22 @@ class DiffusersPolicy(Policy):
         self.dtype = DTYPES[cfg.dtype]
         self.path = resolve_pretrained(cfg.pretrained, self.family, self.example, self.subfolders)
         self.transformer = load_component(self.transformer_cls, self.path, "transformer", torch_dtype=self.dtype)
-        self.transformer.to(self.device).train()
-        if cfg.gradient_checkpointing:
+        # ZeRO-3: the transformer stays on the CPU (FLUX.1-dev: 22 GiB in bf16, all of a 24 GB card);
+        # the trainer partitions it onto the device tensor by tensor (fastcps.trainer.partition_zero3).
+        # Otherwise every rank keeps the whole model on its device anyway: move it now. Module.to moves
+        # tensor by tensor and drops each CPU copy as it goes, so the device never holds two copies.
+        self.deferred_placement = zero_stage == 3
+        if self.deferred_placement:
+            # buffers (SD3's positional table) are never partitioned, and DeepSpeed's engine skips its
+            # module.to(device) for a partitioned model: they go to the device here
+            for m in self.transformer.modules():
+                for name, b in m._buffers.items():
+                    if b is not None:
+                        m._buffers[name] = b.to(self.device)
+        else:
+            self.transformer.to(self.device)
+        self.transformer.train()
+        if cfg.gradient_checkpointing is True:  # "auto" is resolved by the trainer (fastcps.plan.resolve_auto)
             self.transformer.enable_gradient_checkpointing()
         self.attention_backend = set_attention_backend(self.transformer, cfg.attention_backend, self.device)
         self.vae = load_component(AutoencoderKL, self.path, "vae", torch_dtype=self.dtype)
@@ -177,12 +191,12 @@ class FluxPolicy(DiffusersPolicy):
     subfolders = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     text_encoder_names = ("text_encoder", "text_encoder_2")
 
-    def __init__(self, cfg, device="cpu"):
+    def __init__(self, cfg, device="cpu", zero_stage: int = 0):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         self.transformer_cls = FluxTransformer2DModel
-        self._load_common(cfg, device)
+        self._load_common(cfg, device, zero_stage)
         tc = self.transformer.config
         if tc.guidance_embeds:
             self.guidance = 3.5 if cfg.guidance is None else float(cfg.guidance)

@@ -35,12 +35,12 @@ class SD3Policy(DiffusersPolicy):
     #: flow_grpo's SD3.5 targets (scripts/train_sd3.py): the joint attention only, no feed-forward
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
-    def __init__(self, cfg, device="cpu"):
+    def __init__(self, cfg, device="cpu", zero_stage: int = 0):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         self.transformer_cls = SD3Transformer2DModel
-        self._load_common(cfg, device)
+        self._load_common(cfg, device, zero_stage)
         if cfg.guidance is not None:
             raise ValueError("policy.guidance is FLUX.1-dev's distilled guidance; SD3 has none: use "
                              "policy.cfg_scale for true classifier-free guidance")

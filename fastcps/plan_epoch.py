@@ -1,0 +1,241 @@
+"""One epoch of the trainer counted on the trainer's own code: ``python -m fastcps.plan`` takes its
+FLOPs and ZeRO traffic from here, so a pass the trainer adds or removes shows in the plan.
+
+What runs: ``fastcps.rollout.rollout_epoch`` and ``fastcps.update.run_update`` (its old-log-prob
+recompute included) for rank 0 of ``world`` with the run's config, and ``Trainer.evaluate`` (divided by
+``eval.every``), with the real prompts, slots, step plans, batch layouts and accumulation windows. What
+is stood in for:
+
+- the transformer: :class:`CountingEngine` answers every velocity call with zeros and records it
+  (samples, grad mode, phase); each call costs what the real transformer measured on fake tensors
+  for that batch costs (``fastcps.measure.TransformerMeter``: forward, autograd backward and the
+  gradient-checkpoint re-forward, FLUX.1-dev's 12 B parameters at the run's text length);
+- DeepSpeed: the same engine records every backward and optimizer step; ``zero_traffic`` turns the
+  calls into the bytes ZeRO's collectives move, per stage;
+- the latents: one element each (their size changes no call and no collective); the VAE decode:
+  counted per image, its FLOPs measured on fake tensors; rewards: constant (their models' FLOPs are
+  not counted: PickScore's ViT-H on an image is ~1 % of a FLUX forward's).
+
+The velocity stand-in makes the rollout's log-probs equal the training forward's bit for bit, so the
+count assumes ``run_update``'s check passes where the layout allows it (``minibatch_size ==
+rollout_batch_size``); where a real run's check fails (different kernels for the two forwards), it
+recomputes, and ``train/old_logprob_recomputed`` says so in its logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from fastcps.config import RunConfig
+
+PHASES = ("rollout", "VAE decode", "old log-prob recompute", "training forward", "training backward",
+          "checkpoint re-forward", "KL reference forward", "eval")
+
+
+class CountingEngine:
+    """Stands in for the DeepSpeed engine around the transformer: records every transformer call
+    (phase, "train"/"nograd", samples), every backward (samples) and every optimizer step; the
+    collectives follow from these per ZeRO stage (``zero_traffic``)."""
+
+    def __init__(self):
+        self.weight = torch.nn.Parameter(torch.zeros(()))  # gives the training forward a graph
+        self.phase = "rollout"
+        self.calls: Counter = Counter()  # (phase, kind, samples) -> calls
+        self.optimizer_steps = 0
+        self._pending: list[int] = []  # samples of the training forwards since the last backward
+        self._boundary = False
+
+    # the transformer call, made by CountingPolicy.velocity
+    def forward(self, x: torch.Tensor, samples: int, reference: bool = False) -> torch.Tensor:
+        grad = torch.is_grad_enabled()
+        phase = self.phase
+        if phase == "update":
+            phase = "KL reference forward" if reference else ("training forward" if grad else "old log-prob recompute")
+        self.calls[(phase, "train" if grad else "nograd", samples)] += 1
+        if grad:
+            self._pending.append(samples)
+            return x * 0 + self.weight
+        return torch.zeros_like(x)
+
+    # the DeepSpeed engine interface run_update uses
+    def set_gradient_accumulation_boundary(self, boundary: bool) -> None:
+        self._boundary = boundary
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        for samples in self._pending:
+            self.calls[("training backward", "backward", samples)] += 1
+        self._pending = []
+
+    def step(self) -> None:
+        self.weight.grad = None
+        self.optimizer_steps += self._boundary
+
+    def was_step_applied(self) -> bool:
+        return True
+
+
+def zero_traffic(counted: dict, *, stage: int, checkpointing: bool, world: int, gathered_params: int,
+                 trained_params: int, bytes_per_param: float, grad_bytes_per_param: float,
+                 gather_bytes_per_param: float | None = None) -> dict:
+    """Bytes received per GPU by ZeRO's collectives in the counted epoch (ring: (N-1)/N of each full
+    tensor). ZeRO-3: every forward call gathers the partitioned parameters (frozen ones too: DeepSpeed
+    releases a module's parameters after it ran), every backward gathers them again, a checkpointed
+    backward once more for its re-forward (counted: whether DeepSpeed keeps a block from its re-forward
+    to its backward depends on its trace and stage3_max_reuse_distance); every backward reduce-scatters
+    the trained gradients. ZeRO-2: every backward reduce-scatters the gradients, every optimizer step
+    all-gathers the updated trained parameters. ``gather_bytes_per_param``: bytes a gathered parameter
+    travels in (ZeRO++'s quantized weights: ~1 + scales), default ``bytes_per_param``."""
+    ring = (world - 1) / world
+    forwards = sum(n for (phase, _, _), n in counted["calls"].items() if phase != "training backward")
+    backwards = sum(n for (phase, _, _), n in counted["calls"].items() if phase == "training backward")
+    grads = backwards * trained_params * grad_bytes_per_param * ring
+    if stage >= 3:
+        gathers = forwards + backwards * (2 if checkpointing else 1)
+        per = gathered_params * (gather_bytes_per_param or bytes_per_param) * ring
+        return {"parameter all-gather": gathers * per, "gradient reduce-scatter": grads,
+                "total": gathers * per + grads, "gathers": gathers}
+    gathered = counted["optimizer_steps"] * trained_params * bytes_per_param * ring
+    return {"parameter all-gather": gathered, "gradient reduce-scatter": grads, "total": gathered + grads,
+            "gathers": 0}
+
+
+class CountingPolicy:
+    """The policy interface the epoch functions call, at the real policy's latent shape and schedule;
+    every transformer call goes to the engine with its samples (x CFG's 2 where SD3 runs CFG)."""
+
+    def __init__(self, latent_shape: tuple, sigmas, cfg_mult: int, vae_counter: Counter):
+        self._shape, self._sigmas, self._mult, self._vae = tuple(latent_shape), sigmas, cfg_mult, vae_counter
+        self.lora = None
+
+    def latent_shape(self):
+        return self._shape
+
+    def sigmas(self, num_steps: int, device=None) -> torch.Tensor:
+        return torch.as_tensor(self._sigmas(num_steps), dtype=torch.float32)
+
+    def encode(self, prompts: list[str]):
+        return {"prompt": torch.zeros(len(prompts), 1)}
+
+    def velocity(self, model, latents: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        return model.forward(latents, latents.shape[0] * self._mult, reference=getattr(model, "is_reference", False))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._vae[latents.shape[0]] += 1
+        return torch.zeros(latents.shape[0], 3, 1, 1)
+
+    @contextlib.contextmanager
+    def reference(self, model):
+        yield SimpleNamespace(forward=lambda x, samples, reference=True: model.forward(x, samples, reference=True),
+                              is_reference=True)
+
+
+class ConstantReward:
+    parts = [("constant", 1.0, None)]
+
+    def __call__(self, images, prompts, metadata):
+        from fastcps.rewards import RewardOutput
+
+        r = torch.ones(len(prompts))
+        return RewardOutput(r, {"constant": r})
+
+
+class _Optimizer:
+    skip_flag = None
+    last_skipped = False
+
+
+def count_epoch(cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_mult: int, epoch: int = 0,
+                with_eval: bool = True) -> dict:
+    """Calls of one epoch on rank 0 (every rank runs the same calls: ZeRO-3 needs it). Returns
+    {"calls": {(phase, kind, samples): n}, "vae": {images: calls}, "optimizer_steps", "images_per_rank"};
+    eval's calls are divided by ``eval.every`` (it runs every that many epochs). ``latent_shape``:
+    the stand-in's latents (their size changes no call; the plan passes one element)."""
+    from fastcps.prompts import load_prompts
+    from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch
+    from fastcps.update import epoch_advantages, run_update
+
+    vae: Counter = Counter()
+    policy = CountingPolicy(latent_shape, sigmas, cfg_mult, vae)
+    engine = CountingEngine()
+    encodings = PromptEncodings(policy)
+    cpu = torch.device("cpu")
+    data = rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, policy), policy, engine, ConstantReward(), encodings,
+                         load_prompts(cfg.prompts.source), device=cpu, rank=0, world=world)
+    # every reward is equal here: spread the advantages so that the loss is not trivially zero
+    adv = epoch_advantages(data, cfg.train, cpu).local + torch.as_tensor(
+        np.linspace(-1, 1, data.reward.numel()), dtype=torch.float32)
+    engine.phase = "update"
+    run_update(engine, _Optimizer(), policy, data, adv, cfg.train, epoch=epoch, seed=cfg.seed, rank=0)
+    out = {"calls": dict(engine.calls), "vae": dict(vae), "optimizer_steps": engine.optimizer_steps,
+           "images_per_rank": int(data.reward.numel())}
+    e = cfg.eval
+    if with_eval and e.every:
+        engine.calls.clear()
+        vae.clear()
+        engine.phase = "eval"
+        _evaluate(cfg, world, policy, engine, encodings)
+        for key, n in engine.calls.items():
+            out["calls"][key] = out["calls"].get(key, 0) + n / e.every
+        out["vae_eval"] = {key: n / e.every for key, n in vae.items()}
+    return out
+
+
+def _evaluate(cfg: RunConfig, world: int, policy, engine, encodings) -> None:
+    """``Trainer.evaluate`` itself, on the stand-ins (rank 0 of ``world``)."""
+    from fastcps.rollout import eval_prompt_set
+    from fastcps.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    logger = SimpleNamespace(images=lambda *a, **k: None)
+    trainer.__dict__.update(cfg=cfg, world=world, rank=0, device=torch.device("cpu"), policy=policy, engine=engine,
+                            encodings=encodings, eval_prompts=list(zip(*eval_prompt_set(cfg))),
+                            reward_fn=ConstantReward(), ema=None, logger=logger)
+    trainer.evaluate(1)
+
+
+def phase_flops(counted: dict, meter, vae_flop, checkpointing: bool) -> dict:
+    """FLOPs per phase on one rank: each counted call at its measured cost (``meter.step(kind, b)``:
+    forward, autograd backward; with ``checkpointing`` the checkpointed step's backward, whose extra
+    over the plain one is the re-forward). ``vae_flop(b)``: one decode of b latents."""
+    out = dict.fromkeys(PHASES, 0.0)
+    for (phase, _, samples), n in counted["calls"].items():
+        if phase == "training backward":
+            plain = meter.step("train", samples).backward_flop
+            out[phase] += n * plain
+            if checkpointing:
+                out["checkpoint re-forward"] += n * (meter.step("ckpt", samples).backward_flop - plain)
+        else:
+            out[phase] += n * meter.step("nograd", samples).forward_flop
+    for b, n in counted["vae"].items():
+        out["VAE decode"] += n * vae_flop(b)
+    for b, n in counted.get("vae_eval", {}).items():  # eval's decodes are eval's
+        out["eval"] += n * vae_flop(b)
+    return out
+
+
+# flow_grpo's own FLUX.1-dev recipe, like for like with configs/flux_pickscore.json (yifan123/flow_grpo,
+# config/grpo.py ``pickscore_flux_fast``: num_steps 6, sde_window_size 3, noise_level 0.8, sde_type cps,
+# train_batch_size 3 for sampling and training, 24 images per prompt, 2 optimizer steps per epoch;
+# scripts/train_flux.py: T5 prompts of max_sequence_length=128, old log-probs from the sampling, no
+# gradient checkpointing). Per image: 6 forwards in the rollout, 3 trained steps of forward + backward.
+ANCHOR = {"name": "flow_grpo pickscore_flux_fast", "rollout_forwards": 6, "trained_steps": 3, "text_tokens": 128,
+          "batch": 3}
+
+
+def anchor_flop_per_image(meter, vae_flop) -> dict:
+    """The anchor's FLOPs per image by phase, from the same transformer measured at its text length
+    (and the same VAE decode: it decodes every image too)."""
+    b = ANCHOR["batch"]
+    fwd = meter.step("nograd", b).forward_flop / b
+    train = meter.step("train", b)
+    out = {"rollout": ANCHOR["rollout_forwards"] * fwd, "VAE decode": vae_flop(1),
+           "training forward": ANCHOR["trained_steps"] * train.forward_flop / b,
+           "training backward": ANCHOR["trained_steps"] * train.backward_flop / b}
+    out["total"] = sum(out.values())
+    return out
