@@ -125,17 +125,10 @@ def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, 
     assert m["train/loss"] == pytest.approx(sum(float(o.loss.detach()) for o in outs[:3]) / 3, rel=1e-6)
 
 
-def test_recompute_runs_only_for_later_windows_and_feeds_the_rollout_policys_log_probs(monkeypatch):
-    """old_logprob = recompute with 2 windows x 2 passes: the first window's micro-steps take their own
-    forward's log-prob as the old one (ratio exactly 1, and the loss still has its gradient); the
-    recompute forward runs for the second window's samples only; every micro-step of both passes is fed
-    the log-probs of the rollout's policy, exactly what a recompute of every sample before any step gives."""
-    cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=2", "train.num_inner_epochs=2"])
-    n_steps, n = len(data.plan.trained), data.x_t.shape[0]
-    data.log_prob = data.log_prob + 0.01 * torch.arange(1, n + 1)[:, None]  # the rollout's, told apart
-    # minibatch_size == rollout_batch_size: the first pass trains on the rollout's batches
-    first_pass = update_mod.rollout_batches(n, 2, (0, 0, 4, 0, 0), torch.device("cpu"))
-    before = update_mod.recompute_old_logprobs(policy, policy.transformer, data, first_pass, clip_range=1e-4)
+def fed_old_logprobs(monkeypatch, cfg, policy, data, adv, any_rank=None):
+    """run_update with recording: (old log-probs fed to every training micro-step, no-grad recompute
+    calls, stats, whether each fed loss had a gradient); ``any_rank`` replaces the cross-rank vote
+    (another rank's answer)."""
     fed, recomputes, grads = [], [], []
     real_loss, real_step = update_mod.grpo_loss, update_mod.micro_step_loss
 
@@ -152,9 +145,26 @@ def test_recompute_runs_only_for_later_windows_and_feeds_the_rollout_policys_log
 
     monkeypatch.setattr(update_mod, "grpo_loss", loss)
     monkeypatch.setattr(update_mod, "micro_step_loss", step)
+    if any_rank is not None:
+        monkeypatch.setattr(update_mod.dist, "any_rank", any_rank)
     opt = FlagOptimizer()
-    engine = RecordingEngine(policy.transformer, opt)
-    stats = update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0)
+    stats = update_mod.run_update(RecordingEngine(policy.transformer, opt), opt, policy, data, adv, cfg.train,
+                                  epoch=0, seed=0, rank=0)
+    return fed, recomputes, stats, grads
+
+
+def test_recompute_runs_only_for_later_windows_and_feeds_the_rollout_policys_log_probs(monkeypatch):
+    """old_logprob = recompute with 2 windows x 2 passes: the first window's micro-steps take their own
+    forward's log-prob as the old one (ratio exactly 1, and the loss still has its gradient); the
+    recompute forward runs for the second window's samples only; every micro-step of both passes is fed
+    the log-probs of the rollout's policy, exactly what a recompute of every sample before any step gives."""
+    cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=2", "train.num_inner_epochs=2"])
+    n_steps, n = len(data.plan.trained), data.x_t.shape[0]
+    data.log_prob = data.log_prob + 0.01 * torch.arange(1, n + 1)[:, None]  # the rollout's, told apart
+    # minibatch_size == rollout_batch_size: the first pass trains on the rollout's batches
+    first_pass = update_mod.rollout_batches(n, 2, (0, 0, 4, 0, 0), torch.device("cpu"))
+    before = update_mod.recompute_old_logprobs(policy, policy.transformer, data, first_pass, clip_range=1e-4)
+    fed, recomputes, stats, grads = fed_old_logprobs(monkeypatch, cfg, policy, data, adv)
     assert recomputes == [(first_pass[1].tolist(), j) for j in range(n_steps)]  # window 2 of pass 1 only
     second_pass = update_mod.minibatches(n, 2, (0, 0, 4, 1, 0), torch.device("cpu"))
     order = [(mb, j) for batches in (first_pass, second_pass) for mb in batches for j in range(n_steps)]
@@ -294,32 +304,6 @@ def test_minibatch_orders_are_seeded_permutations():
     assert torch.equal(torch.cat(a), torch.cat(same)) and not torch.equal(torch.cat(a), torch.cat(other_pass))
 
 
-def fed_old_logprobs(monkeypatch, cfg, policy, data, adv, any_rank=None):
-    """run_update with recording: (old log-probs fed to every training micro-step, no-grad recompute
-    calls, stats); ``any_rank`` replaces the cross-rank vote (another rank's answer)."""
-    fed, recomputes = [], []
-    real_loss, real_step = update_mod.grpo_loss, update_mod.micro_step_loss
-
-    def loss(logp, old_logp, *args, **kwargs):
-        if torch.is_grad_enabled():
-            fed.append(old_logp.clone())
-        return real_loss(logp, old_logp, *args, **kwargs)
-
-    def step(policy, model, data, mb, j, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            recomputes.append((mb.tolist(), j))
-        return real_step(policy, model, data, mb, j, *args, **kwargs)
-
-    monkeypatch.setattr(update_mod, "grpo_loss", loss)
-    monkeypatch.setattr(update_mod, "micro_step_loss", step)
-    if any_rank is not None:
-        monkeypatch.setattr(update_mod.dist, "any_rank", any_rank)
-    opt = FlagOptimizer()
-    stats = update_mod.run_update(RecordingEngine(policy.transformer, opt), opt, policy, data, adv, cfg.train,
-                                  epoch=0, seed=0, rank=0)
-    return fed, recomputes, stats
-
-
 @pytest.mark.parametrize("case", ["equal", "one_ulp", "other_rank", "other_layout"])
 def test_rollout_log_probs_replace_the_recompute_only_when_bitwise_equal(monkeypatch, case):
     """old_logprob = recompute, 2 windows: the later window's old log-probs are the rollout's when the
@@ -343,7 +327,7 @@ def test_rollout_log_probs_replace_the_recompute_only_when_bitwise_equal(monkeyp
         row = batches[0][0]
         data.log_prob[row, -1] = torch.nextafter(data.log_prob[row, -1], torch.tensor(float("inf")))
     vote = (lambda flag: True) if case == "other_rank" else None
-    fed, recomputes, stats = fed_old_logprobs(monkeypatch, cfg, policy, data, adv, any_rank=vote)
+    fed, recomputes, stats, _ = fed_old_logprobs(monkeypatch, cfg, policy, data, adv, any_rank=vote)
     expect_recompute = case != "equal"
     assert stats.recomputed is expect_recompute
     assert stats.metrics()["train/old_logprob_recomputed"] == float(expect_recompute)
