@@ -38,6 +38,8 @@ ONE = COMMON + ["train.gradient_accumulation_steps=2"]
 # Two ranks, 4 samples each: one optimizer step an epoch too (gradients averaged over the ranks), so the
 # second epoch's images match one process's.
 TWO = COMMON
+# Full fine-tuning, 2 windows of one minibatch per rank and epoch, minibatches laid out as the rollout's batches
+REUSE = ["train.rollout_batch_size=2", "train.minibatch_size=2"]
 LORA_EMA_BF16 = ['policy.lora={"r": 4, "alpha": 8}', "train.ema_decay=0.9", "policy.dtype=bf16",
                  "train.minibatch_size=2"]
 
@@ -93,7 +95,7 @@ def one_process(tmp_path_factory):
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
     runs = [run(out, "ranks", 2, TWO), run(out, "full", 2, TWO + LORA_EMA_BF16), run(out, "part", 1, TWO + LORA_EMA_BF16),
-            resume(out / "part", 2)]
+            resume(out / "part", 2), run(out, "reuse", 2, TWO + REUSE)]
     log = launch(runs, 2, dump=out / "dump")[0]
     return {"out": out, "log": log, "ranks_run": 0}
 
@@ -198,3 +200,20 @@ def test_resume_at_two_ranks_with_lora_ema_bf16_matches_an_uninterrupted_run(two
         saved = torch.load(states, weights_only=False)
         assert saved["module"] and all(".lora_" in k for k in saved["module"]), states
         assert saved.get("frozen_param_fragments") is None and saved.get("frozen_param_shapes") is None, states
+
+
+def test_old_log_probs_at_two_ranks_reuse_the_rollouts_or_recompute_and_the_ratio_is_exactly_1(two_ranks):
+    """run_update's choice at 2 ranks (decided together: a rank that differed would recompute alone and
+    hang the other's collectives). Full fine-tuning in fp32 with minibatches laid out as the rollout's
+    batches: every first-window log-prob equals the rollout's on both ranks, so the later window uses the
+    rollout's (no recompute forward). LoRA + EMA in bf16 with minibatches of 2 under rollout batches of 4:
+    another layout, so every epoch recomputes. Either way the first window's ratio is exactly 1."""
+    out = two_ranks["out"]
+    rows = {name: [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("reuse", "full")}
+    trained = {name: [r for r in rs if "train/loss" in r] for name, rs in rows.items()}
+    assert len(trained["reuse"]) == len(trained["full"]) == 2
+    assert [r["train/old_logprob_recomputed"] for r in trained["reuse"]] == [0.0, 0.0]
+    assert [r["train/old_logprob_recomputed"] for r in trained["full"]] == [1.0, 1.0]
+    for name in rows:
+        assert [r["train/ratio_dev"] for r in trained[name]] == [0.0, 0.0], name

@@ -47,7 +47,7 @@ def ds_config(folder: Path, threshold: int | None) -> Path:
     return path
 
 
-def flux_run(flux: Path, out: Path, name: str, epochs: int, ds: Path) -> list[str]:
+def flux_run(flux: Path, out: Path, name: str, epochs: int, ds: Path, extra: tuple = ()) -> list[str]:
     """Tiny FLUX with LoRA, gradient checkpointing, KL to the frozen base and EMA; 2 ranks x 4 images an
     epoch, 2 optimizer steps an epoch (so the second step's reference forward differs from the policy's),
     eval of the EMA weights before the first epoch and after each."""
@@ -60,7 +60,7 @@ def flux_run(flux: Path, out: Path, name: str, epochs: int, ds: Path) -> list[st
         "train.beta_kl=0.1", "train.ema_decay=0.5", "train.lr=1e-3", "eval.every=1", "eval.num_prompts=2",
         "eval.images_per_prompt=2", "eval.num_steps=2", "log.progress=false", "log.tensorboard=false",
         "log.images_every=0", "checkpoint.every=0",
-        f"output_dir={out}", f"name={name}", f"train.num_epochs={epochs}", f"deepspeed_config={ds}"]
+        f"output_dir={out}", f"name={name}", f"train.num_epochs={epochs}", f"deepspeed_config={ds}", *extra]
     return ["--config", str(ROOT / "configs" / "flux_pickscore.json")] + sets(items)
 
 
@@ -72,7 +72,8 @@ def runs(tmp_path_factory):
     flux = save_tiny_flux(out / "flux")
     zero, default = ds_config(out, 0), ds_config(out, None)
     plan = [flux_run(flux, out, "part", 2, zero), flux_run(flux, out, "whole", 2, default),
-            flux_run(flux, out, "stop", 1, zero), ["--resume", str(out / "stop"), "--set", "train.num_epochs=2"]]
+            flux_run(flux, out, "stop", 1, zero), ["--resume", str(out / "stop"), "--set", "train.num_epochs=2"],
+            flux_run(flux, out, "reuse", 2, zero, ("train.rollout_batch_size=2",))]
     logs = launch(plan, 2, probe=out / "probe", timeout=1200)  # ~70 s on 2 idle cores; a guard against hangs
     (out / "rank0.log").write_text(logs[0])
     probes = {(k, r): json.loads((out / "probe" / f"run{k}.rank{r}.json").read_text()) for k in range(4) for r in range(2)}
@@ -154,3 +155,16 @@ def test_resumed_partitioned_run_equals_the_uninterrupted_one(runs):
     out = runs["out"]
     assert f"[fastcps] resumed {out / 'stop'} at epoch 1" in runs["log"]
     assert_same_end(out / "part", out / "stop", "resumed vs uninterrupted (threshold 0)")
+
+
+def test_rollout_log_probs_stand_in_for_the_recompute_under_zero3(runs):
+    """Minibatches laid out as the rollout's batches (2 and 2): with every tensor partitioned, LoRA,
+    gradient checkpointing and the reference forward, the first window's log-probs equal the rollout's
+    bit for bit on both ranks every epoch, so the later window takes the rollout's (no recompute
+    forward); with rollout batches of 4 over minibatches of 2 (the other runs) every epoch recomputes.
+    The first window's ratio is exactly 1 in both."""
+    out = runs["out"]
+    for name, recomputed in (("reuse", 0.0), ("part", 1.0)):
+        trained = [m for m in metrics(out / name) if "train/loss" in m]
+        assert [m["train/old_logprob_recomputed"] for m in trained] == [recomputed] * 2, name
+        assert [m["train/ratio_dev"] for m in trained] == [0.0, 0.0], name
