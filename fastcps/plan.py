@@ -68,6 +68,19 @@ def policy_sigmas(family: str, scheduler_config: dict, resolution: int, num_step
                            default_shift=1.0 if family == "flux" else 3.0)
 
 
+def zero_section(cfg: RunConfig) -> dict:
+    """``zero_optimization`` of the config's DeepSpeed JSON ({} when it has none)."""
+    ds_path = Path(cfg.deepspeed_config)
+    if not ds_path.is_file():
+        raise ConfigError(f"DeepSpeed config {str(ds_path)!r} (config key `deepspeed_config`) not found")
+    return json.loads(ds_path.read_text()).get("zero_optimization", {})
+
+
+def choice_name(stage: int, checkpointing: bool) -> str:
+    """The key of a (ZeRO stage, gradient checkpointing) choice in the plan's output: zero2, zero3+ckpt, ..."""
+    return f"zero{stage if stage >= 3 else 2}{'+ckpt' if checkpointing else ''}"
+
+
 class Loader:
     """Builds (once per distinct shape) the measured Model of a config and its ZeRO settings."""
 
@@ -79,10 +92,7 @@ class Loader:
             if not self.files[key].is_file():
                 raise ConfigError(f"{key} config {str(self.files[key])!r} not found (from policy.pretrained = "
                                   f"{cfg.policy.pretrained!r}); pass --model-config or a local pipeline folder")
-        ds_path = Path(cfg.deepspeed_config)
-        if not ds_path.is_file():
-            raise ConfigError(f"DeepSpeed config {str(ds_path)!r} (config key `deepspeed_config`) not found")
-        self.zero_section = json.loads(ds_path.read_text()).get("zero_optimization", {})
+        self.zero_section = zero_section(cfg)
         self.zero = pc.zero_settings(self.zero_section)
         self.scheduler = json.loads(self.files["scheduler"].read_text())
         self._models: dict = {}
@@ -194,7 +204,6 @@ def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tu
     device = torch.device(device)
     if device.type != "cuda" or cfg.policy.name not in ("flux", "sd3"):
         stage, ckpt, why = None, False, f"no GPU memory to fit on {device.type} / {cfg.policy.name}"
-        peak = None
     else:
         total = torch.cuda.get_device_properties(device).total_memory / GIB
         loader = Loader(cfg)
@@ -208,18 +217,11 @@ def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tu
     if auto_ckpt:
         changes["policy.gradient_checkpointing"] = ckpt
     out = pc.with_changes(cfg, changes)
-    shown = out.zero_stage if out.zero_stage is not None else f"{loader_stage(cfg)} (the DeepSpeed JSON's)"
+    shown = (out.zero_stage if out.zero_stage is not None
+             else f"{int(zero_section(cfg).get('stage', 0))} (the DeepSpeed JSON's)")
     line = (f"auto: ZeRO stage {shown}, gradient checkpointing {'on' if out.policy.gradient_checkpointing else 'off'}"
             f" ({why})")
     return out, line
-
-
-def loader_stage(cfg: RunConfig) -> int:
-    """The ZeRO stage of the config's DeepSpeed JSON (0 when it has none)."""
-    ds_path = Path(cfg.deepspeed_config)
-    if not ds_path.is_file():
-        raise ConfigError(f"DeepSpeed config {str(ds_path)!r} (config key `deepspeed_config`) not found")
-    return int(json.loads(ds_path.read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
 def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_mem: float | None = None,
@@ -250,14 +252,13 @@ def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_me
     wb = pc.BYTES[cfg.policy.dtype]
     traffic_kw = dict(world=world, gathered_params=model.params - model.small, trained_params=model.trained,
                       bytes_per_param=wb)
-    traffic = {f"zero{s}{'+ckpt' if ck else ''}": pe.zero_traffic(
+    traffic = {choice_name(s, ck): pe.zero_traffic(
         counted, stage=s, checkpointing=ck, grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(s)), **traffic_kw)
         for s, ck in CHOICES}
     # DeepSpeed's ZeRO++ quantized weights (zero_quantized_weights: int8 blocks + scales) for slow links
     traffic["zero3+ckpt, quantized gathers"] = pe.zero_traffic(
         counted, stage=3, checkpointing=True, gather_bytes_per_param=1.0,
         grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(3)), **traffic_kw)
-    mine_key = f"zero{chosen['stage'] if chosen['stage'] >= 3 else 2}{'+ckpt' if chosen['checkpointing'] else ''}"
     mem = {s: pc.memory(cfg, world, model, loader.load_zero(s)) for s in (2, 3)}
     mine = mem[3] if zero.stage >= 3 else mem[2]
     load = load_phase(cfg, world, model, zero.stage)
@@ -282,8 +283,8 @@ def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_me
         "anchor_ratio": training / anchor["total"],
         "activation_peak_bytes": acts, "memory": mem, "peak_gib_per_gpu": mine["peak"] / GIB,
         "peak_phase": mine["peak_phase"], "load_phase": load, "load_peak_gib_per_gpu": load["peak"] / GIB,
-        "peak_gib_by_choice": {f"zero{s}{'+ckpt' if ck else ''}": v / GIB for (s, ck), v in chosen["peaks"].items()},
-        "zero_traffic_bytes_per_gpu": traffic, "zero_param_traffic_bytes_per_gpu": traffic[mine_key]["parameter all-gather"],
+        "peak_gib_by_choice": {choice_name(s, ck): v / GIB for (s, ck), v in chosen["peaks"].items()},
+        "zero_traffic_bytes_per_gpu": traffic, "zero_param_traffic_bytes_per_gpu": traffic[choice_name(chosen["stage"], chosen["checkpointing"])]["parameter all-gather"],
         "checkpoint_files": (ck := pc.checkpoint_files(cfg, world, model, zero.stage)),
         "checkpoint_bytes": sum(ck.values()),
         "mfu": mfu, "peak_tflops": peak_tflops, "projected_epoch_s": seconds, "reserve_gib": reserve,

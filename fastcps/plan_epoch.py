@@ -150,8 +150,7 @@ class _Optimizer:
     last_skipped = False
 
 
-def count_epoch(cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_mult: int, epoch: int = 0,
-                with_eval: bool = True) -> dict:
+def count_epoch(cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_mult: int, epoch: int = 0) -> dict:
     """Calls of one epoch on rank 0 (every rank runs the same calls: ZeRO-3 needs it). Returns
     {"calls": {(phase, kind, samples): n}, "vae": {images: calls}, "optimizer_steps", "images_per_rank"};
     eval's calls are divided by ``eval.every`` (it runs every that many epochs). ``latent_shape``:
@@ -175,7 +174,7 @@ def count_epoch(cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_
     out = {"calls": dict(engine.calls), "vae": dict(vae), "optimizer_steps": engine.optimizer_steps,
            "images_per_rank": int(data.reward.numel())}
     e = cfg.eval
-    if with_eval and e.every:
+    if e.every:
         engine.calls.clear()
         vae.clear()
         engine.phase = "eval"

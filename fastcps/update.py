@@ -183,7 +183,8 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
                                                 **loss_kw)
                     if first:
                         own_logp = logp.detach().float()
-                        differs = differs | (own_logp != data.log_prob[mb, j]).any()  # NaN differs too
+                        if same_layout:  # the only case where the rollout's could stand in
+                            differs = differs | (own_logp != data.log_prob[mb, j]).any()  # NaN differs too
                         old[mb, j] = own_logp
                     finite = torch.isfinite(out.loss)
                     bad = bad | ~finite
