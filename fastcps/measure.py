@@ -16,6 +16,7 @@ engine cannot run a backward on fake CUDA tensors without a device. Dtypes are t
   parameters and buffers are excluded (the caller counts them per ZeRO stage), and so are parameter
   gradients (dropped as they are produced, as ZeRO's reduce-and-free does; its buckets are counted by
   the caller);
+- ZeRO-3 fetches (:class:`ModuleUses`): which parameters each phase gathers, module by module;
 - FLOPs: ``torch.utils.flop_counter``'s formulas (``flop_registry``, what ``FlopCounterMode`` uses:
   2·m·n·k per matmul, the attention kernels' forward and backward). ``FlopCounterMode`` itself is not
   used for memory because its module tracker keeps gradient-checkpoint recomputations alive (a 4+4
@@ -29,7 +30,7 @@ import functools
 import json
 import weakref
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -163,6 +164,62 @@ class Step:
     saved: int
     forward_flop: int
     backward_flop: int = 0
+    uses: dict = field(default_factory=dict)  # phase -> {parameter name: fetches} (ModuleUses)
+
+
+class ModuleUses:
+    """The parameters ZeRO-3 fetches in a call, counted the way DeepSpeed 0.19 fetches them: a module's
+    own parameters before each of its forwards (a checkpointed block's re-forward inside the backward
+    included) and before its backward, which runs only where the module's output needs a gradient
+    (deepspeed runtime/zero/parameter_offload.py: the forward pre-hook; the pre-backward function put
+    on outputs that require grad); released after each use. One exception, seen on real DeepSpeed
+    (tests/test_zero3.py): a module's backward uses what its re-forward just fetched, unless another
+    top-level forward ran between the forward and the backward (the trainer's KL reference forward)
+    and reset DeepSpeed's trace. ``uses[phase][name]`` counts the fetches per phase: "forward",
+    "backward" (the re-forward's fetch kept for the backward) and "backward_unshared" (fetched twice)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.phase, self.uses = "forward", {}
+        self._handles, self._held = [], set()
+        for prefix, mod in model.named_modules():
+            own = [f"{prefix}.{n}" if prefix else n for n, _ in mod.named_parameters(recurse=False)]
+            if own:
+                self._handles.append(mod.register_forward_pre_hook(self._fetch(mod, own)))
+                self._handles.append(mod.register_forward_hook(self._on_output(mod, own)))
+
+    def _count(self, phases, names) -> None:
+        for phase in phases:
+            counts = self.uses.setdefault(phase, Counter())
+            for n in names:
+                counts[n] += 1
+
+    def _fetch(self, mod, names):
+        def hook(m, args):
+            if self.phase == "backward":  # a checkpointed block's re-forward
+                self._held.add(mod)
+                self._count(("backward", "backward_unshared"), names)
+            else:
+                self._count((self.phase,), names)
+
+        return hook
+
+    def _on_output(self, mod, names):
+        def backward(grad):
+            shared = mod in self._held
+            self._held.discard(mod)
+            self._count(("backward_unshared",) if shared else ("backward", "backward_unshared"), names)
+
+        def hook(m, args, out):
+            grad_out = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad), None)
+            # the forward's own output (the re-forward's is not backpropagated through)
+            if grad_out is not None and self.phase == "forward":
+                grad_out.register_hook(backward)
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 class TransformerMeter:
@@ -213,14 +270,26 @@ class TransformerMeter:
             self.model.disable_gradient_checkpointing()
         self.model.train(train)
         grad = torch.enable_grad() if train else torch.no_grad()
-        with self.mode, torch.device("cpu"), grad, LiveBytes(self.params) as live:
-            out = self.model(**self.inputs(batch))[0]
-            saved = live.current
-            if train:
-                live.phase = "backward"
-                out.float().square().mean().backward()  # the loss's own cost is a few latent-size ops
-            del out
-        return Step(batch, live.peak, saved, live.flops["forward"], live.flops["backward"])
+        uses = ModuleUses(self.model)
+        try:
+            with self.mode, torch.device("cpu"), grad, LiveBytes(self.params) as live:
+                out = self.model(**self.inputs(batch))[0]
+                saved = live.current
+                if train:
+                    live.phase = uses.phase = "backward"
+                    out.float().square().mean().backward()  # the loss's own cost is a few latent-size ops
+                del out
+        finally:
+            uses.remove()
+        return Step(batch, live.peak, saved, live.flops["forward"], live.flops["backward"], uses.uses)
+
+    def gathered(self, kind: str, batch: int, threshold: int) -> dict[str, int]:
+        """Elements ZeRO-3 all-gathers in one call of ``kind`` per phase of :class:`ModuleUses` (the
+        backward's include the re-forward of checkpointed blocks), counting the tensors of at least ``threshold``
+        elements (smaller ones stay whole: stage3_param_persistence_threshold)."""
+        numel = {n: p.numel() for n, p in self.model.named_parameters()}
+        return {phase: sum(k * numel[n] for n, k in counts.items() if numel[n] >= threshold)
+                for phase, counts in self.step(kind, batch).uses.items()}
 
     def step(self, kind: str, batch: int) -> Step:
         """``kind``: "train" (forward + backward), "ckpt" (the same with gradient checkpointing) or

@@ -108,6 +108,57 @@ class FlopLedger:
         return out
 
 
+class GatherMeter:
+    """ZeRO-3's parameter all-gathers per phase, counted where DeepSpeed starts them: each partitioned
+    parameter's ``all_gather_coalesced`` (the prefetcher and the fetch before a module runs,
+    runtime/zero/partitioned_param_coordinator.py ``__all_gather_params_``) and ``all_gather``
+    (``GatheredParameters``), wrapped on the parameter itself. What DeepSpeed keeps between uses
+    (``stage3_max_reuse_distance``, the prefetch, persistence) is not gathered and not counted, so
+    ``take()`` is the traffic the run really made, not a formula. Host-side sums only, nothing is
+    read from the device. ``phase_of()`` names the phase a gather belongs to."""
+
+    def __init__(self, module: torch.nn.Module, phase_of, world: int):
+        self.phase_of, self.ring = phase_of, (world - 1) / world
+        self.elements: Counter = Counter()  # phase -> elements gathered
+        self.bytes: Counter = Counter()  # phase -> bytes gathered (whole tensors, before the ring factor)
+        params = [p for p in module.parameters() if hasattr(p, "ds_tensor") and not p.ds_persist]
+        self.partitioned = sum(int(p.ds_numel) for p in params)  # elements of one whole-model gather
+        for p in params:
+            p.all_gather_coalesced = self._wrap(p.all_gather_coalesced, lambda a, kw: a[0])
+            p.all_gather = self._wrap(p.all_gather, self._param_list(p))
+
+    @staticmethod
+    def _param_list(param):
+        """``param.all_gather(param_list=None, ...)``'s parameters: the list given, else ``param``."""
+        return lambda args, kwargs: kwargs.get("param_list") or (args[0] if args and args[0] else [param])
+
+    def _wrap(self, gather, params_of):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        def counted(*args, **kwargs):
+            params = [p for p in params_of(args, kwargs)  # what this call moves: DeepSpeed skips the rest
+                      if not p.ds_persist and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+            numel = sum(int(p.ds_numel) for p in params)
+            width = 1 if kwargs.get("quantize") else None  # ZeRO++ quantized weights travel as int8 (+ scales)
+            phase = self.phase_of()
+            self.elements[phase] += numel
+            self.bytes[phase] += sum(int(p.ds_numel) * (width or p.ds_tensor.element_size()) for p in params)
+            return gather(*args, **kwargs)
+
+        return counted
+
+    def take(self) -> dict[str, float]:
+        """``zero/<phase>_gathers`` (whole-model gathers: elements / the partitioned elements) and
+        ``zero/<phase>_gathered_gb`` (GB received per GPU on a ring) per phase since the last call."""
+        out = {}
+        for phase, n in self.elements.items() if self.partitioned else ():
+            out[f"zero/{phase}_gathers"] = n / max(self.partitioned, 1)
+            out[f"zero/{phase}_gathered_gb"] = self.bytes[phase] * self.ring / 1e9
+        self.elements.clear()
+        self.bytes.clear()
+        return out
+
+
 def metrics(flops: dict[str, float], seconds: dict[str, float], peak: float | None, total: bool = True
             ) -> dict[str, float]:
     """``perf/<phase>_tflops`` (this rank's counted FLOPs / the phase's wall time), ``perf/tflops`` over

@@ -140,6 +140,7 @@ class Loader:
             family=pol.name, params=sum(p.numel() for p in params),
             trained=sum(p.numel() for p in params if p.requires_grad),
             small=sum(p.numel() for p in params if p.numel() < threshold), largest_fetch=largest,
+            meter_threshold=threshold,
             text_tokens=text, joint_dim=c["joint_attention_dim"], pooled_dim=c["pooled_projection_dim"],
             latent_numel=latent, vae_params=measure.vae_decode_peak(vae_path, res, 1, dtype)[0], meter=meter,
             vae_peak=lambda b: measure.vae_decode_peak(vae_path, res, b, dtype)[1],
@@ -250,14 +251,21 @@ def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_me
     anchor = {k: v * images for k, v in pe.anchor_flop_per_image(anchor_meter, model.vae_flop).items()}
     training = epoch_flop - phases["eval"]
     wb = pc.BYTES[cfg.policy.dtype]
+    threshold = model.meter_threshold
     traffic_kw = dict(world=world, gathered_params=model.params - model.small, trained_params=model.trained,
                       bytes_per_param=wb)
+    # a KL reference forward between the policy's forward and backward resets DeepSpeed's trace: the
+    # backward then fetches again what the re-forward fetched (measure.ModuleUses)
+    kl = any(phase == "KL reference forward" for phase, _, _ in counted["calls"])
+    fetched = {ck: {"forward": model.meter.gathered("nograd", 1, threshold)["forward"],
+                    "backward": model.meter.gathered("ckpt" if ck else "train", 1, threshold)[
+                        "backward_unshared" if kl else "backward"]} for ck in (False, True)}
     traffic = {choice_name(s, ck): pe.zero_traffic(
-        counted, stage=s, checkpointing=ck, grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(s)), **traffic_kw)
-        for s, ck in CHOICES}
+        counted, stage=s, fetched=fetched[ck], grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(s)),
+        **traffic_kw) for s, ck in CHOICES}
     # DeepSpeed's ZeRO++ quantized weights (zero_quantized_weights: int8 blocks + scales) for slow links
     traffic["zero3+ckpt, quantized gathers"] = pe.zero_traffic(
-        counted, stage=3, checkpointing=True, gather_bytes_per_param=1.0,
+        counted, stage=3, fetched=fetched[True], gather_bytes_per_param=1.0,
         grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(3)), **traffic_kw)
     mem = {s: pc.memory(cfg, world, model, loader.load_zero(s)) for s in (2, 3)}
     mine = mem[3] if zero.stage >= 3 else mem[2]

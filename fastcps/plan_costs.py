@@ -48,6 +48,7 @@ class Model:
     vae_peak: object = None  # batch -> peak bytes of a VAE decode
     vae_flop: object = None  # batch -> FLOPs of a VAE decode
     meter_lora: tuple | None = None  # the LoRA (r, alpha, targets) the meter was built with
+    meter_threshold: int = 0  # ZeRO-3's persistence threshold behind ``small`` (tensors below it stay whole)
     sigmas: object = None  # num_steps -> the policy's sigma schedule
 
 

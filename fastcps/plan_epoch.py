@@ -80,26 +80,28 @@ class CountingEngine:
         return True
 
 
-def zero_traffic(counted: dict, *, stage: int, checkpointing: bool, world: int, gathered_params: int,
+def zero_traffic(counted: dict, *, stage: int, world: int, gathered_params: int, fetched: dict[str, int],
                  trained_params: int, bytes_per_param: float, grad_bytes_per_param: float,
                  gather_bytes_per_param: float | None = None) -> dict:
     """Bytes received per GPU by ZeRO's collectives in the counted epoch (ring: (N-1)/N of each full
-    tensor). ZeRO-3: every forward call gathers the partitioned parameters (frozen ones too: DeepSpeed
-    releases a module's parameters after it ran), every backward gathers them again, a checkpointed
-    backward once more for its re-forward (counted: whether DeepSpeed keeps a block from its re-forward
-    to its backward depends on its trace and stage3_max_reuse_distance); every backward reduce-scatters
-    the trained gradients. ZeRO-2: every backward reduce-scatters the gradients, every optimizer step
-    all-gathers the updated trained parameters. ``gather_bytes_per_param``: bytes a gathered parameter
-    travels in (ZeRO++'s quantized weights: ~1 + scales), default ``bytes_per_param``."""
+    tensor). ZeRO-3: each forward call gathers ``fetched["forward"]`` elements and each backward
+    ``fetched["backward"]`` (its re-forward of checkpointed blocks included), as
+    ``measure.ModuleUses`` counted them on the real architecture: DeepSpeed gathers a module's own
+    parameters at each use and releases them after it (frozen ones too); a backward skips the modules
+    whose output needs no gradient. ``gathers``: the same in whole-model gathers of the
+    ``gathered_params`` partitioned elements. Every backward reduce-scatters the trained gradients.
+    ZeRO-2: every backward reduce-scatters the gradients, every optimizer step all-gathers the updated
+    trained parameters. ``gather_bytes_per_param``: bytes a gathered parameter travels in (ZeRO++'s
+    quantized weights: ~1 + scales), default ``bytes_per_param``."""
     ring = (world - 1) / world
     forwards = sum(n for (phase, _, _), n in counted["calls"].items() if phase != "training backward")
     backwards = sum(n for (phase, _, _), n in counted["calls"].items() if phase == "training backward")
     grads = backwards * trained_params * grad_bytes_per_param * ring
     if stage >= 3:
-        gathers = forwards + backwards * (2 if checkpointing else 1)
-        per = gathered_params * (gather_bytes_per_param or bytes_per_param) * ring
-        return {"parameter all-gather": gathers * per, "gradient reduce-scatter": grads,
-                "total": gathers * per + grads, "gathers": gathers}
+        elements = forwards * fetched["forward"] + backwards * fetched["backward"]
+        gathered = elements * (gather_bytes_per_param or bytes_per_param) * ring
+        return {"parameter all-gather": gathered, "gradient reduce-scatter": grads, "total": gathered + grads,
+                "gathers": elements / gathered_params if gathered_params else 0.0}
     gathered = counted["optimizer_steps"] * trained_params * bytes_per_param * ring
     return {"parameter all-gather": gathered, "gradient reduce-scatter": grads, "total": gathered + grads,
             "gathers": 0}

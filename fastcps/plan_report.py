@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastcps.config import RunConfig
 
 GIB = 2**30
@@ -22,8 +24,9 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     t, s, pol = cfg.train, cfg.sampler, cfg.policy
     per_rank = r["images_per_rank"]
     world, c = r["world_size"], r["cfg_batch_multiplier"]
-    p(f"fastcps plan: {cfg.name}  ({pol.name}, {pol.pretrained or 'no weights named'}; transformer config "
-      f"{r['files']['transformer']})")
+    tf = Path(r["files"]["transformer"]).absolute()
+    tf = tf.relative_to(Path.cwd()) if tf.is_relative_to(Path.cwd()) else tf  # the same report on every machine
+    p(f"fastcps plan: {cfg.name}  ({pol.name}, {pol.pretrained or 'no weights named'}; transformer config {tf})")
     how = "auto" if cfg.zero_stage == "auto" else ("zero_stage" if cfg.zero_stage else cfg.deepspeed_config)
     ck = "auto" if pol.gradient_checkpointing == "auto" else "set"
     p(f"world size {world}, ZeRO stage {r['zero_stage']} ({how}), gradient checkpointing "
@@ -100,7 +103,9 @@ def report(cfg: RunConfig, r: dict, out) -> None:
         p("  text encoders on the CPU (policy.offload_frozen): moved in only to encode new prompts")
 
     p()
-    p("ZeRO traffic per GPU per epoch (received; ring: (N-1)/N of each full tensor; from the counted calls)")
+    p("ZeRO traffic per GPU per epoch (received; ring: (N-1)/N of each full tensor; the counted calls x the")
+    p("parameters each call fetches, module by module: fastcps.measure.ModuleUses, checked against DeepSpeed's")
+    p("own all-gathers in tests/test_zero3.py; a training run logs its real ones as zero/<phase>_gathered_gb)")
     for k, z in r["zero_traffic_bytes_per_gpu"].items():
         p(f"  {k:32} parameter all-gather {z['parameter all-gather'] / 1e9:9.1f} GB ({z['gathers']:.1f} gathers), "
           f"gradient reduce-scatter {z['gradient reduce-scatter'] / 1e9:6.1f} GB")

@@ -28,7 +28,7 @@ from fastcps.config import RunConfig
 from fastcps.configlib import to_dict
 from fastcps.logger import RunLogger, plot_reward_curve
 from fastcps.optim import EMA, SkippingAdamW
-from fastcps.perf import FlopLedger, peak_tflops
+from fastcps.perf import FlopLedger, GatherMeter, peak_tflops
 from fastcps.perf import metrics as perf_metrics
 from fastcps.plan import resolve_auto
 from fastcps.policies import build_policy
@@ -135,6 +135,8 @@ class Trainer:
         trained = [p for p in self.engine.module.parameters() if p.requires_grad]
         self.flops = FlopLedger(self.policy, self.engine)  # perf/tflops, perf/mfu: the calls this trainer makes
         self.peak_tflops = peak_tflops(self.device)
+        # zero/<phase>_gathers: the parameter all-gathers ZeRO-3 really made (the plan's traffic, measured)
+        self.gathers = GatherMeter(self.engine.module, lambda: self.flops.phase, self.world) if stage == 3 else None
         self.ema = EMA(trained, t.ema_decay) if t.ema_decay else None
         self.epoch = 0  # next epoch to run
         self.nonfinite_in_a_row = 0
@@ -234,6 +236,7 @@ class Trainer:
         })
         metrics.update(perf_metrics(self.flops.take(), {"rollout": metrics["time/rollout_s"], "update": t_update},
                                     self.peak_tflops))
+        metrics.update(self.gathers.take() if self.gathers else {})
         every = cfg.log.images_every
         if every and (epoch + 1) % every == 0:
             self.logger.images("rollout/images", data.preview[:16], epoch + 1)
@@ -316,6 +319,7 @@ class Trainer:
         self.flops.phase, t0 = "eval", time.perf_counter()
         out = self.evaluate(step)  # ends with an all-reduce of the sums: the device's work is done
         out.update(perf_metrics(self.flops.take(), {"eval": time.perf_counter() - t0}, self.peak_tflops, total=False))
+        out.update(self.gathers.take() if self.gathers else {})
         return out
 
     # --- the loop ---------------------------------------------------------------------------------

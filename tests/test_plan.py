@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastcps.config import RunConfig
 from fastcps.configlib import load_config
 from fastcps.measure import LiveBytes, TransformerMeter
-from fastcps.plan import main, plan, policy_sigmas
+from fastcps.plan import Loader, main, plan, policy_sigmas
 from fastcps.policies.flux import FluxPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,8 +120,6 @@ def test_dev_trained_steps_come_from_the_policy_dynamic_shift():
 
 
 def tiny_meter(cfg, tiny_flux):
-    from fastcps.plan import Loader
-
     return Loader(cfg, tiny_flux).model(cfg).meter
 
 
@@ -129,8 +127,12 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
     """flux_pickscore at 8 ranks: 48 images per rank, rollout batches of 8 (6 x 6 steps = 36 calls),
     minibatches of 8 = the rollout's batches (the first window's log-probs are the training forward's,
     the later window's are the rollout's: no recompute), 3 trained steps; FLOPs = counted calls x the
-    measured cost of each call; ZeRO traffic from the same calls."""
-    cfg = load_config(RunConfig, str(FLUX_CFG))
+    measured cost of each call; ZeRO traffic from the same calls. ZeRO-3 partitions every tensor here
+    (stage3_param_persistence_threshold 0), as it partitions FLUX.1-dev's."""
+    ds = json.loads((ROOT / "configs" / "ds_zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tiny_flux.parent / "ds.json").write_text(json.dumps(ds))
+    cfg = load_config(RunConfig, str(FLUX_CFG), [f"deepspeed_config={tiny_flux.parent / 'ds.json'}"])
     r = plan(cfg, 8, tiny_flux)
     m = tiny_meter(cfg, tiny_flux)
     calls, ph = r["calls_per_rank"], r["phase_flop"]
@@ -152,11 +154,28 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
     an = r["anchor_phase_flop"]  # 6 rollout forwards + 3 trained steps per image at 128 tokens (= ours here)
     assert an["rollout"] == pytest.approx(384 * 6 * m.step("nograd", 3).forward_flop / 3)
     assert r["anchor_ratio"] == pytest.approx(r["training_epoch_flop"] / r["anchor_epoch_flop"])
-    # ZeRO-3: 36 rollout + 18 training forwards + 18 backwards + the eval's calls gather the weights
+    # ZeRO-3: the 36 rollout, 18 training and the eval's forwards gather every partitioned tensor once;
+    # a backward those of the modules whose output needs a gradient (not the adaLN and embedder layers
+    # that only see the timestep); a checkpointed one every block's for the re-forward, which the
+    # block's backward then uses (measure.ModuleUses; tests/test_zero3.py checks it on DeepSpeed)
     z = r["zero_traffic_bytes_per_gpu"]
     gathered = r["gathered_params"]  # the tensors at or above stage3_param_persistence_threshold
-    assert z["zero3"]["gathers"] == pytest.approx(36 + 18 + 18 + eval_calls)
-    assert z["zero3+ckpt"]["gathers"] == pytest.approx(36 + 18 + 2 * 18 + eval_calls)
+    assert gathered > 0.9 * r["transformer_params"]  # the tiny model's biggest tensors are partitioned
+    threshold = Loader(cfg, tiny_flux).model(cfg).meter_threshold
+    numel = {n: p.numel() for n, p in m.model.named_parameters() if p.numel() >= threshold}
+    assert sum(numel.values()) == gathered and m.gathered("nograd", 8, threshold) == {"forward": gathered}
+    plain, ckpt = m.step("train", 8).uses, m.step("ckpt", 8).uses
+    for n in numel:
+        needed = plain["backward"].get(n, 0)
+        assert needed in (0, 1) and ckpt["forward"][n] == plain["forward"][n] == 1, n
+        if n.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            assert ckpt["backward"][n] == 1 and ckpt["backward_unshared"][n] == 1 + needed, n
+        else:
+            assert ckpt["backward"].get(n, 0) == ckpt["backward_unshared"].get(n, 0) == needed, n
+    assert 0 < sum(plain["backward"].values()) < len(numel)  # some modules need no backward
+    for choice, uses in (("zero3", plain), ("zero3+ckpt", ckpt)):
+        per_backward = sum(k * numel[n] for n, k in uses["backward"].items() if n in numel) / gathered
+        assert z[choice]["gathers"] == pytest.approx(36 + 18 + eval_calls + 18 * per_backward), choice
     assert z["zero3"]["parameter all-gather"] == pytest.approx(z["zero3"]["gathers"] * 2 * gathered * 7 / 8)
     assert z["zero3+ckpt, quantized gathers"]["parameter all-gather"] == pytest.approx(
         z["zero3+ckpt"]["parameter all-gather"] / 2)
