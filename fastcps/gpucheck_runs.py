@@ -34,11 +34,11 @@ def _trainer(cfg: RunConfig, run_dir: Path, policy=None):
 def logprob_agreement(trainer, epoch: int) -> tuple[float, float]:
     """Rollout log-probs against the training forward's for the same (x_t, x', σ) of one epoch:
     (max |Δ log p|, max |exp(Δ) − 1|). Batch sizes differ (rollout vs minibatch), as in training."""
-    from fastcps.rollout import epoch_plan, rollout_epoch
+    from fastcps.rollout import epoch_steps, rollout_epoch
     from fastcps.update import minibatches, recompute_old_logprobs
 
     cfg = trainer.cfg
-    data = rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, trainer.policy), trainer.policy, trainer.engine,
+    data = rollout_epoch(cfg, epoch, epoch_steps(cfg, epoch, trainer.policy), trainer.policy, trainer.engine,
                          trainer.reward_fn, trainer.encodings, (trainer.prompts, trainer.prompt_meta),
                          device=trainer.device)
     batches = minibatches(data.x_t.shape[0], cfg.train.minibatch_size, (cfg.seed, epoch, 4, 0, 0), trainer.device)

@@ -1,15 +1,66 @@
 """Run feedback on rank 0: TensorBoard scalars and image grids, a metrics.jsonl, the reward curve,
-progress lines, and the summary a finished run prints."""
+progress lines, and the summary a finished run prints.
+
+Library code logs through ``logging.getLogger(__name__)`` (under the ``fastcps`` logger); a command
+line tool calls ``setup_logging()`` once, which prints ``[fastcps] ...`` lines on rank 0 only.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+
+class RankZeroFilter(logging.Filter):
+    """Passes records on rank 0 (``RANK`` of the launcher, else the process group's rank) and records
+    logged with ``extra={"all_ranks": True}`` on every rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(getattr(record, "all_ranks", False)) or _rank() == 0
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"[fastcps] {level}{record.getMessage()}"
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is emitted (pytest's capture replaces it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; the property decides
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    """``[fastcps] message`` lines on stdout (``[fastcps] warning: ...`` from WARNING up), rank 0 only.
+    Idempotent: a second call (an in-process re-run) adds no second handler."""
+    root = logging.getLogger("fastcps")
+    root.setLevel(level)
+    if not any(isinstance(h, _StdoutHandler) for h in root.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(_Format())
+        handler.addFilter(RankZeroFilter())
+        root.addHandler(handler)
+    return root
 
 
 class PhaseLine:

@@ -95,15 +95,15 @@ def cfg_mult(cfg: RunConfig) -> int:
 
 def trained_steps(cfg: RunConfig, sigmas) -> list[int]:
     """Trained steps per image for every SDE-window start the trainer can draw (``Trainer._plan``:
-    uniform over ``sde_window_range``), from ``fastcps.rollout.plan_steps`` on the policy's sigmas."""
-    from fastcps.rollout import plan_steps
+    uniform over ``sde_window_range``), from ``fastcps.rollout.sampling_steps`` on the policy's sigmas."""
+    from fastcps.rollout import sampling_steps
 
     s = cfg.sampler
     starts = [0]
     if s.sde_window_size is not None:
         lo, hi = s.sde_window_range or (0, s.num_steps - s.sde_window_size + 1)
         starts = list(range(lo, hi))
-    return [len(plan_steps(s.name, s.eta, sigmas, timestep_fraction=s.timestep_fraction,
+    return [len(sampling_steps(s.name, s.eta, sigmas, timestep_fraction=s.timestep_fraction,
                            window_size=s.sde_window_size, window_start=w, logprob=s.logprob).trained)
             for w in starts]
 

@@ -158,7 +158,7 @@ def count_epoch(cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_
     eval's calls are divided by ``eval.every`` (it runs every that many epochs). ``latent_shape``:
     the stand-in's latents (their size changes no call; the plan passes one element)."""
     from fastcps.prompts import load_prompts
-    from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch
+    from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch
     from fastcps.update import epoch_advantages, run_update
 
     vae: Counter = Counter()
@@ -166,7 +166,7 @@ def count_epoch(cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_
     engine = CountingEngine()
     encodings = PromptEncodings(policy)
     cpu = torch.device("cpu")
-    data = rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, policy), policy, engine, ConstantReward(), encodings,
+    data = rollout_epoch(cfg, epoch, epoch_steps(cfg, epoch, policy), policy, engine, ConstantReward(), encodings,
                          load_prompts(cfg.prompts.source), device=cpu, rank=0, world=world)
     # every reward is equal here: spread the advantages so that the loss is not trivially zero
     adv = epoch_advantages(data, cfg.train, cpu).local + torch.as_tensor(

@@ -43,7 +43,7 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     span = f"{lo}" if lo == hi else f"{lo}..{hi}, mean {r['trained_steps_per_image']:.2f}"
     p(f"  trained steps per image     {span} of {s.num_steps} ({s.name}, "
       f"{'SDE window ' + str(s.sde_window_size) if s.sde_window_size else 'every noisy step'}, timestep_fraction "
-      f"{s.timestep_fraction}; fastcps.rollout.plan_steps on the policy's sigmas)")
+      f"{s.timestep_fraction}; fastcps.rollout.sampling_steps on the policy's sigmas)")
     p(f"  gradient accumulation       {t.gradient_accumulation_steps} minibatches x {hi} steps = "
       f"{t.gradient_accumulation_steps * hi} micro-steps per optimizer step")
     p(f"  optimizer steps per epoch   {r['optimizer_steps']} (num_inner_epochs {t.num_inner_epochs})")

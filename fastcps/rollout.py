@@ -1,11 +1,11 @@
 """Rollout: sample trajectories with any registered sampler and keep what the update needs.
 
-Which steps are stochastic and which are trained is decided once per epoch (``plan_steps``): every
+Which steps are stochastic and which are trained is decided once per epoch (``sampling_steps``): every
 step, or a MixGRPO-style window with the ODE outside it; of the stochastic steps that inject noise
 (s > 0: CPS's last step does not), the first ``timestep_fraction`` are trained and stored in fp32.
 
-Devices. The plan's coefficients are computed and validated on the CPU from the CPU schedule (Python
-values, no GPU involved) and moved to the model's device once per epoch (``StepPlan.to``); prompt
+Devices. The steps' coefficients are computed and validated on the CPU from the CPU schedule (Python
+values, no GPU involved) and moved to the model's device once per epoch (``SamplingSteps.to``); prompt
 encodings live in host memory and an epoch's distinct prompts move to the device once
 (``PromptEncodings.for_prompts``). Inside a step nothing leaves the device and nothing waits for it.
 """
@@ -53,20 +53,20 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-class StepPlan(NamedTuple):
+class SamplingSteps(NamedTuple):
     stochastic: list[bool]  # per step: the sampler's step (True) or the ODE step (False)
     trained: list[int]  # step indices stored and trained, in order
     coeffs: list[StepCoeffs]  # per step, fp32 of shape (1,): on the CPU until ``to(device)``
     sigmas: torch.Tensor  # (T + 1,) fp32 schedule: on the CPU until ``to(device)``
 
-    def to(self, device) -> "StepPlan":
-        """The same plan with its tensors on ``device``: one small copy per epoch."""
+    def to(self, device) -> "SamplingSteps":
+        """The same steps with their tensors on ``device``: one small copy per epoch."""
         return self._replace(coeffs=[StepCoeffs(*(to_device(t, device) for t in c)) for c in self.coeffs],
                              sigmas=to_device(self.sigmas, device))
 
 
-def plan_steps(sampler: str, eta, sigmas: torch.Tensor, *, timestep_fraction: float = 1.0,
-               window_size: int | None = None, window_start: int = 0, logprob=None, kl=None) -> StepPlan:
+def sampling_steps(sampler: str, eta, sigmas: torch.Tensor, *, timestep_fraction: float = 1.0,
+               window_size: int | None = None, window_start: int = 0, logprob=None, kl=None) -> SamplingSteps:
     """The epoch's steps and their coefficients, computed and validated on the CPU from the schedule's
     values (a device schedule is copied once); ``.to(device)`` moves the result."""
     sigmas = sigmas.detach().to("cpu", torch.float32)
@@ -85,7 +85,7 @@ def plan_steps(sampler: str, eta, sigmas: torch.Tensor, *, timestep_fraction: fl
         if stochastic[i] and float(c.s[0]) > 0:  # a step without noise has no policy gradient: never trained
             noisy.append(i)
     k = max(1, math.ceil(timestep_fraction * len(noisy))) if noisy else 0
-    return StepPlan(stochastic, noisy[:k], coeffs, sigmas)
+    return SamplingSteps(stochastic, noisy[:k], coeffs, sigmas)
 
 
 class Trajectory(NamedTuple):
@@ -96,19 +96,19 @@ class Trajectory(NamedTuple):
 
 
 @torch.no_grad()
-def sample(policy, model, cond, x: torch.Tensor, plan: StepPlan, *, step_seeds: list[int] | None = None,
+def sample(policy, model, cond, x: torch.Tensor, sampling: SamplingSteps, *, step_seeds: list[int] | None = None,
            first_index: int = 0) -> Trajectory:
-    """Run all steps from x = x1 with ``plan``'s schedule and coefficients (on ``x``'s device). Noise of step i,
+    """Run all steps from x = x1 with ``sampling``'s schedule and coefficients (on ``x``'s device). Noise of step i,
     sample b comes from Philox with seed ``step_seeds[i]`` and counter ``(first_index + b)·N + n``:
     the same images whatever the batch split or the number of processes."""
     b = x.shape[0]
     numel = x[0].numel()
-    trained = set(plan.trained)
+    trained = set(sampling.trained)
     xs, nexts, lps = [], [], []
     x = x.float()
-    for i in range(len(plan.coeffs)):
-        v = policy.velocity(model, x, plan.sigmas[i].expand(b), cond)
-        c = plan.coeffs[i]
+    for i in range(len(sampling.coeffs)):
+        v = policy.velocity(model, x, sampling.sigmas[i].expand(b), cond)
+        c = sampling.coeffs[i]
         if step_seeds is None:
             out = cps_step(x, v.float(), c, noise=torch.randn_like(x))
         else:
@@ -175,7 +175,7 @@ class EpochData:
     group: torch.Tensor  # (n,) int64, CPU: the prompt slot of each sample (its advantage group)
     cond: dict[str, torch.Tensor]  # encodings of this rank's distinct prompts, device
     cond_index: torch.Tensor  # (n,) int64, device: each sample's row of ``cond``
-    plan: StepPlan  # schedule and coefficients on the device
+    sampling: SamplingSteps  # schedule and coefficients on the device
     x_t: torch.Tensor  # (n, J, *latent) fp32, device
     x_next: torch.Tensor  # (n, J, *latent) fp32, device
     log_prob: torch.Tensor  # (n, J) fp32, device
@@ -206,10 +206,10 @@ def window_start(cfg, epoch: int) -> int:
     return int(np.random.default_rng(derive_seed(cfg.seed, epoch, 11)).integers(lo, hi))
 
 
-def epoch_plan(cfg, epoch: int, policy) -> StepPlan:
-    """The epoch's plan on the CPU (host values: run it outside any fake-tensor mode)."""
+def epoch_steps(cfg, epoch: int, policy) -> SamplingSteps:
+    """The epoch's sampling steps on the CPU (host values: run it outside any fake-tensor mode)."""
     s = cfg.sampler
-    return plan_steps(s.name, s.eta, policy.sigmas(s.num_steps, device="cpu"), timestep_fraction=s.timestep_fraction,
+    return sampling_steps(s.name, s.eta, policy.sigmas(s.num_steps, device="cpu"), timestep_fraction=s.timestep_fraction,
                       window_size=s.sde_window_size, window_start=window_start(cfg, epoch), logprob=s.logprob,
                       kl=s.kl)
 
@@ -238,11 +238,11 @@ def eval_noise(policy, seed: int, prompt_index: int, k: int, device) -> torch.Te
     return initial_noise(policy, (seed, 5), [prompt_index * k + i for i in range(k)], torch.device(device))
 
 
-def rollout_epoch(cfg, epoch: int, plan: StepPlan, policy, model, reward_fn, encodings: PromptEncodings,
+def rollout_epoch(cfg, epoch: int, sampling: SamplingSteps, policy, model, reward_fn, encodings: PromptEncodings,
                   prompt_pool: tuple[list[str], list[dict]], *, device, rank: int = 0, world: int = 1,
                   check_stop: Callable[[], None] = lambda: None, progress: bool = False,
                   overlap_rewards: bool = True) -> EpochData:
-    """Sample this rank's images of ``epoch`` with ``plan`` (``epoch_plan``, on the CPU), decode and
+    """Sample this rank's images of ``epoch`` with ``sampling`` (``epoch_steps``, on the CPU), decode and
     score them, keep the trained steps.
 
     ``reward_fn(images, prompts, metadata)`` returns a ``RewardOutput`` of CPU fp32 tensors (checked
@@ -272,8 +272,8 @@ def rollout_epoch(cfg, epoch: int, plan: StepPlan, policy, model, reward_fn, enc
     meta = [pool_meta[chosen[g]] for g in mine]
     cond, cond_index = encodings.for_prompts(prompts, device)
 
-    plan = plan.to(device)
-    step_seeds = [derive_seed(cfg.seed, epoch, 2, i) for i in range(len(plan.coeffs))]
+    sampling = sampling.to(device)
+    step_seeds = [derive_seed(cfg.seed, epoch, 2, i) for i in range(len(sampling.coeffs))]
     xs, nexts, lps, scores = [], [], [], []
     preview, t_reward = None, 0.0
     bs = t.rollout_batch_size
@@ -284,7 +284,7 @@ def rollout_epoch(cfg, epoch: int, plan: StepPlan, policy, model, reward_fn, enc
             batch = slice(start, start + bs)
             idx = list(range(lo + start, lo + start + bs))
             x1 = initial_noise(policy, (cfg.seed, epoch, 3), idx, device)
-            traj = sample(policy, model, select(cond, cond_index[batch]), x1, plan, step_seeds=step_seeds,
+            traj = sample(policy, model, select(cond, cond_index[batch]), x1, sampling, step_seeds=step_seeds,
                           first_index=idx[0])
             synchronize(device)  # the reward reads values next: keep the sampling's time out of its timer
             t0 = time.perf_counter()
@@ -304,7 +304,7 @@ def rollout_epoch(cfg, epoch: int, plan: StepPlan, policy, model, reward_fn, enc
         scorer.close()
     return EpochData(
         prompts=prompts, group=torch.as_tensor(mine, dtype=torch.long), cond=cond, cond_index=cond_index,
-        plan=plan, x_t=torch.cat(xs), x_next=torch.cat(nexts), log_prob=torch.cat(lps),
+        sampling=sampling, x_t=torch.cat(xs), x_next=torch.cat(nexts), log_prob=torch.cat(lps),
         reward=torch.cat([r.total for r in scores]),
         components={k: torch.cat([r.components[k] for r in scores]) for k in scores[0].components},
         preview=preview, reward_time=t_reward, reward_busy_time=scorer.busy_time,

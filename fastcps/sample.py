@@ -2,7 +2,7 @@
 
     python -m fastcps.sample --run runs/digits_cps --out grid.png
 
-Sampling is the trainer's own (``fastcps.rollout``: ``plan_steps``, ``initial_noise``, ``sample``,
+Sampling is the trainer's own (``fastcps.rollout``: ``sampling_steps``, ``initial_noise``, ``sample``,
 ``PromptEncodings``; the policy's ``decode``), so the images are the ones the trainer's eval sees: with
 the default prompts, seed and ``--images-per-prompt`` = ``eval.images_per_prompt`` the printed means
 are the run's ``eval/<reward>`` at epoch 0 (base) and at the checkpoint (trained, unless EMA is on).
@@ -174,32 +174,32 @@ class Comparison:
 
 
 @torch.no_grad()
-def generate(policy, model, encodings, prompts: list[str], plan, *, k: int, seed: int, device) -> torch.Tensor:
-    """(P, K, 3, H, W): every prompt's K images with ``plan``; noise seeded by (seed, prompt, image)."""
+def generate(policy, model, encodings, prompts: list[str], sampling, *, k: int, seed: int, device) -> torch.Tensor:
+    """(P, K, 3, H, W): every prompt's K images with ``sampling``; noise seeded by (seed, prompt, image)."""
     from fastcps.rollout import derive_seed, eval_noise, sample
 
-    step_seeds = [derive_seed(seed, 6, i) for i in range(len(plan.coeffs))]
+    step_seeds = [derive_seed(seed, 6, i) for i in range(len(sampling.coeffs))]
     out = []
     for p, prompt in enumerate(prompts):
         cond, _ = encodings.for_prompts([prompt], device)
         x1 = eval_noise(policy, seed, p, k, device)
-        final = sample(policy, model, cond, x1, plan, step_seeds=step_seeds, first_index=p * k).final
+        final = sample(policy, model, cond, x1, sampling, step_seeds=step_seeds, first_index=p * k).final
         out.append(policy.decode(final).float().cpu())
     return torch.stack(out)
 
 
-def compare(policy, weights: Path, prompts: list[str], meta: list[dict], reward_fn, plan, *, k: int, seed: int,
+def compare(policy, weights: Path, prompts: list[str], meta: list[dict], reward_fn, sampling, *, k: int, seed: int,
             device) -> Comparison:
     """Base images, then trained images from the same noise, and their rewards. LoRA: one model with
     its adapters off, then on. Full fine-tuning: the trained weights overwrite the base in place."""
     from fastcps.rollout import PromptEncodings
 
     device = torch.device(device)
-    plan = plan._replace(trained=[]).to(device)  # nothing to keep for an update
+    sampling = sampling._replace(trained=[]).to(device)  # nothing to keep for an update
     encodings = PromptEncodings(policy)
     model = policy.transformer.eval()
     check_trained(model, weights)
-    run = lambda m: generate(policy, m, encodings, prompts, plan, k=k, seed=seed, device=device)  # noqa: E731
+    run = lambda m: generate(policy, m, encodings, prompts, sampling, k=k, seed=seed, device=device)  # noqa: E731
     if policy.lora:
         load_trained(model, weights)
         with policy.reference(model) as base_model:
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
 def run(args, cfg, weights: Path, prompts: list[str], meta: list[dict]) -> int:
     from fastcps.policies import build_policy
     from fastcps.rewards import RewardFailed, WeightedReward
-    from fastcps.rollout import plan_steps
+    from fastcps.rollout import sampling_steps
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     steps = args.steps or cfg.eval.num_steps or cfg.sampler.num_steps
@@ -387,11 +387,11 @@ def run(args, cfg, weights: Path, prompts: list[str], meta: list[dict]) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"--run {args.run}: its config.json names something that does not load: {err}") from err
     try:
-        plan = plan_steps(args.sampler, eta, policy.sigmas(steps, device="cpu"))
+        sampling = sampling_steps(args.sampler, eta, policy.sigmas(steps, device="cpu"))
     except ValueError as err:  # e.g. CPWS where its Wiener std exceeds σ'
         raise UsageError(f"--sampler {args.sampler} (--eta {eta}, --steps {steps}): {err}") from err
     try:
-        c = compare(policy, weights, prompts, meta, reward_fn, plan, k=args.images_per_prompt, seed=seed,
+        c = compare(policy, weights, prompts, meta, reward_fn, sampling, k=args.images_per_prompt, seed=seed,
                     device=device)
     except RewardFailed as err:
         print(f"fastcps.sample: the run's rewards could not score these prompts: {err}", file=sys.stderr)

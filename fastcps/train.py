@@ -50,6 +50,9 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from fastcps.logger import setup_logging
+
+    setup_logging()  # the trainer's `[fastcps] ...` lines, rank 0 only
 
     from fastcps import distributed as dist
     from fastcps.rewards import RewardFailed

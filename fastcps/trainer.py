@@ -1,4 +1,4 @@
-"""The GRPO trainer. One epoch, in DESIGN.md's order:
+"""The GRPO trainer. One epoch, in this order:
 
     prompts -> cached encodings -> rollout (any sampler) -> decode -> rewards -> advantages (groups
     across ranks) -> update (fused log-prob/KL op, clipped GRPO loss + beta*KL, DeepSpeed) -> metrics
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import resource
 import signal
@@ -34,9 +35,11 @@ from fastcps.plan import resolve_auto
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts, truncation_report
 from fastcps.rewards import WeightedReward
-from fastcps.rollout import (PromptEncodings, epoch_plan, eval_noise, eval_prompt_set, plan_steps, rollout_epoch,
+from fastcps.rollout import (PromptEncodings, epoch_steps, eval_noise, eval_prompt_set, sampling_steps, rollout_epoch,
                              sample, select, synchronize)
 from fastcps.update import epoch_advantages, run_update
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
@@ -110,8 +113,8 @@ class Trainer:
         self.device = dist.local_device()
         # zero_stage / gradient_checkpointing "auto": the resource plan's choice for this GPU, before any weight loads
         cfg, chosen = resolve_auto(cfg, self.world, self.device)
-        if chosen and dist.is_main():
-            print(f"[fastcps] {chosen}", flush=True)
+        if chosen:
+            log.info(chosen)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         torch.manual_seed(cfg.seed)
         self.prompts, self.prompt_meta = load_prompts(cfg.prompts.source)
@@ -152,7 +155,7 @@ class Trainer:
         counts = self.policy.text_token_counts(self.prompts + [p for p, _ in self.eval_prompts])
         line = None if counts is None else truncation_report(counts, self.cfg.policy.max_sequence_length)
         if line:
-            print(f"[fastcps] warning: {line}", flush=True)
+            log.warning(line)
 
     def _deepspeed_config(self) -> dict:
         path = Path(self.cfg.deepspeed_config)
@@ -202,7 +205,7 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, float]:
         cfg, t0 = self.cfg, time.perf_counter()
         self.flops.phase = "rollout"
-        data = rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, self.policy), self.policy, self.engine, self.reward_fn,
+        data = rollout_epoch(cfg, epoch, epoch_steps(cfg, epoch, self.policy), self.policy, self.engine, self.reward_fn,
                              self.encodings, (self.prompts, self.prompt_meta), device=self.device, rank=self.rank, world=self.world,
                              check_stop=self._check_stop, progress=self._progress)
         t_rollout = time.perf_counter() - t0
@@ -224,7 +227,7 @@ class Trainer:
         metrics.update({
             "train/zero_std_frac": float(adv.zero_std_frac),
             "train/skipped_steps": float(self.skipped_total),
-            "train/trained_steps": float(len(data.plan.trained)),
+            "train/trained_steps": float(len(data.sampling.trained)),
             "time/rollout_s": t_rollout - data.reward_time,
             "time/reward_s": data.reward_time,  # decode + waiting for scores: what overlapping did not hide
             "time/reward_busy_s": data.reward_busy_time,  # the reward calls' own time, on their worker thread
@@ -273,8 +276,8 @@ class Trainer:
         per_rank = math.ceil(n_eval / self.world)  # equal forwards on every rank (ZeRO-3)
         mine = [i * self.world + self.rank for i in range(per_rank)]
         per_call = max(1, cfg.train.rollout_batch_size // k)  # whole prompts per sampling call
-        plan = plan_steps("ode", None, self.policy.sigmas(e.num_steps or cfg.sampler.num_steps, device="cpu"))
-        plan = plan.to(self.device)
+        sampling = sampling_steps("ode", None, self.policy.sigmas(e.num_steps or cfg.sampler.num_steps, device="cpu"))
+        sampling = sampling.to(self.device)
         sums: dict[str, float] = {}
         div_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_prompts, n_images = 0, 0
@@ -285,7 +288,7 @@ class Trainer:
                 pairs = [self.eval_prompts[min(p_idx, n_eval - 1)] for p_idx in chunk]
                 x1 = torch.cat([eval_noise(self.policy, e.seed, p_idx, k, self.device) for p_idx in chunk])
                 cond, index = self.encodings.for_prompts([prompt for prompt, _ in pairs for _ in range(k)], self.device)
-                images = self.policy.decode(sample(self.policy, self.engine, select(cond, index), x1, plan).final)
+                images = self.policy.decode(sample(self.policy, self.engine, select(cond, index), x1, sampling).final)
                 real = [j for j, p_idx in enumerate(chunk) if p_idx < n_eval]
                 if not real:
                     continue
@@ -331,8 +334,7 @@ class Trainer:
             if self.epoch == 0 and cfg.eval.every:
                 last = self._timed_evaluate(0)
                 self.logger.scalars(last, 0)
-                if dist.is_main():
-                    print(f"[fastcps] base model: {self._fmt(last)}", flush=True)
+                log.info("base model: %s", self._fmt(last))
             for epoch in range(self.epoch, cfg.train.num_epochs):
                 metrics = self.run_epoch(epoch)
                 self.epoch = epoch + 1
@@ -340,8 +342,7 @@ class Trainer:
                     metrics.update(self._timed_evaluate(self.epoch))
                 self.logger.scalars(metrics, self.epoch)
                 last = metrics
-                if dist.is_main():
-                    print(f"[fastcps] epoch {self.epoch}/{cfg.train.num_epochs}: {self._fmt(metrics)}", flush=True)
+                log.info("epoch %d/%d: %s", self.epoch, cfg.train.num_epochs, self._fmt(metrics))
                 if cfg.checkpoint.every and self.epoch % cfg.checkpoint.every == 0 and self.epoch < cfg.train.num_epochs:
                     self.save_checkpoint(f"epoch{self.epoch:05d}", periodic=True)
                 self._check_stop()
@@ -353,9 +354,8 @@ class Trainer:
             # choice is derived from (seed, epoch), and the resumed run ends where an uninterrupted one ends.
             tag = f"interrupted_epoch{self.epoch:05d}"
             self.save_checkpoint(tag)
-            if dist.is_main():
-                print(f"[fastcps] interrupted: checkpoint {self.run_dir / 'checkpoints' / tag}; resume with "
-                      f"--resume {self.run_dir} (it starts at epoch {self.epoch + 1})", flush=True)
+            log.info("interrupted: checkpoint %s; resume with --resume %s (it starts at epoch %d)",
+                     self.run_dir / "checkpoints" / tag, self.run_dir, self.epoch + 1)
         finally:
             self._restore_signal_handlers(handlers)
             if dist.is_main():
@@ -373,8 +373,7 @@ class Trainer:
             if self._stop_signal and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # second Ctrl-C: leave now
             self._stop_signal = True
-            if dist.is_main():
-                print(f"\n[fastcps] got signal {signum}: writing a checkpoint at the next step", flush=True)
+            log.info("got signal %d: writing a checkpoint at the next step", signum)
 
         return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 

@@ -69,16 +69,16 @@ def micro_step_loss(policy, model, data: EpochData, mb: torch.Tensor, j: int, ol
     the coefficients the rollout used for that step, the clipped loss. Returns (loss output, log-prob).
     ``old_logp`` and ``adv`` are (len(mb),) on the device; ``old_logp = None`` takes this forward's own
     log-prob (detached) as the old one: the policy is still the rollout's, the ratio exactly 1."""
-    step = data.plan.trained[j]
+    step = data.sampling.trained[j]
     x_t, x_next = data.x_t[mb, j], data.x_next[mb, j]
     cond = select(data.cond, data.cond_index[mb])
-    sigma = data.plan.sigmas[step].expand(x_t.shape[0])
+    sigma = data.sampling.sigmas[step].expand(x_t.shape[0])
     v = policy.velocity(model, x_t, sigma, cond)
     v_ref = None
     if beta_kl > 0:
         with torch.no_grad(), policy.reference(model) as ref:
             v_ref = policy.velocity(ref, x_t, sigma, cond)
-    logp, kl = cps_logprob_kl(x_t, v, x_next, data.plan.coeffs[step], v_ref)
+    logp, kl = cps_logprob_kl(x_t, v, x_next, data.sampling.coeffs[step], v_ref)
     if old_logp is None:
         old_logp = logp.detach().float()
     out = grpo_loss(logp, old_logp, adv, clip_range=clip_range, kl=kl if v_ref is not None else None,
@@ -96,7 +96,7 @@ def recompute_old_logprobs(policy, model, data: EpochData, batches: list[torch.T
     old = data.log_prob.clone() if out is None else out
     for mb in batches:
         zeros = torch.zeros(mb.shape[0], device=old.device)
-        for j in range(len(data.plan.trained)):
+        for j in range(len(data.sampling.trained)):
             old[mb, j] = micro_step_loss(policy, model, data, mb, j, old[mb, j], zeros, clip_range=clip_range,
                                          beta_kl=0.0)[1].detach().float()
     return old
@@ -151,7 +151,7 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
     per later minibatch and trained step computes them, after the first window's backward passes and
     before its optimizer step. Either way every micro-step is fed the same numbers."""
     t = train_cfg
-    n_steps = len(data.plan.trained)
+    n_steps = len(data.sampling.trained)
     n = data.x_t.shape[0]
     if n_steps == 0:
         return None

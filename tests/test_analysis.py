@@ -1,4 +1,4 @@
-"""Numbers of the analyses (issue 5): MATH.md's Figure 2 values, exact coefficient preservation,
+"""Numbers of the analyses (issue 5): the paper's Figure 2 values (docs/math.md), exact coefficient preservation,
 Theorem 1's convergence, and each analysis script on a tiny budget (the studies are benchmarks)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_figure2_values_of_math_md():
     assert t10["Flow-SDE (η 0.7)"][-1] == pytest.approx(0.218, abs=5e-4)
     assert t10["Dance-SDE (η 0.3)"][-1] == pytest.approx(0.157, abs=5e-4)
     assert t10["CPS (η 0.8)"][-1] == 0.0
-    assert total_noise("cps", 0.25, 0.0, 0.7, 0.964) == 0.0  # MATH.md quotes CPS at η 0.7
+    assert total_noise("cps", 0.25, 0.0, 0.7, 0.964) == 0.0  # docs/math.md: CPS at η 0.7
     t4 = noise_level_table("sd3", 4)
     assert t4["Flow-SDE (η 0.7)"][-1] == pytest.approx(0.552, abs=5e-4)
 

@@ -12,7 +12,7 @@ import fastcps.perf as perf
 from fastcps.optim import SkippingAdamW
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
-from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch
+from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch
 from fastcps.update import epoch_advantages, run_update
 from wiring_support import PlainEngine, brightness_reward, toy_config
 
@@ -28,7 +28,7 @@ def epoch(cfg, policy, engine, optimizer, ledger=None):
             ledger.phase = phase
         with FlopCounterMode(display=False) as fc:
             if phase == "rollout":
-                data = rollout_epoch(cfg, 0, epoch_plan(cfg, 0, policy), policy, engine, brightness_reward(),
+                data = rollout_epoch(cfg, 0, epoch_steps(cfg, 0, policy), policy, engine, brightness_reward(),
                                      PromptEncodings(policy), load_prompts("digits"), device=torch.device("cpu"))
             else:
                 adv = epoch_advantages(data, cfg.train, torch.device("cpu")).local

@@ -253,7 +253,7 @@ def test_truncation_report_counts_the_cut_prompts_and_the_length_that_keeps_them
     assert "max_sequence_length=144 " in truncation_report([129], 128) + " "
 
 
-def test_trainer_reports_cut_prompts_once_at_start_up(tiny, tmp_path, capsys):
+def test_trainer_reports_cut_prompts_once_at_start_up(tiny, tmp_path, caplog):
     from types import SimpleNamespace
 
     from fastcps.trainer import Trainer
@@ -261,9 +261,11 @@ def test_trainer_reports_cut_prompts_once_at_start_up(tiny, tmp_path, capsys):
     policy = build_policy(policy_cfg("flux", tiny["flux"]), "cpu")
     fake = SimpleNamespace(policy=policy, prompts=["a cat", "y" * 40], eval_prompts=[("z" * 50, {})],
                            cfg=SimpleNamespace(policy=SimpleNamespace(max_sequence_length=SEQ)))
-    Trainer._report_truncation(fake)
-    out = capsys.readouterr().out
-    assert out.count("warning: 2 of 3 prompts have more than policy.max_sequence_length = 32") == 1, out
+    with caplog.at_level("WARNING", logger="fastcps"):
+        Trainer._report_truncation(fake)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("2 of 3 prompts have more than policy.max_sequence_length = 32" in m for m in warned) == 1, warned
+    caplog.clear()
     fake.prompts, fake.eval_prompts = ["a cat"], []
     Trainer._report_truncation(fake)
-    assert capsys.readouterr().out == ""
+    assert not caplog.records

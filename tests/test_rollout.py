@@ -13,8 +13,8 @@ import torch
 import fastcps.rollout as rollout_mod
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
-from fastcps.rollout import (PromptEncodings, Trajectory, derive_seed, epoch_plan, epoch_slots, eval_noise,
-                             eval_prompt_set, initial_noise, plan_steps, sample, select, synchronize,
+from fastcps.rollout import (PromptEncodings, Trajectory, derive_seed, epoch_steps, epoch_slots, eval_noise,
+                             eval_prompt_set, initial_noise, sampling_steps, sample, select, synchronize,
                              to_device)
 from fastcps.samplers import step_coeffs
 from wiring_support import brightness_reward, toy_config, toy_rollout
@@ -68,22 +68,22 @@ def test_a_samples_noise_and_trajectory_do_not_depend_on_its_batch():
     """Samples 0-3 as one batch and as two batches (first_index 0 and 2, as two ranks would run them):
     the same x1, the same per-step noise, the same stored steps. Another epoch's seed parts: other noise."""
     cfg, policy = toy()
-    plan = epoch_plan(cfg, 0, policy)
+    sampling = epoch_steps(cfg, 0, policy)
     x1 = initial_noise(policy, (0, 0, 3), [0, 1, 2, 3], CPU)
     assert torch.equal(x1[2:], initial_noise(policy, (0, 0, 3), [2, 3], CPU))
     assert not torch.equal(x1, initial_noise(policy, (0, 1, 3), [0, 1, 2, 3], CPU))
     assert x1.dtype == torch.float32 and x1.shape == (4, *policy.latent_shape())
     pool = load_prompts("digits")[0]
     cond, index = PromptEncodings(policy).for_prompts([pool[0], pool[5], pool[9], pool[5]], CPU)
-    seeds = [derive_seed(0, 0, 2, i) for i in range(len(plan.coeffs))]
-    run = lambda s: sample(policy, policy.transformer, select(cond, index[s]), x1[s], plan, step_seeds=seeds,
+    seeds = [derive_seed(0, 0, 2, i) for i in range(len(sampling.coeffs))]
+    run = lambda s: sample(policy, policy.transformer, select(cond, index[s]), x1[s], sampling, step_seeds=seeds,
                            first_index=s.start)
     whole, halves = run(slice(0, 4)), [run(slice(0, 2)), run(slice(2, 4))]
     for field in Trajectory._fields:
         torch.testing.assert_close(torch.cat([getattr(h, field) for h in halves]), getattr(whole, field),
                                    rtol=1e-5, atol=1e-6, msg=field)
-    j = len(plan.trained)
-    assert plan.trained == list(range(j)) and j == 3  # cps, 4 steps: the last one has no noise
+    j = len(sampling.trained)
+    assert sampling.trained == list(range(j)) and j == 3  # cps, 4 steps: the last one has no noise
     assert whole.x_t.shape == whole.x_next.shape == (4, j, *policy.latent_shape()) and whole.log_prob.shape == (4, j)
     assert torch.equal(whole.x_t[:, 0], x1) and torch.equal(whole.x_t[:, 1:], whole.x_next[:, :-1])
     assert torch.isfinite(whole.log_prob).all() and not torch.equal(whole.final, whole.x_next[:, -1])
@@ -191,11 +191,11 @@ def test_each_step_of_each_epoch_of_each_run_draws_its_own_noise(monkeypatch):
 @pytest.mark.parametrize("logprob, kl", [("gaussian", "paper"), ("paper", "flow_grpo")])
 def test_epoch_plan_uses_the_configured_logprob_and_kl_forms(logprob, kl):
     cfg, policy = toy([f"sampler.logprob={logprob}", f"sampler.kl={kl}"])
-    plan, default = epoch_plan(cfg, 0, policy), epoch_plan(toy()[0], 0, policy)
+    sampling, default = epoch_steps(cfg, 0, policy), epoch_steps(toy()[0], 0, policy)
     sigmas = policy.sigmas(4, device="cpu")
     want = step_coeffs("cps", sigmas[0], sigmas[1], cfg.sampler.eta, sigma_max=sigmas[1], logprob=logprob, kl=kl)
-    assert all(torch.equal(a, b) for a, b in zip(plan.coeffs[0], want))
-    assert not all(torch.equal(a, b) for a, b in zip(plan.coeffs[0], default.coeffs[0]))  # the forms matter here
+    assert all(torch.equal(a, b) for a, b in zip(sampling.coeffs[0], want))
+    assert not all(torch.equal(a, b) for a, b in zip(sampling.coeffs[0], default.coeffs[0]))  # the forms matter here
 
 
 @pytest.mark.parametrize("sampler", ["cps", "flow_sde"])
@@ -203,22 +203,22 @@ def test_epoch_plan_steps_with_the_configured_eta(sampler):
     """η sets each stochastic step's noise share: the plan's coefficients are step_coeffs' at the configured η
     (and flow_sde's σ = 1 step takes the schedule's second σ for σ_max, as Flow-GRPO does)."""
     cfg, policy = toy(["sampler.eta=0.3", f"sampler.name={sampler}"])
-    plan, default = epoch_plan(cfg, 0, policy), epoch_plan(toy([f"sampler.name={sampler}"])[0], 0, policy)
+    sampling, default = epoch_steps(cfg, 0, policy), epoch_steps(toy([f"sampler.name={sampler}"])[0], 0, policy)
     sigmas = policy.sigmas(4, device="cpu")
-    assert float(sigmas[0]) == 1.0 and plan.trained
-    for i in plan.trained:
+    assert float(sigmas[0]) == 1.0 and sampling.trained
+    for i in sampling.trained:
         want = step_coeffs(sampler, sigmas[i], sigmas[i + 1], 0.3, sigma_max=sigmas[1])
-        assert all(torch.equal(a, b) for a, b in zip(plan.coeffs[i], want)), i
-    assert toy()[0].sampler.eta != 0.3 and not torch.equal(plan.coeffs[0].s, default.coeffs[0].s)
+        assert all(torch.equal(a, b) for a, b in zip(sampling.coeffs[i], want)), i
+    assert toy()[0].sampler.eta != 0.3 and not torch.equal(sampling.coeffs[0].s, default.coeffs[0].s)
 
 
 def test_plan_steps_computes_in_fp32_whatever_the_schedules_dtype():
-    """The plan's σ (the model's timesteps) and coefficients are fp32 (the kernels' dtype) from a float64 schedule too."""
+    """The steps' σ (the model's timesteps) and coefficients are fp32 (the kernels' dtype) from a float64 schedule too."""
     _, policy = toy()
     sigmas = policy.sigmas(4, device="cpu")
-    plan, wide = plan_steps("cps", 0.7, sigmas), plan_steps("cps", 0.7, sigmas.double())
-    assert plan.sigmas.dtype == wide.sigmas.dtype == torch.float32 and torch.equal(plan.sigmas, wide.sigmas)
-    assert all(torch.equal(a, b) and a.dtype == b.dtype for c, w in zip(plan.coeffs, wide.coeffs) for a, b in zip(c, w))
+    sampling, wide = sampling_steps("cps", 0.7, sigmas), sampling_steps("cps", 0.7, sigmas.double())
+    assert sampling.sigmas.dtype == wide.sigmas.dtype == torch.float32 and torch.equal(sampling.sigmas, wide.sigmas)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for c, w in zip(sampling.coeffs, wide.coeffs) for a, b in zip(c, w))
 
 
 def test_prompt_encodings_keep_the_most_recently_used_within_their_bytes(monkeypatch):
@@ -245,10 +245,12 @@ def test_a_negative_prompt_cache_is_refused_with_its_key():
 
     cfg, _ = toy(["policy.prompt_cache_gib=0"])
     validate_tree(cfg, world_size=1)  # 0: every prompt encoded each time it is used
-    bad, _ = toy(["policy.prompt_cache_gib=-0.5"])
-    with pytest.raises(ValueError, match=r"policy.prompt_cache_gib must be >= 0 \(0: encode prompts every time\), "
-                                         r"got -0.5"):
-        validate_tree(bad, world_size=1)
+    message = r"config key 'policy.prompt_cache_gib': expected float >= 0.0, got -0.5 \(float\)"
+    with pytest.raises(ValueError, match=message):  # when the config loads
+        toy(["policy.prompt_cache_gib=-0.5"])
+    cfg.policy.prompt_cache_gib = -0.5
+    with pytest.raises(ValueError, match=message):  # and when set in code after that
+        validate_tree(cfg, world_size=1)
 
 
 class Recorded:

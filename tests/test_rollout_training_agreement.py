@@ -60,11 +60,11 @@ def bf16_bound(data, policy, k: float = 4.0) -> torch.Tensor:
     transformer in bf16 is not exact to one rounding), rms(v) measured on the rollout's latents."""
     bounds = torch.zeros_like(data.log_prob)
     cond = {k_: t[data.cond_index] for k_, t in data.cond.items()}
-    for j, step in enumerate(data.plan.trained):
-        c = data.plan.coeffs[step]
+    for j, step in enumerate(data.sampling.trained):
+        c = data.sampling.coeffs[step]
         x, x_next = data.x_t[:, j], data.x_next[:, j]
         with torch.no_grad():
-            v = policy.velocity(policy.transformer, x, data.plan.sigmas[step].expand(x.shape[0]), cond).float()
+            v = policy.velocity(policy.transformer, x, data.sampling.sigmas[step].expand(x.shape[0]), cond).float()
         rms = lambda t: t.reshape(t.shape[0], -1).pow(2).mean(1).sqrt()  # noqa: E731
         d = x_next - (c.alpha * x + c.beta * v)
         dv = k * BF16_EPS * rms(v)
@@ -77,12 +77,12 @@ def bf16_bound(data, policy, k: float = 4.0) -> torch.Tensor:
 @pytest.mark.parametrize("run", list(RUNS))
 def test_fp32_rollout_and_training_log_probs_agree(run, logprob):
     cfg, _, data, train = rollout_and_training(run, logprob, "fp32")
-    assert len(data.plan.trained) >= 1
+    assert len(data.sampling.trained) >= 1
     if "window" in run:
-        assert data.plan.stochastic.count(True) == cfg.sampler.sde_window_size
+        assert data.sampling.stochastic.count(True) == cfg.sampler.sde_window_size
     if "fraction" in run or run == "dance_sde":
-        noisy = sum(data.plan.stochastic)  # every stochastic step of these samplers injects noise but the last
-        assert len(data.plan.trained) < noisy
+        noisy = sum(data.sampling.stochastic)  # every stochastic step of these samplers injects noise but the last
+        assert len(data.sampling.trained) < noisy
     torch.testing.assert_close(train, data.log_prob, rtol=1e-6, atol=1e-6 * float(data.log_prob.abs().max()))
 
 
@@ -118,12 +118,12 @@ def test_a_step_shifted_training_side_is_caught(monkeypatch, shift, dtype):
     real = update.micro_step_loss
 
     def shifted(policy, model, data, mb, j, *args, **kwargs):
-        plan = data.plan
+        sampling = data.sampling
         if shift == "coeffs":
-            plan = plan._replace(coeffs=plan.coeffs[1:] + plan.coeffs[:1])
+            sampling = sampling._replace(coeffs=sampling.coeffs[1:] + sampling.coeffs[:1])
         else:
-            plan = plan._replace(sigmas=torch.cat([plan.sigmas[1:], plan.sigmas[-1:]]))
-        return real(policy, model, type(data)(**{**data.__dict__, "plan": plan}), mb, j, *args, **kwargs)
+            sampling = sampling._replace(sigmas=torch.cat([sampling.sigmas[1:], sampling.sigmas[-1:]]))
+        return real(policy, model, type(data)(**{**data.__dict__, "sampling": sampling}), mb, j, *args, **kwargs)
 
     monkeypatch.setattr(update, "micro_step_loss", shifted)
     _, policy, data, train = rollout_and_training("cps", "paper", dtype)

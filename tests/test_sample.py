@@ -114,7 +114,7 @@ def euler_images(policy, model, prompt, x, steps):
 
 def test_toy_full_finetune_base_row_then_trained_row_from_the_same_noise(tmp_path, one_thread):
     from fastcps.rewards import WeightedReward
-    from fastcps.rollout import plan_steps
+    from fastcps.rollout import sampling_steps
 
     run, trained = fake_run(tmp_path)
     cfg = load_config(RunConfig, str(run / "config.json"))
@@ -123,7 +123,7 @@ def test_toy_full_finetune_base_row_then_trained_row_from_the_same_noise(tmp_pat
     weights = run / "checkpoints" / "final" / "policy.safetensors"
     policy = build_policy(cfg.policy, "cpu")
     base = build_policy(cfg.policy, "cpu")
-    ode = plan_steps("ode", None, policy.sigmas(4, device="cpu"))
+    ode = sampling_steps("ode", None, policy.sigmas(4, device="cpu"))
     c = compare(policy, weights, prompts, [{}, {}], reward, ode, k=3, seed=5, device="cpu")
     for p, prompt in enumerate(prompts):
         x1 = eval_noise(policy, 5, p, 3, "cpu")
@@ -136,7 +136,7 @@ def test_toy_full_finetune_base_row_then_trained_row_from_the_same_noise(tmp_pat
     assert (c.images["base"] - c.images["trained"]).abs().max() > 0.05  # the checkpoint was loaded
     # A stochastic sampler draws the same seeded noise for both rows: equal weights, equal images.
     same, _ = fake_run(tmp_path / "same", perturb=0.0)
-    cps = plan_steps("cps", None, policy.sigmas(4, device="cpu"))
+    cps = sampling_steps("cps", None, policy.sigmas(4, device="cpu"))
     fresh = build_policy(cfg.policy, "cpu")
     s = compare(fresh, same / "checkpoints" / "final" / "policy.safetensors", prompts[:1], [{}], reward, cps, k=2,
                 seed=5, device="cpu")
@@ -233,7 +233,7 @@ def test_stock_pipeline_with_the_exported_lora_gives_the_trained_images(name, tm
     from diffusers import DiffusionPipeline
 
     from fastcps.rewards import WeightedReward
-    from fastcps.rollout import plan_steps
+    from fastcps.rollout import sampling_steps
     from tiny_pipelines import save_tiny_flux, save_tiny_sd3
 
     path = (save_tiny_flux if name == "flux" else save_tiny_sd3)(tmp_path / name)
@@ -254,9 +254,9 @@ def test_stock_pipeline_with_the_exported_lora_gives_the_trained_images(name, tm
 
     policy = build_policy(cfg.policy, "cpu")
     prompt = "a photo of a cat"
-    plan = plan_steps("ode", None, policy.sigmas(4, device="cpu"))
+    sampling = sampling_steps("ode", None, policy.sigmas(4, device="cpu"))
     c = compare(policy, final / "policy.safetensors", [prompt], [{}], WeightedReward([("jpeg_compressibility", 1, {})]),
-                plan, k=2, seed=cfg.eval.seed, device="cpu")
+                sampling, k=2, seed=cfg.eval.seed, device="cpu")
     x1 = eval_noise(policy, cfg.eval.seed, 0, 2, "cpu")
     pipe = DiffusionPipeline.from_pretrained(path)
     kw = dict(height=64, width=64, num_inference_steps=4, latents=x1.clone(), max_sequence_length=32, output_type="pt")

@@ -289,9 +289,9 @@ def test_batched_eval_equals_one_prompt_at_a_time(monkeypatch):
     calls = []
     real_sample = trainer_mod.sample
 
-    def counted(policy, model, cond, x1, plan, **kw):
+    def counted(policy, model, cond, x1, sampling, **kw):
         calls.append(x1.shape[0])
-        return real_sample(policy, model, cond, x1, plan, **kw)
+        return real_sample(policy, model, cond, x1, sampling, **kw)
 
     monkeypatch.setattr(trainer_mod, "sample", counted)
     sums = []

@@ -105,7 +105,7 @@ def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, 
     0.01-0.04 per sample so that every window's ratio_dev differs)."""
     cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=1", f"train.old_logprob={old_logprob}",
                                         "train.num_inner_epochs=2"])
-    assert len(data.plan.trained) == 1
+    assert len(data.sampling.trained) == 1
     data.log_prob = data.log_prob + 0.01 * torch.arange(1, 5)[:, None]  # a different ratio for every sample
     outs = recorded_losses(monkeypatch, make_nan=lambda call: call == 3)  # the last window of pass 2
     opt, skips = FlagOptimizer(), []
@@ -159,7 +159,7 @@ def test_recompute_runs_only_for_later_windows_and_feeds_the_rollout_policys_log
     recompute forward runs for the second window's samples only; every micro-step of both passes is fed
     the log-probs of the rollout's policy, exactly what a recompute of every sample before any step gives."""
     cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=2", "train.num_inner_epochs=2"])
-    n_steps, n = len(data.plan.trained), data.x_t.shape[0]
+    n_steps, n = len(data.sampling.trained), data.x_t.shape[0]
     data.log_prob = data.log_prob + 0.01 * torch.arange(1, n + 1)[:, None]  # the rollout's, told apart
     # minibatch_size == rollout_batch_size: the first pass trains on the rollout's batches
     first_pass = update_mod.rollout_batches(n, 2, (0, 0, 4, 0, 0), torch.device("cpu"))
@@ -233,7 +233,7 @@ def test_progress_counts_the_work_it_reports(monkeypatch, capsys):
     opt = FlagOptimizer()
     update_mod.run_update(RecordingEngine(policy.transformer, opt), opt, policy, data, adv, cfg.train, epoch=2,
                           seed=0, progress=True)
-    micro = 2 * 2 * len(data.plan.trained)  # 2 passes x 2 minibatches x the trained steps
+    micro = 2 * 2 * len(data.sampling.trained)  # 2 passes x 2 minibatches x the trained steps
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[fastcps]")]
     assert [line.split(" in ")[0] for line in lines] == ["[fastcps] epoch 3 rollout: 4 images",
                                                          f"[fastcps] epoch 3 update: {micro} micro-steps"]
@@ -256,13 +256,13 @@ def test_kl_term_is_beta_times_the_kl_to_the_weights_training_started_from(monke
     real_reference = policy.reference
     monkeypatch.setattr(policy, "reference", lambda model: (entered.append(model), real_reference(model))[1])
 
-    mb, j = torch.tensor([2, 0]), len(data.plan.trained) - 1  # the last trained step, samples out of order
-    step = data.plan.trained[j]
+    mb, j = torch.tensor([2, 0]), len(data.sampling.trained) - 1  # the last trained step, samples out of order
+    step = data.sampling.trained[j]
     x_t, x_next, cond = data.x_t[mb, j], data.x_next[mb, j], select(data.cond, data.cond_index[mb])
-    sigma = data.plan.sigmas[step].expand(2)
+    sigma = data.sampling.sigmas[step].expand(2)
     with torch.no_grad():
         v, v_start = (policy.velocity(m, x_t, sigma, cond) for m in (policy.transformer, start))
-        logp, kl = cps_logprob_kl(x_t, v, x_next, data.plan.coeffs[step], v_start)
+        logp, kl = cps_logprob_kl(x_t, v, x_next, data.sampling.coeffs[step], v_start)
     assert float(kl.mean()) > 1e-6  # the moved weights are visibly off the reference
 
     out, out_logp = update_mod.micro_step_loss(policy, policy.transformer, data, mb, j, logp, torch.zeros(2),
@@ -315,7 +315,7 @@ def test_rollout_log_probs_replace_the_recompute_only_when_bitwise_equal(monkeyp
     if case == "other_layout":
         sets += ["train.rollout_batch_size=4"]
     cfg, policy, data, adv = toy_epoch(sets)
-    n_steps, n = len(data.plan.trained), data.x_t.shape[0]
+    n_steps, n = len(data.sampling.trained), data.x_t.shape[0]
     draw = update_mod.minibatches if case == "other_layout" else update_mod.rollout_batches
     batches = draw(n, 2, (0, 0, 4, 0, 0), torch.device("cpu"))
     truth = update_mod.recompute_old_logprobs(policy, policy.transformer, data, batches, clip_range=1e-4)

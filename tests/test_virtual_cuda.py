@@ -10,7 +10,7 @@ Run against that code, ``test_rollout_and_micro_step_on_fake_cuda`` fails the sa
 them to the model's device once per epoch.
 
 What runs here, for the toy, tiny FLUX and tiny SD3 (true CFG), LoRA and full fine-tuning, with
-β_KL > 0 (the reference forward): the trainer's own functions — ``epoch_plan`` (host values),
+β_KL > 0 (the reference forward): the trainer's own functions — ``epoch_steps`` (host values),
 ``rollout_epoch`` (several steps, an SDE window, decode, rewards), ``epoch_advantages``, ``minibatches``,
 ``recompute_old_logprobs`` and ``micro_step_loss`` — on fake CUDA tensors; the rollout steps and the
 loss micro-step under ``NoHostTraffic`` (no value read on the host, nothing moved between devices);
@@ -31,7 +31,7 @@ from fastcps.configlib import load_config
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
 from fastcps.rewards import RewardOutput
-from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch, sample, select
+from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch, sample, select
 from fastcps.update import epoch_advantages, micro_step_loss, minibatches, recompute_old_logprobs, run_update
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -101,12 +101,12 @@ def on(device: torch.device, *tensors):
 
 def epoch_on_fake(cfg, policy, device):
     """The trainer's epoch up to one micro-step's loss, with the policy on a fake ``device``."""
-    plan = epoch_plan(cfg, 0, policy)  # host values, before any fake tensor
+    sampling = epoch_steps(cfg, 0, policy)  # host values, before any fake tensor
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_policy(policy, mode, device)
     with mode:
         encodings = PromptEncodings(policy)
-        data = rollout_epoch(cfg, 0, plan, policy, policy.transformer, HostReward(device), encodings,
+        data = rollout_epoch(cfg, 0, sampling, policy, policy.transformer, HostReward(device), encodings,
                              load_prompts("digits"), device=device)
         adv = epoch_advantages(data, cfg.train, device)
         batches = minibatches(data.x_t.shape[0], cfg.train.minibatch_size, (0, 0, 4, 0, 0), device)
@@ -115,17 +115,17 @@ def epoch_on_fake(cfg, policy, device):
         with NoHostTraffic():
             out, logp = micro_step_loss(policy, policy.transformer, data, mb, 0, old[mb, 0], adv.local[mb],
                                         clip_range=cfg.train.clip_range, beta_kl=cfg.train.beta_kl)
-    return data, adv, old, out, logp, mode, plan
+    return data, adv, old, out, logp, mode, sampling
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "flux-lora-ckpt"])
 def test_rollout_and_micro_step_on_fake_cuda(case, tiny):
     cfg, policy = build(case, tiny)
-    data, adv, old, out, logp, mode, plan = epoch_on_fake(cfg, policy, CUDA)
-    n, j = 4, len(data.plan.trained)
-    assert j >= 1 and data.plan.stochastic.count(True) == 2  # the window's noisy steps are trained
+    data, adv, old, out, logp, mode, sampling = epoch_on_fake(cfg, policy, CUDA)
+    n, j = 4, len(data.sampling.trained)
+    assert j >= 1 and data.sampling.stochastic.count(True) == 2  # the window's noisy steps are trained
     assert data.x_t.shape[:2] == (n, j) and data.log_prob.shape == (n, j)
-    on(CUDA, data.x_t, data.x_next, data.log_prob, data.cond_index, data.plan.sigmas, *data.plan.coeffs[0],
+    on(CUDA, data.x_t, data.x_next, data.log_prob, data.cond_index, data.sampling.sigmas, *data.sampling.coeffs[0],
        *data.cond.values(), data.preview, adv.local, old, out.loss, out.kl_mean, logp)
     assert data.reward.device.type == "cpu" and adv.rewards.shape == (n,)
     assert out.loss.shape == () and logp.shape == (cfg.train.minibatch_size,)
@@ -133,7 +133,7 @@ def test_rollout_and_micro_step_on_fake_cuda(case, tiny):
     # A rollout batch's steps (velocity, fused step, log-prob) neither read nor move device values.
     with mode, NoHostTraffic():
         x1 = torch.randn(2, *policy.latent_shape(), device=CUDA)
-        traj = sample(policy, policy.transformer, select(data.cond, data.cond_index[:2]), x1, data.plan,
+        traj = sample(policy, policy.transformer, select(data.cond, data.cond_index[:2]), x1, data.sampling,
                       step_seeds=[1, 2, 3, 4])
     on(CUDA, traj.final, traj.x_t, traj.log_prob)
 
@@ -172,7 +172,7 @@ def test_update_loop_reads_nothing_on_the_host(case, tiny):
         stats = run_update(engine, opt, policy, data, adv.local, cfg.train, epoch=0, seed=0,
                            after_optimizer_step=skips.append)
     assert guard.uploads == 2  # one minibatch order per pass
-    j = len(data.plan.trained)
+    j = len(data.sampling.trained)
     assert len(engine.losses) == 2 * 2 * j and engine.boundaries.count(True) == 2 == len(skips)  # 2 passes x 2 mb
     on(CUDA, stats.sums, stats.ratio_dev, *engine.losses)
 
@@ -223,7 +223,7 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     policy.transformer.enable_gradient_checkpointing()
     policy.add_lora(cfg.policy.lora.r, cfg.policy.lora.alpha)
     assert sum(p.numel() for p in policy.transformer.parameters()) > 11.9e9
-    plan = epoch_plan(cfg, 0, policy)
+    sampling = epoch_steps(cfg, 0, policy)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_policy(policy, mode, CUDA)
     L = cfg.policy.max_sequence_length
@@ -234,7 +234,7 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
 
     policy.encode = encode
     with mode:
-        data = rollout_epoch(cfg, 0, plan, policy, policy.transformer, HostReward(CUDA), PromptEncodings(policy),
+        data = rollout_epoch(cfg, 0, sampling, policy, policy.transformer, HostReward(CUDA), PromptEncodings(policy),
                              load_prompts(cfg.prompts.source), device=CUDA)
         adv = epoch_advantages(data, cfg.train, CUDA)
         mb = minibatches(2, 2, (0,), CUDA)[0]

@@ -22,7 +22,7 @@ from conftest import isolated_global_state
 from fastcps.config import RunConfig
 from fastcps.configlib import load_config, validate_tree
 from fastcps.rewards import REGISTRY
-from fastcps.rollout import epoch_plan, plan_steps, window_start
+from fastcps.rollout import epoch_steps, sampling_steps, window_start
 from fastcps.samplers import SAMPLERS, step_coeffs
 from fastcps.update import epoch_advantages
 from wiring_support import advantages_by_hand, plain_initialize
@@ -129,10 +129,11 @@ def test_two_inner_epochs_are_two_passes_in_fresh_orders(trainer, monkeypatch):
 
 
 @pytest.mark.parametrize("std", ["prompt", "global"])
-def test_epoch_advantages_follow_the_config(std):
+def test_epoch_advantages_follow_the_config(std, monkeypatch):
     """``train.adv_std`` / ``adv_clip_max`` reach the advantages (numbers by hand, numpy)."""
     rewards = np.array([0.0, 1.0, 4.0, 2.0, 3.0, 9.0, 5.0, 7.0])
     groups = np.array([1, 0, 1, 0, 0, 1, 0, 1])
+    monkeypatch.setitem(REGISTRY, "brightness", "wiring_support:Brightness")  # SMALL's reward: names are checked
     cfg = load_config(RunConfig, CONFIG, SMALL + [f"train.adv_std={std}", "train.adv_clip_max=1.3"])
     data = type("Data", (), {"reward": torch.tensor(rewards, dtype=torch.float32), "group": torch.tensor(groups)})
     out = epoch_advantages(data, cfg.train, torch.device("cpu"))
@@ -268,7 +269,7 @@ def test_an_interrupt_leaves_a_checkpoint_an_uninterrupted_run_passes_through(tr
     assert steps == ([0, 0] if stop_in == "rollout" else [0, 0, 1, 1])
 
 
-# --- the plan: which steps are stochastic, which are trained ----------------------------------------
+# --- the sampling steps: which are stochastic, which are trained -----------------------------------
 
 def toy_sigmas(n: int) -> torch.Tensor:
     return torch.cat([torch.linspace(1, 1 / n, n), torch.zeros(1)])
@@ -278,39 +279,39 @@ def toy_sigmas(n: int) -> torch.Tensor:
 def test_steps_without_noise_are_never_trained(sampler):
     sigmas = toy_sigmas(6)
     window = dict(window_size=2, window_start=1) if sampler == "cpws" else {}  # cpws cannot reach σ' = 0
-    plan = plan_steps(sampler, None, sigmas, **window)
-    noisy = [i for i in range(6) if plan.stochastic[i]
+    sampling = sampling_steps(sampler, None, sigmas, **window)
+    noisy = [i for i in range(6) if sampling.stochastic[i]
              and float(step_coeffs(sampler, sigmas[i], sigmas[i + 1], sigma_max=sigmas[1]).s[0]) > 0]
-    assert plan.trained == noisy
+    assert sampling.trained == noisy
     if sampler in ("cps", "dpmpp1_sde"):  # their last step (σ' = 0) injects no noise
-        assert plan.trained == list(range(5))
+        assert sampling.trained == list(range(5))
     if sampler == "ode":
-        assert plan.trained == []
+        assert sampling.trained == []
 
 
 @pytest.mark.parametrize("fraction, k", [(0.01, 1), (0.25, 2), (0.5, 3), (0.7, 4), (1.0, 5)])
 def test_timestep_fraction_trains_the_first_noisy_steps(fraction, k):
     """ceil(fraction x 5 noisy CPS steps), at least one, the first ones."""
-    plan = plan_steps("cps", 0.8, toy_sigmas(6), timestep_fraction=fraction)
-    assert plan.trained == list(range(k))
+    sampling = sampling_steps("cps", 0.8, toy_sigmas(6), timestep_fraction=fraction)
+    assert sampling.trained == list(range(k))
 
 
 def test_window_places_the_stochastic_steps_and_ode_elsewhere():
     sigmas = toy_sigmas(6)
-    plan = plan_steps("flow_sde", None, sigmas, window_size=3, window_start=2)
-    assert plan.stochastic == [False, False, True, True, True, False] and plan.trained == [2, 3, 4]
+    sampling = sampling_steps("flow_sde", None, sigmas, window_size=3, window_start=2)
+    assert sampling.stochastic == [False, False, True, True, True, False] and sampling.trained == [2, 3, 4]
     for i in (0, 1, 5):
         ode = step_coeffs("ode", sigmas[i], sigmas[i + 1])
-        assert all(torch.equal(a, b) for a, b in zip(plan.coeffs[i], ode))
-    assert plan_steps("cps", 0.8, sigmas, window_size=2, window_start=4).trained == [4]  # step 5: σ' = 0
+        assert all(torch.equal(a, b) for a, b in zip(sampling.coeffs[i], ode))
+    assert sampling_steps("cps", 0.8, sigmas, window_size=2, window_start=4).trained == [4]  # step 5: σ' = 0
     with pytest.raises(ValueError, match=r"sde window \[4, 7\) does not fit 6 steps"):
-        plan_steps("cps", 0.8, sigmas, window_size=3, window_start=4)
+        sampling_steps("cps", 0.8, sigmas, window_size=3, window_start=4)
 
 
 @pytest.mark.parametrize("window_range, starts", [(None, {0, 1, 2, 3, 4}), ([1, 3], {1, 2})])
 def test_epoch_plan_draws_the_window_from_its_range(window_range, starts):
     """Over 100 epochs the window's first step takes every value of [lo, hi) and no other (default
-    range: every start where the 2-step window fits in 6 steps); epoch_plan puts it there and applies
+    range: every start where the 2-step window fits in 6 steps); epoch_steps puts it there and applies
     timestep_fraction inside it."""
     sets = ["sampler.num_steps=6", "sampler.sde_window_size=2", "sampler.timestep_fraction=0.5"]
     sets += [f"sampler.sde_window_range={window_range}"] if window_range else []
@@ -321,9 +322,9 @@ def test_epoch_plan_draws_the_window_from_its_range(window_range, starts):
     policy = type("Policy", (), {"sigmas": lambda self, n, device=None: toy_sigmas(n)})()
     for epoch in range(6):
         w = window_start(cfg, epoch)
-        plan = epoch_plan(cfg, epoch, policy)
-        assert [i for i, s in enumerate(plan.stochastic) if s] == [w, w + 1]
-        assert plan.trained == [w]  # ceil(0.5 x 2 noisy steps), or of the 1 left when w + 1 is the last
+        sampling = epoch_steps(cfg, epoch, policy)
+        assert [i for i, s in enumerate(sampling.stochastic) if s] == [w, w + 1]
+        assert sampling.trained == [w]  # ceil(0.5 x 2 noisy steps), or of the 1 left when w + 1 is the last
 
 
 # --- test hygiene --------------------------------------------------------------------------------------

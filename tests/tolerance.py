@@ -1,7 +1,8 @@
-"""The project's tolerance rule (DESIGN.md): compare the fused op and a same-precision PyTorch run
-against the fp32 reference; the fused error may be at most twice PyTorch's own, plus a small atol,
-plus one ulp of the output dtype (Triton's interpreter rounds bf16 by truncation). fp32: ≤ 1e-6
-relative to the reference's largest magnitude. Failures print where and by how much."""
+"""The project's tolerance rule (flash-attention's; the README states it): compare the fused op and a
+same-precision PyTorch run against the fp32 reference; the fused error may be at most twice PyTorch's
+own, plus a small atol, plus one ulp of the output dtype (Triton's interpreter rounds bf16 by
+truncation). fp32: ≤ 1e-6 relative to the reference's largest magnitude.
+Failures print where and by how much."""
 
 from __future__ import annotations
 

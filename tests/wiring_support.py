@@ -53,11 +53,11 @@ def brightness_reward(delay: float = 0.0):
 
 
 def toy_rollout(cfg, policy, epoch: int, *, reward=None, device="cpu", **kwargs):
-    """``rollout_epoch`` of the digits prompts with the epoch's plan, a brightness reward unless ``reward``."""
+    """``rollout_epoch`` of the digits prompts with the epoch's sampling steps, a brightness reward unless ``reward``."""
     from fastcps.prompts import load_prompts
-    from fastcps.rollout import PromptEncodings, epoch_plan, rollout_epoch
+    from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch
 
-    return rollout_epoch(cfg, epoch, epoch_plan(cfg, epoch, policy), policy, policy.transformer,
+    return rollout_epoch(cfg, epoch, epoch_steps(cfg, epoch, policy), policy, policy.transformer,
                          reward or brightness_reward(), PromptEncodings(policy), load_prompts("digits"),
                          device=torch.device(device), **kwargs)
 
