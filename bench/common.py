@@ -28,6 +28,7 @@ import torch
 
 from fastcps import runinfo
 from fastcps.runinfo import device_name, git_commit, versions  # noqa: F401  (the benchmarks' names for them)
+from fastcps.runtime import DTYPES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,6 @@ PTX_COLUMNS = [
     "ptx_ld_scalar_coeffs", "ptx_st_v4", "ptx_st_narrow", "sass_ldg128", "sass_ldg_other", "sass_stg128",
     "sass_stg_other", "loads_128bit",
 ]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # FLUX.1 at 1024²: 64×64 packed tokens of 2×2×16 = 64 channels.
 TOKENS, CHANNELS = 4096, 64

@@ -4,7 +4,7 @@ transformer calls cost.
 :class:`FlopLedger` wraps the policy's ``velocity`` and the engine's ``backward`` of a running trainer.
 The first call of each kind (grad mode, samples) and the first backward of each minibatch size run
 under :class:`FlopCount` (the FLOP formulas ``torch.utils.flop_counter`` has, including the attention
-kernels ``fastcps.measure`` registers, DeepSpeed's hooks, the LoRA adapters, gradient checkpointing's
+kernels ``fastcps.plan.measure`` registers, DeepSpeed's hooks, the LoRA adapters, gradient checkpointing's
 re-forward inside the backward); later calls are counted on the host and priced from that first
 measurement. No device value is read, nothing is added to the hot loop but a dictionary update.
 
@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from fastcps import measure  # noqa: F401 - registers the CPU attention kernels' FLOP formulas
+from fastcps.plan import measure  # noqa: F401 - registers the CPU attention kernels' FLOP formulas
 
 # dense bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets (without sparsity)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,

@@ -25,32 +25,8 @@ import torch
 
 from fastcps.logger import progress as progress_bar
 from fastcps.ops.cps_step import cps_step
+from fastcps.runtime import derive_seed, synchronize, to_device
 from fastcps.samplers import StepCoeffs, step_coeffs
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed from integers (run seed, epoch, stream tag, index...), stable across runs and machines.
-
-    NumPy's SeedSequence ignores trailing zeros, so ``(s, e, 3, 0)`` and ``(s, e, 3)`` give one seed: a new
-    stream needs a tag no other stream uses at that position. One such overlap exists and is kept, since
-    every reported figure was measured with these seeds: eval image 3 (``eval_noise``: ``(s, 5, 3)``) starts
-    from the same x1 as epoch 5's first rollout sample (``(s, 5, 3, 0)``): one training sample of the run."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without stalling the GPU queue: a copy from pageable memory waits for the stream,
-    one from pinned memory does not."""
-    if device.type == "cuda" and t.device.type == "cpu" and torch.cuda.is_available():
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def synchronize(device) -> None:
-    """Wait for the device's queued work. Only where a phase's wall time is read: on a GPU the host
-    runs ahead, so an unsynchronised timer charges queued work to whichever phase reads a value next."""
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        torch.cuda.synchronize(device)
 
 
 class SamplingSteps(NamedTuple):

@@ -176,7 +176,8 @@ class Comparison:
 @torch.no_grad()
 def generate(policy, model, encodings, prompts: list[str], sampling, *, k: int, seed: int, device) -> torch.Tensor:
     """(P, K, 3, H, W): every prompt's K images with ``sampling``; noise seeded by (seed, prompt, image)."""
-    from fastcps.rollout import derive_seed, eval_noise, sample
+    from fastcps.rollout import eval_noise, sample
+    from fastcps.runtime import derive_seed
 
     step_seeds = [derive_seed(seed, 6, i) for i in range(len(sampling.coeffs))]
     out = []

@@ -9,8 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script by the deepspeed launcher: import the installed package
-    sys.path.pop(0) if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent else None
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a file (`deepspeed fastcps/train.py`, `python fastcps/train.py`): Python put fastcps/ first on
+    # sys.path, where this package's modules would stand in for installed distributions of the same names.
+    # Become `python -u -m fastcps.train` before importing anything of ours (same process, environment and
+    # arguments; -u: a launcher reads each rank's lines as they come).
+    os.execv(sys.executable, [sys.executable, "-u", "-m", "fastcps.train", *sys.argv[1:]])
 
 from fastcps.config import RunConfig  # noqa: E402
 from fastcps.configlib import ConfigError, load_config, save_config, validate_tree  # noqa: E402

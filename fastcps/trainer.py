@@ -35,8 +35,9 @@ from fastcps.plan import resolve_auto
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts, truncation_report
 from fastcps.rewards import WeightedReward
-from fastcps.rollout import (PromptEncodings, epoch_steps, eval_noise, eval_prompt_set, sampling_steps, rollout_epoch,
-                             sample, select, synchronize)
+from fastcps.rollout import (PromptEncodings, epoch_steps, eval_noise, eval_prompt_set, rollout_epoch, sample,
+                             sampling_steps, select)
+from fastcps.runtime import GIB, synchronize
 from fastcps.update import epoch_advantages, run_update
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class NonFiniteStop(RuntimeError):
 
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return torch.cuda.max_memory_allocated(device) / GIB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -123,7 +124,7 @@ class Trainer:
         ds = self._deepspeed_config()  # before any weight loads: its ZeRO stage decides where they go
         stage = int(ds.get("zero_optimization", {}).get("stage", 0))
         self.policy = policy if policy is not None else build_policy(cfg.policy, self.device, zero_stage=stage)
-        self.encodings = PromptEncodings(self.policy, max_bytes=cfg.policy.prompt_cache_gib * 2**30)
+        self.encodings = PromptEncodings(self.policy, max_bytes=cfg.policy.prompt_cache_gib * GIB)
         self._report_truncation()
         self.reward_fn = WeightedReward([(r.name, r.weight, r.args) for r in cfg.rewards])
         t = cfg.train

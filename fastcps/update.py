@@ -20,7 +20,8 @@ from fastcps import distributed as dist
 from fastcps.grpo import LossOutput, compute_advantages, grpo_loss
 from fastcps.logger import progress as progress_bar
 from fastcps.ops.cps_logprob_kl import cps_logprob_kl
-from fastcps.rollout import EpochData, derive_seed, select, synchronize, to_device
+from fastcps.rollout import EpochData, select
+from fastcps.runtime import derive_seed, synchronize, to_device
 
 
 class Advantages(NamedTuple):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcps.gpucheck_runs import flux_epoch, toy_run
-from fastcps.tiny import CLIP_DIM, T5_DIM
+from fastcps.gpucheck.runs import flux_epoch, toy_run
+from fastcps.testing import CLIP_DIM, T5_DIM
 
 ROOT = Path(__file__).resolve().parent.parent
 

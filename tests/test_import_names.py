@@ -89,3 +89,16 @@ def test_every_entry_point_and_pipeline_import_starts_from_the_root():
 def test_pytest_collects_from_the_root():
     got = _run(["-m", "pytest", "--collect-only", "-q", "tests/test_samplers.py"])
     assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
+
+
+def test_the_training_script_runs_as_the_package_module():
+    """`deepspeed fastcps/train.py` runs the file as a script, with fastcps/ first on sys.path, where
+    fastcps/kernels (and config.py, logger.py, ...) would be importable as top-level names: the script
+    becomes `python -m fastcps.train` before it imports anything of the project's."""
+    probe = ("import runpy, sys; sys.argv = ['fastcps/train.py', '--help']; "
+             "import os; real = os.execv; os.execv = lambda exe, args: print('EXEC', args[1:4], 'fastcps' in sys.modules) or sys.exit(0); "
+             "runpy.run_path('fastcps/train.py', run_name='__main__')")
+    got = _run(["-c", probe])
+    assert got.returncode == 0 and "EXEC ['-u', '-m', 'fastcps.train'] False" in got.stdout, got.stdout + got.stderr
+    script = _run(["fastcps/train.py", "--help"])
+    assert script.returncode == 0 and "--config" in script.stdout, script.stderr[-2000:]

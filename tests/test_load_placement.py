@@ -1,7 +1,7 @@
 """Where the transformer is when DeepSpeed gets it (issue 18, point 5): under ZeRO-3 no rank ever holds
 the whole FLUX/SD3 transformer on its device (it stays on the CPU and is partitioned tensor by tensor
 before ``deepspeed.initialize``: ``fastcps.trainer.partition_zero3``); under ZeRO-2 it is on the device,
-whole, as every rank keeps it. And the load-phase bytes the plan gets (``fastcps.plan_load``).
+whole, as every rank keeps it. And the load-phase bytes the plan gets (``fastcps.plan.load``).
 
 The trainer runs in this process up to ``deepspeed.initialize`` (replaced by a recorder that stops it),
 with the training device set to ``meta``: a device that is not the CPU and needs no GPU, so "on the
@@ -19,8 +19,8 @@ import torch
 import fastcps.distributed as fdist
 from fastcps.config import RunConfig
 from fastcps.configlib import load_config, validate_tree
-from fastcps.plan_load import load_peak_bytes
-from fastcps.tiny import save_tiny_flux, save_tiny_sd3
+from fastcps.plan.load import load_peak_bytes
+from fastcps.testing import save_tiny_flux, save_tiny_sd3
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = torch.device("meta")

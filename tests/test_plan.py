@@ -1,4 +1,4 @@
-"""``python -m fastcps.plan`` and its measurements (``fastcps.measure``): the memory tracker against known
+"""``python -m fastcps.plan`` and its measurements (``fastcps.plan.measure``): the memory tracker against known
 tensor sizes, FLOPs against a hand count and FlopCounterMode, fake-tensor measurements against the same
 measurement on real CPU tensors, the epoch arithmetic, the JSON, ``--gpu-mem`` and the exit codes.
 Tiny transformer configs keep these fast; one slow test measures the real FLUX.1-dev."""
@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastcps.config import RunConfig
 from fastcps.configlib import load_config
-from fastcps.measure import LiveBytes, TransformerMeter
+from fastcps.plan.measure import LiveBytes, TransformerMeter
 from fastcps.plan import Loader, main, plan, policy_sigmas
 from fastcps.policies.flux import FluxPolicy
 
@@ -80,7 +80,7 @@ def test_flops_match_a_hand_count_and_flop_counter_mode():
 
 def test_cpu_attention_flops_are_counted_forward_and_backward():
     """The CPU flash kernel (what fake CPU tensors run) counts like the CUDA kernels: torch 2.14 has no
-    formula for it, fastcps.measure registers torch's own; forward Q·Kᵀ and P·V, backward five matmuls."""
+    formula for it, fastcps.plan.measure registers torch's own; forward Q·Kᵀ and P·V, backward five matmuls."""
     b, h, s, d = 1, 3, 40, 16
     q = torch.randn(b, h, s, d, requires_grad=True)
     with LiveBytes() as live:
@@ -277,7 +277,7 @@ def test_table_and_exit_codes(tiny_flux, capsys):
 @pytest.mark.slow
 def test_real_flux_dev_measurement():
     """The real FLUX.1-dev transformer (11.9 B) with LoRA r 64: one training micro-step of one image."""
-    from fastcps.measure import meter
+    from fastcps.plan.measure import meter
 
     m = meter("flux", str(ROOT / "configs" / "models" / "flux1-dev_transformer.json"), 512, 512, "bf16",
               (64, 128.0, tuple(FluxPolicy.default_lora_targets)))
@@ -286,7 +286,7 @@ def test_real_flux_dev_measurement():
     assert sum(p.numel() for p in params) - lora == 11_901_408_320 and lora == 179_306_496
     step = m.step("ckpt", 1)
     # ~2 x 11.9 B x 1536 tokens (20.19 TFLOP) plus 57 attention calls of 24 heads x 1536² x 128, Q·Kᵀ and
-    # P·V (1.65 TFLOP): torch 2.15 counts 21.85 itself, torch 2.14 with fastcps.measure's formulas.
+    # P·V (1.65 TFLOP): torch 2.15 counts 21.85 itself, torch 2.14 with fastcps.plan.measure's formulas.
     attention = 57 * 2 * (2 * 24 * 1536 * 1536 * 128)
     assert 21.84e12 < step.forward_flop < 21.86e12, step.forward_flop
     # backward: the 5 attention matmuls of torch's sdpa backward formula (2.5x the forward's two) on top

@@ -1,4 +1,4 @@
-"""The `flux` and `sd3` policies on tiny random-weight pipelines (tests/tiny_pipelines.py): they
+"""The `flux` and `sd3` policies on tiny random-weight pipelines (fastcps.testing): they
 agree with the stock diffusers pipelines, their LoRA exports load with ``load_lora_weights``, a
 missing weights path is named, and one GRPO epoch runs under ZeRO-3 with 2 processes."""
 
@@ -17,7 +17,7 @@ from fastcps.policies import build_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multi_run import launch  # noqa: E402
-from tiny_pipelines import save_tiny_flux, save_tiny_sd3  # noqa: E402
+from fastcps.testing import save_tiny_flux, save_tiny_sd3  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 32  # T5 tokens: the tiny tokenizer is character-level

@@ -13,9 +13,9 @@ import torch
 import fastcps.rollout as rollout_mod
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
-from fastcps.rollout import (PromptEncodings, Trajectory, derive_seed, epoch_steps, epoch_slots, eval_noise,
-                             eval_prompt_set, initial_noise, sampling_steps, sample, select, synchronize,
-                             to_device)
+from fastcps.rollout import (PromptEncodings, Trajectory, epoch_slots, epoch_steps, eval_noise, eval_prompt_set,
+                             initial_noise, sample, sampling_steps, select)
+from fastcps.runtime import derive_seed, synchronize, to_device
 from fastcps.samplers import step_coeffs
 from wiring_support import brightness_reward, toy_config, toy_rollout
 

@@ -234,7 +234,7 @@ def test_stock_pipeline_with_the_exported_lora_gives_the_trained_images(name, tm
 
     from fastcps.rewards import WeightedReward
     from fastcps.rollout import sampling_steps
-    from tiny_pipelines import save_tiny_flux, save_tiny_sd3
+    from fastcps.testing import save_tiny_flux, save_tiny_sd3
 
     path = (save_tiny_flux if name == "flux" else save_tiny_sd3)(tmp_path / name)
     config = ROOT / "configs" / ("flux_pickscore.json" if name == "flux" else "sd35_ocr.json")

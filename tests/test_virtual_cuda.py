@@ -36,7 +36,7 @@ from fastcps.update import epoch_advantages, micro_step_loss, minibatches, recom
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_cuda import HostSyncError, NoHostTraffic, fake_policy  # noqa: E402
-from tiny_pipelines import save_tiny_flux, save_tiny_sd3  # noqa: E402
+from fastcps.testing import save_tiny_flux, save_tiny_sd3  # noqa: E402
 from wiring_support import FlagOptimizer, RecordingEngine, toy_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@ of the model is partitioned and gathered for each forward, as FLUX.1-dev's are o
 models' tensors all lie below DeepSpeed's default threshold of 1e5 elements: everywhere else in the
 suite they stay whole on every rank and nothing is ever gathered).
 
-One run shape, the one a FLUX user trains: tiny FLUX (fastcps.tiny), LoRA on the frozen base, gradient
+One run shape, the one a FLUX user trains: tiny FLUX (fastcps.testing), LoRA on the frozen base, gradient
 checkpointing, ``train.beta_kl > 0`` (the reference forward: the same partitioned base with the adapters
 off), EMA on (eval samples with the EMA weights). Four trainings in one pair of rank processes
 (tests/multi_run.py):
@@ -66,7 +66,7 @@ def flux_run(flux: Path, out: Path, name: str, epochs: int, ds: Path, extra: tup
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from fastcps.tiny import save_tiny_flux
+    from fastcps.testing import save_tiny_flux
 
     out = tmp_path_factory.mktemp("zero3")
     flux = save_tiny_flux(out / "flux")

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from fastcps.policies.base import Cond, Policy
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from fastcps.runtime import DTYPES
 
 
 def build_policy(cfg, device, zero_stage: int = 0) -> Policy:

@@ -1,14 +1,14 @@
 """What a run will cost, before any weight loads: ``python -m fastcps.plan --config X.json --world-size 8``.
 
-Counted on the trainer's own code (``fastcps.plan_epoch``): ``rollout_epoch``, ``run_update`` and
+Counted on the trainer's own code (``fastcps.plan.epoch``): ``rollout_epoch``, ``run_update`` and
 ``Trainer.evaluate`` run for one rank on stand-ins that record every transformer call, backward and
 optimizer step; ZeRO's collectives follow from those calls. Measured, on fake tensors
-(``fastcps.measure``; no weights, no GPU): the real transformer is built from its config
+(``fastcps.plan.measure``; no weights, no GPU): the real transformer is built from its config
 (``configs/models/*.json``, copied from the hub; or ``<policy.pretrained>/transformer/`` when that is a
 local folder), with the config's LoRA adapters, and run at the config's resolution, text length and
 the counted calls' batch sizes: FLOPs of each call, of autograd's backward (and of gradient
 checkpointing's re-forwards), the peak bytes of a training micro-step, a rollout forward and a VAE
-decode. Counted from sizes (``fastcps.plan_costs``, ``fastcps.plan_load``): ZeRO-2/3 partitions and
+decode. Counted from sizes (``fastcps.plan.costs``, ``fastcps.plan.load``): ZeRO-2/3 partitions and
 buffers with DeepSpeed's defaults, frozen models at published sizes, the rollout's buffers, the load
 phase, one checkpoint's files. Beside it, flow_grpo's own recipe (``plan_epoch.ANCHOR``).
 
@@ -27,14 +27,14 @@ import json
 import sys
 from pathlib import Path
 
-from fastcps import plan_costs as pc
 from fastcps.config import RunConfig
 from fastcps.configlib import ConfigError, load_config, validate_tree
+from fastcps.plan import costs as pc
+from fastcps.runtime import GIB
 
-MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"  # in the repo checkout
+MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"  # in the repo checkout
 if not MODELS.is_dir():  # an installed package: the configs/ folder of the working directory
     MODELS = Path("configs") / "models"
-GIB = 2**30
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense bf16 (NVIDIA's datasheet: 1979 with sparsity)
 
 
@@ -103,7 +103,7 @@ class Loader:
         return z
 
     def model(self, cfg: RunConfig) -> pc.Model:
-        from fastcps import measure
+        from fastcps.plan import measure
         from fastcps.policies.flux import FluxPolicy
         from fastcps.policies.sd3 import SD3Policy
 
@@ -123,7 +123,7 @@ class Loader:
         return self._models[key]
 
     def _describe(self, meter, pol, text: int, lora) -> pc.Model:
-        from fastcps import measure
+        from fastcps.plan import measure
 
         threshold = self.zero.param_persistence_threshold
         params = list(meter.model.parameters())
@@ -149,15 +149,15 @@ class Loader:
 
 
 def counted_epoch(cfg: RunConfig, world: int, model: pc.Model) -> dict:
-    """The trainer's own epoch functions run on the stand-ins of ``fastcps.plan_epoch``: its calls."""
-    from fastcps import plan_epoch
+    """The trainer's own epoch functions run on the stand-ins of ``fastcps.plan.epoch``: its calls."""
+    from fastcps.plan import epoch as plan_epoch
 
     return plan_epoch.count_epoch(cfg, world, latent_shape=(1, 1), sigmas=model.sigmas, cfg_mult=pc.cfg_mult(cfg))
 
 
 def load_phase(cfg: RunConfig, world: int, model: pc.Model, stage: int) -> dict:
-    """Bytes per GPU while the models load, term by term (``fastcps.plan_load``)."""
-    from fastcps.plan_load import load_peak_bytes
+    """Bytes per GPU while the models load, term by term (``fastcps.plan.load``)."""
+    from fastcps.plan.load import load_peak_bytes
 
     return load_peak_bytes(family=cfg.policy.name, stage=stage, world=world, params=model.params, small=model.small,
                            dtype_bytes=pc.BYTES[cfg.policy.dtype], vae_params=model.vae_params,
@@ -228,8 +228,8 @@ def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tu
 def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_mem: float | None = None,
          reserve: float = 1.0, mfu: float = 0.4, peak_tflops: float = H100_BF16_DENSE_TFLOPS) -> dict:
     """Everything the report shows, as one dict (bytes, FLOPs, seconds; ``*_gib`` in GiB)."""
-    from fastcps import measure
-    from fastcps import plan_epoch as pe
+    from fastcps.plan import measure
+    from fastcps.plan import epoch as pe
 
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must lie in (0, 1], got {mfu}")
@@ -306,7 +306,7 @@ def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_me
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="FLOPs, memory and ZeRO traffic of a run, measured on fake tensors "
+    ap = argparse.ArgumentParser(prog="python -m fastcps.plan", description="FLOPs, memory and ZeRO traffic of a run, measured on fake tensors "
                                              "(loads no weights, needs no GPU)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--world-size", type=int, required=True)
@@ -331,11 +331,8 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(out, default=float))
     else:
-        from fastcps.plan_report import report
+        from fastcps.plan.report import report
 
         report(cfg, out, sys.stdout)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

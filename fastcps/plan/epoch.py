@@ -8,7 +8,7 @@ is stood in for:
 
 - the transformer: :class:`CountingEngine` answers every velocity call with zeros and records it
   (samples, grad mode, phase); each call costs what the real transformer measured on fake tensors
-  for that batch costs (``fastcps.measure.TransformerMeter``: forward, autograd backward and the
+  for that batch costs (``fastcps.plan.measure.TransformerMeter``: forward, autograd backward and the
   gradient-checkpoint re-forward, FLUX.1-dev's 12 B parameters at the run's text length);
 - DeepSpeed: the same engine records every backward and optimizer step; ``zero_traffic`` turns the
   calls into the bytes ZeRO's collectives move, per stage;

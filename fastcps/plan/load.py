@@ -23,14 +23,14 @@ or kept on the CPU with ``policy.offload_frozen``); the trainer then hands the t
   partitions done so far plus one whole tensor: at most params/world (plus padding: < world elements
   a tensor) plus the largest tensor. Every tensor is partitioned here, the small ones too: those below
   ``stage3_param_persistence_threshold`` become whole again at their first forward (training, not
-  load: ``fastcps.plan_costs.persistent`` counts them). ``initialize`` then moves nothing
+  load: ``fastcps.plan.costs.persistent`` counts them). ``initialize`` then moves nothing
   (engine.py:2077-2078, 2093: a model whose parameters have a ``ds_id`` is left where it is).
   Without this step DeepSpeed would move the whole transformer to the device first
   (engine.py:2093-2094) and only then partition it (runtime/zero/parameter_offload.py:258-279).
 
 The optimizer's partitions (fp32 master, Adam moments, gradient buffers), built at the end of
 ``initialize``, stay for the whole run, and full fine-tuning's frozen KL reference loads at its first
-use in training (``DiffusersPolicy.reference``): ``fastcps.plan_costs.persistent`` counts those.
+use in training (``DiffusersPolicy.reference``): ``fastcps.plan.costs.persistent`` counts those.
 """
 
 from __future__ import annotations

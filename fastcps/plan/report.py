@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastcps.config import RunConfig
+from fastcps.runtime import GIB
 
-GIB = 2**30
 
 
 def gib(x: float) -> str:
@@ -53,7 +53,7 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     p()
     p(f"transformer: {r['transformer_params'] / 1e9:.3f} B parameters, {r['trained_params'] / 1e6:.1f} M trained "
       f"({'LoRA r ' + str(pol.lora.r) if pol.lora else 'full fine-tuning'}); measured on fake tensors "
-      "(fastcps.measure: real architecture and dtype, no weights, no GPU)")
+      "(fastcps.plan.measure: real architecture and dtype, no weights, no GPU)")
     p(f"  FLOPs per image             forward {r['forward_flop_per_image'] / 1e12:.2f} T, backward "
       f"{r['backward_flop_per_image'] / 1e12:.2f} T (autograd on fake CPU tensors)")
     a = r["activation_peak_bytes"]
@@ -63,7 +63,7 @@ def report(cfg: RunConfig, r: dict, out) -> None:
       f"{min(4, t.rollout_batch_size)} images: {gib(a['vae_decode']).strip()}")
 
     p()
-    p("calls per rank per epoch, counted on the trainer's own epoch functions (fastcps.plan_epoch: rollout_epoch,")
+    p("calls per rank per epoch, counted on the trainer's own epoch functions (fastcps.plan.epoch: rollout_epoch,")
     p("run_update, Trainer.evaluate; eval divided by eval.every)")
     for k, v in r["calls_per_rank"].items():
         p(f"  {k:56} {v:8.1f}")
@@ -96,7 +96,7 @@ def report(cfg: RunConfig, r: dict, out) -> None:
       f"   ({m2['peak_phase']} / {m3['peak_phase']})")
     terms = ", ".join(f"{k} {v / GIB:.2f}" for k, v in r["load_phase"].items() if v and k != "peak")
     p(f"  load phase (ZeRO stage {r['zero_stage']}): peak {r['load_peak_gib_per_gpu']:.2f} GiB ({terms}; "
-      "fastcps.plan_load)")
+      "fastcps.plan.load)")
     by = "  ".join(f"{k} {v:.1f}" for k, v in r["peak_gib_by_choice"].items())
     p(f"  peak by choice (GiB): {by}; plus the CUDA context, NCCL buffers and fragmentation (--reserve)")
     if pol.offload_frozen:
@@ -104,7 +104,7 @@ def report(cfg: RunConfig, r: dict, out) -> None:
 
     p()
     p("ZeRO traffic per GPU per epoch (received; ring: (N-1)/N of each full tensor; the counted calls x the")
-    p("parameters each call fetches, module by module: fastcps.measure.ModuleUses, checked against DeepSpeed's")
+    p("parameters each call fetches, module by module: fastcps.plan.measure.ModuleUses, checked against DeepSpeed's")
     p("own all-gathers in tests/test_zero3.py; a training run logs its real ones as zero/<phase>_gathered_gb)")
     for k, z in r["zero_traffic_bytes_per_gpu"].items():
         p(f"  {k:32} parameter all-gather {z['parameter all-gather'] / 1e9:9.1f} GB ({z['gathers']:.1f} gathers), "

@@ -16,7 +16,7 @@ from fastcps import distributed as dist
 from fastcps.config import LoraConfig, RunConfig
 from fastcps.configlib import load_config, save_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
 
@@ -99,7 +99,7 @@ def flux_epoch(device: torch.device, *, model_config: dict | None = None, resolu
     then one measured epoch: images/s, the epoch split, peak memory beside the plan's prediction."""
     from fastcps.perf import peak_tflops
     from fastcps.policies import build_policy
-    from fastcps.tiny import save_tiny_flux
+    from fastcps.testing import save_tiny_flux
 
     if model_config is None:
         model_config = json.loads((CONFIGS / "models" / "flux1-dev_transformer.json").read_text())
@@ -137,7 +137,7 @@ def flux_epoch(device: torch.device, *, model_config: dict | None = None, resolu
     rows.append(row("flux", "peak_gib", m["memory/peak_gib"], "GiB", "torch.cuda.max_memory_allocated, measured epoch"))
     rows.append(row("flux", "plan_peak_gib", predicted, "GiB", "python -m fastcps.plan --world-size 1, same settings"))
     # utilisation: the FLOPs of the trainer's own calls (fastcps.perf) over each phase's time, and the plan's
-    # counted FLOPs of the same phases beside them (fastcps.plan_epoch): the first GPU run says how far the
+    # counted FLOPs of the same phases beside them (fastcps.plan.epoch): the first GPU run says how far the
     # trainer is from the hardware and whether the plan counts what the trainer does
     for key in ("rollout_tflops", "update_tflops", "tflops", "rollout_mfu", "update_mfu", "mfu"):
         if f"perf/{key}" in m:

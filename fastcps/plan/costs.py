@@ -1,6 +1,6 @@
 """The cost model behind ``python -m fastcps.plan``: memory per GPU per phase and ZeRO stage, one
 checkpoint's files, and the changes that make a config fit, from a RunConfig and the transformer's
-measurements (``fastcps.measure``). The epoch's calls, FLOPs and ZeRO traffic: ``fastcps.plan_epoch``.
+measurements (``fastcps.plan.measure``). The epoch's calls, FLOPs and ZeRO traffic: ``fastcps.plan.epoch``.
 
 Everything the transformer does is measured on fake tensors (FLOPs per sample, peak activation
 bytes of a training micro-step with and without gradient checkpointing, of a no-grad forward, of a
@@ -18,7 +18,6 @@ import numpy as np
 
 from fastcps.config import RunConfig
 
-GIB = 2**30
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "float32": 4, "float16": 2, "bfloat16": 2,
          "amp": 4}  # a reward's "amp": fp32 weights, fp16 autocast (fastcps.rewards._util)
 # Frozen models as placed by the trainer: published parameter counts (the weights cannot be
@@ -44,7 +43,7 @@ class Model:
     pooled_dim: int
     latent_numel: int
     vae_params: int
-    meter: object = None  # fastcps.measure.TransformerMeter
+    meter: object = None  # fastcps.plan.measure.TransformerMeter
     vae_peak: object = None  # batch -> peak bytes of a VAE decode
     vae_flop: object = None  # batch -> FLOPs of a VAE decode
     meter_lora: tuple | None = None  # the LoRA (r, alpha, targets) the meter was built with

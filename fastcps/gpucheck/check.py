@@ -36,7 +36,7 @@ import torch
 
 from fastcps import runinfo
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PARTS = ("tests", "kernels", "toy", "flux")
 TIMEOUT_S = {"tests": 150, "kernels": 150, "toy": 90, "flux": 210}
 COLUMNS = ["timestamp", "device", "torch", "triton", "fastcps", "commit", "part", "metric", "value", "unit", "note"]
@@ -63,7 +63,7 @@ def missing_requirements() -> list[str]:
 # --- the parts (each runs in a child process: ``--part NAME``) --------------------------------------------
 
 def part_tests() -> list[dict]:
-    from fastcps.gpucheck_runs import row
+    from fastcps.gpucheck.runs import row
 
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -79,7 +79,7 @@ def part_tests() -> list[dict]:
 
 
 def part_kernels(out: Path) -> list[dict]:
-    from fastcps.gpucheck_runs import row
+    from fastcps.gpucheck.runs import row
 
     sys.path.insert(0, str(REPO / "bench"))
     import bench_cps_logprob_kl
@@ -105,13 +105,13 @@ def part_kernels(out: Path) -> list[dict]:
 
 
 def part_toy() -> list[dict]:
-    from fastcps.gpucheck_runs import toy_run
+    from fastcps.gpucheck.runs import toy_run
 
     return toy_run(torch.device("cuda", 0))
 
 
 def part_flux() -> list[dict]:
-    from fastcps.gpucheck_runs import flux_epoch
+    from fastcps.gpucheck.runs import flux_epoch
 
     return flux_epoch(torch.device("cuda", 0))
 
@@ -136,7 +136,7 @@ def run_part(name: str, out: Path) -> int:
 # --- the driver ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastcps.gpucheck", description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder of the CSVs (gpucheck.csv and the "
                     "benchmarks' own)")
@@ -190,6 +190,3 @@ def _child(name: str, out: Path) -> tuple[list[dict], str]:
     status = "ok" if res.returncode == 0 else f"exit {res.returncode}: " + (res.stderr.strip().splitlines() or [""])[-1][:200]
     return rows, status
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
-"""Tiny random-weight FLUX and SD3 pipelines (for the tests and ``fastcps.gpucheck``), saved with
-``save_pretrained`` into a folder laid out exactly like a hub snapshot (``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``,
-``scheduler/``), so the real ``flux`` and ``sd3`` policies load them with ``from_pretrained(path,
+"""Test fixtures, not training API: tiny random-weight FLUX and SD3 pipelines (for the tests and
+``fastcps.gpucheck``, which builds them on the GPU machine too), saved with ``save_pretrained`` into a
+folder laid out exactly like a hub snapshot (``transformer/``, ``vae/``, ``text_encoder*/``,
+``tokenizer*/``, ``scheduler/``), so the real ``flux`` and ``sd3`` policies load them with ``from_pretrained(path,
 subfolder=...)`` as they load FLUX.1-dev. Nothing downloads: the tokenizers are built here (a
 byte-level CLIP BPE vocabulary with no merges, a T5 Unigram vocabulary of single characters).
 

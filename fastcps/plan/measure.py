@@ -39,7 +39,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from fastcps.runtime import DTYPES
+
 
 # Attention kernels whose FLOPs torch 2.14's counter misses: it has formulas for the CUDA kernels only,
 # so on fake CPU tensors (where the plan measures) a FLUX.1-dev forward at 512 px / 512 text tokens
