@@ -4,7 +4,6 @@ missing weights path is named, and one GRPO epoch runs under ZeRO-3 with 2 proce
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from safetensors.torch import load_file
 from fastcps.config import LoraConfig, PolicyConfig
 from fastcps.policies import build_policy
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multi_run import launch  # noqa: E402
 from fastcps.testing import save_tiny_flux, save_tiny_sd3  # noqa: E402
 

@@ -22,7 +22,6 @@ from fastcps.policies import build_policy
 from fastcps.rollout import eval_noise
 from fastcps.sample import compare, main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multi_run import child_env  # noqa: E402
 from test_trainer import CONFIG, ROOT, sets  # noqa: E402
 

@@ -19,7 +19,6 @@ backward on CUDA tensors), which must reach every trained parameter and no froze
 """
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,6 @@ from fastcps.rewards import RewardOutput
 from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch, sample, select
 from fastcps.update import epoch_advantages, micro_step_loss, minibatches, recompute_old_logprobs, run_update
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_cuda import HostSyncError, NoHostTraffic, fake_policy  # noqa: E402
 from fastcps.testing import save_tiny_flux, save_tiny_sd3  # noqa: E402
 from wiring_support import FlagOptimizer, RecordingEngine, toy_config  # noqa: E402

@@ -78,15 +78,21 @@ def part_tests() -> list[dict]:
     return rows
 
 
+def _bench(name: str):
+    """A benchmark script of bench/ as a module, loaded from its file (bench/ is no package: its scripts
+    find their shared ``common`` next to themselves)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def part_kernels(out: Path) -> list[dict]:
     from fastcps.gpucheck.runs import row
 
-    sys.path.insert(0, str(REPO / "bench"))
-    import bench_cps_logprob_kl
-    import bench_cps_step
-
     rows = []
-    for mod in (bench_cps_step, bench_cps_logprob_kl):
+    for mod in (_bench("bench_cps_step"), _bench("bench_cps_logprob_kl")):
         got = mod.main(["--sizes", "1,4,16", "--dtypes", "fp32,bf16", "--impls", "fused,naive,compiled_ref",
                         "--csv", str(out / f"{mod.OP}.csv")])
         for r in got:
