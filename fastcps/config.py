@@ -1,32 +1,56 @@
-"""The typed run configuration. JSON files in configs/ load strictly into these dataclasses
-(``fastcps.configlib``): an unknown key or a wrong type fails before any model loads, naming the key.
+"""The typed run configuration. JSON files in configs/ load strictly into these pydantic models
+(``fastcps.configlib``): an unknown key, a wrong type, a value out of range, an unknown reward or a bad
+reward argument fails before any model loads, naming the key.
 
 Nothing here depends on the number of processes: per-rank sizes are checked against the world size
-at run time (``RunConfig.validate``), and DeepSpeed's batch numbers are computed from them.
+at run time (``validate_tree(cfg, world_size)`` validates again with ``{"world_size": n}`` as pydantic's
+validation context), and DeepSpeed's batch numbers are computed from them.
+
+``python -m fastcps.config --schema [--out FILE]`` prints the JSON Schema of :class:`RunConfig` (field
+descriptions are the attribute docstrings below); ``configs/schema.json`` is its committed copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import difflib
+import json
+import sys
 from typing import Any, Literal
 
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from fastcps.configlib import NESTED_ERRORS, SCHEMA_KEY
 from fastcps.samplers import SAMPLERS
 
+# Every section: unknown keys are errors; attribute docstrings become the schema's descriptions.
+SECTION = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-@dataclass
-class LoraConfig:
+
+def _world_size(info: ValidationInfo) -> int | None:
+    """The number of processes, given to ``validate_tree``; None while a config only loads."""
+    return (info.context or {}).get("world_size")
+
+
+class LoraConfig(BaseModel):
+    model_config = SECTION
+
     r: int = 64
     """LoRA rank (flow_grpo: 64 for FLUX, 32 for SD3.5)."""
     alpha: float = 128.0
     """LoRA scaling numerator (effective scale alpha / r)."""
-    target_modules: list[str] = field(default_factory=list)
+    target_modules: list[str] = Field(default_factory=list)
     """Module names to adapt; empty = the policy's default (flow_grpo's attention/ff targets)."""
     dropout: float = 0.0
     """LoRA dropout."""
 
 
-@dataclass
-class PolicyConfig:
+class PolicyConfig(BaseModel):
+    model_config = SECTION
+
     name: Literal["toy", "flux", "sd3"] = "toy"
     """Policy adapter: `toy` (16x16 digits, CPU), `flux` (FLUX.1-dev/schnell), `sd3` (SD3.5)."""
     pretrained: str = ""
@@ -45,9 +69,10 @@ class PolicyConfig:
     """`flash` uses flash-attn through diffusers' attention backend on CUDA when installed."""
     offload_frozen: bool = False
     """Move text encoders to CPU once prompt embeddings are cached."""
-    prompt_cache_gib: float = 4.0
+    prompt_cache_gib: float = Field(4.0, ge=0)
     """Host memory per rank for cached prompt encodings; past it the least recently used go (and are
-    encoded again if they come back). FLUX at 128 T5 tokens: 1 MiB a prompt, ~4000 prompts in 4 GiB."""
+    encoded again if they come back); 0 = encode prompts every time. FLUX at 128 T5 tokens: 1 MiB a prompt,
+    ~4000 prompts in 4 GiB."""
     max_sequence_length: int = 128
     """T5 tokens per prompt: FLUX attends over them with the image's tokens in every block, so each forward
     costs more with every token (512 px FLUX.1-dev: 1024 image tokens; 512 text tokens make a forward
@@ -60,13 +85,14 @@ class PolicyConfig:
     fit the GPU's memory without it (on the CPU: off)."""
 
 
-@dataclass
-class SamplerConfig:
+class SamplerConfig(BaseModel):
+    model_config = SECTION
+
     name: str = "cps"
     """Sampler of fastcps.samplers: cps | flow_sde | dance_sde | ode | cpws | dpmpp1_sde."""
     eta: float | None = None
     """Noise level; None = the sampler's default (cps 0.8, flow_sde 0.7, dance_sde 0.3)."""
-    num_steps: int = 8
+    num_steps: int = Field(8, ge=1)
     """Sampling steps of a rollout."""
     logprob: Literal["paper", "gaussian"] | None = None
     """Log-prob form; None = the sampler's own (cps: paper, flow_sde/dance_sde: gaussian)."""
@@ -74,37 +100,89 @@ class SamplerConfig:
     """KL form of train.beta_kl·KL, KL = w·mean((μθ − μref)²); None = the sampler's anchor's training code:
     cps `paper` (w = 1, FlowCPS), flow_sde `flow_grpo` (w = 1/(2·std_dev_t²), Flow-GRPO's code, no √Δ),
     dance_sde `gaussian` (w = 1/(2s²), the step Gaussians' KL; DanceGRPO has no KL). See docs/math.md."""
-    timestep_fraction: float = 1.0
+    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)
     """Fraction of the noisy steps that are trained (the first ones, as flow_grpo does)."""
-    sde_window_size: int | None = None
+    sde_window_size: int | None = Field(None, ge=1)
     """MixGRPO-style window: only this many consecutive steps are stochastic (ODE elsewhere)."""
     sde_window_range: tuple[int, int] | None = None
     """[lo, hi): the window's first step is drawn per epoch from this range; None = [0, T - size + 1)."""
 
-    def validate(self, world_size: int | None = None) -> None:
-        if self.name not in SAMPLERS:
-            raise ValueError(f"sampler.name {self.name!r} is not a sampler; choose one of {sorted(SAMPLERS)}")
-        if self.num_steps < 1:
-            raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
-        if not 0.0 < self.timestep_fraction <= 1.0:
-            raise ValueError(f"sampler.timestep_fraction must lie in (0, 1], got {self.timestep_fraction}")
-        if self.sde_window_size is not None and not 1 <= self.sde_window_size <= self.num_steps:
+    @field_validator("name")
+    @classmethod
+    def _known_sampler(cls, name: str) -> str:
+        if name not in SAMPLERS:
+            close = difflib.get_close_matches(name, list(SAMPLERS), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{name!r} is not a sampler; {hint}choose one of {sorted(SAMPLERS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> SamplerConfig:
+        if self.sde_window_size is not None and self.sde_window_size > self.num_steps:
             raise ValueError(f"sampler.sde_window_size must lie in [1, num_steps={self.num_steps}], "
                              f"got {self.sde_window_size}")
+        return self
 
 
-@dataclass
-class RewardConfig:
+class RewardConfig(BaseModel):
+    model_config = ConfigDict(**SECTION, json_schema_extra=lambda schema, cls: _reward_args_schema(schema))
+
     name: str
-    """Registered reward: digit, jpeg_compressibility, pickscore, hpsv2, ocr, geneval, aesthetic."""
+    """Registered reward (fastcps.rewards.REGISTRY): digit, digit_clean_trained, jpeg_compressibility,
+    pickscore, hpsv2, ocr, geneval, aesthetic."""
     weight: float = 1.0
     """Weight in the summed reward the advantages are computed from."""
-    args: dict[str, Any] = field(default_factory=dict)
-    """Constructor arguments of the reward (e.g. a weights path)."""
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Constructor arguments of the reward (e.g. a weights path), checked against the reward's `Args`."""
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from fastcps.rewards import REGISTRY, unknown_reward_message
+
+        if name not in REGISTRY:
+            raise ValueError(unknown_reward_message(name))
+        return name
+
+    @field_validator("args")
+    @classmethod
+    def _typed_args(cls, args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked against the reward's ``Args`` now rather than when the trainer builds the reward, after
+        the policy and DeepSpeed loaded. Kept as given: the reward's constructor fills the defaults."""
+        from fastcps.rewards import args_model
+
+        name = info.data.get("name")  # absent when the name failed: that error is the one reported
+        model = None if name is None else args_model(name)
+        if model is not None:
+            try:
+                model.model_validate(args, strict=True)
+            except ValidationError as err:
+                raise PydanticCustomError(
+                    "reward_args", "bad arguments of reward {reward}: {detail}",
+                    {"reward": name, "detail": str(err.errors()[0]["msg"]), NESTED_ERRORS: err.errors(),
+                     "config_model": model, "config_note": f"arguments of reward {name!r}"},
+                ) from None
+        return args
 
 
-@dataclass
-class PromptConfig:
+def _reward_args_schema(schema: dict) -> None:
+    """Each built-in reward's ``Args`` as JSON Schema ``if name == X then args: Args(X)``: editors
+    complete and check a reward's arguments too."""
+    from fastcps.rewards import REGISTRY, args_model
+
+    cases = []
+    for name, target in REGISTRY.items():
+        # built-in ones only: the committed schema must not depend on what else a process registered
+        model = args_model(name) if target.startswith("fastcps.rewards.") else None
+        if model is not None:
+            then = {"properties": {"args": model.model_json_schema(by_alias=True)}}
+            cases.append({"if": {"properties": {"name": {"const": name}}}, "then": then})
+    schema["allOf"] = cases
+
+
+class PromptConfig(BaseModel):
+    model_config = SECTION
+
     source: str = "digits"
     """`digits` (the toy's prompts), or a .txt file (one prompt per line) or .jsonl file
     ({"prompt": ..., "metadata": {...}} per line)."""
@@ -112,21 +190,22 @@ class PromptConfig:
     """Prompts of the fixed eval set; None = the first `eval.num_prompts` of `source`."""
 
 
-@dataclass
-class TrainConfig:
-    num_epochs: int = 40
+class TrainConfig(BaseModel):
+    model_config = SECTION
+
+    num_epochs: int = Field(40, ge=1)
     """Epochs; one epoch = one rollout of `prompts_per_epoch` x `images_per_prompt` images + updates."""
-    prompts_per_epoch: int = 8
+    prompts_per_epoch: int = Field(8, ge=1)
     """Distinct prompts per epoch, over all ranks (a group may span ranks)."""
-    images_per_prompt: int = 8
-    """K: images per prompt, the GRPO group size."""
-    rollout_batch_size: int = 16
+    images_per_prompt: int = Field(8, ge=2)
+    """K: images per prompt, the GRPO group size (>= 2: GRPO compares images within a group)."""
+    rollout_batch_size: int = Field(16, ge=1)
     """Images per rollout forward, per rank."""
-    minibatch_size: int = 16
+    minibatch_size: int = Field(16, ge=1)
     """Images per training forward, per rank (DeepSpeed's micro batch)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = Field(1, ge=1)
     """Minibatches per optimizer step; every trained timestep of a minibatch accumulates too."""
-    num_inner_epochs: int = 1
+    num_inner_epochs: int = Field(1, ge=1)
     """Passes over one epoch's samples."""
     lr: float = 3e-4
     """AdamW learning rate."""
@@ -138,7 +217,7 @@ class TrainConfig:
     """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Gradient clipping (DeepSpeed gradient_clipping)."""
-    clip_range: float = 1e-4
+    clip_range: float = Field(1e-4, gt=0.0)
     """PPO ratio clip. CPS's log-prob is not divided by the noise variance, so its ratios move by
     ~1e-4 per update: flow_grpo uses 1e-5 for CPS and 2e-4 for Flow-SDE."""
     adv_clip_max: float = 5.0
@@ -157,20 +236,18 @@ class TrainConfig:
     the first step (fastcps.update.run_update)."""
     ema_decay: float | None = None
     """EMA of the trained weights, used for eval; None = off."""
-    max_nonfinite_steps: int = 3
+    max_nonfinite_steps: int = Field(3, ge=1)
     """Stop after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
 
-    def validate(self, world_size: int | None = None) -> None:
-        for key in ("num_epochs", "prompts_per_epoch", "images_per_prompt", "rollout_batch_size",
-                    "minibatch_size", "gradient_accumulation_steps", "num_inner_epochs", "max_nonfinite_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if self.images_per_prompt < 2:
-            raise ValueError("train.images_per_prompt must be >= 2: GRPO compares images within a group")
-        if self.clip_range <= 0:
-            raise ValueError(f"train.clip_range must be > 0, got {self.clip_range}")
-        if world_size is None:
-            return
+    @model_validator(mode="after")
+    def _splits_over_processes(self, info: ValidationInfo) -> TrainConfig:
+        """Only in ``validate_tree(cfg, world_size)``: each process gets whole batches."""
+        world_size = _world_size(info)
+        if world_size is not None:
+            self._check_split(world_size)
+        return self
+
+    def _check_split(self, world_size: int) -> None:
         total = self.prompts_per_epoch * self.images_per_prompt
         if total % world_size:
             raise ValueError(f"train.prompts_per_epoch x train.images_per_prompt = {total} images per epoch "
@@ -187,9 +264,10 @@ class TrainConfig:
                              f"not divide the {per_rank // self.minibatch_size} minibatches per process")
 
 
-@dataclass
-class EvalConfig:
-    every: int = 5
+class EvalConfig(BaseModel):
+    model_config = SECTION
+
+    every: int = Field(5, ge=0)
     """Evaluate every this many epochs (and before the first and after the last); 0 = never."""
     num_prompts: int = 10
     """Prompts in the fixed eval set."""
@@ -201,8 +279,9 @@ class EvalConfig:
     """Seed of the eval set's initial noises."""
 
 
-@dataclass
-class LogConfig:
+class LogConfig(BaseModel):
+    model_config = SECTION
+
     tensorboard: bool = True
     """TensorBoard scalars and images in <run>/tb."""
     wandb: bool = False
@@ -213,16 +292,20 @@ class LogConfig:
     """Progress of rollout and update on rank 0: tqdm bars on a terminal, one plain line per phase otherwise."""
 
 
-@dataclass
-class CheckpointConfig:
-    every: int = 10
+class CheckpointConfig(BaseModel):
+    model_config = SECTION
+
+    every: int = Field(10, ge=0)
     """Save a checkpoint every this many epochs (and at the end); 0 = only at the end."""
     keep: int = 2
     """Periodic checkpoints kept (the newest); the final one is always kept."""
 
 
-@dataclass
-class RunConfig:
+class RunConfig(BaseModel):
+    """A fastcps training run (``python -m fastcps.train --config FILE``)."""
+
+    model_config = ConfigDict(**SECTION, json_schema_extra=lambda schema, cls: _allow_schema_key(schema))
+
     name: str = "run"
     """Run name; the run directory is <output_dir>/<name>."""
     output_dir: str = "runs"
@@ -235,20 +318,57 @@ class RunConfig:
     """ZeRO stage, overriding the DeepSpeed JSON's: `auto` takes ZeRO-2 (whole weights on every GPU, no
     parameter gathers) when the resource plan says it fits the GPU's memory and ZeRO-3 when it does not
     (on the CPU: the JSON's stage); None = the JSON's."""
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig("digit")])
-    prompts: PromptConfig = field(default_factory=PromptConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    """The trained model: adapter, weights, precision, LoRA."""
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    """The rollouts' sampler and which of its steps are trained."""
+    rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig(name="digit")], min_length=1)
+    """The rewards summed (weighted) into the one the advantages are computed from; at least one."""
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    """Training and eval prompts."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Batch sizes, optimizer and GRPO loss."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """The fixed eval set, sampled with the ODE."""
+    log: LogConfig = Field(default_factory=LogConfig)
+    """TensorBoard, W&B, image grids, progress."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """How often checkpoints are saved and how many are kept."""
 
-    def validate(self, world_size: int | None = None) -> None:
-        if not self.rewards:
-            raise ValueError("rewards must name at least one reward")
-        if self.eval.every < 0 or self.checkpoint.every < 0:
-            raise ValueError("eval.every and checkpoint.every must be >= 0")
-        if self.policy.prompt_cache_gib < 0:
-            raise ValueError(f"policy.prompt_cache_gib must be >= 0 (0: encode prompts every time), "
-                             f"got {self.policy.prompt_cache_gib}")
+    @field_validator("rewards")
+    @classmethod
+    def _each_reward_once(cls, parts: list[RewardConfig]) -> list[RewardConfig]:
+        names = [r.name for r in parts]  # each reward's component is logged under its name
+        if len(set(names)) != len(names):
+            raise ValueError(f"a reward may appear once, got {names}")
+        return parts
+
+
+def _allow_schema_key(schema: dict) -> None:
+    """A config file may name its schema (``"$schema": "schema.json"``, for editors); the loader drops it."""
+    schema["properties"] = {SCHEMA_KEY: {"type": "string", "description": "JSON Schema of this file "
+                                         "(for editors; ignored by the loader)."}, **schema["properties"]}
+
+
+def schema_json() -> str:
+    """``RunConfig``'s JSON Schema as committed in configs/schema.json."""
+    return json.dumps(RunConfig.model_json_schema(), indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastcps.config", description=__doc__.splitlines()[0])
+    p.add_argument("--schema", action="store_true", help="print the JSON Schema of the run config")
+    p.add_argument("--out", metavar="FILE", help="write the schema to FILE instead of printing it")
+    args = p.parse_args(argv)
+    if not args.schema:
+        p.error("nothing to do: give --schema")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(schema_json())
+    else:
+        sys.stdout.write(schema_json())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,17 +1,16 @@
-"""Strict, typed config loading: JSON file + ``--set`` overrides -> a tree of dataclasses.
+"""Strict, typed config loading: JSON file + ``--set`` overrides -> a tree of pydantic models.
 
 Why strict: a typo such as ``"lerning_rate": 1e-5`` in a JSON config is silently ignored by
 ``dict.get`` style loaders, and the run trains for hours with the default. Here every unknown key, wrong
-type or missing required field raises a :class:`ConfigError` that names the full dotted key, what was
-expected and what was given, before any model loads.
+type, out-of-range value or missing required field raises a :class:`ConfigError` that names the full
+dotted key, what was expected and what was given, before any model loads.
 
-This module knows no field names: it is driven only by the dataclass annotations of ``cls``.
-
-Supported field types: ``int`` (``bool`` is rejected), ``float`` (``int`` accepted and converted),
-``str``, ``bool``, ``Optional[X]`` / ``X | None``, other unions, ``Literal[...]``, ``list[X]``,
-``tuple[X, Y]`` / ``tuple[X, ...]``, ``dict[str, X]``, ``Any`` and nested dataclasses (also inside lists
-and dicts). Annotations are resolved with :func:`typing.get_type_hints`, so modules that use
-``from __future__ import annotations`` work.
+The models (``fastcps.config``) declare fields, defaults, ranges and cross-field checks, and pydantic
+validates them, in its strict JSON mode: ``true`` is not an int, ``"3"`` is not a number, an int is a
+float. This module adds what pydantic leaves out: ``--set dotted.key=value`` overrides (sections and
+list elements absent from the file are filled from the defaults), rejection of duplicate JSON keys, and
+one-line messages (with a "did you mean" for unknown keys) instead of pydantic's multi-line report.
+It knows no field names: it is driven by the models' fields and annotations.
 
 Typical use::
 
@@ -23,18 +22,27 @@ Typical use::
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import json
 import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 __all__ = ["ConfigError", "from_dict", "load_config", "save_config", "to_dict", "validate_tree"]
 
-_MISSING = dataclasses.MISSING
+SCHEMA_KEY = "$schema"
+"""A config file's top-level ``"$schema"`` (the JSON Schema an editor checks it against) is not config."""
+
+NESTED_ERRORS = "config_errors"
+"""``ctx`` key of a validator's ``PydanticCustomError`` carrying the errors of a model it validated itself
+(``{"config_errors": err.errors(), "config_model": Model, "config_note": "..."}``): the message names the
+key inside it, and ends with the note when one is given."""
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
 class ConfigError(ValueError):
@@ -52,10 +60,41 @@ def _where(path: str) -> str:
     return f"config key '{path}'" if path else "config root"
 
 
+def _is_union(origin: Any) -> bool:
+    return origin is Union or origin is types.UnionType
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _unwrap(tp: Any) -> Any:
+    """``Annotated[X, ...]`` -> X and ``Optional[X]`` -> X (one non-None member); anything else unchanged."""
+    while True:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is Annotated:
+            tp = args[0]
+        elif _is_union(origin) and len([a for a in args if a is not type(None)]) == 1:
+            tp = next(a for a in args if a is not type(None))
+        else:
+            return tp
+
+
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
-    if isinstance(tp, type) and typing.get_origin(tp) is None:
+    if tp is Ellipsis:
+        return "..."
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if _is_union(origin):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(json.dumps(c) for c in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    if isinstance(tp, type):
         return tp.__name__
     return repr(tp).replace("typing.", "")
 
@@ -75,176 +114,163 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _is_union(origin: Any) -> bool:
-    return origin is Union or origin is types.UnionType
-
-
-def _strip_optional(tp: Any) -> Any:
-    """``Optional[X]`` -> ``X`` (only when exactly one non-None member); anything else unchanged."""
-    if _is_union(typing.get_origin(tp)):
-        members = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(members) == 1:
-            return members[0]
-    return tp
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except NameError as e:  # a developer error, but say which class so it is quick to find
-        raise TypeError(
-            f"cannot resolve the annotations of {cls.__qualname__}: {e}. Config dataclasses must be "
-            "defined at module level so typing.get_type_hints can see their names."
-        ) from e
-
-
-def _init_fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.init]
-
-
 def _unknown_key_error(path: str, key: str, valid: Sequence[str], what: str = "key") -> ConfigError:
     full = _join(path, key)
     msg = f"unknown config {what} '{full}'"
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    if close:
-        msg += f"; did you mean '{_join(path, close[0])}'?"
+    msg += f"; did you mean '{_join(path, close[0])}'?" if close else "."
     section = f"under '{path}'" if path else "at the top level"
     msg += f" Valid keys {section}: {', '.join(valid) if valid else '(none)'}"
     return ConfigError(msg)
 
 
+# ------------------------------------------------------------------- pydantic errors -> one-line messages
+
+
+def _keys(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's keys (a field's alias where it has one: the key in the file) -> their fields."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
+def _child(tp: Any, part: Any) -> Any:
+    """Annotation of ``tp``'s member ``part`` (a key, list index or dict key); None when it has none."""
+    if _is_model(tp):
+        field = _keys(tp).get(part)
+        return None if field is None else field.annotation
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, Sequence) or tp is list:
+        return args[0] if args else Any
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+        return args[part] if isinstance(part, int) and part < len(args) else Any
+    if origin in (dict, Mapping) or tp is dict:
+        return args[1] if args else Any
+    return None
+
+
+def _locate(tp: Any, loc: Sequence[Any]) -> tuple[list[Any], list[Any], tuple]:
+    """Follow a pydantic error location from annotation ``tp``: (keys, annotation after each, loc left).
+
+    Stops where the annotation has no member ``part``: an unknown key, or a union of several types
+    (pydantic's loc then names a member of the union, not a key: the message is about the whole union)."""
+    keys, trail = [], [_unwrap(tp)]
+    for i, part in enumerate(loc):
+        child = _child(trail[-1], part)
+        if child is None:
+            return keys, trail, tuple(loc[i:])
+        keys.append(part)
+        trail.append(_unwrap(child))
+    return keys, trail, ()
+
+
+def _expected(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return "bool (true/false)"
+    if _is_model(tp):
+        return f"an object ({tp.__name__})"
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        return f"a list ({_type_name(tp)})"
+    if origin in (dict, Mapping) or tp is dict:
+        return f"an object ({_type_name(tp)})"
+    return _type_name(tp)
+
+
+def _message(root: Any, err: Mapping, prefix: str = "") -> str:
+    """One line for pydantic error ``err`` (``loc`` relative to annotation ``root`` at key ``prefix``)."""
+    kind, ctx, given = err["type"], err.get("ctx") or {}, err.get("input")
+    keys, trail, rest = _locate(root, err["loc"])
+    path = ".".join([prefix] * bool(prefix) + [str(k) for k in keys])
+    tp, parent = trail[-1], trail[-2] if len(trail) > 1 else None
+    if NESTED_ERRORS in ctx:  # a validator checked a model of its own (a reward's args): name the key in it
+        note = f" ({ctx['config_note']})" if ctx.get("config_note") else ""
+        return _message(ctx["config_model"], ctx[NESTED_ERRORS][0], path) + note
+    if kind == "extra_forbidden" and _is_model(tp) and rest:
+        return str(_unknown_key_error(path, str(rest[0]), list(_keys(tp))))
+    if kind == "missing" and typing.get_origin(parent) is tuple:
+        return _length_message(path.rpartition(".")[0], parent, given)
+    if kind == "missing":
+        return (f"missing required config key '{path}' (type {_type_name(tp)}); "
+                "set it in the JSON file or with --set")
+    if kind in ("value_error", "assertion_error"):
+        text = str(ctx.get("error", err["msg"]))
+        if _is_model(tp):  # a section's cross-field check: prefixed with the section, as the check names keys
+            return f"{path}: {text}" if path else text
+        return f"{_where(path)}: {text}"
+    return _value_message(path, tp, kind, ctx, given, err["msg"])
+
+
+def _length_message(path: str, tp: Any, given: Any) -> str:
+    n = len(typing.get_args(tp))
+    size = len(given) if isinstance(given, (list, tuple)) else "?"
+    return f"{_where(path)}: expected {n} elements ({_type_name(tp)}), got {size}: {_show(given)}"
+
+
+def _value_message(path: str, tp: Any, kind: str, ctx: Mapping, given: Any, msg: str) -> str:
+    """A value of the wrong type, out of range, or not among a Literal's choices."""
+    bounds = [f"{op} {ctx[k]}" for k, op in _BOUNDS.items() if k in ctx]
+    if bounds:
+        return f"{_where(path)}: expected {_type_name(tp)} {' and '.join(bounds)}, got {_show(given)}"
+    if kind in ("too_short", "too_long") and typing.get_origin(tp) is tuple:
+        return _length_message(path, tp, given)
+    if kind in ("too_short", "too_long"):
+        bound = f"at least {ctx['min_length']}" if kind == "too_short" else f"at most {ctx['max_length']}"
+        return f"{_where(path)}: expected {bound} elements, got {_show(given)}"
+    if typing.get_origin(tp) is Literal:
+        choices = ", ".join(json.dumps(c) for c in typing.get_args(tp))
+        return f"{_where(path)}: expected one of {choices}; got {_show(given)}"
+    if kind.endswith("_type") or kind.endswith("_parsing") or _is_union(typing.get_origin(tp)):
+        return f"{_where(path)}: expected {_expected(tp)}, got {_show(given)}"
+    return f"{_where(path)}: {msg}, got {_show(given)}"
+
+
+def _config_error(root: Any, err: ValidationError, prefix: str = "") -> ConfigError:
+    """The first of pydantic's errors (field order, as a reader checks the file), as a ConfigError."""
+    return ConfigError(_message(root, err.errors()[0], prefix))
+
+
+def _validate(tp: Any, data: Any, context: Mapping | None) -> Any:
+    """Strict validation of plain JSON data as ``tp`` (a model or any annotation)."""
+    adapter = tp if _is_model(tp) else TypeAdapter(tp)
+    validate_json = adapter.model_validate_json if _is_model(tp) else adapter.validate_json
+    validate_py = adapter.model_validate if _is_model(tp) else adapter.validate_python
+    try:
+        text = json.dumps(data)
+    except (TypeError, ValueError):  # not JSON data (objects set in code): pydantic's strict Python mode
+        return validate_py(data, strict=True, context=context)
+    # JSON mode: a JSON list is a tuple and an int a float, as in the file, while strict mode still
+    # refuses what a lax parse would guess at ("3" as an int, 1 as a bool).
+    return validate_json(text, strict=True, context=context)
+
+
 # ------------------------------------------------------------------------------------------ conversion
 
 
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    """Check ``value`` (plain JSON data) against annotation ``tp`` and build the typed value."""
-    if tp is Any or tp is object:
-        return value
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            value = to_dict(value)  # re-check it like any other input
-        return from_dict(tp, value, path)
-
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-
-    if _is_union(origin):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{_where(path)}: expected {_type_name(tp)}, got null")
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1:  # Optional[X]: X's own error message is the most useful one
-            return _convert(members[0], value, path)
-        # Prefer a member the value already is exactly (int | float keeps 3 an int).
-        members.sort(key=lambda a: 0 if type(value) is a else 1)
-        for member in members:
-            try:
-                return _convert(member, value, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{_where(path)}: expected {_type_name(tp)}, got {_show(value)}")
-
-    if origin is Literal:
-        # type() check too: 1 == True and 0 == False would otherwise slip through.
-        if any(value == c and type(value) is type(c) for c in args):
-            return value
-        choices = ", ".join(json.dumps(c) if _jsonable(c) else repr(c) for c in args)
-        raise ConfigError(f"{_where(path)}: expected one of {choices}; got {_show(value)}")
-
-    if origin in (list, Sequence) or tp is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{_where(path)}: expected a list ({_type_name(tp)}), got {_show(value)}")
-        item_tp = args[0] if args else Any
-        return [_convert(item_tp, v, _join(path, i)) for i, v in enumerate(value)]
-
-    if origin is tuple or tp is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{_where(path)}: expected a list ({_type_name(tp)}), got {_show(value)}")
-        if not args:
-            return tuple(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, _join(path, i)) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(
-                f"{_where(path)}: expected {len(args)} elements ({_type_name(tp)}), "
-                f"got {len(value)}: {_show(value)}"
-            )
-        return tuple(_convert(a, v, _join(path, i)) for i, (a, v) in enumerate(zip(args, value)))
-
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{_where(path)}: expected an object ({_type_name(tp)}), got {_show(value)}")
-        key_tp, val_tp = args if args else (Any, Any)
-        out = {}
-        for k, v in value.items():
-            if key_tp is str and not isinstance(k, str):
-                raise ConfigError(f"{_where(path)}: keys must be strings, got {_show(k)}")
-            out[k] = _convert(val_tp, v, _join(path, k))
-        return out
-
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{_where(path)}: expected bool (true/false), got {_show(value)}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):  # True is an int in Python, not here
-            return value
-        raise ConfigError(f"{_where(path)}: expected int, got {_show(value)}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{_where(path)}: expected float, got {_show(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{_where(path)}: expected str, got {_show(value)}")
-
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise ConfigError(f"{_where(path)}: expected {_type_name(tp)}, got {_show(value)}")
-    raise TypeError(f"{_where(path)}: unsupported annotation {tp!r} in a config dataclass")
-
-
-def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data, strictly.
+def from_dict(cls: type, data: Any, path: str = "", context: Mapping | None = None) -> Any:
+    """Build model ``cls`` from plain data, strictly.
 
     Raises :class:`ConfigError` for an unknown key (with the valid keys and a "did you mean"), a value of
-    the wrong type (with the expected type and the value given) or a missing required field. ``path``
-    is the dotted prefix used in messages (the location of ``data`` inside a larger config).
+    the wrong type or out of range (with the expected type and the value given), a missing required
+    field, or a failed cross-field check. ``path`` is the dotted prefix used in messages (the location
+    of ``data`` inside a larger config); ``context`` is pydantic's validation context
+    (``{"world_size": n}`` turns on the checks that need the number of processes).
     """
-    if not _is_dataclass_type(cls):
-        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    if not _is_model(cls):
+        raise TypeError(f"from_dict needs a pydantic model type, got {cls!r}")
     if not isinstance(data, Mapping):
         raise ConfigError(f"{_where(path)}: expected an object ({cls.__name__}), got {_show(data)}")
-    fields = _init_fields(cls)
-    names = [f.name for f in fields]
-    for key in data:
-        if key not in names:
-            raise _unknown_key_error(path, str(key), names)
-    hints = _hints(cls)
-    kwargs = {}
-    for f in fields:
-        key = _join(path, f.name)
-        if f.name in data:
-            kwargs[f.name] = _convert(hints[f.name], data[f.name], key)
-        elif f.default is _MISSING and f.default_factory is _MISSING:
-            raise ConfigError(
-                f"missing required config key '{key}' (type {_type_name(hints[f.name])}); "
-                "set it in the JSON file or with --set"
-            )
-    return cls(**kwargs)
+    try:
+        return _validate(cls, to_dict(data), context)
+    except ValidationError as err:
+        raise _config_error(cls, err, path) from None
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain JSON-able data from a dataclass tree, in field order (tuples become lists)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in _init_fields(type(obj))}
+    """Plain JSON-able data from a model tree, in field order (tuples become lists)."""
+    if isinstance(obj, BaseModel):
+        # by_alias: a field renamed because its key clashes with pydantic's names keeps its key
+        return to_dict(obj.model_dump(by_alias=True))
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, Mapping):
@@ -262,60 +288,59 @@ def _parse_override_value(text: str) -> Any:
         return text
 
 
-def _default_data(f: dataclasses.Field) -> Any:
-    if f.default is not _MISSING:
-        return to_dict(f.default)
-    if f.default_factory is not _MISSING:
-        return to_dict(f.default_factory())
-    return _MISSING
+def _field_type(cls: type[BaseModel], name: str) -> Any:
+    """The field's annotation with its constraints (``Field(ge=1)``), to check an override value."""
+    field = cls.model_fields[name]
+    return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
 
 
 def _step(tp: Any, node: Any, seg: str, path: str, create: bool) -> tuple[Any, Any, Any]:
     """Resolve one path segment: returns (container, key, field annotation) for ``node[seg]``.
 
     ``node`` is the plain-data value at ``path`` (``tp`` its annotation). When ``create`` is set and
-    the key is missing from the data, it is filled from the dataclass default, so that
+    the key is missing from the data, it is filled from the model's default, so that
     ``model.lr=...`` on a section absent from the file keeps the section's other defaults.
     """
-    tp = _strip_optional(tp)
+    tp = _unwrap(tp)
     origin = typing.get_origin(tp)
-    if _is_dataclass_type(tp):
+    if _is_model(tp):
         if not isinstance(node, dict):
             raise ConfigError(f"{_where(path)}: expected an object ({tp.__name__}), got {_show(node)}")
-        fields = {f.name: f for f in _init_fields(tp)}
-        if seg not in fields:
-            raise _unknown_key_error(path, seg, list(fields))
+        if seg not in tp.model_fields:
+            raise _unknown_key_error(path, seg, list(tp.model_fields))
         if create and node.get(seg) is None:
-            default = _default_data(fields[seg])
-            node[seg] = {} if default is _MISSING or default is None else default
-        return node, seg, _hints(tp)[seg]
+            default = to_dict(tp.model_fields[seg].get_default(call_default_factory=True))
+            node[seg] = {} if default is None else default
+        return node, seg, _field_type(tp, seg)
     if origin is list:
-        if not isinstance(node, list):
-            raise ConfigError(f"{_where(path)}: expected a list, got {_show(node)}")
-        try:
-            index = int(seg)
-        except ValueError:
-            raise ConfigError(
-                f"cannot set '{_join(path, seg)}': '{path}' is a list, index it with a number "
-                f"(0..{len(node) - 1})"
-            ) from None
-        if not 0 <= index < len(node):
-            raise ConfigError(
-                f"cannot set '{_join(path, seg)}': index {index} out of range, '{path}' has "
-                f"{len(node)} elements; to change the list's length set the whole list as JSON"
-            )
-        args = typing.get_args(tp)
-        return node, index, args[0] if args else Any
-    if origin is dict:
+        return _list_step(tp, node, seg, path)
+    if origin is dict or tp is dict:
         if not isinstance(node, dict):
             raise ConfigError(f"{_where(path)}: expected an object, got {_show(node)}")
-        args = typing.get_args(tp)
         if create and node.get(seg) is None:
             node[seg] = {}
-        return node, seg, args[1] if args else Any
+        return node, seg, _child(tp, seg)
     raise ConfigError(
         f"cannot set '{_join(path, seg)}': '{path}' is a value of type {_type_name(tp)}, not a section"
     )
+
+
+def _list_step(tp: Any, node: Any, seg: str, path: str) -> tuple[Any, Any, Any]:
+    if not isinstance(node, list):
+        raise ConfigError(f"{_where(path)}: expected a list, got {_show(node)}")
+    try:
+        index = int(seg)
+    except ValueError:
+        raise ConfigError(
+            f"cannot set '{_join(path, seg)}': '{path}' is a list, index it with a number "
+            f"(0..{len(node) - 1})"
+        ) from None
+    if not 0 <= index < len(node):
+        raise ConfigError(
+            f"cannot set '{_join(path, seg)}': index {index} out of range, '{path}' has "
+            f"{len(node)} elements; to change the list's length set the whole list as JSON"
+        )
+    return node, index, _child(tp, index)
 
 
 def _apply_override(cls: type, data: dict, override: str) -> None:
@@ -331,19 +356,22 @@ def _apply_override(cls: type, data: dict, override: str) -> None:
         container, k, tp = _step(tp, node, seg, path, create=True)
         node, path = container[k], _join(path, seg)
     container, k, field_tp = _step(tp, node, segs[-1], path, create=False)
+    container[k] = _override_value(field_tp, text, key, override)
 
-    # JSON first ("3" -> 3, "true" -> True, "[1,2]" -> list); when that does not fit the field but the
-    # raw text does (a str field set to "123" or "null"), the user meant the text.
+
+def _override_value(field_tp: Any, text: str, key: str, override: str) -> Any:
+    """JSON first ("3" -> 3, "true" -> True, "[1,2]" -> list); when that does not fit the field but the
+    raw text does (a str field set to "123" or "null"), the user meant the text."""
     value = _parse_override_value(text)
     try:
-        _convert(field_tp, copy.deepcopy(value), key)
-    except ConfigError as e:
+        _validate(field_tp, value, None)
+    except ValidationError as err:
         try:
-            _convert(field_tp, text, key)
-        except ConfigError:
-            raise ConfigError(f"{e} (from override '{override}')") from None
-        value = text
-    container[k] = value
+            _validate(field_tp, text, None)
+        except ValidationError:
+            raise ConfigError(f"{_config_error(field_tp, err, key)} (from override '{override}')") from None
+        return text
+    return value
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -364,6 +392,22 @@ def _deep_merge(base: dict, top: Mapping) -> dict:
     return base
 
 
+def _read_json(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = json.load(fh, object_pairs_hook=_reject_duplicate_keys)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: the top level must be a JSON object, got {_show(loaded)}")
+    loaded.pop(SCHEMA_KEY, None)
+    return loaded
+
+
 def load_config(
     cls: type,
     path: str | os.PathLike | None,
@@ -373,26 +417,16 @@ def load_config(
     """Load ``cls`` from ``defaults`` <- JSON file at ``path`` <- ``overrides``, strictly.
 
     - ``defaults``: plain data deep-merged under the file (objects merge key by key, anything else is
-      replaced). Unset keys fall back to the dataclass defaults.
+      replaced). Unset keys fall back to the model defaults.
+    - The file's top-level ``"$schema"`` key (for editors) is ignored.
     - ``overrides``: ``"a.b.c=value"``; the value is parsed as JSON when it parses (numbers,
       true/false, null, lists, objects), else taken as a plain string. A list element of a list of
-      dataclasses is addressed by index: ``"rewards.0.weight=2"``. An unknown key or a key into a
+      models is addressed by index: ``"rewards.0.weight=2"``. An unknown key or a key into a
       non-section raises :class:`ConfigError` like an unknown key in the file.
     """
     data: dict = copy.deepcopy(dict(defaults)) if defaults else {}
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = json.load(fh, object_pairs_hook=_reject_duplicate_keys)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-        except ConfigError as e:
-            raise ConfigError(f"config file {path}: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: the top level must be a JSON object, got {_show(loaded)}")
-        _deep_merge(data, loaded)
+        _deep_merge(data, _read_json(path))
     if isinstance(overrides, str):  # a lone string would otherwise be iterated character by character
         overrides = [overrides]
     for override in overrides:
@@ -413,25 +447,19 @@ def save_config(obj: Any, path: str | os.PathLike) -> None:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def validate_tree(obj: Any, world_size: int | None = None, _path: str = "") -> None:
-    """Call ``validate(world_size)`` on every dataclass in the tree, children before parents.
+def validate_tree(obj: Any, world_size: int | None = None) -> None:
+    """Validate the config again, now with the checks that need the number of processes.
 
-    Children first, so a parent's check may rely on its sections being valid. Runs before any model
-    loads, so batch arithmetic that depends on the world size fails in seconds, not after the download.
-    A ``ValueError`` raised by a hook is re-raised as :class:`ConfigError` prefixed with the section.
+    The models' validators read ``world_size`` from pydantic's validation context (None: those checks
+    are skipped, as when a config loads). Runs before any model loads, so batch arithmetic that depends
+    on the world size fails in seconds, not after the download; values changed in code since loading
+    are checked too. A failed check raises :class:`ConfigError` prefixed with its section (``train: ...``).
     """
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            validate_tree(getattr(obj, f.name), world_size, _join(_path, f.name))
-        hook = getattr(obj, "validate", None)
-        if callable(hook):
-            try:
-                hook(world_size)
-            except ValueError as e:  # ConfigError included
-                raise ConfigError(f"{_path}: {e}" if _path else str(e)) from e
+    if isinstance(obj, BaseModel):
+        from_dict(type(obj), to_dict(obj), context={"world_size": world_size})
     elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            validate_tree(v, world_size, _join(_path, i))
+        for v in obj:
+            validate_tree(v, world_size)
     elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            validate_tree(v, world_size, _join(_path, k))
+        for v in obj.values():
+            validate_tree(v, world_size)

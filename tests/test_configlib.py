@@ -1,63 +1,75 @@
 from __future__ import annotations  # on purpose: configlib must resolve string annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from fastcps.configlib import ConfigError, from_dict, load_config, save_config, to_dict, validate_tree
 
-# Module-level dataclasses: typing.get_type_hints must be able to resolve their names.
+# Module-level models: pydantic resolves their string annotations from the module's names.
+SECTION = ConfigDict(extra="forbid")
 
 
-@dataclass
-class RewardCfg:
+class RewardCfg(BaseModel):
+    model_config = SECTION
     name: str
     weight: float = 1.0
 
 
-@dataclass
-class OptimCfg:
+class OptimCfg(BaseModel):
+    model_config = SECTION
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     warmup: Optional[int] = None  # noqa: UP045 -- the typing.Optional spelling is tested on purpose
 
 
-@dataclass
-class TrainCfg:
+class TrainCfg(BaseModel):
+    model_config = SECTION
     batch_size: int = 8
     grad_accum: int = 1
     sampler: Literal["cps", "flow_sde", "ode"] = "cps"
     use_lora: bool = True
-    optim: OptimCfg = field(default_factory=OptimCfg)
+    optim: OptimCfg = Field(default_factory=OptimCfg)
 
-    def validate(self, world_size: int | None = None) -> None:
+    @model_validator(mode="after")
+    def _divisible(self, info: ValidationInfo) -> TrainCfg:
+        world_size = (info.context or {}).get("world_size")  # given by validate_tree only
         if world_size is not None and self.batch_size % world_size:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world_size}")
+        return self
 
 
-@dataclass
-class Root:
+class Root(BaseModel):
+    model_config = SECTION
     run_name: str = "run"
     seed: int = 0
     resume: str | None = None
-    train: TrainCfg = field(default_factory=TrainCfg)
-    rewards: list[RewardCfg] = field(default_factory=lambda: [RewardCfg("pickscore")])
-    extra: dict[str, float] = field(default_factory=dict)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    rewards: list[RewardCfg] = Field(default_factory=lambda: [RewardCfg(name="pickscore")])
+    extra: dict[str, float] = Field(default_factory=dict)
 
 
-@dataclass
-class Required:
+class Required(BaseModel):
+    model_config = SECTION
     path: str
     steps: int = 3
+
+
+class Ranged(BaseModel):
+    model_config = SECTION
+    epochs: int = Field(1, ge=1)
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    checkpointing: bool | Literal["auto"] = False
+    stages: list[int] = Field(default_factory=lambda: [3], min_length=1)
 
 
 def test_defaults_and_nested():
     cfg = from_dict(Root, {"train": {"optim": {"lr": 3e-5}}})
     assert cfg.train.optim.lr == 3e-5
     assert cfg.train.batch_size == 8
-    assert cfg.rewards == [RewardCfg("pickscore", 1.0)]
+    assert cfg.rewards == [RewardCfg(name="pickscore", weight=1.0)]
 
 
 def test_unknown_key_names_full_path_and_suggests():
@@ -75,7 +87,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     assert "did you mean" not in str(e.value)
 
 
-def test_unknown_key_inside_list_of_dataclasses():
+def test_unknown_key_inside_list_of_models():
     with pytest.raises(ConfigError, match=r"'rewards\.1\.wieght'.*did you mean 'rewards\.1\.weight'"):
         from_dict(Root, {"rewards": [{"name": "a"}, {"name": "b", "wieght": 2}]})
 
@@ -155,7 +167,7 @@ def test_overrides(tmp_path):
     assert cfg.train.optim.lr == 1e-5 and cfg.train.optim.betas == (0.5, 0.6)
     assert cfg.train.batch_size == 8 and cfg.train.use_lora is False
     assert cfg.resume is None and cfg.run_name == "my run"
-    assert cfg.rewards == [RewardCfg("a", 1.0), RewardCfg("b", 2.0)]
+    assert cfg.rewards == [RewardCfg(name="a", weight=1.0), RewardCfg(name="b", weight=2.0)]
     assert cfg.extra == {"bonus": 3.0}
 
 
@@ -166,7 +178,7 @@ def test_override_string_field_with_json_looking_text():
 
 def test_override_list_index_into_default_list():
     cfg = load_config(Root, None, ["rewards.0.weight=2"])
-    assert cfg.rewards == [RewardCfg("pickscore", 2.0)]
+    assert cfg.rewards == [RewardCfg(name="pickscore", weight=2.0)]
 
 
 def test_override_errors():
@@ -225,3 +237,26 @@ def test_validate_tree():
     validate_tree(cfg, world_size=3)
     with pytest.raises(ConfigError, match=r"^train: batch_size 6 is not divisible by world size 4"):
         validate_tree(cfg, world_size=4)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"epochs": 0}, "config key 'epochs': expected int >= 1, got 0 (int)"),
+        ({"fraction": 1.5}, "config key 'fraction': expected float <= 1.0, got 1.5 (float)"),
+        ({"checkpointing": "yes"}, "config key 'checkpointing': expected bool | \"auto\", got \"yes\" (str)"),
+        ({"stages": []}, "config key 'stages': expected at least 1 elements, got [] (list)"),
+    ],
+)
+def test_ranges_and_unions_name_the_key(data, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(Ranged, data)
+    assert str(e.value) == message
+    assert from_dict(Ranged, {"checkpointing": "auto", "fraction": 1}).fraction == 1.0
+
+
+def test_validate_tree_checks_values_set_in_code():
+    cfg = from_dict(Ranged, {})
+    cfg.epochs = 0  # pydantic does not check assignments: validate_tree does, before any model loads
+    with pytest.raises(ConfigError, match=r"^config key 'epochs': expected int >= 1, got 0"):
+        validate_tree(cfg)

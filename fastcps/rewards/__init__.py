@@ -6,14 +6,17 @@ images' device, outside DeepSpeed's ZeRO-3 partitioning since they never enter `
 
 from __future__ import annotations
 
+import difflib
 import importlib
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 # name -> "module:Class"; imported only when used so a FLUX user needs no toy and vice versa.
 REGISTRY: dict[str, str] = {
     "digit": "fastcps.rewards.digit:DigitReward",
+    "digit_clean_trained": "fastcps.rewards.digit:DigitCleanTrainedReward",
     "jpeg_compressibility": "fastcps.rewards.jpeg:JpegCompressibility",
     "pickscore": "fastcps.rewards.pickscore:PickScoreReward",
     "hpsv2": "fastcps.rewards.hpsv2:HPSv2Reward",
@@ -23,9 +26,53 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def register(name: str, target: str) -> None:
-    """Register ``"module:Class"`` under ``name`` (for rewards living outside fastcps)."""
+# name -> (target, args model) of rewards registered with an args model (see ``register``).
+_EXTERNAL_ARGS: dict[str, tuple[str, type[BaseModel]]] = {}
+
+DType = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "amp"] | None
+"""The precisions ``fastcps.rewards._util.resolve_dtype`` knows (None = float32)."""
+
+
+class RewardArgs(BaseModel):
+    """Base of a reward's typed ``Args`` (config ``rewards[].args``): unknown keys are errors.
+
+    A reward class declares ``Args`` (a subclass, one field per constructor argument, same defaults) so
+    that the config is checked when it loads, before any model or process group starts. Keep these
+    models free of heavy imports: the config imports the reward's module to find them."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
+
+
+def register(name: str, target: str, args: type[BaseModel] | None = None) -> None:
+    """Register ``"module:Class"`` under ``name`` (for rewards living outside fastcps).
+
+    ``args``: the reward's typed arguments, checked with the config; None = any dict is passed on
+    unchecked (the module is not imported to look for one: an external reward's import may be heavy)."""
     REGISTRY[name] = target
+    if args is None:
+        _EXTERNAL_ARGS.pop(name, None)
+    else:
+        _EXTERNAL_ARGS[name] = (target, args)
+
+
+def args_model(name: str) -> type[BaseModel] | None:
+    """The typed arguments of registered reward ``name``: its class's ``Args``, or None (unchecked)."""
+    target = REGISTRY[name]
+    external = _EXTERNAL_ARGS.get(name)
+    if external is not None and external[0] == target:
+        return external[1]
+    if not target.startswith("fastcps.rewards."):
+        return None
+    module, cls = target.split(":")
+    return getattr(getattr(importlib.import_module(module), cls), "Args", None)
+
+
+def unknown_reward_message(name: object) -> str:
+    """``unknown reward 'digt'; did you mean 'digit'? Registered rewards: ...``"""
+    msg = f"unknown reward {name!r}"
+    close = difflib.get_close_matches(str(name), list(REGISTRY), n=1, cutoff=0.6)
+    msg += f"; did you mean {close[0]!r}?" if close else "."
+    return f"{msg} Registered rewards: {', '.join(sorted(REGISTRY))}"
 
 
 def build_reward(name: str, args: dict | None = None) -> Callable:

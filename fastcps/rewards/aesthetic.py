@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastcps.rewards import DType, RewardArgs
 from fastcps.rewards._util import (
     autocast,
     batches,
@@ -71,6 +72,20 @@ class AestheticReward:
     """
 
     name = "aesthetic"
+
+    class Args(RewardArgs):
+        head: str | None = None
+        """Path of the MLP head's state dict (.pth/.pt/.safetensors); required."""
+        model: str = DEFAULT_CLIP
+        """CLIPModel path or hub id."""
+        processor: str | None = None
+        """CLIPProcessor path or hub id; None = `model`."""
+        device: str | None = None
+        """None = the images' device."""
+        dtype: DType = "float32"
+        """float32 (the anchors' precision) | float16 | bfloat16 | amp for the CLIP model."""
+        batch_size: int = 16
+        """Images per forward."""
 
     def __init__(self, head: str | None = None, model: str = DEFAULT_CLIP, processor: str | None = None,
                  device=None, dtype: str | None = "float32", batch_size: int = 16):

@@ -7,6 +7,14 @@ held-out accuracy is stored in the file's metadata (``heldout_accuracy``).
 
 Reward = softmax(classifier(image))[digit], in [0, 1]. The digit comes from ``metadata[i]['digit']``
 (or ``'label'``) when given, else is parsed from the prompt ("a handwritten digit seven", "the number 7").
+
+``digit_clean_trained`` (``DigitCleanTrainedReward``): the same reward with a classifier of the same
+architecture trained on clean images only (geometric augmentation, no pixel noise, no blur:
+``python -m fastcps.toy.train_classifier --clean`` ->
+``fastcps/assets/toy_digits_classifier_clean.safetensors``). The ``digit`` classifier saw pixel noise
+in training; this one, like a learned preference model trained on clean images (PickScore, HPSv2),
+never did, and scores added pixel noise down about twice as strongly (docs/results.md, part 3b; the
+small residual noise of the toy's 8-step SDE samples costs about the same under both).
 """
 
 from __future__ import annotations
@@ -18,9 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_CLASSIFIER", "DigitCNN", "DigitReward", "load_classifier", "to_classifier_input"]
+from fastcps.rewards import RewardArgs
+
+__all__ = ["CLEAN_CLASSIFIER", "DEFAULT_CLASSIFIER", "DigitCNN", "DigitCleanTrainedReward", "DigitReward",
+           "load_classifier", "to_classifier_input"]
 
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parent.parent / "assets" / "toy_digits_classifier.safetensors"
+CLEAN_CLASSIFIER = Path(__file__).resolve().parent.parent / "assets" / "toy_digits_classifier_clean.safetensors"
 
 
 class DigitCNN(nn.Module):
@@ -47,11 +59,12 @@ class DigitCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
-    """Images [B, 3 or 1, H, W] in [0, 1] -> [B, 1, 16, 16] in [-1, 1] (gray = channel mean)."""
+def to_classifier_input(images: torch.Tensor, reward: str = "digit") -> torch.Tensor:
+    """Images [B, 3 or 1, H, W] in [0, 1] -> [B, 1, 16, 16] in [-1, 1] (gray = channel mean).
+    ``reward`` names the reward in the error message."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(
-            f"digit reward expects images [B, 3, H, W] (or [B, 1, H, W]) in [0, 1], "
+            f"{reward} reward expects images [B, 3, H, W] (or [B, 1, H, W]) in [0, 1], "
             f"got shape {tuple(images.shape)}"
         )
     x = images.float().mean(dim=1, keepdim=True)
@@ -60,15 +73,20 @@ def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
     return x * 2.0 - 1.0
 
 
-def load_classifier(path: str | Path | None = None, device="cpu") -> tuple[DigitCNN, dict]:
+def load_classifier(
+    path: str | Path | None = None, device="cpu", default: Path = DEFAULT_CLASSIFIER, reward: str = "digit",
+    make: str = "python -m fastcps.toy.train_classifier",
+) -> tuple[DigitCNN, dict]:
+    """``path`` or ``default``; ``reward`` and ``make`` (the command that builds ``default``) name
+    the reward and the fix in the error message."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path) if path else DEFAULT_CLASSIFIER
+    path = Path(path) if path else default
     if not path.is_file():
         raise FileNotFoundError(
-            f"digit classifier weights not found at {str(path)!r}; set the reward's `weights` to an "
-            "existing file or make the shipped one with `python -m fastcps.toy.train_classifier`."
+            f"{reward} classifier weights not found at {str(path)!r}; set the reward's `weights` to an "
+            f"existing file or make the shipped one with `{make}`."
         )
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
@@ -82,6 +100,15 @@ class DigitReward:
     of the images). Loads the classifier on first call."""
 
     name = "digit"
+    default_weights = DEFAULT_CLASSIFIER
+
+    class Args(RewardArgs):
+        weights: str | None = None
+        """Classifier weights (.safetensors); None = the shipped one."""
+        device: str | None = None
+        """Device of the classifier; None = the images' device."""
+
+    make = "python -m fastcps.toy.train_classifier"
 
     def __init__(self, weights: str | Path | None = None, device=None):
         self.weights = weights
@@ -91,7 +118,9 @@ class DigitReward:
 
     def _load(self, device) -> DigitCNN:
         if self._model is None:
-            self._model, self.metadata = load_classifier(self.weights, device)
+            self._model, self.metadata = load_classifier(
+                self.weights, device, self.default_weights, self.name, self.make
+            )
         return self._model.to(device)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -99,7 +128,7 @@ class DigitReward:
         device = self.device or images.device
         with torch.no_grad():
             model = self._load(device)
-            return model(to_classifier_input(images.to(device))).float().softmax(dim=-1)
+            return model(to_classifier_input(images.to(device), self.name)).float().softmax(dim=-1)
 
     def __call__(
         self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
@@ -107,8 +136,17 @@ class DigitReward:
         from fastcps.toy.digits import digit_of
 
         if len(prompts) != images.shape[0]:
-            raise ValueError(f"digit reward got {images.shape[0]} images but {len(prompts)} prompts")
+            raise ValueError(f"{self.name} reward got {images.shape[0]} images but {len(prompts)} prompts")
         metadata = metadata if metadata is not None else [None] * len(prompts)
         target = torch.tensor([digit_of(p, m) for p, m in zip(prompts, metadata)], dtype=torch.long)
         probs = self.probabilities(images)
         return probs.gather(1, target.to(probs.device)[:, None])[:, 0]
+
+
+class DigitCleanTrainedReward(DigitReward):
+    """``digit_clean_trained``: ``DigitReward`` with the classifier trained on clean images only
+    (``fastcps/assets/toy_digits_classifier_clean.safetensors``), which penalises pixel noise more."""
+
+    name = "digit_clean_trained"
+    default_weights = CLEAN_CLASSIFIER
+    make = "python -m fastcps.toy.train_classifier --clean"

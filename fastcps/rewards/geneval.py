@@ -43,10 +43,11 @@ import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
+from fastcps.rewards import RewardArgs
 from fastcps.rewards._util import check_inputs, to_pil
 
 __all__ = [
@@ -257,6 +258,26 @@ class GenEvalReward:
     """
 
     name = "geneval"
+
+    class Args(RewardArgs):
+        detector: Literal["server", "given"] = "server"
+        """`server` (the detection server at `url`) or `given` (detections in the prompts' metadata)."""
+        url: str | None = None
+        """Detection server; None = env FASTCPS_GENEVAL_URL."""
+        timeout: float = 120.0
+        """Seconds per server request."""
+        score: Literal["strict", "partial"] = "strict"
+        """`strict`: 1 when every rule passes, else 0; `partial`: the fraction of rules that pass."""
+        threshold: float = 0.3
+        """Detections above this score count."""
+        counting_threshold: float = 0.9
+        """`threshold` of prompts tagged `counting`."""
+        max_objects: int = 16
+        """Detections kept per class, highest score first."""
+        nms_threshold: float = 1.0
+        """IoU of non-maximum suppression; 1.0 = off."""
+        position_threshold: float = 0.1
+        """Offset shrink (x the summed box sizes) of the relative-position checks."""
 
     def __init__(self, detector="server", url: str | None = None, timeout: float = 120.0,
                  score: str = "strict", threshold: float = 0.3, counting_threshold: float = 0.9,

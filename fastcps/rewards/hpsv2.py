@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from pydantic import Field
+
+from fastcps.rewards import DType, RewardArgs
 from fastcps.rewards._util import (
     autocast,
     batches,
@@ -78,6 +81,23 @@ class HPSv2Reward:
     """
 
     name = "hpsv2"
+
+    class Args(RewardArgs):
+        checkpoint: str = DEFAULT_CHECKPOINT
+        """A local .pt/.safetensors path or hf-hub:<org>/<repo>/<file>."""
+        model_name: str = "ViT-H-14"
+        """open_clip architecture."""
+        # ``model_config`` is pydantic's own attribute: the field takes another name, the key stays.
+        open_clip_config: dict | str | None = Field(None, alias="model_config")
+        """open_clip model config (dict or .json path) instead of `model_name`."""
+        device: str | None = None
+        """None = the images' device."""
+        dtype: DType = "amp"
+        """amp (fp32 weights, fp16 autocast on CUDA) | float32 | float16 | bfloat16."""
+        batch_size: int = 16
+        """Images per forward."""
+        trust_checkpoint: bool = False
+        """Allow full unpickling of the checkpoint."""
 
     def __init__(self, checkpoint: str = DEFAULT_CHECKPOINT, model_name: str = "ViT-H-14",
                  model_config: dict | str | None = None, device=None, dtype: str | None = "amp",

@@ -14,11 +14,17 @@ import io
 import numpy as np
 import torch
 
+from fastcps.rewards import RewardArgs
+
 __all__ = ["JpegCompressibility"]
 
 
 class JpegCompressibility:
     name = "jpeg_compressibility"
+
+    class Args(RewardArgs):
+        quality: int = 95
+        """JPEG quality the images are encoded at."""
 
     def __init__(self, quality: int = 95):
         self.quality = int(quality)

@@ -25,9 +25,11 @@ The OCR engines run on CPU (numpy images); the reward is returned on the images'
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
 
+from fastcps.rewards import RewardArgs
 from fastcps.rewards._util import check_inputs, to_pil, to_uint8_hwc
 
 __all__ = ["OcrReward", "edit_distance", "normalize_text", "ocr_score", "quoted_text"]
@@ -74,6 +76,18 @@ class OcrReward:
     """
 
     name = "ocr"
+
+    class Args(RewardArgs):
+        engine: Literal["rapidocr", "paddleocr"] = "rapidocr"
+        """OCR engine."""
+        min_score: float = 0.0
+        """Lines recognised with this confidence or less are dropped (0.0 keeps every line)."""
+        params: dict | None = None
+        """Keyword arguments of RapidOCR."""
+        lang: str = "en"
+        """PaddleOCR's language."""
+        use_gpu: bool = False
+        """PaddleOCR 2.x on the GPU."""
 
     def __init__(self, engine: str = "rapidocr", min_score: float = 0.0, params: dict | None = None,
                  lang: str = "en", use_gpu: bool = False):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from fastcps.rewards import DType, RewardArgs
 from fastcps.rewards._util import (
     autocast,
     batches,
@@ -69,6 +70,22 @@ class PickScoreReward:
     """
 
     name = "pickscore"
+
+    class Args(RewardArgs):
+        model: str = DEFAULT_MODEL
+        """CLIPModel path or hub id."""
+        processor: str = DEFAULT_PROCESSOR
+        """CLIPProcessor path or hub id."""
+        device: str | None = None
+        """None = the images' device."""
+        dtype: DType = "float32"
+        """float32 (the anchors' precision) | float16 | bfloat16 | amp; half precisions are for CUDA."""
+        batch_size: int = 16
+        """Images per forward."""
+        scale: float = 1.0
+        """Multiplies the score (1.0 = the paper's scale)."""
+        max_length: int = 77
+        """Text tokens."""
 
     def __init__(self, model: str = DEFAULT_MODEL, processor: str = DEFAULT_PROCESSOR, device=None,
                  dtype: str | None = "float32", batch_size: int = 16, scale: float = 1.0, max_length: int = 77):

@@ -5,6 +5,11 @@ shifts, ±12° rotations, 0.9–1.1 scale, blur, contrast and Gaussian pixel noi
 imperfect generated images sensibly, then prints the held-out accuracy and ships it in the weights'
 metadata (``heldout_accuracy``). Deterministic given ``--seed`` (fixed data order from a seeded
 generator, deterministic algorithms, CPU). About 50 s on 2 CPU cores.
+
+``--clean`` trains the same architecture for the ``digit_clean_trained`` reward
+(``fastcps/assets/toy_digits_classifier_clean.safetensors``): geometric augmentation only (the same
+shifts, rotations and scales), no pixel noise, no blur, no contrast change. Like a preference model
+trained on clean images (PickScore, HPSv2), it has never seen noisy images and scores them down.
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastcps.rewards.digit import DEFAULT_CLASSIFIER, DigitCNN
+from fastcps.rewards.digit import CLEAN_CLASSIFIER, DEFAULT_CLASSIFIER, DigitCNN
 from fastcps.toy.digits import load_split
 
-__all__ = ["augment", "heldout_accuracy", "main", "train_classifier"]
+__all__ = ["augment", "augment_geometric", "heldout_accuracy", "main", "train_classifier"]
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random light distortions of [B, 1, 16, 16] images in [-1, 1] (background −1)."""
+def augment_geometric(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The geometric part of ``augment`` (±12° rotation, 0.9–1.1 scale, ±1 px shift), its first
+    random draws: the ``--clean`` classifier's whole augmentation."""
     b = x.shape[0]
     u = lambda *shape: torch.rand(*shape, generator=g)
     ang = (u(b) * 2 - 1) * math.radians(12)
@@ -36,7 +42,14 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    y = F.grid_sample(x + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
+    return F.grid_sample(x + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random light distortions of [B, 1, 16, 16] images in [-1, 1] (background −1)."""
+    b = x.shape[0]
+    u = lambda *shape: torch.rand(*shape, generator=g)
+    y = augment_geometric(x, g)
     # blur a third of the batch (3×3 binomial kernel): generated digits are often soft
     k = torch.tensor([1.0, 2.0, 1.0])
     k = (k[:, None] * k[None, :] / 16.0).view(1, 1, 3, 3)
@@ -58,8 +71,11 @@ def heldout_accuracy(model: DigitCNN) -> float:
 
 
 def train_classifier(
-    seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3, log: bool = True
+    seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3, log: bool = True, clean: bool = False,
+    label_smoothing: float = 0.05,
 ) -> DigitCNN:
+    """``clean``: geometric augmentation only (``augment_geometric``), else ``augment``."""
+    aug = augment_geometric if clean else augment
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +90,7 @@ def train_classifier(
         tot = 0.0
         for i in range(0, len(y), batch_size):
             idx = perm[i : i + batch_size]
-            loss = F.cross_entropy(model(augment(x[idx], g)), y[idx], label_smoothing=0.05)
+            loss = F.cross_entropy(model(aug(x[idx], g)), y[idx], label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -89,13 +105,16 @@ def train_classifier(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(DEFAULT_CLASSIFIER))
+    ap.add_argument("--out", default=None, help="default: the shipped asset of the chosen reward")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--clean", action="store_true",
+                    help="train the digit_clean_trained reward's classifier: geometric augmentation only")
     args = ap.parse_args(argv)
+    args.out = args.out or str(CLEAN_CLASSIFIER if args.clean else DEFAULT_CLASSIFIER)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t0 = time.time()
-    model = train_classifier(seed=args.seed, epochs=args.epochs)
+    model = train_classifier(seed=args.seed, epochs=args.epochs, clean=args.clean)
     acc = heldout_accuracy(model)
     print(f"heldout_accuracy {acc:.4f} ({time.time() - t0:.1f}s)")
     if acc < 0.95:
@@ -103,13 +122,20 @@ def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import save_file
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    clean = " --clean" if args.clean else ""
     meta = {
         "format": "fastcps-toy-digit-classifier-v1",
         "config": json.dumps({"width": 32}),
         "heldout_accuracy": f"{acc:.4f}",
         "seed": str(args.seed),
         "epochs": str(args.epochs),
-        "command": f"python -m fastcps.toy.train_classifier --seed {args.seed} --epochs {args.epochs}",
+        "augmentation": ("geometric only: ±12° rotation, 0.9-1.1 scale, ±1 px shift; no pixel noise, no blur, "
+                         "no contrast change" if args.clean else
+                         "geometric (±12° rotation, 0.9-1.1 scale, ±1 px shift), blur on 1/3, contrast 0.7-1.1, "
+                         "Gaussian pixel noise std 0-0.3 on 1/2"),
+        "training": (f"AdamW lr 2e-3 wd 1e-4, OneCycle, batch 64, label smoothing 0.05, {args.epochs} epochs on the "
+                     "toy's train split (sklearn digits minus 360 held out), CPU, deterministic algorithms"),
+        "command": f"python -m fastcps.toy.train_classifier{clean} --seed {args.seed} --epochs {args.epochs}",
     }
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out, metadata=meta)
     print(f"saved {args.out}")
