@@ -118,6 +118,21 @@ def test_theorem1_and_residual_noise_cli_tiny(tmp_path):
     assert (tmp_path / "residual_noise.png").exists()
 
 
+def test_reward_noise_cli_tiny(tmp_path):
+    """The reward-noise figure's numbers (issue 19): the clean-trained classifier loses more to added noise
+    than the noise-augmented one, the ODE row is its own reference, and CPS's base samples beat the ODE's
+    under both (the figure in docs/results.md part 3b)."""
+    _run_cli(["reward-noise", "--noises-per-digit", "2"], tmp_path)
+    res = json.loads((tmp_path / "reward_noise.json").read_text())
+    noise = {r["level"]: r for r in res["added_noise"]}
+    drop = {k: noise[0.0][k] - noise[0.5][k] for k in ("digit", "digit_clean_trained")}
+    assert drop["digit_clean_trained"] > 1.5 * drop["digit"] > 0
+    rows = {r["sampler"]: r for r in res["rollouts"]}
+    assert rows["ode"]["hf_ratio"] == 1.0 and rows["ode"]["digit_vs_ode"] == 0.0 and rows["ode"]["images"] == 20
+    assert rows["flow_sde"]["hf_ratio"] > 1.0 > rows["cps"]["hf_ratio"]
+    assert (tmp_path / "reward_noise.png").exists()
+
+
 def _load_bench():
     spec = importlib.util.spec_from_file_location("bench_samplers_grpo", REPO / "bench" / "bench_samplers_grpo.py")
     mod = importlib.util.module_from_spec(spec)

@@ -5,8 +5,10 @@
 - ``theorem1``: Flow-SDE's step converges to CPWS's as the number of steps grows (per-step
   coefficient gap and final-sample gap, with a fitted order in 1/N).
 - ``residual_noise``: noise left in the final toy samples by each sampler, at 4, 6 and 10 steps.
+- ``reward_noise``: the ``digit`` and ``digit_clean_trained`` rewards against added pixel noise and on
+  each sampler's samples of the base policy (issue 19).
 
-Run ``python -m fastcps.analysis noise-levels|theorem1|residual-noise``.
+Run ``python -m fastcps.analysis noise-levels|theorem1|residual-noise|reward-noise``.
 """
 
 from fastcps.analysis.noise_levels import FLUX_MU_512, SCHEDULES, flux_mu, noise_level_table, total_noise

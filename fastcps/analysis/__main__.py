@@ -1,4 +1,4 @@
-"""``python -m fastcps.analysis noise-levels|theorem1|residual-noise [--out-dir DIR]``."""
+"""``python -m fastcps.analysis noise-levels|theorem1|residual-noise|reward-noise [--out-dir DIR]``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def main(argv=None) -> None:
     p = sub.add_parser("residual-noise", help="noise left in final toy samples per sampler and step count")
     p.add_argument("--steps", type=_ints, default=(4, 6, 10))
     p.add_argument("--noises-per-digit", type=int, default=24)
+    p = sub.add_parser("reward-noise", help="digit vs digit_clean_trained: score vs added noise, and of each "
+                       "sampler's base-policy samples")
+    p.add_argument("--noises-per-digit", type=int, default=24)
     for p in sub.choices.values():
         p.add_argument("--out-dir", default="docs/figures", help="where the PNG (and a JSON of the numbers) go")
     args = ap.parse_args(argv)
@@ -34,6 +37,10 @@ def main(argv=None) -> None:
         from fastcps.analysis.theorem1 import main as run
 
         res = run(out, steps=args.steps, samples=args.samples)
+    elif args.cmd == "reward-noise":
+        from fastcps.analysis.reward_noise import main as run
+
+        res = run(out, noises_per_digit=args.noises_per_digit)
     else:
         from fastcps.analysis.residual_noise import main as run
 
