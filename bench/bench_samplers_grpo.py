@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, append_csv, meta
+from common import REPO, RESULTS, append_csv, meta, read_run_metrics
 
 DEFAULT_ETA = {"cps": 0.8, "flow_sde": 0.7, "dance_sde": 0.3}
 DEFAULT_FORM = {"cps": "paper", "flow_sde": "gaussian", "dance_sde": "gaussian"}
@@ -113,23 +113,9 @@ def run_one(spec: dict, args, run_root: Path, metrics_dir: Path) -> Path:
 
 
 def read_metrics(path: Path) -> dict:
-    """{"reward": {epoch: v}, "eval": {epoch: v}, "div": {epoch: v}, "wall_s": s}."""
-    out = {"reward": {}, "eval": {}, "div": {}, "clipfrac": {}, "wall_s": float("nan")}
-    for line in path.read_text().splitlines():
-        m = json.loads(line)
-        if "bench/wall_s" in m:
-            out["wall_s"] = m["bench/wall_s"]
-            continue
-        e = m.get("epoch")
-        if "reward/mean" in m:
-            out["reward"][e] = m["reward/mean"]
-        if "eval/digit" in m:
-            out["eval"][e] = m["eval/digit"]
-        if "eval/diversity" in m:
-            out["div"][e] = m["eval/diversity"]
-        if "train/clipfrac" in m:
-            out["clipfrac"][e] = m["train/clipfrac"]
-    return out
+    """{"reward": {epoch: v}, "eval": {epoch: v}, "div": {epoch: v}, "clipfrac": {...}, "wall_s": s}."""
+    return read_run_metrics(path, {"reward": "reward/mean", "eval": "eval/digit", "div": "eval/diversity",
+                                   "clipfrac": "train/clipfrac"})
 
 
 def mean_clipfrac(r: dict) -> float:

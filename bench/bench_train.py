@@ -118,7 +118,7 @@ class OpRecorder:
 def run(config: str, impl: str, epochs: int, overrides: list[str]) -> dict:
     from fastcps import distributed as dist
     from fastcps.config import RunConfig
-    from fastcps.configlib import load_config, validate_tree
+    from fastcps.config import load_config, validate_tree
     from fastcps.trainer import Trainer
 
     sets = ["eval.every=0", "log.progress=false", "log.images_every=0", "checkpoint.every=0",

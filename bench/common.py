@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import functools
+import json
 import os
 import statistics
 import time
@@ -51,6 +52,21 @@ TOKENS, CHANNELS = 4096, 64
 
 
 # ---------------------------------------------------------------- run metadata
+
+
+def read_run_metrics(path: Path | str, keys: dict[str, str]) -> dict:
+    """A study's run file (the trainer's metrics.jsonl plus the study's last line ``{"bench/wall_s": s,
+    ...}``) as ``{name: {epoch: value}}`` for each ``name -> metric key`` of ``keys``, and ``"wall_s"``."""
+    out: dict = {name: {} for name in keys}
+    out["wall_s"] = float("nan")
+    for line in Path(path).read_text().splitlines():
+        m = json.loads(line) if line.strip() else {}
+        if "bench/wall_s" in m:
+            out["wall_s"] = m["bench/wall_s"]
+        for name, key in keys.items():
+            if key in m:
+                out[name][m.get("epoch")] = m[key]
+    return out
 
 
 def meta(device: torch.device, timer: str = "wall") -> dict:

@@ -12,10 +12,10 @@ mean over seeds. CPS − Flow-SDE and CPS − Dance-SDE are paired by seed: mean
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
+from common import read_run_metrics
 
 LABEL = {"cps": "CPS (η 0.8)", "flow_sde": "Flow-SDE (η 0.7)", "dance_sde": "Dance-SDE (η 0.3)"}
 COLORS = {"cps": "tab:blue", "flow_sde": "tab:red", "dance_sde": "tab:orange"}
@@ -47,18 +47,9 @@ def load(sp: dict, metrics_dir: Path) -> dict | None:
     if not p.exists():
         return None
     other = "digit" if sp["reward"] == "digit_clean_trained" else "digit_clean_trained"
-    r = {"own": {}, "own_other": {}, "eval": {}, "eval_other": {}, "div": {}, "clipfrac": {}, "wall_s": float("nan")}
-    for line in p.read_text().splitlines():
-        m = json.loads(line)
-        if "bench/wall_s" in m:
-            r["wall_s"] = m["bench/wall_s"]
-            continue
-        e = m.get("epoch")
-        for key, name in (("own", "reward/mean"), ("own_other", f"reward/{other}/mean"),
-                          ("eval", f"eval/{sp['reward']}"), ("eval_other", f"eval/{other}"),
-                          ("div", "eval/diversity"), ("clipfrac", "train/clipfrac")):
-            if name in m:
-                r[key][e] = m[name]
+    r = read_run_metrics(p, {"own": "reward/mean", "own_other": f"reward/{other}/mean",
+                             "eval": f"eval/{sp['reward']}", "eval_other": f"eval/{other}",
+                             "div": "eval/diversity", "clipfrac": "train/clipfrac"})
     own = [r["own"][e] for e in sorted(r["own"])]
     r["own_last3"] = float(np.mean(own[-3:]))
     r["max_own_drop"] = float(max([a - b for a, b in zip(own, own[1:])] + [0.0]))

@@ -56,7 +56,7 @@ class UsageError(Exception):
 
 def load_run_config(run: str):
     from fastcps.config import RunConfig
-    from fastcps.configlib import ConfigError, load_config
+    from fastcps.config import ConfigError, load_config
 
     path = Path(run)
     if not path.is_dir():

@@ -16,8 +16,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     # arguments; -u: a launcher reads each rank's lines as they come).
     os.execv(sys.executable, [sys.executable, "-u", "-m", "fastcps.train", *sys.argv[1:]])
 
-from fastcps.config import RunConfig  # noqa: E402
-from fastcps.configlib import ConfigError, load_config, save_config, validate_tree  # noqa: E402
+from fastcps.config import ConfigError, RunConfig, load_config, save_config, validate_tree  # noqa: E402
 
 
 def parse_args(argv=None):

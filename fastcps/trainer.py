@@ -25,8 +25,7 @@ import torch
 
 from fastcps import checkpoint as ckpt
 from fastcps import distributed as dist
-from fastcps.config import RunConfig
-from fastcps.configlib import to_dict
+from fastcps.config import RunConfig, to_dict
 from fastcps.logger import RunLogger, plot_reward_curve
 from fastcps.optim import EMA, SkippingAdamW
 from fastcps.perf import FlopLedger, GatherMeter, peak_tflops
@@ -35,8 +34,16 @@ from fastcps.plan import resolve_auto
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts, truncation_report
 from fastcps.rewards import WeightedReward
-from fastcps.rollout import (PromptEncodings, epoch_steps, eval_noise, eval_prompt_set, rollout_epoch, sample,
-                             sampling_steps, select)
+from fastcps.rollout import (
+    PromptEncodings,
+    epoch_steps,
+    eval_noise,
+    eval_prompt_set,
+    rollout_epoch,
+    sample,
+    sampling_steps,
+    select,
+)
 from fastcps.runtime import GIB, synchronize
 from fastcps.update import epoch_advantages, run_update
 

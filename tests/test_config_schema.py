@@ -12,9 +12,16 @@ import pytest
 from pydantic import BaseModel
 
 from fastcps import rewards
-from fastcps.config import RunConfig, schema_json
-from fastcps.config import main as config_main
-from fastcps.configlib import ConfigError, load_config, save_config, to_dict, validate_tree
+from fastcps.config import (
+    ConfigError,
+    RunConfig,
+    load_config,
+    save_config,
+    schema_json,
+    to_dict,
+    validate_tree,
+)
+from fastcps.config.models import main as config_main
 from fastcps.train import load_run_config, main, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent

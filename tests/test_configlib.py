@@ -6,27 +6,25 @@ from typing import Literal, Optional
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from fastcps.configlib import ConfigError, from_dict, load_config, save_config, to_dict, validate_tree
+from fastcps.config import ConfigError, from_dict, load_config, save_config, to_dict, validate_tree
 
 # Module-level models: pydantic resolves their string annotations from the module's names.
-SECTION = ConfigDict(extra="forbid")
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-class RewardCfg(BaseModel):
-    model_config = SECTION
+class RewardCfg(Section):
     name: str
     weight: float = 1.0
 
 
-class OptimCfg(BaseModel):
-    model_config = SECTION
+class OptimCfg(Section):
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     warmup: Optional[int] = None  # noqa: UP045 -- the typing.Optional spelling is tested on purpose
 
 
-class TrainCfg(BaseModel):
-    model_config = SECTION
+class TrainCfg(Section):
     batch_size: int = 8
     grad_accum: int = 1
     sampler: Literal["cps", "flow_sde", "ode"] = "cps"
@@ -41,8 +39,7 @@ class TrainCfg(BaseModel):
         return self
 
 
-class Root(BaseModel):
-    model_config = SECTION
+class Root(Section):
     run_name: str = "run"
     seed: int = 0
     resume: str | None = None
@@ -51,14 +48,12 @@ class Root(BaseModel):
     extra: dict[str, float] = Field(default_factory=dict)
 
 
-class Required(BaseModel):
-    model_config = SECTION
+class Required(Section):
     path: str
     steps: int = 3
 
 
-class Ranged(BaseModel):
-    model_config = SECTION
+class Ranged(Section):
     epochs: int = Field(1, ge=1)
     fraction: float = Field(1.0, gt=0.0, le=1.0)
     checkpointing: bool | Literal["auto"] = False

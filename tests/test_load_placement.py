@@ -17,8 +17,7 @@ import pytest
 import torch
 
 import fastcps.distributed as fdist
-from fastcps.config import RunConfig
-from fastcps.configlib import load_config, validate_tree
+from fastcps.config import RunConfig, load_config, validate_tree
 from fastcps.plan.load import load_peak_bytes
 from fastcps.testing import save_tiny_flux, save_tiny_sd3
 

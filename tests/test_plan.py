@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastcps.config import RunConfig
-from fastcps.configlib import load_config
-from fastcps.plan.measure import LiveBytes, TransformerMeter
+from fastcps.config import RunConfig, load_config
 from fastcps.plan import Loader, main, plan, policy_sigmas
+from fastcps.plan.measure import LiveBytes, TransformerMeter
 from fastcps.policies.flux import FluxPolicy
 
 ROOT = Path(__file__).resolve().parent.parent

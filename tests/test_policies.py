@@ -212,7 +212,7 @@ def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
 @pytest.mark.parametrize("name", ["flux_pickscore", "flux_schnell_hpsv2", "sd35_ocr", "sd35_geneval"])
 def test_shipped_configs_load_and_name_their_prompts(name):
     from fastcps.config import RunConfig
-    from fastcps.configlib import load_config, validate_tree
+    from fastcps.config import load_config, validate_tree
     from fastcps.prompts import load_prompts
 
     cfg = load_config(RunConfig, str(ROOT / "configs" / f"{name}.json"))

@@ -241,7 +241,7 @@ def test_prompt_encodings_keep_the_most_recently_used_within_their_bytes(monkeyp
 
 
 def test_a_negative_prompt_cache_is_refused_with_its_key():
-    from fastcps.configlib import validate_tree
+    from fastcps.config import validate_tree
 
     cfg, _ = toy(["policy.prompt_cache_gib=0"])
     validate_tree(cfg, world_size=1)  # 0: every prompt encoded each time it is used

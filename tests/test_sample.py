@@ -14,16 +14,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from multi_run import child_env  # noqa: E402
+from test_trainer import CONFIG, ROOT, sets  # noqa: E402
 
 from fastcps.checkpoint import export_weights
-from fastcps.config import RunConfig
-from fastcps.configlib import load_config, save_config
+from fastcps.config import RunConfig, load_config, save_config
 from fastcps.policies import build_policy
 from fastcps.rollout import eval_noise
 from fastcps.sample import compare, main
-
-from multi_run import child_env  # noqa: E402
-from test_trainer import CONFIG, ROOT, sets  # noqa: E402
 
 TINY_RUN = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=4",
             "train.rollout_batch_size=4", "train.minibatch_size=4", "eval.num_prompts=2", "eval.images_per_prompt=2",

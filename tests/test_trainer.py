@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from multi_run import child_env, free_port, run_command
 from safetensors.torch import load_file
 
-from fastcps.config import RunConfig
-from fastcps.configlib import ConfigError, load_config, validate_tree
+from fastcps.config import ConfigError, RunConfig, load_config, validate_tree
 from fastcps.train import main
-from multi_run import child_env, free_port, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "digits_cps.json")
@@ -208,7 +207,6 @@ def test_deepspeed_honours_fp32_accumulation_of_a_bf16_model(tmp_path, monkeypat
     ZeRO-2 and ZeRO-3 with the keys the trainer sets: 18 micro-steps of bf16 gradients then give the
     norm of their exact (fp64) sum, where a bf16 running sum is off in the 5th digit."""
     import deepspeed
-
     from multi_run import free_port
 
     torch.manual_seed(0)

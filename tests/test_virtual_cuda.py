@@ -23,19 +23,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_cuda import HostSyncError, NoHostTraffic, fake_policy  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+from wiring_support import FlagOptimizer, RecordingEngine, toy_config  # noqa: E402
 
-from fastcps.config import RunConfig
-from fastcps.configlib import load_config
+from fastcps.config import RunConfig, load_config
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
 from fastcps.rewards import RewardOutput
 from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch, sample, select
-from fastcps.update import epoch_advantages, micro_step_loss, minibatches, recompute_old_logprobs, run_update
-
-from fake_cuda import HostSyncError, NoHostTraffic, fake_policy  # noqa: E402
 from fastcps.testing import save_tiny_flux, save_tiny_sd3  # noqa: E402
-from wiring_support import FlagOptimizer, RecordingEngine, toy_config  # noqa: E402
+from fastcps.update import epoch_advantages, micro_step_loss, minibatches, recompute_old_logprobs, run_update
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.device("cuda")

@@ -14,18 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import isolated_global_state
 from safetensors.torch import load_file
+from wiring_support import advantages_by_hand, plain_initialize
 
 import fastcps.trainer as trainer_mod
 import fastcps.update as update_mod
-from conftest import isolated_global_state
-from fastcps.config import RunConfig
-from fastcps.configlib import load_config, validate_tree
+from fastcps.config import RunConfig, load_config, validate_tree
 from fastcps.rewards import REGISTRY
 from fastcps.rollout import epoch_steps, sampling_steps, window_start
 from fastcps.samplers import SAMPLERS, step_coeffs
 from fastcps.update import epoch_advantages
-from wiring_support import advantages_by_hand, plain_initialize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

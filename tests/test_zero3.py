@@ -187,7 +187,7 @@ def test_zero3_gathers_what_the_plan_counts(runs):
     for ``nokl``, 3.3 % low for ``part``). Seen failing with the re-forward's fetch counted twice
     without the reference forward (plan 10.5 % high) and counted once after one (plan 11.3 % low)."""
     from fastcps.config import RunConfig
-    from fastcps.configlib import load_config
+    from fastcps.config import load_config
     from fastcps.plan import plan
 
     out = runs["out"]

@@ -30,7 +30,7 @@ class Darkness:
 def toy_config(sets=()):
     """The digits toy's run config (configs/digits_cps.json) with ``sets`` (``"field=value"``) applied."""
     from fastcps.config import RunConfig
-    from fastcps.configlib import load_config
+    from fastcps.config import load_config
 
     return load_config(RunConfig, str(ROOT / "configs" / "digits_cps.json"), list(sets))
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from fastcps import distributed as dist
-from fastcps.config import LoraConfig, RunConfig
-from fastcps.configlib import load_config, save_config
+from fastcps.config import LoraConfig, RunConfig, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"

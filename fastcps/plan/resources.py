@@ -27,8 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastcps.config import RunConfig
-from fastcps.configlib import ConfigError, load_config, validate_tree
+from fastcps.config import ConfigError, RunConfig, load_config, validate_tree
 from fastcps.plan import costs as pc
 from fastcps.runtime import GIB
 
@@ -228,8 +227,8 @@ def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tu
 def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_mem: float | None = None,
          reserve: float = 1.0, mfu: float = 0.4, peak_tflops: float = H100_BF16_DENSE_TFLOPS) -> dict:
     """Everything the report shows, as one dict (bytes, FLOPs, seconds; ``*_gib`` in GiB)."""
-    from fastcps.plan import measure
     from fastcps.plan import epoch as pe
+    from fastcps.plan import measure
 
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must lie in (0, 1], got {mfu}")

@@ -1,5 +1,5 @@
 """The typed run configuration. JSON files in configs/ load strictly into these pydantic models
-(``fastcps.configlib``): an unknown key, a wrong type, a value out of range, an unknown reward or a bad
+(``fastcps.config.loading``): an unknown key, a wrong type, a value out of range, an unknown reward or a bad
 reward argument fails before any model loads, naming the key.
 
 Nothing here depends on the number of processes: per-rank sizes are checked against the world size
@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from fastcps.configlib import NESTED_ERRORS, SCHEMA_KEY
+from fastcps.config.errors import NESTED_ERRORS, SCHEMA_KEY
 from fastcps.samplers import SAMPLERS
 
 # Every section: unknown keys are errors; attribute docstrings become the schema's descriptions.
@@ -369,6 +369,3 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(schema_json())
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""The run config: typed pydantic models (``models``), strict loading with ``--set`` overrides
+(``loading``), and one-line errors that name the key (``errors``). ``python -m fastcps.config --schema``
+prints the JSON Schema (``configs/schema.json``)."""
+
+from fastcps.config.errors import ConfigError
+from fastcps.config.loading import from_dict, load_config, save_config, to_dict, validate_tree
+from fastcps.config.models import (
+    CheckpointConfig,
+    EvalConfig,
+    LogConfig,
+    LoraConfig,
+    PolicyConfig,
+    PromptConfig,
+    RewardConfig,
+    RunConfig,
+    SamplerConfig,
+    TrainConfig,
+    schema_json,
+)
+
+__all__ = [
+    "ConfigError", "from_dict", "load_config", "save_config", "to_dict", "validate_tree",
+    "CheckpointConfig",
+    "EvalConfig",
+    "LogConfig",
+    "LoraConfig",
+    "PolicyConfig",
+    "PromptConfig",
+    "RewardConfig",
+    "RunConfig",
+    "SamplerConfig",
+    "TrainConfig",
+    "schema_json",
+]
