@@ -29,8 +29,11 @@ def main() -> None:
     pins = lower_bounds(project)
     pinned = {canonicalize_name(Requirement(p).name) for p in pins}
     tools = [Requirement(r).name for r in project["optional-dependencies"]["dev"] if "fastcps" not in r]
-    lock = {canonicalize_name(line.split("==")[0]): line for line in (ROOT / "constraints.txt").read_text().splitlines()
-            if "==" in line and not line.startswith("#")}
+    lock = {
+        canonicalize_name(line.split("==")[0]): line
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
     pins += [lock[canonicalize_name(t)] for t in tools if canonicalize_name(t) not in pinned]
     print("\n".join(pins))
 

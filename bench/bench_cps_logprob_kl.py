@@ -61,8 +61,9 @@ def logprob_kl_bytes(shape, dtype, direction: str) -> int:
 
 def bench_one(device, shape, dtype, direction, impls, args):
     g = torch.Generator(device=device).manual_seed(0)
-    x, v, prev, vref = (torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-                        for _ in range(4))
+    x, v, prev, vref = (
+        torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype) for _ in range(4)
+    )
     b = shape[0]
     c = step_coeffs("cps", torch.full((b,), SIGMA), torch.full((b,), SIGMA_NEXT), ETA, device=device)
     sig = torch.full((b, 1, 1), SIGMA, device=device)
@@ -80,9 +81,11 @@ def bench_one(device, shape, dtype, direction, impls, args):
 
     def wrap(call):
         if not train:
+
             def fwd():
                 with torch.no_grad():
                     return call()
+
             return fwd
 
         def fwd_bwd():
@@ -90,6 +93,7 @@ def bench_one(device, shape, dtype, direction, impls, args):
             logp, kl = call()
             (logp.sum() + kl.sum()).backward()
             return logp, kl
+
         return fwd_bwd
 
     fns = {k: wrap(f) for k, f in calls.items() if k in impls}
@@ -103,8 +107,9 @@ def bench_one(device, shape, dtype, direction, impls, args):
         torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6, msg=f"{name} kl")
         if train:
             tol = 1e-5 if dtype == torch.float32 else 2e-2
-            torch.testing.assert_close(v.grad.float(), want_grad.float(), rtol=tol, atol=tol * 1e-5,
-                                       msg=f"{name} dv")
+            torch.testing.assert_close(
+                v.grad.float(), want_grad.float(), rtol=tol, atol=tol * 1e-5, msg=f"{name} dv"
+            )
 
     nb = logprob_kl_bytes(shape, dtype, direction)
     timed = dict(fns)
@@ -112,10 +117,18 @@ def bench_one(device, shape, dtype, direction, impls, args):
         timed[f"copy:{name}"] = common.copy_fn(nb, device)
     timings = common.time_all(timed, device, args.repeats, args.warmup, args.timer)
     peaks = {name: common.peak_mem_gib(fn, device) for name, fn in fns.items()}
-    base = {**common.meta(device, args.timer), "op": OP, "direction": direction, "dtype": common.DTYPE_NAMES[dtype],
-            "shape": "x".join(map(str, shape))}
-    notes = {"fused": common.fused_note(device), "naive": "flow_grpo cps training math, eager fp32 autograd",
-             "compiled_ref": "torch.compile(cps_logprob_kl_ref)"}
+    base = {
+        **common.meta(device, args.timer),
+        "op": OP,
+        "direction": direction,
+        "dtype": common.DTYPE_NAMES[dtype],
+        "shape": "x".join(map(str, shape)),
+    }
+    notes = {
+        "fused": common.fused_note(device),
+        "naive": "flow_grpo cps training math, eager fp32 autograd",
+        "compiled_ref": "torch.compile(cps_logprob_kl_ref)",
+    }
     return common.result_rows(base, timings, {k: nb for k in fns}, peaks, notes)
 
 
@@ -129,7 +142,9 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"--directions: choose from fwd,fwd+bwd, got {args.directions}")
 
     def cells(shape, dtype):
-        return [row for direction in directions for row in bench_one(device, shape, dtype, direction, impls, args)]
+        return [
+            row for direction in directions for row in bench_one(device, shape, dtype, direction, impls, args)
+        ]
 
     return common.run_and_report(OP, args, device, shapes, dtypes, cells, ("logprob_kl",))
 

@@ -35,7 +35,8 @@ def naive_step(sample, model_output, noise, sigma, sigma_prev, noise_level, retu
     pred_original_sample = sample - sigma * model_output
     noise_estimate = sample + model_output * (1 - sigma)
     prev_sample_mean = pred_original_sample * (1 - sigma_prev) + noise_estimate * torch.sqrt(
-        sigma_prev**2 - std_dev_t**2)
+        sigma_prev**2 - std_dev_t**2
+    )
     prev_sample = prev_sample_mean + std_dev_t * noise
     log_prob = -((prev_sample.detach() - prev_sample_mean) ** 2)
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
@@ -51,7 +52,9 @@ def step_bytes(shape, dtype, return_mean: bool) -> int:
 
 def bench_one(device, shape, dtype, impls, args):
     g = torch.Generator(device=device).manual_seed(0)
-    x, v, eps = (torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype) for _ in range(3))
+    x, v, eps = (
+        torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype) for _ in range(3)
+    )
     b = shape[0]
     c = step_coeffs("cps", torch.full((b,), SIGMA), torch.full((b,), SIGMA_NEXT), ETA, device=device)
     sig = torch.full((b, 1, 1), SIGMA, device=device)
@@ -79,10 +82,18 @@ def bench_one(device, shape, dtype, impls, args):
         timed[f"copy:{name}"] = common.copy_fn(nb, device)
     timings = common.time_all(timed, device, args.repeats, args.warmup, args.timer)
     peaks = {name: common.peak_mem_gib(fn, device) for name, fn in fns.items()}
-    base = {**common.meta(device, args.timer), "op": OP, "direction": "fwd", "dtype": common.DTYPE_NAMES[dtype],
-            "shape": "x".join(map(str, shape))}
-    notes = {"fused": common.fused_note(device) + ("; +mean" if args.mean else ""),
-             "naive": "flow_grpo cps branch, eager fp32", "compiled_ref": "torch.compile(cps_step_ref)"}
+    base = {
+        **common.meta(device, args.timer),
+        "op": OP,
+        "direction": "fwd",
+        "dtype": common.DTYPE_NAMES[dtype],
+        "shape": "x".join(map(str, shape)),
+    }
+    notes = {
+        "fused": common.fused_note(device) + ("; +mean" if args.mean else ""),
+        "naive": "flow_grpo cps branch, eager fp32",
+        "compiled_ref": "torch.compile(cps_step_ref)",
+    }
     return common.result_rows(base, timings, {k: nb for k in fns}, peaks, notes)
 
 
@@ -91,8 +102,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--mean", action="store_true", help="fused also writes μ (return_mean=True)")
     args = p.parse_args(argv)
     device, shapes, dtypes, impls = common.setup(args)
-    return common.run_and_report(OP, args, device, shapes, dtypes,
-                                 lambda shape, dtype: bench_one(device, shape, dtype, impls, args), ("cps_step",))
+    return common.run_and_report(
+        OP,
+        args,
+        device,
+        shapes,
+        dtypes,
+        lambda shape, dtype: bench_one(device, shape, dtype, impls, args),
+        ("cps_step",),
+    )
 
 
 if __name__ == "__main__":

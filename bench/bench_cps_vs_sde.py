@@ -59,18 +59,39 @@ def other_reward(reward: str) -> str:
     return REWARDS[1] if reward == REWARDS[0] else REWARDS[0]
 
 
-def spec(phase: str, sampler: str, reward: str, clip: float, seed: int, epochs: int, eval_every: int,
-         eta: float | None = None) -> dict:
+def spec(
+    phase: str,
+    sampler: str,
+    reward: str,
+    clip: float,
+    seed: int,
+    epochs: int,
+    eval_every: int,
+    eta: float | None = None,
+) -> dict:
     eta = DEFAULT_ETA[sampler] if eta is None else eta
     form = DEFAULT_FORM[sampler]
     name = f"{phase}_{reward}_{sampler}_eta{eta:g}_{form}_clip{clip:.2g}_s{seed}"
-    return {"phase": phase, "run": name, "sampler": sampler, "eta": eta, "logprob": form, "clip_range": clip,
-            "seed": seed, "reward": reward, "epochs": epochs, "eval_every": eval_every}
+    return {
+        "phase": phase,
+        "run": name,
+        "sampler": sampler,
+        "eta": eta,
+        "logprob": form,
+        "clip_range": clip,
+        "seed": seed,
+        "reward": reward,
+        "epochs": epochs,
+        "eval_every": eval_every,
+    }
 
 
 def sweep_specs(args) -> list[dict]:
-    return [spec("sweep", s, NEW_REWARD, c, args.seeds[0], args.sweep_epochs, 0)
-            for s in args.samplers for c in args.sweep_clips[DEFAULT_FORM[s]]]
+    return [
+        spec("sweep", s, NEW_REWARD, c, args.seeds[0], args.sweep_epochs, 0)
+        for s in args.samplers
+        for c in args.sweep_clips[DEFAULT_FORM[s]]
+    ]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -133,16 +154,27 @@ def plan(args, metrics_dir: Path) -> list[dict]:
                 print(f"[bench] phase {phase}: the sweep has not finished; run phase sweep first", flush=True)
                 continue
         if phase == "main":  # first the paired CPS vs Flow-SDE runs, reward by reward, then Dance-SDE
-            main = [spec("main", s, r, matched[s][0], seed, args.epochs, args.eval_every)
-                    for r in args.rewards for seed in args.seeds for s in args.samplers]
+            main = [
+                spec("main", s, r, matched[s][0], seed, args.epochs, args.eval_every)
+                for r in args.rewards
+                for seed in args.seeds
+                for s in args.samplers
+            ]
             specs += sorted(main, key=lambda sp: sp["sampler"] == "dance_sde")
         elif phase == "paper":
-            specs += [spec("paper", s, r, PAPER_CLIP[DEFAULT_FORM[s]], seed, args.epochs, args.eval_every)
-                      for seed in args.seeds[:args.paper_seeds] for r in args.rewards for s in args.samplers]
+            specs += [
+                spec("paper", s, r, PAPER_CLIP[DEFAULT_FORM[s]], seed, args.epochs, args.eval_every)
+                for seed in args.seeds[: args.paper_seeds]
+                for r in args.rewards
+                for s in args.samplers
+            ]
         elif phase == "eta" and "cps" in matched:
-            specs += [spec("eta", "cps", NEW_REWARD, matched["cps"][0], seed, args.epochs, args.eval_every, eta)
-                      for seed in args.seeds[:args.eta_seeds] for eta in args.etas
-                      if not math.isclose(eta, DEFAULT_ETA["cps"])]
+            specs += [
+                spec("eta", "cps", NEW_REWARD, matched["cps"][0], seed, args.epochs, args.eval_every, eta)
+                for seed in args.seeds[: args.eta_seeds]
+                for eta in args.etas
+                if not math.isclose(eta, DEFAULT_ETA["cps"])
+            ]
     return specs
 
 
@@ -157,10 +189,19 @@ def write_config(args, reward: str, root: Path) -> Path:
 
 def train_argv(sp: dict, args, run_root: Path) -> list[str]:
     sets = {
-        "name": sp["run"], "output_dir": str(run_root), "seed": sp["seed"],
-        "sampler.name": sp["sampler"], "sampler.eta": sp["eta"], "sampler.logprob": sp["logprob"],
-        "train.clip_range": sp["clip_range"], "train.num_epochs": sp["epochs"], "eval.every": sp["eval_every"],
-        "log.tensorboard": "false", "log.images_every": 0, "log.progress": "false", "checkpoint.every": 0,
+        "name": sp["run"],
+        "output_dir": str(run_root),
+        "seed": sp["seed"],
+        "sampler.name": sp["sampler"],
+        "sampler.eta": sp["eta"],
+        "sampler.logprob": sp["logprob"],
+        "train.clip_range": sp["clip_range"],
+        "train.num_epochs": sp["epochs"],
+        "eval.every": sp["eval_every"],
+        "log.tensorboard": "false",
+        "log.images_every": 0,
+        "log.progress": "false",
+        "checkpoint.every": 0,
     }
     sets.update(dict(kv.split("=", 1) for kv in args.set))
     argv = ["--config", str(write_config(args, sp["reward"], run_root))]
@@ -208,8 +249,12 @@ def worker(args) -> int:
         if last != sp["epochs"]:  # a stop (SIGTERM/SIGINT) ends a run early with exit code 0: not a result
             (metrics_dir / f"{sp['run']}.claim").unlink(missing_ok=True)
             shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"[worker {os.getpid()}] {sp['run']} stopped at epoch {last} of {sp['epochs']}: not recorded; "
-                  "stopping", flush=True)
+            print(
+                f"[worker {os.getpid()}] {sp['run']} stopped at epoch {last} of {sp['epochs']}: not "
+                "recorded; "
+                "stopping",
+                flush=True,
+            )
             return 5
         lines.append(json.dumps({"bench/wall_s": wall, "bench/spec": sp}))
         tmp = dest.with_suffix(".tmp")
@@ -224,7 +269,10 @@ def worker(args) -> int:
 def run_all(specs: list[dict], args) -> None:
     metrics_dir = Path(args.metrics_dir)
     todo = [s for s in specs if not (metrics_dir / f"{s['run']}.jsonl").exists()]
-    print(f"[bench] {len(specs)} runs planned, {len(specs) - len(todo)} finished before, {len(todo)} to run", flush=True)
+    print(
+        f"[bench] {len(specs)} runs planned, {len(specs) - len(todo)} finished before, {len(todo)} to run",
+        flush=True,
+    )
     if not todo:
         return
     metrics_dir.mkdir(parents=True, exist_ok=True)
@@ -233,11 +281,28 @@ def run_all(specs: list[dict], args) -> None:
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     queue = Path(args.runs_dir) / f"queue_{os.getpid()}.json"
     queue.write_text(json.dumps(todo))
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-               OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, __file__, "--worker", str(queue), "--runs-dir", args.runs_dir, "--metrics-dir",
-           args.metrics_dir, "--threads", str(args.threads), "--config", args.config,
-           "--deadline", str(args.deadline or 0)] + [x for kv in args.set for x in ("--set", kv)]
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(queue),
+        "--runs-dir",
+        args.runs_dir,
+        "--metrics-dir",
+        args.metrics_dir,
+        "--threads",
+        str(args.threads),
+        "--config",
+        args.config,
+        "--deadline",
+        str(args.deadline or 0),
+    ] + [x for kv in args.set for x in ("--set", kv)]
     logs = [open(Path(args.runs_dir) / f"worker{k}.log", "a") for k in range(args.jobs)]
     procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT) for f in logs]
     rcs = [p.wait() for p in procs]
@@ -249,8 +314,12 @@ def run_all(specs: list[dict], args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 seeds, 3 epochs, 4 prompts × 8 images, small eval; "
-                    "everything under runs/bench_cps_vs_sde_quick/")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 seeds, 3 epochs, 4 prompts × 8 images, small eval; "
+        "everything under runs/bench_cps_vs_sde_quick/",
+    )
     ap.add_argument("--config", default="configs/digits_cps.json")
     ap.add_argument("--phases", default="sweep,main,eta,paper")
     ap.add_argument("--seeds", default="0,1,2,3,4")
@@ -262,41 +331,63 @@ def main(argv=None) -> None:
     ap.add_argument("--target-clipfrac", type=float, default=0.2)
     ap.add_argument("--etas", default="0.2,0.4,0.6,0.8,1.0")
     ap.add_argument("--eta-seeds", type=int, default=3)
-    ap.add_argument("--paper-seeds", type=int, default=3, help="seeds of the paper-settings row (a second row)")
+    ap.add_argument(
+        "--paper-seeds", type=int, default=3, help="seeds of the paper-settings row (a second row)"
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer override")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    ap.add_argument("--deadline", type=float, default=0.0,
-                    help="unix time after which workers start no new run (the running one finishes)")
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=0.0,
+        help="unix time after which workers start no new run (the running one finishes)",
+    )
     ap.add_argument("--runs-dir", default=None)
     ap.add_argument("--metrics-dir", default=None)
-    ap.add_argument("--out-dir", default=None, help="figures (default docs/figures; --quick: the metrics dir)")
+    ap.add_argument(
+        "--out-dir", default=None, help="figures (default docs/figures; --quick: the metrics dir)"
+    )
     ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     tag = "cps_vs_sde_quick" if args.quick else "cps_vs_sde"
     args.runs_dir = args.runs_dir or str(REPO / "runs" / f"bench_{tag}")
     # the quick smoke run keeps everything under runs/ (git-ignored); the study under bench/results
-    args.metrics_dir = args.metrics_dir or str((REPO / "runs" / f"bench_{tag}" / "results" if args.quick else RESULTS) / tag)
+    args.metrics_dir = args.metrics_dir or str(
+        (REPO / "runs" / f"bench_{tag}" / "results" if args.quick else RESULTS) / tag
+    )
     if args.worker:
         raise SystemExit(worker(args))
     if args.quick:
         args.seeds, args.epochs, args.eval_every, args.sweep_epochs = "0,1", 3, 3, 2
         args.etas, args.eta_seeds, args.paper_seeds = "0.4,1.0", 2, 2
         # 32 rollouts in 2 minibatches of 16: the second minibatch's ratio moves, so clipfrac is measured
-        args.set = ["train.prompts_per_epoch=4", "train.rollout_batch_size=16", "train.minibatch_size=16",
-                    "eval.num_prompts=5", "eval.images_per_prompt=4", *args.set]
+        args.set = [
+            "train.prompts_per_epoch=4",
+            "train.rollout_batch_size=16",
+            "train.minibatch_size=16",
+            "eval.num_prompts=5",
+            "eval.images_per_prompt=4",
+            *args.set,
+        ]
     args.seeds = [int(x) for x in args.seeds.split(",") if x]
     args.samplers = [x for x in args.samplers.split(",") if x]
     args.rewards = [x for x in args.rewards.split(",") if x]
     args.phases = [x for x in args.phases.split(",") if x]
     args.etas = [float(x) for x in args.etas.split(",") if x]
     args.sweep_clips = {k: v[1:3] if args.quick else v for k, v in SWEEP_CLIPS.items()}
-    out_dir = Path(args.out_dir) if args.out_dir else (Path(args.metrics_dir) if args.quick else REPO / "docs" / "figures")
+    out_dir = (
+        Path(args.out_dir)
+        if args.out_dir
+        else (Path(args.metrics_dir) if args.quick else REPO / "docs" / "figures")
+    )
     t0 = time.perf_counter()
     if not args.summary_only:
         if "sweep" in args.phases:  # the matched clip ranges depend on it: first, on its own
-            run_all(plan(argparse.Namespace(**{**vars(args), "phases": ["sweep"]}), Path(args.metrics_dir)), args)
+            run_all(
+                plan(argparse.Namespace(**{**vars(args), "phases": ["sweep"]}), Path(args.metrics_dir)), args
+            )
         rest = [p for p in args.phases if p != "sweep"]
         run_all(plan(argparse.Namespace(**{**vars(args), "phases": rest}), Path(args.metrics_dir)), args)
     print(f"[bench] runs took {time.perf_counter() - t0:.0f} s wall", flush=True)

@@ -50,20 +50,53 @@ from common import REPO, RESULTS, append_csv, meta, read_run_metrics
 DEFAULT_ETA = {"cps": 0.8, "flow_sde": 0.7, "dance_sde": 0.3}
 DEFAULT_FORM = {"cps": "paper", "flow_sde": "gaussian", "dance_sde": "gaussian"}
 LABEL = {"cps": "CPS (η 0.8)", "flow_sde": "Flow-SDE (η 0.7)", "dance_sde": "Dance-SDE (η 0.3)"}
-COLUMNS = ["timestamp", "device", "threads", "torch", "fastcps", "commit", "study", "run", "sampler", "eta",
-           "logprob", "clip_range", "seed", "epochs", "images_per_epoch", "num_steps", "final_reward_own",
-           "final_reward_own_last3", "final_eval_digit", "final_eval_diversity", "base_eval_digit", "mean_clipfrac", "wall_s"]
+COLUMNS = [
+    "timestamp",
+    "device",
+    "threads",
+    "torch",
+    "fastcps",
+    "commit",
+    "study",
+    "run",
+    "sampler",
+    "eta",
+    "logprob",
+    "clip_range",
+    "seed",
+    "epochs",
+    "images_per_epoch",
+    "num_steps",
+    "final_reward_own",
+    "final_reward_own_last3",
+    "final_eval_digit",
+    "final_eval_diversity",
+    "base_eval_digit",
+    "mean_clipfrac",
+    "wall_s",
+]
 
 
 def run_spec(study: str, sampler: str, eta: float, form: str, seed: int, args) -> dict:
     clip = args.clip_paper if form == "paper" else args.clip_gaussian
     name = f"{sampler}_eta{eta:g}_{form}_s{seed}"
-    return {"study": study, "run": name, "sampler": sampler, "eta": eta, "logprob": form, "clip_range": clip, "seed": seed}
+    return {
+        "study": study,
+        "run": name,
+        "sampler": sampler,
+        "eta": eta,
+        "logprob": form,
+        "clip_range": clip,
+        "seed": seed,
+    }
 
 
 def plan(args) -> list[dict]:
-    specs = [run_spec("main", s, DEFAULT_ETA[s], DEFAULT_FORM[s], seed, args)
-             for s in args.samplers for seed in args.seeds]
+    specs = [
+        run_spec("main", s, DEFAULT_ETA[s], DEFAULT_FORM[s], seed, args)
+        for s in args.samplers
+        for seed in args.seeds
+    ]
     if args.logprob_ablation:
         specs.append(run_spec("logprob", "cps", DEFAULT_ETA["cps"], "gaussian", args.seeds[0], args))
         specs.append(run_spec("logprob", "flow_sde", DEFAULT_ETA["flow_sde"], "paper", args.seeds[0], args))
@@ -75,10 +108,19 @@ def plan(args) -> list[dict]:
 
 def train_overrides(spec: dict, args, run_root: Path) -> list[str]:
     sets = {
-        "name": spec["run"], "output_dir": str(run_root), "seed": spec["seed"],
-        "sampler.name": spec["sampler"], "sampler.eta": spec["eta"], "sampler.logprob": spec["logprob"],
-        "train.clip_range": spec["clip_range"], "train.num_epochs": args.epochs, "eval.every": args.eval_every,
-        "log.tensorboard": "false", "log.images_every": 0, "log.progress": "false", "checkpoint.every": 0,
+        "name": spec["run"],
+        "output_dir": str(run_root),
+        "seed": spec["seed"],
+        "sampler.name": spec["sampler"],
+        "sampler.eta": spec["eta"],
+        "sampler.logprob": spec["logprob"],
+        "train.clip_range": spec["clip_range"],
+        "train.num_epochs": args.epochs,
+        "eval.every": args.eval_every,
+        "log.tensorboard": "false",
+        "log.images_every": 0,
+        "log.progress": "false",
+        "checkpoint.every": 0,
     }
     sets.update(dict(kv.split("=", 1) for kv in args.set))
     out = []
@@ -92,9 +134,20 @@ def run_one(spec: dict, args, run_root: Path, metrics_dir: Path) -> Path:
     if dest.exists() and not args.rerun:
         print(f"[bench] {spec['run']}: metrics exist ({dest}), not re-run", flush=True)
         return dest
-    cmd = [sys.executable, "-m", "fastcps.train", "--config", args.config, *train_overrides(spec, args, run_root)]
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads))
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastcps.train",
+        "--config",
+        args.config,
+        *train_overrides(spec, args, run_root),
+    ]
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+    )
     t0 = time.perf_counter()
     print(f"[bench] {spec['run']} ...", flush=True)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
@@ -102,7 +155,9 @@ def run_one(spec: dict, args, run_root: Path, metrics_dir: Path) -> Path:
     run_dir = run_root / spec["run"]
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        raise SystemExit(f"[bench] run {spec['run']} failed with exit code {proc.returncode}: {' '.join(cmd)}")
+        raise SystemExit(
+            f"[bench] run {spec['run']} failed with exit code {proc.returncode}: {' '.join(cmd)}"
+        )
     metrics_dir.mkdir(parents=True, exist_ok=True)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     lines.append(json.dumps({"bench/wall_s": wall, "bench/spec": spec}))
@@ -114,8 +169,15 @@ def run_one(spec: dict, args, run_root: Path, metrics_dir: Path) -> Path:
 
 def read_metrics(path: Path) -> dict:
     """{"reward": {epoch: v}, "eval": {epoch: v}, "div": {epoch: v}, "clipfrac": {...}, "wall_s": s}."""
-    return read_run_metrics(path, {"reward": "reward/mean", "eval": "eval/digit", "div": "eval/diversity",
-                                   "clipfrac": "train/clipfrac"})
+    return read_run_metrics(
+        path,
+        {
+            "reward": "reward/mean",
+            "eval": "eval/digit",
+            "div": "eval/diversity",
+            "clipfrac": "train/clipfrac",
+        },
+    )
 
 
 def mean_clipfrac(r: dict) -> float:
@@ -149,17 +211,25 @@ def summarize(specs: list[dict], metrics_dir: Path, args) -> dict:
         own = [final_own(r) for r in runs]
         ev = [r["eval"][max(r["eval"])] for r in runs]
         dv = [r["div"][max(r["div"])] for r in runs]
-        table.append({"sampler": sampler, "seeds": len(runs), "own": (np.mean(own), np.std(own)),
-                          "eval": (np.mean(ev), np.std(ev)), "div": (np.mean(dv), np.std(dv)),
-                          "base": np.mean([r["eval"][0] for r in runs]), "wall": np.mean([r["wall_s"] for r in runs]),
-                      "clipfrac": np.mean([mean_clipfrac(r) for r in runs])})
+        table.append(
+            {
+                "sampler": sampler,
+                "seeds": len(runs),
+                "own": (np.mean(own), np.std(own)),
+                "eval": (np.mean(ev), np.std(ev)),
+                "div": (np.mean(dv), np.std(dv)),
+                "base": np.mean([r["eval"][0] for r in runs]),
+                "wall": np.mean([r["wall_s"] for r in runs]),
+                "clipfrac": np.mean([mean_clipfrac(r) for r in runs]),
+            }
+        )
     best_own = max(t["own"][0] for t in table)
     best_eval = max(t["eval"][0] for t in table)
     for t in table:
         runs = groups[t["sampler"]]
         ep, m, _ = curve(runs, "reward")
         # a 3-epoch running mean: single epochs of 64 rollouts are noisy
-        sm = np.array([m[max(0, i - 2):i + 1].mean() for i in range(len(m))])
+        sm = np.array([m[max(0, i - 2) : i + 1].mean() for i in range(len(m))])
         t["to90_own"] = epochs_to(ep, sm, 0.9 * best_own)
         ep, m, _ = curve(runs, "eval")
         t["to90_eval"] = epochs_to(ep, m, 0.9 * best_eval)
@@ -171,26 +241,48 @@ def fmt_pm(x) -> str:
 
 
 def print_tables(summary: dict, specs: list[dict]) -> str:
-    lines = [("| sampler | seeds | own-sampler reward (last 3 epochs) | ODE eval/digit (final) | eval/diversity (final) | "
-             "epochs to 90% of best own | epochs to 90% of best eval | mean clipfrac | wall s/run |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| sampler | seeds | own-sampler reward (last 3 epochs) | ODE eval/digit (final) | "
+            "eval/diversity (final) | "
+            "epochs to 90% of best own | epochs to 90% of best eval | mean clipfrac | wall s/run |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for t in summary["table"]:
-        lines.append(f"| {LABEL.get(t['sampler'], t['sampler'])} | {t['seeds']} | {fmt_pm(t['own'])} | {fmt_pm(t['eval'])} | "
-                     f"{fmt_pm(t['div'])} | {t['to90_own'] if t['to90_own'] is not None else 'not reached'} | "
-                     f"{t['to90_eval'] if t['to90_eval'] is not None else 'not reached'} | {t['clipfrac']:.3f} | {t['wall']:.0f} |")
+        lines.append(
+            f"| {LABEL.get(t['sampler'], t['sampler'])} | {t['seeds']} | {fmt_pm(t['own'])} | "
+            f"{fmt_pm(t['eval'])} | "
+            f"{fmt_pm(t['div'])} | {t['to90_own'] if t['to90_own'] is not None else 'not reached'} | "
+            f"{t['to90_eval'] if t['to90_eval'] is not None else 'not reached'} | {t['clipfrac']:.3f} | "
+            f"{t['wall']:.0f} |"
+        )
     base = np.mean([r["eval"][0] for r in summary["data"].values()])
-    lines.append(f"\nbase model eval/digit {base:.3f}; best own {summary['best_own']:.3f} (90%: "
-                 f"{0.9 * summary['best_own']:.3f}); best eval {summary['best_eval']:.3f} (90%: "
-                 f"{0.9 * summary['best_eval']:.3f}). ± is the std over seeds.")
-    abl = [s for s in specs if s["study"] != "main" or (s["seed"] == specs[0]["seed"] and s["sampler"] in ("cps", "flow_sde"))]
+    lines.append(
+        f"\nbase model eval/digit {base:.3f}; best own {summary['best_own']:.3f} (90%: "
+        f"{0.9 * summary['best_own']:.3f}); best eval {summary['best_eval']:.3f} (90%: "
+        f"{0.9 * summary['best_eval']:.3f}). ± is the std over seeds."
+    )
+    abl = [
+        s
+        for s in specs
+        if s["study"] != "main" or (s["seed"] == specs[0]["seed"] and s["sampler"] in ("cps", "flow_sde"))
+    ]
     if any(s["study"] != "main" for s in specs):
-        lines += ["", "| study | sampler | η | log-prob | clip | seed | own reward (last 3) | ODE eval/digit | eval/diversity "
-                  "| mean clipfrac |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| study | sampler | η | log-prob | clip | seed | own reward (last 3) | ODE eval/digit | "
+            "eval/diversity "
+            "| mean clipfrac |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in sorted(abl, key=lambda s: (s["sampler"], s["logprob"], s["eta"])):
             r = summary["data"][s["run"]]
-            lines.append(f"| {s['study']} | {s['sampler']} | {s['eta']:g} | {s['logprob']} | {s['clip_range']:g} | "
-                         f"{s['seed']} | {final_own(r):.3f} | {r['eval'][max(r['eval'])]:.3f} | "
-                         f"{r['div'][max(r['div'])]:.3f} | {mean_clipfrac(r):.3f} |")
+            lines.append(
+                f"| {s['study']} | {s['sampler']} | {s['eta']:g} | {s['logprob']} | {s['clip_range']:g} | "
+                f"{s['seed']} | {final_own(r):.3f} | {r['eval'][max(r['eval'])]:.3f} | "
+                f"{r['div'][max(r['div'])]:.3f} | {mean_clipfrac(r):.3f} |"
+            )
     text = "\n".join(lines)
     print(text)
     return text
@@ -210,8 +302,14 @@ def plot(summary: dict, specs: list[dict], out_dir: Path) -> list[Path]:
             c = colors.get(sampler)
             ax.plot(ep, m, "o-", ms=3, color=c, label=f"{LABEL.get(sampler, sampler)}, {len(runs)} seeds")
             ax.fill_between(ep, m - sd, m + sd, color=c, alpha=0.2)
-    for ax, title in zip(axes, ("own-sampler rollout reward (reward/mean)", "ODE eval reward (eval/digit)",
-                                "ODE eval diversity (eval/diversity)")):
+    for ax, title in zip(
+        axes,
+        (
+            "own-sampler rollout reward (reward/mean)",
+            "ODE eval reward (eval/digit)",
+            "ODE eval diversity (eval/diversity)",
+        ),
+    ):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -223,26 +321,46 @@ def plot(summary: dict, specs: list[dict], out_dir: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
-    etas = sorted([s for s in specs if s["sampler"] == "cps" and s["logprob"] == "paper" and s["seed"] == specs[0]["seed"]],
-                  key=lambda s: s["eta"])
+    etas = sorted(
+        [
+            s
+            for s in specs
+            if s["sampler"] == "cps" and s["logprob"] == "paper" and s["seed"] == specs[0]["seed"]
+        ],
+        key=lambda s: s["eta"],
+    )
     lp = [s for s in specs if s["study"] == "logprob"]
     if len(etas) > 1 or lp:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         if len(etas) > 1:
             d = summary["data"]
             x = [s["eta"] for s in etas]
-            axes[0].plot(x, [final_own(d[s["run"]]) for s in etas], "o-", label="own-sampler reward (last 3 epochs)")
-            axes[0].plot(x, [d[s["run"]]["eval"][max(d[s["run"]]["eval"])] for s in etas], "s-", label="ODE eval/digit")
+            axes[0].plot(
+                x, [final_own(d[s["run"]]) for s in etas], "o-", label="own-sampler reward (last 3 epochs)"
+            )
+            axes[0].plot(
+                x, [d[s["run"]]["eval"][max(d[s["run"]]["eval"])] for s in etas], "s-", label="ODE eval/digit"
+            )
             axes[0].set_xlabel("CPS η")
             axes[0].set_title(f"CPS η ablation (seed {specs[0]['seed']})", fontsize=10)
             axes[0].legend(fontsize=8)
             axes[0].grid(alpha=0.3)
-        for s in lp + [x for x in specs if x["study"] == "main" and x["seed"] == specs[0]["seed"]
-                       and x["sampler"] in {y["sampler"] for y in lp}]:
+        for s in lp + [
+            x
+            for x in specs
+            if x["study"] == "main"
+            and x["seed"] == specs[0]["seed"]
+            and x["sampler"] in {y["sampler"] for y in lp}
+        ]:
             r = summary["data"][s["run"]]
             ep = sorted(r["eval"])
-            axes[1].plot(ep, [r["eval"][e] for e in ep], "o-" if s["logprob"] == "paper" else "s--",
-                         color=colors.get(s["sampler"]), label=f"{s['sampler']} {s['logprob']} log-prob (clip {s['clip_range']:g})")
+            axes[1].plot(
+                ep,
+                [r["eval"][e] for e in ep],
+                "o-" if s["logprob"] == "paper" else "s--",
+                color=colors.get(s["sampler"]),
+                label=f"{s['sampler']} {s['logprob']} log-prob (clip {s['clip_range']:g})",
+            )
         axes[1].set_xlabel("epoch")
         axes[1].set_ylabel("ODE eval/digit")
         axes[1].set_title("log-prob ablation: paper form vs Gaussian form", fontsize=10)
@@ -266,20 +384,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-every", type=int, default=3)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--samplers", default="cps,flow_sde,dance_sde")
-    ap.add_argument("--eta-ablation", default="0.2,0.5,0.8,1.0", help="CPS η values (seed = first seed); '' = none")
+    ap.add_argument(
+        "--eta-ablation", default="0.2,0.5,0.8,1.0", help="CPS η values (seed = first seed); '' = none"
+    )
     ap.add_argument("--no-logprob-ablation", dest="logprob_ablation", action="store_false")
     ap.add_argument("--clip-paper", type=float, default=1e-4)
     ap.add_argument("--clip-gaussian", type=float, default=2e-3)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra trainer override for every run (e.g. train.prompts_per_epoch=2)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra trainer override for every run (e.g. train.prompts_per_epoch=2)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per trainer run")
     ap.add_argument("--runs-dir", default=str(REPO / "runs" / "bench_samplers_grpo"))
     ap.add_argument("--metrics-dir", default=str(RESULTS / "samplers_grpo"))
     ap.add_argument("--csv", default=str(RESULTS / "samplers_grpo.csv"))
     ap.add_argument("--fig-dir", default=str(REPO / "docs" / "figures"))
     ap.add_argument("--rerun", action="store_true", help="re-run runs whose metrics already exist")
-    ap.add_argument("--summary-only", action="store_true",
-                    help="run nothing: tables and figures from the runs whose metrics exist")
+    ap.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: tables and figures from the runs whose metrics exist",
+    )
     args = ap.parse_args(argv)
     args.seeds = [int(x) for x in args.seeds.split(",")]
     args.samplers = [x for x in args.samplers.split(",") if x]
@@ -311,24 +439,37 @@ def main(argv=None) -> dict:
     summary = summarize(specs, metrics_dir, args)
     m = meta(torch.device("cpu"))
     m["threads"] = args.threads
-    cfg = json.loads((REPO / args.config).read_text()) if not Path(args.config).is_absolute() else \
-        json.loads(Path(args.config).read_text())
+    cfg = (
+        json.loads((REPO / args.config).read_text())
+        if not Path(args.config).is_absolute()
+        else json.loads(Path(args.config).read_text())
+    )
     over = dict(kv.split("=", 1) for kv in args.set)
-    images = int(over.get("train.prompts_per_epoch", cfg["train"]["prompts_per_epoch"])) * \
-        int(over.get("train.images_per_prompt", cfg["train"]["images_per_prompt"]))
+    images = int(over.get("train.prompts_per_epoch", cfg["train"]["prompts_per_epoch"])) * int(
+        over.get("train.images_per_prompt", cfg["train"]["images_per_prompt"])
+    )
     steps = int(over.get("sampler.num_steps", cfg["sampler"]["num_steps"]))
     rows = []
     for s in specs:
         if s["run"] not in fresh:
             continue
         r = summary["data"][s["run"]]
-        rows.append({**m, **s, "epochs": args.epochs, "images_per_epoch": images, "num_steps": steps,
-                     "final_reward_own": f"{r['reward'][max(r['reward'])]:.4f}",
-                     "final_reward_own_last3": f"{final_own(r):.4f}",
-                     "final_eval_digit": f"{r['eval'][max(r['eval'])]:.4f}",
-                     "final_eval_diversity": f"{r['div'][max(r['div'])]:.4f}",
-                     "base_eval_digit": f"{r['eval'][0]:.4f}", "mean_clipfrac": f"{mean_clipfrac(r):.4f}",
-                     "wall_s": f"{r['wall_s']:.1f}"})
+        rows.append(
+            {
+                **m,
+                **s,
+                "epochs": args.epochs,
+                "images_per_epoch": images,
+                "num_steps": steps,
+                "final_reward_own": f"{r['reward'][max(r['reward'])]:.4f}",
+                "final_reward_own_last3": f"{final_own(r):.4f}",
+                "final_eval_digit": f"{r['eval'][max(r['eval'])]:.4f}",
+                "final_eval_diversity": f"{r['div'][max(r['div'])]:.4f}",
+                "base_eval_digit": f"{r['eval'][0]:.4f}",
+                "mean_clipfrac": f"{mean_clipfrac(r):.4f}",
+                "wall_s": f"{r['wall_s']:.1f}",
+            }
+        )
     if rows:
         append_csv(args.csv, rows, COLUMNS)
     text = print_tables(summary, specs)

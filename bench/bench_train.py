@@ -29,9 +29,27 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from common import append_csv, meta, print_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-COLUMNS = ["timestamp", "device", "threads", "torch", "triton", "fastcps", "commit", "config", "impl", "epochs",
-           "images_per_epoch", "epoch_s", "rollout_s", "reward_s", "update_s", "images_per_s", "op_math_s",
-           "op_math_share_%", "peak_mem_gib"]
+COLUMNS = [
+    "timestamp",
+    "device",
+    "threads",
+    "torch",
+    "triton",
+    "fastcps",
+    "commit",
+    "config",
+    "impl",
+    "epochs",
+    "images_per_epoch",
+    "epoch_s",
+    "rollout_s",
+    "reward_s",
+    "update_s",
+    "images_per_s",
+    "op_math_s",
+    "op_math_share_%",
+    "peak_mem_gib",
+]
 
 
 class OpRecorder:
@@ -55,7 +73,9 @@ class OpRecorder:
             if noise is None:  # the reference has no in-kernel RNG: draw the same Philox noise
                 from fastcps.ops.philox import philox_randn
 
-                noise = philox_randn(kw["seed"], kw.get("offset", 0) + torch.arange(x.numel())).reshape(x.shape)
+                noise = philox_randn(kw["seed"], kw.get("offset", 0) + torch.arange(x.numel())).reshape(
+                    x.shape
+                )
             out = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=noise)
             return StepResult(out.prev_sample, out.log_prob, out.mean if kw.get("return_mean") else None)
 
@@ -63,7 +83,9 @@ class OpRecorder:
             rec.calls[("logprob_kl", tuple(x.shape), v.dtype, v_ref is not None)] += 1
             if impl == "fused":
                 return cps_logprob_kl(x, v, prev, c, v_ref)
-            return LogprobKL(*cps_logprob_kl_ref(x, v, prev, c.alpha, c.beta, c.lp_w, c.lp_c, c.kl_w, v_ref=v_ref))
+            return LogprobKL(
+                *cps_logprob_kl_ref(x, v, prev, c.alpha, c.beta, c.lp_w, c.lp_c, c.kl_w, v_ref=v_ref)
+            )
 
         self.originals = (rollout_mod.cps_step, update_mod.cps_logprob_kl)
         rollout_mod.cps_step = step
@@ -87,6 +109,7 @@ class OpRecorder:
             c = step_coeffs("cps", torch.full((b,), 0.6), torch.full((b,), 0.5))
             if key[0] == "step":
                 if self.impl == "fused":
+
                     def fn():
                         return cps_step(x, v, c, seed=1)
                 else:  # the same Philox noise the trainer's reference path draws
@@ -103,8 +126,11 @@ class OpRecorder:
                     if self.impl == "fused":
                         lp, kl = cps_logprob_kl(x, vv, e, c, ref)
                     else:
-                        lp, kl = cps_logprob_kl_ref(x, vv, e, c.alpha, c.beta, c.lp_w, c.lp_c, c.kl_w, v_ref=ref)
+                        lp, kl = cps_logprob_kl_ref(
+                            x, vv, e, c.alpha, c.beta, c.lp_w, c.lp_c, c.kl_w, v_ref=ref
+                        )
                     (lp.sum() + kl.sum()).backward()
+
             fn()  # warm-up (compilation, if any)
             samples = []
             for _ in range(repeats):
@@ -121,8 +147,14 @@ def run(config: str, impl: str, epochs: int, overrides: list[str]) -> dict:
     from fastcps.config import load_config, validate_tree
     from fastcps.trainer import Trainer
 
-    sets = ["eval.every=0", "log.progress=false", "log.images_every=0", "checkpoint.every=0",
-            f"train.num_epochs={epochs + 1}", *overrides]
+    sets = [
+        "eval.every=0",
+        "log.progress=false",
+        "log.images_every=0",
+        "checkpoint.every=0",
+        f"train.num_epochs={epochs + 1}",
+        *overrides,
+    ]
     cfg = load_config(RunConfig, config, sets)
     validate_tree(cfg, world_size=1)
     dist.init()
@@ -136,16 +168,23 @@ def run(config: str, impl: str, epochs: int, overrides: list[str]) -> dict:
             trainer.logger.close()
     finally:
         recorder.restore()
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("time/epoch_s", "time/rollout_s", "time/reward_s",
-                                                              "time/update_s", "perf/images_per_s")}
+    mean = {
+        k: sum(r[k] for r in rows) / len(rows)
+        for k in ("time/epoch_s", "time/rollout_s", "time/reward_s", "time/update_s", "perf/images_per_s")
+    }
     op_s = recorder.isolated_seconds() / epochs
     t = cfg.train
     return {
-        "config": Path(config).name, "impl": impl, "epochs": epochs,
+        "config": Path(config).name,
+        "impl": impl,
+        "epochs": epochs,
         "images_per_epoch": t.prompts_per_epoch * t.images_per_prompt,
-        "epoch_s": round(mean["time/epoch_s"], 3), "rollout_s": round(mean["time/rollout_s"], 3),
-        "reward_s": round(mean["time/reward_s"], 3), "update_s": round(mean["time/update_s"], 3),
-        "images_per_s": round(mean["perf/images_per_s"], 2), "op_math_s": round(op_s, 4),
+        "epoch_s": round(mean["time/epoch_s"], 3),
+        "rollout_s": round(mean["time/rollout_s"], 3),
+        "reward_s": round(mean["time/reward_s"], 3),
+        "update_s": round(mean["time/update_s"], 3),
+        "images_per_s": round(mean["perf/images_per_s"], 2),
+        "op_math_s": round(op_s, 4),
         "op_math_share_%": round(100 * op_s / mean["time/epoch_s"], 2),
         "peak_mem_gib": round(max(r["memory/peak_gib"] for r in rows), 3),
     }
@@ -161,8 +200,20 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     base = meta(torch.device("cpu"))
     rows = [{**base, **run(args.config, impl, args.epochs, args.overrides)} for impl in args.impls.split(",")]
-    print_table(rows, ["impl", "epoch_s", "rollout_s", "reward_s", "update_s", "images_per_s", "op_math_s",
-                       "op_math_share_%", "peak_mem_gib"])
+    print_table(
+        rows,
+        [
+            "impl",
+            "epoch_s",
+            "rollout_s",
+            "reward_s",
+            "update_s",
+            "images_per_s",
+            "op_math_s",
+            "op_math_share_%",
+            "peak_mem_gib",
+        ],
+    )
     append_csv(args.csv, rows, COLUMNS)
     return rows
 

@@ -35,16 +35,57 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 COLUMNS = [
-    "timestamp", "device", "threads", "timer", "malloc", "torch", "triton", "fastcps", "commit",
-    "op", "direction", "impl", "dtype", "shape",
-    "median_ms", "p20_ms", "p80_ms", "bytes", "GB/s", "%copy_bw", "copy_GB/s",
-    "peak_mem_gib", "speedup_vs_naive", "note",
+    "timestamp",
+    "device",
+    "threads",
+    "timer",
+    "malloc",
+    "torch",
+    "triton",
+    "fastcps",
+    "commit",
+    "op",
+    "direction",
+    "impl",
+    "dtype",
+    "shape",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "bytes",
+    "GB/s",
+    "%copy_bw",
+    "copy_GB/s",
+    "peak_mem_gib",
+    "speedup_vs_naive",
+    "note",
 ]
 PTX_COLUMNS = [
-    "timestamp", "device", "torch", "triton", "fastcps", "commit", "kernel", "num_warps", "BLOCK", "ITERS",
-    "ptxas", "registers", "spill_bytes", "stack_bytes", "cubin_local_bytes", "ptx_ld_v4", "ptx_ld_narrow",
-    "ptx_ld_scalar_coeffs", "ptx_st_v4", "ptx_st_narrow", "sass_ldg128", "sass_ldg_other", "sass_stg128",
-    "sass_stg_other", "loads_128bit",
+    "timestamp",
+    "device",
+    "torch",
+    "triton",
+    "fastcps",
+    "commit",
+    "kernel",
+    "num_warps",
+    "BLOCK",
+    "ITERS",
+    "ptxas",
+    "registers",
+    "spill_bytes",
+    "stack_bytes",
+    "cubin_local_bytes",
+    "ptx_ld_v4",
+    "ptx_ld_narrow",
+    "ptx_ld_scalar_coeffs",
+    "ptx_st_v4",
+    "ptx_st_narrow",
+    "sass_ldg128",
+    "sass_ldg_other",
+    "sass_stg128",
+    "sass_stg_other",
+    "loads_128bit",
 ]
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # FLUX.1 at 1024²: 64×64 packed tokens of 2×2×16 = 64 channels.
@@ -111,7 +152,9 @@ def _quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(s), q[1], q[7]
 
 
-def time_cpu(fns: dict, repeats: int, warmup: int, clock=time.perf_counter) -> dict[str, tuple[float, float, float]]:
+def time_cpu(
+    fns: dict, repeats: int, warmup: int, clock=time.perf_counter
+) -> dict[str, tuple[float, float, float]]:
     """(median, p20, p80) in ms per named callable, interleaved round-robin, order rotated each round.
 
     ``clock``: ``time.perf_counter`` (wall time, the default) or ``time.process_time`` (CPU time of every
@@ -174,7 +217,9 @@ def peak_mem_gib(fn, device: torch.device) -> float | None:
 # ---------------------------------------------------------------- rows, CSV, tables
 
 
-def result_rows(base: dict, timings: dict, nbytes: dict, peaks: dict, notes: dict | None = None) -> list[dict]:
+def result_rows(
+    base: dict, timings: dict, nbytes: dict, peaks: dict, notes: dict | None = None
+) -> list[dict]:
     """Rows for one (op, direction, dtype, shape): one per impl, GB/s against each impl's byte count,
     %copy_bw against the interleaved copy of the same bytes, speedup against ``naive``."""
     notes = notes or {}
@@ -188,15 +233,22 @@ def result_rows(base: dict, timings: dict, nbytes: dict, peaks: dict, notes: dic
         gbs = nb / (med * 1e-3) / 1e9
         copy_gbs = nb / (copy_med * 1e-3) / 1e9
         peak = peaks.get(impl)
-        rows.append({
-            **base, "impl": impl,
-            "median_ms": f"{med:.4f}", "p20_ms": f"{p20:.4f}", "p80_ms": f"{p80:.4f}",
-            "bytes": nb, "GB/s": f"{gbs:.2f}", "%copy_bw": f"{100 * gbs / copy_gbs:.1f}",
-            "copy_GB/s": f"{copy_gbs:.2f}",
-            "peak_mem_gib": "" if peak is None else f"{peak:.3f}",
-            "speedup_vs_naive": "" if naive is None else f"{naive[0] / med:.2f}",
-            "note": notes.get(impl, ""),
-        })
+        rows.append(
+            {
+                **base,
+                "impl": impl,
+                "median_ms": f"{med:.4f}",
+                "p20_ms": f"{p20:.4f}",
+                "p80_ms": f"{p80:.4f}",
+                "bytes": nb,
+                "GB/s": f"{gbs:.2f}",
+                "%copy_bw": f"{100 * gbs / copy_gbs:.1f}",
+                "copy_GB/s": f"{copy_gbs:.2f}",
+                "peak_mem_gib": "" if peak is None else f"{peak:.3f}",
+                "speedup_vs_naive": "" if naive is None else f"{naive[0] / med:.2f}",
+                "note": notes.get(impl, ""),
+            }
+        )
     return rows
 
 
@@ -213,8 +265,19 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
         print("  ".join(f"{r.get(c, '')!s:<{widths[c]}}" for c in cols))
 
 
-TABLE_COLS = ["direction", "impl", "dtype", "shape", "median_ms", "p20_ms", "p80_ms", "GB/s", "%copy_bw",
-              "peak_mem_gib", "speedup_vs_naive"]
+TABLE_COLS = [
+    "direction",
+    "impl",
+    "dtype",
+    "shape",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "GB/s",
+    "%copy_bw",
+    "peak_mem_gib",
+    "speedup_vs_naive",
+]
 
 
 # ---------------------------------------------------------------- PTX report
@@ -225,7 +288,9 @@ def load_ptx_report():
     """bench/ptx_report.py as one module object per process (it is a script, not a package module)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fastcps_bench_ptx_report", Path(__file__).parent / "ptx_report.py")
+    spec = importlib.util.spec_from_file_location(
+        "fastcps_bench_ptx_report", Path(__file__).parent / "ptx_report.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -265,13 +330,30 @@ def run_ptx(prefixes: tuple[str, ...], csv_path: Path | str) -> list[dict]:
     m = meta(torch.device("cpu"))
     m["device"] = "sm_90a (compile only; the cubin Triton built, read with cuobjdump)"
     out = [{**m, **r} for r in rows]
-    print_table(out, ["kernel", "num_warps", "BLOCK", "ITERS", "registers", "spill_bytes", "stack_bytes",
-                      "ptx_ld_v4", "ptx_ld_narrow", "sass_ldg128", "sass_stg128", "loads_128bit"])
+    print_table(
+        out,
+        [
+            "kernel",
+            "num_warps",
+            "BLOCK",
+            "ITERS",
+            "registers",
+            "spill_bytes",
+            "stack_bytes",
+            "ptx_ld_v4",
+            "ptx_ld_narrow",
+            "sass_ldg128",
+            "sass_stg128",
+            "loads_128bit",
+        ],
+    )
     append_csv(csv_path, out, PTX_COLUMNS)
     return out
 
 
-def run_and_report(op: str, args, device: torch.device, shapes, dtypes, bench_cells, ptx_prefixes) -> list[dict]:
+def run_and_report(
+    op: str, args, device: torch.device, shapes, dtypes, bench_cells, ptx_prefixes
+) -> list[dict]:
     """The shared body of an op benchmark's main(): time every (dtype, shape) cell unless
     ``--ptx-only`` (``bench_cells(shape, dtype)`` returns its rows; a fresh compile cache per shape),
     print and append the table, then the sm_90 report with ``--ptx``/``--ptx-only``."""
@@ -281,8 +363,10 @@ def run_and_report(op: str, args, device: torch.device, shapes, dtypes, bench_ce
             for shape in shapes:
                 fresh_compile_cache(device)
                 rows += bench_cells(shape, dtype)
-        print(f"\n{op} on {device_name(device)}, threads={torch.get_num_threads()}, "
-              f"timer={args.timer}, commit {git_commit()} -> {args.csv}")
+        print(
+            f"\n{op} on {device_name(device)}, threads={torch.get_num_threads()}, "
+            f"timer={args.timer}, commit {git_commit()} -> {args.csv}"
+        )
         print_table(rows, TABLE_COLS)
         append_csv(args.csv, rows)
     if args.ptx or args.ptx_only:
@@ -297,25 +381,50 @@ def run_and_report(op: str, args, device: torch.device, shapes, dtypes, bench_ce
 def parser(op: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=f"Benchmark {op}: fused vs naive PyTorch vs compiled reference.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sizes", default=None,
-                   help="comma-separated batch sizes B of (B, 4096, 64) latents, or full shapes BxTxC "
-                        "(default: 1,4,16 on CUDA; 1,4 on CPU)")
-    p.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16 "
-                                                  "(default: bf16,fp32 on CUDA; fp32 on CPU)")
-    p.add_argument("--impls", default=None, help="comma-separated subset of fused,naive,compiled_ref "
-                                                 "(default: all on CUDA; fused,naive on CPU)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="CPU: timed rounds (default 40); CUDA: do_bench rep in ms (default 100)")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="comma-separated batch sizes B of (B, 4096, 64) latents, or full shapes BxTxC "
+        "(default: 1,4,16 on CUDA; 1,4 on CPU)",
+    )
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma-separated: fp32,bf16,fp16 (default: bf16,fp32 on CUDA; fp32 on CPU)",
+    )
+    p.add_argument(
+        "--impls",
+        default=None,
+        help="comma-separated subset of fused,naive,compiled_ref (default: all on CUDA; fused,naive on CPU)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="CPU: timed rounds (default 40); CUDA: do_bench rep in ms (default 100)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed calls of each variant first (CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (before compiling)")
-    p.add_argument("--timer", choices=sorted(CLOCKS), default="wall",
-                   help="CPU clock: wall (time.perf_counter) or cpu (time.process_time; with --threads 1 "
-                        "it leaves out the time other processes held the core)")
-    p.add_argument("--malloc-keep", action="store_true",
-                   help="CPU: keep freed memory in the process (glibc mallopt) instead of page-faulting "
-                        "fresh pages for every temporary")
-    p.add_argument("--cpu-eager", action="store_true",
-                   help="CPU fused path without torch.compile (FASTCPS_COMPILE=0): smoke tests only")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads on CPU (before compiling)"
+    )
+    p.add_argument(
+        "--timer",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="CPU clock: wall (time.perf_counter) or cpu (time.process_time; with --threads 1 "
+        "it leaves out the time other processes held the core)",
+    )
+    p.add_argument(
+        "--malloc-keep",
+        action="store_true",
+        help="CPU: keep freed memory in the process (glibc mallopt) instead of page-faulting "
+        "fresh pages for every temporary",
+    )
+    p.add_argument(
+        "--cpu-eager",
+        action="store_true",
+        help="CPU fused path without torch.compile (FASTCPS_COMPILE=0): smoke tests only",
+    )
     p.add_argument("--csv", default=str(RESULTS / f"{op}.csv"))
     p.add_argument("--ptx", action="store_true", help="also print/append the sm_90 compile report (no GPU)")
     p.add_argument("--ptx-only", action="store_true", help="only the sm_90 compile report, no timings")
@@ -352,8 +461,11 @@ def setup(args) -> tuple[torch.device, list[tuple[int, ...]], list[torch.dtype],
 def fused_note(device: torch.device) -> str:
     if device.type == "cuda":
         return "triton kernel"
-    return "cpu: reference math, eager (FASTCPS_COMPILE=0)" if os.environ.get("FASTCPS_COMPILE") == "0" \
+    return (
+        "cpu: reference math, eager (FASTCPS_COMPILE=0)"
+        if os.environ.get("FASTCPS_COMPILE") == "0"
         else "cpu: compiled reference (inductor)"
+    )
 
 
 def fresh_compile_cache(device: torch.device) -> None:

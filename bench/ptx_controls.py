@@ -61,8 +61,10 @@ def cosine_ptx() -> dict:
 
     sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "N": "i32", "BLOCK": "constexpr", "LIBDEVICE": "constexpr"}
     options = {"num_warps": 4, "enable_fp_fusion": True}
-    return {name: _compile(_cos_kernel, sig, {"BLOCK": _BLOCK, "LIBDEVICE": lib}, options).asm["ptx"]
-            for name, lib in (("libdevice", True), ("fast_path", False))}
+    return {
+        name: _compile(_cos_kernel, sig, {"BLOCK": _BLOCK, "LIBDEVICE": lib}, options).asm["ptx"]
+        for name, lib in (("libdevice", True), ("fast_path", False))
+    }
 
 
 def control_variants():
@@ -71,6 +73,11 @@ def control_variants():
     options = {"num_warps": 4, "enable_fp_fusion": True}
     return [
         ("control_strided_load", _strided_load_kernel, sig, {"BLOCK": _BLOCK}, options),
-        ("control_spill", _spill_kernel, {**sig, "K": "constexpr"}, {"BLOCK": _BLOCK, "K": _SPILL_BLOCKS},
-         {**options, "maxnreg": 24}),
+        (
+            "control_spill",
+            _spill_kernel,
+            {**sig, "K": "constexpr"},
+            {"BLOCK": _BLOCK, "K": _SPILL_BLOCKS},
+            {**options, "maxnreg": 24},
+        ),
     ]

@@ -94,13 +94,15 @@ def toolchain() -> dict:
         from triton.compiler import ASTSource  # noqa: F401
         from triton.tools.disasm import path_to_cuobjdump
     except Exception as exc:  # pragma: no cover - depends on the install
-        raise ToolchainMissing(f"triton (with its NVIDIA backend and triton.tools.disasm) is not "
-                               f"importable: {exc}") from exc
+        raise ToolchainMissing(
+            f"triton (with its NVIDIA backend and triton.tools.disasm) is not importable: {exc}"
+        ) from exc
     try:
         found = path_to_cuobjdump()
     except Exception as exc:
-        raise ToolchainMissing(f"Triton cannot find cuobjdump ({exc}); reinstall triton or point "
-                               "TRITON_CUOBJDUMP_PATH at one") from exc
+        raise ToolchainMissing(
+            f"Triton cannot find cuobjdump ({exc}); reinstall triton or point TRITON_CUOBJDUMP_PATH at one"
+        ) from exc
     # Older Triton (before triton.knobs) returned (path, version) here; with knobs it is the path.
     return {"cuobjdump": found[0] if isinstance(found, tuple) else found, "ptxas": _triton_ptxas()}
 
@@ -145,8 +147,9 @@ def _variants(controls: bool = False):
     # B = 16: the chunk loop runs (ITERS = 8 fp32 / 4 half), which ptxas may unroll.
     out = []
     for batch in _BATCHES:
-        for name, fn, sig, consts, num_warps in (cps_step.compile_variants(batch)
-                                                 + cps_logprob_kl.compile_variants(batch)):
+        for name, fn, sig, consts, num_warps in cps_step.compile_variants(
+            batch
+        ) + cps_logprob_kl.compile_variants(batch):
             options = {"num_warps": num_warps, "enable_fp_fusion": cps_step.FP_FUSION}
             out.append((name, fn, sig, consts, options))
     return out
@@ -186,8 +189,10 @@ def scan_cuobjdump(text: str) -> dict:
     -sass`` of a one-kernel cubin. Raises ValueError when the resource line is missing."""
     res = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:\d+\s+LOCAL:(\d+)", text)
     if res is None:
-        raise ValueError("cuobjdump -res-usage printed no 'REG:.. STACK:.. SHARED:.. LOCAL:..' line; "
-                         f"its output began:\n{text[:2000]}")
+        raise ValueError(
+            "cuobjdump -res-usage printed no 'REG:.. STACK:.. SHARED:.. LOCAL:..' line; "
+            f"its output began:\n{text[:2000]}"
+        )
     ops = {"LDG": [], "STG": [], "LDL": [], "STL": []}
     for op, suffix in _SASS_MEM_OP.findall(text):
         ops[op].append(suffix)
@@ -221,13 +226,17 @@ def scan_ptx(ptx: str) -> dict:
 def _load_problems(row: dict) -> list[str]:
     k, out = row["kernel"], []
     if row["ptx_ld_narrow"] or not row["ptx_ld_v4"]:
-        out.append(f"{k}: {row['ptx_ld_narrow']} masked (latent) PTX loads are narrower than ld.global.v4 "
-                   f"({row['ptx_ld_v4']} are v4)")
+        out.append(
+            f"{k}: {row['ptx_ld_narrow']} masked (latent) PTX loads are narrower than ld.global.v4 "
+            f"({row['ptx_ld_v4']} are v4)"
+        )
     if not row["sass_ldg128"]:
         out.append(f"{k}: no LDG.E.128 in the SASS")
     if row["sass_ldg_other"] > row["ptx_ld_scalar_coeffs"]:
-        out.append(f"{k}: {row['sass_ldg_other']} narrow LDGs in the SASS, more than its "
-                   f"{row['ptx_ld_scalar_coeffs']} unmasked coefficient loads")
+        out.append(
+            f"{k}: {row['sass_ldg_other']} narrow LDGs in the SASS, more than its "
+            f"{row['ptx_ld_scalar_coeffs']} unmasked coefficient loads"
+        )
     return out
 
 
@@ -235,17 +244,23 @@ def problems(row: dict) -> list[str]:
     """Every sm_90 check the row fails, as sentences naming the kernel; [] when it passes."""
     k, out = row["kernel"], []
     if row["spill_bytes"]:
-        out.append(f"{k}: spills to local memory: {row['spill_stores']} B of STL and {row['spill_loads']} B "
-                   "of LDL in the SASS")
+        out.append(
+            f"{k}: spills to local memory: {row['spill_stores']} B of STL and {row['spill_loads']} B "
+            "of LDL in the SASS"
+        )
     if row["stack_bytes"] or row["cubin_local_bytes"]:
-        out.append(f"{k}: uses local memory: {row['stack_bytes']} B stack frame, "
-                   f"{row['cubin_local_bytes']} B local per thread")
+        out.append(
+            f"{k}: uses local memory: {row['stack_bytes']} B stack frame, "
+            f"{row['cubin_local_bytes']} B local per thread"
+        )
     if row["registers"] > _MAX_REGISTERS:
         out.append(f"{k}: {row['registers']} registers per thread (> {_MAX_REGISTERS})")
     out += _load_problems(row)
     if row["ptx_st_narrow"] > _MAX_NARROW_STORES:
-        out.append(f"{k}: {row['ptx_st_narrow']} masked PTX stores narrower than st.global.v4 "
-                   f"(at most {_MAX_NARROW_STORES} partial sums allowed)")
+        out.append(
+            f"{k}: {row['ptx_st_narrow']} masked PTX stores narrower than st.global.v4 "
+            f"(at most {_MAX_NARROW_STORES} partial sums allowed)"
+        )
     return out
 
 
@@ -254,13 +269,19 @@ def _report_row(name, consts, options, ck, tools: dict) -> dict:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(ck.asm["cubin"])
-        text = subprocess.run([tools["cuobjdump"], "-res-usage", "-sass", path], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            [tools["cuobjdump"], "-res-usage", "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
     # The cubin's own note when it has one (Triton 3.9's ptxas-blackwell writes it; 3.8's ptxas 12.9 does
     # not): else the assembler Triton runs for sm_90.
     tool = _cubin_tool(ck.asm["cubin"])
-    row = {"kernel": name, "num_warps": options["num_warps"], "BLOCK": consts.get("BLOCK"),
-           "ITERS": consts.get("ITERS"), "ptxas": tools["ptxas"] if tool == "unknown" else tool}
+    row = {
+        "kernel": name,
+        "num_warps": options["num_warps"],
+        "BLOCK": consts.get("BLOCK"),
+        "ITERS": consts.get("ITERS"),
+        "ptxas": tools["ptxas"] if tool == "unknown" else tool,
+    }
     try:
         row.update(scan_cuobjdump(text))
     except ValueError as exc:
@@ -285,16 +306,22 @@ def ptx_report(shard: tuple[int, int] | None = None, controls: bool = False) -> 
         return _in_children(1 if controls else max(1, min(4, os.cpu_count() or 1)), controls)
     variants = _variants(controls)
     if shard is not None:
-        variants = variants[shard[0]::shard[1]]
-    return [_report_row(name, consts, options, _compile(fn, sig, consts, options), tools)
-            for name, fn, sig, consts, options in variants]
+        variants = variants[shard[0] :: shard[1]]
+    return [
+        _report_row(name, consts, options, _compile(fn, sig, consts, options), tools)
+        for name, fn, sig, consts, options in variants
+    ]
 
 
 def _in_children(n: int, controls: bool) -> list[dict]:
     env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, os.path.abspath(__file__), "--json"] + (["--controls"] if controls else [])
-    procs = [subprocess.Popen(cmd + [f"--shard={k}/{n}"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for k in range(n)]
+    procs = [
+        subprocess.Popen(
+            cmd + [f"--shard={k}/{n}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for k in range(n)
+    ]
     shards = []
     for p in procs:
         out, err = p.communicate()
@@ -311,13 +338,34 @@ def _in_children(n: int, controls: bool) -> list[dict]:
 
 
 def _print_table(rows) -> None:
-    cols = [("kernel", 40), ("num_warps", 5), ("BLOCK", 6), ("ITERS", 5), ("registers", 5),
-            ("spill_bytes", 6), ("stack_bytes", 6), ("ptx_ld_v4", 6), ("ptx_ld_narrow", 7),
-            ("sass_ldg128", 7), ("sass_stg128", 7), ("loads_128bit", 6)]
-    heads = {"kernel": "kernel", "num_warps": "warps", "BLOCK": "BLOCK", "ITERS": "iters",
-             "registers": "regs", "spill_bytes": "spill", "stack_bytes": "stack", "ptx_ld_v4": "ld.v4",
-             "ptx_ld_narrow": "ld.nrw", "sass_ldg128": "LDG128", "sass_stg128": "STG128",
-             "loads_128bit": "128b"}
+    cols = [
+        ("kernel", 40),
+        ("num_warps", 5),
+        ("BLOCK", 6),
+        ("ITERS", 5),
+        ("registers", 5),
+        ("spill_bytes", 6),
+        ("stack_bytes", 6),
+        ("ptx_ld_v4", 6),
+        ("ptx_ld_narrow", 7),
+        ("sass_ldg128", 7),
+        ("sass_stg128", 7),
+        ("loads_128bit", 6),
+    ]
+    heads = {
+        "kernel": "kernel",
+        "num_warps": "warps",
+        "BLOCK": "BLOCK",
+        "ITERS": "iters",
+        "registers": "regs",
+        "spill_bytes": "spill",
+        "stack_bytes": "stack",
+        "ptx_ld_v4": "ld.v4",
+        "ptx_ld_narrow": "ld.nrw",
+        "sass_ldg128": "LDG128",
+        "sass_stg128": "STG128",
+        "loads_128bit": "128b",
+    }
     print(" ".join(f"{heads[c]:>{w}}" if c != "kernel" else f"{heads[c]:<{w}}" for c, w in cols))
     for r in rows:
         print(" ".join(f"{r[c]!s:>{w}}" if c != "kernel" else f"{r[c]:<{w}}" for c, w in cols))
@@ -325,8 +373,9 @@ def _print_table(rows) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    shard = next((tuple(int(i) for i in a.split("=", 1)[1].split("/")) for a in argv
-                  if a.startswith("--shard=")), None)
+    shard = next(
+        (tuple(int(i) for i in a.split("=", 1)[1].split("/")) for a in argv if a.startswith("--shard=")), None
+    )
     try:
         rows = ptx_report(shard, controls="--controls" in argv)
     except ToolchainMissing as exc:
@@ -339,12 +388,17 @@ def main(argv=None) -> int:
 
     built = sorted({r["ptxas"] for r in rows})
     runs = toolchain()["ptxas"]
-    print(f"triton {triton.__version__}, ptxas for sm_90: {runs}"
-          + ("" if built == [runs] else f"; cubins built by: {', '.join(built)}") + "\n")
+    print(
+        f"triton {triton.__version__}, ptxas for sm_90: {runs}"
+        + ("" if built == [runs] else f"; cubins built by: {', '.join(built)}")
+        + "\n"
+    )
     _print_table(rows)
     bad = [p for r in rows for p in problems(r)]
-    print(f"{len(rows)} kernels; " + ("all with 0 spills and 128-bit loads" if not bad
-                                     else "NOT OK:\n  " + "\n  ".join(bad)))
+    print(
+        f"{len(rows)} kernels; "
+        + ("all with 0 spills and 128-bit loads" if not bad else "NOT OK:\n  " + "\n  ".join(bad))
+    )
     return 1 if bad else 0
 
 

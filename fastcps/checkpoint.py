@@ -24,9 +24,17 @@ def save_diffusers_lora(state: dict[str, torch.Tensor], peft_config, path: Path)
     from safetensors.torch import save_file
 
     tensors = {"transformer." + n.replace(".default", ""): t for n, t in state.items()}
-    meta = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in peft_config.to_dict().items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(
-        meta, indent=2, sort_keys=True, default=str)})
+    meta = {
+        f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in peft_config.to_dict().items()
+    }
+    save_file(
+        tensors,
+        str(path),
+        metadata={
+            "format": "pt",
+            "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True, default=str),
+        },
+    )
 
 
 def export_weights(engine, policy_name: str, lora: bool, path: Path) -> None:
@@ -41,12 +49,24 @@ def export_weights(engine, policy_name: str, lora: bool, path: Path) -> None:
             state = {n: p.detach().to("cpu", torch.float32).contiguous().clone() for n, p in named}
             save_file(state, str(path), metadata={"format": "fastcps-policy-weights", "policy": policy_name})
             if lora:  # diffusers' LoRA format: pipeline.load_lora_weights(folder) reads it
-                save_diffusers_lora(state, engine.module.peft_config["default"],
-                                    path.with_name("pytorch_lora_weights.safetensors"))
+                save_diffusers_lora(
+                    state,
+                    engine.module.peft_config["default"],
+                    path.with_name("pytorch_lora_weights.safetensors"),
+                )
 
 
-def save_checkpoint(engine, run_dir: Path, tag: str, client_state: dict, *, ema=None, policy_name: str,
-                    lora: bool, keep: int | None = None) -> Path:
+def save_checkpoint(
+    engine,
+    run_dir: Path,
+    tag: str,
+    client_state: dict,
+    *,
+    ema=None,
+    policy_name: str,
+    lora: bool,
+    keep: int | None = None,
+) -> Path:
     """Write checkpoint ``tag``; with ``keep``, it is a periodic one and only the newest ``keep``
     periodic checkpoints (``epoch*``) stay (others, like ``final``, are never removed)."""
     root = Path(run_dir) / "checkpoints"
@@ -70,7 +90,9 @@ def load_checkpoint(engine, run_dir: Path, *, ema=None, lora: bool = False) -> d
     run's checkpoint holds no frozen weights: the module loads non-strictly, the base staying as loaded."""
     root = Path(run_dir) / "checkpoints"
     if not (root / "latest").is_file():
-        raise FileNotFoundError(f"--resume {run_dir}: no DeepSpeed checkpoint under {root} (missing 'latest')")
+        raise FileNotFoundError(
+            f"--resume {run_dir}: no DeepSpeed checkpoint under {root} (missing 'latest')"
+        )
     path, client = engine.load_checkpoint(str(root), load_module_strict=not lora)
     if path is None:
         raise RuntimeError(f"--resume {run_dir}: DeepSpeed could not load the checkpoint in {root}")

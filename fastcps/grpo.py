@@ -1,4 +1,5 @@
-"""The GRPO math (docs/math.md, "GRPO: advantages and loss"; paper eq. 4-5): group advantages and the clipped loss.
+"""The GRPO math (docs/math.md, "GRPO: advantages and loss"; paper eq. 4-5): group advantages and the
+clipped loss.
 
 Pure torch functions on flat per-sample tensors: no models, no distributed code. Groups that span ranks
 are gathered by the caller first (the advantage of a sample depends on its whole group).
@@ -72,13 +73,15 @@ def compute_advantages(
         )
     if group_ids.shape != rewards.shape:
         raise ValueError(
-            f"compute_advantages: group_ids shape {tuple(group_ids.shape)} != rewards shape {tuple(rewards.shape)}"
+            f"compute_advantages: group_ids shape {tuple(group_ids.shape)} != rewards shape "
+            f"{tuple(rewards.shape)}"
         )
     if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool or group_ids.is_complex():
         raise ValueError(f"compute_advantages: group_ids must be an integer tensor, got {group_ids.dtype}")
     if group_ids.device != rewards.device:
         raise ValueError(
-            f"compute_advantages: group_ids on {group_ids.device} but rewards on {rewards.device}; move both to one device"
+            f"compute_advantages: group_ids on {group_ids.device} but rewards on {rewards.device}; move "
+            "both to one device"
         )
     finite = torch.isfinite(rewards).all()
     if _on_host(rewards):
@@ -152,7 +155,8 @@ def grpo_loss(
     kl: Tensor | None = None,
     beta_kl: float = 0.0,
 ) -> LossOutput:
-    """PPO-style clipped GRPO loss for one trained step: ``mean(max(-A·r, -A·clip(r, 1-ε, 1+ε))) + β·mean(kl)``.
+    """PPO-style clipped GRPO loss for one trained step: ``mean(max(-A·r, -A·clip(r, 1-ε, 1+ε))) +
+    β·mean(kl)``.
 
     ``r = exp(logp - old_logp)``. The max of the two negated surrogates is the pessimistic bound: once
     the ratio has moved past 1 ± ε in the direction the advantage rewards (r > 1+ε for A > 0,

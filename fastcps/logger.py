@@ -90,8 +90,12 @@ class PhaseLine:
         self.closed = True
         dt = time.perf_counter() - self.t0
         count = self.n * self.scale
-        print(f"[fastcps] {self.desc}: {count} {self.unit} in {dt:.1f} s ({count / max(dt, 1e-9):.1f} {self.unit}/s)",
-              file=self.file, flush=True)
+        print(
+            f"[fastcps] {self.desc}: {count} {self.unit} in {dt:.1f} s ({count / max(dt, 1e-9):.1f} "
+            f"{self.unit}/s)",
+            file=self.file,
+            flush=True,
+        )
 
 
 class _Silent:
@@ -108,8 +112,9 @@ class _Silent:
         pass
 
 
-def progress(iterable=None, *, total=None, desc: str, unit: str, unit_scale: int = 1, enabled: bool = True,
-             file=None):
+def progress(
+    iterable=None, *, total=None, desc: str, unit: str, unit_scale: int = 1, enabled: bool = True, file=None
+):
     """A tqdm bar when ``file`` (stderr) is a terminal, else one ``PhaseLine`` when the phase ends;
     nothing when not ``enabled``. Use as an iterable wrapper or with ``update(n)`` / ``close()``.
     ``unit_scale`` counts each step as that many units (a rollout batch = its images)."""
@@ -119,14 +124,28 @@ def progress(iterable=None, *, total=None, desc: str, unit: str, unit_scale: int
     if file.isatty():
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale if unit_scale != 1 else False,
-                    leave=False, file=file)
+        return tqdm(
+            iterable,
+            total=total,
+            desc=desc,
+            unit=unit,
+            unit_scale=unit_scale if unit_scale != 1 else False,
+            leave=False,
+            file=file,
+        )
     return PhaseLine(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=file)
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool = True, wandb: bool = False,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        config: dict | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.tb = None
@@ -142,8 +161,12 @@ class RunLogger:
             try:
                 import wandb as wb
             except ImportError as err:
-                raise RuntimeError("log.wandb is true but wandb is not installed: pip install 'fastcps[wandb]'") from err
-            self.wandb = wb.init(project="fastcps", name=self.run_dir.name, config=config, dir=str(self.run_dir))
+                raise RuntimeError(
+                    "log.wandb is true but wandb is not installed: pip install 'fastcps[wandb]'"
+                ) from err
+            self.wandb = wb.init(
+                project="fastcps", name=self.run_dir.name, config=config, dir=str(self.run_dir)
+            )
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
@@ -167,7 +190,11 @@ class RunLogger:
 
         nrow = max(1, int(math.ceil(math.sqrt(images.shape[0]))))
         small = images.shape[-1] < 64  # upscale toy images so the grid is readable
-        imgs = torch.nn.functional.interpolate(images.float(), scale_factor=4, mode="nearest") if small else images
+        imgs = (
+            torch.nn.functional.interpolate(images.float(), scale_factor=4, mode="nearest")
+            if small
+            else images
+        )
         grid = make_grid(imgs.float().clamp(0, 1), nrow=nrow, padding=2, pad_value=0.5)
         save_image(grid, self.run_dir / "images" / f"{tag.replace('/', '_')}_epoch{step:04d}.png")
         if self.tb:
@@ -205,8 +232,13 @@ def plot_reward_curve(run_dir: Path, out: Path | None = None) -> Path | None:
     for k in keys:
         pts = [(r["epoch"], r[k]) for r in rows if k in r]
         ax = axes[1] if k == "eval/diversity" else axes[0]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if k.startswith("eval/") else None,
-                label=k, ms=3)
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o" if k.startswith("eval/") else None,
+            label=k,
+            ms=3,
+        )
     axes[0].set_title("reward")
     axes[1].set_title("eval/diversity (mode-collapse guard)")
     for ax in axes:

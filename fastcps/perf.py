@@ -23,10 +23,26 @@ from torch.utils.flop_counter import flop_registry
 from fastcps.plan import measure  # noqa: F401 - registers the CPU attention kernels' FLOP formulas
 
 # dense bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets (without sparsity)
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
-                    "H800": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0,
-                    "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 6000 Ada": 364.0,
-                    "B200": 2250.0, "GB200": 2500.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H800": 989.0,
+    "H20": 148.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 6000 Ada": 364.0,
+    "B200": 2250.0,
+    "GB200": 2500.0,
+}
 
 
 def peak_tflops(device) -> float | None:
@@ -102,7 +118,11 @@ class FlopLedger:
     def take(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for (phase, what, grad, samples), n in self.counts.items():
-            cost = self.forward_cost[(grad, samples)] if what == "forward" else self.backward_cost.get(samples, 0)
+            cost = (
+                self.forward_cost[(grad, samples)]
+                if what == "forward"
+                else self.backward_cost.get(samples, 0)
+            )
             out[phase] = out.get(phase, 0.0) + n * cost
         self.counts.clear()
         return out
@@ -136,10 +156,15 @@ class GatherMeter:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         def counted(*args, **kwargs):
-            params = [p for p in params_of(args, kwargs)  # what this call moves: DeepSpeed skips the rest
-                      if not p.ds_persist and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+            params = [
+                p
+                for p in params_of(args, kwargs)  # what this call moves: DeepSpeed skips the rest
+                if not p.ds_persist and p.ds_status == ZeroParamStatus.NOT_AVAILABLE
+            ]
             numel = sum(int(p.ds_numel) for p in params)
-            width = 1 if kwargs.get("quantize") else None  # ZeRO++ quantized weights travel as int8 (+ scales)
+            width = (
+                1 if kwargs.get("quantize") else None
+            )  # ZeRO++ quantized weights travel as int8 (+ scales)
             phase = self.phase_of()
             self.elements[phase] += numel
             self.bytes[phase] += sum(int(p.ds_numel) * (width or p.ds_tensor.element_size()) for p in params)
@@ -159,8 +184,9 @@ class GatherMeter:
         return out
 
 
-def metrics(flops: dict[str, float], seconds: dict[str, float], peak: float | None, total: bool = True
-            ) -> dict[str, float]:
+def metrics(
+    flops: dict[str, float], seconds: dict[str, float], peak: float | None, total: bool = True
+) -> dict[str, float]:
     """``perf/<phase>_tflops`` (this rank's counted FLOPs / the phase's wall time), ``perf/tflops`` over
     the phases given (with ``total``), and the ``_mfu`` beside each when the device's peak is known."""
     out = {}

@@ -15,8 +15,10 @@ def load_prompts(source: str) -> tuple[list[str], list[dict]]:
         return prompts, [{"digit": parse_digit(p)} for p in prompts]
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {source!r} (config key `prompts.source`) does not exist; give a "
-                                ".txt (one prompt per line) or .jsonl file, or `digits` for the toy")
+        raise FileNotFoundError(
+            f"prompt file {source!r} (config key `prompts.source`) does not exist; give a "
+            ".txt (one prompt per line) or .jsonl file, or `digits` for the toy"
+        )
     if path.suffix == ".jsonl":
         prompts, meta = [], []
         for i, line in enumerate(path.read_text().splitlines()):
@@ -26,7 +28,9 @@ def load_prompts(source: str) -> tuple[list[str], list[dict]]:
                 row = json.loads(line)
                 prompts.append(str(row["prompt"]))
             except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"{path}:{i + 1}: each line must be a JSON object with a 'prompt' ({err})") from err
+                raise ValueError(
+                    f"{path}:{i + 1}: each line must be a JSON object with a 'prompt' ({err})"
+                ) from err
             meta.append(dict(row.get("metadata", {})))
     else:
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -44,6 +48,8 @@ def truncation_report(counts: list[int], limit: int, what: str = "prompts") -> s
     if not over:
         return None
     keep = -(-max(over) // 16) * 16
-    return (f"{len(over)} of {len(counts)} {what} have more than policy.max_sequence_length = {limit} T5 tokens "
-            f"(the longest {max(over)}) and are cut to {limit}, as the pipelines cut them; "
-            f"--set policy.max_sequence_length={keep} keeps every one whole (at more FLOPs per forward)")
+    return (
+        f"{len(over)} of {len(counts)} {what} have more than policy.max_sequence_length = {limit} T5 tokens "
+        f"(the longest {max(over)}) and are cut to {limit}, as the pipelines cut them; "
+        f"--set policy.max_sequence_length={keep} keeps every one whole (at more FLOPs per forward)"
+    )

@@ -37,12 +37,23 @@ class SamplingSteps(NamedTuple):
 
     def to(self, device) -> "SamplingSteps":
         """The same steps with their tensors on ``device``: one small copy per epoch."""
-        return self._replace(coeffs=[StepCoeffs(*(to_device(t, device) for t in c)) for c in self.coeffs],
-                             sigmas=to_device(self.sigmas, device))
+        return self._replace(
+            coeffs=[StepCoeffs(*(to_device(t, device) for t in c)) for c in self.coeffs],
+            sigmas=to_device(self.sigmas, device),
+        )
 
 
-def sampling_steps(sampler: str, eta, sigmas: torch.Tensor, *, timestep_fraction: float = 1.0,
-               window_size: int | None = None, window_start: int = 0, logprob=None, kl=None) -> SamplingSteps:
+def sampling_steps(
+    sampler: str,
+    eta,
+    sigmas: torch.Tensor,
+    *,
+    timestep_fraction: float = 1.0,
+    window_size: int | None = None,
+    window_start: int = 0,
+    logprob=None,
+    kl=None,
+) -> SamplingSteps:
     """The epoch's steps and their coefficients, computed and validated on the CPU from the schedule's
     values (a device schedule is copied once); ``.to(device)`` moves the result."""
     sigmas = sigmas.detach().to("cpu", torch.float32)
@@ -51,7 +62,9 @@ def sampling_steps(sampler: str, eta, sigmas: torch.Tensor, *, timestep_fraction
         stochastic = [True] * n
     else:
         if not 0 <= window_start <= n - window_size:
-            raise ValueError(f"sde window [{window_start}, {window_start + window_size}) does not fit {n} steps")
+            raise ValueError(
+                f"sde window [{window_start}, {window_start + window_size}) does not fit {n} steps"
+            )
         stochastic = [window_start <= i < window_start + window_size for i in range(n)]
     coeffs, noisy = [], []
     for i in range(n):
@@ -72,9 +85,18 @@ class Trajectory(NamedTuple):
 
 
 @torch.no_grad()
-def sample(policy, model, cond, x: torch.Tensor, sampling: SamplingSteps, *, step_seeds: list[int] | None = None,
-           first_index: int = 0) -> Trajectory:
-    """Run all steps from x = x1 with ``sampling``'s schedule and coefficients (on ``x``'s device). Noise of step i,
+def sample(
+    policy,
+    model,
+    cond,
+    x: torch.Tensor,
+    sampling: SamplingSteps,
+    *,
+    step_seeds: list[int] | None = None,
+    first_index: int = 0,
+) -> Trajectory:
+    """Run all steps from x = x1 with ``sampling``'s schedule and coefficients (on ``x``'s device). Noise of
+    step i,
     sample b comes from Philox with seed ``step_seeds[i]`` and counter ``(first_index + b)·N + n``:
     the same images whatever the batch split or the number of processes."""
     b = x.shape[0]
@@ -122,12 +144,14 @@ class PromptEncodings:
         if todo:
             enc = self.policy.encode(todo)
             for i, p in enumerate(todo):
-                self.host[p] = {k: v[i:i + 1].detach().to("cpu").clone() for k, v in enc.items()}
+                self.host[p] = {k: v[i : i + 1].detach().to("cpu").clone() for k, v in enc.items()}
                 self.nbytes += sum(t.nbytes for t in self.host[p].values())
         for p in unique:
             self.host.move_to_end(p)
         row = {p: i for i, p in enumerate(unique)}
-        cond = {k: to_device(torch.cat([self.host[p][k] for p in unique]), device) for k in self.host[unique[0]]}
+        cond = {
+            k: to_device(torch.cat([self.host[p][k] for p in unique]), device) for k in self.host[unique[0]]
+        }
         index = to_device(torch.tensor([row[p] for p in prompts], dtype=torch.long), device)
         # evict after the copy: this call's prompts may exceed the bound themselves
         while self.nbytes > self.max_bytes and self.host:
@@ -162,7 +186,9 @@ class EpochData:
     reward_busy_time: float = 0.0  # the reward calls' own wall time (on the worker thread when overlapped)
 
 
-def epoch_slots(cfg, epoch: int, num_prompts: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray, int]:
+def epoch_slots(
+    cfg, epoch: int, num_prompts: int, rank: int, world: int
+) -> tuple[np.ndarray, np.ndarray, int]:
     """(chosen prompt of each slot, this rank's slots, index of its first sample): K copies of each
     chosen prompt, shuffled over all ranks, so a group may span ranks."""
     t = cfg.train
@@ -171,7 +197,7 @@ def epoch_slots(cfg, epoch: int, num_prompts: int, rank: int, world: int) -> tup
     slots = np.repeat(np.arange(t.prompts_per_epoch), t.images_per_prompt)
     slots = slots[rng.permutation(len(slots))]
     per_rank = len(slots) // world
-    return chosen, slots[rank * per_rank:(rank + 1) * per_rank], rank * per_rank
+    return chosen, slots[rank * per_rank : (rank + 1) * per_rank], rank * per_rank
 
 
 def window_start(cfg, epoch: int) -> int:
@@ -185,16 +211,26 @@ def window_start(cfg, epoch: int) -> int:
 def epoch_steps(cfg, epoch: int, policy) -> SamplingSteps:
     """The epoch's sampling steps on the CPU (host values: run it outside any fake-tensor mode)."""
     s = cfg.sampler
-    return sampling_steps(s.name, s.eta, policy.sigmas(s.num_steps, device="cpu"), timestep_fraction=s.timestep_fraction,
-                      window_size=s.sde_window_size, window_start=window_start(cfg, epoch), logprob=s.logprob,
-                      kl=s.kl)
+    return sampling_steps(
+        s.name,
+        s.eta,
+        policy.sigmas(s.num_steps, device="cpu"),
+        timestep_fraction=s.timestep_fraction,
+        window_size=s.sde_window_size,
+        window_start=window_start(cfg, epoch),
+        logprob=s.logprob,
+        kl=s.kl,
+    )
 
 
 def initial_noise(policy, seed_parts: tuple, indices: list[int], device) -> torch.Tensor:
     """x1 for global sample indices, each from its own seeded CPU generator: the batch split, the
     number of processes and the device do not change a sample's noise."""
     shape = policy.latent_shape()
-    out = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(*seed_parts, i))) for i in indices]
+    out = [
+        torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(*seed_parts, i)))
+        for i in indices
+    ]
     return to_device(torch.stack(out), device)
 
 
@@ -214,10 +250,23 @@ def eval_noise(policy, seed: int, prompt_index: int, k: int, device) -> torch.Te
     return initial_noise(policy, (seed, 5), [prompt_index * k + i for i in range(k)], torch.device(device))
 
 
-def rollout_epoch(cfg, epoch: int, sampling: SamplingSteps, policy, model, reward_fn, encodings: PromptEncodings,
-                  prompt_pool: tuple[list[str], list[dict]], *, device, rank: int = 0, world: int = 1,
-                  check_stop: Callable[[], None] = lambda: None, progress: bool = False,
-                  overlap_rewards: bool = True) -> EpochData:
+def rollout_epoch(
+    cfg,
+    epoch: int,
+    sampling: SamplingSteps,
+    policy,
+    model,
+    reward_fn,
+    encodings: PromptEncodings,
+    prompt_pool: tuple[list[str], list[dict]],
+    *,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    check_stop: Callable[[], None] = lambda: None,
+    progress: bool = False,
+    overlap_rewards: bool = True,
+) -> EpochData:
     """Sample this rank's images of ``epoch`` with ``sampling`` (``epoch_steps``, on the CPU), decode and
     score them, keep the trained steps.
 
@@ -255,13 +304,25 @@ def rollout_epoch(cfg, epoch: int, sampling: SamplingSteps, policy, model, rewar
     bs = t.rollout_batch_size
     scorer = RewardWorker(reward_fn, enabled=overlap_rewards)
     try:
-        for start in progress_bar(range(0, len(mine), bs), desc=f"epoch {epoch + 1} rollout", unit="images",
-                                  unit_scale=bs, enabled=progress):
+        for start in progress_bar(
+            range(0, len(mine), bs),
+            desc=f"epoch {epoch + 1} rollout",
+            unit="images",
+            unit_scale=bs,
+            enabled=progress,
+        ):
             batch = slice(start, start + bs)
             idx = list(range(lo + start, lo + start + bs))
             x1 = initial_noise(policy, (cfg.seed, epoch, 3), idx, device)
-            traj = sample(policy, model, select(cond, cond_index[batch]), x1, sampling, step_seeds=step_seeds,
-                          first_index=idx[0])
+            traj = sample(
+                policy,
+                model,
+                select(cond, cond_index[batch]),
+                x1,
+                sampling,
+                step_seeds=step_seeds,
+                first_index=idx[0],
+            )
             synchronize(device)  # the reward reads values next: keep the sampling's time out of its timer
             t0 = time.perf_counter()
             images = policy.decode(traj.final)
@@ -279,11 +340,19 @@ def rollout_epoch(cfg, epoch: int, sampling: SamplingSteps, policy, model, rewar
     finally:
         scorer.close()
     return EpochData(
-        prompts=prompts, group=torch.as_tensor(mine, dtype=torch.long), cond=cond, cond_index=cond_index,
-        sampling=sampling, x_t=torch.cat(xs), x_next=torch.cat(nexts), log_prob=torch.cat(lps),
+        prompts=prompts,
+        group=torch.as_tensor(mine, dtype=torch.long),
+        cond=cond,
+        cond_index=cond_index,
+        sampling=sampling,
+        x_t=torch.cat(xs),
+        x_next=torch.cat(nexts),
+        log_prob=torch.cat(lps),
         reward=torch.cat([r.total for r in scores]),
         components={k: torch.cat([r.components[k] for r in scores]) for k in scores[0].components},
-        preview=preview, reward_time=t_reward, reward_busy_time=scorer.busy_time,
+        preview=preview,
+        reward_time=t_reward,
+        reward_busy_time=scorer.busy_time,
     )
 
 
@@ -294,7 +363,9 @@ class RewardWorker:
 
     def __init__(self, reward_fn, enabled: bool = True):
         self.reward_fn = reward_fn
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcps-reward") if enabled else None
+        self.pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcps-reward") if enabled else None
+        )
         self.pending: list = []
         self.busy_time = 0.0
 

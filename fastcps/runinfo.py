@@ -49,10 +49,16 @@ def git_commit() -> str:
     if os.environ.get("FASTCPS_COMMIT"):
         return os.environ["FASTCPS_COMMIT"]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
@@ -67,8 +73,10 @@ def append_csv(path: Path | str, rows: list[dict], columns: list[str]) -> Path:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
         if header != columns:
-            raise ValueError(f"{path} has columns {header}, expected {columns}; write to a new file "
-                             "(or move the old one aside)")
+            raise ValueError(
+                f"{path} has columns {header}, expected {columns}; write to a new file "
+                "(or move the old one aside)"
+            )
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:

@@ -43,7 +43,8 @@ the same trained images from a stock diffusers pipeline (FLUX/SD3 with LoRA):
   pipe.load_lora_weights("runs/<name>/checkpoints/final")         # reads pytorch_lora_weights.safetensors
   pipe(prompt, num_inference_steps=N, guidance_scale=<policy.guidance>, latents=x1)   # x1: packed noise
   SD3: guidance_scale=<policy.cfg_scale> (1 = none) and sigmas=numpy.linspace(1, 1/N, N) as fastcps uses.
-  tests/test_sample.py checks that these give this command's trained images (tiny FLUX and SD3). Full fine-tuning: load policy.safetensors
+  tests/test_sample.py checks that these give this command's trained images (tiny FLUX and SD3). Full
+  fine-tuning: load policy.safetensors
   into pipe.transformer (load_state_dict(..., strict=False): it holds the parameters, not the buffers).
 """
 
@@ -54,14 +55,17 @@ class UsageError(Exception):
 
 # --- the run, its checkpoint, its prompts -----------------------------------------------------------
 
+
 def load_run_config(run: str):
     from fastcps.config import RunConfig
     from fastcps.config import ConfigError, load_config
 
     path = Path(run)
     if not path.is_dir():
-        raise UsageError(f"--run {run}: no such run directory (runs are made by `deepspeed fastcps/train.py "
-                         "--config ...` under <output_dir>/<name>)")
+        raise UsageError(
+            f"--run {run}: no such run directory (runs are made by `deepspeed fastcps/train.py "
+            "--config ...` under <output_dir>/<name>)"
+        )
     if not (path / "config.json").is_file():
         raise UsageError(f"--run {run}: no config.json there, so it is not a fastcps run directory")
     try:
@@ -96,11 +100,14 @@ def check_weights_file(path: Path, family: str) -> None:
     except Exception as err:  # safetensors raises its own error types for a damaged header
         raise UsageError(f"--checkpoint: {path} is not a readable safetensors file ({err})") from err
     if meta.get("format") != "fastcps-policy-weights":
-        raise UsageError(f"--checkpoint: {path} is not fastcps's policy export (metadata format="
-                         f"{meta.get('format')!r})")
+        raise UsageError(
+            f"--checkpoint: {path} is not fastcps's policy export (metadata format={meta.get('format')!r})"
+        )
     if meta.get("policy") != family:
-        raise UsageError(f"--run / --checkpoint: {path} holds weights of a {meta.get('policy')!r} policy, but the "
-                         f"run's config.json says policy.name = {family!r}; pick the run that wrote this checkpoint")
+        raise UsageError(
+            f"--run / --checkpoint: {path} holds weights of a {meta.get('policy')!r} policy, but the "
+            f"run's config.json says policy.name = {family!r}; pick the run that wrote this checkpoint"
+        )
 
 
 def run_prompts(cfg) -> tuple[list[str], list[dict]]:
@@ -111,8 +118,9 @@ def run_prompts(cfg) -> tuple[list[str], list[dict]]:
         return eval_prompt_set(cfg)
     except (FileNotFoundError, ValueError) as err:  # e.g. a relative path from another working directory
         source = cfg.prompts.eval_source or cfg.prompts.source
-        raise UsageError(f"the run's eval prompts ({source!r}) do not load: {err}. Give --prompts FILE or "
-                         "--prompt TEXT") from err
+        raise UsageError(
+            f"the run's eval prompts ({source!r}) do not load: {err}. Give --prompts FILE or --prompt TEXT"
+        ) from err
 
 
 def chosen_prompts(args, cfg) -> tuple[list[str], list[dict]]:
@@ -122,8 +130,10 @@ def chosen_prompts(args, cfg) -> tuple[list[str], list[dict]]:
         return list(args.prompt), [{} for _ in args.prompt]
     if args.prompts:
         if Path(args.prompts).suffix not in (".txt", ".jsonl"):
-            raise UsageError(f"--prompts {args.prompts}: give a .txt file (one prompt a line) or a .jsonl file "
-                             '({"prompt": ..., "metadata": {...}} a line), see configs/prompts/README.md')
+            raise UsageError(
+                f"--prompts {args.prompts}: give a .txt file (one prompt a line) or a .jsonl file "
+                '({"prompt": ..., "metadata": {...}} a line), see configs/prompts/README.md'
+            )
         try:
             return load_prompts(args.prompts)
         except (FileNotFoundError, ValueError) as err:
@@ -142,13 +152,18 @@ def check_trained(model: torch.nn.Module, path: Path) -> None:
         extra, missing = sorted(have - set(want)), sorted(set(want) - have)
         if extra or missing:
             raise UsageError(
-                f"--checkpoint: {path} does not match this run's trained parameters ({len(extra)} unexpected, e.g. "
-                f"{extra[:2]}; {len(missing)} missing, e.g. {missing[:2]}): was it written with this config.json "
-                "(policy.lora)?")
+                f"--checkpoint: {path} does not match this run's trained parameters ({len(extra)} "
+                "unexpected, e.g. "
+                f"{extra[:2]}; {len(missing)} missing, e.g. {missing[:2]}): was it written with this "
+                "config.json "
+                "(policy.lora)?"
+            )
         for name, p in want.items():
             shape = tuple(f.get_slice(name).get_shape())
             if shape != tuple(p.shape):
-                raise UsageError(f"--checkpoint: {path}: {name} has shape {shape}, the model's {tuple(p.shape)}")
+                raise UsageError(
+                    f"--checkpoint: {path}: {name} has shape {shape}, the model's {tuple(p.shape)}"
+                )
 
 
 @torch.no_grad()
@@ -165,6 +180,7 @@ def load_trained(model: torch.nn.Module, path: Path) -> None:
 
 # --- sampling and scoring ---------------------------------------------------------------------------
 
+
 @dataclass
 class Comparison:
     prompts: list[str]
@@ -174,7 +190,9 @@ class Comparison:
 
 
 @torch.no_grad()
-def generate(policy, model, encodings, prompts: list[str], sampling, *, k: int, seed: int, device) -> torch.Tensor:
+def generate(
+    policy, model, encodings, prompts: list[str], sampling, *, k: int, seed: int, device
+) -> torch.Tensor:
     """(P, K, 3, H, W): every prompt's K images with ``sampling``; noise seeded by (seed, prompt, image)."""
     from fastcps.rollout import eval_noise, sample
     from fastcps.runtime import derive_seed
@@ -189,8 +207,18 @@ def generate(policy, model, encodings, prompts: list[str], sampling, *, k: int, 
     return torch.stack(out)
 
 
-def compare(policy, weights: Path, prompts: list[str], meta: list[dict], reward_fn, sampling, *, k: int, seed: int,
-            device) -> Comparison:
+def compare(
+    policy,
+    weights: Path,
+    prompts: list[str],
+    meta: list[dict],
+    reward_fn,
+    sampling,
+    *,
+    k: int,
+    seed: int,
+    device,
+) -> Comparison:
     """Base images, then trained images from the same noise, and their rewards. LoRA: one model with
     its adapters off, then on. Full fine-tuning: the trained weights overwrite the base in place."""
     from fastcps.rollout import PromptEncodings
@@ -218,11 +246,14 @@ def compare(policy, weights: Path, prompts: list[str], meta: list[dict], reward_
 
 
 def means(c: Comparison) -> dict[str, dict[str, float]]:
-    return {w: {"total": float(c.total[w].mean()), **{n: float(v.mean()) for n, v in c.components[w].items()}}
-            for w in c.images}
+    return {
+        w: {"total": float(c.total[w].mean()), **{n: float(v.mean()) for n, v in c.components[w].items()}}
+        for w in c.images
+    }
 
 
 # --- the grid and the files beside it ----------------------------------------------------------------
+
 
 def to_pil(img: torch.Tensor):
     from PIL import Image
@@ -249,7 +280,9 @@ def draw_block(c: Comparison, p: int, names: list[str], show_total: bool, cell: 
     y = len(head) * line + pad
     for which in ("base", "trained"):
         draw.text((pad, y + cell // 2 - line), which, fill="black", font=font)
-        draw.text((pad, y + cell // 2), f"mean {float(c.total[which][p].mean()):.3f}", fill=(90, 90, 90), font=font)
+        draw.text(
+            (pad, y + cell // 2), f"mean {float(c.total[which][p].mean()):.3f}", fill=(90, 90, 90), font=font
+        )
         for j in range(k):
             x = label_w + j * (cell + pad)
             img.paste(to_pil(c.images[which][p, j]).resize((cell, cell), Image.NEAREST), (x, y))
@@ -297,17 +330,28 @@ def write_outputs(c: Comparison, out: Path, info: dict, weights: dict[str, float
             for j in range(c.images[which].shape[1]):
                 file = img_dir / f"p{p:02d}_{which}_{j}.png"
                 to_pil(c.images[which][p, j]).save(file)
-                rows.append({"prompt_index": p, "prompt": prompt, "model": which, "image": j,
-                             "file": str(file), "total": float(c.total[which][p, j]),
-                             **{n: float(c.components[which][n][p, j]) for n in names}})
+                rows.append(
+                    {
+                        "prompt_index": p,
+                        "prompt": prompt,
+                        "model": which,
+                        "image": j,
+                        "file": str(file),
+                        "total": float(c.total[which][p, j]),
+                        **{n: float(c.components[which][n][p, j]) for n in names},
+                    }
+                )
     summary = {**info, "rewards": weights, "mean": means(c), "images": rows}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out.with_suffix(".csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    title = (f"{info['run']} @ {info['checkpoint']}: {info['sampler']}, {info['steps']} steps, seed {info['seed']}; "
-             "base vs trained from the same noise")
+    title = (
+        f"{info['run']} @ {info['checkpoint']}: {info['sampler']}, {info['steps']} steps, seed "
+        f"{info['seed']}; "
+        "base vs trained from the same noise"
+    )
     draw_grid(c, weights, title).save(out)
     return summary
 
@@ -323,25 +367,47 @@ def print_means(m: dict[str, dict[str, float]]) -> None:
 
 # --- command line -----------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m fastcps.sample", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Images of a trained run's checkpoint beside the base model's, from the same noise, scored "
-                    "by the run's rewards; prints the mean reward of base and trained.")
+        prog="python -m fastcps.sample",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        description="Images of a trained run's checkpoint beside the base model's, from the same noise, "
+        "scored "
+        "by the run's rewards; prints the mean reward of base and trained.",
+    )
     p.add_argument("--run", required=True, help="run directory (<output_dir>/<name>, holds config.json)")
-    p.add_argument("--checkpoint", metavar="TAG",
-                   help="checkpoint under <run>/checkpoints (default: final, else the one `latest` names)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="TAG",
+        help="checkpoint under <run>/checkpoints (default: final, else the one `latest` names)",
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompts", metavar="FILE", help=".txt (one prompt a line) or .jsonl prompt file (default: the run's "
-                     "fixed eval prompts)")
+    src.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help=".txt (one prompt a line) or .jsonl prompt file (default: the run's fixed eval prompts)",
+    )
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--images-per-prompt", type=int, default=4, metavar="K", help="images per prompt and row (4)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's eval.num_steps, else "
-                   "sampler.num_steps)")
-    p.add_argument("--sampler", default="ode", choices=sorted(SAMPLERS),
-                   help="ode (default, what eval uses) or a stochastic sampler (seeded noise)")
-    p.add_argument("--eta", type=float, help="noise level of a stochastic sampler (default: the run's "
-                   "sampler.eta for its own sampler, else the sampler's default)")
+    p.add_argument(
+        "--images-per-prompt", type=int, default=4, metavar="K", help="images per prompt and row (4)"
+    )
+    p.add_argument(
+        "--steps", type=int, help="sampling steps (default: the run's eval.num_steps, else sampler.num_steps)"
+    )
+    p.add_argument(
+        "--sampler",
+        default="ode",
+        choices=sorted(SAMPLERS),
+        help="ode (default, what eval uses) or a stochastic sampler (seeded noise)",
+    )
+    p.add_argument(
+        "--eta",
+        type=float,
+        help="noise level of a stochastic sampler (default: the run's "
+        "sampler.eta for its own sampler, else the sampler's default)",
+    )
     p.add_argument("--seed", type=int, help="noise seed (default: the run's eval.seed: its eval images)")
     p.add_argument("--out", required=True, help="the grid's PNG path; the rest is written beside it")
     return p.parse_args(argv)
@@ -353,7 +419,9 @@ def validate(args) -> None:
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if Path(args.out).suffix.lower() != ".png":
-        raise UsageError(f"--out {args.out}: give a .png path (the grid); the images, JSON and CSV go beside it")
+        raise UsageError(
+            f"--out {args.out}: give a .png path (the grid); the images, JSON and CSV go beside it"
+        )
 
 
 def main(argv=None) -> int:
@@ -380,32 +448,58 @@ def run(args, cfg, weights: Path, prompts: list[str], meta: list[dict]) -> int:
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     steps = args.steps or cfg.eval.num_steps or cfg.sampler.num_steps
-    eta = args.eta if args.eta is not None else (cfg.sampler.eta if args.sampler == cfg.sampler.name else None)
+    eta = (
+        args.eta if args.eta is not None else (cfg.sampler.eta if args.sampler == cfg.sampler.name else None)
+    )
     seed = cfg.eval.seed if args.seed is None else args.seed
     try:
         policy = build_policy(cfg.policy, device)
         reward_fn = WeightedReward([(r.name, r.weight, r.args) for r in cfg.rewards])
     except (FileNotFoundError, ValueError) as err:
-        raise UsageError(f"--run {args.run}: its config.json names something that does not load: {err}") from err
+        raise UsageError(
+            f"--run {args.run}: its config.json names something that does not load: {err}"
+        ) from err
     try:
         sampling = sampling_steps(args.sampler, eta, policy.sigmas(steps, device="cpu"))
     except ValueError as err:  # e.g. CPWS where its Wiener std exceeds σ'
         raise UsageError(f"--sampler {args.sampler} (--eta {eta}, --steps {steps}): {err}") from err
     try:
-        c = compare(policy, weights, prompts, meta, reward_fn, sampling, k=args.images_per_prompt, seed=seed,
-                    device=device)
+        c = compare(
+            policy,
+            weights,
+            prompts,
+            meta,
+            reward_fn,
+            sampling,
+            k=args.images_per_prompt,
+            seed=seed,
+            device=device,
+        )
     except RewardFailed as err:
         print(f"fastcps.sample: the run's rewards could not score these prompts: {err}", file=sys.stderr)
         return 3
-    info = {"run": str(args.run), "checkpoint": weights.parent.name, "weights": str(weights), "sampler": args.sampler,
-            "eta": eta, "steps": steps, "seed": seed, "images_per_prompt": args.images_per_prompt}
+    info = {
+        "run": str(args.run),
+        "checkpoint": weights.parent.name,
+        "weights": str(weights),
+        "sampler": args.sampler,
+        "eta": eta,
+        "steps": steps,
+        "seed": seed,
+        "images_per_prompt": args.images_per_prompt,
+    }
     out = Path(args.out)
     summary = write_outputs(c, out, info, {r.name: r.weight for r in cfg.rewards})
-    print(f"[fastcps.sample] {args.run} @ {weights.parent.name}: {len(prompts)} prompts x {args.images_per_prompt} "
-          f"images, {args.sampler}, {steps} steps, seed {seed} (trained = policy.safetensors, not the EMA)")
+    print(
+        f"[fastcps.sample] {args.run} @ {weights.parent.name}: {len(prompts)} prompts x "
+        f"{args.images_per_prompt} "
+        f"images, {args.sampler}, {steps} steps, seed {seed} (trained = policy.safetensors, not the EMA)"
+    )
     print_means(summary["mean"])
-    print(f"[fastcps.sample] wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.csv')}, "
-          f"{out.with_name(out.stem + '_images')}/")
+    print(
+        f"[fastcps.sample] wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.csv')}, "
+        f"{out.with_name(out.stem + '_images')}/"
+    )
     return 0
 
 

@@ -113,13 +113,19 @@ def _flow_sde_std(sigma, sigma_next, eta, sigma_max):
     # step (σ = 1) does not divide by zero. Flow-GRPO reads sigmas[1] off its scheduler.
     at_one = sigma == 1.0
     if sigma_max is None:
-        _require(at_one, "flow_sde at sigma = 1 needs sigma_max: Flow-GRPO replaces sigma by the schedule's "
-                         "second sigma (sigmas[1]) there. Pass sigma_max=sigmas[1].")
+        _require(
+            at_one,
+            "flow_sde at sigma = 1 needs sigma_max: Flow-GRPO replaces sigma by the schedule's "
+            "second sigma (sigmas[1]) there. Pass sigma_max=sigmas[1].",
+        )
         sigma_star = sigma  # σ < 1 everywhere, as just required
     else:
         sigma_max = _f32(sigma_max, sigma)
-        _require(at_one & (sigma_max >= 1.0), "sigma_max must be < 1 (the schedule's second sigma)",
-                 lambda: f", got {sigma_max}")
+        _require(
+            at_one & (sigma_max >= 1.0),
+            "sigma_max must be < 1 (the schedule's second sigma)",
+            lambda: f", got {sigma_max}",
+        )
         sigma_star = torch.where(at_one, sigma_max.expand_as(sigma), sigma)
     return eta * torch.sqrt(sigma / (1.0 - sigma_star)) * torch.sqrt(sigma - sigma_next)
 
@@ -145,11 +151,17 @@ def _cpws(sigma, sigma_next, eta, sigma_max):
 
     def where_too_big() -> str:
         bad = int(torch.nonzero(s > sigma_next)[0, 0])
-        return (f" (sample {bad} has s = {float(s.flatten()[bad]):.4g} > "
-                f"sigma_next = {float(sigma_next.flatten()[bad]):.4g})")
+        return (
+            f" (sample {bad} has s = {float(s.flatten()[bad]):.4g} > "
+            f"sigma_next = {float(sigma_next.flatten()[bad]):.4g})"
+        )
 
-    _require(s > sigma_next, "cpws needs its Wiener std s <= sigma_next (eq. 17). Lower eta, or use cps "
-                             "(whose std is sigma_next·sin(eta·pi/2)) for that step", where_too_big)
+    _require(
+        s > sigma_next,
+        "cpws needs its Wiener std s <= sigma_next (eq. 17). Lower eta, or use cps "
+        "(whose std is sigma_next·sin(eta·pi/2)) for that step",
+        where_too_big,
+    )
     return s, torch.sqrt(sigma_next * sigma_next - s * s)
 
 
@@ -241,11 +253,16 @@ def step_coeffs(
     sig, nxt, et = (t.expand(b).contiguous() for t in (sig, nxt, et))
 
     # Off the host, Python numbers are still checked as numbers (a ValueError now, not an assert later).
-    c_sig, c_nxt, c_et = (t if on_host or isinstance(raw, torch.Tensor) else raw
-                          for raw, t in zip((sigma, sigma_next, eta), (sig, nxt, et)))
+    c_sig, c_nxt, c_et = (
+        t if on_host or isinstance(raw, torch.Tensor) else raw
+        for raw, t in zip((sigma, sigma_next, eta), (sig, nxt, et))
+    )
     _require((c_sig <= 0) | (c_sig > 1), "sigma must lie in (0, 1]", lambda: f", got {_show(c_sig)}")
-    _require((c_nxt < 0) | (c_nxt >= c_sig), "sigma_next must satisfy 0 <= sigma_next < sigma",
-             lambda: f", got sigma={_show(c_sig)}, sigma_next={_show(c_nxt)}")
+    _require(
+        (c_nxt < 0) | (c_nxt >= c_sig),
+        "sigma_next must satisfy 0 <= sigma_next < sigma",
+        lambda: f", got sigma={_show(c_sig)}, sigma_next={_show(c_nxt)}",
+    )
     if spec.uses_eta:
         _require(c_et < 0, f"eta must be >= 0 for {sampler}", lambda: f", got {_show(c_et)}")
 

@@ -22,7 +22,9 @@ def flow_sigmas(num_steps: int, *, shift: float = 1.0, mu: float | None = None) 
     return sched.sigmas.to(torch.float32)
 
 
-def pipeline_sigmas(scheduler_config: dict, num_tokens: int, num_steps: int, *, default_shift: float = 1.0) -> torch.Tensor:
+def pipeline_sigmas(
+    scheduler_config: dict, num_tokens: int, num_steps: int, *, default_shift: float = 1.0
+) -> torch.Tensor:
     """The schedule a pipeline's scheduler config gives for ``num_tokens`` image tokens: FLUX.1-dev's
     resolution-dependent dynamic shift (``mu = calculate_shift(num_tokens, ...)``, as FluxPipeline
     computes it) when ``use_dynamic_shifting``, else the static ``shift`` (FLUX.1-schnell 1, SD3.5 3).
@@ -31,7 +33,12 @@ def pipeline_sigmas(scheduler_config: dict, num_tokens: int, num_steps: int, *, 
     if c.get("use_dynamic_shifting"):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        mu = calculate_shift(num_tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        mu = calculate_shift(
+            num_tokens,
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.15),
+        )
         return flow_sigmas(num_steps, mu=mu)
     return flow_sigmas(num_steps, shift=float(c.get("shift", default_shift)))

@@ -52,16 +52,27 @@ def sde_step_with_logprob(
         raise ValueError(f"prev_sample is given, so no noise is drawn: drop {', '.join(drawn)}")
     if len(drawn) > 1:
         raise ValueError(f"give at most one source of noise, got {' and '.join(drawn)}")
-    coeffs = step_coeffs(sampler, sigma, sigma_next, eta, batch_size=sample.shape[0] if sample.ndim else None,
-                         sigma_max=sigma_max, logprob=logprob, device=sample.device)
-    needs_grad = torch.is_grad_enabled() and isinstance(model_output, torch.Tensor) and model_output.requires_grad
+    coeffs = step_coeffs(
+        sampler,
+        sigma,
+        sigma_next,
+        eta,
+        batch_size=sample.shape[0] if sample.ndim else None,
+        sigma_max=sigma_max,
+        logprob=logprob,
+        device=sample.device,
+    )
+    needs_grad = (
+        torch.is_grad_enabled() and isinstance(model_output, torch.Tensor) and model_output.requires_grad
+    )
 
     if prev_sample is None:
         if noise is None and seed is None:
             noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
         with torch.no_grad():
-            prev, logp, mean = cps_step(sample, model_output.detach(), coeffs, noise=noise, seed=seed,
-                                        return_mean=True)
+            prev, logp, mean = cps_step(
+                sample, model_output.detach(), coeffs, noise=noise, seed=seed, return_mean=True
+            )
     elif needs_grad:
         prev, logp, mean = prev_sample, None, None
     else:
@@ -71,6 +82,6 @@ def sde_step_with_logprob(
         logp = cps_logprob_kl(sample, model_output, prev, coeffs).log_prob
         b = sample.shape[0]
         shape = (b,) + (1,) * (sample.ndim - 1)
-        mean = (coeffs.alpha.view(shape) * sample.float() + coeffs.beta.view(shape) * model_output.float())
+        mean = coeffs.alpha.view(shape) * sample.float() + coeffs.beta.view(shape) * model_output.float()
         mean = mean.to(sample.dtype)
     return StepOutput(prev, logp, mean, coeffs.s)

@@ -1,7 +1,8 @@
 """Test fixtures, not training API: tiny random-weight FLUX and SD3 pipelines (for the tests and
 ``fastcps.gpucheck``, which builds them on the GPU machine too), saved with ``save_pretrained`` into a
 folder laid out exactly like a hub snapshot (``transformer/``, ``vae/``, ``text_encoder*/``,
-``tokenizer*/``, ``scheduler/``), so the real ``flux`` and ``sd3`` policies load them with ``from_pretrained(path,
+``tokenizer*/``, ``scheduler/``), so the real ``flux`` and ``sd3`` policies load them with
+``from_pretrained(path,
 subfolder=...)`` as they load FLUX.1-dev. Nothing downloads: the tokenizers are built here (a
 byte-level CLIP BPE vocabulary with no merges, a T5 Unigram vocabulary of single characters).
 
@@ -25,8 +26,13 @@ T5_DIM = 32
 
 def _clip_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
+
     # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to 256 + n.
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     extra = [b for b in range(256) if b not in keep]
     chars = [chr(b) for b in keep] + [chr(256 + n) for n in range(len(extra))]
     vocab = {}
@@ -39,7 +45,9 @@ def _clip_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    tok = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77
+    )
     return tok, len(vocab)
 
 
@@ -56,17 +64,36 @@ def _t5_tokenizer():
 def _clip(vocab: int, with_projection: bool, hidden: int = CLIP_DIM, layers: int = 2):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=37, num_hidden_layers=layers,
-                         num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
-                         bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    cfg = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+    )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
 
 
 def _t5(vocab: int, d_model: int = T5_DIM, layers: int = 2):
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(vocab_size=vocab, d_model=d_model, d_ff=37, d_kv=8, num_layers=layers, num_heads=2,
-                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    cfg = T5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_ff=37,
+        d_kv=8,
+        num_layers=layers,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     return T5EncoderModel(cfg).eval()
 
 
@@ -74,15 +101,30 @@ def _vae(scaling: float, shift: float):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=scaling, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
         sample_size=64,
     ).eval()
 
 
-def save_tiny_flux(folder: str | Path, *, schnell: bool = False, seed: int = 0, t5_dim: int = T5_DIM,
-                   clip_dim: int = CLIP_DIM) -> Path:
+def save_tiny_flux(
+    folder: str | Path,
+    *,
+    schnell: bool = False,
+    seed: int = 0,
+    t5_dim: int = T5_DIM,
+    clip_dim: int = CLIP_DIM,
+) -> Path:
     """A FluxPipeline like FLUX.1-dev (guidance embedding, dynamic shift) or, with ``schnell``,
     like FLUX.1-schnell (no guidance, static shift 1). ~0.5 MB of weights. ``t5_dim=4096,
     clip_dim=768`` gives one-layer text encoders with FLUX.1's real output widths, so the real-size
@@ -95,19 +137,38 @@ def save_tiny_flux(folder: str | Path, *, schnell: bool = False, seed: int = 0, 
         tok, v1 = _clip_tokenizer(Path(tmp))
     tok2, v2 = _t5_tokenizer()
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=t5_dim, pooled_projection_dim=clip_dim,
-        guidance_embeds=not schnell, axes_dims_rope=(4, 6, 6))
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_dim,
+        pooled_projection_dim=clip_dim,
+        guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6),
+    )
     if schnell:
         sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     else:  # FLUX.1-dev's scheduler_config.json
-        sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
-                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+        sched = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+            base_shift=0.5,
+            max_shift=1.15,
+        )
     wide = t5_dim != T5_DIM or clip_dim != CLIP_DIM  # one layer each: a 4096-wide T5 layer is 67 MB
-    pipe = FluxPipeline(scheduler=sched, vae=_vae(0.3611, 0.1159),
-                        text_encoder=_clip(v1, False, clip_dim, layers=1 if wide else 2), tokenizer=tok,
-                        text_encoder_2=_t5(v2, t5_dim, layers=1 if wide else 2), tokenizer_2=tok2,
-                        transformer=transformer)
+    pipe = FluxPipeline(
+        scheduler=sched,
+        vae=_vae(0.3611, 0.1159),
+        text_encoder=_clip(v1, False, clip_dim, layers=1 if wide else 2),
+        tokenizer=tok,
+        text_encoder_2=_t5(v2, t5_dim, layers=1 if wide else 2),
+        tokenizer_2=tok2,
+        transformer=transformer,
+    )
     pipe.save_pretrained(folder)
     return folder
 
@@ -124,13 +185,31 @@ def save_tiny_sd3(folder: str | Path, *, seed: int = 0) -> Path:
     tok3, v3 = _t5_tokenizer()
     half = CLIP_DIM // 2  # the two CLIPs' hidden states are concatenated, then padded to T5's width
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=T5_DIM, caption_projection_dim=16,
-        pooled_projection_dim=2 * half, pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=T5_DIM,
+        caption_projection_dim=16,
+        pooled_projection_dim=2 * half,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0,),
+    )
     pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(1.5305, 0.0609),
-        text_encoder=_clip(v1, True, half), tokenizer=tok, text_encoder_2=_clip(v1, True, half), tokenizer_2=tok,
-        text_encoder_3=_t5(v3), tokenizer_3=tok3, transformer=transformer)
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(1.5305, 0.0609),
+        text_encoder=_clip(v1, True, half),
+        tokenizer=tok,
+        text_encoder_2=_clip(v1, True, half),
+        tokenizer_2=tok,
+        text_encoder_3=_t5(v3),
+        tokenizer_3=tok3,
+        transformer=transformer,
+    )
     pipe.save_pretrained(folder)
     return folder
 

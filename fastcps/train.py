@@ -22,11 +22,23 @@ from fastcps.config import ConfigError, RunConfig, load_config, save_config, val
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GRPO with Coefficients-Preserving Sampling")
     p.add_argument("--config", help="JSON run config (configs/*.json)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
-                   help="set by the deepspeed launcher")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
+    )
+    p.add_argument(
+        "--local_rank",
+        type=int,
+        default=int(os.environ.get("LOCAL_RANK", 0)),
+        help="set by the deepspeed launcher",
+    )
     return p.parse_args(argv)
 
 
@@ -34,7 +46,9 @@ def load_run_config(args) -> RunConfig:
     if args.resume:
         saved = Path(args.resume) / "config.json"
         if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no config.json there (is it a fastcps run directory?)")
+            raise ConfigError(
+                f"--resume {args.resume}: no config.json there (is it a fastcps run directory?)"
+            )
         if args.config:
             raise ConfigError("give either --config or --resume: a resumed run keeps its saved config")
         return load_config(RunConfig, str(saved), args.overrides)
@@ -102,18 +116,32 @@ def where_things_are(run_dir: Path, *, lora: bool) -> str:
     tag = latest.read_text().strip() if latest.is_file() else None
     rows = [("run directory", f"{run_dir}  (config.json, metrics.jsonl, images/)")]
     if tag:
-        rows.append(("checkpoint" if tag != "final" else "final checkpoint",
-                     f"{ckpts / tag}  (policy.safetensors: the trained weights)"))
+        rows.append(
+            (
+                "checkpoint" if tag != "final" else "final checkpoint",
+                f"{ckpts / tag}  (policy.safetensors: the trained weights)",
+            )
+        )
         if lora:
-            rows.append(("LoRA for diffusers", f"{ckpts / tag / 'pytorch_lora_weights.safetensors'}  "
-                                               f"(pipe.load_lora_weights(\"{ckpts / tag}\"))"))
+            rows.append(
+                (
+                    "LoRA for diffusers",
+                    f"{ckpts / tag / 'pytorch_lora_weights.safetensors'}  "
+                    f'(pipe.load_lora_weights("{ckpts / tag}"))',
+                )
+            )
     if (run_dir / "reward_curve.png").is_file():
         rows.append(("reward curve", str(run_dir / "reward_curve.png")))
     if (run_dir / "tb").is_dir():
         rows.append(("TensorBoard", f"tensorboard --logdir {run_dir / 'tb'}"))
     if tag:
         pick = "" if tag == "final" else f" --checkpoint {tag}"
-        rows.append(("see the result", f"python -m fastcps.sample --run {run_dir}{pick} --out {run_dir / 'sample.png'}"))
+        rows.append(
+            (
+                "see the result",
+                f"python -m fastcps.sample --run {run_dir}{pick} --out {run_dir / 'sample.png'}",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"[fastcps]   {k:<{width}}  {v}" for k, v in rows)
 

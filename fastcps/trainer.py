@@ -88,16 +88,22 @@ def partition_zero3(module: torch.nn.Module, ds_config: dict) -> None:
     import deepspeed
     from deepspeed.runtime.engine import CASTABLE_DTYPES
 
-    dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else
-             torch.float16 if ds_config.get("fp16", {}).get("enabled") else None)
+    dtype = (
+        torch.bfloat16
+        if ds_config.get("bf16", {}).get("enabled")
+        else torch.float16
+        if ds_config.get("fp16", {}).get("enabled")
+        else None
+    )
     if dtype is not None:
         for p in module.parameters():
             if p.dtype in CASTABLE_DTYPES and p.dtype != dtype:
                 p.data = p.data.to(dtype)
     # the arguments parameter_offload.py:271-279 passes (data-parallel group: the world; offload device
     # and pinning: read from the config by Init itself, partition_parameters.py:1160-1162)
-    deepspeed.zero.Init(module=module, config_dict_or_path=copy.deepcopy(ds_config),
-                        dtype=next(module.parameters()).dtype)
+    deepspeed.zero.Init(
+        module=module, config_dict_or_path=copy.deepcopy(ds_config), dtype=next(module.parameters()).dtype
+    )
 
 
 def keep_lora_whole(zero: dict, trained) -> None:
@@ -119,7 +125,8 @@ class Trainer:
 
         self.rank, self.world = dist.rank(), dist.world()
         self.device = dist.local_device()
-        # zero_stage / gradient_checkpointing "auto": the resource plan's choice for this GPU, before any weight loads
+        # zero_stage / gradient_checkpointing "auto": the resource plan's choice for this GPU, before any
+        # weight loads
         cfg, chosen = resolve_auto(cfg, self.world, self.device)
         if chosen:
             log.info(chosen)
@@ -130,31 +137,48 @@ class Trainer:
 
         ds = self._deepspeed_config()  # before any weight loads: its ZeRO stage decides where they go
         stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-        self.policy = policy if policy is not None else build_policy(cfg.policy, self.device, zero_stage=stage)
+        self.policy = (
+            policy if policy is not None else build_policy(cfg.policy, self.device, zero_stage=stage)
+        )
         self.encodings = PromptEncodings(self.policy, max_bytes=cfg.policy.prompt_cache_gib * GIB)
         self._report_truncation()
         self.reward_fn = WeightedReward([(r.name, r.weight, r.args) for r in cfg.rewards])
         t = cfg.train
-        self.optimizer = SkippingAdamW(self.policy.trainable_parameters(), lr=t.lr, betas=tuple(t.betas),
-                                       eps=t.adam_eps, weight_decay=t.weight_decay)
+        self.optimizer = SkippingAdamW(
+            self.policy.trainable_parameters(),
+            lr=t.lr,
+            betas=tuple(t.betas),
+            eps=t.adam_eps,
+            weight_decay=t.weight_decay,
+        )
         if stage == 3 and cfg.policy.lora is not None:
             keep_lora_whole(ds["zero_optimization"], self.policy.trainable_parameters())
         if stage == 3 and self.policy.deferred_placement:
             partition_zero3(self.policy.transformer, ds)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.policy.transformer, optimizer=self.optimizer,
-                                                    config=ds)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.policy.transformer, optimizer=self.optimizer, config=ds
+        )
         trained = [p for p in self.engine.module.parameters() if p.requires_grad]
-        self.flops = FlopLedger(self.policy, self.engine)  # perf/tflops, perf/mfu: the calls this trainer makes
+        self.flops = FlopLedger(
+            self.policy, self.engine
+        )  # perf/tflops, perf/mfu: the calls this trainer makes
         self.peak_tflops = peak_tflops(self.device)
         # zero/<phase>_gathers: the parameter all-gathers ZeRO-3 really made (the plan's traffic, measured)
-        self.gathers = GatherMeter(self.engine.module, lambda: self.flops.phase, self.world) if stage == 3 else None
+        self.gathers = (
+            GatherMeter(self.engine.module, lambda: self.flops.phase, self.world) if stage == 3 else None
+        )
         self.ema = EMA(trained, t.ema_decay) if t.ema_decay else None
         self.epoch = 0  # next epoch to run
         self.nonfinite_in_a_row = 0
         self.skipped_total = 0
         self._stop_signal = False
-        self.logger = RunLogger(self.run_dir, enabled=dist.is_main(), tensorboard=cfg.log.tensorboard,
-                                wandb=cfg.log.wandb, config=to_dict(cfg))
+        self.logger = RunLogger(
+            self.run_dir,
+            enabled=dist.is_main(),
+            tensorboard=cfg.log.tensorboard,
+            wandb=cfg.log.wandb,
+            config=to_dict(cfg),
+        )
 
     def _report_truncation(self) -> None:
         """Prompts longer than policy.max_sequence_length are cut by the text encoder: say so once."""
@@ -168,19 +192,27 @@ class Trainer:
     def _deepspeed_config(self) -> dict:
         path = Path(self.cfg.deepspeed_config)
         if not path.is_file():
-            raise FileNotFoundError(f"DeepSpeed config {str(path)!r} (config key `deepspeed_config`) not found")
+            raise FileNotFoundError(
+                f"DeepSpeed config {str(path)!r} (config key `deepspeed_config`) not found"
+            )
         ds = json.loads(path.read_text())
         t = self.cfg.train
         # Accumulation is driven explicitly (set_gradient_accumulation_boundary): one window covers
         # gradient_accumulation_steps minibatches x every trained step, whose count may change per epoch.
-        ds.update(train_micro_batch_size_per_gpu=t.minibatch_size, gradient_accumulation_steps=1,
-                  train_batch_size=t.minibatch_size * self.world, gradient_clipping=t.max_grad_norm)
+        ds.update(
+            train_micro_batch_size_per_gpu=t.minibatch_size,
+            gradient_accumulation_steps=1,
+            train_batch_size=t.minibatch_size * self.world,
+            gradient_clipping=t.max_grad_norm,
+        )
         ds.setdefault("zero_allow_untested_optimizer", True)  # our AdamW subclass skips non-finite steps
         ds.setdefault("steps_per_print", 10**9)
         dtype = self.cfg.policy.dtype
         ds["bf16"] = {"enabled": dtype == "bf16"}
         ds["fp16"] = {"enabled": dtype == "fp16"}
-        if self.cfg.zero_stage is not None:  # the run config's (a resolved "auto" included) wins over the JSON's
+        if (
+            self.cfg.zero_stage is not None
+        ):  # the run config's (a resolved "auto" included) wins over the JSON's
             ds.setdefault("zero_optimization", {})["stage"] = int(self.cfg.zero_stage)
         stage = int(ds.get("zero_optimization", {}).get("stage", 0))
         if dtype in ("bf16", "fp16") and stage in (2, 3):
@@ -213,18 +245,40 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, float]:
         cfg, t0 = self.cfg, time.perf_counter()
         self.flops.phase = "rollout"
-        data = rollout_epoch(cfg, epoch, epoch_steps(cfg, epoch, self.policy), self.policy, self.engine, self.reward_fn,
-                             self.encodings, (self.prompts, self.prompt_meta), device=self.device, rank=self.rank, world=self.world,
-                             check_stop=self._check_stop, progress=self._progress)
+        data = rollout_epoch(
+            cfg,
+            epoch,
+            epoch_steps(cfg, epoch, self.policy),
+            self.policy,
+            self.engine,
+            self.reward_fn,
+            self.encodings,
+            (self.prompts, self.prompt_meta),
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
+            check_stop=self._check_stop,
+            progress=self._progress,
+        )
         t_rollout = time.perf_counter() - t0
         adv = epoch_advantages(data, cfg.train, self.device, rank=self.rank)
         synchronize(self.device)
         t1 = time.perf_counter()
         self.flops.phase = "update"
         # A stop waits for the end of the update (see fit).
-        stats = run_update(self.engine, self.optimizer, self.policy, data, adv.local, cfg.train, epoch=epoch,
-                           seed=cfg.seed, rank=self.rank, progress=self._progress,
-                           after_optimizer_step=lambda skipped: self._after_optimizer_step(epoch, skipped))
+        stats = run_update(
+            self.engine,
+            self.optimizer,
+            self.policy,
+            data,
+            adv.local,
+            cfg.train,
+            epoch=epoch,
+            seed=cfg.seed,
+            rank=self.rank,
+            progress=self._progress,
+            after_optimizer_step=lambda skipped: self._after_optimizer_step(epoch, skipped),
+        )
         train_metrics = stats.metrics() if stats is not None else {}  # reads the device: synchronises
         t_update = time.perf_counter() - t1
         rewards = adv.rewards
@@ -232,21 +286,30 @@ class Trainer:
         for name, comp in data.components.items():
             metrics[f"reward/{name}/mean"] = float(dist.all_gather_cat(comp).mean())
         metrics.update(train_metrics)
-        metrics.update({
-            "train/zero_std_frac": float(adv.zero_std_frac),
-            "train/skipped_steps": float(self.skipped_total),
-            "train/trained_steps": float(len(data.sampling.trained)),
-            "time/rollout_s": t_rollout - data.reward_time,
-            "time/reward_s": data.reward_time,  # decode + waiting for scores: what overlapping did not hide
-            "time/reward_busy_s": data.reward_busy_time,  # the reward calls' own time, on their worker thread
-            "time/update_s": t_update,  # includes the recompute
-            "time/recompute_s": stats.recompute_s if stats is not None else 0.0,
-            "time/epoch_s": time.perf_counter() - t0,
-            "perf/images_per_s": rewards.numel() / max(time.perf_counter() - t0, 1e-9),
-            "memory/peak_gib": peak_memory_gib(self.device),
-        })
-        metrics.update(perf_metrics(self.flops.take(), {"rollout": metrics["time/rollout_s"], "update": t_update},
-                                    self.peak_tflops))
+        metrics.update(
+            {
+                "train/zero_std_frac": float(adv.zero_std_frac),
+                "train/skipped_steps": float(self.skipped_total),
+                "train/trained_steps": float(len(data.sampling.trained)),
+                "time/rollout_s": t_rollout - data.reward_time,
+                # decode + waiting for scores: what overlapping did not hide
+                "time/reward_s": data.reward_time,
+                # the reward calls' own time, on their worker thread
+                "time/reward_busy_s": data.reward_busy_time,
+                "time/update_s": t_update,  # includes the recompute
+                "time/recompute_s": stats.recompute_s if stats is not None else 0.0,
+                "time/epoch_s": time.perf_counter() - t0,
+                "perf/images_per_s": rewards.numel() / max(time.perf_counter() - t0, 1e-9),
+                "memory/peak_gib": peak_memory_gib(self.device),
+            }
+        )
+        metrics.update(
+            perf_metrics(
+                self.flops.take(),
+                {"rollout": metrics["time/rollout_s"], "update": t_update},
+                self.peak_tflops,
+            )
+        )
         metrics.update(self.gathers.take() if self.gathers else {})
         every = cfg.log.images_every
         if every and (epoch + 1) % every == 0:
@@ -260,8 +323,10 @@ class Trainer:
             if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
                 raise NonFiniteStop(
                     f"stopping at epoch {epoch}: {self.nonfinite_in_a_row} optimizer steps in a row had a "
-                    "non-finite loss or gradient and were skipped (train.max_nonfinite_steps). Lower train.lr, "
-                    "check the rewards for NaN/inf, or use fp32 (policy.dtype).")
+                    "non-finite loss or gradient and were skipped (train.max_nonfinite_steps). Lower "
+                    "train.lr, "
+                    "check the rewards for NaN/inf, or use fp32 (policy.dtype)."
+                )
         else:
             self.nonfinite_in_a_row = 0
             if self.ema is not None:
@@ -284,7 +349,9 @@ class Trainer:
         per_rank = math.ceil(n_eval / self.world)  # equal forwards on every rank (ZeRO-3)
         mine = [i * self.world + self.rank for i in range(per_rank)]
         per_call = max(1, cfg.train.rollout_batch_size // k)  # whole prompts per sampling call
-        sampling = sampling_steps("ode", None, self.policy.sigmas(e.num_steps or cfg.sampler.num_steps, device="cpu"))
+        sampling = sampling_steps(
+            "ode", None, self.policy.sigmas(e.num_steps or cfg.sampler.num_steps, device="cpu")
+        )
         sampling = sampling.to(self.device)
         sums: dict[str, float] = {}
         div_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -292,18 +359,25 @@ class Trainer:
         shown = []  # the first prompts' images, for the log
         with self.ema.applied() if self.ema else contextlib.nullcontext():
             for lo in range(0, per_rank, per_call):
-                chunk = mine[lo:lo + per_call]
+                chunk = mine[lo : lo + per_call]
                 pairs = [self.eval_prompts[min(p_idx, n_eval - 1)] for p_idx in chunk]
                 x1 = torch.cat([eval_noise(self.policy, e.seed, p_idx, k, self.device) for p_idx in chunk])
-                cond, index = self.encodings.for_prompts([prompt for prompt, _ in pairs for _ in range(k)], self.device)
-                images = self.policy.decode(sample(self.policy, self.engine, select(cond, index), x1, sampling).final)
+                cond, index = self.encodings.for_prompts(
+                    [prompt for prompt, _ in pairs for _ in range(k)], self.device
+                )
+                images = self.policy.decode(
+                    sample(self.policy, self.engine, select(cond, index), x1, sampling).final
+                )
                 real = [j for j, p_idx in enumerate(chunk) if p_idx < n_eval]
                 if not real:
                     continue
                 rows = torch.cat([torch.arange(j * k, (j + 1) * k) for j in real]).to(images.device)
                 scored = images[rows]
-                r = self.reward_fn(scored, [pairs[j][0] for j in real for _ in range(k)],
-                                   [pairs[j][1] for j in real for _ in range(k)])  # returns CPU tensors
+                r = self.reward_fn(
+                    scored,
+                    [pairs[j][0] for j in real for _ in range(k)],
+                    [pairs[j][1] for j in real for _ in range(k)],
+                )  # returns CPU tensors
                 for i, j in enumerate(real):
                     own = slice(i * k, (i + 1) * k)
                     for name, comp in r.components.items():  # per prompt, in prompt order: the sums of
@@ -315,8 +389,9 @@ class Trainer:
                     if len(shown) < 4:
                         shown.append(scored[own])
         names = [n for n, _, _ in self.reward_fn.parts]
-        vec = torch.tensor([sums.get(n, 0.0) for n in names] + [float(div_sum), n_prompts, n_images],
-                           dtype=torch.float64)
+        vec = torch.tensor(
+            [sums.get(n, 0.0) for n in names] + [float(div_sum), n_prompts, n_images], dtype=torch.float64
+        )
         vec = dist.all_reduce(vec)
         out = {f"eval/{n}": float(vec[i] / vec[-1]) for i, n in enumerate(names)}
         out["eval/diversity"] = float(vec[len(names)] / vec[len(names) + 1])
@@ -329,7 +404,9 @@ class Trainer:
         self.flops.take()  # anything counted before belongs to the epoch's metrics, already logged
         self.flops.phase, t0 = "eval", time.perf_counter()
         out = self.evaluate(step)  # ends with an all-reduce of the sums: the device's work is done
-        out.update(perf_metrics(self.flops.take(), {"eval": time.perf_counter() - t0}, self.peak_tflops, total=False))
+        out.update(
+            perf_metrics(self.flops.take(), {"eval": time.perf_counter() - t0}, self.peak_tflops, total=False)
+        )
         out.update(self.gathers.take() if self.gathers else {})
         return out
 
@@ -346,12 +423,18 @@ class Trainer:
             for epoch in range(self.epoch, cfg.train.num_epochs):
                 metrics = self.run_epoch(epoch)
                 self.epoch = epoch + 1
-                if cfg.eval.every and (self.epoch % cfg.eval.every == 0 or self.epoch == cfg.train.num_epochs):
+                if cfg.eval.every and (
+                    self.epoch % cfg.eval.every == 0 or self.epoch == cfg.train.num_epochs
+                ):
                     metrics.update(self._timed_evaluate(self.epoch))
                 self.logger.scalars(metrics, self.epoch)
                 last = metrics
                 log.info("epoch %d/%d: %s", self.epoch, cfg.train.num_epochs, self._fmt(metrics))
-                if cfg.checkpoint.every and self.epoch % cfg.checkpoint.every == 0 and self.epoch < cfg.train.num_epochs:
+                if (
+                    cfg.checkpoint.every
+                    and self.epoch % cfg.checkpoint.every == 0
+                    and self.epoch < cfg.train.num_epochs
+                ):
                     self.save_checkpoint(f"epoch{self.epoch:05d}", periodic=True)
                 self._check_stop()
             self.save_checkpoint("final")
@@ -362,8 +445,12 @@ class Trainer:
             # choice is derived from (seed, epoch), and the resumed run ends where an uninterrupted one ends.
             tag = f"interrupted_epoch{self.epoch:05d}"
             self.save_checkpoint(tag)
-            log.info("interrupted: checkpoint %s; resume with --resume %s (it starts at epoch %d)",
-                     self.run_dir / "checkpoints" / tag, self.run_dir, self.epoch + 1)
+            log.info(
+                "interrupted: checkpoint %s; resume with --resume %s (it starts at epoch %d)",
+                self.run_dir / "checkpoints" / tag,
+                self.run_dir,
+                self.epoch + 1,
+            )
         finally:
             self._restore_signal_handlers(handlers)
             if dist.is_main():
@@ -373,7 +460,9 @@ class Trainer:
 
     @staticmethod
     def _fmt(m: dict[str, float]) -> str:
-        keys = [k for k in m if k.startswith("eval/") or k in ("reward/mean", "train/ratio_dev", "time/epoch_s")]
+        keys = [
+            k for k in m if k.startswith("eval/") or k in ("reward/mean", "train/ratio_dev", "time/epoch_s")
+        ]
         return "  ".join(f"{k}={m[k]:.4g}" for k in keys)
 
     def _install_signal_handlers(self):
@@ -392,8 +481,12 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "skipped_total": self.skipped_total, "config": to_dict(self.cfg)}
+        return {
+            "epoch": self.epoch,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "skipped_total": self.skipped_total,
+            "config": to_dict(self.cfg),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
@@ -401,9 +494,16 @@ class Trainer:
         self.skipped_total = int(state["skipped_total"])
 
     def save_checkpoint(self, tag: str, periodic: bool = False) -> Path:
-        return ckpt.save_checkpoint(self.engine, self.run_dir, tag, {"trainer": self.state_dict()}, ema=self.ema,
-                                    policy_name=self.cfg.policy.name, lora=self.policy.lora,
-                                    keep=self.cfg.checkpoint.keep if periodic else None)
+        return ckpt.save_checkpoint(
+            self.engine,
+            self.run_dir,
+            tag,
+            {"trainer": self.state_dict()},
+            ema=self.ema,
+            policy_name=self.cfg.policy.name,
+            lora=self.policy.lora,
+            keep=self.cfg.checkpoint.keep if periodic else None,
+        )
 
     def load_checkpoint(self, run_dir: Path) -> None:
         client = ckpt.load_checkpoint(self.engine, run_dir, ema=self.ema, lora=self.policy.lora)

@@ -36,10 +36,16 @@ def epoch_advantages(data: EpochData, train_cfg, device, *, rank: int = 0) -> Ad
     float64 (a few hundred numbers), then moved to the model's device once."""
     rewards = dist.all_gather_cat(data.reward)
     groups = dist.all_gather_cat(data.group)
-    out = compute_advantages(rewards, groups, std=train_cfg.adv_std, clip=train_cfg.adv_clip_max,
-                             zero_std_threshold=train_cfg.zero_std_threshold, num_groups=train_cfg.prompts_per_epoch)
+    out = compute_advantages(
+        rewards,
+        groups,
+        std=train_cfg.adv_std,
+        clip=train_cfg.adv_clip_max,
+        zero_std_threshold=train_cfg.zero_std_threshold,
+        num_groups=train_cfg.prompts_per_epoch,
+    )
     n = data.reward.shape[0]
-    local = out.advantages[rank * n:(rank + 1) * n].float()
+    local = out.advantages[rank * n : (rank + 1) * n].float()
     return Advantages(to_device(local, device), rewards, out.zero_std_frac)
 
 
@@ -47,7 +53,7 @@ def minibatches(n: int, minibatch_size: int, seed_parts: tuple, device) -> list[
     """A seeded permutation of this rank's n samples cut into minibatches, moved to the device once."""
     perm = torch.as_tensor(np.random.default_rng(derive_seed(*seed_parts)).permutation(n), dtype=torch.long)
     perm = to_device(perm, device)
-    return [perm[i:i + minibatch_size] for i in range(0, n, minibatch_size)]
+    return [perm[i : i + minibatch_size] for i in range(0, n, minibatch_size)]
 
 
 def rollout_batches(n: int, batch_size: int, seed_parts: tuple, device) -> list[torch.Tensor]:
@@ -60,11 +66,21 @@ def rollout_batches(n: int, batch_size: int, seed_parts: tuple, device) -> list[
     uniformly random subset; only the order of the batches is drawn here."""
     order = np.random.default_rng(derive_seed(*seed_parts)).permutation(n // batch_size)
     rows = to_device(torch.arange(n, dtype=torch.long), device)
-    return [rows[k * batch_size:(k + 1) * batch_size] for k in order.tolist()]
+    return [rows[k * batch_size : (k + 1) * batch_size] for k in order.tolist()]
 
 
-def micro_step_loss(policy, model, data: EpochData, mb: torch.Tensor, j: int, old_logp: torch.Tensor | None,
-                    adv: torch.Tensor, *, clip_range: float, beta_kl: float) -> tuple[LossOutput, torch.Tensor]:
+def micro_step_loss(
+    policy,
+    model,
+    data: EpochData,
+    mb: torch.Tensor,
+    j: int,
+    old_logp: torch.Tensor | None,
+    adv: torch.Tensor,
+    *,
+    clip_range: float,
+    beta_kl: float,
+) -> tuple[LossOutput, torch.Tensor]:
     """The GRPO loss of the ``j``-th trained step for the samples ``mb`` (a device index tensor):
     one training forward, the reference forward when ``beta_kl > 0``, the fused log-prob/KL op with
     the coefficients the rollout used for that step, the clipped loss. Returns (loss output, log-prob).
@@ -82,14 +98,23 @@ def micro_step_loss(policy, model, data: EpochData, mb: torch.Tensor, j: int, ol
     logp, kl = cps_logprob_kl(x_t, v, x_next, data.sampling.coeffs[step], v_ref)
     if old_logp is None:
         old_logp = logp.detach().float()
-    out = grpo_loss(logp, old_logp, adv, clip_range=clip_range, kl=kl if v_ref is not None else None,
-                    beta_kl=beta_kl)
+    out = grpo_loss(
+        logp, old_logp, adv, clip_range=clip_range, kl=kl if v_ref is not None else None, beta_kl=beta_kl
+    )
     return out, logp
 
 
 @torch.no_grad()
-def recompute_old_logprobs(policy, model, data: EpochData, batches: list[torch.Tensor], *, clip_range: float,
-                           beta_kl: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
+def recompute_old_logprobs(
+    policy,
+    model,
+    data: EpochData,
+    batches: list[torch.Tensor],
+    *,
+    clip_range: float,
+    beta_kl: float = 0.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Old log-probs of the samples in ``batches`` from the same forward the update runs, same
     minibatches, same order: their ratio is then exactly 1 while the policy is the rollout's. Other
     samples keep the rollout's log-probs (or ``out``'s, written in place). (The reference forward is
@@ -98,8 +123,13 @@ def recompute_old_logprobs(policy, model, data: EpochData, batches: list[torch.T
     for mb in batches:
         zeros = torch.zeros(mb.shape[0], device=old.device)
         for j in range(len(data.sampling.trained)):
-            old[mb, j] = micro_step_loss(policy, model, data, mb, j, old[mb, j], zeros, clip_range=clip_range,
-                                         beta_kl=0.0)[1].detach().float()
+            old[mb, j] = (
+                micro_step_loss(
+                    policy, model, data, mb, j, old[mb, j], zeros, clip_range=clip_range, beta_kl=0.0
+                )[1]
+                .detach()
+                .float()
+            )
     return old
 
 
@@ -125,15 +155,31 @@ class UpdateStats:
         ratio_dev = dist.all_reduce(self.ratio_dev.detach().reshape(1).cpu(), torch.distributed.ReduceOp.MAX)
         n = float(sums[3])
         mean = [float(s) / n if n else float("nan") for s in sums[:3]]
-        out = {"train/loss": mean[0], "train/kl": mean[1], "train/clipfrac": mean[2],
-               "train/ratio_dev": float(ratio_dev[0])}
+        out = {
+            "train/loss": mean[0],
+            "train/kl": mean[1],
+            "train/clipfrac": mean[2],
+            "train/ratio_dev": float(ratio_dev[0]),
+        }
         if self.recomputed is not None:  # the same on every rank (decided together)
             out["train/old_logprob_recomputed"] = float(self.recomputed)
         return out
 
 
-def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, train_cfg, *, epoch: int, seed: int,
-               rank: int = 0, after_optimizer_step=lambda skipped: None, progress: bool = False) -> UpdateStats | None:
+def run_update(
+    engine,
+    optimizer,
+    policy,
+    data: EpochData,
+    adv: torch.Tensor,
+    train_cfg,
+    *,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    after_optimizer_step=lambda skipped: None,
+    progress: bool = False,
+) -> UpdateStats | None:
     """``num_inner_epochs`` passes over this rank's samples; each optimizer step accumulates
     ``gradient_accumulation_steps`` minibatches × every trained step (DeepSpeed's boundary is driven
     explicitly). A micro-step whose loss is not finite flags its window: the optimizer skips it.
@@ -159,8 +205,12 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
     device = data.x_t.device
     stats = UpdateStats(device)
     loss_kw = dict(clip_range=t.clip_range, beta_kl=t.beta_kl)
-    bar = progress_bar(total=t.num_inner_epochs * n * n_steps // t.minibatch_size, desc=f"epoch {epoch + 1} update",
-                       unit="micro-steps", enabled=progress)
+    bar = progress_bar(
+        total=t.num_inner_epochs * n * n_steps // t.minibatch_size,
+        desc=f"epoch {epoch + 1} update",
+        unit="micro-steps",
+        enabled=progress,
+    )
     old = data.log_prob
     ga = t.gradient_accumulation_steps
     for inner in range(t.num_inner_epochs):
@@ -172,7 +222,7 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
             old = data.log_prob.clone()
             differs = torch.zeros((), dtype=torch.bool, device=device)  # any own log-prob != the rollout's
         for w in range(0, len(batches), ga):
-            window = batches[w:w + ga]
+            window = batches[w : w + ga]
             n_micro, k = len(window) * n_steps, 0
             bad = torch.zeros((), dtype=torch.bool, device=device)
             first = own and w == 0
@@ -180,8 +230,9 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
                 for j in range(n_steps):
                     k += 1
                     engine.set_gradient_accumulation_boundary(k == n_micro)
-                    out, logp = micro_step_loss(policy, engine, data, mb, j, None if first else old[mb, j], adv[mb],
-                                                **loss_kw)
+                    out, logp = micro_step_loss(
+                        policy, engine, data, mb, j, None if first else old[mb, j], adv[mb], **loss_kw
+                    )
                     if first:
                         own_logp = logp.detach().float()
                         if same_layout:  # the only case where the rollout's could stand in
@@ -193,8 +244,16 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
                     engine.backward(out.loss / n_micro)
                     if first and k == n_micro:  # the policy is still the rollout's until the step below
                         stats.recomputed = _old_logprobs_of_later_windows(
-                            policy, engine, data, batches[ga:], old, reuse=same_layout, differs=differs, stats=stats,
-                            **loss_kw)
+                            policy,
+                            engine,
+                            data,
+                            batches[ga:],
+                            old,
+                            reuse=same_layout,
+                            differs=differs,
+                            stats=stats,
+                            **loss_kw,
+                        )
                     if k == n_micro:
                         optimizer.skip_flag, optimizer.last_skipped = bad, False
                     engine.step()
@@ -207,9 +266,19 @@ def run_update(engine, optimizer, policy, data: EpochData, adv: torch.Tensor, tr
     return stats
 
 
-def _old_logprobs_of_later_windows(policy, engine, data: EpochData, later: list[torch.Tensor], old: torch.Tensor, *,
-                                   reuse: bool, differs: torch.Tensor, stats: UpdateStats, clip_range: float,
-                                   beta_kl: float) -> bool:
+def _old_logprobs_of_later_windows(
+    policy,
+    engine,
+    data: EpochData,
+    later: list[torch.Tensor],
+    old: torch.Tensor,
+    *,
+    reuse: bool,
+    differs: torch.Tensor,
+    stats: UpdateStats,
+    clip_range: float,
+    beta_kl: float,
+) -> bool:
     """Fill ``old`` for the samples of ``later`` (see ``run_update``); returns whether it recomputed.
     Every rank decides the same (ZeRO-3's forwards are collectives): a difference on any rank
     recomputes everywhere. One host read of a flag per epoch."""

@@ -1,4 +1,5 @@
-"""Fused training forward/backward of a step's log-probability and KL (docs/math.md, "Log-probability of a step",
+"""Fused training forward/backward of a step's log-probability and KL (docs/math.md, "Log-probability of a
+step",
 "KL to the reference policy", "Gradients").
 
 With ``d = x' − (α·x + β·v)``:
@@ -31,10 +32,22 @@ class LogprobKL(NamedTuple):
 
 @triton.jit
 def _logprob_kl_fwd_kernel(
-    x_ptr, v_ptr, prev_ptr, vref_ptr,
-    alpha_ptr, beta_ptr, part_ptr,
-    N, stride_x, stride_v, stride_prev, stride_vref, n_chunks,
-    HAS_REF: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    x_ptr,
+    v_ptr,
+    prev_ptr,
+    vref_ptr,
+    alpha_ptr,
+    beta_ptr,
+    part_ptr,
+    N,
+    stride_x,
+    stride_v,
+    stride_prev,
+    stride_vref,
+    n_chunks,
+    HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -70,10 +83,25 @@ def _logprob_kl_fwd_kernel(
 
 @triton.jit
 def _logprob_kl_bwd_kernel(
-    x_ptr, v_ptr, prev_ptr, vref_ptr, dv_ptr,
-    alpha_ptr, beta_ptr, lp_w_ptr, kl_w_ptr, g_lp_ptr, g_kl_ptr,
-    N, stride_x, stride_v, stride_prev, stride_vref,
-    HAS_REF: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    x_ptr,
+    v_ptr,
+    prev_ptr,
+    vref_ptr,
+    dv_ptr,
+    alpha_ptr,
+    beta_ptr,
+    lp_w_ptr,
+    kl_w_ptr,
+    g_lp_ptr,
+    g_kl_ptr,
+    N,
+    stride_x,
+    stride_v,
+    stride_prev,
+    stride_vref,
+    HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -111,8 +139,9 @@ def _cfg(x, v, prev_sample, v_ref, block, num_warps, iters):
     return launch_config(B, N, sizes, block=block, num_warps=num_warps, iters=iters)
 
 
-def cps_logprob_kl_fwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, lp_c, kl_w, *,
-                       block=None, num_warps=None, iters=None):
+def cps_logprob_kl_fwd(
+    x, v, prev_sample, v_ref, alpha, beta, lp_w, lp_c, kl_w, *, block=None, num_warps=None, iters=None
+):
     """Training forward, one pass. d = prev - (alpha*x + beta*v).
 
     logp[b] = lp_c[b] - lp_w[b]*mean_n(d^2); kl[b] = kl_w[b]*beta[b]^2*mean_n((v - v_ref)^2)
@@ -128,9 +157,23 @@ def cps_logprob_kl_fwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, lp_c, kl_w, 
     cfg = _cfg(x, v, prev_sample, v_ref, block, num_warps, iters)
     part = torch.empty((2 if has_ref else 1, B, cfg.chunks), dtype=torch.float32, device=x.device)
     _logprob_kl_fwd_kernel[(B, cfg.chunks)](
-        x, v, prev_sample, v_ref, alpha, beta, part,
-        N, x.stride(0), v.stride(0), prev_sample.stride(0), v_ref.stride(0) if has_ref else 0, cfg.chunks,
-        HAS_REF=has_ref, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps,
+        x,
+        v,
+        prev_sample,
+        v_ref,
+        alpha,
+        beta,
+        part,
+        N,
+        x.stride(0),
+        v.stride(0),
+        prev_sample.stride(0),
+        v_ref.stride(0) if has_ref else 0,
+        cfg.chunks,
+        HAS_REF=has_ref,
+        BLOCK=cfg.block,
+        ITERS=cfg.iters,
+        num_warps=cfg.num_warps,
         enable_fp_fusion=FP_FUSION,
     )
     sums = part.sum(2)
@@ -142,8 +185,22 @@ def cps_logprob_kl_fwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, lp_c, kl_w, 
     return LogprobKL(logp, kl)
 
 
-def cps_logprob_kl_bwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, kl_w, grad_logp, grad_kl, *,
-                       block=None, num_warps=None, iters=None):
+def cps_logprob_kl_bwd(
+    x,
+    v,
+    prev_sample,
+    v_ref,
+    alpha,
+    beta,
+    lp_w,
+    kl_w,
+    grad_logp,
+    grad_kl,
+    *,
+    block=None,
+    num_warps=None,
+    iters=None,
+):
     """One pass writing dv (B,N) in v.dtype:
     dv = grad_logp[b]*(2*lp_w[b]*beta[b]/N)*d + grad_kl[b]*(2*kl_w[b]*beta[b]^2/N)*(v - v_ref)
     (second term absent when v_ref is None). grad_logp, grad_kl are fp32 (B,).
@@ -156,10 +213,26 @@ def cps_logprob_kl_bwd(x, v, prev_sample, v_ref, alpha, beta, lp_w, kl_w, grad_l
         return dv
     cfg = _cfg(x, v, prev_sample, v_ref, block, num_warps, iters)
     _logprob_kl_bwd_kernel[(B, cfg.chunks)](
-        x, v, prev_sample, v_ref, dv,
-        alpha, beta, lp_w, kl_w if has_ref else None, grad_logp, grad_kl if has_ref else None,
-        N, x.stride(0), v.stride(0), prev_sample.stride(0), v_ref.stride(0) if has_ref else 0,
-        HAS_REF=has_ref, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps,
+        x,
+        v,
+        prev_sample,
+        v_ref,
+        dv,
+        alpha,
+        beta,
+        lp_w,
+        kl_w if has_ref else None,
+        grad_logp,
+        grad_kl if has_ref else None,
+        N,
+        x.stride(0),
+        v.stride(0),
+        prev_sample.stride(0),
+        v_ref.stride(0) if has_ref else 0,
+        HAS_REF=has_ref,
+        BLOCK=cfg.block,
+        ITERS=cfg.iters,
+        num_warps=cfg.num_warps,
         enable_fp_fusion=FP_FUSION,
     )
     return dv
@@ -175,28 +248,67 @@ def compile_variants(batch: int = 1):
         for has_ref in (False, True):
             ref = lat if has_ref else "constexpr"
             sig = {
-                "x_ptr": lat, "v_ptr": lat, "prev_ptr": lat, "vref_ptr": ref,
-                "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "part_ptr": "*fp32",
-                "N": "i32", "stride_x": "i32", "stride_v": "i32", "stride_prev": "i32",
-                "stride_vref": "i32", "n_chunks": "i32",
-                "HAS_REF": "constexpr", "BLOCK": "constexpr", "ITERS": "constexpr",
+                "x_ptr": lat,
+                "v_ptr": lat,
+                "prev_ptr": lat,
+                "vref_ptr": ref,
+                "alpha_ptr": "*fp32",
+                "beta_ptr": "*fp32",
+                "part_ptr": "*fp32",
+                "N": "i32",
+                "stride_x": "i32",
+                "stride_v": "i32",
+                "stride_prev": "i32",
+                "stride_vref": "i32",
+                "n_chunks": "i32",
+                "HAS_REF": "constexpr",
+                "BLOCK": "constexpr",
+                "ITERS": "constexpr",
             }
             consts = {"HAS_REF": has_ref, "BLOCK": cfg.block, "ITERS": cfg.iters}
             if not has_ref:
                 consts["vref_ptr"] = None
             tag = ",ref" if has_ref else ""
-            out.append((f"logprob_kl_fwd[{tname}{tag}]@B={batch}", _logprob_kl_fwd_kernel, sig, consts, cfg.num_warps))
+            out.append(
+                (
+                    f"logprob_kl_fwd[{tname}{tag}]@B={batch}",
+                    _logprob_kl_fwd_kernel,
+                    sig,
+                    consts,
+                    cfg.num_warps,
+                )
+            )
             sig = {
-                "x_ptr": lat, "v_ptr": lat, "prev_ptr": lat, "vref_ptr": ref, "dv_ptr": lat,
-                "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "lp_w_ptr": "*fp32",
-                "kl_w_ptr": "*fp32" if has_ref else "constexpr", "g_lp_ptr": "*fp32",
+                "x_ptr": lat,
+                "v_ptr": lat,
+                "prev_ptr": lat,
+                "vref_ptr": ref,
+                "dv_ptr": lat,
+                "alpha_ptr": "*fp32",
+                "beta_ptr": "*fp32",
+                "lp_w_ptr": "*fp32",
+                "kl_w_ptr": "*fp32" if has_ref else "constexpr",
+                "g_lp_ptr": "*fp32",
                 "g_kl_ptr": "*fp32" if has_ref else "constexpr",
-                "N": "i32", "stride_x": "i32", "stride_v": "i32", "stride_prev": "i32",
+                "N": "i32",
+                "stride_x": "i32",
+                "stride_v": "i32",
+                "stride_prev": "i32",
                 "stride_vref": "i32",
-                "HAS_REF": "constexpr", "BLOCK": "constexpr", "ITERS": "constexpr",
+                "HAS_REF": "constexpr",
+                "BLOCK": "constexpr",
+                "ITERS": "constexpr",
             }
             consts = {"HAS_REF": has_ref, "BLOCK": cfg.block, "ITERS": cfg.iters}
             if not has_ref:
                 consts.update(vref_ptr=None, kl_w_ptr=None, g_kl_ptr=None)
-            out.append((f"logprob_kl_bwd[{tname}{tag}]@B={batch}", _logprob_kl_bwd_kernel, sig, consts, cfg.num_warps))
+            out.append(
+                (
+                    f"logprob_kl_bwd[{tname}{tag}]@B={batch}",
+                    _logprob_kl_bwd_kernel,
+                    sig,
+                    consts,
+                    cfg.num_warps,
+                )
+            )
     return out

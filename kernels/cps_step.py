@@ -142,11 +142,28 @@ def _randn(seed, offset):
 
 @triton.jit
 def _cps_step_kernel(
-    x_ptr, v_ptr, noise_ptr, prev_in_ptr, prev_out_ptr, mean_ptr,
-    alpha_ptr, beta_ptr, std_ptr, part_ptr,
-    N, stride_x, stride_v, stride_noise, stride_prev,
-    seed, offset, n_chunks,
-    MODE: tl.constexpr, WRITE_MEAN: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    x_ptr,
+    v_ptr,
+    noise_ptr,
+    prev_in_ptr,
+    prev_out_ptr,
+    mean_ptr,
+    alpha_ptr,
+    beta_ptr,
+    std_ptr,
+    part_ptr,
+    N,
+    stride_x,
+    stride_v,
+    stride_noise,
+    stride_prev,
+    seed,
+    offset,
+    n_chunks,
+    MODE: tl.constexpr,
+    WRITE_MEAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -194,8 +211,24 @@ def _cps_step_kernel(
     tl.store(part_ptr + row * n_chunks + chunk, tl.sum(acc, axis=0))
 
 
-def cps_step_fwd(x, v, alpha, beta, std, lp_w, lp_c, *, noise=None, seed=None, offset=0,
-                 prev_sample=None, return_mean=False, block=None, num_warps=None, iters=None):
+def cps_step_fwd(
+    x,
+    v,
+    alpha,
+    beta,
+    std,
+    lp_w,
+    lp_c,
+    *,
+    noise=None,
+    seed=None,
+    offset=0,
+    prev_sample=None,
+    return_mean=False,
+    block=None,
+    num_warps=None,
+    iters=None,
+):
     """Rollout step. mu = alpha*x + beta*v.
 
     Exactly one of: noise (B,N) given -> prev = mu + std*noise;
@@ -205,7 +238,8 @@ def cps_step_fwd(x, v, alpha, beta, std, lp_w, lp_c, *, noise=None, seed=None, o
     logp[b] = lp_c[b] - lp_w[b] * mean_n((prev - mu)^2), computed in fp32 from the prev value as it is
     STORED (i.e. after rounding prev to x.dtype), so it equals the log-prob of the tensor returned.
     Returns StepOut(prev or None, logp fp32 (B,), mean or None), a NamedTuple; prev and mean are new
-    contiguous (B,N) tensors of x.dtype. ``block``/``num_warps``/``iters`` override the launch heuristics (testing).
+    contiguous (B,N) tensors of x.dtype. ``block``/``num_warps``/``iters`` override the launch heuristics
+    (testing).
     """
     given = (noise is not None) + (seed is not None) + (prev_sample is not None)
     if given != 1:
@@ -228,18 +262,35 @@ def cps_step_fwd(x, v, alpha, beta, std, lp_w, lp_c, *, noise=None, seed=None, o
         return StepOut(out, lp_c - lp_w * d2, mean)
 
     tensors = [t for t in (x, v, noise, prev_sample) if t is not None]
-    cfg = launch_config(B, N, [t.element_size() for t in tensors], block=block, num_warps=num_warps,
-                        iters=iters)
+    cfg = launch_config(
+        B, N, [t.element_size() for t in tensors], block=block, num_warps=num_warps, iters=iters
+    )
     part = torch.empty((B, cfg.chunks), dtype=torch.float32, device=x.device)
     _cps_step_kernel[(B, cfg.chunks)](
-        x, v, noise, prev_sample, out, mean,
-        alpha, beta, std, part,
-        N, x.stride(0), v.stride(0),
+        x,
+        v,
+        noise,
+        prev_sample,
+        out,
+        mean,
+        alpha,
+        beta,
+        std,
+        part,
+        N,
+        x.stride(0),
+        v.stride(0),
         noise.stride(0) if noise is not None else 0,
         prev_sample.stride(0) if prev_sample is not None else 0,
-        seed if seed is not None else 0, offset, cfg.chunks,
-        MODE=mode, WRITE_MEAN=return_mean, BLOCK=cfg.block, ITERS=cfg.iters,
-        num_warps=cfg.num_warps, enable_fp_fusion=FP_FUSION,
+        seed if seed is not None else 0,
+        offset,
+        cfg.chunks,
+        MODE=mode,
+        WRITE_MEAN=return_mean,
+        BLOCK=cfg.block,
+        ITERS=cfg.iters,
+        num_warps=cfg.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
     logp = lp_c - lp_w * (part.sum(1) / N)
     return StepOut(out, logp, mean)
@@ -256,15 +307,27 @@ def compile_variants(batch: int = 1):
             for write_mean in (False, True):
                 lat = f"*{tname}"
                 sig = {
-                    "x_ptr": lat, "v_ptr": lat,
+                    "x_ptr": lat,
+                    "v_ptr": lat,
                     "noise_ptr": lat if mode == MODE_NOISE else "constexpr",
                     "prev_in_ptr": lat if mode == MODE_PREV else "constexpr",
                     "prev_out_ptr": lat if mode != MODE_PREV else "constexpr",
                     "mean_ptr": lat if write_mean else "constexpr",
-                    "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "std_ptr": "*fp32", "part_ptr": "*fp32",
-                    "N": "i32", "stride_x": "i32", "stride_v": "i32", "stride_noise": "i32",
-                    "stride_prev": "i32", "seed": "i64", "offset": "i64", "n_chunks": "i32",
-                    "MODE": "constexpr", "WRITE_MEAN": "constexpr", "BLOCK": "constexpr",
+                    "alpha_ptr": "*fp32",
+                    "beta_ptr": "*fp32",
+                    "std_ptr": "*fp32",
+                    "part_ptr": "*fp32",
+                    "N": "i32",
+                    "stride_x": "i32",
+                    "stride_v": "i32",
+                    "stride_noise": "i32",
+                    "stride_prev": "i32",
+                    "seed": "i64",
+                    "offset": "i64",
+                    "n_chunks": "i32",
+                    "MODE": "constexpr",
+                    "WRITE_MEAN": "constexpr",
+                    "BLOCK": "constexpr",
                     "ITERS": "constexpr",
                 }
                 consts = {"MODE": mode, "WRITE_MEAN": write_mean, "BLOCK": cfg.block, "ITERS": cfg.iters}

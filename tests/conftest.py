@@ -57,8 +57,10 @@ def no_leaked_global_state():
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none (the CPU suite covers the "
-                                   "kernels through TRITON_INTERPRET=1)")
+    skip = pytest.mark.skip(
+        reason="needs a CUDA GPU; this machine has none (the CPU suite covers the "
+        "kernels through TRITON_INTERPRET=1)"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -90,8 +90,11 @@ class NoHostTraffic(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             raise HostSyncError(f"{func}: a device value is read on the host (bool()/item()/float())")
         out = func(*args, **kwargs)
-        devices = {t.device.type for t in tree_leaves((args, kwargs, out))
-                   if isinstance(t, torch.Tensor) and not (t.device.type == "cpu" and t.dim() == 0)}
+        devices = {
+            t.device.type
+            for t in tree_leaves((args, kwargs, out))
+            if isinstance(t, torch.Tensor) and not (t.device.type == "cpu" and t.dim() == 0)
+        }
         if len(devices) > 1:
             upload = func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu"
             if not (upload and self.allow_uploads):

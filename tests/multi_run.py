@@ -52,8 +52,15 @@ def stop(proc: subprocess.Popen) -> None:
 
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
     """``cmd`` in its own session (``stop`` kills it whole), output (stdout and stderr) piped as text."""
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def run_command(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -66,19 +73,32 @@ def run_command(cmd: list[str], env: dict[str, str], timeout: float) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
-def launch(runs: list[list[str]], world: int, *, dump: Path | None = None, probe: Path | None = None,
-           timeout: float = 500) -> list[str]:
+def launch(
+    runs: list[list[str]],
+    world: int,
+    *,
+    dump: Path | None = None,
+    probe: Path | None = None,
+    timeout: float = 500,
+) -> list[str]:
     """Run the argument lists ``runs`` one after the other in ``world`` rank processes; returns each
     rank's output. Fails (AssertionError with the logs) when a rank exits non-zero."""
-    args = (["--dump", str(dump)] if dump is not None else []) + (["--probe", str(probe)] if probe is not None else [])
+    args = (["--dump", str(dump)] if dump is not None else []) + (
+        ["--probe", str(probe)] if probe is not None else []
+    )
     for i, run in enumerate(runs):
         args += (["--next"] if i else []) + run
     port = free_port()
     procs = []
     try:
         for rank in range(world):
-            env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(port))
+            env = child_env(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
             procs.append(start([sys.executable, str(Path(__file__).resolve())] + args, env))
         logs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:

@@ -1,4 +1,5 @@
-"""Numbers of the analyses (issue 5): the paper's Figure 2 values (docs/math.md), exact coefficient preservation,
+"""Numbers of the analyses (issue 5): the paper's Figure 2 values (docs/math.md), exact coefficient
+preservation,
 Theorem 1's convergence, and each analysis script on a tiny budget (the studies are benchmarks)."""
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_figure2_values_of_math_md():
     t10 = noise_level_table("sd3", 10)
-    assert [round(s, 3) for s in t10["sigmas"]] == [1, .964, .923, .875, .818, .75, .667, .562, .429, .25, 0]
+    assert [round(s, 3) for s in t10["sigmas"]] == [
+        1,
+        0.964,
+        0.923,
+        0.875,
+        0.818,
+        0.75,
+        0.667,
+        0.562,
+        0.429,
+        0.25,
+        0,
+    ]
     assert t10["Flow-SDE (η 0.7)"][-1] == pytest.approx(0.218, abs=5e-4)
     assert t10["Dance-SDE (η 0.3)"][-1] == pytest.approx(0.157, abs=5e-4)
     assert t10["CPS (η 0.8)"][-1] == 0.0
@@ -77,7 +90,9 @@ def test_theorem1_interior_gap_is_second_order():
     # Flow-GRPO's first step keeps s = η whatever N: its gap does not vanish (why 'interior' exists)
     for n in (16, 256):
         sig = flow_sigmas(n).double()
-        assert float(step_coeffs("flow_sde", 1.0, sig[1], 0.7, sigma_max=sig[1]).s) == pytest.approx(0.7, rel=1e-5)
+        assert float(step_coeffs("flow_sde", 1.0, sig[1], 0.7, sigma_max=sig[1]).s) == pytest.approx(
+            0.7, rel=1e-5
+        )
 
 
 def test_fit_order_exact():
@@ -128,13 +143,17 @@ def test_reward_noise_cli_tiny(tmp_path):
     drop = {k: noise[0.0][k] - noise[0.5][k] for k in ("digit", "digit_clean_trained")}
     assert drop["digit_clean_trained"] > 1.5 * drop["digit"] > 0
     rows = {r["sampler"]: r for r in res["rollouts"]}
-    assert rows["ode"]["hf_ratio"] == 1.0 and rows["ode"]["digit_vs_ode"] == 0.0 and rows["ode"]["images"] == 20
+    assert (
+        rows["ode"]["hf_ratio"] == 1.0 and rows["ode"]["digit_vs_ode"] == 0.0 and rows["ode"]["images"] == 20
+    )
     assert rows["flow_sde"]["hf_ratio"] > 1.0 > rows["cps"]["hf_ratio"]
     assert (tmp_path / "reward_noise.png").exists()
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_samplers_grpo", REPO / "bench" / "bench_samplers_grpo.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_samplers_grpo", REPO / "bench" / "bench_samplers_grpo.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules["bench_samplers_grpo"] = mod
     spec.loader.exec_module(mod)
@@ -144,8 +163,14 @@ def _load_bench():
 def test_bench_samplers_grpo_plan_and_summary(tmp_path):
     """The study's plan and its tables/plots from synthetic metrics (no training)."""
     bench = _load_bench()
-    args = bench.argparse.Namespace(samplers=["cps", "flow_sde"], seeds=[0, 1], eta_ablation=[0.2, 0.8],
-                                    logprob_ablation=True, clip_paper=1e-4, clip_gaussian=2e-3)
+    args = bench.argparse.Namespace(
+        samplers=["cps", "flow_sde"],
+        seeds=[0, 1],
+        eta_ablation=[0.2, 0.8],
+        logprob_ablation=True,
+        clip_paper=1e-4,
+        clip_gaussian=2e-3,
+    )
     specs = bench.plan(args)
     assert len(specs) == 4 + 1 + 2
     assert {s["clip_range"] for s in specs if s["logprob"] == "gaussian"} == {2e-3}
@@ -166,13 +191,43 @@ def test_bench_samplers_grpo_plan_and_summary(tmp_path):
 def test_bench_samplers_grpo_runs_tiny(tmp_path):
     """One real trainer run through the script on a tiny budget (~15 s: DeepSpeed start-up)."""
     bench = _load_bench()
-    s = bench.main(["--epochs", "1", "--eval-every", "1", "--seeds", "0", "--samplers", "cps",
-                    "--eta-ablation", "", "--no-logprob-ablation",
-                    "--set", "train.prompts_per_epoch=2", "--set", "train.images_per_prompt=2",
-                    "--set", "train.rollout_batch_size=4", "--set", "train.minibatch_size=4",
-                    "--set", "sampler.num_steps=2", "--set", "eval.num_prompts=2", "--set", "eval.images_per_prompt=2",
-                    "--runs-dir", str(tmp_path / "runs"), "--metrics-dir", str(tmp_path / "m"),
-                    "--csv", str(tmp_path / "r.csv"), "--fig-dir", str(tmp_path / "fig")])
+    s = bench.main(
+        [
+            "--epochs",
+            "1",
+            "--eval-every",
+            "1",
+            "--seeds",
+            "0",
+            "--samplers",
+            "cps",
+            "--eta-ablation",
+            "",
+            "--no-logprob-ablation",
+            "--set",
+            "train.prompts_per_epoch=2",
+            "--set",
+            "train.images_per_prompt=2",
+            "--set",
+            "train.rollout_batch_size=4",
+            "--set",
+            "train.minibatch_size=4",
+            "--set",
+            "sampler.num_steps=2",
+            "--set",
+            "eval.num_prompts=2",
+            "--set",
+            "eval.images_per_prompt=2",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--metrics-dir",
+            str(tmp_path / "m"),
+            "--csv",
+            str(tmp_path / "r.csv"),
+            "--fig-dir",
+            str(tmp_path / "fig"),
+        ]
+    )
     assert (tmp_path / "fig" / "samplers_grpo.png").exists() and (tmp_path / "r.csv").exists()
     assert not (tmp_path / "runs" / "cps_eta0.8_paper_s0").exists()  # run dir removed, metrics kept
     assert len(s["table"]) == 1

@@ -21,14 +21,29 @@ def test_matched_clip_interpolates_in_log_clip():
     assert note == "interpolated" and c == pytest.approx(1.4e-4)
     c, note = b.matched_clip(pts, 0.05)  # beyond the sweep: extrapolated from the last two points
     assert note == "extrapolated" and c == pytest.approx(5.7e-4)  # 2e-4 · 2^1.5
-    assert b.matched_clip([(1e-4, 0.4), (2e-4, 0.39)], 0.1) == (4e-4, "extrapolated")  # at most 2× past the end
+    assert b.matched_clip([(1e-4, 0.4), (2e-4, 0.39)], 0.1) == (
+        4e-4,
+        "extrapolated",
+    )  # at most 2× past the end
 
 
 def _args(tmp_path: Path, **kw) -> Namespace:
-    a = dict(phases=["sweep", "main", "eta", "paper"], seeds=[0, 1], samplers=["cps", "flow_sde"],
-             rewards=list(b.REWARDS), epochs=2, eval_every=1, sweep_epochs=1, target_clipfrac=0.2,
-             etas=[0.4, 0.8], eta_seeds=1, paper_seeds=1, sweep_clips={"paper": (1e-4, 2e-4), "gaussian": (1e-3, 2e-3)},
-             set=[], metrics_dir=str(tmp_path))
+    a = dict(
+        phases=["sweep", "main", "eta", "paper"],
+        seeds=[0, 1],
+        samplers=["cps", "flow_sde"],
+        rewards=list(b.REWARDS),
+        epochs=2,
+        eval_every=1,
+        sweep_epochs=1,
+        target_clipfrac=0.2,
+        etas=[0.4, 0.8],
+        eta_seeds=1,
+        paper_seeds=1,
+        sweep_clips={"paper": (1e-4, 2e-4), "gaussian": (1e-3, 2e-3)},
+        set=[],
+        metrics_dir=str(tmp_path),
+    )
     a.update(kw)
     return Namespace(**a)
 
@@ -37,8 +52,17 @@ def _write(path: Path, sp: dict, clipfrac: float, own=(0.5, 0.6, 0.55)) -> None:
     other = b.other_reward(sp["reward"])
     rows = [{"epoch": 0, f"eval/{sp['reward']}": 0.5, f"eval/{other}": 0.5, "eval/diversity": 5.0}]
     for e, r in enumerate(own, 1):
-        rows.append({"epoch": e, "reward/mean": r, f"reward/{other}/mean": r, "train/clipfrac": clipfrac,
-                     f"eval/{sp['reward']}": r, f"eval/{other}": r - 0.1, "eval/diversity": 5.0 - 0.5 * e})
+        rows.append(
+            {
+                "epoch": e,
+                "reward/mean": r,
+                f"reward/{other}/mean": r,
+                "train/clipfrac": clipfrac,
+                f"eval/{sp['reward']}": r,
+                f"eval/{other}": r - 0.1,
+                "eval/diversity": 5.0 - 0.5 * e,
+            }
+        )
     rows.append({"bench/wall_s": 3.0, "bench/spec": sp})
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
@@ -58,13 +82,20 @@ def test_plan_waits_for_the_sweep_then_uses_the_matched_clips(tmp_path):
     assert [(s["eta"], s["seed"], s["reward"]) for s in eta] == [(0.4, 0, "digit_clean_trained")]
     assert [s["phase"] for s in specs][4:] == ["main"] * 8 + ["eta"] + ["paper"] * 4  # the order asked for
     assert [(s["reward"], s["seed"], s["sampler"]) for s in main[:3]] == [
-        ("digit_clean_trained", 0, "cps"), ("digit_clean_trained", 0, "flow_sde"), ("digit_clean_trained", 1, "cps")]
+        ("digit_clean_trained", 0, "cps"),
+        ("digit_clean_trained", 0, "flow_sde"),
+        ("digit_clean_trained", 1, "cps"),
+    ]
     assert len({s["run"] for s in specs}) == len(specs)
 
 
 def test_report_pairs_by_seed_and_lists_what_is_left(tmp_path, capsys):
-    args = _args(tmp_path, phases=["main"], samplers=["cps", "flow_sde", "dance_sde"],
-                 sweep_clips={"paper": (1e-4, 2e-4), "gaussian": (1e-3, 2e-3)})
+    args = _args(
+        tmp_path,
+        phases=["main"],
+        samplers=["cps", "flow_sde", "dance_sde"],
+        sweep_clips={"paper": (1e-4, 2e-4), "gaussian": (1e-3, 2e-3)},
+    )
     for sp in b.sweep_specs(args):
         _write(tmp_path / f"{sp['run']}.jsonl", sp, 0.3 if sp["clip_range"] in (1e-4, 1e-3) else 0.1)
     specs = b.plan(args, tmp_path)

@@ -33,7 +33,9 @@ def _read(path):
 
 
 def _check_timing_rows(rows, op, directions):
-    assert {(r["direction"], r["impl"]) for r in rows} == {(d, i) for d in directions for i in ("fused", "naive")}
+    assert {(r["direction"], r["impl"]) for r in rows} == {
+        (d, i) for d in directions for i in ("fused", "naive")
+    }
     for r in rows:
         assert r["op"] == op and r["dtype"] == "fp32" and r["shape"] == "2x17x64"
         assert r["device"] and r["torch"] and r["commit"] and r["timestamp"]
@@ -44,8 +46,9 @@ def _check_timing_rows(rows, op, directions):
         assert r["peak_mem_gib"] == ""  # CPU: no allocator statistics
 
 
-@pytest.mark.parametrize("name, directions", [("bench_cps_step", ["fwd"]),
-                                              ("bench_cps_logprob_kl", ["fwd", "fwd+bwd"])])
+@pytest.mark.parametrize(
+    "name, directions", [("bench_cps_step", ["fwd"]), ("bench_cps_logprob_kl", ["fwd", "fwd+bwd"])]
+)
 def test_bench_main_writes_csv(tmp_path, name, directions):
     mod = importlib.import_module(name)
     out = tmp_path / f"{mod.OP}.csv"
@@ -66,8 +69,9 @@ def test_csv_with_other_columns_is_refused(tmp_path):
         common.append_csv(path, [{}])
 
 
-@pytest.mark.parametrize("name, prefix", [("bench_cps_step", "cps_step["),
-                                          ("bench_cps_logprob_kl", "logprob_kl_")])
+@pytest.mark.parametrize(
+    "name, prefix", [("bench_cps_step", "cps_step["), ("bench_cps_logprob_kl", "logprob_kl_")]
+)
 def test_ptx_only(tmp_path, name, prefix):
     why = common.ptx_toolchain_missing()
     if why:

@@ -28,10 +28,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 SCHEMA = ROOT / "configs" / "schema.json"
 # The run configs in configs/ (ds_*.json are DeepSpeed's, schema.json is the schema).
-RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.json") if p.name != "schema.json"
-                     and not p.name.startswith("ds_"))
+RUN_CONFIGS = sorted(
+    p for p in (ROOT / "configs").glob("*.json") if p.name != "schema.json" and not p.name.startswith("ds_")
+)
 DIGITS = str(ROOT / "configs" / "digits_cps.json")
-HEAVY = ("deepspeed", "diffusers", "transformers", "open_clip", "paddleocr", "rapidocr", "peft", "fastcps.trainer")
+HEAVY = (
+    "deepspeed",
+    "diffusers",
+    "transformers",
+    "open_clip",
+    "paddleocr",
+    "rapidocr",
+    "peft",
+    "fastcps.trainer",
+)
 
 
 # --- JSON Schema --------------------------------------------------------------------------------------
@@ -53,8 +63,10 @@ def test_the_schema_has_descriptions_ranges_and_reward_arguments():
     assert train["lr"]["description"] == "AdamW learning rate."
     assert train["images_per_prompt"]["minimum"] == 2
     assert schema["$defs"]["TrainConfig"]["additionalProperties"] is False
-    cases = {c["if"]["properties"]["name"]["const"]: c["then"]["properties"]["args"]
-             for c in schema["$defs"]["RewardConfig"]["allOf"]}
+    cases = {
+        c["if"]["properties"]["name"]["const"]: c["then"]["properties"]["args"]
+        for c in schema["$defs"]["RewardConfig"]["allOf"]
+    }
     assert set(cases) == set(rewards.REGISTRY)
     assert set(cases["ocr"]["properties"]["engine"]["enum"]) == {"rapidocr", "paddleocr"}
     assert "model_config" in cases["hpsv2"]["properties"]  # the key, not the renamed field
@@ -65,8 +77,9 @@ def test_the_schema_has_descriptions_ranges_and_reward_arguments():
 def test_every_shipped_config_validates(path):
     cfg = load_config(RunConfig, str(path))
     validate_tree(cfg, world_size=None)
-    assert to_dict(load_config(RunConfig, None, [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items()])) \
-        == to_dict(cfg)
+    assert to_dict(
+        load_config(RunConfig, None, [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items()])
+    ) == to_dict(cfg)
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text())).validate(json.loads(path.read_text()))
 
@@ -83,10 +96,18 @@ def test_a_schema_key_in_a_config_file_is_ignored(tmp_path):
 # Written by the dataclass config (before pydantic): RunConfig() saved, and configs/digits_cps.json and
 # configs/flux_pickscore.json loaded then saved, as a run directory's config.json.
 OLD = {
-    "default": {"name": "run", "train.num_epochs": 40, "rewards": [{"name": "digit", "weight": 1.0, "args": {}}]},
+    "default": {
+        "name": "run",
+        "train.num_epochs": 40,
+        "rewards": [{"name": "digit", "weight": 1.0, "args": {}}],
+    },
     "digits_cps": {"name": "digits_cps", "train.num_epochs": 24, "sampler.eta": 0.8, "eval.every": 4},
-    "flux_pickscore": {"policy.name": "flux", "policy.dtype": "bf16", "rewards.0.name": "pickscore",
-                       "train.betas": [0.9, 0.999]},
+    "flux_pickscore": {
+        "policy.name": "flux",
+        "policy.dtype": "bf16",
+        "rewards.0.name": "pickscore",
+        "train.betas": [0.9, 0.999],
+    },
 }
 
 
@@ -121,26 +142,49 @@ def test_the_default_config_is_the_one_saved_before():
 def test_an_unknown_reward_fails_at_config_time_with_one_line(capsys):
     assert main(["--config", DIGITS, "--set", "rewards.0.name=digt"]) == 2
     err = capsys.readouterr().err
-    assert err == ("config error: config key 'rewards.0.name': unknown reward 'digt'; did you mean 'digit'? "
-                   f"Registered rewards: {', '.join(sorted(rewards.REGISTRY))}\n")
+    assert err == (
+        "config error: config key 'rewards.0.name': unknown reward 'digt'; did you mean 'digit'? "
+        f"Registered rewards: {', '.join(sorted(rewards.REGISTRY))}\n"
+    )
 
 
 def test_an_unknown_reward_argument_fails_at_config_time(capsys):
     assert main(["--config", DIGITS, "--set", "rewards.0.args.bogus=1"]) == 2
-    assert capsys.readouterr().err == ("config error: unknown config key 'rewards.0.args.bogus'. Valid keys "
-                                       "under 'rewards.0.args': weights, device (arguments of reward 'digit')\n")
+    assert capsys.readouterr().err == (
+        "config error: unknown config key 'rewards.0.args.bogus'. Valid keys "
+        "under 'rewards.0.args': weights, device (arguments of reward 'digit')\n"
+    )
     assert main(["--config", DIGITS, "--set", "rewards.0.args.weight=x.safetensors"]) == 2
     assert "did you mean 'rewards.0.args.weights'?" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("reward, args, message", [
-    ("ocr", {"engine": "tesseract"}, "config key 'rewards.0.args.engine': expected one of \"rapidocr\", "
-                                     "\"paddleocr\"; got \"tesseract\" (str) (arguments of reward 'ocr')"),
-    ("jpeg_compressibility", {"quality": "95"}, "config key 'rewards.0.args.quality': expected int, got \"95\""),
-    ("jpeg_compressibility", {"quality": True}, "config key 'rewards.0.args.quality': expected int, got true"),
-    ("pickscore", {"dtype": "fp64"}, "config key 'rewards.0.args.dtype': expected one of"),
-    ("hpsv2", {"model_config": 3}, "config key 'rewards.0.args.model_config': expected dict | str | null, got 3"),
-])
+@pytest.mark.parametrize(
+    "reward, args, message",
+    [
+        (
+            "ocr",
+            {"engine": "tesseract"},
+            "config key 'rewards.0.args.engine': expected one of \"rapidocr\", "
+            '"paddleocr"; got "tesseract" (str) (arguments of reward \'ocr\')',
+        ),
+        (
+            "jpeg_compressibility",
+            {"quality": "95"},
+            "config key 'rewards.0.args.quality': expected int, got \"95\"",
+        ),
+        (
+            "jpeg_compressibility",
+            {"quality": True},
+            "config key 'rewards.0.args.quality': expected int, got true",
+        ),
+        ("pickscore", {"dtype": "fp64"}, "config key 'rewards.0.args.dtype': expected one of"),
+        (
+            "hpsv2",
+            {"model_config": 3},
+            "config key 'rewards.0.args.model_config': expected dict | str | null, got 3",
+        ),
+    ],
+)
 def test_reward_arguments_are_typed(reward, args, message):
     with pytest.raises(ConfigError) as err:
         load_config(RunConfig, DIGITS, [f"rewards={json.dumps([{'name': reward, 'args': args}])}"])
@@ -149,26 +193,38 @@ def test_reward_arguments_are_typed(reward, args, message):
 
 def test_good_reward_arguments_pass_unchanged():
     args = {"model_config": {"embed_dim": 8}, "batch_size": 2, "dtype": "fp32"}
-    cfg = load_config(RunConfig, DIGITS, [f"rewards={json.dumps([{'name': 'hpsv2', 'args': args}])}",
-                                          "rewards.0.args.trust_checkpoint=true"])
+    cfg = load_config(
+        RunConfig,
+        DIGITS,
+        [f"rewards={json.dumps([{'name': 'hpsv2', 'args': args}])}", "rewards.0.args.trust_checkpoint=true"],
+    )
     assert cfg.rewards[0].args == {**args, "trust_checkpoint": True}  # as given: the reward fills defaults
 
 
 def test_a_reward_named_twice_fails_at_config_time():
-    with pytest.raises(ConfigError, match=r"^config key 'rewards': a reward may appear once, got \['digit', 'digit'\]$"):
+    with pytest.raises(
+        ConfigError, match=r"^config key 'rewards': a reward may appear once, got \['digit', 'digit'\]$"
+    ):
         load_config(RunConfig, DIGITS, ['rewards=[{"name": "digit"}, {"name": "digit", "weight": 2}]'])
 
 
 def test_config_errors_load_no_model_and_no_deepspeed():
     """The CLI's config errors come from the config alone: neither DeepSpeed, a diffusion or reward
     library, nor the trainer is imported (so no policy is built and no process group starts)."""
-    code = ("import json, sys\nfrom fastcps.train import main\n"
-            "rcs = [main(['--config', sys.argv[1], '--set', s]) for s in sys.argv[2:]]\n"
-            "from fastcps.rewards import REGISTRY, args_model\n"
-            "[args_model(n) for n in REGISTRY]  # every reward's arguments: still nothing heavy\n"
-            f"print(json.dumps([rcs, [m for m in {list(HEAVY)!r} if m in sys.modules]]))")
-    out = subprocess.run([sys.executable, "-c", code, DIGITS, "rewards.0.name=digt", "rewards.0.args.bogus=1"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    code = (
+        "import json, sys\nfrom fastcps.train import main\n"
+        "rcs = [main(['--config', sys.argv[1], '--set', s]) for s in sys.argv[2:]]\n"
+        "from fastcps.rewards import REGISTRY, args_model\n"
+        "[args_model(n) for n in REGISTRY]  # every reward's arguments: still nothing heavy\n"
+        f"print(json.dumps([rcs, [m for m in {list(HEAVY)!r} if m in sys.modules]]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, DIGITS, "rewards.0.name=digt", "rewards.0.args.bogus=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == [[2, 2], []]
     assert out.stderr.count("config error: ") == 2
@@ -198,5 +254,6 @@ def test_external_rewards_with_and_without_an_args_model(monkeypatch):
     rewards.register("mine", "not_imported_module:Reward", args=_Args)
     with pytest.raises(ConfigError, match=r"unknown config key 'rewards\.0\.args\.anything'"):
         load_config(RunConfig, DIGITS, ['rewards=[{"name": "mine", "args": {"anything": 1}}]'])
-    assert load_config(RunConfig, DIGITS, ["rewards.0.name=mine", "rewards.0.args.size=3"]).rewards[0].args \
-        == {"size": 3}
+    assert load_config(RunConfig, DIGITS, ["rewards.0.name=mine", "rewards.0.args.size=3"]).rewards[
+        0
+    ].args == {"size": 3}

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 
 from fastcps.config import ConfigError, from_dict, load_config, save_config, to_dict, validate_tree
 
+
 # Module-level models: pydantic resolves their string annotations from the module's names.
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -239,7 +240,7 @@ def test_validate_tree():
     [
         ({"epochs": 0}, "config key 'epochs': expected int >= 1, got 0 (int)"),
         ({"fraction": 1.5}, "config key 'fraction': expected float <= 1.0, got 1.5 (float)"),
-        ({"checkpointing": "yes"}, "config key 'checkpointing': expected bool | \"auto\", got \"yes\" (str)"),
+        ({"checkpointing": "yes"}, 'config key \'checkpointing\': expected bool | "auto", got "yes" (str)'),
         ({"stages": []}, "config key 'stages': expected at least 1 elements, got [] (list)"),
     ],
 )

@@ -32,8 +32,9 @@ def make(shape, dtype, sampler="cps", last=False, seed=0):
 def make_case(shape, dtype, case, seed):
     """mid: a cps step; last: σ' = 0; gaussian: Flow-SDE's weights; no_ref: without v_ref (KL = 0).
     Also returns the output gradients (g_logp, g_kl) the backward is driven with."""
-    x, v, prev, vref, c = make(shape, dtype, sampler="flow_sde" if case == "gaussian" else "cps",
-                               last=case == "last", seed=seed)
+    x, v, prev, vref, c = make(
+        shape, dtype, sampler="flow_sde" if case == "gaussian" else "cps", last=case == "last", seed=seed
+    )
     g = torch.Generator().manual_seed(seed + 1)
     g_lp, g_kl = torch.randn(shape[0], generator=g), torch.randn(shape[0], generator=g)
     return x, v, prev, None if case == "no_ref" else vref, c, g_lp, g_kl
@@ -72,7 +73,9 @@ def test_reference_and_eager_cpu_path_match_float64_oracle(monkeypatch, dtype, c
     operator with FASTCPS_COMPILE=0: ``_fwd_math`` and the closed-form ``_bwd_math``, run eagerly."""
     monkeypatch.setenv("FASTCPS_IMPL", "torch")
     for shape in SHAPES:
-        x, v, prev, vref, c, g_lp, g_kl = make_case(shape, dtype, case, stable_seed(shape, dtype, case, "eager"))
+        x, v, prev, vref, c, g_lp, g_kl = make_case(
+            shape, dtype, case, stable_seed(shape, dtype, case, "eager")
+        )
         ref = grads(lambda vv: cps_logprob_kl_ref(x, vv, prev, *ref_args(c), v_ref=vref), v, g_lp, g_kl)
         assert_logprob_kl_close(ref, x, v, prev, vref, c, g_lp, g_kl, where=f" (cps_logprob_kl_ref {shape})")
         got = grads(fused(x, prev, c, vref), v, g_lp, g_kl)
@@ -94,7 +97,7 @@ def test_training_kernels_agree_for_every_tiling(dtype, block, iters, warps, wit
 
     b, n = 3, 333
     x, v, prev, vref, c, g_lp, g_kl = make_case((b, n + 40), dtype, "gaussian", seed=block * iters)
-    x, v, prev, vref = (t[:, 5:5 + n] for t in (x, v, prev, vref))  # row stride n + 40
+    x, v, prev, vref = (t[:, 5 : 5 + n] for t in (x, v, prev, vref))  # row stride n + 40
     assert x.stride(0) == n + 40
     vref = vref if with_ref else None
     kl_w, g_kl_in = (c.kl_w, g_kl) if with_ref else (None, None)
@@ -132,7 +135,9 @@ def test_reference_gradcheck_fp64():
     alpha, beta, lp_w, _, kl_w = coeffs
     n = 10
     d = prev - (alpha.view(-1, 1, 1) * x + beta.view(-1, 1, 1) * v.detach())
-    want = (2 * lp_w * beta / n).view(-1, 1, 1) * d + (2 * kl_w * beta ** 2 / n).view(-1, 1, 1) * (v.detach() - vref)
+    want = (2 * lp_w * beta / n).view(-1, 1, 1) * d + (2 * kl_w * beta**2 / n).view(-1, 1, 1) * (
+        v.detach() - vref
+    )
     torch.testing.assert_close(v.grad, want, atol=1e-12, rtol=1e-10)
 
 
@@ -161,5 +166,7 @@ def test_bad_inputs_name_the_argument(impl):
         cps_logprob_kl(x, torch.empty(2, 8, device="meta"), prev, c)
     for name in ("alpha", "beta", "lp_w", "lp_c", "kl_w"):
         bad = c._replace(**{name: torch.ones(3)})
-        with pytest.raises(ValueError, match=rf"^coefficient '{name}' must have shape \(2,\) \(one per sample\), got \(3,\)$"):
+        with pytest.raises(
+            ValueError, match=rf"^coefficient '{name}' must have shape \(2,\) \(one per sample\), got \(3,\)$"
+        ):
             cps_logprob_kl(x, v, prev, bad, vref)

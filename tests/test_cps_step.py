@@ -30,8 +30,12 @@ def coeffs_for(batch, sampler="cps", last=False, eta=None, seed=0):
 
 def case_coeffs(case, batch):
     """mid: a cps step; last: σ' = 0 (s = 0); eta0: the ODE step; gaussian: Flow-SDE, lp_w = 1/(2s²)."""
-    return {"mid": lambda: coeffs_for(batch), "last": lambda: coeffs_for(batch, last=True),
-            "eta0": lambda: coeffs_for(batch, eta=0.0), "gaussian": lambda: coeffs_for(batch, sampler="flow_sde")}[case]()
+    return {
+        "mid": lambda: coeffs_for(batch),
+        "last": lambda: coeffs_for(batch, last=True),
+        "eta0": lambda: coeffs_for(batch, eta=0.0),
+        "gaussian": lambda: coeffs_for(batch, sampler="flow_sde"),
+    }[case]()
 
 
 def inputs(shape, dtype, seed):
@@ -96,9 +100,15 @@ def test_non_contiguous_inputs(impl):
     x, v, eps = (t.transpose(1, 2) for t in base)  # (3, 17, 64), not contiguous
     assert not x.is_contiguous()
     c = coeffs_for(3)
-    assert_step_close(cps_step(x, v, c, noise=eps, return_mean=True), x, v, c, noise=eps, where=" (transposed)")
-    x, v, eps = (torch.randn(3, 40, generator=g)[:, 5:30] for _ in range(3))  # unit inner stride, row stride 40
-    assert_step_close(cps_step(x, v, c, noise=eps, return_mean=True), x, v, c, noise=eps, where=" (row-strided)")
+    assert_step_close(
+        cps_step(x, v, c, noise=eps, return_mean=True), x, v, c, noise=eps, where=" (transposed)"
+    )
+    x, v, eps = (
+        torch.randn(3, 40, generator=g)[:, 5:30] for _ in range(3)
+    )  # unit inner stride, row stride 40
+    assert_step_close(
+        cps_step(x, v, c, noise=eps, return_mean=True), x, v, c, noise=eps, where=" (row-strided)"
+    )
 
 
 TILINGS = [(32, 1, 1), (32, 4, 1), (64, 2, 2), (16, 8, 1), (512, 1, 4)]  # (block, iters, num_warps)
@@ -115,7 +125,9 @@ def test_step_kernel_agrees_for_every_tiling(dtype, block, iters, warps):
 
     b, n = 3, 333
     g = torch.Generator().manual_seed(block * iters)
-    x, v, eps = (torch.randn(b, n + 40, generator=g).to(dtype)[:, 5:5 + n] for _ in range(3))  # row stride n + 40
+    x, v, eps = (
+        torch.randn(b, n + 40, generator=g).to(dtype)[:, 5 : 5 + n] for _ in range(3)
+    )  # row stride n + 40
     assert x.stride(0) == n + 40
     c = coeffs_for(b, sampler="flow_sde")
     coeffs = (c.alpha, c.beta, c.s, c.lp_w, c.lp_c)
@@ -165,7 +177,9 @@ def test_in_kernel_rng_reproducible_and_independent_of_launch_shape(impl):
     # Launch shape does not matter: row 2 alone, with the counter offset it has in the batch.
     row = cps_step(x[2:3], x[2:3], step_coeffs("cps", 0.9, 0.5, 1.0), seed=1234, offset=2 * n)
     assert torch.equal(row.prev_sample[0], out.prev_sample[2])
-    assert_step_close(out._replace(mean=None), x, x, c, prev_sample=out.prev_sample)  # log-prob of the drawn x'
+    assert_step_close(
+        out._replace(mean=None), x, x, c, prev_sample=out.prev_sample
+    )  # log-prob of the drawn x'
 
 
 def test_rng_does_not_depend_on_block_size():
@@ -208,35 +222,84 @@ def test_bad_inputs_name_the_argument(impl):
     c = coeffs_for(2)
     meta = torch.empty(2, 8, device="meta")
     cases = [
-        (dict(model_output=torch.randn(2, 9), noise=x), ValueError,
-         "argument 'model_output' has shape (2, 9) but 'sample' has shape (2, 8); they must match"),
-        (dict(model_output=torch.ones(2, 8, dtype=torch.int64), noise=x), TypeError,
-         "argument 'model_output' has dtype torch.int64; expected float32, bfloat16 or float16"),
-        (dict(model_output=[0.0] * 8, noise=x), TypeError, "argument 'model_output' must be a torch.Tensor, got list"),
-        (dict(noise=torch.randn(2, 9)), ValueError,
-         "argument 'noise' has shape (2, 9) but 'sample' has shape (2, 8); they must match"),
-        (dict(noise=meta), ValueError,
-         "argument 'noise' is on meta but 'sample' is on cpu; move them to the same device"),
-        (dict(prev_sample=torch.randn(2, 7)), ValueError,
-         "argument 'prev_sample' has shape (2, 7) but 'sample' has shape (2, 8); they must match"),
-        (dict(prev_sample=meta), ValueError,
-         "argument 'prev_sample' is on meta but 'sample' is on cpu; move them to the same device"),
-        (dict(noise=x, seed=1), ValueError,
-         "cps_step needs exactly one of noise, seed or prev_sample (got 2); use prev_sample to score a given x'"),
-        (dict(), ValueError,
-         "cps_step needs exactly one of noise, seed or prev_sample (got 0); use prev_sample to score a given x'"),
+        (
+            dict(model_output=torch.randn(2, 9), noise=x),
+            ValueError,
+            "argument 'model_output' has shape (2, 9) but 'sample' has shape (2, 8); they must match",
+        ),
+        (
+            dict(model_output=torch.ones(2, 8, dtype=torch.int64), noise=x),
+            TypeError,
+            "argument 'model_output' has dtype torch.int64; expected float32, bfloat16 or float16",
+        ),
+        (
+            dict(model_output=[0.0] * 8, noise=x),
+            TypeError,
+            "argument 'model_output' must be a torch.Tensor, got list",
+        ),
+        (
+            dict(noise=torch.randn(2, 9)),
+            ValueError,
+            "argument 'noise' has shape (2, 9) but 'sample' has shape (2, 8); they must match",
+        ),
+        (
+            dict(noise=meta),
+            ValueError,
+            "argument 'noise' is on meta but 'sample' is on cpu; move them to the same device",
+        ),
+        (
+            dict(prev_sample=torch.randn(2, 7)),
+            ValueError,
+            "argument 'prev_sample' has shape (2, 7) but 'sample' has shape (2, 8); they must match",
+        ),
+        (
+            dict(prev_sample=meta),
+            ValueError,
+            "argument 'prev_sample' is on meta but 'sample' is on cpu; move them to the same device",
+        ),
+        (
+            dict(noise=x, seed=1),
+            ValueError,
+            "cps_step needs exactly one of noise, seed or prev_sample (got 2); use prev_sample to score a "
+            "given x'",
+        ),
+        (
+            dict(),
+            ValueError,
+            "cps_step needs exactly one of noise, seed or prev_sample (got 0); use prev_sample to score a "
+            "given x'",
+        ),
         (dict(seed=1.0), TypeError, "argument 'seed' must be a Python int, got float"),
-        (dict(seed=2**63), ValueError,
-         "argument 'seed' must fit in int64 (the kernel's seed type), got 9223372036854775808"),
-        (dict(seed=-(2**63) - 1), ValueError,
-         "argument 'seed' must fit in int64 (the kernel's seed type), got -9223372036854775809"),
-        (dict(coeffs=coeffs_for(3), noise=x), ValueError,
-         "coefficient 'alpha' must have shape (2,) (one per sample), got (3,)"),
-        (dict(coeffs=c._replace(beta=0.5), noise=x), TypeError, "coefficient 'beta' must be a (B,) tensor, got float"),
-        (dict(coeffs=c._replace(lp_c=c.lp_c.to("meta")), noise=x), ValueError,
-         "coefficient 'lp_c' is on meta but the latents are on cpu"),
-        (dict(sample=torch.randn(8), model_output=torch.randn(8), noise=torch.randn(8)), ValueError,
-         "argument 'sample' must have shape (B, ...) with at least one non-batch dim, got shape (8,)"),
+        (
+            dict(seed=2**63),
+            ValueError,
+            "argument 'seed' must fit in int64 (the kernel's seed type), got 9223372036854775808",
+        ),
+        (
+            dict(seed=-(2**63) - 1),
+            ValueError,
+            "argument 'seed' must fit in int64 (the kernel's seed type), got -9223372036854775809",
+        ),
+        (
+            dict(coeffs=coeffs_for(3), noise=x),
+            ValueError,
+            "coefficient 'alpha' must have shape (2,) (one per sample), got (3,)",
+        ),
+        (
+            dict(coeffs=c._replace(beta=0.5), noise=x),
+            TypeError,
+            "coefficient 'beta' must be a (B,) tensor, got float",
+        ),
+        (
+            dict(coeffs=c._replace(lp_c=c.lp_c.to("meta")), noise=x),
+            ValueError,
+            "coefficient 'lp_c' is on meta but the latents are on cpu",
+        ),
+        (
+            dict(sample=torch.randn(8), model_output=torch.randn(8), noise=torch.randn(8)),
+            ValueError,
+            "argument 'sample' must have shape (B, ...) with at least one non-batch dim, got shape (8,)",
+        ),
     ]
     for kwargs, error, message in cases:
         args = {"sample": x, "model_output": x, "coeffs": c, **kwargs}
@@ -256,11 +319,17 @@ def test_what_the_wrapper_accepts_and_converts(impl):
     for seed in (-(2**63), 2**63 - 1):
         assert torch.isfinite(cps_step(x, v, c, seed=seed).prev_sample).all()
     shared = c._replace(**{n: getattr(c, n)[:1] for n in ("alpha", "beta", "s", "lp_w", "lp_c")})
-    per_sample = c._replace(**{n: getattr(c, n)[:1].expand(2) for n in ("alpha", "beta", "s", "lp_w", "lp_c")})
-    assert_step_close(cps_step(x, v, shared, noise=eps), x, v, per_sample, noise=eps, where=" (one shared coefficient)")
+    per_sample = c._replace(
+        **{n: getattr(c, n)[:1].expand(2) for n in ("alpha", "beta", "s", "lp_w", "lp_c")}
+    )
+    assert_step_close(
+        cps_step(x, v, shared, noise=eps), x, v, per_sample, noise=eps, where=" (one shared coefficient)"
+    )
     wide = c._replace(**{n: getattr(c, n).double() for n in ("alpha", "beta", "s", "lp_w", "lp_c")})
     assert_step_close(cps_step(x, v, wide, noise=eps), x, v, c, noise=eps, where=" (fp64 coefficients)")
     xs, vs, es = (torch.randn(2, 4, generator=g)[:, ::2] for _ in range(3))  # (2, 2), stride (4, 2)
-    assert_step_close(cps_step(xs, vs, c, noise=es, return_mean=True), xs, vs, c, noise=es, where=" (N = 2, stride 2)")
+    assert_step_close(
+        cps_step(xs, vs, c, noise=es, return_mean=True), xs, vs, c, noise=es, where=" (N = 2, stride 2)"
+    )
     assert cps_step(x, v, c, prev_sample=eps).prev_sample is eps
     assert cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, prev_sample=eps).prev_sample is eps

@@ -25,15 +25,27 @@ pytestmark = pytest.mark.traces
 
 BF16 = torch.bfloat16
 # (dtype, shape, case) of each call, in call order within a dtype.
-STEPS = [(torch.float32, (3, 1009), "mid"), (torch.float32, (4, 2, 5, 7), "last"),
-         (torch.float32, (5, 257), "gaussian"), (torch.float32, (1, 7, 64), "mid"),
-         (BF16, (3, 1009), "gaussian"), (BF16, (5, 257), "mid"), (BF16, (1, 7, 64), "last")]
+STEPS = [
+    (torch.float32, (3, 1009), "mid"),
+    (torch.float32, (4, 2, 5, 7), "last"),
+    (torch.float32, (5, 257), "gaussian"),
+    (torch.float32, (1, 7, 64), "mid"),
+    (BF16, (3, 1009), "gaussian"),
+    (BF16, (5, 257), "mid"),
+    (BF16, (1, 7, 64), "last"),
+]
 SCORES = [(torch.float32, (3, 1009), "gaussian"), (torch.float32, (5, 257), "mid"), (BF16, (2, 33), "mid")]
 SEEDED = [(torch.float32, (3, 1009), "mid"), (BF16, (5, 257), "gaussian")]
 # "mixed": fp32 latents with a bf16 model output, the training layout.
-TRAINS = [(torch.float32, (3, 1009), "mid"), (torch.float32, (5, 257), "gaussian"),
-          (torch.float32, (1, 7, 64), "last"), (torch.float32, (4, 2, 5, 7), "no_ref"),
-          (BF16, (3, 1009), "gaussian"), (BF16, (5, 257), "no_ref"), (BF16, (2, 3, 37), "mixed")]
+TRAINS = [
+    (torch.float32, (3, 1009), "mid"),
+    (torch.float32, (5, 257), "gaussian"),
+    (torch.float32, (1, 7, 64), "last"),
+    (torch.float32, (4, 2, 5, 7), "no_ref"),
+    (BF16, (3, 1009), "gaussian"),
+    (BF16, (5, 257), "no_ref"),
+    (BF16, (2, 3, 37), "mixed"),
+]
 SEED, OFFSET = 4242, 77
 
 
@@ -66,8 +78,12 @@ def _run_seeded(spec):
 
 def _run_train(spec):
     dtype, shape, case = spec
-    x, v, prev, vref, c, g_lp, g_kl = make_case(shape, torch.float32 if case == "mixed" else dtype,
-                                                "mid" if case == "mixed" else case, seed=sum(shape) + 3)
+    x, v, prev, vref, c, g_lp, g_kl = make_case(
+        shape,
+        torch.float32 if case == "mixed" else dtype,
+        "mid" if case == "mixed" else case,
+        seed=sum(shape) + 3,
+    )
     if case == "mixed":
         v = v.to(dtype)
     vg = v.clone().requires_grad_(True)
@@ -76,8 +92,12 @@ def _run_train(spec):
     return (x, v, prev, vref, c, g_lp, g_kl), (lp.detach(), kl.detach(), vg.grad)
 
 
-RUNNERS = {"step": (STEPS, _run_step), "score": (SCORES, _run_score), "seeded": (SEEDED, _run_seeded),
-           "train": (TRAINS, _run_train)}
+RUNNERS = {
+    "step": (STEPS, _run_step),
+    "score": (SCORES, _run_score),
+    "seeded": (SEEDED, _run_seeded),
+    "train": (TRAINS, _run_train),
+}
 
 
 @pytest.fixture(scope="module")

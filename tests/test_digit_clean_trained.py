@@ -73,7 +73,9 @@ def test_bad_arguments_name_the_reward():
         build_reward("digit_clean_trained", {"bogus": 1})
     reward = build_reward("digit_clean_trained")
     images, prompts, meta = _heldout()
-    with pytest.raises(ValueError, match=r"digit_clean_trained reward expects images \[B, 3, H, W\].*\(4, 2, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"digit_clean_trained reward expects images \[B, 3, H, W\].*\(4, 2, 16, 16\)"
+    ):
         reward(torch.zeros(4, 2, 16, 16), prompts[:4], meta[:4])
     with pytest.raises(ValueError, match="digit_clean_trained reward got 4 images but 3 prompts"):
         reward(images[:4], prompts[:3], meta[:3])

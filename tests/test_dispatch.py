@@ -20,7 +20,9 @@ def test_fastcps_impl_is_read_case_and_space_insensitively(monkeypatch):
         monkeypatch.setenv("FASTCPS_IMPL", value)
         assert choose_impl(x) == want, value
     monkeypatch.setenv("FASTCPS_IMPL", "cuda")
-    with pytest.raises(ValueError, match=r"^FASTCPS_IMPL must be one of \('auto', 'triton', 'torch'\), got 'cuda'$"):
+    with pytest.raises(
+        ValueError, match=r"^FASTCPS_IMPL must be one of \('auto', 'triton', 'torch'\), got 'cuda'$"
+    ):
         choose_impl(x)
 
 
@@ -32,16 +34,21 @@ def test_auto_picks_triton_for_cuda_tensors_only_when_triton_is_there(monkeypatc
     monkeypatch.setattr(dispatch, "_triton_available", lambda: False)
     assert choose_impl(cuda) == "torch"
     monkeypatch.setenv("FASTCPS_IMPL", "triton")
-    with pytest.raises(RuntimeError, match=r"^FASTCPS_IMPL=triton but triton is not installed \(pip install triton\)$"):
+    with pytest.raises(
+        RuntimeError, match=r"^FASTCPS_IMPL=triton but triton is not installed \(pip install triton\)$"
+    ):
         choose_impl(cuda)
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("FASTCPS_IMPL", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match=r"^FASTCPS_IMPL=triton on CPU tensors needs Triton's interpreter: set "
-                                           r"TRITON_INTERPRET=1 before fastcps.kernels is imported \(tests only; "
-                                           r"it is slow\), or use FASTCPS_IMPL=auto$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^FASTCPS_IMPL=triton on CPU tensors needs Triton's interpreter: set "
+        r"TRITON_INTERPRET=1 before fastcps.kernels is imported \(tests only; "
+        r"it is slow\), or use FASTCPS_IMPL=auto$",
+    ):
         choose_impl(torch.zeros(1))
     with FakeTensorMode():
         assert choose_impl(torch.empty(1, device="cuda")) == "triton"  # a GPU needs no interpreter
@@ -59,6 +66,7 @@ def recorded_compiles(monkeypatch):
         def compiled(*args, **kw):
             calls.append("compiled")
             return fn(*args, **kw)
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", compile_)
@@ -80,7 +88,11 @@ def test_maybe_compile_compiles_large_tensors_once(monkeypatch, recorded_compile
     assert torch.equal(f(torch.ones(2**18 - 1)), torch.full((2**18 - 1,), 2.0)) and recorded_compiles == []
     f(torch.ones(2**18))
     f(torch.ones(2**18 + 1))
-    assert recorded_compiles == [("compile", "double", {"dynamic": None, "fullgraph": True}), "compiled", "compiled"]
+    assert recorded_compiles == [
+        ("compile", "double", {"dynamic": None, "fullgraph": True}),
+        "compiled",
+        "compiled",
+    ]
     monkeypatch.setenv("FASTCPS_COMPILE_MIN_NUMEL", "4")
     assert torch.equal(f(torch.ones(4)), torch.full((4,), 2.0)) and recorded_compiles[-1] == "compiled"
     recorded_compiles.clear()
@@ -97,13 +109,17 @@ def test_a_failed_compile_warns_once_and_stays_eager(monkeypatch, recorded_compi
     def broken(fn, **kwargs):
         def compiled(*args, **kw):
             raise RuntimeError("no C++ compiler")
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setenv("FASTCPS_COMPILE_MIN_NUMEL", "0")
     f, g = maybe_compile(double), maybe_compile(lambda t: t + 1)
-    with pytest.warns(RuntimeWarning, match=r"^torch.compile of double failed \(RuntimeError: no C\+\+ compiler\); "
-                                            r"using eager PyTorch for it from now on$"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"^torch.compile of double failed \(RuntimeError: no C\+\+ compiler\); "
+        r"using eager PyTorch for it from now on$",
+    ):
         assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
     assert dispatch._COMPILE_FAILED == {"double"}
     compiled = []

@@ -26,14 +26,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_digits_curve.json"
 EPOCHS = 3
-RUN = [f"train.num_epochs={EPOCHS}", f"eval.every={EPOCHS}", "eval.num_prompts=4", "eval.images_per_prompt=4",
-       "log.progress=false", "log.tensorboard=false", "log.images_every=0", "checkpoint.every=0"]
+RUN = [
+    f"train.num_epochs={EPOCHS}",
+    f"eval.every={EPOCHS}",
+    "eval.num_prompts=4",
+    "eval.images_per_prompt=4",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.images_every=0",
+    "checkpoint.every=0",
+]
 # key -> (relative, absolute) tolerance. Rewards and eval are smooth in the weights; the loss is a small
 # number (~1e-4) summed over clipped terms; clipfrac moves by 1/448 per flipped element.
 TOLERANCE = {
-    "reward/mean": (1e-4, 1e-6), "reward/std": (1e-4, 1e-6), "train/loss": (1e-3, 1e-8),
-    "train/clipfrac": (0.0, 5e-3), "train/ratio_dev": (0.0, 0.0), "train/trained_steps": (0.0, 0.0),
-    "eval/digit": (1e-4, 1e-6), "eval/diversity": (1e-4, 1e-6),
+    "reward/mean": (1e-4, 1e-6),
+    "reward/std": (1e-4, 1e-6),
+    "train/loss": (1e-3, 1e-8),
+    "train/clipfrac": (0.0, 5e-3),
+    "train/ratio_dev": (0.0, 0.0),
+    "train/trained_steps": (0.0, 0.0),
+    "eval/digit": (1e-4, 1e-6),
+    "eval/diversity": (1e-4, 1e-6),
 }
 _runs: dict[str, dict[int, dict]] = {}
 
@@ -45,7 +58,9 @@ def run_digits(impl: str, out: Path) -> dict[int, dict]:
 
         os.environ["FASTCPS_IMPL"] = impl  # the autouse fixture of conftest.py restores the environment
         sets = RUN + [f"output_dir={out}", f"name={impl}"]
-        rc = main(["--config", str(ROOT / "configs" / "digits_cps.json")] + [a for s in sets for a in ("--set", s)])
+        rc = main(
+            ["--config", str(ROOT / "configs" / "digits_cps.json")] + [a for s in sets for a in ("--set", s)]
+        )
         assert rc == 0, f"the digits run with FASTCPS_IMPL={impl} exited {rc}"
         rows = [json.loads(x) for x in (out / impl / "metrics.jsonl").read_text().splitlines()]
         _runs[impl] = {r["epoch"]: {k: v for k, v in r.items() if k in TOLERANCE} for r in rows}
@@ -64,8 +79,10 @@ def mismatches(got: dict[int, dict], want: dict[int, dict]) -> list[str]:
             rel, abs_ = TOLERANCE[key]
             if not math.isclose(g[key], w[key], rel_tol=rel, abs_tol=abs_):
                 diff = abs(g[key] - w[key]) / max(abs(w[key]), 1e-30)
-                out.append(f"epoch {epoch} {key}: got {g[key]!r}, expected {w[key]!r} "
-                           f"(relative difference {diff:.2e}; tolerance rel {rel:g}, abs {abs_:g})")
+                out.append(
+                    f"epoch {epoch} {key}: got {g[key]!r}, expected {w[key]!r} "
+                    f"(relative difference {diff:.2e}; tolerance rel {rel:g}, abs {abs_:g})"
+                )
     return out
 
 
@@ -76,8 +93,11 @@ def load_golden() -> dict[int, dict]:
 @pytest.mark.slow
 def test_digits_run_follows_the_golden_curve(tmp_path):
     bad = mismatches(run_digits("torch", tmp_path), load_golden())
-    assert not bad, "the digits run left its golden curve:\n  " + "\n  ".join(bad) + (
-        "\nif the change of numbers is intended: python tests/test_golden_curve.py --update")
+    assert not bad, (
+        "the digits run left its golden curve:\n  "
+        + "\n  ".join(bad)
+        + ("\nif the change of numbers is intended: python tests/test_golden_curve.py --update")
+    )
 
 
 @pytest.mark.slow
@@ -107,12 +127,19 @@ def update() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         epochs = run_digits("torch", Path(tmp))
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    GOLDEN.write_text(json.dumps({
-        "made_by": "python tests/test_golden_curve.py --update",
-        "run": "python -m fastcps.train --config configs/digits_cps.json " + " ".join(f"--set {s}" for s in RUN),
-        "impl": "FASTCPS_IMPL=torch FASTCPS_COMPILE=0, CPU, fp32",
-        "epochs": {str(e): m for e, m in sorted(epochs.items())},
-    }, indent=1) + "\n")
+    GOLDEN.write_text(
+        json.dumps(
+            {
+                "made_by": "python tests/test_golden_curve.py --update",
+                "run": "python -m fastcps.train --config configs/digits_cps.json "
+                + " ".join(f"--set {s}" for s in RUN),
+                "impl": "FASTCPS_IMPL=torch FASTCPS_COMPILE=0, CPU, fp32",
+                "epochs": {str(e): m for e, m in sorted(epochs.items())},
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {GOLDEN}")
 
 

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(autouse=True)
 def on_gpu(monkeypatch):
     if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set: run the gpu tests with TRITON_INTERPRET=0 to compile for the device")
+        pytest.skip(
+            "TRITON_INTERPRET=1 is set: run the gpu tests with TRITON_INTERPRET=0 to compile for the device"
+        )
     monkeypatch.setenv("FASTCPS_IMPL", "triton")
 
 
@@ -34,9 +36,16 @@ def test_step_and_logprob_kl_at_flux_sizes(b, dtype):
     if dtype == torch.float32:
         assert_close_fp32("prev_sample", out.prev_sample, ref.prev_sample)
     else:
-        naive = (c.alpha.to(dtype).view(-1, 1, 1) * x + c.beta.to(dtype).view(-1, 1, 1) * v
-                 + c.s.to(dtype).view(-1, 1, 1) * eps)
-        exact = (c.alpha.view(-1, 1, 1) * x.float() + c.beta.view(-1, 1, 1) * v.float() + c.s.view(-1, 1, 1) * eps.float())
+        naive = (
+            c.alpha.to(dtype).view(-1, 1, 1) * x
+            + c.beta.to(dtype).view(-1, 1, 1) * v
+            + c.s.to(dtype).view(-1, 1, 1) * eps
+        )
+        exact = (
+            c.alpha.view(-1, 1, 1) * x.float()
+            + c.beta.view(-1, 1, 1) * v.float()
+            + c.s.view(-1, 1, 1) * eps.float()
+        )
         assert_close_lowp("prev_sample", out.prev_sample, exact, naive, dtype)
     vg = v.clone().requires_grad_(True)
     lp, kl = cps_logprob_kl(x, vg, out.prev_sample, c, vref)
@@ -46,7 +55,7 @@ def test_step_and_logprob_kl_at_flux_sizes(b, dtype):
     (rlp.sum() + rkl.sum()).backward()
     assert_close_fp32("log_prob", lp, rlp, rtol=1e-5, atol=1e-6)
     assert_close_fp32("kl", kl, rkl, rtol=1e-5, atol=1e-6)
-    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
     assert_close_fp32("dv", vg.grad, vr.grad, rtol=tol, atol=1e-9)
 
 
@@ -72,10 +81,14 @@ def test_every_tiling_agrees_on_cuda(dtype, block, iters, warps):
     b, n = 3, 4096 * 16 + 17
     g = torch.Generator(device="cuda").manual_seed(block + iters)
     wide = [torch.randn(b, n + 40, device="cuda", generator=g).to(dtype) for _ in range(4)]
-    x, v, eps, vref = (t[:, 5:5 + n] for t in wide)  # row stride n + 40
+    x, v, eps, vref = (t[:, 5 : 5 + n] for t in wide)  # row stride n + 40
     assert x.stride(0) != n
-    c = step_coeffs("flow_sde", torch.tensor([0.9, 0.5, 0.2], device="cuda"), torch.tensor([0.7, 0.3, 0.0],
-                    device="cuda"), sigma_max=0.95)
+    c = step_coeffs(
+        "flow_sde",
+        torch.tensor([0.9, 0.5, 0.2], device="cuda"),
+        torch.tensor([0.7, 0.3, 0.0], device="cuda"),
+        sigma_max=0.95,
+    )
     tile = dict(block=block, iters=iters, num_warps=warps)
     prev, logp, _ = cps_step_fwd(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, noise=eps, **tile)
     own = cps_step_ref(x, v, c.alpha, c.beta, c.s, c.lp_w, c.lp_c, prev_sample=prev)
@@ -88,5 +101,5 @@ def test_every_tiling_agrees_on_cuda(dtype, block, iters, warps):
     g_lp, g_kl = torch.randn(b, device="cuda", generator=g), torch.randn(b, device="cuda", generator=g)
     (rlp * g_lp + rkl * g_kl).sum().backward()
     dv = cps_logprob_kl_bwd(x, v, prev, vref, c.alpha, c.beta, c.lp_w, c.kl_w, g_lp, g_kl, **tile)
-    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
     assert_close_fp32("dv", dv.float(), vr.grad, rtol=tol, atol=1e-7)

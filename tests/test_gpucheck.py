@@ -18,23 +18,52 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_without_cuda_it_says_what_it_needs_and_exits_2(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "fastcps.gpucheck", "--out", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastcps.gpucheck", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "no CUDA device" in res.stderr and "python -m fastcps.gpucheck" in res.stderr
     assert not (tmp_path / "gpucheck.csv").exists()
-    bad = subprocess.run([sys.executable, "-m", "fastcps.gpucheck", "--parts", "tests,gpu"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "fastcps.gpucheck", "--parts", "tests,gpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "unknown part(s) ['gpu']" in bad.stderr
 
 
 @pytest.mark.slow
 def test_flux_epoch_part_runs_at_tiny_size():
-    tiny = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=T5_DIM, pooled_projection_dim=CLIP_DIM,
-                guidance_embeds=True, axes_dims_rope=[4, 6, 6])
-    rows = {r["metric"]: r for r in flux_epoch(torch.device("cpu"), model_config=tiny, resolution=64, images=16,
-                                               text_dims=(T5_DIM, CLIP_DIM), max_sequence_length=32, lora_r=4)}
+    tiny = dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_DIM,
+        pooled_projection_dim=CLIP_DIM,
+        guidance_embeds=True,
+        axes_dims_rope=[4, 6, 6],
+    )
+    rows = {
+        r["metric"]: r
+        for r in flux_epoch(
+            torch.device("cpu"),
+            model_config=tiny,
+            resolution=64,
+            images=16,
+            text_dims=(T5_DIM, CLIP_DIM),
+            max_sequence_length=32,
+            lora_r=4,
+        )
+    }
     for key in ("images_per_s", "epoch_s", "rollout_s", "reward_s", "recompute_s", "update_s", "peak_gib"):
         assert rows[key]["value"] > 0, rows[key]
     assert rows["update_s"]["value"] >= rows["recompute_s"]["value"]

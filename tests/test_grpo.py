@@ -10,8 +10,10 @@ from fastcps.grpo import compute_advantages, grpo_loss
 # Two interleaved groups with non-contiguous ids: id 0 has rewards [1, 2, 3], id 7 has [0, 4].
 REWARDS = torch.tensor([0.0, 1.0, 4.0, 2.0, 3.0])
 IDS = torch.tensor([7, 0, 7, 0, 0])
-# id 0: mean 2, population std sqrt(2/3) = 0.816496580927726 -> A = ±1/(0.8164966 + 1e-4) = ±1.2245948897605123
-# id 7: mean 2, population std 2                              -> A = ±2/(2 + 1e-4)         = ±0.9999500024998749
+# id 0: mean 2, population std sqrt(2/3) = 0.816496580927726 -> A = ±1/(0.8164966 + 1e-4) =
+# ±1.2245948897605123
+# id 7: mean 2, population std 2                              -> A = ±2/(2 + 1e-4)         =
+# ±0.9999500024998749
 
 
 def test_prompt_std_by_hand():
@@ -29,7 +31,8 @@ def test_prompt_std_by_hand():
 
 def test_global_std_by_hand():
     # all 5 rewards: mean 2, population variance (4 + 1 + 4 + 0 + 1)/5 = 2 -> std sqrt(2) = 1.4142135623730951
-    # A = (r - group mean)/(sqrt(2) + 1e-4): 1/1.41431356 = 0.7070567847218314, 2/1.41431356 = 1.4141135694436628
+    # A = (r - group mean)/(sqrt(2) + 1e-4): 1/1.41431356 = 0.7070567847218314, 2/1.41431356 =
+    # 1.4141135694436628
     out = compute_advantages(REWARDS, IDS, std="global")
     expected = torch.tensor(
         [-1.4141135694436628, -0.7070567847218314, 1.4141135694436628, 0.0, 0.7070567847218314]
@@ -204,7 +207,9 @@ def test_advantages_of_one_sample_and_of_integer_rewards():
     assert out.advantages.tolist() == [0.0] and out.zero_std_mask.tolist() == [True]
     ints = compute_advantages(torch.tensor([0, 1, 1, 3]), torch.tensor([0, 0, 1, 1]))
     assert ints.advantages.dtype == torch.float32
-    torch.testing.assert_close(ints.advantages, torch.tensor([-0.5 / 0.5001, 0.5 / 0.5001, -1 / 1.0001, 1 / 1.0001]))
+    torch.testing.assert_close(
+        ints.advantages, torch.tensor([-0.5 / 0.5001, 0.5 / 0.5001, -1 / 1.0001, 1 / 1.0001])
+    )
 
 
 def test_zero_std_threshold_is_strict():
@@ -227,8 +232,11 @@ def test_advantage_errors_name_the_problem():
     with pytest.raises(ValueError, match="group_ids on meta but rewards on cpu; move both to one device"):
         compute_advantages(torch.ones(2), torch.zeros(2, dtype=torch.long, device="meta"))
     bad = torch.full((10,), float("inf"))
-    with pytest.raises(ValueError, match=r"at indices \[0, 1, 2, 3, 4, 5, 6, 7\]; fix the reward function "
-                                         r"\(nothing is silently replaced\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"at indices \[0, 1, 2, 3, 4, 5, 6, 7\]; fix the reward function "
+        r"\(nothing is silently replaced\)",
+    ):
         compute_advantages(bad, torch.zeros(10, dtype=torch.long))  # the first 8 of 10 are listed
 
 
@@ -240,14 +248,18 @@ def test_advantages_on_fake_device_tensors_assert_on_the_device(monkeypatch):
 
     asserted = []
     real_assert = torch._assert_async
-    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: (asserted.append(msg), real_assert(ok, msg))[1])
+    monkeypatch.setattr(
+        torch, "_assert_async", lambda ok, msg: (asserted.append(msg), real_assert(ok, msg))[1]
+    )
     for device in ("cuda", "cpu"):
         asserted.clear()
         with FakeTensorMode(allow_non_fake_inputs=True):
             rewards = torch.randn(6, device=device)
             out = compute_advantages(rewards, torch.arange(6, device=device) % 3, num_groups=3)
-        assert asserted == ["compute_advantages: non-finite rewards; fix the reward function",
-                            "compute_advantages: group_ids must lie in [0, num_groups)"], device
+        assert asserted == [
+            "compute_advantages: non-finite rewards; fix the reward function",
+            "compute_advantages: group_ids must lie in [0, num_groups)",
+        ], device
         for name, t in zip(out._fields, out):
             assert t.device.type == device, (name, t.device)
 

@@ -36,7 +36,8 @@ def root_import_names(root: Path) -> set[str]:
 def test_the_root_provides_no_top_level_name_but_fastcps():
     assert root_import_names(ROOT) == {"fastcps"}, (
         "a top-level package or module at the repository root shadows any installed distribution of the same "
-        "import name whenever the root is on sys.path (python -m, python -m pytest); put it under fastcps/")
+        "import name whenever the root is on sys.path (python -m, python -m pytest); put it under fastcps/"
+    )
 
 
 def test_root_import_names_sees_a_package_and_a_module(tmp_path):
@@ -55,8 +56,9 @@ def test_no_installed_distribution_shares_a_name_with_the_root():
 
 
 def _run(code_or_args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *code_or_args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_an_installed_kernels_distribution_wins_from_the_root():
@@ -68,16 +70,29 @@ def test_an_installed_kernels_distribution_wins_from_the_root():
     got = _run(["-c", "import kernels; print(kernels.__file__)"])
     assert got.returncode == 0, got.stderr
     assert Path(got.stdout.strip()).resolve() == expected, (
-        f"`import kernels` from {ROOT} gave {got.stdout.strip()}, not the installed distribution's {expected}")
+        f"`import kernels` from {ROOT} gave {got.stdout.strip()}, not the installed distribution's {expected}"
+    )
 
 
 def test_every_entry_point_and_pipeline_import_starts_from_the_root():
     # Started together: each pays the interpreter's and torch's start-up, which would add up one by one.
-    procs = {mod: subprocess.Popen([sys.executable, "-m", mod, "--help"], cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True) for mod in ENTRY_POINTS}
+    procs = {
+        mod: subprocess.Popen(
+            [sys.executable, "-m", mod, "--help"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for mod in ENTRY_POINTS
+    }
     procs["diffusers.FluxPipeline"] = subprocess.Popen(
-        [sys.executable, "-c", "from diffusers import FluxPipeline, StableDiffusion3Pipeline"], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "from diffusers import FluxPipeline, StableDiffusion3Pipeline"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     failed = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -95,10 +110,15 @@ def test_the_training_script_runs_as_the_package_module():
     """`deepspeed fastcps/train.py` runs the file as a script, with fastcps/ first on sys.path, where
     fastcps/kernels (and config.py, logger.py, ...) would be importable as top-level names: the script
     becomes `python -m fastcps.train` before it imports anything of the project's."""
-    probe = ("import runpy, sys; sys.argv = ['fastcps/train.py', '--help']; "
-             "import os; real = os.execv; os.execv = lambda exe, args: print('EXEC', args[1:4], 'fastcps' in sys.modules) or sys.exit(0); "
-             "runpy.run_path('fastcps/train.py', run_name='__main__')")
+    probe = (
+        "import runpy, sys; sys.argv = ['fastcps/train.py', '--help']; "
+        "import os; real = os.execv; os.execv = lambda exe, args: print('EXEC', args[1:4], 'fastcps' in "
+        "sys.modules) or sys.exit(0); "
+        "runpy.run_path('fastcps/train.py', run_name='__main__')"
+    )
     got = _run(["-c", probe])
-    assert got.returncode == 0 and "EXEC ['-u', '-m', 'fastcps.train'] False" in got.stdout, got.stdout + got.stderr
+    assert got.returncode == 0 and "EXEC ['-u', '-m', 'fastcps.train'] False" in got.stdout, (
+        got.stdout + got.stderr
+    )
     script = _run(["fastcps/train.py", "--help"])
     assert script.returncode == 0 and "--config" in script.stdout, script.stderr[-2000:]

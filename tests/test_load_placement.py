@@ -40,15 +40,24 @@ def ds_config(folder: Path, stage: int) -> Path:
     ds = json.loads((ROOT / "configs" / "ds_zero3.json").read_text())
     ds["zero_optimization"]["stage"] = stage
     if stage != 3:
-        ds["zero_optimization"] = {k: v for k, v in ds["zero_optimization"].items() if not k.startswith("stage3_")}
+        ds["zero_optimization"] = {
+            k: v for k, v in ds["zero_optimization"].items() if not k.startswith("stage3_")
+        }
     path = folder / f"ds_zero{stage}.json"
     path.write_text(json.dumps(ds))
     return path
 
 
 def where(module: torch.nn.Module) -> dict:
-    return {n: {"device": p.device.type, "held": p.data.numel(), "partitioned": hasattr(p, "ds_id"),
-                "numel": int(getattr(p, "ds_numel", p.numel()))} for n, p in module.named_parameters()}
+    return {
+        n: {
+            "device": p.device.type,
+            "held": p.data.numel(),
+            "partitioned": hasattr(p, "ds_id"),
+            "numel": int(getattr(p, "ds_numel", p.numel())),
+        }
+        for n, p in module.named_parameters()
+    }
 
 
 def run_to_initialize(family, path, stage, tmp_path, monkeypatch, lora=True):
@@ -60,12 +69,25 @@ def run_to_initialize(family, path, stage, tmp_path, monkeypatch, lora=True):
 
     from fastcps.trainer import Trainer
 
-    sets = [f"policy.pretrained={path}", "policy.dtype=bf16", "policy.resolution=64",
-            "policy.max_sequence_length=32", "policy.offload_frozen=false", "policy.gradient_checkpointing=true",
-            'rewards=[{"name": "jpeg_compressibility"}]', "train.prompts_per_epoch=2", "train.images_per_prompt=2",
-            "train.rollout_batch_size=2", "train.minibatch_size=2", "train.gradient_accumulation_steps=1",
-            "eval.num_prompts=2", "log.progress=false", "log.tensorboard=false",
-            f"output_dir={tmp_path}", f"deepspeed_config={ds_config(tmp_path, stage)}"]
+    sets = [
+        f"policy.pretrained={path}",
+        "policy.dtype=bf16",
+        "policy.resolution=64",
+        "policy.max_sequence_length=32",
+        "policy.offload_frozen=false",
+        "policy.gradient_checkpointing=true",
+        'rewards=[{"name": "jpeg_compressibility"}]',
+        "train.prompts_per_epoch=2",
+        "train.images_per_prompt=2",
+        "train.rollout_batch_size=2",
+        "train.minibatch_size=2",
+        "train.gradient_accumulation_steps=1",
+        "eval.num_prompts=2",
+        "log.progress=false",
+        "log.tensorboard=false",
+        f"output_dir={tmp_path}",
+        f"deepspeed_config={ds_config(tmp_path, stage)}",
+    ]
     sets.append('policy.lora={"r": 4, "alpha": 8.0}' if lora else "policy.lora=null")
     cfg = load_config(RunConfig, str(ROOT / "configs" / CONFIGS[family]), sets)
     validate_tree(cfg, world_size=1)
@@ -99,11 +121,17 @@ def run_to_initialize(family, path, stage, tmp_path, monkeypatch, lora=True):
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_zero3_never_puts_the_whole_transformer_on_the_device(tiny, tmp_path, monkeypatch, family):
-    policy, at_partition, at_initialize, model = run_to_initialize(family, tiny[family], 3, tmp_path, monkeypatch)
+    policy, at_partition, at_initialize, model = run_to_initialize(
+        family, tiny[family], 3, tmp_path, monkeypatch
+    )
     # when partitioning starts, every parameter (the LoRA adapters too) is still on the CPU, whole
-    assert at_partition is not None, "the trainer did not partition the transformer before deepspeed.initialize"
+    assert at_partition is not None, (
+        "the trainer did not partition the transformer before deepspeed.initialize"
+    )
     on_device = [n for n, w in at_partition.items() if w["device"] != "cpu"]
-    assert not on_device, f"{len(on_device)} parameters reached the training device before partitioning: {on_device[:3]}"
+    assert not on_device, (
+        f"{len(on_device)} parameters reached the training device before partitioning: {on_device[:3]}"
+    )
     assert not any(w["partitioned"] for w in at_partition.values())
     assert model is policy.transformer and policy.deferred_placement
     lora = [n for n in at_initialize if "lora_" in n]
@@ -111,7 +139,9 @@ def test_zero3_never_puts_the_whole_transformer_on_the_device(tiny, tmp_path, mo
     # at initialize: every tensor is a ZeRO-3 partition holding nothing at rest; none on the training device
     assert all(w["partitioned"] and w["held"] == 0 for w in at_initialize.values())
     assert not [n for n, w in at_initialize.items() if w["device"] == DEVICE.type]
-    assert {n: w["numel"] for n, w in at_initialize.items()} == {n: w["numel"] for n, w in at_partition.items()}
+    assert {n: w["numel"] for n, w in at_initialize.items()} == {
+        n: w["numel"] for n, w in at_partition.items()
+    }
     assert all(p.ds_tensor.numel() == p.ds_numel for p in model.parameters())  # world of one: all of it
     # what is not partitioned is on the device: buffers (SD3's positional table), VAE, text encoders, ids
     assert all(b.device == DEVICE for b in policy.transformer.buffers())
@@ -125,20 +155,28 @@ def test_zero3_never_puts_the_whole_transformer_on_the_device(tiny, tmp_path, mo
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_zero2_puts_the_whole_transformer_on_the_device(tiny, tmp_path, monkeypatch, family):
-    policy, at_partition, at_initialize, model = run_to_initialize(family, tiny[family], 2, tmp_path, monkeypatch)
+    policy, at_partition, at_initialize, model = run_to_initialize(
+        family, tiny[family], 2, tmp_path, monkeypatch
+    )
     assert model is policy.transformer and not policy.deferred_placement
     assert at_partition is None  # DeepSpeed's ZeRO-2 keeps every weight whole on every rank
     assert any("lora_" in n for n in at_initialize)
-    assert all(w["device"] == DEVICE.type and not w["partitioned"] and w["held"] == w["numel"]
-               for w in at_initialize.values())
+    assert all(
+        w["device"] == DEVICE.type and not w["partitioned"] and w["held"] == w["numel"]
+        for w in at_initialize.values()
+    )
     assert all(b.device == DEVICE for b in policy.transformer.buffers())
 
 
 def test_full_fine_tuning_reference_loads_on_the_device_under_zero3(tiny, tmp_path, monkeypatch):
     """No LoRA: the KL reference is the base loaded again, frozen, outside DeepSpeed, on the device."""
-    policy, at_partition, at_initialize, _ = run_to_initialize("flux", tiny["flux"], 3, tmp_path, monkeypatch, lora=False)
+    policy, at_partition, at_initialize, _ = run_to_initialize(
+        "flux", tiny["flux"], 3, tmp_path, monkeypatch, lora=False
+    )
     assert at_partition is not None and {w["device"] for w in at_partition.values()} == {"cpu"}
-    assert not any("lora_" in n for n in at_initialize) and all(w["partitioned"] for w in at_initialize.values())
+    assert not any("lora_" in n for n in at_initialize) and all(
+        w["partitioned"] for w in at_initialize.values()
+    )
     with policy.reference(None) as base:
         assert base is not policy.transformer and {p.device for p in base.parameters()} == {DEVICE}
         assert not any(p.requires_grad for p in base.parameters())
@@ -146,8 +184,14 @@ def test_full_fine_tuning_reference_loads_on_the_device_under_zero3(tiny, tmp_pa
 
 # --- the plan's load-phase bytes ------------------------------------------------------------------------
 
-FLUX_DEV = dict(params=11_901_408_320, small=2_500_000, dtype_bytes=2, vae_params=83_819_683,
-                text_encoder_params=4_885_000_000, largest_fetch=113_246_208)  # FLUX.1-dev-sized, bf16
+FLUX_DEV = dict(
+    params=11_901_408_320,
+    small=2_500_000,
+    dtype_bytes=2,
+    vae_params=83_819_683,
+    text_encoder_params=4_885_000_000,
+    largest_fetch=113_246_208,
+)  # FLUX.1-dev-sized, bf16
 
 
 def test_load_peak_zero3_is_a_partition_plus_one_tensor():

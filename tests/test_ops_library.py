@@ -9,14 +9,24 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import fastcps.kernels.cps_logprob_kl
 import fastcps.kernels.cps_step
-from fastcps import cps_logprob_kl, cps_logprob_kl_ref, cps_step, cps_step_ref, sde_step_with_logprob, step_coeffs
+from fastcps import (
+    cps_logprob_kl,
+    cps_logprob_kl_ref,
+    cps_step,
+    cps_step_ref,
+    sde_step_with_logprob,
+    step_coeffs,
+)
 from fastcps.ops.dispatch import choose_impl
 from tolerance import assert_close_fp32
 
 IMPLS = ["torch", "triton"]
 # Each Triton launcher and the kernel module the ops import it from (fastcps.kernels is a namespace package).
-LAUNCHER_MODULES = {"cps_step_fwd": fastcps.kernels.cps_step, "cps_logprob_kl_fwd": fastcps.kernels.cps_logprob_kl,
-                    "cps_logprob_kl_bwd": fastcps.kernels.cps_logprob_kl}
+LAUNCHER_MODULES = {
+    "cps_step_fwd": fastcps.kernels.cps_step,
+    "cps_logprob_kl_fwd": fastcps.kernels.cps_logprob_kl,
+    "cps_logprob_kl_bwd": fastcps.kernels.cps_logprob_kl,
+}
 OPS = ("cps_step", "cps_logprob_kl", "cps_logprob_kl_backward")
 
 
@@ -34,31 +44,71 @@ def step_args(mode, return_mean, dtype, shape, device="cpu"):
     """Arguments of ``fastcps::cps_step`` for one mode; v requires grad so opcheck checks autograd."""
     x, v, e = latents(shape, dtype, 3, device)
     c = coeffs(shape[0], device)
-    return (x, v.requires_grad_(True), c.alpha, c.beta, c.s, c.lp_w, c.lp_c,
-            e if mode == "noise" else None, e if mode == "prev" else None,
-            1234 if mode == "seed" else None, 7, return_mean)
+    return (
+        x,
+        v.requires_grad_(True),
+        c.alpha,
+        c.beta,
+        c.s,
+        c.lp_w,
+        c.lp_c,
+        e if mode == "noise" else None,
+        e if mode == "prev" else None,
+        1234 if mode == "seed" else None,
+        7,
+        return_mean,
+    )
 
 
 def logprob_kl_args(with_ref, dtype, shape, device="cpu"):
     x, v, prev, vref = latents(shape, dtype, 4, device)
     c = coeffs(shape[0], device)
-    return (x, v.requires_grad_(True), prev, vref if with_ref else None, c.alpha, c.beta, c.lp_w, c.lp_c, c.kl_w)
+    return (
+        x,
+        v.requires_grad_(True),
+        prev,
+        vref if with_ref else None,
+        c.alpha,
+        c.beta,
+        c.lp_w,
+        c.lp_c,
+        c.kl_w,
+    )
 
 
 def backward_args(with_ref, dtype, shape, device="cpu"):
     x, v, prev, vref = latents(shape, dtype, 4, device)
     c = coeffs(shape[0], device)
     g_logp, g_kl = latents(shape[:1], torch.float32, 2, device, seed=1)
-    return (x, v, prev, vref if with_ref else None, c.alpha, c.beta, c.lp_w,
-            c.kl_w if with_ref else None, g_logp, g_kl if with_ref else None)
+    return (
+        x,
+        v,
+        prev,
+        vref if with_ref else None,
+        c.alpha,
+        c.beta,
+        c.lp_w,
+        c.kl_w if with_ref else None,
+        g_logp,
+        g_kl if with_ref else None,
+    )
 
 
 # Every mode, return_mean on and off, fp32 and bf16, batch 1, odd N.
-STEP_CASES = [("noise", True, torch.float32, (3, 37)), ("noise", False, torch.bfloat16, (1, 64)),
-              ("seed", True, torch.bfloat16, (2, 33)), ("seed", False, torch.float32, (1, 37)),
-              ("prev", True, torch.bfloat16, (3, 37)), ("prev", False, torch.float32, (1, 33))]
-KL_CASES = [(True, torch.float32, (3, 37)), (False, torch.bfloat16, (1, 33)),
-            (True, torch.bfloat16, (1, 64)), (False, torch.float32, (2, 37))]
+STEP_CASES = [
+    ("noise", True, torch.float32, (3, 37)),
+    ("noise", False, torch.bfloat16, (1, 64)),
+    ("seed", True, torch.bfloat16, (2, 33)),
+    ("seed", False, torch.float32, (1, 37)),
+    ("prev", True, torch.bfloat16, (3, 37)),
+    ("prev", False, torch.float32, (1, 33)),
+]
+KL_CASES = [
+    (True, torch.float32, (3, 37)),
+    (False, torch.bfloat16, (1, 33)),
+    (True, torch.bfloat16, (1, 64)),
+    (False, torch.float32, (2, 37)),
+]
 
 
 def assert_opcheck(op, args):
@@ -90,7 +140,8 @@ def test_opcheck_cps_logprob_kl_backward(impl, case):
 @pytest.mark.parametrize("impl", IMPLS, indirect=True)
 @pytest.mark.parametrize("mode", ["noise", "prev"])
 def test_cps_step_gradient_is_the_references(impl, mode):
-    """The rollout op's autograd formula (∂v through x', log-prob and μ) agrees with autograd on the oracle."""
+    """The rollout op's autograd formula (∂v through x', log-prob and μ) agrees with autograd on the
+    oracle."""
     x, v, e = latents((2, 5, 7), torch.float32, 3)
     w_prev, w_mean = latents((2, 5, 7), torch.float32, 2, seed=1)
     w_logp = torch.tensor([0.7, -1.3])
@@ -116,7 +167,9 @@ def test_sde_step_with_logprob_compiles_to_one_graph(impl):
     sig, nxt = torch.tensor([0.8, 0.7]), torch.tensor([0.6, 0.5])
 
     def rollout(v, x, eps, seed):
-        return sde_step_with_logprob(v, x, 0.8, 0.6, noise=eps), sde_step_with_logprob(v, x, sig, nxt, seed=seed)
+        return sde_step_with_logprob(v, x, 0.8, 0.6, noise=eps), sde_step_with_logprob(
+            v, x, sig, nxt, seed=seed
+        )
 
     def train(v, x, prev, sig, nxt):
         return sde_step_with_logprob(v, x, sig, nxt, prev_sample=prev).log_prob
@@ -150,7 +203,7 @@ def test_cps_logprob_kl_compiles_to_one_graph(impl):
     vr = v.float().requires_grad_(True)
     lp, kl = cps_logprob_kl_ref(x, vr, prev, c.alpha, c.beta, c.lp_w, c.lp_c, c.kl_w, v_ref=vref)
     (lp - 0.5 * kl).sum().backward()
-    torch.testing.assert_close(vg.grad.float(), vr.grad, atol=1e-6, rtol=2 ** -7)
+    torch.testing.assert_close(vg.grad.float(), vr.grad, atol=1e-6, rtol=2**-7)
 
 
 @pytest.mark.traces
@@ -176,8 +229,10 @@ def test_training_step_under_inductor(monkeypatch):
 def test_traced_sigma_checks_run_in_the_graph():
     """Traced, σ tensors cannot be read on the host: their checks become asserts that fire at run time."""
     f = torch.compile(lambda s, n: step_coeffs("cps", s, n).s, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(f(torch.tensor([0.9, 0.5]), torch.tensor([0.7, 0.2])),
-                               step_coeffs("cps", torch.tensor([0.9, 0.5]), torch.tensor([0.7, 0.2])).s)
+    torch.testing.assert_close(
+        f(torch.tensor([0.9, 0.5]), torch.tensor([0.7, 0.2])),
+        step_coeffs("cps", torch.tensor([0.9, 0.5]), torch.tensor([0.7, 0.2])).s,
+    )
     with pytest.raises(RuntimeError, match="sigma_next must satisfy 0 <= sigma_next < sigma"):
         f(torch.tensor([0.9, 0.5]), torch.tensor([0.7, 0.6]))
 
@@ -185,6 +240,7 @@ def test_traced_sigma_checks_run_in_the_graph():
 @pytest.fixture
 def nothing_launches(monkeypatch):
     """The Triton launchers and torch.compile raise if anything calls them."""
+
     def launched(*args, **kwargs):
         raise AssertionError("a kernel launch or a compile happened under FakeTensorMode")
 
@@ -229,8 +285,9 @@ def test_ops_on_fake_cuda_tensors(nothing_launches):
         with pytest.raises(ValueError, match="'model_output' is on cpu but 'sample' is on cuda"):
             cps_step(x, torch.empty(2, 3, 7, dtype=torch.bfloat16), c, noise=e)
         with pytest.raises(ValueError, match="fastcps::cps_logprob_kl: 'prev' is on cpu but 'x' is on cuda"):
-            torch.ops.fastcps.cps_logprob_kl(rows[0], rows[1], rows[2].cpu(), None, c.alpha, c.beta,
-                                             c.lp_w, c.lp_c, c.kl_w)
+            torch.ops.fastcps.cps_logprob_kl(
+                rows[0], rows[1], rows[2].cpu(), None, c.alpha, c.beta, c.lp_w, c.lp_c, c.kl_w
+            )
 
 
 def test_sigma_checks_on_cuda_tensors_never_read_them(monkeypatch):
@@ -238,14 +295,23 @@ def test_sigma_checks_on_cuda_tensors_never_read_them(monkeypatch):
     while Python numbers are still checked on the host."""
     asserted = []
     real_assert = torch._assert_async
-    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: (asserted.append(msg), real_assert(ok, msg))[1])
+    monkeypatch.setattr(
+        torch, "_assert_async", lambda ok, msg: (asserted.append(msg), real_assert(ok, msg))[1]
+    )
     with FakeTensorMode():
         sig = torch.full((2,), 0.9, device="cuda")
         c = step_coeffs("cpws", sig, sig * 0.5, 0.3)
         assert c.s.device.type == "cuda"
         with pytest.raises(ValueError, match="eta must be >= 0 for cps, got -0.1"):
             step_coeffs("cps", sig, sig * 0.5, -0.1)
-    assert [m.split(" ")[0] for m in asserted] == ["sigma", "sigma_next", "flow_sde", "cpws", "sigma", "sigma_next"]
+    assert [m.split(" ")[0] for m in asserted] == [
+        "sigma",
+        "sigma_next",
+        "flow_sde",
+        "cpws",
+        "sigma",
+        "sigma_next",
+    ]
 
 
 def test_cuda_tensors_dispatch_to_the_triton_launchers(monkeypatch):
@@ -258,6 +324,7 @@ def test_cuda_tensors_dispatch_to_the_triton_launchers(monkeypatch):
         def launcher(*args, **kwargs):
             calls.append(name)
             return make(*args, **kwargs)
+
         monkeypatch.setattr(LAUNCHER_MODULES[name], name, launcher)
 
     fp32_rows = lambda x: x.new_empty(x.shape[:1], dtype=torch.float32)  # noqa: E731
@@ -268,9 +335,11 @@ def test_cuda_tensors_dispatch_to_the_triton_launchers(monkeypatch):
     for op in OPS:
         assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"fastcps::{op}", "CUDA"), op
     with FakeTensorMode():
-        args = {"cps_step": step_args("noise", True, torch.float32, (2, 9), "cuda"),
-                "cps_logprob_kl": logprob_kl_args(True, torch.float32, (2, 9), "cuda"),
-                "cps_logprob_kl_backward": backward_args(True, torch.float32, (2, 9), "cuda")}
+        args = {
+            "cps_step": step_args("noise", True, torch.float32, (2, 9), "cuda"),
+            "cps_logprob_kl": logprob_kl_args(True, torch.float32, (2, 9), "cuda"),
+            "cps_logprob_kl_backward": backward_args(True, torch.float32, (2, 9), "cuda"),
+        }
         assert choose_impl(args["cps_step"][0]) == "triton"
         for op in OPS:
             out = getattr(torch.ops.fastcps, op).default.redispatch(cuda, *args[op])

@@ -16,8 +16,15 @@ from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch
 from fastcps.update import epoch_advantages, run_update
 from wiring_support import PlainEngine, brightness_reward, toy_config
 
-SETS = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=4",
-        "train.minibatch_size=2", "train.gradient_accumulation_steps=2", "sampler.sde_window_size=2"]
+SETS = [
+    "sampler.num_steps=4",
+    "train.prompts_per_epoch=2",
+    "train.images_per_prompt=4",
+    "train.rollout_batch_size=4",
+    "train.minibatch_size=2",
+    "train.gradient_accumulation_steps=2",
+    "sampler.sde_window_size=2",
+]
 
 
 def epoch(cfg, policy, engine, optimizer, ledger=None):
@@ -28,8 +35,17 @@ def epoch(cfg, policy, engine, optimizer, ledger=None):
             ledger.phase = phase
         with FlopCounterMode(display=False) as fc:
             if phase == "rollout":
-                data = rollout_epoch(cfg, 0, epoch_steps(cfg, 0, policy), policy, engine, brightness_reward(),
-                                     PromptEncodings(policy), load_prompts("digits"), device=torch.device("cpu"))
+                data = rollout_epoch(
+                    cfg,
+                    0,
+                    epoch_steps(cfg, 0, policy),
+                    policy,
+                    engine,
+                    brightness_reward(),
+                    PromptEncodings(policy),
+                    load_prompts("digits"),
+                    device=torch.device("cpu"),
+                )
             else:
                 adv = epoch_advantages(data, cfg.train, torch.device("cpu")).local
                 run_update(engine, optimizer, policy, data, adv, cfg.train, epoch=0, seed=0)
@@ -84,6 +100,14 @@ def test_peak_table_and_metrics(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Some Future GPU")
     assert perf.peak_tflops("cuda:0") is None
     m = perf.metrics({"rollout": 4e12, "update": 6e12}, {"rollout": 2.0, "update": 3.0}, 100.0)
-    assert m == pytest.approx({"perf/rollout_tflops": 2.0, "perf/rollout_mfu": 0.02, "perf/update_tflops": 2.0,
-                               "perf/update_mfu": 0.02, "perf/tflops": 2.0, "perf/mfu": 0.02})
+    assert m == pytest.approx(
+        {
+            "perf/rollout_tflops": 2.0,
+            "perf/rollout_mfu": 0.02,
+            "perf/update_tflops": 2.0,
+            "perf/update_mfu": 0.02,
+            "perf/tflops": 2.0,
+            "perf/mfu": 0.02,
+        }
+    )
     assert perf.metrics({"eval": 1e12}, {"eval": 1.0}, None, total=False) == {"perf/eval_tflops": 1.0}

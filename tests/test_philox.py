@@ -75,10 +75,16 @@ def test_statistics():
 
 def test_bad_seed_and_offsets_name_the_problem():
     offs = torch.arange(3)
-    for seed, error, message in [(2**63, ValueError, "seed must fit in int64 (the kernel argument's type), got 9223372036854775808"),
-                                 (-(2**63) - 1, ValueError, "seed must fit in int64 (the kernel argument's type), got -9223372036854775809"),
-                                 (1.5, TypeError, "seed must be a Python int, got float"),
-                                 (True, TypeError, "seed must be a Python int, got bool")]:
+    for seed, error, message in [
+        (2**63, ValueError, "seed must fit in int64 (the kernel argument's type), got 9223372036854775808"),
+        (
+            -(2**63) - 1,
+            ValueError,
+            "seed must fit in int64 (the kernel argument's type), got -9223372036854775809",
+        ),
+        (1.5, TypeError, "seed must be a Python int, got float"),
+        (True, TypeError, "seed must be a Python int, got bool"),
+    ]:
         with pytest.raises(error, match="^" + re.escape(message) + "$"):
             philox_randn(seed, offs)
     with pytest.raises(TypeError, match=r"^offsets must be an int64 \(or int32\) tensor, got torch.float32$"):
@@ -109,8 +115,9 @@ def test_kernel_seed_noise_is_philox_randn_and_tiling_independent():
     x, v = torch.randn(B, N), torch.randn(B, N)
     zero, one = torch.zeros(B), torch.ones(B)
     p1, l1, _ = cps_step_fwd(x, v, zero, zero, one, one, zero, seed=99, offset=off)
-    p2, l2, _ = cps_step_fwd(x, v, zero, zero, one, one, zero, seed=99, offset=off, block=64, iters=4,
-                             num_warps=1)
+    p2, l2, _ = cps_step_fwd(
+        x, v, zero, zero, one, one, zero, seed=99, offset=off, block=64, iters=4, num_warps=1
+    )
     assert torch.equal(p1, p2)
     torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
     eps = philox_randn(99, off + torch.arange(B * N).view(B, N))

@@ -1,4 +1,5 @@
-"""``python -m fastcps.plan`` and its measurements (``fastcps.plan.measure``): the memory tracker against known
+"""``python -m fastcps.plan`` and its measurements (``fastcps.plan.measure``): the memory tracker against
+known
 tensor sizes, FLOPs against a hand count and FlopCounterMode, fake-tensor measurements against the same
 measurement on real CPU tensors, the epoch arithmetic, the JSON, ``--gpu-mem`` and the exit codes.
 Tiny transformer configs keep these fast; one slow test measures the real FLUX.1-dev."""
@@ -21,9 +22,19 @@ from fastcps.policies.flux import FluxPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 FLUX_CFG = ROOT / "configs" / "flux_pickscore.json"
-TINY_FLUX = {"_class_name": "FluxTransformer2DModel", "attention_head_dim": 16, "axes_dims_rope": [4, 6, 6],
-             "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 32, "num_attention_heads": 2,
-             "num_layers": 2, "num_single_layers": 2, "patch_size": 1, "pooled_projection_dim": 32}
+TINY_FLUX = {
+    "_class_name": "FluxTransformer2DModel",
+    "attention_head_dim": 16,
+    "axes_dims_rope": [4, 6, 6],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 32,
+    "num_attention_heads": 2,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "patch_size": 1,
+    "pooled_projection_dim": 32,
+}
 LORA = (4, 8.0, tuple(FluxPolicy.default_lora_targets))
 
 
@@ -79,7 +90,8 @@ def test_flops_match_a_hand_count_and_flop_counter_mode():
 
 def test_cpu_attention_flops_are_counted_forward_and_backward():
     """The CPU flash kernel (what fake CPU tensors run) counts like the CUDA kernels: torch 2.14 has no
-    formula for it, fastcps.plan.measure registers torch's own; forward Q·Kᵀ and P·V, backward five matmuls."""
+    formula for it, fastcps.plan.measure registers torch's own; forward Q·Kᵀ and P·V, backward five
+    matmuls."""
     b, h, s, d = 1, 3, 40, 16
     q = torch.randn(b, h, s, d, requires_grad=True)
     with LiveBytes() as live:
@@ -136,12 +148,17 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
     m = tiny_meter(cfg, tiny_flux)
     calls, ph = r["calls_per_rank"], r["phase_flop"]
     assert r["trained_steps_range"] == [3, 3] and r["images_per_rank"] == 48 and r["optimizer_steps"] == 2
-    assert r["zero_stage"] == 3 and r["gradient_checkpointing"] is False  # no --gpu-mem: the JSON's stage, no ckpt
+    assert (
+        r["zero_stage"] == 3 and r["gradient_checkpointing"] is False
+    )  # no --gpu-mem: the JSON's stage, no ckpt
     assert calls["rollout (nograd, 8 samples)"] == 36
-    assert calls["training forward (train, 8 samples)"] == calls["training backward (backward, 8 samples)"] == 18
+    assert (
+        calls["training forward (train, 8 samples)"] == calls["training backward (backward, 8 samples)"] == 18
+    )
     assert not any(k.startswith("old log-prob recompute") for k in calls)
     eval_calls = sum(v for k, v in calls.items() if k.startswith("eval"))
-    # eval every 20 epochs: 16 prompts over 8 ranks, both of a rank's prompts (2 images each) in one call per step
+    # eval every 20 epochs: 16 prompts over 8 ranks, both of a rank's prompts (2 images each) in one call
+    # per step
     assert calls["eval (nograd, 4 samples)"] == eval_calls == pytest.approx(28 * math.ceil(16 / 8 / 2) / 20)
     fwd8 = m.step("nograd", 8).forward_flop
     assert ph["rollout"] == pytest.approx(8 * 36 * fwd8)
@@ -177,7 +194,8 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
         assert z[choice]["gathers"] == pytest.approx(36 + 18 + eval_calls + 18 * per_backward), choice
     assert z["zero3"]["parameter all-gather"] == pytest.approx(z["zero3"]["gathers"] * 2 * gathered * 7 / 8)
     assert z["zero3+ckpt, quantized gathers"]["parameter all-gather"] == pytest.approx(
-        z["zero3+ckpt"]["parameter all-gather"] / 2)
+        z["zero3+ckpt"]["parameter all-gather"] / 2
+    )
     assert z["zero2"]["parameter all-gather"] == pytest.approx(2 * 2 * r["trained_params"] * 7 / 8)  # 2 steps
     assert r["zero_param_traffic_bytes_per_gpu"] == z["zero3"]["parameter all-gather"]
     m2, m3 = r["memory"][2], r["memory"][3]
@@ -227,30 +245,67 @@ def test_json_and_gpu_mem(tiny_flux, tmp_path):
     common = ["--config", str(FLUX_CFG), "--world-size", "8"]
     base = [*common, "--model-config", str(tiny_flux)]
     r = run_json(*base, "--gpu-mem", "80")
-    for key in ("epoch_flop", "forward_flop_per_image", "backward_flop_per_image", "images_per_rank", "world_size",
-                "peak_gib_per_gpu", "fits", "reserve_gib", "zero_stage", "zero_param_traffic_bytes_per_gpu",
-                "anchor_ratio", "projected_epoch_s"):
+    for key in (
+        "epoch_flop",
+        "forward_flop_per_image",
+        "backward_flop_per_image",
+        "images_per_rank",
+        "world_size",
+        "peak_gib_per_gpu",
+        "fits",
+        "reserve_gib",
+        "zero_stage",
+        "zero_param_traffic_bytes_per_gpu",
+        "anchor_ratio",
+        "projected_epoch_s",
+    ):
         assert key in r, key
     # zero_stage and gradient_checkpointing "auto": the tiny model fits anything: ZeRO-2, no checkpointing
-    assert r["fits"] and r["suggestion"]["set"] == [] and r["zero_stage"] == 2 and not r["gradient_checkpointing"]
-    assert r["zero_param_traffic_bytes_per_gpu"] == r["zero_traffic_bytes_per_gpu"]["zero2"]["parameter all-gather"]
+    assert (
+        r["fits"]
+        and r["suggestion"]["set"] == []
+        and r["zero_stage"] == 2
+        and not r["gradient_checkpointing"]
+    )
+    assert (
+        r["zero_param_traffic_bytes_per_gpu"]
+        == r["zero_traffic_bytes_per_gpu"]["zero2"]["parameter all-gather"]
+    )
     # a wider model and big minibatches so that training, not the VAE decode, sets the peak
     wide = tmp_path / "wide.json"
-    wide.write_text(json.dumps({**TINY_FLUX, "num_attention_heads": 8, "num_layers": 4, "num_single_layers": 4}))
-    off = [*common, "--model-config", str(wide), "--set", "train.minibatch_size=48", "--set",
-           "train.gradient_accumulation_steps=1", "--set", "train.rollout_batch_size=1", "--set", "eval.every=0",
-           "--set", "policy.offload_frozen=false"]
+    wide.write_text(
+        json.dumps({**TINY_FLUX, "num_attention_heads": 8, "num_layers": 4, "num_single_layers": 4})
+    )
+    off = [
+        *common,
+        "--model-config",
+        str(wide),
+        "--set",
+        "train.minibatch_size=48",
+        "--set",
+        "train.gradient_accumulation_steps=1",
+        "--set",
+        "train.rollout_batch_size=1",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "policy.offload_frozen=false",
+    ]
     peaks = run_json(*off)["peak_gib_by_choice"]
     assert peaks["zero3+ckpt"] < peaks["zero3"] < peaks["zero2"] and peaks["zero2+ckpt"] < peaks["zero2"]
-    # auto takes the cheapest choice that fits: between ZeRO-3's and ZeRO-2's peaks, ZeRO-3 without checkpointing
+    # auto takes the cheapest choice that fits: between ZeRO-3's and ZeRO-2's peaks, ZeRO-3 without
+    # checkpointing
     r = run_json(*off, "--gpu-mem", str((peaks["zero3"] + peaks["zero2"]) / 2), "--reserve", "0")
     assert r["fits"] and (r["zero_stage"], r["gradient_checkpointing"]) == (3, False)
     # an explicit choice wins; then the suggestion names the lever that makes it fit
     fixed = [*off, "--set", "zero_stage=3", "--set", "policy.gradient_checkpointing=false"]
     r = run_json(*fixed, "--gpu-mem", str((peaks["zero3+ckpt"] + peaks["zero3"]) / 2), "--reserve", "0")
     assert not r["fits"] and (r["zero_stage"], r["gradient_checkpointing"]) == (3, False)
-    assert r["suggestion"] == {"set": ["policy.gradient_checkpointing=true"],
-                               "peak_gib": pytest.approx(peaks["zero3+ckpt"]), "fits": True}
+    assert r["suggestion"] == {
+        "set": ["policy.gradient_checkpointing=true"],
+        "peak_gib": pytest.approx(peaks["zero3+ckpt"]),
+        "fits": True,
+    }
     # nothing fits in 1 GiB: the reward model alone is 3.7 GiB
     r = run_json(*base, "--gpu-mem", "1", "--reserve", "0")
     assert not r["fits"] and not r["suggestion"]["fits"]
@@ -260,8 +315,18 @@ def test_table_and_exit_codes(tiny_flux, capsys):
     base = ["--config", str(FLUX_CFG), "--model-config", str(tiny_flux)]
     assert main([*base, "--world-size", "8"]) == 0
     text = capsys.readouterr().out
-    for key in ("batch arithmetic", "calls per rank", "FLOPs per epoch", "anchor", "memory per GPU", "ZeRO-2",
-                "ZeRO-3", "PROJECTION", "ZeRO traffic", "quantized gathers"):
+    for key in (
+        "batch arithmetic",
+        "calls per rank",
+        "FLOPs per epoch",
+        "anchor",
+        "memory per GPU",
+        "ZeRO-2",
+        "ZeRO-3",
+        "PROJECTION",
+        "ZeRO traffic",
+        "quantized gathers",
+    ):
         assert key in text
     assert main([*base, "--world-size", "7"]) == 2  # 384 images do not split over 7
     assert "train.prompts_per_epoch" in capsys.readouterr().err
@@ -278,8 +343,14 @@ def test_real_flux_dev_measurement():
     """The real FLUX.1-dev transformer (11.9 B) with LoRA r 64: one training micro-step of one image."""
     from fastcps.plan.measure import meter
 
-    m = meter("flux", str(ROOT / "configs" / "models" / "flux1-dev_transformer.json"), 512, 512, "bf16",
-              (64, 128.0, tuple(FluxPolicy.default_lora_targets)))
+    m = meter(
+        "flux",
+        str(ROOT / "configs" / "models" / "flux1-dev_transformer.json"),
+        512,
+        512,
+        "bf16",
+        (64, 128.0, tuple(FluxPolicy.default_lora_targets)),
+    )
     params = list(m.model.parameters())
     lora = sum(p.numel() for p in params if p.requires_grad)
     assert sum(p.numel() for p in params) - lora == 11_901_408_320 and lora == 179_306_496
@@ -308,15 +379,26 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
     out, line = resolve_auto(cfg, 8, "cpu")
     assert out.zero_stage is None and out.policy.gradient_checkpointing is False and "ZeRO stage 3" in line
     models = ROOT / "configs" / "models"
-    for sub, src, name in (("transformer", tiny_flux, "config.json"), ("vae", models / "flux1_vae.json", "config.json"),
-                           ("scheduler", models / "flux1-dev_scheduler.json", "scheduler_config.json")):
+    for sub, src, name in (
+        ("transformer", tiny_flux, "config.json"),
+        ("vae", models / "flux1_vae.json", "config.json"),
+        ("scheduler", models / "flux1-dev_scheduler.json", "scheduler_config.json"),
+    ):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / name).write_text(Path(src).read_text())
-    local = load_config(RunConfig, str(FLUX_CFG), [f"policy.pretrained={tmp_path}", "policy.offload_frozen=false",
-                                                   "eval.every=0"])
+    local = load_config(
+        RunConfig,
+        str(FLUX_CFG),
+        [f"policy.pretrained={tmp_path}", "policy.offload_frozen=false", "eval.every=0"],
+    )
     peaks = plan(local, 8)["peak_gib_by_choice"]
-    for gib, expect in ((peaks["zero2"] + 2, (2, False)), ((peaks["zero3"] + peaks["zero2"]) / 2 + 1, (3, False))):
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, g=gib: SimpleNamespace(total_memory=g * 2**30))
+    for gib, expect in (
+        (peaks["zero2"] + 2, (2, False)),
+        ((peaks["zero3"] + peaks["zero2"]) / 2 + 1, (3, False)),
+    ):
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda d, g=gib: SimpleNamespace(total_memory=g * 2**30)
+        )
         out, line = resolve_auto(local, 8, "cuda:0")
         assert (out.zero_stage, out.policy.gradient_checkpointing) == expect, (gib, peaks, line)
     # an explicit stage is not "auto": it stays; the trainer's DeepSpeed config takes it over the JSON's

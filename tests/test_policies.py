@@ -24,8 +24,11 @@ SEQ = 32  # T5 tokens: the tiny tokenizer is character-level
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {"flux": save_tiny_flux(root / "flux"), "schnell": save_tiny_flux(root / "schnell", schnell=True),
-            "sd3": save_tiny_sd3(root / "sd3")}
+    return {
+        "flux": save_tiny_flux(root / "flux"),
+        "schnell": save_tiny_flux(root / "schnell", schnell=True),
+        "sd3": save_tiny_sd3(root / "sd3"),
+    }
 
 
 def policy_cfg(name, path, **kw):
@@ -44,6 +47,7 @@ def euler(policy, x, cond, n):
 
 # --- the policies are the pipelines -----------------------------------------------------------------
 
+
 def test_flux_dev_matches_flux_pipeline(tiny):
     from diffusers import FluxPipeline
 
@@ -55,8 +59,16 @@ def test_flux_dev_matches_flux_pipeline(tiny):
     x1 = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
     ours = euler(policy, x1, cond, 4)
     pipe = FluxPipeline.from_pretrained(tiny["flux"])
-    ref = pipe(prompts, height=64, width=64, num_inference_steps=4, guidance_scale=3.5, latents=x1.clone(),
-               max_sequence_length=SEQ, output_type="pt").images
+    ref = pipe(
+        prompts,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        latents=x1.clone(),
+        max_sequence_length=SEQ,
+        output_type="pt",
+    ).images
     assert ours.shape == (2, 3, 64, 64) and 0 <= float(ours.min()) and float(ours.max()) <= 1
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
     # the dynamic shift is the pipeline's: sigmas of 6 steps at 16 tokens
@@ -71,7 +83,9 @@ def test_flux_schnell_has_no_guidance(tiny):
     with pytest.raises(ValueError, match="policy.guidance"):
         build_policy(policy_cfg("flux", tiny["schnell"], guidance=3.5), "cpu")
     with pytest.warns(UserWarning, match="needs CUDA; using SDPA"):  # flash-attn is CUDA-only
-        policy = build_policy(policy_cfg("flux", tiny["schnell"], attention_backend="flash", offload_frozen=True), "cpu")
+        policy = build_policy(
+            policy_cfg("flux", tiny["schnell"], attention_backend="flash", offload_frozen=True), "cpu"
+        )
     assert policy.guidance is None and policy.attention_backend == "sdpa" and not policy.lora
     torch.testing.assert_close(policy.sigmas(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))  # static shift 1
     # full fine-tuning: every transformer weight trains; the reference is the base, loaded again
@@ -97,8 +111,17 @@ def test_sd3_true_cfg_matches_sd3_pipeline(tiny):
     x1 = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(1))
     ours = euler(policy, x1, cond, 4)
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny["sd3"])
-    ref = pipe(prompts, height=64, width=64, num_inference_steps=4, guidance_scale=4.5, latents=x1.clone(),
-               sigmas=list(np.linspace(1.0, 1 / 4, 4)), max_sequence_length=SEQ, output_type="pt").images
+    ref = pipe(
+        prompts,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=4.5,
+        latents=x1.clone(),
+        sigmas=list(np.linspace(1.0, 1 / 4, 4)),
+        max_sequence_length=SEQ,
+        output_type="pt",
+    ).images
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
     plain = build_policy(policy_cfg("sd3", tiny["sd3"]), "cpu")  # no CFG: a different velocity
     v_cfg = policy.velocity(policy.transformer, x1, torch.full((2,), 0.5), cond)
@@ -129,15 +152,21 @@ def test_lora_export_loads_in_stock_diffusers(tiny, tmp_path, name):
         with policy.reference(policy.transformer) as ref:
             torch.testing.assert_close(policy.velocity(ref, x, s, cond), base)
     assert not torch.allclose(trained, base)
-    save_diffusers_lora({n: p.detach().clone() for n, p in named.items()}, policy.transformer.peft_config["default"],
-                        tmp_path / "pytorch_lora_weights.safetensors")
+    save_diffusers_lora(
+        {n: p.detach().clone() for n, p in named.items()},
+        policy.transformer.peft_config["default"],
+        tmp_path / "pytorch_lora_weights.safetensors",
+    )
     pipe = DiffusionPipeline.from_pretrained(tiny[name])
     pipe.load_lora_weights(tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(policy.velocity(pipe.transformer, x, s, cond), trained, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            policy.velocity(pipe.transformer, x, s, cond), trained, atol=1e-6, rtol=1e-5
+        )
 
 
 # --- errors a user can meet --------------------------------------------------------------------------
+
 
 def test_missing_weights_path_is_named(tiny, tmp_path, capsys):
     for name in ("flux", "sd3"):
@@ -151,22 +180,54 @@ def test_missing_weights_path_is_named(tiny, tmp_path, capsys):
         build_policy(policy_cfg("flux", tmp_path / "half"), "cpu")
     from fastcps.train import main
 
-    assert main(["--config", str(ROOT / "configs" / "flux_pickscore.json"), "--set", "policy.pretrained=/no/such/flux",
-                 "--set", f"output_dir={tmp_path}", "--set", f"prompts.source={ROOT}/configs/prompts/pickscore.txt",
-                 "--set", f"deepspeed_config={ROOT}/configs/ds_zero3.json"]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                str(ROOT / "configs" / "flux_pickscore.json"),
+                "--set",
+                "policy.pretrained=/no/such/flux",
+                "--set",
+                f"output_dir={tmp_path}",
+                "--set",
+                f"prompts.source={ROOT}/configs/prompts/pickscore.txt",
+                "--set",
+                f"deepspeed_config={ROOT}/configs/ds_zero3.json",
+            ]
+        )
+        == 2
+    )
     assert "/no/such/flux" in capsys.readouterr().err
 
 
 # --- one GRPO epoch, ZeRO-3, 2 processes ----------------------------------------------------------------
 
+
 def tiny_run_args(path, out, name, rewards):
-    sets = [f"policy.pretrained={path}", "policy.dtype=fp32", "policy.resolution=64", f"policy.max_sequence_length={SEQ}",
-            'policy.lora={"r": 4, "alpha": 8.0}', "policy.offload_frozen=false",
-            f"rewards={json.dumps(rewards)}", "sampler.num_steps=4", "sampler.sde_window_size=2",
-            "sampler.sde_window_range=[0, 2]", "train.num_epochs=1", "train.prompts_per_epoch=2",
-            "train.images_per_prompt=4", "train.rollout_batch_size=4", "train.minibatch_size=2",
-            "train.gradient_accumulation_steps=2", "eval.every=0", "log.progress=false", "checkpoint.every=0",
-            f"output_dir={out}", f"name={name}", f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}"]
+    sets = [
+        f"policy.pretrained={path}",
+        "policy.dtype=fp32",
+        "policy.resolution=64",
+        f"policy.max_sequence_length={SEQ}",
+        'policy.lora={"r": 4, "alpha": 8.0}',
+        "policy.offload_frozen=false",
+        f"rewards={json.dumps(rewards)}",
+        "sampler.num_steps=4",
+        "sampler.sde_window_size=2",
+        "sampler.sde_window_range=[0, 2]",
+        "train.num_epochs=1",
+        "train.prompts_per_epoch=2",
+        "train.images_per_prompt=4",
+        "train.rollout_batch_size=4",
+        "train.minibatch_size=2",
+        "train.gradient_accumulation_steps=2",
+        "eval.every=0",
+        "log.progress=false",
+        "checkpoint.every=0",
+        f"output_dir={out}",
+        f"name={name}",
+        f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}",
+    ]
     return [a for kv in sets for a in ("--set", kv)]
 
 
@@ -181,13 +242,23 @@ def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
     clip = tmp_path / "tiny_pickscore"
     _tiny_hf_clip(clip)
     hps_ckpt, hps_cfg = tiny_hps_checkpoint(tmp_path)
-    pickscore = [{"name": "pickscore", "args": {"model": str(clip / "model"), "processor": str(clip / "processor"),
-                                                "max_length": 16}}]
+    pickscore = [
+        {
+            "name": "pickscore",
+            "args": {"model": str(clip / "model"), "processor": str(clip / "processor"), "max_length": 16},
+        }
+    ]
     hpsv2 = [{"name": "hpsv2", "args": {"checkpoint": str(hps_ckpt), "model_config": str(hps_cfg)}}]
-    launch([["--config", str(ROOT / "configs" / "flux_pickscore.json")]
+    launch(
+        [
+            ["--config", str(ROOT / "configs" / "flux_pickscore.json")]
             + tiny_run_args(tiny["flux"], tmp_path, "flux", pickscore),
-            ["--config", str(ROOT / "configs" / "sd35_ocr.json")] + tiny_run_args(tiny["sd3"], tmp_path, "sd3", hpsv2)],
-           world=2, timeout=400)
+            ["--config", str(ROOT / "configs" / "sd35_ocr.json")]
+            + tiny_run_args(tiny["sd3"], tmp_path, "sd3", hpsv2),
+        ],
+        world=2,
+        timeout=400,
+    )
     for name in ("flux", "sd3"):
         run = tmp_path / name
         last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
@@ -209,6 +280,7 @@ def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
 
 # --- configs (no weights; the plan is tested in tests/test_plan.py) ------------------------------------
 
+
 @pytest.mark.parametrize("name", ["flux_pickscore", "flux_schnell_hpsv2", "sd35_ocr", "sd35_geneval"])
 def test_shipped_configs_load_and_name_their_prompts(name):
     from fastcps.config import RunConfig
@@ -228,6 +300,7 @@ def test_shipped_configs_load_and_name_their_prompts(name):
 
 # --- text length: counted before the cut, reported once ----------------------------------------------
 
+
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_text_token_counts_are_the_t5_tokens_encode_would_cut(tiny, family):
     policy = build_policy(policy_cfg(family, tiny[family]), "cpu")
@@ -246,7 +319,9 @@ def test_truncation_report_counts_the_cut_prompts_and_the_length_that_keeps_them
 
     assert truncation_report([10, 128, 5], 128) is None
     line = truncation_report([10, 129, 200, 150], 128)
-    assert line.startswith("3 of 4 prompts have more than policy.max_sequence_length = 128 T5 tokens (the longest 200)")
+    assert line.startswith(
+        "3 of 4 prompts have more than policy.max_sequence_length = 128 T5 tokens (the longest 200)"
+    )
     assert "--set policy.max_sequence_length=208 keeps every one whole" in line
     assert "max_sequence_length=144 " in truncation_report([129], 128) + " "
 
@@ -257,12 +332,18 @@ def test_trainer_reports_cut_prompts_once_at_start_up(tiny, tmp_path, caplog):
     from fastcps.trainer import Trainer
 
     policy = build_policy(policy_cfg("flux", tiny["flux"]), "cpu")
-    fake = SimpleNamespace(policy=policy, prompts=["a cat", "y" * 40], eval_prompts=[("z" * 50, {})],
-                           cfg=SimpleNamespace(policy=SimpleNamespace(max_sequence_length=SEQ)))
+    fake = SimpleNamespace(
+        policy=policy,
+        prompts=["a cat", "y" * 40],
+        eval_prompts=[("z" * 50, {})],
+        cfg=SimpleNamespace(policy=SimpleNamespace(max_sequence_length=SEQ)),
+    )
     with caplog.at_level("WARNING", logger="fastcps"):
         Trainer._report_truncation(fake)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert sum("2 of 3 prompts have more than policy.max_sequence_length = 32" in m for m in warned) == 1, warned
+    assert sum("2 of 3 prompts have more than policy.max_sequence_length = 32" in m for m in warned) == 1, (
+        warned
+    )
     caplog.clear()
     fake.prompts, fake.eval_prompts = ["a cat"], []
     Trainer._report_truncation(fake)

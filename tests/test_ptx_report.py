@@ -124,14 +124,27 @@ Resource usage:
 
 def test_scan_ptx_counts_narrow_masked_loads():
     got = report.scan_ptx(_PTX)
-    assert got == {"ptx_ld_v4": 1, "ptx_ld_narrow": 1, "ptx_ld_scalar_coeffs": 1, "ptx_st_v4": 1,
-                   "ptx_st_narrow": 1}
+    assert got == {
+        "ptx_ld_v4": 1,
+        "ptx_ld_narrow": 1,
+        "ptx_ld_scalar_coeffs": 1,
+        "ptx_st_v4": 1,
+        "ptx_st_narrow": 1,
+    }
 
 
 def test_scan_cuobjdump_reads_registers_spills_and_widths():
     got = report.scan_cuobjdump(_CUOBJDUMP)
-    assert got == {"registers": 24, "stack_bytes": 128, "cubin_local_bytes": 0, "spill_stores": 12,
-                   "spill_loads": 8, "sass_ldg128": 1, "sass_ldg_other": 1, "sass_stg128": 1,
-                   "sass_stg_other": 0}
+    assert got == {
+        "registers": 24,
+        "stack_bytes": 128,
+        "cubin_local_bytes": 0,
+        "spill_stores": 12,
+        "spill_loads": 8,
+        "sass_ldg128": 1,
+        "sass_ldg_other": 1,
+        "sass_stg128": 1,
+        "sass_stg_other": 0,
+    }
     with pytest.raises(ValueError, match="REG"):
         report.scan_cuobjdump("cuobjdump info: File does not contain device code")

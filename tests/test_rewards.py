@@ -24,6 +24,7 @@ def test_registry_names():
 
 # --- tiny transformers CLIP ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def hf_clip_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinyclip")
@@ -49,8 +50,10 @@ def test_pickscore_tiny(hf_clip_dir):
 
     from fastcps.rewards.pickscore import PickScoreReward
 
-    r = build_reward("pickscore", {"model": str(hf_clip_dir / "model"),
-                                   "processor": str(hf_clip_dir / "processor"), "batch_size": 2})
+    r = build_reward(
+        "pickscore",
+        {"model": str(hf_clip_dir / "model"), "processor": str(hf_clip_dir / "processor"), "batch_size": 2},
+    )
     assert isinstance(r, PickScoreReward) and r._model is None  # lazy
     x = _images()
     prompts = ["a photo of a cat", "the red dog", "a blue cat"]
@@ -70,12 +73,14 @@ def test_pickscore_tiny(hf_clip_dir):
     # batched == one by one, and the scale argument
     one = torch.cat([r(x[i : i + 1], prompts[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(s, one, rtol=1e-4, atol=1e-4)
-    r2 = PickScoreReward(model=str(hf_clip_dir / "model"), processor=str(hf_clip_dir / "processor"),
-                         scale=1 / 26)
+    r2 = PickScoreReward(
+        model=str(hf_clip_dir / "model"), processor=str(hf_clip_dir / "processor"), scale=1 / 26
+    )
     torch.testing.assert_close(r2(x, prompts), s / 26, rtol=1e-4, atol=1e-4)
 
 
 # --- tiny open_clip (HPSv2) ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def hps_ckpt(tmp_path_factory):
@@ -121,20 +126,27 @@ def test_reward_precision_defaults_follow_the_authors(hps_ckpt):
     from fastcps.rewards.hpsv2 import HPSv2Reward
     from fastcps.rewards.pickscore import PickScoreReward
 
-    default = {cls: inspect.signature(cls).parameters["dtype"].default
-               for cls in (HPSv2Reward, PickScoreReward, AestheticReward)}
+    default = {
+        cls: inspect.signature(cls).parameters["dtype"].default
+        for cls in (HPSv2Reward, PickScoreReward, AestheticReward)
+    }
     assert default == {HPSv2Reward: "amp", PickScoreReward: "float32", AestheticReward: "float32"}
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_dtype("hpsv2", "amp", cuda) == resolve_dtype("hpsv2", "amp", cpu) == torch.float32
-    assert isinstance(autocast("amp", cuda), torch.autocast) and autocast("amp", cuda).fast_dtype == torch.float16
+    assert (
+        isinstance(autocast("amp", cuda), torch.autocast)
+        and autocast("amp", cuda).fast_dtype == torch.float16
+    )
     assert not isinstance(autocast("amp", cpu), torch.autocast)
     assert not isinstance(autocast("float32", cuda), torch.autocast)
     with pytest.raises(ValueError, match="float32/float16/bfloat16/amp"):
         resolve_dtype("hpsv2", "fp8", cpu)
     path, cfg_path = hps_ckpt
     x, prompts = _images(seed=2), ["a cat", "a dog", "a tree"]
-    scores = [build_reward("hpsv2", {"checkpoint": str(path), "model_config": str(cfg_path), **extra})(x, prompts)
-              for extra in ({}, {"dtype": "float32"})]
+    scores = [
+        build_reward("hpsv2", {"checkpoint": str(path), "model_config": str(cfg_path), **extra})(x, prompts)
+        for extra in ({}, {"dtype": "float32"})
+    ]
     assert torch.equal(scores[0], scores[1])
 
 
@@ -168,7 +180,9 @@ def test_missing_weights_error(name, args, key):
 def test_missing_weights_error_is_named_by_weighted_reward(hf_clip_dir):
     from fastcps.rewards import RewardFailed
 
-    wr = WeightedReward([("pickscore", 1.0, {"model": "/nonexistent/m", "processor": str(hf_clip_dir / "processor")})])
+    wr = WeightedReward(
+        [("pickscore", 1.0, {"model": "/nonexistent/m", "processor": str(hf_clip_dir / "processor")})]
+    )
     with pytest.raises(RewardFailed, match=r"rewards\[\]\.args\.model"):
         wr(_images(1), ["a cat"], [{}])
 
@@ -181,8 +195,14 @@ def test_aesthetic_tiny(hf_clip_dir, tmp_path):
     torch.manual_seed(2)
     head = AestheticHead((16, 32, 16, 8, 4, 1))
     torch.save(head.state_dict(), tmp_path / "head.pth")
-    r = build_reward("aesthetic", {"head": str(tmp_path / "head.pth"), "model": str(hf_clip_dir / "model"),
-                                   "processor": str(hf_clip_dir / "processor")})
+    r = build_reward(
+        "aesthetic",
+        {
+            "head": str(tmp_path / "head.pth"),
+            "model": str(hf_clip_dir / "model"),
+            "processor": str(hf_clip_dir / "processor"),
+        },
+    )
     x = _images(2, seed=3)
     s = r(x, ["", ""], [{}, {}])
     assert s.shape == (2,) and torch.isfinite(s).all()
@@ -251,38 +271,135 @@ def _geneval_cases():
     return [
         # (metadata, detections, strict, partial)
         ({"tag": "single_object", "include": [{"class": "bench", "count": 1}]}, [_det("bench", L)], 1, 1.0),
-        ({"tag": "single_object", "include": [{"class": "bench", "count": 1}]},
-         [_det("bench", L, score=0.2)], 0, 0.0),  # below the 0.3 threshold
-        ({"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "umbrella", "count": 1}]},
-         [_det("dog", L), _det("cat", R)], 0, 0.5),
-        ({"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]},
-         [_det("cat", L), _det("cat", R), _det("cat", T)], 1, 1.0),
-        ({"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]},
-         [_det("cat", L), _det("cat", R), _det("cat", T), _det("cat", B)], 0, 0.5),  # too many
-        ({"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]},
-         [_det("cat", L), _det("cat", R), _det("cat", T), _det("cat", B, score=0.5)], 1, 1.0),  # 0.5 < 0.9
-        ({"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
-         [_det("car", L, color="red")], 1, 1.0),
-        ({"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
-         [_det("car", L, color="blue")], 0, 0.0),
-        ({"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
-                                           {"class": "vase", "count": 1, "color": "green"}]},
-         [_det("car", L, color="red"), _det("vase", R, color="green")], 1, 1.0),
-        ({"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
-                                           {"class": "vase", "count": 1, "color": "green"}]},
-         [_det("car", L, color="green"), _det("vase", R, color="red")], 0, 0.0),  # swapped binding
-        ({"tag": "position", "include": [{"class": "dog", "count": 1},
-                                         {"class": "cat", "count": 1, "position": ["right of", 0]}]},
-         [_det("dog", L), _det("cat", R)], 1, 1.0),
-        ({"tag": "position", "include": [{"class": "dog", "count": 1},
-                                         {"class": "cat", "count": 1, "position": ["left of", 0]}]},
-         [_det("dog", L), _det("cat", R)], 0, 0.5),
-        ({"tag": "position", "include": [{"class": "dog", "count": 1},
-                                         {"class": "cat", "count": 1, "position": ["below", 0]}]},
-         [_det("dog", T), _det("cat", B)], 1, 1.0),
-        ({"tag": "position", "include": [{"class": "dog", "count": 1},
-                                         {"class": "cat", "count": 1, "position": ["above", 0]}]},
-         [_det("cat", R)], 0, 0.0),  # no target: both rules fail
+        (
+            {"tag": "single_object", "include": [{"class": "bench", "count": 1}]},
+            [_det("bench", L, score=0.2)],
+            0,
+            0.0,
+        ),  # below the 0.3 threshold
+        (
+            {
+                "tag": "two_object",
+                "include": [{"class": "dog", "count": 1}, {"class": "umbrella", "count": 1}],
+            },
+            [_det("dog", L), _det("cat", R)],
+            0,
+            0.5,
+        ),
+        (
+            {
+                "tag": "counting",
+                "include": [{"class": "cat", "count": 3}],
+                "exclude": [{"class": "cat", "count": 4}],
+            },
+            [_det("cat", L), _det("cat", R), _det("cat", T)],
+            1,
+            1.0,
+        ),
+        (
+            {
+                "tag": "counting",
+                "include": [{"class": "cat", "count": 3}],
+                "exclude": [{"class": "cat", "count": 4}],
+            },
+            [_det("cat", L), _det("cat", R), _det("cat", T), _det("cat", B)],
+            0,
+            0.5,
+        ),  # too many
+        (
+            {
+                "tag": "counting",
+                "include": [{"class": "cat", "count": 3}],
+                "exclude": [{"class": "cat", "count": 4}],
+            },
+            [_det("cat", L), _det("cat", R), _det("cat", T), _det("cat", B, score=0.5)],
+            1,
+            1.0,
+        ),  # 0.5 < 0.9
+        (
+            {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
+            [_det("car", L, color="red")],
+            1,
+            1.0,
+        ),
+        (
+            {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
+            [_det("car", L, color="blue")],
+            0,
+            0.0,
+        ),
+        (
+            {
+                "tag": "color_attr",
+                "include": [
+                    {"class": "car", "count": 1, "color": "red"},
+                    {"class": "vase", "count": 1, "color": "green"},
+                ],
+            },
+            [_det("car", L, color="red"), _det("vase", R, color="green")],
+            1,
+            1.0,
+        ),
+        (
+            {
+                "tag": "color_attr",
+                "include": [
+                    {"class": "car", "count": 1, "color": "red"},
+                    {"class": "vase", "count": 1, "color": "green"},
+                ],
+            },
+            [_det("car", L, color="green"), _det("vase", R, color="red")],
+            0,
+            0.0,
+        ),  # swapped binding
+        (
+            {
+                "tag": "position",
+                "include": [
+                    {"class": "dog", "count": 1},
+                    {"class": "cat", "count": 1, "position": ["right of", 0]},
+                ],
+            },
+            [_det("dog", L), _det("cat", R)],
+            1,
+            1.0,
+        ),
+        (
+            {
+                "tag": "position",
+                "include": [
+                    {"class": "dog", "count": 1},
+                    {"class": "cat", "count": 1, "position": ["left of", 0]},
+                ],
+            },
+            [_det("dog", L), _det("cat", R)],
+            0,
+            0.5,
+        ),
+        (
+            {
+                "tag": "position",
+                "include": [
+                    {"class": "dog", "count": 1},
+                    {"class": "cat", "count": 1, "position": ["below", 0]},
+                ],
+            },
+            [_det("dog", T), _det("cat", B)],
+            1,
+            1.0,
+        ),
+        (
+            {
+                "tag": "position",
+                "include": [
+                    {"class": "dog", "count": 1},
+                    {"class": "cat", "count": 1, "position": ["above", 0]},
+                ],
+            },
+            [_det("cat", R)],
+            0,
+            0.0,
+        ),  # no target: both rules fail
     ]
 
 
@@ -312,14 +429,25 @@ def test_geneval_relative_position_threshold():
 def test_geneval_errors():
     r = build_reward("geneval", {"detector": "given"})
     with pytest.raises(ValueError, match="no colours"):
-        r(torch.zeros(1, 3, 8, 8), ["a red car"],
-          [{"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}],
-            "detections": [_det("car", (0, 0, 4, 4))]}])
+        r(
+            torch.zeros(1, 3, 8, 8),
+            ["a red car"],
+            [
+                {
+                    "tag": "colors",
+                    "include": [{"class": "car", "count": 1, "color": "red"}],
+                    "detections": [_det("car", (0, 0, 4, 4))],
+                }
+            ],
+        )
     with pytest.raises(ValueError, match="GenEval metadata"):
         r(torch.zeros(1, 3, 8, 8), ["a car"], [{}])
     with pytest.raises(ValueError, match=r"rewards\[\]\.args\.url"):
-        build_reward("geneval", {})(torch.zeros(1, 3, 8, 8), ["a car"],
-                                    [{"tag": "single_object", "include": [{"class": "car", "count": 1}]}])
+        build_reward("geneval", {})(
+            torch.zeros(1, 3, 8, 8),
+            ["a car"],
+            [{"tag": "single_object", "include": [{"class": "car", "count": 1}]}],
+        )
 
 
 @pytest.fixture
@@ -384,14 +512,22 @@ def test_geneval_server_unreachable():
         port = s.getsockname()[1]
     r = build_reward("geneval", {"url": f"http://127.0.0.1:{port}/", "timeout": 2})
     with pytest.raises(RuntimeError, match="unreachable"):
-        r(torch.rand(1, 3, 8, 8), ["p"], [{"tag": "single_object", "include": [{"class": "car", "count": 1}]}])
+        r(
+            torch.rand(1, 3, 8, 8),
+            ["p"],
+            [{"tag": "single_object", "include": [{"class": "car", "count": 1}]}],
+        )
 
 
 def test_hub_id_offline_error_names_key(hf_clip_dir, monkeypatch):
     from fastcps.rewards._util import is_local_path
 
-    assert not is_local_path("yuvalkirstain/PickScore_v1") and is_local_path("/x/y") and is_local_path("a/b/c")
+    assert (
+        not is_local_path("yuvalkirstain/PickScore_v1") and is_local_path("/x/y") and is_local_path("a/b/c")
+    )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    r = build_reward("pickscore", {"model": "fastcps-test/no-such-model", "processor": str(hf_clip_dir / "processor")})
+    r = build_reward(
+        "pickscore", {"model": "fastcps-test/no-such-model", "processor": str(hf_clip_dir / "processor")}
+    )
     with pytest.raises(OSError, match=r"rewards\[\]\.args\.model.*HF_HUB_OFFLINE"):
         r(_images(1), ["a cat"])

@@ -13,8 +13,18 @@ import torch
 import fastcps.rollout as rollout_mod
 from fastcps.policies import build_policy
 from fastcps.prompts import load_prompts
-from fastcps.rollout import (PromptEncodings, Trajectory, epoch_slots, epoch_steps, eval_noise, eval_prompt_set,
-                             initial_noise, sample, sampling_steps, select)
+from fastcps.rollout import (
+    PromptEncodings,
+    Trajectory,
+    epoch_slots,
+    epoch_steps,
+    eval_noise,
+    eval_prompt_set,
+    initial_noise,
+    sample,
+    sampling_steps,
+    select,
+)
 from fastcps.runtime import derive_seed, synchronize, to_device
 from fastcps.samplers import step_coeffs
 from wiring_support import brightness_reward, toy_config, toy_rollout
@@ -49,12 +59,18 @@ def test_epoch_slots_deal_k_copies_of_each_chosen_prompt_over_the_ranks(world):
     assert [len(s) for _, s, _ in parts] == [8 // world] * world
     assert np.array_equal(np.concatenate([s for _, s, _ in parts]), one_rank)  # one order, cut into shares
     assert [lo for *_, lo in parts] == [rank * 8 // world for rank in range(world)]  # first global sample
-    assert sorted(one_rank.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3] and one_rank.tolist() != sorted(one_rank.tolist())
+    assert sorted(one_rank.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3] and one_rank.tolist() != sorted(
+        one_rank.tolist()
+    )
     nxt, nxt_slots, _ = epoch_slots(cfg, 4, 10, 0, 1)
-    assert not (np.array_equal(nxt, chosen) and np.array_equal(nxt_slots, one_rank))  # another epoch, another draw
+    assert not (
+        np.array_equal(nxt, chosen) and np.array_equal(nxt_slots, one_rank)
+    )  # another epoch, another draw
     other_run, _ = toy(["seed=1", "train.prompts_per_epoch=4", "train.images_per_prompt=2"])
     run_chosen, run_slots, _ = epoch_slots(other_run, 3, 10, 0, 1)
-    assert not (np.array_equal(run_chosen, chosen) and np.array_equal(run_slots, one_rank))  # another run seed too
+    assert not (
+        np.array_equal(run_chosen, chosen) and np.array_equal(run_slots, one_rank)
+    )  # another run seed too
 
 
 def test_epoch_slots_repeat_prompts_only_when_the_pool_is_too_small():
@@ -76,15 +92,31 @@ def test_a_samples_noise_and_trajectory_do_not_depend_on_its_batch():
     pool = load_prompts("digits")[0]
     cond, index = PromptEncodings(policy).for_prompts([pool[0], pool[5], pool[9], pool[5]], CPU)
     seeds = [derive_seed(0, 0, 2, i) for i in range(len(sampling.coeffs))]
-    run = lambda s: sample(policy, policy.transformer, select(cond, index[s]), x1[s], sampling, step_seeds=seeds,
-                           first_index=s.start)
+    run = lambda s: sample(
+        policy,
+        policy.transformer,
+        select(cond, index[s]),
+        x1[s],
+        sampling,
+        step_seeds=seeds,
+        first_index=s.start,
+    )
     whole, halves = run(slice(0, 4)), [run(slice(0, 2)), run(slice(2, 4))]
     for field in Trajectory._fields:
-        torch.testing.assert_close(torch.cat([getattr(h, field) for h in halves]), getattr(whole, field),
-                                   rtol=1e-5, atol=1e-6, msg=field)
+        torch.testing.assert_close(
+            torch.cat([getattr(h, field) for h in halves]),
+            getattr(whole, field),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=field,
+        )
     j = len(sampling.trained)
     assert sampling.trained == list(range(j)) and j == 3  # cps, 4 steps: the last one has no noise
-    assert whole.x_t.shape == whole.x_next.shape == (4, j, *policy.latent_shape()) and whole.log_prob.shape == (4, j)
+    assert whole.x_t.shape == whole.x_next.shape == (
+        4,
+        j,
+        *policy.latent_shape(),
+    ) and whole.log_prob.shape == (4, j)
     assert torch.equal(whole.x_t[:, 0], x1) and torch.equal(whole.x_t[:, 1:], whole.x_next[:, :-1])
     assert torch.isfinite(whole.log_prob).all() and not torch.equal(whole.final, whole.x_next[:, -1])
 
@@ -119,7 +151,9 @@ def test_eval_noise_gives_every_image_of_every_prompt_its_own_draw():
     x = torch.cat([eval_noise(policy, 0, p, 3, CPU) for p in range(3)])
     assert x.shape == (9, *policy.latent_shape())
     assert len({tuple(row.flatten()[:4].tolist()) for row in x}) == 9  # no image shares another's x1
-    assert torch.equal(x[3:6], eval_noise(policy, 0, 1, 3, CPU)) and not torch.equal(x[:3], eval_noise(policy, 1, 0, 3, CPU))
+    assert torch.equal(x[3:6], eval_noise(policy, 0, 1, 3, CPU)) and not torch.equal(
+        x[:3], eval_noise(policy, 1, 0, 3, CPU)
+    )
 
 
 def test_the_gpu_branches_pin_and_synchronize_only_for_cuda(monkeypatch):
@@ -149,7 +183,9 @@ def test_two_ranks_roll_out_the_one_rank_epoch_cut_in_two():
     epoch's samples r·n .. (r+1)·n − 1, with the same prompts, noise, steps and rewards; so do rollout batches
     of 4 instead of 2; a repeat of the epoch is the same to the bit; the reward timers count the reward calls
     (busy) and what of them the sampling did not hide (at least the last batch's)."""
-    cfg, policy = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
+    cfg, policy = toy(
+        ["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"]
+    )
     t0 = time.perf_counter()
     one = toy_rollout(cfg, policy, 1, reward=brightness_reward(delay=0.05))  # 8 samples in 4 rollout batches
     wall = time.perf_counter() - t0
@@ -157,18 +193,29 @@ def test_two_ranks_roll_out_the_one_rank_epoch_cut_in_two():
     assert 0.05 <= one.reward_time < wall
     ranks = [toy_rollout(cfg, policy, 1, rank=r, world=2) for r in range(2)]
     for field in ("x_t", "x_next", "log_prob", "reward", "group"):
-        torch.testing.assert_close(torch.cat([getattr(d, field) for d in ranks]), getattr(one, field),
-                                   rtol=1e-5, atol=1e-6, msg=field)
+        torch.testing.assert_close(
+            torch.cat([getattr(d, field) for d in ranks]),
+            getattr(one, field),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=field,
+        )
     assert sum((d.prompts for d in ranks), []) == one.prompts
-    torch.testing.assert_close(torch.cat([d.components["brightness"] for d in ranks]), one.components["brightness"])
+    torch.testing.assert_close(
+        torch.cat([d.components["brightness"] for d in ranks]), one.components["brightness"]
+    )
     again = toy_rollout(cfg, policy, 1)
-    assert all(torch.equal(getattr(again, f), getattr(one, f)) for f in ("x_t", "x_next", "log_prob", "reward"))
+    assert all(
+        torch.equal(getattr(again, f), getattr(one, f)) for f in ("x_t", "x_next", "log_prob", "reward")
+    )
     cfg4, _ = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=4"])
     wide = toy_rollout(cfg4, policy, 1)  # batches of 4: each sample keeps its own step noise
     for field in ("x_t", "x_next", "log_prob", "reward"):
         torch.testing.assert_close(getattr(wide, field), getattr(one, field), rtol=1e-5, atol=1e-6, msg=field)
     assert one.preview.shape[0] == 2 and one.x_t.shape[0] == 8  # the first rollout batch's images:
-    torch.testing.assert_close(one.preview.float().mean(dim=(1, 2, 3)), one.reward[:2])  # (reward = brightness)
+    torch.testing.assert_close(
+        one.preview.float().mean(dim=(1, 2, 3)), one.reward[:2]
+    )  # (reward = brightness)
     assert torch.equal(ranks[0].preview, one.preview)
 
 
@@ -177,11 +224,23 @@ def test_each_step_of_each_epoch_of_each_run_draws_its_own_noise(monkeypatch):
     another epoch or another run seed."""
     seen = {}
     real = rollout_mod.sample
-    monkeypatch.setattr(rollout_mod, "sample", lambda *a, step_seeds, **kw: (seen.setdefault(key, step_seeds),
-                                                                            real(*a, step_seeds=step_seeds, **kw))[1])
+    monkeypatch.setattr(
+        rollout_mod,
+        "sample",
+        lambda *a, step_seeds, **kw: (
+            seen.setdefault(key, step_seeds),
+            real(*a, step_seeds=step_seeds, **kw),
+        )[1],
+    )
     for key in [(0, 0), (0, 1), (1, 0)]:
-        cfg, policy = toy([f"seed={key[0]}", "train.prompts_per_epoch=1", "train.images_per_prompt=2",
-                           "train.rollout_batch_size=2"])
+        cfg, policy = toy(
+            [
+                f"seed={key[0]}",
+                "train.prompts_per_epoch=1",
+                "train.images_per_prompt=2",
+                "train.rollout_batch_size=2",
+            ]
+        )
         toy_rollout(cfg, policy, key[1])
     assert all(len(s) == 4 for s in seen.values())  # one seed per step
     every = [s for seeds in seen.values() for s in seeds]
@@ -193,9 +252,13 @@ def test_epoch_plan_uses_the_configured_logprob_and_kl_forms(logprob, kl):
     cfg, policy = toy([f"sampler.logprob={logprob}", f"sampler.kl={kl}"])
     sampling, default = epoch_steps(cfg, 0, policy), epoch_steps(toy()[0], 0, policy)
     sigmas = policy.sigmas(4, device="cpu")
-    want = step_coeffs("cps", sigmas[0], sigmas[1], cfg.sampler.eta, sigma_max=sigmas[1], logprob=logprob, kl=kl)
+    want = step_coeffs(
+        "cps", sigmas[0], sigmas[1], cfg.sampler.eta, sigma_max=sigmas[1], logprob=logprob, kl=kl
+    )
     assert all(torch.equal(a, b) for a, b in zip(sampling.coeffs[0], want))
-    assert not all(torch.equal(a, b) for a, b in zip(sampling.coeffs[0], default.coeffs[0]))  # the forms matter here
+    assert not all(
+        torch.equal(a, b) for a, b in zip(sampling.coeffs[0], default.coeffs[0])
+    )  # the forms matter here
 
 
 @pytest.mark.parametrize("sampler", ["cps", "flow_sde"])
@@ -203,7 +266,10 @@ def test_epoch_plan_steps_with_the_configured_eta(sampler):
     """η sets each stochastic step's noise share: the plan's coefficients are step_coeffs' at the configured η
     (and flow_sde's σ = 1 step takes the schedule's second σ for σ_max, as Flow-GRPO does)."""
     cfg, policy = toy(["sampler.eta=0.3", f"sampler.name={sampler}"])
-    sampling, default = epoch_steps(cfg, 0, policy), epoch_steps(toy([f"sampler.name={sampler}"])[0], 0, policy)
+    sampling, default = (
+        epoch_steps(cfg, 0, policy),
+        epoch_steps(toy([f"sampler.name={sampler}"])[0], 0, policy),
+    )
     sigmas = policy.sigmas(4, device="cpu")
     assert float(sigmas[0]) == 1.0 and sampling.trained
     for i in sampling.trained:
@@ -213,12 +279,19 @@ def test_epoch_plan_steps_with_the_configured_eta(sampler):
 
 
 def test_plan_steps_computes_in_fp32_whatever_the_schedules_dtype():
-    """The steps' σ (the model's timesteps) and coefficients are fp32 (the kernels' dtype) from a float64 schedule too."""
+    """The steps' σ (the model's timesteps) and coefficients are fp32 (the kernels' dtype) from a float64
+    schedule too."""
     _, policy = toy()
     sigmas = policy.sigmas(4, device="cpu")
     sampling, wide = sampling_steps("cps", 0.7, sigmas), sampling_steps("cps", 0.7, sigmas.double())
-    assert sampling.sigmas.dtype == wide.sigmas.dtype == torch.float32 and torch.equal(sampling.sigmas, wide.sigmas)
-    assert all(torch.equal(a, b) and a.dtype == b.dtype for c, w in zip(sampling.coeffs, wide.coeffs) for a, b in zip(c, w))
+    assert sampling.sigmas.dtype == wide.sigmas.dtype == torch.float32 and torch.equal(
+        sampling.sigmas, wide.sigmas
+    )
+    assert all(
+        torch.equal(a, b) and a.dtype == b.dtype
+        for c, w in zip(sampling.coeffs, wide.coeffs)
+        for a, b in zip(c, w)
+    )
 
 
 def test_prompt_encodings_keep_the_most_recently_used_within_their_bytes(monkeypatch):
@@ -282,7 +355,9 @@ def test_overlapped_rewards_give_the_synchronous_epoch_to_the_bit():
     digit classifier and JPEG sizes (a model and host work) give the EpochData of the synchronous loop."""
     from fastcps.rewards import WeightedReward
 
-    cfg, policy = toy(["train.prompts_per_epoch=3", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
+    cfg, policy = toy(
+        ["train.prompts_per_epoch=3", "train.images_per_prompt=4", "train.rollout_batch_size=2"]
+    )
     specs = [("digit", 1.0, {}), ("jpeg_compressibility", 0.1, {})]
     runs = {}
     for overlap in (False, True):
@@ -291,7 +366,9 @@ def test_overlapped_rewards_give_the_synchronous_epoch_to_the_bit():
         main = threading.current_thread().name
         assert reward.calls == 6 and all((t != main) == overlap for t in reward.threads), reward.threads
         # each batch's scores sit in the rows of the batch scored, in rollout order
-        assert reward.prompts == runs[overlap].prompts and torch.equal(torch.cat(reward.totals), runs[overlap].reward)
+        assert reward.prompts == runs[overlap].prompts and torch.equal(
+            torch.cat(reward.totals), runs[overlap].reward
+        )
     sync, over = runs[False], runs[True]
     for field in ("x_t", "x_next", "log_prob", "reward", "group", "cond_index", "preview"):
         assert torch.equal(getattr(over, field), getattr(sync, field)), field
@@ -307,7 +384,9 @@ def test_overlapped_rewards_give_the_synchronous_epoch_to_the_bit():
 def test_a_reward_exception_reaches_the_caller_with_its_traceback(overlap):
     import traceback
 
-    cfg, policy = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
+    cfg, policy = toy(
+        ["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"]
+    )
     reward = Recorded(brightness_reward(), fail_at=2)
     with pytest.raises(ValueError, match="reward call 2 failed") as err:
         toy_rollout(cfg, policy, 0, reward=reward, overlap_rewards=overlap)
@@ -320,10 +399,13 @@ def test_a_reward_exception_reaches_the_caller_with_its_traceback(overlap):
 def test_a_stop_leaves_the_rollout_after_the_batch_in_flight():
     """check_stop raising (a SIGTERM) ends the rollout at once: a reward call in flight finishes, one
     still queued is dropped, no later batch is sampled or scored, no worker thread is left behind."""
+
     class Stop(Exception):
         pass
 
-    cfg, policy = toy(["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"])
+    cfg, policy = toy(
+        ["train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=2"]
+    )
     reward, checks = Recorded(brightness_reward(), delay=0.1), []
 
     def check_stop():

@@ -23,9 +23,18 @@ RUNS = {
     "cps-window": ["sampler.sde_window_size=2"],
     "cps-fraction": ["sampler.timestep_fraction=0.5"],
     "flow_sde": ["sampler.name=flow_sde"],
-    "flow_sde-window": ["sampler.name=flow_sde", "sampler.sde_window_size=2", "sampler.sde_window_range=[1, 3]"],
+    "flow_sde-window": [
+        "sampler.name=flow_sde",
+        "sampler.sde_window_size=2",
+        "sampler.sde_window_range=[1, 3]",
+    ],
     "dance_sde": ["sampler.name=dance_sde", "sampler.timestep_fraction=0.6"],
-    "cpws": ["sampler.name=cpws", "sampler.eta=0.3", "sampler.sde_window_size=1", "sampler.sde_window_range=[0, 1]"],
+    "cpws": [
+        "sampler.name=cpws",
+        "sampler.eta=0.3",
+        "sampler.sde_window_size=1",
+        "sampler.sde_window_range=[0, 1]",
+    ],
     "dpmpp1_sde": ["sampler.name=dpmpp1_sde"],
 }
 
@@ -39,9 +48,15 @@ class ConstantReward:
 
 
 def rollout_and_training(run: str, logprob: str, dtype: str, epoch: int = 0, device: str = "cpu"):
-    sets = RUNS[run] + [f"sampler.logprob={logprob}", f"policy.dtype={dtype}", "sampler.num_steps=4",
-                        "train.prompts_per_epoch=2", "train.images_per_prompt=4", "train.rollout_batch_size=8",
-                        "train.minibatch_size=2"]
+    sets = RUNS[run] + [
+        f"sampler.logprob={logprob}",
+        f"policy.dtype={dtype}",
+        "sampler.num_steps=4",
+        "train.prompts_per_epoch=2",
+        "train.images_per_prompt=4",
+        "train.rollout_batch_size=8",
+        "train.minibatch_size=2",
+    ]
     cfg = toy_config(sets)
     torch.manual_seed(0)
     device = torch.device(device)
@@ -64,7 +79,9 @@ def bf16_bound(data, policy, k: float = 4.0) -> torch.Tensor:
         c = data.sampling.coeffs[step]
         x, x_next = data.x_t[:, j], data.x_next[:, j]
         with torch.no_grad():
-            v = policy.velocity(policy.transformer, x, data.sampling.sigmas[step].expand(x.shape[0]), cond).float()
+            v = policy.velocity(
+                policy.transformer, x, data.sampling.sigmas[step].expand(x.shape[0]), cond
+            ).float()
         rms = lambda t: t.reshape(t.shape[0], -1).pow(2).mean(1).sqrt()  # noqa: E731
         d = x_next - (c.alpha * x + c.beta * v)
         dv = k * BF16_EPS * rms(v)
@@ -81,7 +98,9 @@ def test_fp32_rollout_and_training_log_probs_agree(run, logprob):
     if "window" in run:
         assert data.sampling.stochastic.count(True) == cfg.sampler.sde_window_size
     if "fraction" in run or run == "dance_sde":
-        noisy = sum(data.sampling.stochastic)  # every stochastic step of these samplers injects noise but the last
+        noisy = sum(
+            data.sampling.stochastic
+        )  # every stochastic step of these samplers injects noise but the last
         assert len(data.sampling.trained) < noisy
     torch.testing.assert_close(train, data.log_prob, rtol=1e-6, atol=1e-6 * float(data.log_prob.abs().max()))
 
@@ -92,7 +111,9 @@ def test_bf16_rollout_and_training_log_probs_agree_within_bf16_rounding(run, log
     _, policy, data, train = rollout_and_training(run, logprob, "bf16")
     bound = bf16_bound(data, policy)
     gap = (train - data.log_prob).abs()
-    assert bool((gap <= bound).all()), f"max gap {float(gap.max()):.3g}, bound there {float(bound.flatten()[gap.argmax()]):.3g}"
+    assert bool((gap <= bound).all()), (
+        f"max gap {float(gap.max()):.3g}, bound there {float(bound.flatten()[gap.argmax()]):.3g}"
+    )
 
 
 @pytest.mark.gpu
@@ -123,7 +144,9 @@ def test_a_step_shifted_training_side_is_caught(monkeypatch, shift, dtype):
             sampling = sampling._replace(coeffs=sampling.coeffs[1:] + sampling.coeffs[:1])
         else:
             sampling = sampling._replace(sigmas=torch.cat([sampling.sigmas[1:], sampling.sigmas[-1:]]))
-        return real(policy, model, type(data)(**{**data.__dict__, "sampling": sampling}), mb, j, *args, **kwargs)
+        return real(
+            policy, model, type(data)(**{**data.__dict__, "sampling": sampling}), mb, j, *args, **kwargs
+        )
 
     monkeypatch.setattr(update, "micro_step_loss", shifted)
     _, policy, data, train = rollout_and_training("cps", "paper", dtype)

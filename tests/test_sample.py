@@ -23,21 +23,38 @@ from fastcps.policies import build_policy
 from fastcps.rollout import eval_noise
 from fastcps.sample import compare, main
 
-TINY_RUN = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=4",
-            "train.rollout_batch_size=4", "train.minibatch_size=4", "eval.num_prompts=2", "eval.images_per_prompt=2",
-            "eval.every=1", "log.progress=true", "checkpoint.every=0", "train.num_epochs=1",
-            f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}"]
+TINY_RUN = [
+    "sampler.num_steps=4",
+    "train.prompts_per_epoch=2",
+    "train.images_per_prompt=4",
+    "train.rollout_batch_size=4",
+    "train.minibatch_size=4",
+    "eval.num_prompts=2",
+    "eval.images_per_prompt=2",
+    "eval.every=1",
+    "log.progress=true",
+    "checkpoint.every=0",
+    "train.num_epochs=1",
+    f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}",
+]
 
 
 # --- a real (one-epoch) run, its log written to files ------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     with open(out / "stdout.log", "w") as so, open(out / "stderr.log", "w") as se:
-        proc = subprocess.run([sys.executable, "-m", "fastcps.train", "--config", CONFIG]
-                              + sets(TINY_RUN + [f"output_dir={out}", "name=one"]),
-                              cwd=ROOT, env=child_env(), stdout=so, stderr=se, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastcps.train", "--config", CONFIG]
+            + sets(TINY_RUN + [f"output_dir={out}", "name=one"]),
+            cwd=ROOT,
+            env=child_env(),
+            stdout=so,
+            stderr=se,
+            timeout=300,
+        )
     stdout, stderr = (out / "stdout.log").read_text(), (out / "stderr.log").read_text()
     assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     return SimpleNamespace(dir=out / "one", stdout=stdout, stderr=stderr)
@@ -46,13 +63,21 @@ def trained_run(tmp_path_factory):
 @pytest.mark.slow
 def test_a_log_file_gets_phase_lines_not_bars_and_the_end_says_where_things_are(trained_run):
     assert "\r" not in trained_run.stderr  # no tqdm bars redrawn with carriage returns
-    assert re.search(r"^\[fastcps\] epoch 1 rollout: 8 images in [\d.]+ s \([\d.]+ images/s\)$", trained_run.stderr, re.M)
+    assert re.search(
+        r"^\[fastcps\] epoch 1 rollout: 8 images in [\d.]+ s \([\d.]+ images/s\)$", trained_run.stderr, re.M
+    )
     # 2 minibatches x 3 trained steps (CPS's last of 4 steps has no noise)
-    assert re.search(r"^\[fastcps\] epoch 1 update: 6 micro-steps in [\d.]+ s \([\d.]+ micro-steps/s\)$",
-                     trained_run.stderr, re.M), trained_run.stderr[-2000:]
+    assert re.search(
+        r"^\[fastcps\] epoch 1 update: 6 micro-steps in [\d.]+ s \([\d.]+ micro-steps/s\)$",
+        trained_run.stderr,
+        re.M,
+    ), trained_run.stderr[-2000:]
     run = trained_run.dir
-    for label, path in (("run directory", run), ("final checkpoint", run / "checkpoints" / "final"),
-                        ("reward curve", run / "reward_curve.png")):
+    for label, path in (
+        ("run directory", run),
+        ("final checkpoint", run / "checkpoints" / "final"),
+        ("reward curve", run / "reward_curve.png"),
+    ):
         assert re.search(rf"^\[fastcps\]\s+{label}\s+{re.escape(str(path))}", trained_run.stdout, re.M), label
     assert f"python -m fastcps.sample --run {run} --out" in trained_run.stdout
 
@@ -66,8 +91,11 @@ def test_the_printed_sample_command_reproduces_the_runs_eval(trained_run, tmp_pa
     argv[argv.index("--out") + 1] = str(tmp_path / "grid.png")
     assert main(argv + ["--images-per-prompt", "2"]) == 0
     printed = capsys.readouterr().out
-    evals = {r["epoch"]: r["eval/digit"] for r in map(json.loads, (trained_run.dir / "metrics.jsonl").open())
-             if "eval/digit" in r}
+    evals = {
+        r["epoch"]: r["eval/digit"]
+        for r in map(json.loads, (trained_run.dir / "metrics.jsonl").open())
+        if "eval/digit" in r
+    }
     summary = json.loads((tmp_path / "grid.json").read_text())
     assert summary["mean"]["base"]["digit"] == pytest.approx(evals[0], abs=1e-6)
     assert summary["mean"]["trained"]["digit"] == pytest.approx(evals[1], abs=1e-6)
@@ -79,6 +107,7 @@ def test_the_printed_sample_command_reproduces_the_runs_eval(trained_run, tmp_pa
 
 
 # --- the toy, with a checkpoint folder written here ---------------------------------------------------
+
 
 def fake_run(root: Path, overrides=(), *, perturb=0.05, family=None, lora=None) -> tuple[Path, object]:
     """A run directory as the trainer leaves it: config.json and checkpoints/final/policy.safetensors
@@ -94,8 +123,12 @@ def fake_run(root: Path, overrides=(), *, perturb=0.05, family=None, lora=None) 
         for p in policy.trainable_parameters():
             p.add_(perturb * torch.randn(p.shape, generator=gen))
     (run / "checkpoints" / "final").mkdir(parents=True)
-    export_weights(SimpleNamespace(module=policy.transformer), family or cfg.policy.name, policy.lora,
-                   run / "checkpoints" / "final" / "policy.safetensors")
+    export_weights(
+        SimpleNamespace(module=policy.transformer),
+        family or cfg.policy.name,
+        policy.lora,
+        run / "checkpoints" / "final" / "policy.safetensors",
+    )
     return run, policy
 
 
@@ -124,19 +157,30 @@ def test_toy_full_finetune_base_row_then_trained_row_from_the_same_noise(tmp_pat
     c = compare(policy, weights, prompts, [{}, {}], reward, ode, k=3, seed=5, device="cpu")
     for p, prompt in enumerate(prompts):
         x1 = eval_noise(policy, 5, p, 3, "cpu")
-        torch.testing.assert_close(c.images["base"][p], euler_images(base, base.transformer, prompt, x1, 4),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            c.images["base"][p], euler_images(base, base.transformer, prompt, x1, 4), atol=1e-5, rtol=0
+        )
         want = euler_images(trained, trained.transformer, prompt, x1, 4)
         torch.testing.assert_close(c.images["trained"][p], want, atol=1e-5, rtol=0)
-        torch.testing.assert_close(c.total["trained"][p], reward(want, [prompt] * 3, [{}] * 3).total, atol=1e-5,
-                                   rtol=0)
+        torch.testing.assert_close(
+            c.total["trained"][p], reward(want, [prompt] * 3, [{}] * 3).total, atol=1e-5, rtol=0
+        )
     assert (c.images["base"] - c.images["trained"]).abs().max() > 0.05  # the checkpoint was loaded
     # A stochastic sampler draws the same seeded noise for both rows: equal weights, equal images.
     same, _ = fake_run(tmp_path / "same", perturb=0.0)
     cps = sampling_steps("cps", None, policy.sigmas(4, device="cpu"))
     fresh = build_policy(cfg.policy, "cpu")
-    s = compare(fresh, same / "checkpoints" / "final" / "policy.safetensors", prompts[:1], [{}], reward, cps, k=2,
-                seed=5, device="cpu")
+    s = compare(
+        fresh,
+        same / "checkpoints" / "final" / "policy.safetensors",
+        prompts[:1],
+        [{}],
+        reward,
+        cps,
+        k=2,
+        seed=5,
+        device="cpu",
+    )
     torch.testing.assert_close(s.images["base"], s.images["trained"], atol=0, rtol=0)
     assert (s.images["base"][0] - c.images["base"][0, :2]).abs().max() > 1e-3  # cps is not the ODE
 
@@ -144,10 +188,33 @@ def test_toy_full_finetune_base_row_then_trained_row_from_the_same_noise(tmp_pat
 def test_the_grid_and_files_for_prompts_given_on_the_command_line(tmp_path, one_thread, capsys):
     from PIL import Image
 
-    run, _ = fake_run(tmp_path, ['rewards=[{"name": "digit"}, {"name": "jpeg_compressibility", "weight": 0.5}]'])
+    run, _ = fake_run(
+        tmp_path, ['rewards=[{"name": "digit"}, {"name": "jpeg_compressibility", "weight": 0.5}]']
+    )
     out = tmp_path / "out" / "cmp.png"
-    assert main(["--run", str(run), "--prompt", "a handwritten digit three", "--prompt", "the number 7",
-                 "--images-per-prompt", "3", "--steps", "3", "--sampler", "cps", "--seed", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--run",
+                str(run),
+                "--prompt",
+                "a handwritten digit three",
+                "--prompt",
+                "the number 7",
+                "--images-per-prompt",
+                "3",
+                "--steps",
+                "3",
+                "--sampler",
+                "cps",
+                "--seed",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["sampler"] == "cps" and summary["steps"] == 3 and summary["seed"] == 2
@@ -174,6 +241,7 @@ def test_help_says_what_trained_means_and_how_to_use_the_lora_in_diffusers(capsy
 
 # --- bad input: exit 2 and the message names the argument ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     return fake_run(tmp_path_factory.mktemp("toy"))[0]
@@ -184,8 +252,22 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["no run", "not a run", "no checkpoint", "prompt file suffix", "jsonl line",
-                                  "other family", "run's prompts gone", "lora weights", "missing --out", "not png", "cpws steps"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no run",
+        "not a run",
+        "no checkpoint",
+        "prompt file suffix",
+        "jsonl line",
+        "other family",
+        "run's prompts gone",
+        "lora weights",
+        "missing --out",
+        "not png",
+        "cpws steps",
+    ],
+)
 def test_bad_input_exits_2_naming_the_argument(case, toy_run, tmp_path, capsys):
     run, out = str(toy_run), ["--out", str(tmp_path / "g.png")]
     if case == "no run":
@@ -203,7 +285,10 @@ def test_bad_input_exits_2_naming_the_argument(case, toy_run, tmp_path, capsys):
         cfg = load_config(RunConfig, str(toy_run / "config.json"), ["policy.name=flux"])
         save_config(cfg, tmp_path / "r" / "config.json")
         (tmp_path / "r" / "checkpoints").symlink_to(toy_run / "checkpoints")
-        argv, want = ["--run", str(tmp_path / "r")] + out, "weights of a 'toy' policy, but the run's config.json says "
+        argv, want = (
+            ["--run", str(tmp_path / "r")] + out,
+            "weights of a 'toy' policy, but the run's config.json says ",
+        )
     elif case == "run's prompts gone":
         cfg = load_config(RunConfig, str(toy_run / "config.json"), ["prompts.source=/no/such/prompts.txt"])
         save_config(cfg, tmp_path / "r" / "config.json")
@@ -225,6 +310,7 @@ def test_bad_input_exits_2_naming_the_argument(case, toy_run, tmp_path, capsys):
 
 # --- FLUX / SD3: the exported LoRA in a stock diffusers pipeline --------------------------------------
 
+
 @pytest.mark.parametrize("name", ["flux", "sd3"])
 def test_stock_pipeline_with_the_exported_lora_gives_the_trained_images(name, tmp_path, one_thread):
     from diffusers import DiffusionPipeline
@@ -235,9 +321,19 @@ def test_stock_pipeline_with_the_exported_lora_gives_the_trained_images(name, tm
 
     path = (save_tiny_flux if name == "flux" else save_tiny_sd3)(tmp_path / name)
     config = ROOT / "configs" / ("flux_pickscore.json" if name == "flux" else "sd35_ocr.json")
-    cfg = load_config(RunConfig, str(config), [
-        f"policy.pretrained={path}", "policy.dtype=fp32", "policy.resolution=64", "policy.max_sequence_length=32",
-        'policy.lora={"r": 4, "alpha": 8.0}', 'rewards=[{"name": "jpeg_compressibility"}]', "eval.num_steps=4"])
+    cfg = load_config(
+        RunConfig,
+        str(config),
+        [
+            f"policy.pretrained={path}",
+            "policy.dtype=fp32",
+            "policy.resolution=64",
+            "policy.max_sequence_length=32",
+            'policy.lora={"r": 4, "alpha": 8.0}',
+            'rewards=[{"name": "jpeg_compressibility"}]',
+            "eval.num_steps=4",
+        ],
+    )
     run = tmp_path / "run"
     save_config(cfg, run / "config.json")
     trained = build_policy(cfg.policy, "cpu")
@@ -252,17 +348,35 @@ def test_stock_pipeline_with_the_exported_lora_gives_the_trained_images(name, tm
     policy = build_policy(cfg.policy, "cpu")
     prompt = "a photo of a cat"
     sampling = sampling_steps("ode", None, policy.sigmas(4, device="cpu"))
-    c = compare(policy, final / "policy.safetensors", [prompt], [{}], WeightedReward([("jpeg_compressibility", 1, {})]),
-                sampling, k=2, seed=cfg.eval.seed, device="cpu")
+    c = compare(
+        policy,
+        final / "policy.safetensors",
+        [prompt],
+        [{}],
+        WeightedReward([("jpeg_compressibility", 1, {})]),
+        sampling,
+        k=2,
+        seed=cfg.eval.seed,
+        device="cpu",
+    )
     x1 = eval_noise(policy, cfg.eval.seed, 0, 2, "cpu")
     pipe = DiffusionPipeline.from_pretrained(path)
-    kw = dict(height=64, width=64, num_inference_steps=4, latents=x1.clone(), max_sequence_length=32, output_type="pt")
+    kw = dict(
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        latents=x1.clone(),
+        max_sequence_length=32,
+        output_type="pt",
+    )
     if name == "flux":
         kw["guidance_scale"] = 3.5
     else:  # true CFG 4.5 (sd35_ocr.json's cfg_scale) and fastcps's schedule
         kw.update(guidance_scale=4.5, sigmas=list(np.linspace(1.0, 1 / 4, 4)))
     with torch.no_grad():
-        torch.testing.assert_close(c.images["base"][0], pipe([prompt] * 2, **kw).images.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            c.images["base"][0], pipe([prompt] * 2, **kw).images.float(), atol=1e-5, rtol=1e-5
+        )
         pipe.load_lora_weights(final)  # pytorch_lora_weights.safetensors, written beside policy.safetensors
         stock = pipe([prompt] * 2, **kw).images.float()
     torch.testing.assert_close(c.images["trained"][0], stock, atol=1e-5, rtol=1e-5)

@@ -31,7 +31,7 @@ def test_registry_and_defaults():
 
 def test_figure2_schedule_is_the_papers():
     sig = schedule(10, 3.0)
-    want = [1, .964, .923, .875, .818, .75, .667, .562, .429, .25, 0]
+    want = [1, 0.964, 0.923, 0.875, 0.818, 0.75, 0.667, 0.562, 0.429, 0.25, 0]
     torch.testing.assert_close(sig, torch.tensor(want), atol=6e-4, rtol=0)
 
 
@@ -44,7 +44,7 @@ def test_coefficients_preserving(name, num_steps, shift):
         sig, nxt = sig[1:-1], nxt[1:-1]
     c = step_coeffs(name, sig.double(), nxt.double(), eta, sigma_max=smax)
     torch.testing.assert_close(c.a0, 1 - nxt, atol=1e-7, rtol=0)
-    torch.testing.assert_close(torch.sqrt(c.a1 ** 2 + c.s ** 2), nxt, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.sqrt(c.a1**2 + c.s**2), nxt, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["flow_sde", "dance_sde"])
@@ -53,9 +53,9 @@ def test_sde_samplers_add_excess_noise(name):
     c = step_coeffs(name, sig, nxt, sigma_max=smax)
     lhs = c.a1.double() ** 2 + c.s.double() ** 2
     s, sg, sn = c.s.double(), sig.double(), nxt.double()
-    rhs = sn ** 2 + s ** 2 * (1 - sn / sg) + s ** 4 / (4 * sg ** 2)  # eq. 11
+    rhs = sn**2 + s**2 * (1 - sn / sg) + s**4 / (4 * sg**2)  # eq. 11
     torch.testing.assert_close(lhs, rhs, atol=1e-6, rtol=1e-6)
-    assert bool((c.s > 0).all()) and bool((lhs > sn ** 2).all())
+    assert bool((c.s > 0).all()) and bool((lhs > sn**2).all())
 
 
 def test_figure2_numbers():
@@ -163,7 +163,7 @@ def test_dpmpp1_sde_is_the_dpm_solver_step_in_log_snr():
     e_minus_h = torch.exp(-(lam(nxt) - lam(sig)))
     c = step_coeffs("dpmpp1_sde", sig, nxt)
     torch.testing.assert_close(c.a1.double(), nxt.double() * e_minus_h, rtol=1e-6, atol=0)
-    torch.testing.assert_close(c.s.double(), nxt.double() * torch.sqrt(1 - e_minus_h ** 2), rtol=1e-6, atol=0)
+    torch.testing.assert_close(c.s.double(), nxt.double() * torch.sqrt(1 - e_minus_h**2), rtol=1e-6, atol=0)
 
 
 def test_sigma_one_takes_sigma_max_for_flow_sde_and_cpws():
@@ -172,8 +172,11 @@ def test_sigma_one_takes_sigma_max_for_flow_sde_and_cpws():
     for name in ("flow_sde", "cpws"):
         c = step_coeffs(name, 1.0, 0.97, 0.3, sigma_max=0.95)
         assert float(c.s) == pytest.approx(want, rel=1e-6), name
-    with pytest.raises(ValueError, match=r"^flow_sde at sigma = 1 needs sigma_max: Flow-GRPO replaces sigma by the "
-                                         r"schedule's second sigma \(sigmas\[1\]\) there. Pass sigma_max=sigmas\[1\].$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^flow_sde at sigma = 1 needs sigma_max: Flow-GRPO replaces sigma by the "
+        r"schedule's second sigma \(sigmas\[1\]\) there. Pass sigma_max=sigmas\[1\].$",
+    ):
         step_coeffs("cpws", 1.0, 0.97, 0.3)
     with pytest.raises(ValueError, match=r"^sigma_max must be < 1 \(the schedule's second sigma\), got 1.0$"):
         step_coeffs("flow_sde", 1.0, 0.97, sigma_max=1.0)
@@ -185,8 +188,10 @@ def test_cpws_std_bound_is_inclusive_and_names_the_sample():
     with s > σ'."""
     c = step_coeffs("cpws", 0.5, 0.0, 0.0)
     assert float(c.s) == 0.0 and float(c.a1) == 0.0
-    msg = (r"^cpws needs its Wiener std s <= sigma_next \(eq. 17\). Lower eta, or use cps \(whose std is "
-           r"sigma_next·sin\(eta·pi/2\)\) for that step \(sample 1 has s = 0.0866 > sigma_next = 0\)$")
+    msg = (
+        r"^cpws needs its Wiener std s <= sigma_next \(eq. 17\). Lower eta, or use cps \(whose std is "
+        r"sigma_next·sin\(eta·pi/2\)\) for that step \(sample 1 has s = 0.0866 > sigma_next = 0\)$"
+    )
     with pytest.raises(ValueError, match=msg):
         step_coeffs("cpws", torch.tensor([0.5, 0.25]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.3]))
 
@@ -198,12 +203,22 @@ def test_errors_show_tensor_values_as_lists():
 
 def test_range_checks_name_the_values_at_the_edges():
     """Numbers are checked after their conversion to (B,) fp32 on the host, so the message lists them."""
-    for sigma, nxt, msg in [(0.0, 0.0, r"^sigma must lie in \(0, 1\], got \[0.0\]$"),
-                            (1.5, 0.5, r"^sigma must lie in \(0, 1\], got \[1.5\]$"),
-                            (0.5, 0.5, r"^sigma_next must satisfy 0 <= sigma_next < sigma, got sigma=\[0.5\], "
-                                       r"sigma_next=\[0.5\]$"),
-                            (0.5, -0.25, r"^sigma_next must satisfy 0 <= sigma_next < sigma, got sigma=\[0.5\], "
-                                         r"sigma_next=\[-0.25\]$")]:
+    for sigma, nxt, msg in [
+        (0.0, 0.0, r"^sigma must lie in \(0, 1\], got \[0.0\]$"),
+        (1.5, 0.5, r"^sigma must lie in \(0, 1\], got \[1.5\]$"),
+        (
+            0.5,
+            0.5,
+            r"^sigma_next must satisfy 0 <= sigma_next < sigma, got sigma=\[0.5\], "
+            r"sigma_next=\[0.5\]$",
+        ),
+        (
+            0.5,
+            -0.25,
+            r"^sigma_next must satisfy 0 <= sigma_next < sigma, got sigma=\[0.5\], "
+            r"sigma_next=\[-0.25\]$",
+        ),
+    ]:
         with pytest.raises(ValueError, match=msg):
             step_coeffs("cps", sigma, nxt)
     assert float(step_coeffs("cps", 1.0, 0.0).a0) == 1.0  # both ends of the closed intervals are allowed
@@ -233,17 +248,26 @@ def test_one_device_input_keeps_everything_on_the_device(monkeypatch, on_device)
     tensor cannot be), every check is a device-side assert, Python numbers are still checked as numbers."""
     asserted = []
     real_assert = torch._assert_async
-    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: (asserted.append(msg.split(" ")[0]), real_assert(ok, msg))[1])
+    monkeypatch.setattr(
+        torch, "_assert_async", lambda ok, msg: (asserted.append(msg.split(" ")[0]), real_assert(ok, msg))[1]
+    )
     args = {"sigma": torch.tensor([1.0, 0.5]), "sigma_next": 0.4, "eta": 0.7, "sigma_max": 0.95}
     args[on_device] = torch.as_tensor(args[on_device]).to("meta")
-    c = step_coeffs("flow_sde", args["sigma"], args["sigma_next"], args["eta"], sigma_max=args["sigma_max"],
-                    device="meta")
+    c = step_coeffs(
+        "flow_sde", args["sigma"], args["sigma_next"], args["eta"], sigma_max=args["sigma_max"], device="meta"
+    )
     assert [(t.device.type, tuple(t.shape)) for t in c] == [("meta", (2,))] * len(c)
     assert {"sigma", "sigma_next", "sigma_max"} <= set(asserted) or on_device == "eta", asserted
     if on_device != "sigma":  # σ on the host, a bad one: checked on the device with the rest, not read here
         asserted.clear()
-        step_coeffs("flow_sde", torch.tensor([1.5, 0.5]), args["sigma_next"], args["eta"],
-                    sigma_max=args["sigma_max"], device="meta")
+        step_coeffs(
+            "flow_sde",
+            torch.tensor([1.5, 0.5]),
+            args["sigma_next"],
+            args["eta"],
+            sigma_max=args["sigma_max"],
+            device="meta",
+        )
         assert "sigma" in asserted
     with pytest.raises(ValueError, match=r"^eta must be >= 0 for cps, got -0.1$"):
         step_coeffs("cps", torch.tensor([0.5, 0.5], device="meta"), 0.3, -0.1)

@@ -17,26 +17,41 @@ def bview(t, like):
     return t.view(-1, *([1] * (like.ndim - 1)))
 
 
-def flow_grpo_step(model_output, sample, sigma, sigma_prev, sigma_max, noise_level, prev_sample=None,
-                   noise=None, sde_type="sde"):
+def flow_grpo_step(
+    model_output,
+    sample,
+    sigma,
+    sigma_prev,
+    sigma_max,
+    noise_level,
+    prev_sample=None,
+    noise=None,
+    sde_type="sde",
+):
     """flow_grpo's sde_step_with_logprob (its 'sde' and 'cps' branches)."""
     model_output, sample = model_output.float(), sample.float()
     sigma, sigma_prev = bview(sigma, sample), bview(sigma_prev, sample)
     dt = sigma_prev - sigma
     if sde_type == "sde":
         std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
-        prev_sample_mean = (sample * (1 + std_dev_t ** 2 / (2 * sigma) * dt)
-                            + model_output * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
+        prev_sample_mean = (
+            sample * (1 + std_dev_t**2 / (2 * sigma) * dt)
+            + model_output * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+        )
         if prev_sample is None:
             prev_sample = prev_sample_mean + std_dev_t * torch.sqrt(-1 * dt) * noise
-        log_prob = (-((prev_sample.detach() - prev_sample_mean) ** 2) / (2 * ((std_dev_t * torch.sqrt(-1 * dt)) ** 2))
-                    - torch.log(std_dev_t * torch.sqrt(-1 * dt)) - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
+        log_prob = (
+            -((prev_sample.detach() - prev_sample_mean) ** 2) / (2 * ((std_dev_t * torch.sqrt(-1 * dt)) ** 2))
+            - torch.log(std_dev_t * torch.sqrt(-1 * dt))
+            - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))
+        )
     else:
         std_dev_t = sigma_prev * math.sin(noise_level * math.pi / 2)
         pred_original_sample = sample - sigma * model_output
         noise_estimate = sample + model_output * (1 - sigma)
-        prev_sample_mean = (pred_original_sample * (1 - sigma_prev)
-                            + noise_estimate * torch.sqrt(sigma_prev ** 2 - std_dev_t ** 2))
+        prev_sample_mean = pred_original_sample * (1 - sigma_prev) + noise_estimate * torch.sqrt(
+            sigma_prev**2 - std_dev_t**2
+        )
         if prev_sample is None:
             prev_sample = prev_sample_mean + std_dev_t * noise
         log_prob = -((prev_sample.detach() - prev_sample_mean) ** 2)
@@ -51,13 +66,16 @@ def dance_flux_step(model_output, latents, eta, sigma, sigma_next, prev_sample=N
     pred_original_sample = latents - sigma * model_output
     delta_t = sigma - sigma_next
     std_dev_t = eta * math.sqrt(delta_t)
-    score_estimate = -(latents - pred_original_sample * (1 - sigma)) / sigma ** 2
-    log_term = -0.5 * eta ** 2 * score_estimate
+    score_estimate = -(latents - pred_original_sample * (1 - sigma)) / sigma**2
+    log_term = -0.5 * eta**2 * score_estimate
     prev_sample_mean = prev_sample_mean + log_term * dsigma
     if prev_sample is None:
         prev_sample = prev_sample_mean + noise * std_dev_t
-    log_prob = (-((prev_sample.detach().float() - prev_sample_mean.float()) ** 2) / (2 * std_dev_t ** 2)
-                - math.log(std_dev_t) - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
+    log_prob = (
+        -((prev_sample.detach().float() - prev_sample_mean.float()) ** 2) / (2 * std_dev_t**2)
+        - math.log(std_dev_t)
+        - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))
+    )
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim))), prev_sample_mean
 
 
@@ -73,7 +91,9 @@ def test_cps_equals_flowcps_code(impl, index, shape):
     v, x, eps = rand(shape, index)
     b = shape[0]
     sig, nxt = SIGMAS[index].repeat(b), SIGMAS[index + 1].repeat(b)
-    want_prev, want_lp, want_mean = flow_grpo_step(v, x, sig, nxt, float(SIGMAS[1]), 0.8, noise=eps, sde_type="cps")
+    want_prev, want_lp, want_mean = flow_grpo_step(
+        v, x, sig, nxt, float(SIGMAS[1]), 0.8, noise=eps, sde_type="cps"
+    )
     out = sde_step_with_logprob(v, x, sig, nxt, noise=eps)
     torch.testing.assert_close(out.prev_sample, want_prev, atol=2e-6, rtol=1e-6)
     torch.testing.assert_close(out.mean, want_mean, atol=2e-6, rtol=1e-6)
@@ -81,11 +101,15 @@ def test_cps_equals_flowcps_code(impl, index, shape):
     torch.testing.assert_close(out.std, nxt * math.sin(0.8 * math.pi / 2))
     # training: score the stored sample, gradients flow to the model output
     vg = v.clone().requires_grad_(True)
-    train = sde_step_with_logprob(vg, x, float(SIGMAS[index]), float(SIGMAS[index + 1]), prev_sample=want_prev)
+    train = sde_step_with_logprob(
+        vg, x, float(SIGMAS[index]), float(SIGMAS[index + 1]), prev_sample=want_prev
+    )
     torch.testing.assert_close(train.log_prob.detach(), want_lp, atol=1e-6, rtol=1e-6)
     train.log_prob.sum().backward()
     va = v.clone().requires_grad_(True)
-    flow_grpo_step(va, x, sig, nxt, float(SIGMAS[1]), 0.8, prev_sample=want_prev, sde_type="cps")[1].sum().backward()
+    flow_grpo_step(va, x, sig, nxt, float(SIGMAS[1]), 0.8, prev_sample=want_prev, sde_type="cps")[
+        1
+    ].sum().backward()
     torch.testing.assert_close(vg.grad, va.grad, atol=1e-7, rtol=1e-4)
 
 
@@ -132,7 +156,11 @@ def test_noise_sources_and_logprob_override():
     assert torch.equal(s1.prev_sample, s2.prev_sample) and not torch.equal(s1.prev_sample, a.prev_sample)
     gauss = sde_step_with_logprob(v, x, 0.5, 0.3, prev_sample=a.prev_sample, logprob="gaussian")
     s = float(a.std[0])
-    want = -((a.prev_sample - a.mean) ** 2).mean((1, 2)) / (2 * s * s) - math.log(s) - 0.5 * math.log(2 * math.pi)
+    want = (
+        -((a.prev_sample - a.mean) ** 2).mean((1, 2)) / (2 * s * s)
+        - math.log(s)
+        - 0.5 * math.log(2 * math.pi)
+    )
     torch.testing.assert_close(gauss.log_prob, want, atol=1e-5, rtol=1e-6)
     with pytest.raises(ValueError, match="drop noise"):
         sde_step_with_logprob(v, x, 0.5, 0.3, prev_sample=x, noise=x)
@@ -144,7 +172,9 @@ def test_every_sampler_runs_and_eta_zero_is_ode():
     v, x, eps = rand((2, 6, 4), 5)
     ode = sde_step_with_logprob(v, x, 0.6, 0.4, sampler="ode", noise=eps)
     for name in fastcps.SAMPLERS:
-        out = sde_step_with_logprob(v, x, 0.6, 0.4, sampler=name, noise=eps, eta=0.3 if name == "cpws" else None)
+        out = sde_step_with_logprob(
+            v, x, 0.6, 0.4, sampler=name, noise=eps, eta=0.3 if name == "cpws" else None
+        )
         assert out.prev_sample.shape == x.shape and torch.isfinite(out.log_prob).all(), name
     for name in ("cps", "flow_sde", "dance_sde"):
         out = sde_step_with_logprob(v, x, 0.6, 0.4, sampler=name, eta=0.0, noise=eps, logprob="paper")
@@ -157,6 +187,7 @@ def test_public_import():
 
 
 # --- the KL each sampler trains with equals its anchor's training code ----------------------------------
+
 
 def flow_grpo_std_dev_t(sigma, sigma_max, noise_level):
     """Flow-GRPO's sde_step_with_logprob returns this std_dev_t (no √dt) and scripts/train_sd3.py divides
@@ -185,14 +216,22 @@ def test_kl_of_each_sampler_equals_its_anchor(index):
     prev, _, mu = flow_grpo_step(v, x, sig, nxt, SIGMAS[1], 0.7, noise=eps)
     mu_ref = flow_grpo_step(v_ref, x, sig, nxt, SIGMAS[1], 0.7, prev_sample=prev)[2]
     std_dev_t = flow_grpo_std_dev_t(sig, SIGMAS[1], 0.7)
-    want = ((mu - mu_ref) ** 2).mean(dim=dims) / (2 * std_dev_t ** 2)
+    want = ((mu - mu_ref) ** 2).mean(dim=dims) / (2 * std_dev_t**2)
     torch.testing.assert_close(kl_of("flow_sde", v, v_ref, x, prev, sig, nxt), want, rtol=1e-5, atol=1e-9)
     # ... and by name: the Gaussian form (Flow-GRPO's paper, eq. 6: s = std_dev_t·√Δ) and the unnormalised one
     s2 = (std_dev_t * torch.sqrt(sig - nxt)) ** 2
-    torch.testing.assert_close(kl_of("flow_sde", v, v_ref, x, prev, sig, nxt, kl="gaussian"),
-                               ((mu - mu_ref) ** 2).mean(dim=dims) / (2 * s2), rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(kl_of("flow_sde", v, v_ref, x, prev, sig, nxt, kl="paper"),
-                               ((mu - mu_ref) ** 2).mean(dim=dims), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(
+        kl_of("flow_sde", v, v_ref, x, prev, sig, nxt, kl="gaussian"),
+        ((mu - mu_ref) ** 2).mean(dim=dims) / (2 * s2),
+        rtol=1e-5,
+        atol=1e-9,
+    )
+    torch.testing.assert_close(
+        kl_of("flow_sde", v, v_ref, x, prev, sig, nxt, kl="paper"),
+        ((mu - mu_ref) ** 2).mean(dim=dims),
+        rtol=1e-5,
+        atol=1e-9,
+    )
     # DanceGRPO has no KL in its code: the Gaussian form of its step, std_dev_t = η·√Δ (flux_step)
     s, n = float(SIGMAS[index]), float(SIGMAS[index + 1])
     prev, _, mu = dance_flux_step(v, x, 0.3, s, n, noise=eps)

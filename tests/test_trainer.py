@@ -16,10 +16,19 @@ from fastcps.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "digits_cps.json")
-TINY = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=4",
-        "train.rollout_batch_size=8", "train.minibatch_size=4", "eval.num_prompts=2",
-        "eval.images_per_prompt=2", "eval.every=1", "log.progress=false", "checkpoint.every=0",
-        f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}"]
+TINY = [
+    "sampler.num_steps=4",
+    "train.prompts_per_epoch=2",
+    "train.images_per_prompt=4",
+    "train.rollout_batch_size=8",
+    "train.minibatch_size=4",
+    "eval.num_prompts=2",
+    "eval.images_per_prompt=2",
+    "eval.every=1",
+    "log.progress=false",
+    "checkpoint.every=0",
+    f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}",
+]
 
 
 def sets(items):
@@ -38,6 +47,7 @@ def metrics(run_dir):
 
 # --- config errors, before any model loads ----------------------------------------------------------
 
+
 def test_unknown_key_and_wrong_type_are_named(capsys):
     assert main(["--config", CONFIG, "--set", "train.lrr=1e-4"]) == 2
     assert "train.lrr" in capsys.readouterr().err
@@ -48,8 +58,16 @@ def test_unknown_key_and_wrong_type_are_named(capsys):
 
 
 def test_batch_arithmetic_depends_on_world_size():
-    cfg = load_config(RunConfig, CONFIG, ["train.prompts_per_epoch=3", "train.images_per_prompt=4",
-                                          "train.rollout_batch_size=6", "train.minibatch_size=6"])
+    cfg = load_config(
+        RunConfig,
+        CONFIG,
+        [
+            "train.prompts_per_epoch=3",
+            "train.images_per_prompt=4",
+            "train.rollout_batch_size=6",
+            "train.minibatch_size=6",
+        ],
+    )
     validate_tree(cfg, world_size=2)  # 12 images, 6 per process: fine
     with pytest.raises(ConfigError, match="does not split over 5 processes"):
         validate_tree(cfg, world_size=5)
@@ -58,7 +76,10 @@ def test_batch_arithmetic_depends_on_world_size():
 
 
 def test_missing_weights_path_names_the_key(tmp_path, capsys):
-    rc = main(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "policy.pretrained=/no/such.safetensors"]))
+    rc = main(
+        ["--config", CONFIG]
+        + sets(TINY + [f"output_dir={tmp_path}", "policy.pretrained=/no/such.safetensors"])
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "policy.pretrained" in err and "/no/such.safetensors" in err
@@ -66,16 +87,30 @@ def test_missing_weights_path_names_the_key(tmp_path, capsys):
 
 # --- end to end ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_one_epoch_single_process_and_exact_ratio(tmp_path):
-    r = run_cli(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "name=one", "train.num_epochs=1"]))
+    r = run_cli(
+        ["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "name=one", "train.num_epochs=1"])
+    )
     assert r.returncode == 0, r.stdout[-6000:]
     run = tmp_path / "one"
     rows = metrics(run)
     assert rows[0]["epoch"] == 0 and "eval/digit" in rows[0] and "eval/diversity" in rows[0]
     last = rows[-1]
-    for key in ("reward/mean", "reward/digit/mean", "train/loss", "train/kl", "train/clipfrac", "train/ratio_dev",
-                "train/zero_std_frac", "time/rollout_s", "time/update_s", "memory/peak_gib", "eval/digit"):
+    for key in (
+        "reward/mean",
+        "reward/digit/mean",
+        "train/loss",
+        "train/kl",
+        "train/clipfrac",
+        "train/ratio_dev",
+        "train/zero_std_frac",
+        "time/rollout_s",
+        "time/update_s",
+        "memory/peak_gib",
+        "eval/digit",
+    ):
         assert key in last, key
     # old_logprob = recompute: the same forward run twice gives the same numbers. That is determinism,
     # not rollout-vs-training agreement (tests/test_rollout_training_agreement.py checks that).
@@ -91,11 +126,30 @@ def test_one_epoch_single_process_and_exact_ratio(tmp_path):
 
 @pytest.mark.slow
 def test_one_epoch_two_processes_zero3(tmp_path):
-    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "fastcps" / "train.py")]
-    r = run_cli(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "name=two", "train.num_epochs=1",
-                                                    "train.prompts_per_epoch=3", "train.rollout_batch_size=6",
-                                                    "train.minibatch_size=3"]),
-                launcher=launcher, timeout=400)
+    launcher = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "fastcps" / "train.py"),
+    ]
+    r = run_cli(
+        ["--config", CONFIG]
+        + sets(
+            TINY
+            + [
+                f"output_dir={tmp_path}",
+                "name=two",
+                "train.num_epochs=1",
+                "train.prompts_per_epoch=3",
+                "train.rollout_batch_size=6",
+                "train.minibatch_size=3",
+            ]
+        ),
+        launcher=launcher,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stdout[-8000:]
     rows = metrics(tmp_path / "two")
     assert rows[-1]["train/ratio_dev"] == 0.0 and "eval/digit" in rows[-1]  # recompute: determinism only
@@ -108,13 +162,25 @@ def test_lora_multi_reward_ema_kl_window_rollout_logprobs(tmp_path):
     """One run through the options a FLUX user turns on: LoRA (peft) with the reference = adapters
     off, beta_kl > 0, EMA for eval, an SDE window, old log-probs from the rollout, weighted rewards."""
     cfg = str(ROOT / "configs" / "digits_multi.json")
-    extra = ["name=lora", "train.num_epochs=2", "policy.lora={\"r\": 4, \"alpha\": 8}", "train.beta_kl=0.01",
-             "train.ema_decay=0.9", "sampler.sde_window_size=2", "train.old_logprob=rollout"]
+    extra = [
+        "name=lora",
+        "train.num_epochs=2",
+        'policy.lora={"r": 4, "alpha": 8}',
+        "train.beta_kl=0.01",
+        "train.ema_decay=0.9",
+        "sampler.sde_window_size=2",
+        "train.old_logprob=rollout",
+    ]
     r = run_cli(["--config", cfg] + sets(TINY + [f"output_dir={tmp_path}"] + extra))
     assert r.returncode == 0, r.stdout[-6000:]
     rows = metrics(tmp_path / "lora")
     last = rows[-1]
-    for key in ("reward/digit/mean", "reward/jpeg_compressibility/mean", "eval/digit", "eval/jpeg_compressibility"):
+    for key in (
+        "reward/digit/mean",
+        "reward/jpeg_compressibility/mean",
+        "eval/digit",
+        "eval/jpeg_compressibility",
+    ):
         assert key in last, key
     assert last["train/trained_steps"] <= 2  # only the window's steps are stochastic and trained
     assert last["train/kl"] > 0  # adapters moved the policy away from the reference
@@ -139,8 +205,13 @@ def test_a_reward_that_raises_stops_the_run_and_names_it(tmp_path, capsys, monke
     from fastcps import rewards
 
     monkeypatch.setitem(rewards.REGISTRY, "boom", "test_trainer:BoomReward")  # removed after the test
-    rc = main(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "train.num_epochs=1", "eval.every=0",
-                                                  'rewards=[{"name": "boom"}]']))
+    rc = main(
+        ["--config", CONFIG]
+        + sets(
+            TINY
+            + [f"output_dir={tmp_path}", "train.num_epochs=1", "eval.every=0", 'rewards=[{"name": "boom"}]']
+        )
+    )
     assert rc == 3
     err = capsys.readouterr().err
     assert "reward 'boom' raised RuntimeError: scorer server unreachable" in err
@@ -157,15 +228,27 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path, monkeypatch, capsys):
         return LogprobKL(out.log_prob * float("nan"), out.kl)
 
     monkeypatch.setattr(update_mod, "cps_logprob_kl", nan_logprob)
-    rc = main(["--config", CONFIG] + sets(TINY + [f"output_dir={tmp_path}", "name=nan", "train.num_epochs=3",
-                                                  "eval.every=0", "train.max_nonfinite_steps=2",
-                                                  "train.old_logprob=rollout"]))
+    rc = main(
+        ["--config", CONFIG]
+        + sets(
+            TINY
+            + [
+                f"output_dir={tmp_path}",
+                "name=nan",
+                "train.num_epochs=3",
+                "eval.every=0",
+                "train.max_nonfinite_steps=2",
+                "train.old_logprob=rollout",
+            ]
+        )
+    )
     assert rc == 4
     err = capsys.readouterr().err
     assert "2 optimizer steps in a row had a non-finite loss or gradient" in err
 
 
 # --- the DeepSpeed config the trainer hands to deepspeed.initialize ----------------------------------
+
 
 def trainer_ds_config(tmp_path, dtype, user: dict, world: int = 2):
     """``Trainer._deepspeed_config`` for ``policy.dtype=dtype`` and the user's DeepSpeed JSON ``user``
@@ -184,19 +267,26 @@ def test_bf16_and_fp16_accumulate_and_reduce_gradients_in_fp32_under_zero2_and_z
     for dtype in ("bf16", "fp16"):
         for stage in (2, 3):
             ds = trainer_ds_config(tmp_path, dtype, {"zero_optimization": {"stage": stage}})
-            assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+            assert (
+                ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+            )
             assert ds["bf16" if dtype == "bf16" else "fp16"] == {"enabled": True}
     # fp32 policy: already fp32; no ZeRO / ZeRO-1: DeepSpeed refuses or wraps differently, left alone
     for dtype, stage in (("fp32", 3), ("fp32", 2), ("bf16", 0), ("bf16", 1)):
         ds = trainer_ds_config(tmp_path, dtype, {"zero_optimization": {"stage": stage}})
         assert "data_types" not in ds and "communication_data_type" not in ds, (dtype, stage)
     # the user's DeepSpeed JSON wins, key by key; its other data_types keys stay
-    user = {"zero_optimization": {"stage": 3}, "communication_data_type": "bf16",
-            "data_types": {"grad_accum_dtype": "bf16", "buffer_dtype": "fp32"}}
+    user = {
+        "zero_optimization": {"stage": 3},
+        "communication_data_type": "bf16",
+        "data_types": {"grad_accum_dtype": "bf16", "buffer_dtype": "fp32"},
+    }
     ds = trainer_ds_config(tmp_path, "bf16", user)
     assert ds["communication_data_type"] == "bf16"
     assert ds["data_types"] == {"grad_accum_dtype": "bf16", "buffer_dtype": "fp32"}
-    ds = trainer_ds_config(tmp_path, "bf16", {"zero_optimization": {"stage": 2}, "data_types": {"buffer_dtype": "fp32"}})
+    ds = trainer_ds_config(
+        tmp_path, "bf16", {"zero_optimization": {"stage": 2}, "data_types": {"buffer_dtype": "fp32"}}
+    )
     assert ds["data_types"] == {"buffer_dtype": "fp32", "grad_accum_dtype": "fp32"}
     assert ds["communication_data_type"] == "fp32"
 
@@ -226,14 +316,22 @@ def test_deepspeed_honours_fp32_accumulation_of_a_bf16_model(tmp_path, monkeypat
 
     for stage in (2, 3):
         monkeypatch.setenv("MASTER_PORT", str(free_port()))
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        for key, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
             monkeypatch.setenv(key, value)
-        ds = trainer_ds_config(tmp_path, "bf16", {"zero_optimization": {"stage": stage, "overlap_comm": False}}, world=1)
+        ds = trainer_ds_config(
+            tmp_path, "bf16", {"zero_optimization": {"stage": stage, "overlap_comm": False}}, world=1
+        )
         model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).to(torch.bfloat16)
         model.load_state_dict(init.state_dict())
         ds["gradient_clipping"] = 0.0
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                                               config=ds)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=ds
+        )
         assert engine.optimizer.gradient_accumulation_dtype == torch.float32
         assert engine.optimizer.communication_data_type == torch.float32
         for k in range(len(x)):
@@ -248,6 +346,7 @@ def test_deepspeed_honours_fp32_accumulation_of_a_bf16_model(tmp_path, monkeypat
 
 
 # --- evaluation ------------------------------------------------------------------------------------
+
 
 class ImageLog:
     def __init__(self):
@@ -264,8 +363,9 @@ def eval_trainer(policy, extra, world=1, rank=0):
     from fastcps.rollout import PromptEncodings, eval_prompt_set
     from fastcps.trainer import Trainer
 
-    cfg = load_config(RunConfig, CONFIG, ["sampler.num_steps=4", "eval.num_prompts=5", "eval.images_per_prompt=4",
-                                          *extra])
+    cfg = load_config(
+        RunConfig, CONFIG, ["sampler.num_steps=4", "eval.num_prompts=5", "eval.images_per_prompt=4", *extra]
+    )
     t = Trainer.__new__(Trainer)
     t.cfg, t.world, t.rank, t.device = cfg, world, rank, torch.device("cpu")
     t.policy, t.engine, t.ema, t.logger = policy, policy.transformer, None, ImageLog()
@@ -299,7 +399,7 @@ def test_batched_eval_equals_one_prompt_at_a_time(monkeypatch):
     one = eval_trainer(policy, ["train.rollout_batch_size=4", "log.images_every=1"])
     ref = one.evaluate(0)
     assert calls == [4] * 5 and set(ref) == {"eval/digit", "eval/diversity"}
-    (tag, ref_images, step), = one.logger.logged
+    ((tag, ref_images, step),) = one.logger.logged
     assert tag == "eval/images" and step == 0 and ref_images.shape == (16, 3, 16, 16)  # the first 4 prompts
     for batch, expected_calls in ((12, [12, 8]), (32, [20]), (6, [4] * 5)):  # 3, 5, 1 prompts per call
         calls.clear()
@@ -308,7 +408,12 @@ def test_batched_eval_equals_one_prompt_at_a_time(monkeypatch):
         assert calls == expected_calls, (batch, calls)
         assert out.keys() == ref.keys()
         for key in ref:
-            assert abs(out[key] - ref[key]) <= 1e-6 * max(1.0, abs(ref[key])), (batch, key, out[key], ref[key])
+            assert abs(out[key] - ref[key]) <= 1e-6 * max(1.0, abs(ref[key])), (
+                batch,
+                key,
+                out[key],
+                ref[key],
+            )
         torch.testing.assert_close(t.logger.logged[0][1], ref_images, rtol=1e-5, atol=1e-6)
 
     # two ranks: 5 prompts -> 3 each (rank 1 repeats prompt 4, unscored); 2 prompts per call -> 2 calls each

@@ -23,20 +23,33 @@ from wiring_support import FlagOptimizer, RecordingEngine, toy_config, toy_rollo
 
 def loss_output(loss, kl, clipfrac, ratio_dev):
     t = lambda v: torch.tensor(v, dtype=torch.float32)
-    return LossOutput(loss=t(loss), policy_loss=t(loss), kl_mean=t(kl), ratio=torch.ones(2), clipfrac=t(clipfrac),
-                      ratio_dev=t(ratio_dev))
+    return LossOutput(
+        loss=t(loss),
+        policy_loss=t(loss),
+        kl_mean=t(kl),
+        ratio=torch.ones(2),
+        clipfrac=t(clipfrac),
+        ratio_dev=t(ratio_dev),
+    )
 
 
 def test_means_over_finite_micro_steps_and_ratio_dev_over_the_first_window(float64_default):
     stats = UpdateStats("cpu")
-    steps = [(loss_output(1.0, 0.5, 0.25, 0.1), True),   # first window
-             (loss_output(2.0, 1.5, 0.75, 0.3), False),  # after the first optimizer step: not in ratio_dev
-             (loss_output(float("nan"), 9.0, 9.0, float("nan")), True),  # non-finite: left out of every mean
-             (loss_output(3.0, 1.0, 0.5, 0.05), True)]
+    steps = [
+        (loss_output(1.0, 0.5, 0.25, 0.1), True),  # first window
+        (loss_output(2.0, 1.5, 0.75, 0.3), False),  # after the first optimizer step: not in ratio_dev
+        (loss_output(float("nan"), 9.0, 9.0, float("nan")), True),  # non-finite: left out of every mean
+        (loss_output(3.0, 1.0, 0.5, 0.05), True),
+    ]
     for out, first_window in steps:
         stats.add(out, torch.isfinite(out.loss), first_window)
     m = stats.metrics()
-    assert m == {"train/loss": 2.0, "train/kl": 1.0, "train/clipfrac": 0.5, "train/ratio_dev": 0.10000000149011612}
+    assert m == {
+        "train/loss": 2.0,
+        "train/kl": 1.0,
+        "train/clipfrac": 0.5,
+        "train/ratio_dev": 0.10000000149011612,
+    }
     assert stats.sums.tolist() == [6.0, 3.0, 1.5, 3.0]  # loss, kl, clipfrac, finite count
     assert stats.sums.dtype == stats.ratio_dev.dtype == torch.float32 and stats.sums.device.type == "cpu"
 
@@ -60,17 +73,30 @@ def test_metrics_pool_every_ranks_micro_steps_and_take_the_largest_ratio_dev(mon
         stats.add(out, torch.isfinite(out.loss), first_window=True)
     other_rank = {4: torch.tensor([8.0, 1.0, 0.0, 1.0]), 1: torch.tensor([0.7])}  # by the tensor's size
     reduce = {torch.distributed.ReduceOp.SUM: torch.sum, torch.distributed.ReduceOp.MAX: torch.amax}
-    monkeypatch.setattr(update_mod.dist, "all_reduce", lambda t, op=torch.distributed.ReduceOp.SUM: reduce[op](
-        torch.stack([t, other_rank[t.numel()].to(t.dtype)]), dim=0))
+    monkeypatch.setattr(
+        update_mod.dist,
+        "all_reduce",
+        lambda t, op=torch.distributed.ReduceOp.SUM: reduce[op](
+            torch.stack([t, other_rank[t.numel()].to(t.dtype)]), dim=0
+        ),
+    )
     m = stats.metrics()
-    assert m == pytest.approx({"train/loss": 12 / 3, "train/kl": 3 / 3, "train/clipfrac": 1 / 3, "train/ratio_dev": 0.7})
+    assert m == pytest.approx(
+        {"train/loss": 12 / 3, "train/kl": 3 / 3, "train/clipfrac": 1 / 3, "train/ratio_dev": 0.7}
+    )
 
 
 # ---- run_update's loop on the toy, real CPU tensors -------------------------------------------------------
 
 # 4 samples in minibatches of 2, one minibatch per optimizer step: two windows per pass.
-SETS = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=2",
-        "train.rollout_batch_size=2", "train.minibatch_size=2", "train.gradient_accumulation_steps=1"]
+SETS = [
+    "sampler.num_steps=4",
+    "train.prompts_per_epoch=2",
+    "train.images_per_prompt=2",
+    "train.rollout_batch_size=2",
+    "train.minibatch_size=2",
+    "train.gradient_accumulation_steps=1",
+]
 
 
 def toy_epoch(sets):
@@ -103,21 +129,31 @@ def test_loss_scaling_skip_flags_and_ratio_dev_of_the_first_window(monkeypatch, 
     non-finite loss flags its window's optimizer step and no other; after_optimizer_step hears 'applied';
     ratio_dev is the first window's, against old log-probs recomputed (or the rollout's, here shifted by
     0.01-0.04 per sample so that every window's ratio_dev differs)."""
-    cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=1", f"train.old_logprob={old_logprob}",
-                                        "train.num_inner_epochs=2"])
+    cfg, policy, data, adv = toy_epoch(
+        ["sampler.sde_window_size=1", f"train.old_logprob={old_logprob}", "train.num_inner_epochs=2"]
+    )
     assert len(data.sampling.trained) == 1
     data.log_prob = data.log_prob + 0.01 * torch.arange(1, 5)[:, None]  # a different ratio for every sample
     outs = recorded_losses(monkeypatch, make_nan=lambda call: call == 3)  # the last window of pass 2
     opt, skips = FlagOptimizer(), []
     engine = RecordingEngine(policy.transformer, opt)
-    stats = update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0,
-                                  after_optimizer_step=skips.append)
-    assert len(outs) == 4 and [float(x) for x in engine.losses[:3]] == [float(o.loss.detach()) for o in outs[:3]]  # n_micro = 1
-    assert [bool(f) for f in engine.skip_flags] == [False, False, False, True] and skips == [False] * 4 and opt.skip_flag is None
+    stats = update_mod.run_update(
+        engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0, after_optimizer_step=skips.append
+    )
+    assert len(outs) == 4 and [float(x) for x in engine.losses[:3]] == [
+        float(o.loss.detach()) for o in outs[:3]
+    ]  # n_micro = 1
+    assert (
+        [bool(f) for f in engine.skip_flags] == [False, False, False, True]
+        and skips == [False] * 4
+        and opt.skip_flag is None
+    )
     m = stats.metrics()
     first = float(outs[0].ratio_dev)
     assert m["train/ratio_dev"] == first
-    if old_logprob == "rollout":  # the other windows' ratio_dev differ from the first's (so the check can tell)
+    if (
+        old_logprob == "rollout"
+    ):  # the other windows' ratio_dev differ from the first's (so the check can tell)
         later = [float(o.ratio_dev) for o in outs[1:3]]  # pass 1's second window, pass 2's first
         assert first not in later and first < max(later), (first, later)
     assert (first == 0.0) == (old_logprob == "recompute")  # recomputed: exactly on-policy
@@ -148,8 +184,9 @@ def fed_old_logprobs(monkeypatch, cfg, policy, data, adv, any_rank=None):
     if any_rank is not None:
         monkeypatch.setattr(update_mod.dist, "any_rank", any_rank)
     opt = FlagOptimizer()
-    stats = update_mod.run_update(RecordingEngine(policy.transformer, opt), opt, policy, data, adv, cfg.train,
-                                  epoch=0, seed=0, rank=0)
+    stats = update_mod.run_update(
+        RecordingEngine(policy.transformer, opt), opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0
+    )
     return fed, recomputes, stats, grads
 
 
@@ -198,8 +235,12 @@ def test_after_optimizer_step_hears_skipped_when_either_side_skipped():
     optimizer refused it or the engine did not apply it, and only then (4 optimizer steps: 2 passes x 2)."""
     cfg, policy, data, adv = toy_epoch(["sampler.sde_window_size=1", "train.num_inner_epochs=2"])
     opt, heard = FlagOptimizer(), []
-    engine = ScriptedEngine(policy.transformer, opt, [(True, True), (False, False), (True, False), (False, True)])
-    update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, after_optimizer_step=heard.append)
+    engine = ScriptedEngine(
+        policy.transformer, opt, [(True, True), (False, False), (True, False), (False, True)]
+    )
+    update_mod.run_update(
+        engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, after_optimizer_step=heard.append
+    )
     assert heard == [True, True, True, False] and engine.script == []
 
 
@@ -211,7 +252,9 @@ def test_accumulation_divides_each_micro_loss_by_the_window(monkeypatch, capsys)
     update_mod.run_update(engine, opt, policy, data, adv, cfg.train, epoch=0, seed=0, rank=0)
     n_micro = 2 * 2  # 2 minibatches x 2 trained steps in the one window
     assert len(outs) == n_micro and [bool(f) for f in engine.skip_flags] == [False]
-    assert [float(x) for x in engine.losses] == pytest.approx([float(o.loss.detach()) / n_micro for o in outs], rel=1e-6)
+    assert [float(x) for x in engine.losses] == pytest.approx(
+        [float(o.loss.detach()) / n_micro for o in outs], rel=1e-6
+    )
     assert "[fastcps]" not in capsys.readouterr().err  # no progress lines unless asked for
 
 
@@ -231,14 +274,29 @@ def test_progress_counts_the_work_it_reports(monkeypatch, capsys):
     data = toy_rollout(cfg, policy, 2, progress=True)
     adv = epoch_advantages(data, cfg.train, torch.device("cpu")).local
     opt = FlagOptimizer()
-    update_mod.run_update(RecordingEngine(policy.transformer, opt), opt, policy, data, adv, cfg.train, epoch=2,
-                          seed=0, progress=True)
+    update_mod.run_update(
+        RecordingEngine(policy.transformer, opt),
+        opt,
+        policy,
+        data,
+        adv,
+        cfg.train,
+        epoch=2,
+        seed=0,
+        progress=True,
+    )
     micro = 2 * 2 * len(data.sampling.trained)  # 2 passes x 2 minibatches x the trained steps
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[fastcps]")]
-    assert [line.split(" in ")[0] for line in lines] == ["[fastcps] epoch 3 rollout: 4 images",
-                                                         f"[fastcps] epoch 3 update: {micro} micro-steps"]
+    assert [line.split(" in ")[0] for line in lines] == [
+        "[fastcps] epoch 3 rollout: 4 images",
+        f"[fastcps] epoch 3 update: {micro} micro-steps",
+    ]
     update_kwargs, update_bar = bars[1]
-    assert type(update_kwargs["total"]) is int and update_kwargs["total"] == update_bar.n == micro and update_bar.closed
+    assert (
+        type(update_kwargs["total"]) is int
+        and update_kwargs["total"] == update_bar.n == micro
+        and update_bar.closed
+    )
 
 
 @pytest.mark.parametrize("beta_kl", [0.0, 0.5])
@@ -256,7 +314,10 @@ def test_kl_term_is_beta_times_the_kl_to_the_weights_training_started_from(monke
     real_reference = policy.reference
     monkeypatch.setattr(policy, "reference", lambda model: (entered.append(model), real_reference(model))[1])
 
-    mb, j = torch.tensor([2, 0]), len(data.sampling.trained) - 1  # the last trained step, samples out of order
+    mb, j = (
+        torch.tensor([2, 0]),
+        len(data.sampling.trained) - 1,
+    )  # the last trained step, samples out of order
     step = data.sampling.trained[j]
     x_t, x_next, cond = data.x_t[mb, j], data.x_next[mb, j], select(data.cond, data.cond_index[mb])
     sigma = data.sampling.sigmas[step].expand(2)
@@ -265,8 +326,9 @@ def test_kl_term_is_beta_times_the_kl_to_the_weights_training_started_from(monke
         logp, kl = cps_logprob_kl(x_t, v, x_next, data.sampling.coeffs[step], v_start)
     assert float(kl.mean()) > 1e-6  # the moved weights are visibly off the reference
 
-    out, out_logp = update_mod.micro_step_loss(policy, policy.transformer, data, mb, j, logp, torch.zeros(2),
-                                               clip_range=1e-4, beta_kl=beta_kl)
+    out, out_logp = update_mod.micro_step_loss(
+        policy, policy.transformer, data, mb, j, logp, torch.zeros(2), clip_range=1e-4, beta_kl=beta_kl
+    )
     torch.testing.assert_close(out_logp.detach(), logp, rtol=1e-6, atol=1e-6)
     expected_kl = float(kl.mean()) if beta_kl > 0 else 0.0
     assert float(out.kl_mean) == pytest.approx(expected_kl, rel=1e-5)
@@ -283,11 +345,15 @@ def test_epoch_advantages_are_this_ranks_rows_of_groups_spanning_ranks(monkeypat
     other = {torch.float32: torch.tensor([2.0, 6.0, 5.01, 4.99]), torch.int64: torch.tensor([0, 0, 1, 1])}
     ranks = lambda t: [other[t.dtype], t] if rank == 1 else [t, other[t.dtype]]
     monkeypatch.setattr(update_mod.dist, "all_gather_cat", lambda t: torch.cat(ranks(t)))
-    train_cfg = SimpleNamespace(adv_std="prompt", adv_clip_max=5.0, zero_std_threshold=0.1, prompts_per_epoch=2)
+    train_cfg = SimpleNamespace(
+        adv_std="prompt", adv_clip_max=5.0, zero_std_threshold=0.1, prompts_per_epoch=2
+    )
 
     out = epoch_advantages(mine, train_cfg, torch.device("cpu"), rank=rank)
     g0 = torch.tensor([1.0, 3.0, 2.0, 6.0], dtype=torch.float64)  # group 0's rewards: both ranks
-    expected = ((torch.tensor([1.0, 3.0], dtype=torch.float64) - g0.mean()) / (g0.std(unbiased=False) + 1e-4)).float()
+    expected = (
+        (torch.tensor([1.0, 3.0], dtype=torch.float64) - g0.mean()) / (g0.std(unbiased=False) + 1e-4)
+    ).float()
     assert out.local.dtype == torch.float32 and out.local.shape == (4,)
     torch.testing.assert_close(out.local[[0, 2]], expected, rtol=1e-6, atol=0)
     assert out.local[[1, 3]].tolist() == [0.0, 0.0]  # group 1: std 0.01, below the configured threshold
@@ -320,7 +386,9 @@ def test_rollout_log_probs_replace_the_recompute_only_when_bitwise_equal(monkeyp
     batches = draw(n, 2, (0, 0, 4, 0, 0), torch.device("cpu"))
     truth = update_mod.recompute_old_logprobs(policy, policy.transformer, data, batches, clip_range=1e-4)
     if case != "other_layout":
-        assert torch.equal(truth, data.log_prob)  # the premise: same rows, order and shapes give the same bits
+        assert torch.equal(
+            truth, data.log_prob
+        )  # the premise: same rows, order and shapes give the same bits
     else:  # equal bits by construction: the layout alone must send it to the recompute
         data.log_prob = truth.clone()
     if case == "one_ulp":  # the first window's first sample, last trained step: the next float up

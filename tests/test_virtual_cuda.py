@@ -38,20 +38,52 @@ from fastcps.update import epoch_advantages, micro_step_loss, minibatches, recom
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.device("cuda")
 # 4 steps with a 2-step SDE window, 2 prompts x 2 images, rollout batch 2, minibatch 2, beta_KL > 0.
-COMMON = ["sampler.num_steps=4", "sampler.sde_window_size=2", "train.prompts_per_epoch=2",
-          "train.images_per_prompt=2", "train.rollout_batch_size=2", "train.minibatch_size=2", "train.beta_kl=0.01"]
+COMMON = [
+    "sampler.num_steps=4",
+    "sampler.sde_window_size=2",
+    "train.prompts_per_epoch=2",
+    "train.images_per_prompt=2",
+    "train.rollout_batch_size=2",
+    "train.minibatch_size=2",
+    "train.beta_kl=0.01",
+]
 CASES = {
     "toy-full": [],
     "toy-lora": ['policy.lora={"r": 4, "alpha": 8}'],
-    "flux-lora": ["policy.name=flux", "policy.resolution=64", "policy.max_sequence_length=32", "policy.guidance=3.5",
-                  'policy.lora={"r": 4, "alpha": 8}'],
-    "flux-lora-ckpt": ["policy.name=flux", "policy.resolution=64", "policy.max_sequence_length=32",
-                       "policy.guidance=3.5", 'policy.lora={"r": 4, "alpha": 8}', "policy.gradient_checkpointing=true"],
-    "flux-full": ["policy.name=flux", "policy.resolution=64", "policy.max_sequence_length=32", "policy.guidance=3.5"],
-    "sd3-cfg-lora": ["policy.name=sd3", "policy.resolution=64", "policy.max_sequence_length=32", "policy.cfg_scale=4.5",
-                     'policy.lora={"r": 4, "alpha": 8}'],
-    "sd3-cfg-full": ["policy.name=sd3", "policy.resolution=64", "policy.max_sequence_length=32",
-                     "policy.cfg_scale=4.5"],
+    "flux-lora": [
+        "policy.name=flux",
+        "policy.resolution=64",
+        "policy.max_sequence_length=32",
+        "policy.guidance=3.5",
+        'policy.lora={"r": 4, "alpha": 8}',
+    ],
+    "flux-lora-ckpt": [
+        "policy.name=flux",
+        "policy.resolution=64",
+        "policy.max_sequence_length=32",
+        "policy.guidance=3.5",
+        'policy.lora={"r": 4, "alpha": 8}',
+        "policy.gradient_checkpointing=true",
+    ],
+    "flux-full": [
+        "policy.name=flux",
+        "policy.resolution=64",
+        "policy.max_sequence_length=32",
+        "policy.guidance=3.5",
+    ],
+    "sd3-cfg-lora": [
+        "policy.name=sd3",
+        "policy.resolution=64",
+        "policy.max_sequence_length=32",
+        "policy.cfg_scale=4.5",
+        'policy.lora={"r": 4, "alpha": 8}',
+    ],
+    "sd3-cfg-full": [
+        "policy.name=sd3",
+        "policy.resolution=64",
+        "policy.max_sequence_length=32",
+        "policy.cfg_scale=4.5",
+    ],
 }
 
 
@@ -102,15 +134,35 @@ def epoch_on_fake(cfg, policy, device):
     fake_policy(policy, mode, device)
     with mode:
         encodings = PromptEncodings(policy)
-        data = rollout_epoch(cfg, 0, sampling, policy, policy.transformer, HostReward(device), encodings,
-                             load_prompts("digits"), device=device)
+        data = rollout_epoch(
+            cfg,
+            0,
+            sampling,
+            policy,
+            policy.transformer,
+            HostReward(device),
+            encodings,
+            load_prompts("digits"),
+            device=device,
+        )
         adv = epoch_advantages(data, cfg.train, device)
         batches = minibatches(data.x_t.shape[0], cfg.train.minibatch_size, (0, 0, 4, 0, 0), device)
-        old = recompute_old_logprobs(policy, policy.transformer, data, batches, clip_range=cfg.train.clip_range)
+        old = recompute_old_logprobs(
+            policy, policy.transformer, data, batches, clip_range=cfg.train.clip_range
+        )
         mb = batches[0]
         with NoHostTraffic():
-            out, logp = micro_step_loss(policy, policy.transformer, data, mb, 0, old[mb, 0], adv.local[mb],
-                                        clip_range=cfg.train.clip_range, beta_kl=cfg.train.beta_kl)
+            out, logp = micro_step_loss(
+                policy,
+                policy.transformer,
+                data,
+                mb,
+                0,
+                old[mb, 0],
+                adv.local[mb],
+                clip_range=cfg.train.clip_range,
+                beta_kl=cfg.train.beta_kl,
+            )
     return data, adv, old, out, logp, mode, sampling
 
 
@@ -121,16 +173,36 @@ def test_rollout_and_micro_step_on_fake_cuda(case, tiny):
     n, j = 4, len(data.sampling.trained)
     assert j >= 1 and data.sampling.stochastic.count(True) == 2  # the window's noisy steps are trained
     assert data.x_t.shape[:2] == (n, j) and data.log_prob.shape == (n, j)
-    on(CUDA, data.x_t, data.x_next, data.log_prob, data.cond_index, data.sampling.sigmas, *data.sampling.coeffs[0],
-       *data.cond.values(), data.preview, adv.local, old, out.loss, out.kl_mean, logp)
+    on(
+        CUDA,
+        data.x_t,
+        data.x_next,
+        data.log_prob,
+        data.cond_index,
+        data.sampling.sigmas,
+        *data.sampling.coeffs[0],
+        *data.cond.values(),
+        data.preview,
+        adv.local,
+        old,
+        out.loss,
+        out.kl_mean,
+        logp,
+    )
     assert data.reward.device.type == "cpu" and adv.rewards.shape == (n,)
     assert out.loss.shape == () and logp.shape == (cfg.train.minibatch_size,)
 
     # A rollout batch's steps (velocity, fused step, log-prob) neither read nor move device values.
     with mode, NoHostTraffic():
         x1 = torch.randn(2, *policy.latent_shape(), device=CUDA)
-        traj = sample(policy, policy.transformer, select(data.cond, data.cond_index[:2]), x1, data.sampling,
-                      step_seeds=[1, 2, 3, 4])
+        traj = sample(
+            policy,
+            policy.transformer,
+            select(data.cond, data.cond_index[:2]),
+            x1,
+            data.sampling,
+            step_seeds=[1, 2, 3, 4],
+        )
     on(CUDA, traj.final, traj.x_t, traj.log_prob)
 
 
@@ -165,24 +237,44 @@ def test_update_loop_reads_nothing_on_the_host(case, tiny):
     engine = RecordingEngine(policy.transformer, opt)
     guard = NoHostTraffic(allow_uploads=True)
     with mode, guard:
-        stats = run_update(engine, opt, policy, data, adv.local, cfg.train, epoch=0, seed=0,
-                           after_optimizer_step=skips.append)
+        stats = run_update(
+            engine,
+            opt,
+            policy,
+            data,
+            adv.local,
+            cfg.train,
+            epoch=0,
+            seed=0,
+            after_optimizer_step=skips.append,
+        )
     assert guard.uploads == 2  # one minibatch order per pass
     j = len(data.sampling.trained)
-    assert len(engine.losses) == 2 * 2 * j and engine.boundaries.count(True) == 2 == len(skips)  # 2 passes x 2 mb
+    assert len(engine.losses) == 2 * 2 * j and engine.boundaries.count(True) == 2 == len(
+        skips
+    )  # 2 passes x 2 mb
     on(CUDA, stats.sums, stats.ratio_dev, *engine.losses)
 
 
 def test_advantages_left_on_the_host_are_caught(tiny):
     """The guard works: advantages not moved to the device fail the micro-step as on a GPU."""
     cfg, policy = build("toy-full", tiny)
-    data, adv, old, *_ , mode, _ = epoch_on_fake(cfg, policy, CUDA)
+    data, adv, old, *_, mode, _ = epoch_on_fake(cfg, policy, CUDA)
     with mode:
         host_adv = torch.zeros(cfg.train.minibatch_size)  # what main at 1fd2617 handed over
         mb = minibatches(4, 2, (0,), CUDA)[0]
         with pytest.raises(FakeTensorDeviceMismatchError):
-            micro_step_loss(policy, policy.transformer, data, mb, 0, old[mb, 0], host_adv,
-                            clip_range=cfg.train.clip_range, beta_kl=0.0)
+            micro_step_loss(
+                policy,
+                policy.transformer,
+                data,
+                mb,
+                0,
+                old[mb, 0],
+                host_adv,
+                clip_range=cfg.train.clip_range,
+                beta_kl=0.0,
+            )
 
 
 def test_no_host_traffic_catches_a_sync_and_a_transfer():
@@ -207,9 +299,16 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
 
     from diffusers import FluxTransformer2DModel
 
-    sets = [f"policy.pretrained={tiny['flux']}", "policy.offload_frozen=false", "train.prompts_per_epoch=1",
-            "train.images_per_prompt=2", "train.rollout_batch_size=2", "train.minibatch_size=2",
-            "train.gradient_accumulation_steps=1", "sampler.sde_window_range=[0, 1]"]
+    sets = [
+        f"policy.pretrained={tiny['flux']}",
+        "policy.offload_frozen=false",
+        "train.prompts_per_epoch=1",
+        "train.images_per_prompt=2",
+        "train.rollout_batch_size=2",
+        "train.minibatch_size=2",
+        "train.gradient_accumulation_steps=1",
+        "sampler.sde_window_range=[0, 1]",
+    ]
     cfg = load_config(RunConfig, str(ROOT / "configs" / "flux_pickscore.json"), sets)
     policy = build_policy(cfg.policy, "cpu")  # tiny encoders and VAE; the transformer is replaced below
     mc = json.loads((ROOT / "configs" / "models" / "flux1-dev_transformer.json").read_text())
@@ -225,18 +324,38 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     L = cfg.policy.max_sequence_length
 
     def encode(prompts):  # T5-XXL and CLIP-L shapes (the tiny pipeline's encoders are 32 wide)
-        return {"encoder_hidden_states": torch.zeros(len(prompts), L, 4096, dtype=torch.bfloat16, device=CUDA),
-                "pooled_projections": torch.zeros(len(prompts), 768, dtype=torch.bfloat16, device=CUDA)}
+        return {
+            "encoder_hidden_states": torch.zeros(len(prompts), L, 4096, dtype=torch.bfloat16, device=CUDA),
+            "pooled_projections": torch.zeros(len(prompts), 768, dtype=torch.bfloat16, device=CUDA),
+        }
 
     policy.encode = encode
     with mode:
-        data = rollout_epoch(cfg, 0, sampling, policy, policy.transformer, HostReward(CUDA), PromptEncodings(policy),
-                             load_prompts(cfg.prompts.source), device=CUDA)
+        data = rollout_epoch(
+            cfg,
+            0,
+            sampling,
+            policy,
+            policy.transformer,
+            HostReward(CUDA),
+            PromptEncodings(policy),
+            load_prompts(cfg.prompts.source),
+            device=CUDA,
+        )
         adv = epoch_advantages(data, cfg.train, CUDA)
         mb = minibatches(2, 2, (0,), CUDA)[0]
         with NoHostTraffic():
-            out, logp = micro_step_loss(policy, policy.transformer, data, mb, 0, data.log_prob[mb, 0], adv.local[mb],
-                                        clip_range=cfg.train.clip_range, beta_kl=cfg.train.beta_kl)
+            out, logp = micro_step_loss(
+                policy,
+                policy.transformer,
+                data,
+                mb,
+                0,
+                data.log_prob[mb, 0],
+                adv.local[mb],
+                clip_range=cfg.train.clip_range,
+                beta_kl=cfg.train.beta_kl,
+            )
     assert data.x_t.shape == (2, 3, 1024, 64) and data.preview.shape == (2, 3, 512, 512)
     on(CUDA, data.x_t, data.log_prob, out.loss, logp)
     assert out.loss.requires_grad
@@ -244,7 +363,9 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
 
 def test_prompt_encodings_keep_their_cache_in_host_memory():
     """The encoder runs on the GPU, but its outputs are cached on the CPU (FLUX's T5 states are 4 MiB a
-    prompt: a GPU cache would grow by a prompt set's worth beside the model); each call copies its rows over."""
+    prompt: a GPU cache would grow by a prompt set's worth beside the model); each call copies its rows
+    over."""
+
     class Encoder:
         def encode(self, prompts):
             return {"states": torch.zeros(len(prompts), 3, 8, dtype=torch.bfloat16, device=CUDA)}
@@ -268,8 +389,15 @@ def test_each_rank_takes_its_local_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
     monkeypatch.setenv("LOCAL_RANK", "5")
     assert distributed.local_device() == torch.device("cuda", 5) and calls == [5]
-    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # init(): no real process group here
-    for key, default in (("MASTER_PORT", "29500"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    monkeypatch.setattr(
+        distributed.dist, "is_initialized", lambda: True
+    )  # init(): no real process group here
+    for key, default in (
+        ("MASTER_PORT", "29500"),
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
         monkeypatch.setenv(key, os.environ.get(key, default))  # init() fills these in: restore them after
     calls.clear()
     distributed.init()

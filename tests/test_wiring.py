@@ -32,10 +32,21 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "digits_cps.json")
 # 2 prompts x 4 images, 4 steps (3 trained: CPS's last step has no noise), minibatch 4: two optimizer
 # steps an epoch. Eval: 2 prompts x 4 images on fixed noise (ODE).
-SMALL = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=4",
-         "train.rollout_batch_size=8", "train.minibatch_size=4", "eval.num_prompts=2", "eval.images_per_prompt=4",
-         "eval.every=0", "log.progress=false", "log.tensorboard=false", "log.images_every=0", "checkpoint.every=0",
-         'rewards=[{"name": "brightness"}]']
+SMALL = [
+    "sampler.num_steps=4",
+    "train.prompts_per_epoch=2",
+    "train.images_per_prompt=4",
+    "train.rollout_batch_size=8",
+    "train.minibatch_size=4",
+    "eval.num_prompts=2",
+    "eval.images_per_prompt=4",
+    "eval.every=0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.images_every=0",
+    "checkpoint.every=0",
+    'rewards=[{"name": "brightness"}]',
+]
 
 
 def make_trainer(run_dir: Path, *sets: str):
@@ -99,16 +110,21 @@ def test_training_moves_the_reward_the_right_way_and_negation_reverses_it(traine
         return t.evaluate(DIRECTION_EPOCHS)["eval/brightness"] - before
 
     up, down = brightness_change(+1), brightness_change(-1)
-    assert up > DIRECTION_MIN and down < -DIRECTION_MIN, f"{sampler}: brightness {up:+.4f} (advantage), {down:+.4f} (negated)"
+    assert up > DIRECTION_MIN and down < -DIRECTION_MIN, (
+        f"{sampler}: brightness {up:+.4f} (advantage), {down:+.4f} (negated)"
+    )
 
 
 # --- the update loop ---------------------------------------------------------------------------------
+
 
 def test_two_inner_epochs_are_two_passes_in_fresh_orders(trainer, monkeypatch):
     """Each pass feeds every (sample, trained step) once, in its own minibatch order; the old
     log-probs stay those of the rollout policy in the second pass (not recomputed after updates). The
     first window's micro-steps get None: their own forward's log-prob is the old one."""
-    fed = record_calls(monkeypatch, update_mod, "micro_step_loss", when=lambda *a, **k: torch.is_grad_enabled())
+    fed = record_calls(
+        monkeypatch, update_mod, "micro_step_loss", when=lambda *a, **k: torch.is_grad_enabled()
+    )
     t = trainer("train.num_inner_epochs=2", "train.minibatch_size=2", "train.gradient_accumulation_steps=2")
     steps = record_calls(monkeypatch, t, "_after_optimizer_step")
     t.run_epoch(0)
@@ -121,7 +137,9 @@ def test_two_inner_epochs_are_two_passes_in_fresh_orders(trainer, monkeypatch):
         assert sorted(order) == list(range(n))
         for k, ((_, _, _, mb, j, old_logp, _), _, (_, logp)) in enumerate(calls):
             assert (old_logp is None) == (p == 0 and k < 2 * J), (p, k)  # the first window: 2 minibatches
-            old[p].update({(int(i), j): float(v) for i, v in zip(mb, logp.detach() if old_logp is None else old_logp)})
+            old[p].update(
+                {(int(i), j): float(v) for i, v in zip(mb, logp.detach() if old_logp is None else old_logp)}
+            )
         orders.append(order)
     assert orders[0] != orders[1], f"both passes in order {orders[0]}"
     assert old[0] == old[1]
@@ -132,9 +150,13 @@ def test_epoch_advantages_follow_the_config(std, monkeypatch):
     """``train.adv_std`` / ``adv_clip_max`` reach the advantages (numbers by hand, numpy)."""
     rewards = np.array([0.0, 1.0, 4.0, 2.0, 3.0, 9.0, 5.0, 7.0])
     groups = np.array([1, 0, 1, 0, 0, 1, 0, 1])
-    monkeypatch.setitem(REGISTRY, "brightness", "wiring_support:Brightness")  # SMALL's reward: names are checked
+    monkeypatch.setitem(
+        REGISTRY, "brightness", "wiring_support:Brightness"
+    )  # SMALL's reward: names are checked
     cfg = load_config(RunConfig, CONFIG, SMALL + [f"train.adv_std={std}", "train.adv_clip_max=1.3"])
-    data = type("Data", (), {"reward": torch.tensor(rewards, dtype=torch.float32), "group": torch.tensor(groups)})
+    data = type(
+        "Data", (), {"reward": torch.tensor(rewards, dtype=torch.float32), "group": torch.tensor(groups)}
+    )
     out = epoch_advantages(data, cfg.train, torch.device("cpu"))
     expected = advantages_by_hand(rewards, groups, std=std, clip=1.3)
     assert (np.abs(expected) == 1.3).any() and (np.abs(expected) < 1.3).any()  # the clip matters here
@@ -171,11 +193,21 @@ def fitted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fit") / "run"
     with pytest.MonkeyPatch.context() as mp:
         plain_trainer_env(mp)
-        t = make_trainer(run_dir, f"train.num_epochs={FIT_EPOCHS}", f"train.ema_decay={EMA_DECAY}", "eval.every=2",
-                         "checkpoint.every=1", f"checkpoint.keep={KEEP}")
+        t = make_trainer(
+            run_dir,
+            f"train.num_epochs={FIT_EPOCHS}",
+            f"train.ema_decay={EMA_DECAY}",
+            "eval.every=2",
+            "checkpoint.every=1",
+            f"checkpoint.keep={KEEP}",
+        )
         weights = lambda: [p.detach().clone() for p in t.ema.params]  # noqa: E731
         start, after_steps, at_eval = weights(), [], []
-        real_after, real_sample, real_loss = t._after_optimizer_step, trainer_mod.sample, update_mod.cps_logprob_kl
+        real_after, real_sample, real_loss = (
+            t._after_optimizer_step,
+            trainer_mod.sample,
+            update_mod.cps_logprob_kl,
+        )
         calls = {"loss": 0}
 
         def after(epoch, skipped):
@@ -186,11 +218,19 @@ def fitted(tmp_path_factory):
             at_eval.append((weights(), [s.clone() for s in t.ema.shadow]))
             return real_sample(*args, **kwargs)
 
-        def loss(*args, **kwargs):  # training micro-steps 13..15 (the third epoch's first window: 1 minibatch x 3 steps): NaN
+        def loss(
+            *args, **kwargs
+        ):  # training micro-steps 13..15 (the third epoch's first window: 1 minibatch x 3 steps): NaN
             calls["loss"] += torch.is_grad_enabled()
             out = real_loss(*args, **kwargs)
-            training = torch.is_grad_enabled()  # not the no-grad recompute, which runs before the window's step
-            return out._replace(log_prob=out.log_prob * float("nan")) if training and 13 <= calls["loss"] <= 15 else out
+            training = (
+                torch.is_grad_enabled()
+            )  # not the no-grad recompute, which runs before the window's step
+            return (
+                out._replace(log_prob=out.log_prob * float("nan"))
+                if training and 13 <= calls["loss"] <= 15
+                else out
+            )
 
         mp.setattr(t, "_after_optimizer_step", after)
         mp.setattr(trainer_mod, "sample", sample)
@@ -210,7 +250,9 @@ def test_ema_is_the_closed_form_average_of_the_applied_steps(fitted):
         expected = d**k * fitted["start"][n].double()
         expected += sum((1 - d) * d ** (k - i) * applied[i - 1][n].double() for i in range(1, k + 1))
         torch.testing.assert_close(shadow.double(), expected, rtol=1e-6, atol=1e-7)
-    assert not torch.equal(applied[-1][0], fitted["trainer"].ema.shadow[0])  # the average is not the last step
+    assert not torch.equal(
+        applied[-1][0], fitted["trainer"].ema.shadow[0]
+    )  # the average is not the last step
     saved = torch.load(fitted["run_dir"] / "checkpoints" / "final" / "ema_rank0.pt")
     for a, b in zip(saved["shadow"], fitted["trainer"].ema.shadow):
         assert torch.equal(a, b)
@@ -218,7 +260,9 @@ def test_ema_is_the_closed_form_average_of_the_applied_steps(fitted):
 
 def test_eval_samples_with_the_ema_weights_and_restores_the_trained_ones(fitted):
     evals = fitted["eval"]
-    assert len(evals) == 3  # epochs 0, 2, 4; one ODE sampling call each: 2 prompts x 4 images <= rollout_batch_size 8
+    assert (
+        len(evals) == 3
+    )  # epochs 0, 2, 4; one ODE sampling call each: 2 prompts x 4 images <= rollout_batch_size 8
     for w, shadow in evals:
         for a, b in zip(w, shadow):
             assert torch.equal(a, b)
@@ -238,10 +282,13 @@ def test_checkpoint_rotation_keeps_the_newest_periodic_ones_and_final(fitted):
         assert torch.equal(w, trained[name].detach())
 
 
-@pytest.mark.parametrize("stop_in, tag, next_epoch", [("rollout", "interrupted_epoch00001", 1),
-                                                     ("update", "interrupted_epoch00002", 2)])
-def test_an_interrupt_leaves_a_checkpoint_an_uninterrupted_run_passes_through(trainer, monkeypatch, stop_in, tag,
-                                                                              next_epoch):
+@pytest.mark.parametrize(
+    "stop_in, tag, next_epoch",
+    [("rollout", "interrupted_epoch00001", 1), ("update", "interrupted_epoch00002", 2)],
+)
+def test_an_interrupt_leaves_a_checkpoint_an_uninterrupted_run_passes_through(
+    trainer, monkeypatch, stop_in, tag, next_epoch
+):
     """A stop (SIGTERM's flag) in the second epoch's rollout: nothing changed, the checkpoint says "run
     epoch 1 again". A stop during its update: the update runs to its end (both optimizer steps), the
     checkpoint says "go on with epoch 2". Either is a state the uninterrupted run passes through."""
@@ -270,6 +317,7 @@ def test_an_interrupt_leaves_a_checkpoint_an_uninterrupted_run_passes_through(tr
 
 # --- the sampling steps: which are stochastic, which are trained -----------------------------------
 
+
 def toy_sigmas(n: int) -> torch.Tensor:
     return torch.cat([torch.linspace(1, 1 / n, n), torch.zeros(1)])
 
@@ -279,8 +327,12 @@ def test_steps_without_noise_are_never_trained(sampler):
     sigmas = toy_sigmas(6)
     window = dict(window_size=2, window_start=1) if sampler == "cpws" else {}  # cpws cannot reach σ' = 0
     sampling = sampling_steps(sampler, None, sigmas, **window)
-    noisy = [i for i in range(6) if sampling.stochastic[i]
-             and float(step_coeffs(sampler, sigmas[i], sigmas[i + 1], sigma_max=sigmas[1]).s[0]) > 0]
+    noisy = [
+        i
+        for i in range(6)
+        if sampling.stochastic[i]
+        and float(step_coeffs(sampler, sigmas[i], sigmas[i + 1], sigma_max=sigmas[1]).s[0]) > 0
+    ]
     assert sampling.trained == noisy
     if sampler in ("cps", "dpmpp1_sde"):  # their last step (σ' = 0) injects no noise
         assert sampling.trained == list(range(5))
@@ -328,6 +380,7 @@ def test_epoch_plan_draws_the_window_from_its_range(window_range, starts):
 
 # --- test hygiene --------------------------------------------------------------------------------------
 
+
 def test_global_state_is_put_back_after_a_test(tmp_path):
     """What conftest's autouse fixture undoes: an environment variable, a registered reward, a process
     group started in the test."""
@@ -338,7 +391,8 @@ def test_global_state_is_put_back_after_a_test(tmp_path):
     with isolated_global_state():
         os.environ["FASTCPS_WIRING_PROBE"] = "1"
         REGISTRY["wiring_probe"] = "wiring_support:Brightness"
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                             world_size=1)
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        )
     assert "FASTCPS_WIRING_PROBE" not in os.environ and "wiring_probe" not in REGISTRY
     assert not torch.distributed.is_initialized()

@@ -29,19 +29,33 @@ from wiring_support import advantages_by_hand, load_dump
 pytestmark = pytest.mark.slow
 
 CONFIG = str(ROOT / "configs" / "digits_cps.json")
-COMMON = ["sampler.num_steps=4", "train.prompts_per_epoch=2", "train.images_per_prompt=4",
-          "train.rollout_batch_size=4", "train.minibatch_size=4", "eval.every=0", "log.progress=false",
-          "log.tensorboard=false", "log.images_every=0", "checkpoint.every=0",
-          f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}"]
+COMMON = [
+    "sampler.num_steps=4",
+    "train.prompts_per_epoch=2",
+    "train.images_per_prompt=4",
+    "train.rollout_batch_size=4",
+    "train.minibatch_size=4",
+    "eval.every=0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.images_every=0",
+    "checkpoint.every=0",
+    f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}",
+]
 # One process: minibatch 4 x accumulation 2, one optimizer step an epoch.
 ONE = COMMON + ["train.gradient_accumulation_steps=2"]
 # Two ranks, 4 samples each: one optimizer step an epoch too (gradients averaged over the ranks), so the
 # second epoch's images match one process's.
 TWO = COMMON
-# Full fine-tuning, 2 windows of one minibatch per rank and epoch, minibatches laid out as the rollout's batches
+# Full fine-tuning, 2 windows of one minibatch per rank and epoch, minibatches laid out as the rollout's
+# batches
 REUSE = ["train.rollout_batch_size=2", "train.minibatch_size=2"]
-LORA_EMA_BF16 = ['policy.lora={"r": 4, "alpha": 8}', "train.ema_decay=0.9", "policy.dtype=bf16",
-                 "train.minibatch_size=2"]
+LORA_EMA_BF16 = [
+    'policy.lora={"r": 4, "alpha": 8}',
+    "train.ema_decay=0.9",
+    "policy.dtype=bf16",
+    "train.minibatch_size=2",
+]
 
 
 def run(out: Path, name: str, epochs: int, sets: list[str]) -> list[str]:
@@ -71,7 +85,9 @@ def signal_after_first_epoch(out: Path, timeout: float = 300) -> str:
     try:
         deadline = time.monotonic() + timeout
         while not first_epoch.wait(0.5):
-            assert proc.poll() is None and time.monotonic() < deadline, "no epoch logged:\n" + "".join(lines)[-3000:]
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "no epoch logged:\n" + "".join(lines)[-3000:]
+            )
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=timeout)
     finally:
@@ -85,8 +101,13 @@ def signal_after_first_epoch(out: Path, timeout: float = 300) -> str:
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
     term_log = signal_after_first_epoch(out)
-    runs = [run(out, "full", 3, ONE), run(out, "part", 1, ONE), resume(out / "part", 3), resume(out / "term", 3),
-            run(out, "ranks", 2, ONE)]
+    runs = [
+        run(out, "full", 3, ONE),
+        run(out, "part", 1, ONE),
+        resume(out / "part", 3),
+        resume(out / "term", 3),
+        run(out, "ranks", 2, ONE),
+    ]
     log = launch(runs, 1, dump=out / "dump")[0]
     return {"out": out, "log": log, "term_log": term_log, "ranks_run": 4}
 
@@ -94,13 +115,19 @@ def one_process(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
-    runs = [run(out, "ranks", 2, TWO), run(out, "full", 2, TWO + LORA_EMA_BF16), run(out, "part", 1, TWO + LORA_EMA_BF16),
-            resume(out / "part", 2), run(out, "reuse", 2, TWO + REUSE)]
+    runs = [
+        run(out, "ranks", 2, TWO),
+        run(out, "full", 2, TWO + LORA_EMA_BF16),
+        run(out, "part", 1, TWO + LORA_EMA_BF16),
+        resume(out / "part", 2),
+        run(out, "reuse", 2, TWO + REUSE),
+    ]
     log = launch(runs, 2, dump=out / "dump")[0]
     return {"out": out, "log": log, "ranks_run": 0}
 
 
 # --- ranks -------------------------------------------------------------------------------------------
+
 
 def test_one_and_two_ranks_feed_the_update_the_same_samples(one_process, two_ranks):
     """Per (epoch, global sample index, trained step), what the update's micro-step received: latents
@@ -133,12 +160,15 @@ def test_one_and_two_ranks_feed_the_update_the_same_samples(one_process, two_ran
 
 # --- resume, SIGTERM --------------------------------------------------------------------------------
 
+
 def epochs_after_resume(log: str, run_dir: Path) -> tuple[int, list[int]]:
     """(epoch the resumed run of ``run_dir`` started at, the epochs it then logged), from its output."""
     lines = log.splitlines()
-    start = next(k for k, line in enumerate(lines) if line.startswith(f"[fastcps] resumed {run_dir} at epoch "))
+    start = next(
+        k for k, line in enumerate(lines) if line.startswith(f"[fastcps] resumed {run_dir} at epoch ")
+    )
     ran = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith("[fastcps] done in"):
             break
         m = re.match(r"\[fastcps\] epoch (\d+)/\d+:", line)
@@ -162,7 +192,10 @@ def assert_same_end(full: Path, resumed: Path, epochs: int, ranks: int = 1) -> N
     assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb] == list(range(1, epochs + 1))
     assert [r["reward/mean"] for r in ra] == [r["reward/mean"] for r in rb]
     for rank in range(ranks):
-        ema = [full / "checkpoints" / "final" / f"ema_rank{rank}.pt", resumed / "checkpoints" / "final" / f"ema_rank{rank}.pt"]
+        ema = [
+            full / "checkpoints" / "final" / f"ema_rank{rank}.pt",
+            resumed / "checkpoints" / "final" / f"ema_rank{rank}.pt",
+        ]
         if ema[0].exists() or ema[1].exists():
             sa, sb = (torch.load(p)["shadow"] for p in ema)
             assert all(torch.equal(x, y) for x, y in zip(sa, sb)), f"EMA of rank {rank} differs"
@@ -179,7 +212,9 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_as_if_uninterrupted(o
     # Signalled in the second epoch: in its rollout, the checkpoint is "before epoch 2" and the resume
     # runs it again; in its update, the update finishes and the checkpoint is "after epoch 2".
     m = re.search(r"interrupted: checkpoint (\S+interrupted_epoch0000([12]));", one_process["term_log"])
-    assert m and m[1] == str(out / "term" / "checkpoints" / f"interrupted_epoch0000{m[2]}"), one_process["term_log"][-2000:]
+    assert m and m[1] == str(out / "term" / "checkpoints" / f"interrupted_epoch0000{m[2]}"), one_process[
+        "term_log"
+    ][-2000:]
     assert (Path(m[1]) / "policy.safetensors").is_file()
     done = int(m[2])
     assert epochs_after_resume(one_process["log"], out / "term") == (done, list(range(done + 1, 4)))
@@ -194,12 +229,16 @@ def test_resume_at_two_ranks_with_lora_ema_bf16_matches_an_uninterrupted_run(two
     assert json.loads((out / "part" / "config.json").read_text())["policy"]["dtype"] == "bf16"
     assert (final / "ema_rank0.pt").is_file() and (final / "ema_rank1.pt").is_file()
     lora = load_file(str(final / "policy.safetensors"))
-    assert all(".lora_" in k for k in lora) and any(float(t.abs().max()) > 0 for k, t in lora.items() if "lora_B" in k)
+    assert all(".lora_" in k for k in lora) and any(
+        float(t.abs().max()) > 0 for k, t in lora.items() if "lora_B" in k
+    )
     # a LoRA checkpoint holds no frozen weight (they come back from policy.pretrained), and resumes exactly
     for states in final.glob("*model_states.pt"):
         saved = torch.load(states, weights_only=False)
         assert saved["module"] and all(".lora_" in k for k in saved["module"]), states
-        assert saved.get("frozen_param_fragments") is None and saved.get("frozen_param_shapes") is None, states
+        assert saved.get("frozen_param_fragments") is None and saved.get("frozen_param_shapes") is None, (
+            states
+        )
 
 
 def test_old_log_probs_at_two_ranks_reuse_the_rollouts_or_recompute_and_the_ratio_is_exactly_1(two_ranks):
@@ -209,8 +248,10 @@ def test_old_log_probs_at_two_ranks_reuse_the_rollouts_or_recompute_and_the_rati
     rollout's (no recompute forward). LoRA + EMA in bf16 with minibatches of 2 under rollout batches of 4:
     another layout, so every epoch recomputes. Either way the first window's ratio is exactly 1."""
     out = two_ranks["out"]
-    rows = {name: [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("reuse", "full")}
+    rows = {
+        name: [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("reuse", "full")
+    }
     trained = {name: [r for r in rs if "train/loss" in r] for name, rs in rows.items()}
     assert len(trained["reuse"]) == len(trained["full"]) == 2
     assert [r["train/old_logprob_recomputed"] for r in trained["reuse"]] == [0.0, 0.0]

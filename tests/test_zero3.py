@@ -52,15 +52,39 @@ def flux_run(flux: Path, out: Path, name: str, epochs: int, ds: Path, extra: tup
     epoch, 2 optimizer steps an epoch (so the second step's reference forward differs from the policy's),
     eval of the EMA weights before the first epoch and after each."""
     items = [
-        f"policy.pretrained={flux}", "policy.dtype=fp32", "policy.resolution=64", f"policy.max_sequence_length={SEQ}",
-        'policy.lora={"r": 4, "alpha": 8.0}', "policy.offload_frozen=false", "policy.gradient_checkpointing=true",
-        'rewards=[{"name": "jpeg_compressibility"}]', "sampler.num_steps=4", "sampler.sde_window_size=2",
-        "sampler.sde_window_range=[0, 2]", "train.prompts_per_epoch=2", "train.images_per_prompt=4",
-        "train.rollout_batch_size=4", "train.minibatch_size=2", "train.gradient_accumulation_steps=1",
-        "train.beta_kl=0.1", "train.ema_decay=0.5", "train.lr=1e-3", "eval.every=1", "eval.num_prompts=2",
-        "eval.images_per_prompt=2", "eval.num_steps=2", "log.progress=false", "log.tensorboard=false",
-        "log.images_every=0", "checkpoint.every=0",
-        f"output_dir={out}", f"name={name}", f"train.num_epochs={epochs}", f"deepspeed_config={ds}", *extra]
+        f"policy.pretrained={flux}",
+        "policy.dtype=fp32",
+        "policy.resolution=64",
+        f"policy.max_sequence_length={SEQ}",
+        'policy.lora={"r": 4, "alpha": 8.0}',
+        "policy.offload_frozen=false",
+        "policy.gradient_checkpointing=true",
+        'rewards=[{"name": "jpeg_compressibility"}]',
+        "sampler.num_steps=4",
+        "sampler.sde_window_size=2",
+        "sampler.sde_window_range=[0, 2]",
+        "train.prompts_per_epoch=2",
+        "train.images_per_prompt=4",
+        "train.rollout_batch_size=4",
+        "train.minibatch_size=2",
+        "train.gradient_accumulation_steps=1",
+        "train.beta_kl=0.1",
+        "train.ema_decay=0.5",
+        "train.lr=1e-3",
+        "eval.every=1",
+        "eval.num_prompts=2",
+        "eval.images_per_prompt=2",
+        "eval.num_steps=2",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "log.images_every=0",
+        "checkpoint.every=0",
+        f"output_dir={out}",
+        f"name={name}",
+        f"train.num_epochs={epochs}",
+        f"deepspeed_config={ds}",
+        *extra,
+    ]
     return ["--config", str(ROOT / "configs" / "flux_pickscore.json")] + sets(items)
 
 
@@ -71,13 +95,21 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
     flux = save_tiny_flux(out / "flux")
     zero, default = ds_config(out, 0), ds_config(out, None)
-    plan = [flux_run(flux, out, "part", 2, zero), flux_run(flux, out, "whole", 2, default),
-            flux_run(flux, out, "stop", 1, zero), ["--resume", str(out / "stop"), "--set", "train.num_epochs=2"],
-            flux_run(flux, out, "reuse", 2, zero, ("train.rollout_batch_size=2",)),
-            flux_run(flux, out, "nokl", 1, zero, ("train.beta_kl=0", "train.ema_decay=0"))]
+    plan = [
+        flux_run(flux, out, "part", 2, zero),
+        flux_run(flux, out, "whole", 2, default),
+        flux_run(flux, out, "stop", 1, zero),
+        ["--resume", str(out / "stop"), "--set", "train.num_epochs=2"],
+        flux_run(flux, out, "reuse", 2, zero, ("train.rollout_batch_size=2",)),
+        flux_run(flux, out, "nokl", 1, zero, ("train.beta_kl=0", "train.ema_decay=0")),
+    ]
     logs = launch(plan, 2, probe=out / "probe", timeout=1200)  # ~70 s on 2 idle cores; a guard against hangs
     (out / "rank0.log").write_text(logs[0])
-    probes = {(k, r): json.loads((out / "probe" / f"run{k}.rank{r}.json").read_text()) for k in range(4) for r in range(2)}
+    probes = {
+        (k, r): json.loads((out / "probe" / f"run{k}.rank{r}.json").read_text())
+        for k in range(4)
+        for r in range(2)
+    }
     return {"out": out, "log": logs[0], "probe": probes}
 
 
@@ -124,7 +156,12 @@ def test_threshold_zero_partitions_every_tensor_and_gathers_the_frozen_base(runs
             trained = [p for p in params.values() if p["trained"]]
             assert len(frozen) > 60 and len(trained) > 20, (len(frozen), len(trained))
             for name, p in params.items():
-                assert not p["persist"] and p["local"] == -(-p["numel"] // 2) and p["held"] == 0, (k, rank, name, p)
+                assert not p["persist"] and p["local"] == -(-p["numel"] // 2) and p["held"] == 0, (
+                    k,
+                    rank,
+                    name,
+                    p,
+                )
             for key in ("policy", "reference"):
                 f = probe["forwards"].get(key, {"calls": 0})
                 assert f["calls"] > 0 and f["partitioned"] == f["gathered"] == f["calls"], (k, rank, key, f)
@@ -147,7 +184,9 @@ def test_partitioned_run_equals_the_unpartitioned_one(runs):
     out = runs["out"]
     assert_same_end(out / "part", out / "whole", "threshold 0 vs the default threshold")
     lora = load_file(str(final(out / "part") / "policy.safetensors"))
-    assert all(".lora_" in k for k in lora) and any(float(t.abs().max()) > 0 for k, t in lora.items() if "lora_B" in k)
+    assert all(".lora_" in k for k in lora) and any(
+        float(t.abs().max()) > 0 for k, t in lora.items() if "lora_B" in k
+    )
     last = metrics(out / "part")[-1]
     assert last["train/kl"] > 0 and torch.isfinite(torch.tensor(last["train/loss"]))
 

@@ -35,11 +35,25 @@ def _tiny_hf_clip(root):
     proc.save_pretrained(root / "processor")
     eos = vocab["<|endoftext|>"]
     cfg = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16,
-                     "bos_token_id": eos - 1, "eos_token_id": eos, "pad_token_id": eos},
-        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "bos_token_id": eos - 1,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -47,13 +61,11 @@ def _tiny_hf_clip(root):
     return tok
 
 
-
 TINY_OPEN_CLIP = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
-
 
 
 def tiny_hps_checkpoint(root):

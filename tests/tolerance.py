@@ -13,10 +13,14 @@ def _report(name, got, ref, err, bound, extra=""):
     flat_err = (got.double() - ref.double()).abs().flatten()
     worst = torch.topk(flat_err, k=min(5, flat_err.numel())).indices
     idx = [tuple(int(i) for i in torch.unravel_index(w, got.shape)) for w in worst]
-    rows = "\n".join(f"    at {i}: got {float(got[i]):.9g}  ref {float(ref[i]):.9g}  "
-                     f"|diff| {float(flat_err[w]):.3g}" for i, w in zip(idx, worst))
-    return (f"{name}: max |fused - ref| = {err:.4g} exceeds the bound {bound:.4g} {extra}\n"
-            f"  shape {tuple(got.shape)}, dtype {got.dtype}; worst elements:\n{rows}")
+    rows = "\n".join(
+        f"    at {i}: got {float(got[i]):.9g}  ref {float(ref[i]):.9g}  |diff| {float(flat_err[w]):.3g}"
+        for i, w in zip(idx, worst)
+    )
+    return (
+        f"{name}: max |fused - ref| = {err:.4g} exceeds the bound {bound:.4g} {extra}\n"
+        f"  shape {tuple(got.shape)}, dtype {got.dtype}; worst elements:\n{rows}"
+    )
 
 
 def assert_close_fp32(name, got, ref, rtol=1e-6, atol=0.0):
@@ -45,8 +49,16 @@ def assert_close_lowp(name, got, ref, torch_same_precision, out_dtype, atol=1e-5
     ulp = torch.finfo(out_dtype).eps * float(ref.abs().max()) if ulp is None else float(ulp)
     bound = 2 * pt_err + atol + ulp
     if err > bound:
-        raise AssertionError(_report(name, got, ref, err, bound,
-                                     f"(2 x PyTorch {out_dtype} error {pt_err:.3g} + atol {atol} + 1 ulp {ulp:.3g})"))
+        raise AssertionError(
+            _report(
+                name,
+                got,
+                ref,
+                err,
+                bound,
+                f"(2 x PyTorch {out_dtype} error {pt_err:.3g} + atol {atol} + 1 ulp {ulp:.3g})",
+            )
+        )
 
 
 def logp_ulp_allowance(prev32, mean32, lp_w, stored_dtype):

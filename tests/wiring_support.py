@@ -53,13 +53,23 @@ def brightness_reward(delay: float = 0.0):
 
 
 def toy_rollout(cfg, policy, epoch: int, *, reward=None, device="cpu", **kwargs):
-    """``rollout_epoch`` of the digits prompts with the epoch's sampling steps, a brightness reward unless ``reward``."""
+    """``rollout_epoch`` of the digits prompts with the epoch's sampling steps, a brightness reward unless
+    ``reward``."""
     from fastcps.prompts import load_prompts
     from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch
 
-    return rollout_epoch(cfg, epoch, epoch_steps(cfg, epoch, policy), policy, policy.transformer,
-                         reward or brightness_reward(), PromptEncodings(policy), load_prompts("digits"),
-                         device=torch.device(device), **kwargs)
+    return rollout_epoch(
+        cfg,
+        epoch,
+        epoch_steps(cfg, epoch, policy),
+        policy,
+        policy.transformer,
+        reward or brightness_reward(),
+        PromptEncodings(policy),
+        load_prompts("digits"),
+        device=torch.device(device),
+        **kwargs,
+    )
 
 
 def advantages_by_hand(rewards, groups, *, std: str = "prompt", clip: float = 5.0) -> np.ndarray:
@@ -102,11 +112,19 @@ class PlainEngine:
     def was_step_applied(self) -> bool:
         return not self.optimizer.last_skipped
 
-    def save_checkpoint(self, root: str, tag: str, client_state: dict, exclude_frozen_parameters: bool = False) -> None:
+    def save_checkpoint(
+        self, root: str, tag: str, client_state: dict, exclude_frozen_parameters: bool = False
+    ) -> None:
         folder = Path(root) / tag
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "client": client_state}, folder / "state.pt")
+        torch.save(
+            {
+                "module": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "client": client_state,
+            },
+            folder / "state.pt",
+        )
         (Path(root) / "latest").write_text(tag)
 
     def load_checkpoint(self, root: str, load_module_strict: bool = True):
@@ -173,17 +191,25 @@ class UpdateDump:
 
         def run_update(engine, optimizer, policy, data, adv, train_cfg, *, epoch, seed, rank=0, **kwargs):
             self.where = {"epoch": epoch, "rank": rank, "offset": rank * data.x_t.shape[0]}
-            return real_run(engine, optimizer, policy, data, adv, train_cfg, epoch=epoch, seed=seed, rank=rank,
-                            **kwargs)
+            return real_run(
+                engine, optimizer, policy, data, adv, train_cfg, epoch=epoch, seed=seed, rank=rank, **kwargs
+            )
 
         def micro_step_loss(policy, model, data, mb, j, old_logp, adv, **kwargs):
             if torch.is_grad_enabled():
                 local = mb.cpu()
-                self.records.append({
-                    **self.where, "j": j, "index": (local + self.where["offset"]).tolist(),
-                    "group": data.group[local].tolist(), "reward": data.reward[local].clone(),
-                    "adv": adv.detach().cpu().clone(), "x_t": data.x_t[mb, j].detach().cpu().clone(),
-                    "x_next": data.x_next[mb, j].detach().cpu().clone()})
+                self.records.append(
+                    {
+                        **self.where,
+                        "j": j,
+                        "index": (local + self.where["offset"]).tolist(),
+                        "group": data.group[local].tolist(),
+                        "reward": data.reward[local].clone(),
+                        "adv": adv.detach().cpu().clone(),
+                        "x_t": data.x_t[mb, j].detach().cpu().clone(),
+                        "x_next": data.x_next[mb, j].detach().cpu().clone(),
+                    }
+                )
             return real_loss(policy, model, data, mb, j, old_logp, adv, **kwargs)
 
         trainer.run_update, update.micro_step_loss = run_update, micro_step_loss
@@ -204,8 +230,13 @@ def load_dump(folder: Path, run: int) -> dict[tuple[int, int, int], dict]:
             for i, g in enumerate(rec["index"]):
                 key = (rec["epoch"], g, rec["j"])
                 assert key not in out, f"sample {key} trained twice in one pass ({path})"
-                out[key] = {"group": rec["group"][i], "reward": float(rec["reward"][i]), "adv": float(rec["adv"][i]),
-                            "x_t": rec["x_t"][i], "x_next": rec["x_next"][i]}
+                out[key] = {
+                    "group": rec["group"][i],
+                    "reward": float(rec["reward"][i]),
+                    "adv": float(rec["adv"][i]),
+                    "x_t": rec["x_t"][i],
+                    "x_next": rec["x_next"][i],
+                }
     return out
 
 
@@ -235,9 +266,12 @@ class PartitionProbe:
     def record(self, module) -> None:
         for name, p in module.named_parameters():
             self.params[name] = {
-                "trained": p.requires_grad, "numel": int(getattr(p, "ds_numel", p.numel())),
+                "trained": p.requires_grad,
+                "numel": int(getattr(p, "ds_numel", p.numel())),
                 "local": int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else None,
-                "held": int(p.data.numel()), "persist": bool(getattr(p, "ds_persist", False))}
+                "held": int(p.data.numel()),
+                "persist": bool(getattr(p, "ds_persist", False)),
+            }
         for name, m in module.named_modules():
             if hasattr(m, "base_layer") and hasattr(m, "disable_adapters"):  # peft's LoraLayer
                 m.base_layer.register_forward_hook(self._hook(m))
@@ -263,4 +297,5 @@ class PartitionProbe:
 
         rank = int(os.environ.get("RANK", "0"))
         (self.folder / f"run{self.run}.rank{rank}.json").write_text(
-            json.dumps({"params": self.params, "forwards": self.forwards}, indent=1))
+            json.dumps({"params": self.params, "forwards": self.forwards}, indent=1)
+        )

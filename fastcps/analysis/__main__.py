@@ -22,11 +22,15 @@ def main(argv=None) -> None:
     p = sub.add_parser("residual-noise", help="noise left in final toy samples per sampler and step count")
     p.add_argument("--steps", type=_ints, default=(4, 6, 10))
     p.add_argument("--noises-per-digit", type=int, default=24)
-    p = sub.add_parser("reward-noise", help="digit vs digit_clean_trained: score vs added noise, and of each "
-                       "sampler's base-policy samples")
+    p = sub.add_parser(
+        "reward-noise",
+        help="digit vs digit_clean_trained: score vs added noise, and of each sampler's base-policy samples",
+    )
     p.add_argument("--noises-per-digit", type=int, default=24)
     for p in sub.choices.values():
-        p.add_argument("--out-dir", default="docs/figures", help="where the PNG (and a JSON of the numbers) go")
+        p.add_argument(
+            "--out-dir", default="docs/figures", help="where the PNG (and a JSON of the numbers) go"
+        )
     args = ap.parse_args(argv)
     out = Path(args.out_dir)
     if args.cmd == "noise-levels":

@@ -25,8 +25,15 @@ from fastcps.samplers import step_coeffs
 
 __all__ = ["DEFAULT_SAMPLERS", "high_freq_energy", "main", "residual_noise", "sample_with"]
 
-DEFAULT_SAMPLERS = (("ode", None), ("cps", 0.2), ("cps", 0.5), ("cps", 0.8), ("cps", 1.0),
-                    ("flow_sde", 0.7), ("dance_sde", 0.3))
+DEFAULT_SAMPLERS = (
+    ("ode", None),
+    ("cps", 0.2),
+    ("cps", 0.5),
+    ("cps", 0.8),
+    ("cps", 1.0),
+    ("flow_sde", 0.7),
+    ("dance_sde", 0.3),
+)
 
 
 def high_freq_energy(images: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
@@ -38,7 +45,7 @@ def high_freq_energy(images: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor
     f = torch.fft.fft2(x, norm="ortho")
     fy = torch.fft.fftfreq(h)[:, None]
     fx = torch.fft.fftfreq(w)[None, :]
-    mask = (fy ** 2 + fx ** 2).sqrt() > cutoff
+    mask = (fy**2 + fx**2).sqrt() > cutoff
     return (f.abs() ** 2 * mask).sum(dim=(-2, -1))
 
 
@@ -59,8 +66,9 @@ def _label(sampler: str, eta) -> str:
 
 
 @torch.no_grad()
-def residual_noise(steps=(4, 6, 10), samplers=DEFAULT_SAMPLERS, noises_per_digit: int = 24, seed: int = 0,
-                   policy=None) -> list[dict]:
+def residual_noise(
+    steps=(4, 6, 10), samplers=DEFAULT_SAMPLERS, noises_per_digit: int = 24, seed: int = 0, policy=None
+) -> list[dict]:
     from fastcps.policies.toy import ToyDigitsPolicy
     from fastcps.rewards.digit import DigitReward
     from fastcps.toy.digits import prompt_for
@@ -87,14 +95,19 @@ def residual_noise(steps=(4, 6, 10), samplers=DEFAULT_SAMPLERS, noises_per_digit
                 hf_ode = hf
             probs = reward.probabilities(images)
             last = step_coeffs(name, sigmas[-2], sigmas[-1], eta, sigma_max=sigmas[1])
-            rows.append({
-                "steps": n, "sampler": name, "eta": eta, "label": _label(name, eta),
-                "hf_energy": hf,
-                "hf_ratio": hf / hf_ode if hf_ode else float("nan"),
-                "accuracy": float((probs.argmax(1) == target).float().mean()),
-                "reward": float(probs.gather(1, target[:, None]).mean()),
-                "last_step_noise": math.hypot(float(last.a1[0]), float(last.s[0])),
-            })
+            rows.append(
+                {
+                    "steps": n,
+                    "sampler": name,
+                    "eta": eta,
+                    "label": _label(name, eta),
+                    "hf_energy": hf,
+                    "hf_ratio": hf / hf_ode if hf_ode else float("nan"),
+                    "accuracy": float((probs.argmax(1) == target).float().mean()),
+                    "reward": float(probs.gather(1, target[:, None]).mean()),
+                    "last_step_noise": math.hypot(float(last.a1[0]), float(last.s[0])),
+                }
+            )
     return rows
 
 
@@ -102,9 +115,17 @@ def format_table(rows: list[dict]) -> str:
     steps = sorted({r["steps"] for r in rows})
     labels = list(dict.fromkeys(r["label"] for r in rows))
     by = {(r["label"], r["steps"]): r for r in rows}
-    head = "| sampler | " + " | ".join(f"HF ratio @{n}" for n in steps) + " | " + \
-        " | ".join(f"accuracy @{n}" for n in steps) + " | " + " | ".join(f"reward @{n}" for n in steps) + \
-        " | " + " | ".join(f"last-step noise @{n}" for n in steps) + " |"
+    head = (
+        "| sampler | "
+        + " | ".join(f"HF ratio @{n}" for n in steps)
+        + " | "
+        + " | ".join(f"accuracy @{n}" for n in steps)
+        + " | "
+        + " | ".join(f"reward @{n}" for n in steps)
+        + " | "
+        + " | ".join(f"last-step noise @{n}" for n in steps)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (1 + 4 * len(steps))]
     for lab in labels:
         cells = [f"{by[(lab, n)]['hf_ratio']:.2f}" for n in steps]
@@ -159,21 +180,30 @@ def save_grids(policy, path: str | Path, n: int = 4, seed: int = 0, samplers=DEF
     save_grid(torch.cat(imgs), str(path), nrow=10)
 
 
-def main(out_dir: str | Path = "docs/figures", steps=(4, 6, 10), noises_per_digit: int = 24,
-         grid_steps: int | None = 4) -> list[dict]:
+def main(
+    out_dir: str | Path = "docs/figures",
+    steps=(4, 6, 10),
+    noises_per_digit: int = 24,
+    grid_steps: int | None = 4,
+) -> list[dict]:
     from fastcps.policies.toy import ToyDigitsPolicy
 
     torch.set_num_threads(1)
     policy = ToyDigitsPolicy()
     rows = residual_noise(steps, noises_per_digit=noises_per_digit, policy=policy)
-    print(f"Residual noise: toy digits policy, {10 * noises_per_digit} samples per cell, same x1 and ε for "
-          "every sampler; HF ratio = high-frequency energy / ODE's")
+    print(
+        f"Residual noise: toy digits policy, {10 * noises_per_digit} samples per cell, same x1 and ε for "
+        "every sampler; HF ratio = high-frequency energy / ODE's"
+    )
     print(format_table(rows))
     out = Path(out_dir)
     plot(rows, out / "residual_noise.png")
     print(f"\nwrote {out / 'residual_noise.png'}")
     if grid_steps:
         save_grids(policy, out / f"residual_noise_samples_{grid_steps}steps.png", grid_steps)
-        print(f"wrote {out / f'residual_noise_samples_{grid_steps}steps.png'} (rows: "
-              + ", ".join(_label(s, e) for s, e in DEFAULT_SAMPLERS) + ")")
+        print(
+            f"wrote {out / f'residual_noise_samples_{grid_steps}steps.png'} (rows: "
+            + ", ".join(_label(s, e) for s, e in DEFAULT_SAMPLERS)
+            + ")"
+        )
     return rows

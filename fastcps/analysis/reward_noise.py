@@ -58,8 +58,9 @@ def added_noise_scores(levels=LEVELS, seed: int = 0) -> list[dict]:
 
 
 @torch.no_grad()
-def rollout_scores(num_steps: int = 8, noises_per_digit: int = 24, seed: int = 0,
-                   samplers=ROLLOUT_SAMPLERS) -> list[dict]:
+def rollout_scores(
+    num_steps: int = 8, noises_per_digit: int = 24, seed: int = 0, samplers=ROLLOUT_SAMPLERS
+) -> list[dict]:
     """Each sampler's own samples of the shipped (untrained) base policy, scored by both rewards."""
     from fastcps.analysis.residual_noise import _label, high_freq_energy, sample_with
     from fastcps.policies.toy import ToyDigitsPolicy
@@ -80,8 +81,14 @@ def rollout_scores(num_steps: int = 8, noises_per_digit: int = 24, seed: int = 0
         images = policy.decode(sample_with(policy, cond, x1, sigmas, name, eta, eps))
         hf = float(high_freq_energy(images).mean())
         hf_ode = hf if name == "ode" else hf_ode
-        row = {"sampler": name, "eta": eta, "label": _label(name, eta), "steps": num_steps, "images": len(prompts),
-               "hf_ratio": hf / hf_ode}
+        row = {
+            "sampler": name,
+            "eta": eta,
+            "label": _label(name, eta),
+            "steps": num_steps,
+            "images": len(prompts),
+            "hf_ratio": hf / hf_ode,
+        }
         for rname, fn in rewards.items():
             r = fn(images, prompts, meta)
             ode = {**ode, rname: r} if name == "ode" else ode
@@ -97,12 +104,19 @@ def rollout_scores(num_steps: int = 8, noises_per_digit: int = 24, seed: int = 0
 def format_tables(noise: list[dict], rollouts: list[dict]) -> str:
     lines = ["| added noise std (in [-1, 1]) | digit | digit_clean_trained |", "|---|---|---|"]
     lines += [f"| {r['level']:g} | {r['digit']:.3f} | {r['digit_clean_trained']:.3f} |" for r in noise]
-    lines += ["", "| base-policy rollouts (8 steps) | hf energy / ODE | digit | digit_clean_trained | "
-              "digit − ODE's (paired) | digit_clean_trained − ODE's (paired) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['hf_ratio']:.2f} | {r['digit']:.3f} ± {r['digit_sem']:.3f} | "
-              f"{r['digit_clean_trained']:.3f} ± {r['digit_clean_trained_sem']:.3f} | "
-              f"{r['digit_vs_ode']:+.3f} ± {r['digit_vs_ode_sem']:.3f} | "
-              f"{r['digit_clean_trained_vs_ode']:+.3f} ± {r['digit_clean_trained_vs_ode_sem']:.3f} |" for r in rollouts]
+    lines += [
+        "",
+        "| base-policy rollouts (8 steps) | hf energy / ODE | digit | digit_clean_trained | "
+        "digit − ODE's (paired) | digit_clean_trained − ODE's (paired) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['label']} | {r['hf_ratio']:.2f} | {r['digit']:.3f} ± {r['digit_sem']:.3f} | "
+        f"{r['digit_clean_trained']:.3f} ± {r['digit_clean_trained_sem']:.3f} | "
+        f"{r['digit_vs_ode']:+.3f} ± {r['digit_vs_ode_sem']:.3f} | "
+        f"{r['digit_clean_trained_vs_ode']:+.3f} ± {r['digit_clean_trained_vs_ode_sem']:.3f} |"
+        for r in rollouts
+    ]
     return "\n".join(lines)
 
 
@@ -125,14 +139,25 @@ def plot(noise: list[dict], rollouts: list[dict], path: str | Path) -> None:
     xs = range(len(rollouts))
     w = 0.38
     for k, (name, color) in enumerate(zip(REWARDS, ("tab:gray", "tab:blue"))):
-        axes[1].bar([x + (k - 0.5) * w for x in xs], [r[name] for r in rollouts], w,
-                    yerr=[r[f"{name}_sem"] for r in rollouts], color=color, label=name, capsize=3)
+        axes[1].bar(
+            [x + (k - 0.5) * w for x in xs],
+            [r[name] for r in rollouts],
+            w,
+            yerr=[r[f"{name}_sem"] for r in rollouts],
+            color=color,
+            label=name,
+            capsize=3,
+        )
     axes[1].set_xticks(list(xs))
-    axes[1].set_xticklabels([f"{lab}\nhf×{r['hf_ratio']:.2f}" for lab, r in zip(labels, rollouts)], fontsize=8)
+    axes[1].set_xticklabels(
+        [f"{lab}\nhf×{r['hf_ratio']:.2f}" for lab, r in zip(labels, rollouts)], fontsize=8
+    )
     axes[1].set_ylabel("mean reward (± s.e.m.)")
-    axes[1].set_title(f"untrained base policy's own samples ({rollouts[0]['steps']} steps, "
-                      f"{rollouts[0].get('images', 240)} images each)",
-                      fontsize=10)
+    axes[1].set_title(
+        f"untrained base policy's own samples ({rollouts[0]['steps']} steps, "
+        f"{rollouts[0].get('images', 240)} images each)",
+        fontsize=10,
+    )
     axes[1].legend(fontsize=8)
     axes[1].grid(alpha=0.3, axis="y")
     fig.tight_layout()

@@ -75,14 +75,18 @@ def coeff_gap(sigmas: torch.Tensor, eta: float, which: str = "all") -> dict:
         tc = math.hypot(float(cpws.a1[0]), float(cpws.s[0]))
         tot_gaps.append(abs(tf - tc))
     nan = float("nan")
-    return {"max_a1_gap": max(gaps, default=nan), "sum_a1_gap": sum(gaps) if gaps else nan,
-            "max_noise_gap": max(tot_gaps, default=nan),
-            "undefined_steps": undefined}
+    return {
+        "max_a1_gap": max(gaps, default=nan),
+        "sum_a1_gap": sum(gaps) if gaps else nan,
+        "max_noise_gap": max(tot_gaps, default=nan),
+        "undefined_steps": undefined,
+    }
 
 
 @torch.no_grad()
-def sample_gap(policy, sigmas: torch.Tensor, eta: float, prompts: list[str], seed: int = 0,
-               which: str = "all") -> float:
+def sample_gap(
+    policy, sigmas: torch.Tensor, eta: float, prompts: list[str], seed: int = 0, which: str = "all"
+) -> float:
     """RMS gap of the final latents of Flow-SDE and CPWS with shared x1 and shared ε per step; outside
     the compared steps both take Flow-SDE's step."""
     b = len(prompts)
@@ -107,8 +111,9 @@ def sample_gap(policy, sigmas: torch.Tensor, eta: float, prompts: list[str], see
     return float(d.pow(2).flatten(1).mean(1).sqrt().mean())
 
 
-def theorem1(steps=(8, 16, 32, 64, 128), eta: float = 0.7, samples: int = 20, policy=None,
-             seed: int = 0) -> dict:
+def theorem1(
+    steps=(8, 16, 32, 64, 128), eta: float = 0.7, samples: int = 20, policy=None, seed: int = 0
+) -> dict:
     from fastcps.policies.toy import ToyDigitsPolicy
     from fastcps.toy.digits import prompt_for
 
@@ -119,13 +124,21 @@ def theorem1(steps=(8, 16, 32, 64, 128), eta: float = 0.7, samples: int = 20, po
     for n in steps:
         sig = policy.sigmas(n).double()
         for which in ("all", "interior"):
-            rows.append({"N": n, "steps": which, **coeff_gap(sig, eta, which),
-                         "sample_rms_gap": sample_gap(policy, sig, eta, prompts, seed, which)})
+            rows.append(
+                {
+                    "N": n,
+                    "steps": which,
+                    **coeff_gap(sig, eta, which),
+                    "sample_rms_gap": sample_gap(policy, sig, eta, prompts, seed, which),
+                }
+            )
     orders = {}
     for which in ("all", "interior"):
         sel = [r for r in rows if r["steps"] == which]
-        orders[which] = {k: fit_order([r["N"] for r in sel], [r[k] for r in sel]) for k in
-                         ("max_a1_gap", "sum_a1_gap", "max_noise_gap", "sample_rms_gap")}
+        orders[which] = {
+            k: fit_order([r["N"] for r in sel], [r[k] for r in sel])
+            for k in ("max_a1_gap", "sum_a1_gap", "max_noise_gap", "sample_rms_gap")
+        }
     return {"eta": eta, "samples": samples, "rows": rows, "orders": orders}
 
 
@@ -139,11 +152,20 @@ def plot(res: dict, path: str | Path) -> None:
     for which, style in (("all", "--"), ("interior", "-")):
         sel = [r for r in res["rows"] if r["steps"] == which]
         ns = [r["N"] for r in sel]
-        for key, label, color in (("max_a1_gap", "max per-step |a1 gap|", "tab:red"),
-                                  ("sum_a1_gap", "sum of |a1 gaps|", "tab:orange"),
-                                  ("sample_rms_gap", "final sample RMS gap", "tab:blue")):
-            ax.loglog(ns, [r[key] for r in sel], style, marker="o", color=color, ms=4,
-                      label=f"{which}: {label}, order {res['orders'][which][key]:.2f}")
+        for key, label, color in (
+            ("max_a1_gap", "max per-step |a1 gap|", "tab:red"),
+            ("sum_a1_gap", "sum of |a1 gaps|", "tab:orange"),
+            ("sample_rms_gap", "final sample RMS gap", "tab:blue"),
+        ):
+            ax.loglog(
+                ns,
+                [r[key] for r in sel],
+                style,
+                marker="o",
+                color=color,
+                ms=4,
+                label=f"{which}: {label}, order {res['orders'][which][key]:.2f}",
+            )
     ax.set_xlabel("number of steps N")
     ax.set_ylabel("Flow-SDE vs CPWS")
     ax.set_title(f"Theorem 1 on the toy schedule (shift 1), η = {res['eta']}", fontsize=10)
@@ -156,24 +178,35 @@ def plot(res: dict, path: str | Path) -> None:
 
 
 def format_table(res: dict) -> str:
-    lines = [("| steps compared | N | max per-step a1 gap | sum of a1 gaps | max noise-level gap | "
-             "final sample RMS gap | CPWS-undefined steps |"), "|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| steps compared | N | max per-step a1 gap | sum of a1 gaps | max noise-level gap | "
+            "final sample RMS gap | CPWS-undefined steps |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     for which in ("all", "interior"):
         for r in (r for r in res["rows"] if r["steps"] == which):
-            lines.append(f"| {which} | {r['N']} | {r['max_a1_gap']:.3e} | {r['sum_a1_gap']:.3e} | "
-                         f"{r['max_noise_gap']:.3e} | {r['sample_rms_gap']:.3e} | {r['undefined_steps']} |")
+            lines.append(
+                f"| {which} | {r['N']} | {r['max_a1_gap']:.3e} | {r['sum_a1_gap']:.3e} | "
+                f"{r['max_noise_gap']:.3e} | {r['sample_rms_gap']:.3e} | {r['undefined_steps']} |"
+            )
         o = res["orders"][which]
-        lines.append(f"| {which} | fitted order p (gap ∝ N^-p) | {o['max_a1_gap']:.2f} | {o['sum_a1_gap']:.2f} | "
-                     f"{o['max_noise_gap']:.2f} | {o['sample_rms_gap']:.2f} | |")
+        lines.append(
+            f"| {which} | fitted order p (gap ∝ N^-p) | {o['max_a1_gap']:.2f} | {o['sum_a1_gap']:.2f} | "
+            f"{o['max_noise_gap']:.2f} | {o['sample_rms_gap']:.2f} | |"
+        )
     return "\n".join(lines)
 
 
 def main(out_dir: str | Path = "docs/figures", steps=(8, 16, 32, 64, 128), samples: int = 20) -> dict:
     torch.set_num_threads(1)
     res = theorem1(steps, samples=samples)
-    print(f"Theorem 1: Flow-SDE vs CPWS, η {res['eta']}, toy schedule (shift 1), {samples} samples, "
-          "shared x1 and ε; outside the compared steps both take Flow-SDE's step.\n"
-          "all = every CPWS-defined step; interior = σ ≤ 0.9 and σ' ≥ 0.1")
+    print(
+        f"Theorem 1: Flow-SDE vs CPWS, η {res['eta']}, toy schedule (shift 1), {samples} samples, "
+        "shared x1 and ε; outside the compared steps both take Flow-SDE's step.\n"
+        "all = every CPWS-defined step; interior = σ ≤ 0.9 and σ' ≥ 0.1"
+    )
     print(format_table(res))
     path = Path(out_dir) / "theorem1.png"
     plot(res, path)

@@ -19,7 +19,12 @@ from fastcps.config.models import (
 )
 
 __all__ = [
-    "ConfigError", "from_dict", "load_config", "save_config", "to_dict", "validate_tree",
+    "ConfigError",
+    "from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
+    "validate_tree",
     "CheckpointConfig",
     "EvalConfig",
     "LogConfig",

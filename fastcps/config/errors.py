@@ -171,8 +171,10 @@ def _message(root: Any, err: Mapping, prefix: str = "") -> str:
     if kind == "missing" and typing.get_origin(parent) is tuple:
         return _length_message(path.rpartition(".")[0], parent, given)
     if kind == "missing":
-        return (f"missing required config key '{path}' (type {_type_name(tp)}); "
-                "set it in the JSON file or with --set")
+        return (
+            f"missing required config key '{path}' (type {_type_name(tp)}); "
+            "set it in the JSON file or with --set"
+        )
     if kind in ("value_error", "assertion_error"):
         text = str(ctx.get("error", err["msg"]))
         if _is_model(tp):  # a section's cross-field check: prefixed with the section, as the check names keys

@@ -46,6 +46,7 @@ from fastcps.config.errors import (  # the message side of the same rules: one p
     _where,
 )
 
+
 def _validate(tp: Any, data: Any, context: Mapping | None) -> Any:
     """Strict validation of plain JSON data as ``tp`` (a model or any annotation)."""
     adapter = tp if _is_model(tp) else TypeAdapter(tp)

@@ -19,7 +19,13 @@ import sys
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -119,8 +125,10 @@ class SamplerConfig(BaseModel):
     @model_validator(mode="after")
     def _window_fits(self) -> SamplerConfig:
         if self.sde_window_size is not None and self.sde_window_size > self.num_steps:
-            raise ValueError(f"sampler.sde_window_size must lie in [1, num_steps={self.num_steps}], "
-                             f"got {self.sde_window_size}")
+            raise ValueError(
+                f"sampler.sde_window_size must lie in [1, num_steps={self.num_steps}], "
+                f"got {self.sde_window_size}"
+            )
         return self
 
 
@@ -158,9 +166,15 @@ class RewardConfig(BaseModel):
                 model.model_validate(args, strict=True)
             except ValidationError as err:
                 raise PydanticCustomError(
-                    "reward_args", "bad arguments of reward {reward}: {detail}",
-                    {"reward": name, "detail": str(err.errors()[0]["msg"]), NESTED_ERRORS: err.errors(),
-                     "config_model": model, "config_note": f"arguments of reward {name!r}"},
+                    "reward_args",
+                    "bad arguments of reward {reward}: {detail}",
+                    {
+                        "reward": name,
+                        "detail": str(err.errors()[0]["msg"]),
+                        NESTED_ERRORS: err.errors(),
+                        "config_model": model,
+                        "config_note": f"arguments of reward {name!r}",
+                    },
                 ) from None
         return args
 
@@ -250,18 +264,26 @@ class TrainConfig(BaseModel):
     def _check_split(self, world_size: int) -> None:
         total = self.prompts_per_epoch * self.images_per_prompt
         if total % world_size:
-            raise ValueError(f"train.prompts_per_epoch x train.images_per_prompt = {total} images per epoch "
-                             f"does not split over {world_size} processes")
+            raise ValueError(
+                f"train.prompts_per_epoch x train.images_per_prompt = {total} images per epoch "
+                f"does not split over {world_size} processes"
+            )
         per_rank = total // world_size
         if per_rank % self.rollout_batch_size:
-            raise ValueError(f"train.rollout_batch_size = {self.rollout_batch_size} does not divide the "
-                             f"{per_rank} images per process ({total} over {world_size} processes)")
+            raise ValueError(
+                f"train.rollout_batch_size = {self.rollout_batch_size} does not divide the "
+                f"{per_rank} images per process ({total} over {world_size} processes)"
+            )
         if per_rank % self.minibatch_size:
-            raise ValueError(f"train.minibatch_size = {self.minibatch_size} does not divide the {per_rank} "
-                             f"images per process ({total} over {world_size} processes)")
+            raise ValueError(
+                f"train.minibatch_size = {self.minibatch_size} does not divide the {per_rank} "
+                f"images per process ({total} over {world_size} processes)"
+            )
         if (per_rank // self.minibatch_size) % self.gradient_accumulation_steps:
-            raise ValueError(f"train.gradient_accumulation_steps = {self.gradient_accumulation_steps} does "
-                             f"not divide the {per_rank // self.minibatch_size} minibatches per process")
+            raise ValueError(
+                f"train.gradient_accumulation_steps = {self.gradient_accumulation_steps} does "
+                f"not divide the {per_rank // self.minibatch_size} minibatches per process"
+            )
 
 
 class EvalConfig(BaseModel):
@@ -289,7 +311,8 @@ class LogConfig(BaseModel):
     images_every: int = 5
     """Write rollout and eval image grids every this many epochs; 0 = never."""
     progress: bool = True
-    """Progress of rollout and update on rank 0: tqdm bars on a terminal, one plain line per phase otherwise."""
+    """Progress of rollout and update on rank 0: tqdm bars on a terminal, one plain line per phase
+    otherwise."""
 
 
 class CheckpointConfig(BaseModel):
@@ -346,8 +369,13 @@ class RunConfig(BaseModel):
 
 def _allow_schema_key(schema: dict) -> None:
     """A config file may name its schema (``"$schema": "schema.json"``, for editors); the loader drops it."""
-    schema["properties"] = {SCHEMA_KEY: {"type": "string", "description": "JSON Schema of this file "
-                                         "(for editors; ignored by the loader)."}, **schema["properties"]}
+    schema["properties"] = {
+        SCHEMA_KEY: {
+            "type": "string",
+            "description": "JSON Schema of this file (for editors; ignored by the loader).",
+        },
+        **schema["properties"],
+    }
 
 
 def schema_json() -> str:
@@ -368,4 +396,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(schema_json())
     return 0
-

@@ -5,7 +5,8 @@ figures), about 6-8 minutes on one H100:
 
 - ``tests``: the gpu-marked tests (``pytest -m gpu``): the Triton kernels compiled for the device against
   the fp32 reference in every dtype and tiling (the multi-iteration ones too), the toy trainer on CUDA;
-- ``kernels``: ``bench/bench_cps_step.py`` and ``bench/bench_cps_logprob_kl.py`` at B ∈ {1, 4, 16} × 4096 × 64,
+- ``kernels``: ``bench/bench_cps_step.py`` and ``bench/bench_cps_logprob_kl.py`` at B ∈ {1, 4, 16} × 4096 ×
+64,
   fp32 and bf16: the fused op against the naive op-by-op sequence and torch.compile of the reference;
   medians with p20/p80, GB/s and % of the measured copy bandwidth (their own CSVs);
 - ``toy``: the digits run on CUDA through the Triton path (fp32 and bf16): ``train/ratio_dev`` with old
@@ -39,7 +40,19 @@ from fastcps import runinfo
 REPO = Path(__file__).resolve().parents[2]
 PARTS = ("tests", "kernels", "toy", "flux")
 TIMEOUT_S = {"tests": 150, "kernels": 150, "toy": 90, "flux": 210}
-COLUMNS = ["timestamp", "device", "torch", "triton", "fastcps", "commit", "part", "metric", "value", "unit", "note"]
+COLUMNS = [
+    "timestamp",
+    "device",
+    "torch",
+    "triton",
+    "fastcps",
+    "commit",
+    "part",
+    "metric",
+    "value",
+    "unit",
+    "note",
+]
 NEEDED = ("diffusers", "transformers", "peft", "deepspeed", "triton", "pytest")
 
 
@@ -47,14 +60,20 @@ def missing_requirements() -> list[str]:
     """What stops a GPU check here, as sentences (empty when it can run)."""
     why = []
     if not torch.cuda.is_available():
-        why.append(f"no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, "
-                   f"built for CUDA {torch.version.cuda or 'none'})")
+        why.append(
+            f"no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda or 'none'})"
+        )
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        why.append("TRITON_INTERPRET is set: the kernels would run in Triton's interpreter, not on the GPU; unset it")
+        why.append(
+            "TRITON_INTERPRET is set: the kernels would run in Triton's interpreter, not on the GPU; unset it"
+        )
     absent = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     if absent:
-        why.append(f"missing packages: {', '.join(absent)} (pip install -e '.[dev]'; on a machine without network, "
-                   "carry them as wheels)")
+        why.append(
+            f"missing packages: {', '.join(absent)} (pip install -e '.[dev]'; on a machine without network, "
+            "carry them as wheels)"
+        )
     if not (REPO / "tests").is_dir() or not (REPO / "bench").is_dir():
         why.append(f"run it from a fastcps checkout: {REPO} has no tests/ or bench/")
     return why
@@ -62,17 +81,25 @@ def missing_requirements() -> list[str]:
 
 # --- the parts (each runs in a child process: ``--part NAME``) --------------------------------------------
 
+
 def part_tests() -> list[dict]:
     from fastcps.gpucheck.runs import row
 
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
-                         cwd=REPO, env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", res.stdout)}
     print(res.stdout[-3000:], file=sys.stderr)
     rows = [row("tests", k, counts.get(k, 0), "tests") for k in ("passed", "failed", "skipped", "error")]
-    rows.append(row("tests", "wall_s", round(time.perf_counter() - t0, 1), "s", f"pytest exit code {res.returncode}"))
+    rows.append(
+        row("tests", "wall_s", round(time.perf_counter() - t0, 1), "s", f"pytest exit code {res.returncode}")
+    )
     if res.returncode != 0:
         raise PartFailed(rows, f"pytest -m gpu exited {res.returncode}")
     return rows
@@ -93,20 +120,56 @@ def part_kernels(out: Path) -> list[dict]:
 
     rows = []
     for mod in (_bench("bench_cps_step"), _bench("bench_cps_logprob_kl")):
-        got = mod.main(["--sizes", "1,4,16", "--dtypes", "fp32,bf16", "--impls", "fused,naive,compiled_ref",
-                        "--csv", str(out / f"{mod.OP}.csv")])
+        got = mod.main(
+            [
+                "--sizes",
+                "1,4,16",
+                "--dtypes",
+                "fp32,bf16",
+                "--impls",
+                "fused,naive,compiled_ref",
+                "--csv",
+                str(out / f"{mod.OP}.csv"),
+            ]
+        )
         for r in got:
             if r["impl"] != "fused":
                 continue
             cell = f"{r['op']}/{r['direction']}/{r['dtype']}/{r['shape']}"
-            rows.append(row("kernels", f"{cell}/median_ms", r["median_ms"], "ms", f"p20 {r['p20_ms']}, p80 {r['p80_ms']}"))
-            rows.append(row("kernels", f"{cell}/GB_s", r["GB/s"], "GB/s", f"{r['%copy_bw']} % of copy bandwidth"))
+            rows.append(
+                row(
+                    "kernels",
+                    f"{cell}/median_ms",
+                    r["median_ms"],
+                    "ms",
+                    f"p20 {r['p20_ms']}, p80 {r['p80_ms']}",
+                )
+            )
+            rows.append(
+                row("kernels", f"{cell}/GB_s", r["GB/s"], "GB/s", f"{r['%copy_bw']} % of copy bandwidth")
+            )
             rows.append(row("kernels", f"{cell}/speedup_vs_naive", r["speedup_vs_naive"], "x"))
-            compiled = next((c for c in got if c["impl"] == "compiled_ref" and c["direction"] == r["direction"]
-                             and c["dtype"] == r["dtype"] and c["shape"] == r["shape"]), None)
+            compiled = next(
+                (
+                    c
+                    for c in got
+                    if c["impl"] == "compiled_ref"
+                    and c["direction"] == r["direction"]
+                    and c["dtype"] == r["dtype"]
+                    and c["shape"] == r["shape"]
+                ),
+                None,
+            )
             if compiled:
-                rows.append(row("kernels", f"{cell}/speedup_vs_compiled", round(
-                    float(compiled["median_ms"]) / float(r["median_ms"]), 2), "x", "torch.compile of the reference"))
+                rows.append(
+                    row(
+                        "kernels",
+                        f"{cell}/speedup_vs_compiled",
+                        round(float(compiled["median_ms"]) / float(r["median_ms"]), 2),
+                        "x",
+                        "torch.compile of the reference",
+                    )
+                )
     return rows
 
 
@@ -141,11 +204,15 @@ def run_part(name: str, out: Path) -> int:
 
 # --- the driver ---------------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastcps.gpucheck", description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder of the CSVs (gpucheck.csv and the "
-                    "benchmarks' own)")
+    ap.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results"),
+        help="folder of the CSVs (gpucheck.csv and the benchmarks' own)",
+    )
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # internal: run one part in this process
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -158,26 +225,47 @@ def main(argv=None) -> int:
         return 2
     why = missing_requirements()
     if why:
-        print("fastcps.gpucheck measures a CUDA GPU machine and cannot run here:\n  - " + "\n  - ".join(why)
-              + "\nOn a GPU machine, from a fastcps checkout: python -m fastcps.gpucheck "
-              "[--parts tests,kernels,toy,flux] [--out DIR]", file=sys.stderr)
+        print(
+            "fastcps.gpucheck measures a CUDA GPU machine and cannot run here:\n  - "
+            + "\n  - ".join(why)
+            + "\nOn a GPU machine, from a fastcps checkout: python -m fastcps.gpucheck "
+            "[--parts tests,kernels,toy,flux] [--out DIR]",
+            file=sys.stderr,
+        )
         return 2
     device = torch.device("cuda", 0)
-    base = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": runinfo.device_name(device), **runinfo.versions(), "commit": runinfo.git_commit()}
-    print(f"gpucheck on {base['device']} (torch {base['torch']}, triton {base['triton']}, commit {base['commit']})")
+    base = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": runinfo.device_name(device),
+        **runinfo.versions(),
+        "commit": runinfo.git_commit(),
+    }
+    print(
+        f"gpucheck on {base['device']} (torch {base['torch']}, triton {base['triton']}, commit "
+        f"{base['commit']})"
+    )
     failed = []
     for name in parts:
         t0 = time.perf_counter()
         rows, status = _child(name, out)
-        rows.append({"part": name, "metric": "part_wall_s", "value": round(time.perf_counter() - t0, 1), "unit": "s",
-                     "note": status})
+        rows.append(
+            {
+                "part": name,
+                "metric": "part_wall_s",
+                "value": round(time.perf_counter() - t0, 1),
+                "unit": "s",
+                "note": status,
+            }
+        )
         runinfo.append_csv(out / "gpucheck.csv", [{**base, **r} for r in rows], COLUMNS)
         for r in rows:
             print(f"  {name:8} {r['metric']:48} {r['value']!s:>12} {r['unit']:6} {r['note']}")
         if status != "ok":
             failed.append(f"{name} ({status})")
-    print(f"gpucheck: rows in {out / 'gpucheck.csv'}; " + (f"FAILED: {', '.join(failed)}" if failed else "all parts ran"))
+    print(
+        f"gpucheck: rows in {out / 'gpucheck.csv'}; "
+        + (f"FAILED: {', '.join(failed)}" if failed else "all parts ran")
+    )
     return 1 if failed else 0
 
 
@@ -193,6 +281,9 @@ def _child(name: str, out: Path) -> tuple[list[dict], str]:
         rows = json.loads(lines[-1]) if lines else []
     except json.JSONDecodeError:
         rows = []
-    status = "ok" if res.returncode == 0 else f"exit {res.returncode}: " + (res.stderr.strip().splitlines() or [""])[-1][:200]
+    status = (
+        "ok"
+        if res.returncode == 0
+        else f"exit {res.returncode}: " + (res.stderr.strip().splitlines() or [""])[-1][:200]
+    )
     return rows, status
-

@@ -13,15 +13,21 @@ def check_latent(name: str, t, ref: torch.Tensor | None = None, ref_name: str = 
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"argument '{name}' has dtype {t.dtype}; expected float32, bfloat16 or float16")
     if t.ndim < 2:
-        raise ValueError(f"argument '{name}' must have shape (B, ...) with at least one non-batch dim, "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"argument '{name}' must have shape (B, ...) with at least one non-batch dim, "
+            f"got shape {tuple(t.shape)}"
+        )
     if ref is not None:
         if t.shape != ref.shape:
-            raise ValueError(f"argument '{name}' has shape {tuple(t.shape)} but '{ref_name}' has shape "
-                             f"{tuple(ref.shape)}; they must match")
+            raise ValueError(
+                f"argument '{name}' has shape {tuple(t.shape)} but '{ref_name}' has shape "
+                f"{tuple(ref.shape)}; they must match"
+            )
         if t.device != ref.device:
-            raise ValueError(f"argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
-                             "move them to the same device")
+            raise ValueError(
+                f"argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
+                "move them to the same device"
+            )
     return t
 
 
@@ -32,8 +38,9 @@ def check_coeff(name: str, t: torch.Tensor, batch: int, device: torch.device) ->
     if t.numel() == 1 and batch != 1:
         t = t.reshape(1).expand(batch)
     if t.shape != (batch,):
-        raise ValueError(f"coefficient '{name}' must have shape ({batch},) (one per sample), "
-                         f"got {tuple(t.shape)}")
+        raise ValueError(
+            f"coefficient '{name}' must have shape ({batch},) (one per sample), got {tuple(t.shape)}"
+        )
     if t.device != device:
         raise ValueError(f"coefficient '{name}' is on {t.device} but the latents are on {device}")
     return t.to(torch.float32).contiguous()
@@ -63,13 +70,23 @@ def check_op_inputs(op: str, x: torch.Tensor, latents: dict, coeffs: dict) -> No
         if t is None:
             continue
         if t.device != device:
-            raise ValueError(f"{op}: '{name}' is on {t.device} but 'x' is on {device}; "
-                             "move them to the same device")
+            raise ValueError(
+                f"{op}: '{name}' is on {t.device} but 'x' is on {device}; move them to the same device"
+            )
         if t.shape != shape:
-            raise ValueError(f"{op}: '{name}' has shape {tuple(t.shape)}, 'x' has {tuple(shape)}; they must match")
+            raise ValueError(
+                f"{op}: '{name}' has shape {tuple(t.shape)}, 'x' has {tuple(shape)}; they must match"
+            )
         if shape[1] > 1 and t.stride(1) != 1:
             raise ValueError(f"{op}: '{name}' needs unit stride along N (see fastcps.ops.checks.as_rows)")
     for name, c in coeffs.items():
-        if c.device != device or c.dtype != torch.float32 or c.shape != shape[:1] or (shape[0] > 1 and c.stride(0) != 1):
-            raise ValueError(f"{op}: coefficient '{name}' is {c.dtype} {tuple(c.shape)} on {c.device}; it must "
-                             f"be contiguous float32 ({shape[0]},) on {device}, like 'x'")
+        if (
+            c.device != device
+            or c.dtype != torch.float32
+            or c.shape != shape[:1]
+            or (shape[0] > 1 and c.stride(0) != 1)
+        ):
+            raise ValueError(
+                f"{op}: coefficient '{name}' is {c.dtype} {tuple(c.shape)} on {c.device}; it must "
+                f"be contiguous float32 ({shape[0]},) on {device}, like 'x'"
+            )

@@ -70,8 +70,17 @@ _bwd_compiled = maybe_compile(_bwd_math)
 
 
 @torch.library.custom_op("fastcps::cps_logprob_kl", mutates_args=())
-def cps_logprob_kl_op(x: Tensor, v: Tensor, prev: Tensor, v_ref: Optional[Tensor], alpha: Tensor, beta: Tensor,
-                      lp_w: Tensor, lp_c: Tensor, kl_w: Tensor) -> tuple[Tensor, Tensor]:
+def cps_logprob_kl_op(
+    x: Tensor,
+    v: Tensor,
+    prev: Tensor,
+    v_ref: Optional[Tensor],
+    alpha: Tensor,
+    beta: Tensor,
+    lp_w: Tensor,
+    lp_c: Tensor,
+    kl_w: Tensor,
+) -> tuple[Tensor, Tensor]:
     """(logp, kl), each (B,) fp32, of (B, N) rows; kl is zeros without ``v_ref``. Gradient: to v only."""
     _check_fwd(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w)
     if choose_impl(x) == "triton":
@@ -84,8 +93,12 @@ def cps_logprob_kl_op(x: Tensor, v: Tensor, prev: Tensor, v_ref: Optional[Tensor
 
 
 def _check_fwd(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w):
-    check_op_inputs("fastcps::cps_logprob_kl", x, {"v": v, "prev": prev, "v_ref": v_ref},
-                    {"alpha": alpha, "beta": beta, "lp_w": lp_w, "lp_c": lp_c, "kl_w": kl_w})
+    check_op_inputs(
+        "fastcps::cps_logprob_kl",
+        x,
+        {"v": v, "prev": prev, "v_ref": v_ref},
+        {"alpha": alpha, "beta": beta, "lp_w": lp_w, "lp_c": lp_c, "kl_w": kl_w},
+    )
 
 
 @cps_logprob_kl_op.register_fake
@@ -95,9 +108,18 @@ def _(x, v, prev, v_ref, alpha, beta, lp_w, lp_c, kl_w):
 
 
 @torch.library.custom_op("fastcps::cps_logprob_kl_backward", mutates_args=())
-def cps_logprob_kl_backward_op(x: Tensor, v: Tensor, prev: Tensor, v_ref: Optional[Tensor], alpha: Tensor,
-                               beta: Tensor, lp_w: Tensor, kl_w: Optional[Tensor], g_logp: Tensor,
-                               g_kl: Optional[Tensor]) -> Tensor:
+def cps_logprob_kl_backward_op(
+    x: Tensor,
+    v: Tensor,
+    prev: Tensor,
+    v_ref: Optional[Tensor],
+    alpha: Tensor,
+    beta: Tensor,
+    lp_w: Tensor,
+    kl_w: Optional[Tensor],
+    g_logp: Tensor,
+    g_kl: Optional[Tensor],
+) -> Tensor:
     """∂v (B, N) in v's dtype from the (B,) fp32 output gradients; ``kl_w``/``g_kl`` go with ``v_ref``."""
     _check_bwd(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl)
     if choose_impl(x) == "triton":
@@ -110,9 +132,18 @@ def cps_logprob_kl_backward_op(x: Tensor, v: Tensor, prev: Tensor, v_ref: Option
 def _check_bwd(x, v, prev, v_ref, alpha, beta, lp_w, kl_w, g_logp, g_kl):
     if v_ref is not None and (kl_w is None or g_kl is None):
         raise ValueError("fastcps::cps_logprob_kl_backward: with v_ref, give kl_w and g_kl too")
-    check_op_inputs("fastcps::cps_logprob_kl_backward", x, {"v": v, "prev": prev, "v_ref": v_ref},
-                    {"alpha": alpha, "beta": beta, "lp_w": lp_w, "g_logp": g_logp,
-                     **({} if v_ref is None else {"kl_w": kl_w, "g_kl": g_kl})})
+    check_op_inputs(
+        "fastcps::cps_logprob_kl_backward",
+        x,
+        {"v": v, "prev": prev, "v_ref": v_ref},
+        {
+            "alpha": alpha,
+            "beta": beta,
+            "lp_w": lp_w,
+            "g_logp": g_logp,
+            **({} if v_ref is None else {"kl_w": kl_w, "g_kl": g_kl}),
+        },
+    )
 
 
 @cps_logprob_kl_backward_op.register_fake
@@ -167,7 +198,14 @@ def cps_logprob_kl(
         check_coeff(n, getattr(coeffs, n), b, x.device) for n in ("alpha", "beta", "lp_w", "lp_c", "kl_w")
     )
     logp, kl = torch.ops.fastcps.cps_logprob_kl(
-        as_rows(x.detach()), as_rows(v), as_rows(prev_sample.detach()), ref_model_output,
-        alpha, beta, lp_w, lp_c, kl_w,
+        as_rows(x.detach()),
+        as_rows(v),
+        as_rows(prev_sample.detach()),
+        ref_model_output,
+        alpha,
+        beta,
+        lp_w,
+        lp_c,
+        kl_w,
     )
     return LogprobKL(logp, kl)

@@ -64,7 +64,9 @@ def cps_step_ref(x, v, alpha, beta, std, lp_w, lp_c, *, noise=None, prev_sample=
     b = x.shape[0]
     given = None if prev_sample is None else prev_sample.reshape(b, -1)
     eps = None if noise is None else noise.reshape(b, -1)
-    prev, logp, mean = _step_math(x.reshape(b, -1), v.reshape(b, -1), alpha, beta, std, lp_w, lp_c, eps, given)
+    prev, logp, mean = _step_math(
+        x.reshape(b, -1), v.reshape(b, -1), alpha, beta, std, lp_w, lp_c, eps, given
+    )
     prev = prev_sample if prev_sample is not None else prev.reshape(x.shape)
     return StepResult(prev, logp, mean.reshape(x.shape))
 
@@ -79,7 +81,9 @@ def _step_reference(x, v, alpha, beta, std, lp_w, lp_c, noise, prev_sample, seed
 
         counters = offset + torch.arange(x.numel(), dtype=torch.int64, device=x.device)
         noise = philox_randn(seed, counters).reshape(x.shape)
-    prev, logp, mean = _step_math_compiled(x, v, alpha, beta, std, lp_w, lp_c, noise, prev_sample, return_mean)
+    prev, logp, mean = _step_math_compiled(
+        x, v, alpha, beta, std, lp_w, lp_c, noise, prev_sample, return_mean
+    )
     if prev_sample is None and prev.dtype != torch.float32:
         # Inductor may fuse away the round trip through the half dtype; score the x' as stored.
         logp = _step_math_compiled(x, v, alpha, beta, std, lp_w, lp_c, None, prev, False)[1]
@@ -90,36 +94,69 @@ def _check_step(x, v, alpha, beta, std, lp_w, lp_c, noise, prev_sample, seed):
     sources = (noise is not None) + (seed is not None) + (prev_sample is not None)
     if sources != 1:
         raise ValueError(f"fastcps::cps_step needs exactly one of noise, seed or prev_sample (got {sources})")
-    check_op_inputs("fastcps::cps_step", x, {"v": v, "noise": noise, "prev_sample": prev_sample},
-                    {"alpha": alpha, "beta": beta, "std": std, "lp_w": lp_w, "lp_c": lp_c})
+    check_op_inputs(
+        "fastcps::cps_step",
+        x,
+        {"v": v, "noise": noise, "prev_sample": prev_sample},
+        {"alpha": alpha, "beta": beta, "std": std, "lp_w": lp_w, "lp_c": lp_c},
+    )
 
 
 @torch.library.custom_op("fastcps::cps_step", mutates_args=())
-def cps_step_op(x: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, std: Tensor, lp_w: Tensor, lp_c: Tensor,
-                noise: Optional[Tensor], prev_sample: Optional[Tensor], seed: Optional[int], offset: int,
-                return_mean: bool) -> tuple[Tensor, Tensor, Tensor]:
+def cps_step_op(
+    x: Tensor,
+    v: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    std: Tensor,
+    lp_w: Tensor,
+    lp_c: Tensor,
+    noise: Optional[Tensor],
+    prev_sample: Optional[Tensor],
+    seed: Optional[int],
+    offset: int,
+    return_mean: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(x', logp, μ) of (B, N) rows: x' (B, N) in x's dtype, or (0,) when ``prev_sample`` is given;
     logp (B,) fp32; μ (B, N) in x's dtype with ``return_mean``, else (0,). Gradient: to v only."""
     _check_step(x, v, alpha, beta, std, lp_w, lp_c, noise, prev_sample, seed)
     if choose_impl(x) == "triton":
         from fastcps.kernels.cps_step import cps_step_fwd
 
-        prev, logp, mean = cps_step_fwd(x, v, alpha, beta, std, lp_w, lp_c, noise=noise, seed=seed,
-                                        offset=offset, prev_sample=prev_sample, return_mean=return_mean)
+        prev, logp, mean = cps_step_fwd(
+            x,
+            v,
+            alpha,
+            beta,
+            std,
+            lp_w,
+            lp_c,
+            noise=noise,
+            seed=seed,
+            offset=offset,
+            prev_sample=prev_sample,
+            return_mean=return_mean,
+        )
     else:
-        prev, logp, mean = _step_reference(x, v, alpha, beta, std, lp_w, lp_c, noise, prev_sample, seed,
-                                           offset, return_mean)
+        prev, logp, mean = _step_reference(
+            x, v, alpha, beta, std, lp_w, lp_c, noise, prev_sample, seed, offset, return_mean
+        )
     empty = x.new_empty((0,))
-    return (empty if prev is None else prev.contiguous(), logp.contiguous(),
-            empty.clone() if mean is None else mean.contiguous())
+    return (
+        empty if prev is None else prev.contiguous(),
+        logp.contiguous(),
+        empty.clone() if mean is None else mean.contiguous(),
+    )
 
 
 @cps_step_op.register_fake
 def _(x, v, alpha, beta, std, lp_w, lp_c, noise, prev_sample, seed, offset, return_mean):
     _check_step(x, v, alpha, beta, std, lp_w, lp_c, noise, prev_sample, seed)
-    return (x.new_empty((0,)) if prev_sample is not None else x.new_empty(x.shape),
-            x.new_empty(x.shape[:1], dtype=torch.float32),
-            x.new_empty(x.shape) if return_mean else x.new_empty((0,)))
+    return (
+        x.new_empty((0,)) if prev_sample is not None else x.new_empty(x.shape),
+        x.new_empty(x.shape[:1], dtype=torch.float32),
+        x.new_empty(x.shape) if return_mean else x.new_empty((0,)),
+    )
 
 
 def _step_setup_context(ctx, inputs, output):
@@ -136,11 +173,17 @@ def _step_backward(ctx, g_prev, g_logp, g_mean):
     x, v, prev_sample, alpha, beta, lp_w = ctx.saved_tensors
     if not ctx.needs_input_grad[1]:
         return (None,) * 12
-    terms = [beta.reshape(-1, 1) * g.float()
-             for g, present in ((g_prev, not ctx.scoring), (g_mean, ctx.return_mean)) if g is not None and present]
+    terms = [
+        beta.reshape(-1, 1) * g.float()
+        for g, present in ((g_prev, not ctx.scoring), (g_mean, ctx.return_mean))
+        if g is not None and present
+    ]
     if ctx.scoring and g_logp is not None:
-        terms.append(cps_logprob_kl_backward_op(x, v, prev_sample, None, alpha, beta, lp_w, None,
-                                                g_logp.float().contiguous(), None).float())
+        terms.append(
+            cps_logprob_kl_backward_op(
+                x, v, prev_sample, None, alpha, beta, lp_w, None, g_logp.float().contiguous(), None
+            ).float()
+        )
     dv = sum(terms[1:], terms[0]).to(v.dtype) if terms else None
     return (None, dv) + (None,) * 10
 
@@ -170,8 +213,10 @@ def cps_step(
     v = check_latent("model_output", model_output, x)
     sources = sum(a is not None for a in (noise, seed, prev_sample))
     if sources != 1:
-        raise ValueError("cps_step needs exactly one of noise, seed or prev_sample "
-                         f"(got {sources}); use prev_sample to score a given x'")
+        raise ValueError(
+            "cps_step needs exactly one of noise, seed or prev_sample "
+            f"(got {sources}); use prev_sample to score a given x'"
+        )
     if noise is not None:
         check_latent("noise", noise, x)
     if prev_sample is not None:
@@ -185,9 +230,18 @@ def cps_step(
         check_coeff(n, getattr(coeffs, n), b, x.device) for n in ("alpha", "beta", "s", "lp_w", "lp_c")
     )
     prev, logp, mean = torch.ops.fastcps.cps_step(
-        as_rows(x.detach()), as_rows(v), alpha, beta, std, lp_w, lp_c,
+        as_rows(x.detach()),
+        as_rows(v),
+        alpha,
+        beta,
+        std,
+        lp_w,
+        lp_c,
         None if noise is None else as_rows(noise.detach()),
-        None if prev_sample is None else as_rows(prev_sample.detach()), seed, offset, return_mean,
+        None if prev_sample is None else as_rows(prev_sample.detach()),
+        seed,
+        offset,
+        return_mean,
     )
     prev = prev_sample if prev_sample is not None else prev.reshape(x.shape)
     return StepResult(prev, logp, mean.reshape(x.shape) if return_mean else None)

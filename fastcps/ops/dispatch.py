@@ -63,9 +63,12 @@ def maybe_compile(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         nonlocal compiled
-        if (torch.compiler.is_compiling() or os.environ.get("FASTCPS_COMPILE", "1") == "0"
-                or fn.__name__ in _COMPILE_FAILED
-                or args[0].numel() < int(os.environ.get("FASTCPS_COMPILE_MIN_NUMEL", 1 << 18))):
+        if (
+            torch.compiler.is_compiling()
+            or os.environ.get("FASTCPS_COMPILE", "1") == "0"
+            or fn.__name__ in _COMPILE_FAILED
+            or args[0].numel() < int(os.environ.get("FASTCPS_COMPILE_MIN_NUMEL", 1 << 18))
+        ):
             return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=None, fullgraph=True)
@@ -73,8 +76,12 @@ def maybe_compile(fn):
             return compiled(*args, **kwargs)
         except Exception as err:  # inductor needs a C++ compiler; anything else, we still must run
             _COMPILE_FAILED.add(fn.__name__)
-            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {err}); "
-                          "using eager PyTorch for it from now on", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {err}); "
+                "using eager PyTorch for it from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return fn(*args, **kwargs)
 
     return wrapper

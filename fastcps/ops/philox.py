@@ -40,7 +40,7 @@ def _mul_hi_lo(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     p_hi = ch * x  # < 2**48
     p_lo = cl * x  # < 2**48
     # full = p_hi*2**16 + p_lo; split p_hi at 16 bits to stay within int64.
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo)  # < 2**32 + 2**48
+    lo = ((p_hi & 0xFFFF) << 16) + p_lo  # < 2**32 + 2**48
     hi = (p_hi >> 16) + (lo >> 32)
     return hi & _M32, lo & _M32
 

@@ -18,12 +18,21 @@ import numpy as np
 
 from fastcps.config import RunConfig
 
-BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "float32": 4, "float16": 2, "bfloat16": 2,
-         "amp": 4}  # a reward's "amp": fp32 weights, fp16 autocast (fastcps.rewards._util)
+BYTES = {
+    "bf16": 2,
+    "fp16": 2,
+    "fp32": 4,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "amp": 4,
+}  # a reward's "amp": fp32 weights, fp16 autocast (fastcps.rewards._util)
 # Frozen models as placed by the trainer: published parameter counts (the weights cannot be
 # downloaded here), in billions. Text encoders: T5-XXL encoder, CLIP-L (FLUX) / CLIP-L + CLIP-G (SD3).
-TEXT_ENCODERS = {"flux": {"T5-XXL encoder": 4.762, "CLIP-L text": 0.123},
-                 "sd3": {"T5-XXL encoder": 4.762, "CLIP-G text": 0.695, "CLIP-L text": 0.123}}
+TEXT_ENCODERS = {
+    "flux": {"T5-XXL encoder": 4.762, "CLIP-L text": 0.123},
+    "sd3": {"T5-XXL encoder": 4.762, "CLIP-G text": 0.695, "CLIP-L text": 0.123},
+}
 # Rewards on the training GPU (fastcps/rewards/*): PickScore and HPSv2 are CLIP ViT-H-14 (986 M),
 # aesthetic a CLIP ViT-L/14 (428 M) + a small MLP; ocr runs on the CPU, geneval on a detection server.
 REWARD_PARAMS = {"pickscore": 0.986, "hpsv2": 0.986, "aesthetic": 0.428}
@@ -80,10 +89,20 @@ def zero_settings(zero_section: dict, stage: int | None = None) -> Zero:
         if "overlap_comm" not in zero_section:
             section.pop("overlap_comm", None)
     z = DeepSpeedZeroConfig(**section)
-    off = z.offload_optimizer is not None and str(getattr(z.offload_optimizer, "device", "none")).endswith("cpu")
-    return Zero(int(z.stage), int(z.reduce_bucket_size), bool(z.contiguous_gradients), bool(z.overlap_comm),
-                int(z.prefetch_bucket_size), int(z.max_live_parameters), int(z.param_persistence_threshold),
-                int(z.sub_group_size), off)
+    off = z.offload_optimizer is not None and str(getattr(z.offload_optimizer, "device", "none")).endswith(
+        "cpu"
+    )
+    return Zero(
+        int(z.stage),
+        int(z.reduce_bucket_size),
+        bool(z.contiguous_gradients),
+        bool(z.overlap_comm),
+        int(z.prefetch_bucket_size),
+        int(z.max_live_parameters),
+        int(z.param_persistence_threshold),
+        int(z.sub_group_size),
+        off,
+    )
 
 
 def cfg_mult(cfg: RunConfig) -> int:
@@ -102,9 +121,20 @@ def trained_steps(cfg: RunConfig, sigmas) -> list[int]:
     if s.sde_window_size is not None:
         lo, hi = s.sde_window_range or (0, s.num_steps - s.sde_window_size + 1)
         starts = list(range(lo, hi))
-    return [len(sampling_steps(s.name, s.eta, sigmas, timestep_fraction=s.timestep_fraction,
-                           window_size=s.sde_window_size, window_start=w, logprob=s.logprob).trained)
-            for w in starts]
+    return [
+        len(
+            sampling_steps(
+                s.name,
+                s.eta,
+                sigmas,
+                timestep_fraction=s.timestep_fraction,
+                window_size=s.sde_window_size,
+                window_start=w,
+                logprob=s.logprob,
+            ).trained
+        )
+        for w in starts
+    ]
 
 
 def grad_bytes(cfg: RunConfig, zero: Zero) -> int:
@@ -123,24 +153,33 @@ def persistent(cfg: RunConfig, world: int, model: Model, zero: Zero, n_trained_m
     out = {}
     # ZeRO-3 partitions them (tensors below the persistence threshold stay whole on every rank);
     # ZeRO-2 keeps a full copy on every rank
-    out["transformer weights"] = (wb * ((model.params - model.small) / n + model.small) if zero.stage >= 3
-                                  else wb * model.params)
+    out["transformer weights"] = (
+        wb * ((model.params - model.small) / n + model.small) if zero.stage >= 3 else wb * model.params
+    )
     gb = grad_bytes(cfg, zero)
     out[f"gradients (partition, {'fp32' if gb == 4 else p.dtype})"] = gb * model.trained / n
     buckets = 2 if zero.overlap_comm and zero.stage < 3 else 1  # ZeRO-2 double-buffers with overlap_comm
-    out["gradient reduce bucket"] = gb * (zero.reduce_bucket_size * buckets if zero.contiguous_gradients
-                                          else min(zero.reduce_bucket_size, model.trained))
+    out["gradient reduce bucket"] = gb * (
+        zero.reduce_bucket_size * buckets
+        if zero.contiguous_gradients
+        else min(zero.reduce_bucket_size, model.trained)
+    )
     out["fp32 master + Adam m, v (partition)"] = 0.0 if zero.offload_optimizer else 12 * model.trained / n
     out["VAE"] = wb * model.vae_params
     enc = sum(TEXT_ENCODERS[p.name].values()) * 1e9 * wb
     out["text encoders"] = 0.0 if p.offload_frozen else enc
-    out["reward models"] = sum(REWARD_PARAMS.get(r.name, 0.0) * 1e9 * BYTES[str(r.args.get("dtype", "float32"))]
-                               for r in cfg.rewards)
+    out["reward models"] = sum(
+        REWARD_PARAMS.get(r.name, 0.0) * 1e9 * BYTES[str(r.args.get("dtype", "float32"))] for r in cfg.rewards
+    )
     out["KL reference (frozen copy)"] = wb * model.params if full_ft_ref else 0.0
     per_rank = t.prompts_per_epoch * t.images_per_prompt // n
-    out["rollout buffers (x_t, x_next fp32, log-probs)"] = per_rank * n_trained_max * (2 * model.latent_numel * 4 + 8)
+    out["rollout buffers (x_t, x_next fp32, log-probs)"] = (
+        per_rank * n_trained_max * (2 * model.latent_numel * 4 + 8)
+    )
     distinct = min(t.prompts_per_epoch, per_rank) + (1 if cfg_mult(cfg) == 2 else 0)  # + the negative prompt
-    out["prompt encodings of the epoch"] = distinct * (model.text_tokens * model.joint_dim + model.pooled_dim) * wb
+    out["prompt encodings of the epoch"] = (
+        distinct * (model.text_tokens * model.joint_dim + model.pooled_dim) * wb
+    )
     return out
 
 
@@ -149,7 +188,9 @@ def live_gathered(cfg: RunConfig, model: Model, zero: Zero) -> float:
     capped by stage3_max_live_parameters."""
     if zero.stage < 3:
         return 0.0
-    return BYTES[cfg.policy.dtype] * min(zero.max_live_parameters, model.largest_fetch + zero.prefetch_bucket_size)
+    return BYTES[cfg.policy.dtype] * min(
+        zero.max_live_parameters, model.largest_fetch + zero.prefetch_bucket_size
+    )
 
 
 def transients(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
@@ -169,11 +210,13 @@ def transients(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
     # policy.offload_frozen: the text encoders come to the GPU while new prompts are encoded (the first
     # epochs; encodings are cached in host memory); their own activations are not modeled
     moved_in = sum(TEXT_ENCODERS[p.name].values()) * 1e9 * BYTES[p.dtype] if p.offload_frozen else 0.0
-    return {"training micro-step": {"activations (measured)": act, "ZeRO-3 gathered parameters": gathered},
-            "rollout step": {"forward / VAE decode (measured)": rollout, "ZeRO-3 gathered parameters": gathered},
-            "eval step": {"forward / VAE decode (measured)": evaluation, "ZeRO-3 gathered parameters": gathered},
-            "optimizer step": {"fp32 gradient of the partition": step_fp32},
-            "prompt encoding": {"text encoders moved in": moved_in}}
+    return {
+        "training micro-step": {"activations (measured)": act, "ZeRO-3 gathered parameters": gathered},
+        "rollout step": {"forward / VAE decode (measured)": rollout, "ZeRO-3 gathered parameters": gathered},
+        "eval step": {"forward / VAE decode (measured)": evaluation, "ZeRO-3 gathered parameters": gathered},
+        "optimizer step": {"fp32 gradient of the partition": step_fp32},
+        "prompt encoding": {"text encoders moved in": moved_in},
+    }
 
 
 def memory(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
@@ -184,8 +227,14 @@ def memory(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
     base = sum(keep.values())
     totals = {ph: base + sum(v.values()) for ph, v in trans.items()}
     phase = max(totals, key=totals.get)
-    return {"persistent": keep, "transients": trans, "phase_totals": totals, "peak": totals[phase],
-            "peak_phase": phase, "stage": zero.stage}
+    return {
+        "persistent": keep,
+        "transients": trans,
+        "phase_totals": totals,
+        "peak": totals[phase],
+        "peak_phase": phase,
+        "stage": zero.stage,
+    }
 
 
 def checkpoint_files(cfg: RunConfig, world: int, model: Model, stage: int) -> dict:
@@ -195,11 +244,13 @@ def checkpoint_files(cfg: RunConfig, world: int, model: Model, stage: int) -> di
     each rank's EMA (fp32; ZeRO-3: its partition, else the whole trained set on every rank),
     ``policy.safetensors`` (the trained parameters, gathered) and, for LoRA, diffusers' adapter file."""
     wb, lora = BYTES[cfg.policy.dtype], cfg.policy.lora is not None
-    out = {"model states": wb * (model.trained if lora else model.params),
-           "optimizer states (fp32 master, Adam m, v)": 12 * model.trained,
-           "EMA": 4 * model.trained * (1 if stage >= 3 else world) if cfg.train.ema_decay else 0,
-           "policy.safetensors": wb * model.trained,
-           "pytorch_lora_weights.safetensors": wb * model.trained if lora else 0}
+    out = {
+        "model states": wb * (model.trained if lora else model.params),
+        "optimizer states (fp32 master, Adam m, v)": 12 * model.trained,
+        "EMA": 4 * model.trained * (1 if stage >= 3 else world) if cfg.train.ema_decay else 0,
+        "policy.safetensors": wb * model.trained,
+        "pytorch_lora_weights.safetensors": wb * model.trained if lora else 0,
+    }
     return out
 
 
@@ -230,12 +281,24 @@ def levers(cfg: RunConfig, world: int, zero: Zero) -> list[list[tuple[dict, dict
     minibatch = []
     for b in smaller_batches(per_rank, t.minibatch_size):
         images = t.minibatch_size * t.gradient_accumulation_steps  # keep the images per optimizer step
-        gas = images // b if images % b == 0 and (per_rank // b) % (images // b) == 0 else t.gradient_accumulation_steps
-        minibatch.append(({"train.minibatch_size": b, "train.gradient_accumulation_steps": gas},
-                          {"train.minibatch_size": b, "train.gradient_accumulation_steps": gas}))
+        gas = (
+            images // b
+            if images % b == 0 and (per_rank // b) % (images // b) == 0
+            else t.gradient_accumulation_steps
+        )
+        minibatch.append(
+            (
+                {"train.minibatch_size": b, "train.gradient_accumulation_steps": gas},
+                {"train.minibatch_size": b, "train.gradient_accumulation_steps": gas},
+            )
+        )
     out.append(minibatch)
-    out.append([({"train.rollout_batch_size": b}, {"train.rollout_batch_size": b})
-                for b in smaller_batches(per_rank, t.rollout_batch_size)])
+    out.append(
+        [
+            ({"train.rollout_batch_size": b}, {"train.rollout_batch_size": b})
+            for b in smaller_batches(per_rank, t.rollout_batch_size)
+        ]
+    )
     if not p.offload_frozen:
         out.append([({"policy.offload_frozen": True}, {"policy.offload_frozen": "true"})])
     if p.lora is None:
@@ -245,8 +308,14 @@ def levers(cfg: RunConfig, world: int, zero: Zero) -> list[list[tuple[dict, dict
     if zero.stage < 3:
         out.append([({"zero.stage": 3}, {"deepspeed_config": "configs/ds_zero3.json"})])
     if not zero.offload_optimizer:
-        out.append([({"zero.offload_optimizer": True},
-                      {"deepspeed_config": "<a copy with zero_optimization.offload_optimizer.device = \"cpu\">"})])
+        out.append(
+            [
+                (
+                    {"zero.offload_optimizer": True},
+                    {"deepspeed_config": '<a copy with zero_optimization.offload_optimizer.device = "cpu">'},
+                )
+            ]
+        )
     return [lever for lever in out if lever]
 
 
@@ -258,7 +327,9 @@ def suggest(cfg: RunConfig, world: int, zero: Zero, limit: float, load_model, lo
 
     def peak(chosen: list[dict]) -> float:
         merged = {k: v for changes in chosen for k, v in changes.items()}
-        z = load_zero(merged.pop("zero.stage", zero.stage), merged.pop("zero.offload_optimizer", zero.offload_optimizer))
+        z = load_zero(
+            merged.pop("zero.stage", zero.stage), merged.pop("zero.offload_optimizer", zero.offload_optimizer)
+        )
         c = with_changes(cfg, merged)
         return memory(c, world, load_model(c), z)["peak"]
 

@@ -33,8 +33,16 @@ import torch
 
 from fastcps.config import RunConfig
 
-PHASES = ("rollout", "VAE decode", "old log-prob recompute", "training forward", "training backward",
-          "checkpoint re-forward", "KL reference forward", "eval")
+PHASES = (
+    "rollout",
+    "VAE decode",
+    "old log-prob recompute",
+    "training forward",
+    "training backward",
+    "checkpoint re-forward",
+    "KL reference forward",
+    "eval",
+)
 
 
 class CountingEngine:
@@ -55,7 +63,11 @@ class CountingEngine:
         grad = torch.is_grad_enabled()
         phase = self.phase
         if phase == "update":
-            phase = "KL reference forward" if reference else ("training forward" if grad else "old log-prob recompute")
+            phase = (
+                "KL reference forward"
+                if reference
+                else ("training forward" if grad else "old log-prob recompute")
+            )
         self.calls[(phase, "train" if grad else "nograd", samples)] += 1
         if grad:
             self._pending.append(samples)
@@ -80,9 +92,18 @@ class CountingEngine:
         return True
 
 
-def zero_traffic(counted: dict, *, stage: int, world: int, gathered_params: int, fetched: dict[str, int],
-                 trained_params: int, bytes_per_param: float, grad_bytes_per_param: float,
-                 gather_bytes_per_param: float | None = None) -> dict:
+def zero_traffic(
+    counted: dict,
+    *,
+    stage: int,
+    world: int,
+    gathered_params: int,
+    fetched: dict[str, int],
+    trained_params: int,
+    bytes_per_param: float,
+    grad_bytes_per_param: float,
+    gather_bytes_per_param: float | None = None,
+) -> dict:
     """Bytes received per GPU by ZeRO's collectives in the counted epoch (ring: (N-1)/N of each full
     tensor). ZeRO-3: each forward call gathers ``fetched["forward"]`` elements and each backward
     ``fetched["backward"]`` (its re-forward of checkpointed blocks included), as
@@ -100,11 +121,19 @@ def zero_traffic(counted: dict, *, stage: int, world: int, gathered_params: int,
     if stage >= 3:
         elements = forwards * fetched["forward"] + backwards * fetched["backward"]
         gathered = elements * (gather_bytes_per_param or bytes_per_param) * ring
-        return {"parameter all-gather": gathered, "gradient reduce-scatter": grads, "total": gathered + grads,
-                "gathers": elements / gathered_params if gathered_params else 0.0}
+        return {
+            "parameter all-gather": gathered,
+            "gradient reduce-scatter": grads,
+            "total": gathered + grads,
+            "gathers": elements / gathered_params if gathered_params else 0.0,
+        }
     gathered = counted["optimizer_steps"] * trained_params * bytes_per_param * ring
-    return {"parameter all-gather": gathered, "gradient reduce-scatter": grads, "total": gathered + grads,
-            "gathers": 0}
+    return {
+        "parameter all-gather": gathered,
+        "gradient reduce-scatter": grads,
+        "total": gathered + grads,
+        "gathers": 0,
+    }
 
 
 class CountingPolicy:
@@ -125,7 +154,9 @@ class CountingPolicy:
         return {"prompt": torch.zeros(len(prompts), 1)}
 
     def velocity(self, model, latents: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
-        return model.forward(latents, latents.shape[0] * self._mult, reference=getattr(model, "is_reference", False))
+        return model.forward(
+            latents, latents.shape[0] * self._mult, reference=getattr(model, "is_reference", False)
+        )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self._vae[latents.shape[0]] += 1
@@ -133,8 +164,10 @@ class CountingPolicy:
 
     @contextlib.contextmanager
     def reference(self, model):
-        yield SimpleNamespace(forward=lambda x, samples, reference=True: model.forward(x, samples, reference=True),
-                              is_reference=True)
+        yield SimpleNamespace(
+            forward=lambda x, samples, reference=True: model.forward(x, samples, reference=True),
+            is_reference=True,
+        )
 
 
 class ConstantReward:
@@ -152,7 +185,9 @@ class _Optimizer:
     last_skipped = False
 
 
-def count_epoch(cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_mult: int, epoch: int = 0) -> dict:
+def count_epoch(
+    cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_mult: int, epoch: int = 0
+) -> dict:
     """Calls of one epoch on rank 0 (every rank runs the same calls: ZeRO-3 needs it). Returns
     {"calls": {(phase, kind, samples): n}, "vae": {images: calls}, "optimizer_steps", "images_per_rank"};
     eval's calls are divided by ``eval.every`` (it runs every that many epochs). ``latent_shape``:
@@ -166,15 +201,31 @@ def count_epoch(cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_
     engine = CountingEngine()
     encodings = PromptEncodings(policy)
     cpu = torch.device("cpu")
-    data = rollout_epoch(cfg, epoch, epoch_steps(cfg, epoch, policy), policy, engine, ConstantReward(), encodings,
-                         load_prompts(cfg.prompts.source), device=cpu, rank=0, world=world)
+    data = rollout_epoch(
+        cfg,
+        epoch,
+        epoch_steps(cfg, epoch, policy),
+        policy,
+        engine,
+        ConstantReward(),
+        encodings,
+        load_prompts(cfg.prompts.source),
+        device=cpu,
+        rank=0,
+        world=world,
+    )
     # every reward is equal here: spread the advantages so that the loss is not trivially zero
     adv = epoch_advantages(data, cfg.train, cpu).local + torch.as_tensor(
-        np.linspace(-1, 1, data.reward.numel()), dtype=torch.float32)
+        np.linspace(-1, 1, data.reward.numel()), dtype=torch.float32
+    )
     engine.phase = "update"
     run_update(engine, _Optimizer(), policy, data, adv, cfg.train, epoch=epoch, seed=cfg.seed, rank=0)
-    out = {"calls": dict(engine.calls), "vae": dict(vae), "optimizer_steps": engine.optimizer_steps,
-           "images_per_rank": int(data.reward.numel())}
+    out = {
+        "calls": dict(engine.calls),
+        "vae": dict(vae),
+        "optimizer_steps": engine.optimizer_steps,
+        "images_per_rank": int(data.reward.numel()),
+    }
     e = cfg.eval
     if e.every:
         engine.calls.clear()
@@ -194,9 +245,19 @@ def _evaluate(cfg: RunConfig, world: int, policy, engine, encodings) -> None:
 
     trainer = Trainer.__new__(Trainer)
     logger = SimpleNamespace(images=lambda *a, **k: None)
-    trainer.__dict__.update(cfg=cfg, world=world, rank=0, device=torch.device("cpu"), policy=policy, engine=engine,
-                            encodings=encodings, eval_prompts=list(zip(*eval_prompt_set(cfg))),
-                            reward_fn=ConstantReward(), ema=None, logger=logger)
+    trainer.__dict__.update(
+        cfg=cfg,
+        world=world,
+        rank=0,
+        device=torch.device("cpu"),
+        policy=policy,
+        engine=engine,
+        encodings=encodings,
+        eval_prompts=list(zip(*eval_prompt_set(cfg))),
+        reward_fn=ConstantReward(),
+        ema=None,
+        logger=logger,
+    )
     trainer.evaluate(1)
 
 
@@ -225,8 +286,13 @@ def phase_flops(counted: dict, meter, vae_flop, checkpointing: bool) -> dict:
 # train_batch_size 3 for sampling and training, 24 images per prompt, 2 optimizer steps per epoch;
 # scripts/train_flux.py: T5 prompts of max_sequence_length=128, old log-probs from the sampling, no
 # gradient checkpointing). Per image: 6 forwards in the rollout, 3 trained steps of forward + backward.
-ANCHOR = {"name": "flow_grpo pickscore_flux_fast", "rollout_forwards": 6, "trained_steps": 3, "text_tokens": 128,
-          "batch": 3}
+ANCHOR = {
+    "name": "flow_grpo pickscore_flux_fast",
+    "rollout_forwards": 6,
+    "trained_steps": 3,
+    "text_tokens": 128,
+    "batch": 3,
+}
 
 
 def anchor_flop_per_image(meter, vae_flop) -> dict:
@@ -235,8 +301,11 @@ def anchor_flop_per_image(meter, vae_flop) -> dict:
     b = ANCHOR["batch"]
     fwd = meter.step("nograd", b).forward_flop / b
     train = meter.step("train", b)
-    out = {"rollout": ANCHOR["rollout_forwards"] * fwd, "VAE decode": vae_flop(1),
-           "training forward": ANCHOR["trained_steps"] * train.forward_flop / b,
-           "training backward": ANCHOR["trained_steps"] * train.backward_flop / b}
+    out = {
+        "rollout": ANCHOR["rollout_forwards"] * fwd,
+        "VAE decode": vae_flop(1),
+        "training forward": ANCHOR["trained_steps"] * train.forward_flop / b,
+        "training backward": ANCHOR["trained_steps"] * train.backward_flop / b,
+    }
     out["total"] = sum(out.values())
     return out

@@ -41,9 +41,19 @@ import math
 DEFERRED = ("flux", "sd3")
 
 
-def load_peak_bytes(*, family: str, stage: int, world: int, params: int, small: int, dtype_bytes: int,
-                    vae_params: int, text_encoder_params: float, offload_frozen: bool,
-                    largest_fetch: int) -> dict:
+def load_peak_bytes(
+    *,
+    family: str,
+    stage: int,
+    world: int,
+    params: int,
+    small: int,
+    dtype_bytes: int,
+    vae_params: int,
+    text_encoder_params: float,
+    offload_frozen: bool,
+    largest_fetch: int,
+) -> dict:
     """Bytes per GPU at the load phase's peak (the end of ``deepspeed.initialize``'s partitioning),
     term by term, plus ``"peak"`` (their sum). Counts are elements (parameters), not billions:
     ``params`` every transformer parameter (LoRA included), ``small`` those in tensors below ZeRO-3's
@@ -60,8 +70,10 @@ def load_peak_bytes(*, family: str, stage: int, world: int, params: int, small: 
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage = {stage} must be 0, 1, 2 or 3")
     if not 0 <= small <= params or not 0 <= largest_fetch <= params:
-        raise ValueError(f"need 0 <= small ({small}) <= params ({params}) and 0 <= largest_fetch "
-                         f"({largest_fetch}) <= params")
+        raise ValueError(
+            f"need 0 <= small ({small}) <= params ({params}) and 0 <= largest_fetch "
+            f"({largest_fetch}) <= params"
+        )
     partitioned = stage == 3 and family in DEFERRED
     out: dict[str, float] = {}
     # not partitioned at load: the policy's whole transformer, the only copy on the device
@@ -69,9 +81,11 @@ def load_peak_bytes(*, family: str, stage: int, world: int, params: int, small: 
     # ZeRO-3: every partition done so far (all of them at the last tensor); the padding that rounds each
     # tensor's partition up is under one element a tensor (a few KB for FLUX.1-dev's ~1,000 tensors)
     out["transformer partitions (1/world of every tensor)"] = (
-        float(dtype_bytes * math.ceil(params / world)) if partitioned else 0.0)
+        float(dtype_bytes * math.ceil(params / world)) if partitioned else 0.0
+    )
     out["transformer tensor being partitioned (whole, one at a time)"] = (
-        float(dtype_bytes * largest_fetch) if partitioned else 0.0)
+        float(dtype_bytes * largest_fetch) if partitioned else 0.0
+    )
     out["VAE"] = float(dtype_bytes * vae_params)
     out["text encoders"] = 0.0 if offload_frozen else float(dtype_bytes * text_encoder_params)
     out["peak"] = sum(out.values())

@@ -47,8 +47,10 @@ from fastcps.runtime import DTYPES
 # lost its 57 attention calls (1.65 of 21.84 TFLOP). Torch 2.15 counts them itself (its own formula
 # stays); older releases get torch's own sdpa formulas registered here for the same shapes, so the
 # figure is the same whichever torch runs the plan.
-_ATTENTION_WITHOUT_FORMULA = ("_scaled_dot_product_flash_attention_for_cpu",
-                              "_scaled_dot_product_fused_attention_overrideable")
+_ATTENTION_WITHOUT_FORMULA = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable",
+)
 
 
 def _register_attention_flop_formulas() -> list[str]:
@@ -58,7 +60,10 @@ def _register_attention_flop_formulas() -> list[str]:
 
     added = []
     for name in _ATTENTION_WITHOUT_FORMULA:
-        for op, formula in ((name, flop_counter.sdpa_flop), (f"{name}_backward", flop_counter.sdpa_backward_flop)):
+        for op, formula in (
+            (name, flop_counter.sdpa_flop),
+            (f"{name}_backward", flop_counter.sdpa_backward_flop),
+        ):
             packet = getattr(torch.ops.aten, op, None)
             if packet is not None and packet not in flop_registry:
                 flop_registry[packet] = formula  # the registry FlopCounterMode reads too
@@ -121,7 +126,9 @@ def transformer_class(family: str):
     return {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}[family]
 
 
-def build(cls, config: dict, dtype: torch.dtype = torch.bfloat16, lora: tuple | None = None, device: str = "meta"):
+def build(
+    cls, config: dict, dtype: torch.dtype = torch.bfloat16, lora: tuple | None = None, device: str = "meta"
+):
     """``cls.from_config(config)`` on ``device`` (meta: shapes only) in ``dtype``; with ``lora = (r, alpha,
     targets)`` the model is frozen and peft adapters are added (trainable), as ``Policy.add_lora`` does."""
     with torch.device(device), default_dtype(dtype):
@@ -133,7 +140,9 @@ def build(cls, config: dict, dtype: torch.dtype = torch.bfloat16, lora: tuple | 
             names = [n for n, _ in model.named_modules()]
             present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
             if not present:
-                raise ValueError(f"policy.lora.target_modules {list(targets)} match no module of {cls.__name__}")
+                raise ValueError(
+                    f"policy.lora.target_modules {list(targets)} match no module of {cls.__name__}"
+                )
             model.requires_grad_(False)
             model.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=present))
     return model
@@ -147,8 +156,9 @@ def to_fake(model: torch.nn.Module, mode, device: str = "cpu") -> torch.nn.Modul
     for mod in model.modules():
         for k, p in mod._parameters.items():
             if p is not None:
-                mod._parameters[k] = torch.nn.Parameter(conv.from_meta_and_device(mode, p.data, dev),
-                                                        requires_grad=p.requires_grad)
+                mod._parameters[k] = torch.nn.Parameter(
+                    conv.from_meta_and_device(mode, p.data, dev), requires_grad=p.requires_grad
+                )
         for k, b in mod._buffers.items():
             if b is not None:
                 mod._buffers[k] = conv.from_meta_and_device(mode, b, dev)
@@ -211,7 +221,9 @@ class ModuleUses:
             self._count(("backward_unshared",) if shared else ("backward", "backward_unshared"), names)
 
         def hook(m, args, out):
-            grad_out = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad), None)
+            grad_out = next(
+                (t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad), None
+            )
             # the forward's own output (the re-forward's is not backpropagated through)
             if grad_out is not None and self.phase == "forward":
                 grad_out.register_hook(backward)
@@ -230,8 +242,17 @@ class TransformerMeter:
     text tokens. ``guidance``: FLUX.1-dev's distilled-guidance input.
     """
 
-    def __init__(self, family: str, config: dict, *, resolution: int, text_tokens: int, dtype: str = "bf16",
-                 lora: tuple | None = None, fake: bool = True):
+    def __init__(
+        self,
+        family: str,
+        config: dict,
+        *,
+        resolution: int,
+        text_tokens: int,
+        dtype: str = "bf16",
+        lora: tuple | None = None,
+        fake: bool = True,
+    ):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         self.family, self.config, self.dtype = family, config, DTYPES[dtype]
@@ -240,7 +261,8 @@ class TransformerMeter:
         if fake:
             self.mode = FakeTensorMode(allow_non_fake_inputs=True)
             self.model = to_fake(build(cls, config, self.dtype, lora), self.mode)
-        else:  # real CPU tensors, random weights: the same measurement, for checking the fake one on small models
+        else:  # real CPU tensors, random weights: the same measurement, for checking the fake one on small
+            # models
             self.mode = contextlib.nullcontext()
             self.model = build(cls, config, self.dtype, lora, device="cpu")
         self.params = list(self.model.parameters()) + list(self.model.buffers())
@@ -251,17 +273,28 @@ class TransformerMeter:
 
     def inputs(self, batch: int) -> dict:
         c, b, dt, txt = self.config, batch, self.dtype, self.text_tokens
-        common = dict(encoder_hidden_states=torch.randn(b, txt, c["joint_attention_dim"], dtype=dt),
-                      pooled_projections=torch.randn(b, c["pooled_projection_dim"], dtype=dt), return_dict=False)
+        common = dict(
+            encoder_hidden_states=torch.randn(b, txt, c["joint_attention_dim"], dtype=dt),
+            pooled_projections=torch.randn(b, c["pooled_projection_dim"], dtype=dt),
+            return_dict=False,
+        )
         if self.family == "flux":
             img = (self.resolution // 16) ** 2  # 8x VAE, then 2x2 patches packed into tokens
             guidance = torch.full((b,), 3.5) if c.get("guidance_embeds") else None
-            return dict(hidden_states=torch.randn(b, img, c["in_channels"], dtype=dt),
-                        timestep=torch.full((b,), 0.5, dtype=dt), guidance=guidance,
-                        txt_ids=torch.zeros(txt, 3), img_ids=torch.zeros(img, 3), **common)
+            return dict(
+                hidden_states=torch.randn(b, img, c["in_channels"], dtype=dt),
+                timestep=torch.full((b,), 0.5, dtype=dt),
+                guidance=guidance,
+                txt_ids=torch.zeros(txt, 3),
+                img_ids=torch.zeros(img, 3),
+                **common,
+            )
         side = self.resolution // 8
-        return dict(hidden_states=torch.randn(b, c["in_channels"], side, side, dtype=dt),
-                    timestep=torch.full((b,), 500.0, dtype=dt), **common)
+        return dict(
+            hidden_states=torch.randn(b, c["in_channels"], side, side, dtype=dt),
+            timestep=torch.full((b,), 500.0, dtype=dt),
+            **common,
+        )
 
     def _run(self, kind: str, batch: int) -> Step:
         train = kind != "nograd"
@@ -286,11 +319,14 @@ class TransformerMeter:
 
     def gathered(self, kind: str, batch: int, threshold: int) -> dict[str, int]:
         """Elements ZeRO-3 all-gathers in one call of ``kind`` per phase of :class:`ModuleUses` (the
-        backward's include the re-forward of checkpointed blocks), counting the tensors of at least ``threshold``
+        backward's include the re-forward of checkpointed blocks), counting the tensors of at least
+        ``threshold``
         elements (smaller ones stay whole: stage3_param_persistence_threshold)."""
         numel = {n: p.numel() for n, p in self.model.named_parameters()}
-        return {phase: sum(k * numel[n] for n, k in counts.items() if numel[n] >= threshold)
-                for phase, counts in self.step(kind, batch).uses.items()}
+        return {
+            phase: sum(k * numel[n] for n, k in counts.items() if numel[n] >= threshold)
+            for phase, counts in self.step(kind, batch).uses.items()
+        }
 
     def step(self, kind: str, batch: int) -> Step:
         """``kind``: "train" (forward + backward), "ckpt" (the same with gradient checkpointing) or
@@ -306,15 +342,20 @@ class TransformerMeter:
 
 
 @functools.lru_cache(maxsize=None)
-def meter(family: str, config_path: str, resolution: int, text_tokens: int, dtype: str,
-          lora: tuple | None) -> TransformerMeter:
+def meter(
+    family: str, config_path: str, resolution: int, text_tokens: int, dtype: str, lora: tuple | None
+) -> TransformerMeter:
     """One meter per model and shape within a process (building the model costs a few seconds)."""
     config = json.loads(Path(config_path).read_text())
-    return TransformerMeter(family, config, resolution=resolution, text_tokens=text_tokens, dtype=dtype, lora=lora)
+    return TransformerMeter(
+        family, config, resolution=resolution, text_tokens=text_tokens, dtype=dtype, lora=lora
+    )
 
 
 @functools.lru_cache(maxsize=None)
-def vae_decode_peak(config_path: str, resolution: int, batch: int, dtype: str = "bf16") -> tuple[int, int, int]:
+def vae_decode_peak(
+    config_path: str, resolution: int, batch: int, dtype: str = "bf16"
+) -> tuple[int, int, int]:
     """(parameters of the VAE, peak bytes of one no-grad decode of ``batch`` latents at ``resolution``
     plus the policy's fp32 images, FLOPs of that decode)."""
     from diffusers import AutoencoderKL

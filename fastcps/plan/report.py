@@ -8,7 +8,6 @@ from fastcps.config import RunConfig
 from fastcps.runtime import GIB
 
 
-
 def gib(x: float) -> str:
     return f"{x / GIB:7.2f} GiB"
 
@@ -25,45 +24,80 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     per_rank = r["images_per_rank"]
     world, c = r["world_size"], r["cfg_batch_multiplier"]
     tf = Path(r["files"]["transformer"]).absolute()
-    tf = tf.relative_to(Path.cwd()) if tf.is_relative_to(Path.cwd()) else tf  # the same report on every machine
-    p(f"fastcps plan: {cfg.name}  ({pol.name}, {pol.pretrained or 'no weights named'}; transformer config {tf})")
+    tf = (
+        tf.relative_to(Path.cwd()) if tf.is_relative_to(Path.cwd()) else tf
+    )  # the same report on every machine
+    p(
+        f"fastcps plan: {cfg.name}  ({pol.name}, {pol.pretrained or 'no weights named'}; transformer config "
+        f"{tf})"
+    )
     how = "auto" if cfg.zero_stage == "auto" else ("zero_stage" if cfg.zero_stage else cfg.deepspeed_config)
     ck = "auto" if pol.gradient_checkpointing == "auto" else "set"
-    p(f"world size {world}, ZeRO stage {r['zero_stage']} ({how}), gradient checkpointing "
-      f"{'on' if r['gradient_checkpointing'] else 'off'} ({ck})")
+    p(
+        f"world size {world}, ZeRO stage {r['zero_stage']} ({how}), gradient checkpointing "
+        f"{'on' if r['gradient_checkpointing'] else 'off'} ({ck})"
+    )
     p()
     p("batch arithmetic")
     images = t.prompts_per_epoch * t.images_per_prompt
-    p(f"  prompts per epoch           {t.prompts_per_epoch} groups x K = {t.images_per_prompt} images = {images} images")
-    p(f"  per rank                    {per_rank} images = {per_rank // t.rollout_batch_size} rollout batches "
-      f"of {t.rollout_batch_size}, {per_rank // t.minibatch_size} minibatches of {t.minibatch_size}")
-    p(f"  groups across ranks         a group of {t.images_per_prompt} spans up to {min(t.images_per_prompt, world)} "
-      f"ranks; advantages after an all-gather of {images} rewards")
+    p(
+        f"  prompts per epoch           {t.prompts_per_epoch} groups x K = {t.images_per_prompt} images = "
+        f"{images} images"
+    )
+    p(
+        f"  per rank                    {per_rank} images = {per_rank // t.rollout_batch_size} rollout "
+        "batches "
+        f"of {t.rollout_batch_size}, {per_rank // t.minibatch_size} minibatches of {t.minibatch_size}"
+    )
+    p(
+        f"  groups across ranks         a group of {t.images_per_prompt} spans up to "
+        f"{min(t.images_per_prompt, world)} "
+        f"ranks; advantages after an all-gather of {images} rewards"
+    )
     lo, hi = r["trained_steps_range"]
     span = f"{lo}" if lo == hi else f"{lo}..{hi}, mean {r['trained_steps_per_image']:.2f}"
-    p(f"  trained steps per image     {span} of {s.num_steps} ({s.name}, "
-      f"{'SDE window ' + str(s.sde_window_size) if s.sde_window_size else 'every noisy step'}, timestep_fraction "
-      f"{s.timestep_fraction}; fastcps.rollout.sampling_steps on the policy's sigmas)")
-    p(f"  gradient accumulation       {t.gradient_accumulation_steps} minibatches x {hi} steps = "
-      f"{t.gradient_accumulation_steps * hi} micro-steps per optimizer step")
+    p(
+        f"  trained steps per image     {span} of {s.num_steps} ({s.name}, "
+        f"{'SDE window ' + str(s.sde_window_size) if s.sde_window_size else 'every noisy step'}, "
+        "timestep_fraction "
+        f"{s.timestep_fraction}; fastcps.rollout.sampling_steps on the policy's sigmas)"
+    )
+    p(
+        f"  gradient accumulation       {t.gradient_accumulation_steps} minibatches x {hi} steps = "
+        f"{t.gradient_accumulation_steps * hi} micro-steps per optimizer step"
+    )
     p(f"  optimizer steps per epoch   {r['optimizer_steps']} (num_inner_epochs {t.num_inner_epochs})")
     if c == 2:
         p("  true CFG                    every transformer call runs 2 x the images (policy.cfg_scale > 1)")
 
     p()
-    p(f"transformer: {r['transformer_params'] / 1e9:.3f} B parameters, {r['trained_params'] / 1e6:.1f} M trained "
-      f"({'LoRA r ' + str(pol.lora.r) if pol.lora else 'full fine-tuning'}); measured on fake tensors "
-      "(fastcps.plan.measure: real architecture and dtype, no weights, no GPU)")
-    p(f"  FLOPs per image             forward {r['forward_flop_per_image'] / 1e12:.2f} T, backward "
-      f"{r['backward_flop_per_image'] / 1e12:.2f} T (autograd on fake CPU tensors)")
+    p(
+        f"transformer: {r['transformer_params'] / 1e9:.3f} B parameters, {r['trained_params'] / 1e6:.1f} M "
+        "trained "
+        f"({'LoRA r ' + str(pol.lora.r) if pol.lora else 'full fine-tuning'}); measured on fake tensors "
+        "(fastcps.plan.measure: real architecture and dtype, no weights, no GPU)"
+    )
+    p(
+        f"  FLOPs per image             forward {r['forward_flop_per_image'] / 1e12:.2f} T, backward "
+        f"{r['backward_flop_per_image'] / 1e12:.2f} T (autograd on fake CPU tensors)"
+    )
     a = r["activation_peak_bytes"]
-    p(f"  activations, training micro-step of {t.minibatch_size * c} samples: {gib(a['train']).strip()} without, "
-      f"{gib(a['train_checkpointed']).strip()} with gradient checkpointing (peak above the weights)")
-    p(f"  rollout forward of {t.rollout_batch_size * c} samples: {gib(a['rollout']).strip()};  VAE decode of "
-      f"{min(4, t.rollout_batch_size)} images: {gib(a['vae_decode']).strip()}")
+    p(
+        f"  activations, training micro-step of {t.minibatch_size * c} samples: {gib(a['train']).strip()} "
+        "without, "
+        f"{gib(a['train_checkpointed']).strip()} with gradient checkpointing (peak above the weights)"
+    )
+    p(
+        f"  rollout forward of {t.rollout_batch_size * c} samples: {gib(a['rollout']).strip()};  VAE decode "
+        "of "
+        f"{min(4, t.rollout_batch_size)} images: {gib(a['vae_decode']).strip()}"
+    )
 
     p()
-    p("calls per rank per epoch, counted on the trainer's own epoch functions (fastcps.plan.epoch: rollout_epoch,")
+    p(
+        "calls per rank per epoch, counted on the trainer's own epoch functions (fastcps.plan.epoch: "
+        "rollout_epoch,"
+    )
     p("run_update, Trainer.evaluate; eval divided by eval.every)")
     for k, v in r["calls_per_rank"].items():
         p(f"  {k:56} {v:8.1f}")
@@ -73,30 +107,46 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     for k, v in r["phase_flop"].items():
         p(f"  {k:40} {tflop(v)} {tflop(an[k]) if k in an else ' ' * 16:>18}")
     p(f"  {'total':40} {tflop(r['epoch_flop'])} {tflop(r['anchor_epoch_flop']):>18}")
-    p(f"  anchor: {r['anchor']} (yifan123/flow_grpo config/grpo.py; 6 rollout forwards + 3 trained steps per image,")
-    p("  128 text tokens, old log-probs from the rollout, no checkpointing, the same images per epoch; eval not counted)")
+    p(
+        f"  anchor: {r['anchor']} (yifan123/flow_grpo config/grpo.py; 6 rollout forwards + 3 trained steps "
+        "per image,"
+    )
+    p(
+        "  128 text tokens, old log-probs from the rollout, no checkpointing, the same images per epoch; "
+        "eval not counted)"
+    )
     p(f"  training epoch (without eval) / anchor: {r['anchor_ratio']:.3f}x")
-    p(f"  projected epoch time: {r['projected_epoch_s']:.0f} s on {world} GPUs at {r['mfu']:.0%} of "
-      f"{r['peak_tflops']:.0f} TFLOP/s -- a PROJECTION from FLOPs, not a measurement")
+    p(
+        f"  projected epoch time: {r['projected_epoch_s']:.0f} s on {world} GPUs at {r['mfu']:.0%} of "
+        f"{r['peak_tflops']:.0f} TFLOP/s -- a PROJECTION from FLOPs, not a measurement"
+    )
 
     p()
     m2, m3 = r["memory"][2], r["memory"][3]
-    p(f"memory per GPU at world size {world} (dtype {pol.dtype}, gradient checkpointing "
-      f"{'on' if r['gradient_checkpointing'] else 'off'})   {'ZeRO-2':>10} {'ZeRO-3':>11}")
+    p(
+        f"memory per GPU at world size {world} (dtype {pol.dtype}, gradient checkpointing "
+        f"{'on' if r['gradient_checkpointing'] else 'off'})   {'ZeRO-2':>10} {'ZeRO-3':>11}"
+    )
     keys = list(dict.fromkeys(list(m2["persistent"]) + list(m3["persistent"])))
     for k in keys:
         p(f"  {k:56} {gib(m2['persistent'].get(k, 0.0))} {gib(m3['persistent'].get(k, 0.0))}")
     for phase in m3["transients"]:
         for k in m3["transients"][phase]:
-            p(f"  + {phase}: {k:36}"[:58].ljust(58) + f" {gib(m2['transients'][phase][k])} "
-              f"{gib(m3['transients'][phase][k])}")
+            p(
+                f"  + {phase}: {k:36}"[:58].ljust(58) + f" {gib(m2['transients'][phase][k])} "
+                f"{gib(m3['transients'][phase][k])}"
+            )
     for phase in m3["phase_totals"]:
         p(f"  = {phase:54} {gib(m2['phase_totals'][phase])} {gib(m3['phase_totals'][phase])}")
-    p(f"  peak (phase)                                             {gib(m2['peak'])} {gib(m3['peak'])}"
-      f"   ({m2['peak_phase']} / {m3['peak_phase']})")
+    p(
+        f"  peak (phase)                                             {gib(m2['peak'])} {gib(m3['peak'])}"
+        f"   ({m2['peak_phase']} / {m3['peak_phase']})"
+    )
     terms = ", ".join(f"{k} {v / GIB:.2f}" for k, v in r["load_phase"].items() if v and k != "peak")
-    p(f"  load phase (ZeRO stage {r['zero_stage']}): peak {r['load_peak_gib_per_gpu']:.2f} GiB ({terms}; "
-      "fastcps.plan.load)")
+    p(
+        f"  load phase (ZeRO stage {r['zero_stage']}): peak {r['load_peak_gib_per_gpu']:.2f} GiB ({terms}; "
+        "fastcps.plan.load)"
+    )
     by = "  ".join(f"{k} {v:.1f}" for k, v in r["peak_gib_by_choice"].items())
     p(f"  peak by choice (GiB): {by}; plus the CUDA context, NCCL buffers and fragmentation (--reserve)")
     if pol.offload_frozen:
@@ -104,11 +154,20 @@ def report(cfg: RunConfig, r: dict, out) -> None:
 
     p()
     p("ZeRO traffic per GPU per epoch (received; ring: (N-1)/N of each full tensor; the counted calls x the")
-    p("parameters each call fetches, module by module: fastcps.plan.measure.ModuleUses, checked against DeepSpeed's")
-    p("own all-gathers in tests/test_zero3.py; a training run logs its real ones as zero/<phase>_gathered_gb)")
+    p(
+        "parameters each call fetches, module by module: fastcps.plan.measure.ModuleUses, checked against "
+        "DeepSpeed's"
+    )
+    p(
+        "own all-gathers in tests/test_zero3.py; a training run logs its real ones as "
+        "zero/<phase>_gathered_gb)"
+    )
     for k, z in r["zero_traffic_bytes_per_gpu"].items():
-        p(f"  {k:32} parameter all-gather {z['parameter all-gather'] / 1e9:9.1f} GB ({z['gathers']:.1f} gathers), "
-          f"gradient reduce-scatter {z['gradient reduce-scatter'] / 1e9:6.1f} GB")
+        p(
+            f"  {k:32} parameter all-gather {z['parameter all-gather'] / 1e9:9.1f} GB ({z['gathers']:.1f} "
+            "gathers), "
+            f"gradient reduce-scatter {z['gradient reduce-scatter'] / 1e9:6.1f} GB"
+        )
 
     p()
     files = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in r["checkpoint_files"].items() if v)

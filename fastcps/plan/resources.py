@@ -42,19 +42,30 @@ def model_files(cfg: RunConfig) -> dict[str, Path]:
     pol = cfg.policy
     local = Path(pol.pretrained) if pol.pretrained else None
     if local is not None and (local / "transformer" / "config.json").is_file():
-        return {"transformer": local / "transformer" / "config.json", "vae": local / "vae" / "config.json",
-                "scheduler": local / "scheduler" / "scheduler_config.json"}
+        return {
+            "transformer": local / "transformer" / "config.json",
+            "vae": local / "vae" / "config.json",
+            "scheduler": local / "scheduler" / "scheduler_config.json",
+        }
     name = pol.pretrained.lower()
     if pol.name == "flux":
         stem = "flux1-schnell" if "schnell" in name else "flux1-dev"
-        return {"transformer": MODELS / f"{stem}_transformer.json", "vae": MODELS / "flux1_vae.json",
-                "scheduler": MODELS / f"{stem}_scheduler.json"}
+        return {
+            "transformer": MODELS / f"{stem}_transformer.json",
+            "vae": MODELS / "flux1_vae.json",
+            "scheduler": MODELS / f"{stem}_scheduler.json",
+        }
     if pol.name == "sd3":
         if "large" in name:
-            raise ConfigError(f"policy.pretrained = {pol.pretrained!r}: no shipped SD3.5-Large config; give a "
-                              "local pipeline folder or --model-config")
-        return {"transformer": MODELS / "sd3.5-medium_transformer.json", "vae": MODELS / "sd3.5_vae.json",
-                "scheduler": MODELS / "sd3.5-medium_scheduler.json"}
+            raise ConfigError(
+                f"policy.pretrained = {pol.pretrained!r}: no shipped SD3.5-Large config; give a "
+                "local pipeline folder or --model-config"
+            )
+        return {
+            "transformer": MODELS / "sd3.5-medium_transformer.json",
+            "vae": MODELS / "sd3.5_vae.json",
+            "scheduler": MODELS / "sd3.5-medium_scheduler.json",
+        }
     raise ConfigError(f"policy.name = {pol.name!r}: the plan covers flux and sd3 (the toy needs no plan)")
 
 
@@ -63,8 +74,9 @@ def policy_sigmas(family: str, scheduler_config: dict, resolution: int, num_step
     it: ``fastcps.schedule.pipeline_sigmas`` reads only the scheduler config and the token count."""
     from fastcps.schedule import pipeline_sigmas
 
-    return pipeline_sigmas(scheduler_config, (resolution // 16) ** 2, num_steps,
-                           default_shift=1.0 if family == "flux" else 3.0)
+    return pipeline_sigmas(
+        scheduler_config, (resolution // 16) ** 2, num_steps, default_shift=1.0 if family == "flux" else 3.0
+    )
 
 
 def zero_section(cfg: RunConfig) -> dict:
@@ -76,7 +88,8 @@ def zero_section(cfg: RunConfig) -> dict:
 
 
 def choice_name(stage: int, checkpointing: bool) -> str:
-    """The key of a (ZeRO stage, gradient checkpointing) choice in the plan's output: zero2, zero3+ckpt, ..."""
+    """The key of a (ZeRO stage, gradient checkpointing) choice in the plan's output: zero2, zero3+ckpt,
+    ..."""
     return f"zero{stage if stage >= 3 else 2}{'+ckpt' if checkpointing else ''}"
 
 
@@ -89,8 +102,10 @@ class Loader:
             self.files["transformer"] = transformer_config
         for key in ("transformer", "vae", "scheduler"):
             if not self.files[key].is_file():
-                raise ConfigError(f"{key} config {str(self.files[key])!r} not found (from policy.pretrained = "
-                                  f"{cfg.policy.pretrained!r}); pass --model-config or a local pipeline folder")
+                raise ConfigError(
+                    f"{key} config {str(self.files[key])!r} not found (from policy.pretrained = "
+                    f"{cfg.policy.pretrained!r}); pass --model-config or a local pipeline folder"
+                )
         self.zero_section = zero_section(cfg)
         self.zero = pc.zero_settings(self.zero_section)
         self.scheduler = json.loads(self.files["scheduler"].read_text())
@@ -108,7 +123,9 @@ class Loader:
 
         pol = cfg.policy
         if pol.resolution % 16:
-            raise ConfigError(f"policy.resolution = {pol.resolution} must be a multiple of 16 (VAE x8, 2x2 patches)")
+            raise ConfigError(
+                f"policy.resolution = {pol.resolution} must be a multiple of 16 (VAE x8, 2x2 patches)"
+            )
         targets = list(pol.lora.target_modules) if pol.lora else []
         lora = None
         if pol.lora is not None:
@@ -129,39 +146,61 @@ class Loader:
         if pol.lora is not None and "stage3_param_persistence_threshold" not in self.zero_section:
             # the trainer keeps LoRA matrices whole under ZeRO-3 (fastcps.trainer.keep_lora_whole)
             threshold = max(threshold, max(p.numel() for p in params if p.requires_grad))
-        largest = max(sum(p.numel() for p in mod.parameters(recurse=False) if p.numel() >= threshold)
-                      for mod in meter.model.modules())
+        largest = max(
+            sum(p.numel() for p in mod.parameters(recurse=False) if p.numel() >= threshold)
+            for mod in meter.model.modules()
+        )
         c = meter.config
         res = pol.resolution
-        latent = (res // 16) ** 2 * c["in_channels"] if pol.name == "flux" else c["in_channels"] * (res // 8) ** 2
+        latent = (
+            (res // 16) ** 2 * c["in_channels"] if pol.name == "flux" else c["in_channels"] * (res // 8) ** 2
+        )
         vae_path, dtype = str(self.files["vae"]), pol.dtype
         return pc.Model(
-            family=pol.name, params=sum(p.numel() for p in params),
+            family=pol.name,
+            params=sum(p.numel() for p in params),
             trained=sum(p.numel() for p in params if p.requires_grad),
-            small=sum(p.numel() for p in params if p.numel() < threshold), largest_fetch=largest,
+            small=sum(p.numel() for p in params if p.numel() < threshold),
+            largest_fetch=largest,
             meter_threshold=threshold,
-            text_tokens=text, joint_dim=c["joint_attention_dim"], pooled_dim=c["pooled_projection_dim"],
-            latent_numel=latent, vae_params=measure.vae_decode_peak(vae_path, res, 1, dtype)[0], meter=meter,
+            text_tokens=text,
+            joint_dim=c["joint_attention_dim"],
+            pooled_dim=c["pooled_projection_dim"],
+            latent_numel=latent,
+            vae_params=measure.vae_decode_peak(vae_path, res, 1, dtype)[0],
+            meter=meter,
             vae_peak=lambda b: measure.vae_decode_peak(vae_path, res, b, dtype)[1],
-            vae_flop=lambda b: b * measure.vae_decode_peak(vae_path, res, 1, dtype)[2], meter_lora=lora,
-            sigmas=lambda n: policy_sigmas(pol.name, self.scheduler, res, n))
+            vae_flop=lambda b: b * measure.vae_decode_peak(vae_path, res, 1, dtype)[2],
+            meter_lora=lora,
+            sigmas=lambda n: policy_sigmas(pol.name, self.scheduler, res, n),
+        )
 
 
 def counted_epoch(cfg: RunConfig, world: int, model: pc.Model) -> dict:
     """The trainer's own epoch functions run on the stand-ins of ``fastcps.plan.epoch``: its calls."""
     from fastcps.plan import epoch as plan_epoch
 
-    return plan_epoch.count_epoch(cfg, world, latent_shape=(1, 1), sigmas=model.sigmas, cfg_mult=pc.cfg_mult(cfg))
+    return plan_epoch.count_epoch(
+        cfg, world, latent_shape=(1, 1), sigmas=model.sigmas, cfg_mult=pc.cfg_mult(cfg)
+    )
 
 
 def load_phase(cfg: RunConfig, world: int, model: pc.Model, stage: int) -> dict:
     """Bytes per GPU while the models load, term by term (``fastcps.plan.load``)."""
     from fastcps.plan.load import load_peak_bytes
 
-    return load_peak_bytes(family=cfg.policy.name, stage=stage, world=world, params=model.params, small=model.small,
-                           dtype_bytes=pc.BYTES[cfg.policy.dtype], vae_params=model.vae_params,
-                           text_encoder_params=sum(pc.TEXT_ENCODERS[cfg.policy.name].values()) * 1e9,
-                           offload_frozen=cfg.policy.offload_frozen, largest_fetch=model.largest_fetch)
+    return load_peak_bytes(
+        family=cfg.policy.name,
+        stage=stage,
+        world=world,
+        params=model.params,
+        small=model.small,
+        dtype_bytes=pc.BYTES[cfg.policy.dtype],
+        vae_params=model.vae_params,
+        text_encoder_params=sum(pc.TEXT_ENCODERS[cfg.policy.name].values()) * 1e9,
+        offload_frozen=cfg.policy.offload_frozen,
+        largest_fetch=model.largest_fetch,
+    )
 
 
 CHOICES = ((2, False), (3, False), (2, True), (3, True))  # cheapest first: no gathers, then no re-forward
@@ -177,17 +216,25 @@ def choose(cfg: RunConfig, world: int, loader: Loader, model: pc.Model, limit: f
     peaks = {}
     for s, c in CHOICES:  # the larger of the training epoch's peak and the load phase's
         changed = pc.with_changes(cfg, {"policy.gradient_checkpointing": c})
-        peaks[(s, c)] = max(pc.memory(changed, world, model, loader.load_zero(s))["peak"],
-                            load_phase(cfg, world, model, s)["peak"])
+        peaks[(s, c)] = max(
+            pc.memory(changed, world, model, loader.load_zero(s))["peak"],
+            load_phase(cfg, world, model, s)["peak"],
+        )
     allowed = [(s, c) for s, c in CHOICES if stage in ("auto", s) and ckpt in ("auto", c)]
     if stage != "auto" and stage not in (2, 3):  # a JSON with stage 0 or 1: counted as ZeRO-2's memory
         allowed = [(2, c) for c in ((False, True) if ckpt == "auto" else (ckpt,))]
     if limit is None:
-        pick = next(((s, c) for s, c in allowed if s == (loader.zero.stage if stage == "auto" else s) and not c),
-                    allowed[0])
+        pick = next(
+            ((s, c) for s, c in allowed if s == (loader.zero.stage if stage == "auto" else s) and not c),
+            allowed[0],
+        )
     else:
         pick = next(((s, c) for s, c in allowed if peaks[(s, c)] <= limit), allowed[-1])
-    return {"stage": pick[0] if stage in ("auto", 2, 3) else int(stage), "checkpointing": pick[1], "peaks": peaks}
+    return {
+        "stage": pick[0] if stage in ("auto", 2, 3) else int(stage),
+        "checkpointing": pick[1],
+        "peaks": peaks,
+    }
 
 
 def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tuple[RunConfig, str | None]:
@@ -217,15 +264,28 @@ def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tu
     if auto_ckpt:
         changes["policy.gradient_checkpointing"] = ckpt
     out = pc.with_changes(cfg, changes)
-    shown = (out.zero_stage if out.zero_stage is not None
-             else f"{int(zero_section(cfg).get('stage', 0))} (the DeepSpeed JSON's)")
-    line = (f"auto: ZeRO stage {shown}, gradient checkpointing {'on' if out.policy.gradient_checkpointing else 'off'}"
-            f" ({why})")
+    shown = (
+        out.zero_stage
+        if out.zero_stage is not None
+        else f"{int(zero_section(cfg).get('stage', 0))} (the DeepSpeed JSON's)"
+    )
+    line = (
+        f"auto: ZeRO stage {shown}, "
+        f"gradient checkpointing {'on' if out.policy.gradient_checkpointing else 'off'} ({why})"
+    )
     return out, line
 
 
-def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_mem: float | None = None,
-         reserve: float = 1.0, mfu: float = 0.4, peak_tflops: float = H100_BF16_DENSE_TFLOPS) -> dict:
+def plan(
+    cfg: RunConfig,
+    world: int,
+    model_config: Path | None = None,
+    *,
+    gpu_mem: float | None = None,
+    reserve: float = 1.0,
+    mfu: float = 0.4,
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS,
+) -> dict:
     """Everything the report shows, as one dict (bytes, FLOPs, seconds; ``*_gib`` in GiB)."""
     from fastcps.plan import epoch as pe
     from fastcps.plan import measure
@@ -240,61 +300,117 @@ def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_me
     zero = loader.load_zero(chosen["stage"])
     n_mean, n_min, n_max = pc.mean_trained(cfg, model.sigmas(cfg.sampler.num_steps))
     counted = counted_epoch(cfg, world, model)
-    phases = {k: v * world for k, v in pe.phase_flops(counted, model.meter, model.vae_flop, chosen["checkpointing"]).items()}
+    phases = {
+        k: v * world
+        for k, v in pe.phase_flops(counted, model.meter, model.vae_flop, chosen["checkpointing"]).items()
+    }
     epoch_flop = sum(phases.values())
     c, t = pc.cfg_mult(cfg), cfg.train
     plain = model.meter.step("train", t.minibatch_size * c)
     images = t.prompts_per_epoch * t.images_per_prompt
-    anchor_meter = measure.meter(cfg.policy.name, str(loader.files["transformer"]), cfg.policy.resolution,
-                                 pe.ANCHOR["text_tokens"], cfg.policy.dtype, model.meter_lora)
+    anchor_meter = measure.meter(
+        cfg.policy.name,
+        str(loader.files["transformer"]),
+        cfg.policy.resolution,
+        pe.ANCHOR["text_tokens"],
+        cfg.policy.dtype,
+        model.meter_lora,
+    )
     anchor = {k: v * images for k, v in pe.anchor_flop_per_image(anchor_meter, model.vae_flop).items()}
     training = epoch_flop - phases["eval"]
     wb = pc.BYTES[cfg.policy.dtype]
     threshold = model.meter_threshold
-    traffic_kw = dict(world=world, gathered_params=model.params - model.small, trained_params=model.trained,
-                      bytes_per_param=wb)
+    traffic_kw = dict(
+        world=world,
+        gathered_params=model.params - model.small,
+        trained_params=model.trained,
+        bytes_per_param=wb,
+    )
     # a KL reference forward between the policy's forward and backward resets DeepSpeed's trace: the
     # backward then fetches again what the re-forward fetched (measure.ModuleUses)
     kl = any(phase == "KL reference forward" for phase, _, _ in counted["calls"])
-    fetched = {ck: {"forward": model.meter.gathered("nograd", 1, threshold)["forward"],
-                    "backward": model.meter.gathered("ckpt" if ck else "train", 1, threshold)[
-                        "backward_unshared" if kl else "backward"]} for ck in (False, True)}
-    traffic = {choice_name(s, ck): pe.zero_traffic(
-        counted, stage=s, fetched=fetched[ck], grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(s)),
-        **traffic_kw) for s, ck in CHOICES}
+    fetched = {
+        ck: {
+            "forward": model.meter.gathered("nograd", 1, threshold)["forward"],
+            "backward": model.meter.gathered("ckpt" if ck else "train", 1, threshold)[
+                "backward_unshared" if kl else "backward"
+            ],
+        }
+        for ck in (False, True)
+    }
+    traffic = {
+        choice_name(s, ck): pe.zero_traffic(
+            counted,
+            stage=s,
+            fetched=fetched[ck],
+            grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(s)),
+            **traffic_kw,
+        )
+        for s, ck in CHOICES
+    }
     # DeepSpeed's ZeRO++ quantized weights (zero_quantized_weights: int8 blocks + scales) for slow links
     traffic["zero3+ckpt, quantized gathers"] = pe.zero_traffic(
-        counted, stage=3, fetched=fetched[True], gather_bytes_per_param=1.0,
-        grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(3)), **traffic_kw)
+        counted,
+        stage=3,
+        fetched=fetched[True],
+        gather_bytes_per_param=1.0,
+        grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(3)),
+        **traffic_kw,
+    )
     mem = {s: pc.memory(cfg, world, model, loader.load_zero(s)) for s in (2, 3)}
     mine = mem[3] if zero.stage >= 3 else mem[2]
     load = load_phase(cfg, world, model, zero.stage)
-    acts = {"train": plain.peak, "train_checkpointed": model.meter.step("ckpt", t.minibatch_size * c).peak,
-            "rollout": model.meter.step("nograd", t.rollout_batch_size * c).peak,
-            "vae_decode": model.vae_peak(min(4, t.rollout_batch_size))}
+    acts = {
+        "train": plain.peak,
+        "train_checkpointed": model.meter.step("ckpt", t.minibatch_size * c).peak,
+        "rollout": model.meter.step("nograd", t.rollout_batch_size * c).peak,
+        "vae_decode": model.vae_peak(min(4, t.rollout_batch_size)),
+    }
     seconds = epoch_flop / (world * peak_tflops * 1e12 * mfu)
     out = {
-        "config": cfg.name, "world_size": world, "zero_stage": zero.stage,
+        "config": cfg.name,
+        "world_size": world,
+        "zero_stage": zero.stage,
         "gradient_checkpointing": chosen["checkpointing"],
         "files": {k: str(v) for k, v in loader.files.items()},
         "transformer_params": model.params - (model.trained if cfg.policy.lora else 0),
-        "trained_params": model.trained, "lora": cfg.policy.lora is not None,
+        "trained_params": model.trained,
+        "lora": cfg.policy.lora is not None,
         "gathered_params": model.params - model.small,
-        "images_per_rank": counted["images_per_rank"], "optimizer_steps": counted["optimizer_steps"],
-        "trained_steps_per_image": n_mean, "trained_steps_range": [n_min, n_max], "cfg_batch_multiplier": c,
+        "images_per_rank": counted["images_per_rank"],
+        "optimizer_steps": counted["optimizer_steps"],
+        "trained_steps_per_image": n_mean,
+        "trained_steps_range": [n_min, n_max],
+        "cfg_batch_multiplier": c,
         "forward_flop_per_image": plain.forward_flop / (t.minibatch_size * c) * c,
         "backward_flop_per_image": plain.backward_flop / (t.minibatch_size * c) * c,
-        "calls_per_rank": {f"{ph} ({kind}, {b} samples)": n for (ph, kind, b), n in sorted(counted["calls"].items())},
-        "phase_flop": phases, "epoch_flop": epoch_flop, "training_epoch_flop": training,
-        "anchor": pe.ANCHOR["name"], "anchor_phase_flop": anchor, "anchor_epoch_flop": anchor["total"],
+        "calls_per_rank": {
+            f"{ph} ({kind}, {b} samples)": n for (ph, kind, b), n in sorted(counted["calls"].items())
+        },
+        "phase_flop": phases,
+        "epoch_flop": epoch_flop,
+        "training_epoch_flop": training,
+        "anchor": pe.ANCHOR["name"],
+        "anchor_phase_flop": anchor,
+        "anchor_epoch_flop": anchor["total"],
         "anchor_ratio": training / anchor["total"],
-        "activation_peak_bytes": acts, "memory": mem, "peak_gib_per_gpu": mine["peak"] / GIB,
-        "peak_phase": mine["peak_phase"], "load_phase": load, "load_peak_gib_per_gpu": load["peak"] / GIB,
+        "activation_peak_bytes": acts,
+        "memory": mem,
+        "peak_gib_per_gpu": mine["peak"] / GIB,
+        "peak_phase": mine["peak_phase"],
+        "load_phase": load,
+        "load_peak_gib_per_gpu": load["peak"] / GIB,
         "peak_gib_by_choice": {choice_name(s, ck): v / GIB for (s, ck), v in chosen["peaks"].items()},
-        "zero_traffic_bytes_per_gpu": traffic, "zero_param_traffic_bytes_per_gpu": traffic[choice_name(chosen["stage"], chosen["checkpointing"])]["parameter all-gather"],
+        "zero_traffic_bytes_per_gpu": traffic,
+        "zero_param_traffic_bytes_per_gpu": traffic[choice_name(chosen["stage"], chosen["checkpointing"])][
+            "parameter all-gather"
+        ],
         "checkpoint_files": (ck := pc.checkpoint_files(cfg, world, model, zero.stage)),
         "checkpoint_bytes": sum(ck.values()),
-        "mfu": mfu, "peak_tflops": peak_tflops, "projected_epoch_s": seconds, "reserve_gib": reserve,
+        "mfu": mfu,
+        "peak_tflops": peak_tflops,
+        "projected_epoch_s": seconds,
+        "reserve_gib": reserve,
     }
     if gpu_mem is not None:
         out["gpu_mem_gib"] = gpu_mem
@@ -305,25 +421,48 @@ def plan(cfg: RunConfig, world: int, model_config: Path | None = None, *, gpu_me
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastcps.plan", description="FLOPs, memory and ZeRO traffic of a run, measured on fake tensors "
-                                             "(loads no weights, needs no GPU)")
+    ap = argparse.ArgumentParser(
+        prog="python -m fastcps.plan",
+        description="FLOPs, memory and ZeRO traffic of a run, measured on fake tensors "
+        "(loads no weights, needs no GPU)",
+    )
     ap.add_argument("--config", required=True)
     ap.add_argument("--world-size", type=int, required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--model-config", help="transformer config.json (default: configs/models/ by policy)")
-    ap.add_argument("--gpu-mem", type=float, metavar="GIB", help="GPU memory: does the run fit, and if not, how")
-    ap.add_argument("--reserve", type=float, default=1.0, metavar="GIB",
-                    help="kept free of --gpu-mem for the CUDA context, NCCL and fragmentation (not measured; 1)")
-    ap.add_argument("--mfu", type=float, default=0.4, help="fraction of --peak-tflops reached (0.4): projection only")
-    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
-                    help="per-GPU dense bf16 peak (989: H100 SXM)")
+    ap.add_argument(
+        "--gpu-mem", type=float, metavar="GIB", help="GPU memory: does the run fit, and if not, how"
+    )
+    ap.add_argument(
+        "--reserve",
+        type=float,
+        default=1.0,
+        metavar="GIB",
+        help="kept free of --gpu-mem for the CUDA context, NCCL and fragmentation (not measured; 1)",
+    )
+    ap.add_argument(
+        "--mfu", type=float, default=0.4, help="fraction of --peak-tflops reached (0.4): projection only"
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=H100_BF16_DENSE_TFLOPS,
+        help="per-GPU dense bf16 peak (989: H100 SXM)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(RunConfig, args.config, args.overrides)
         validate_tree(cfg, world_size=args.world_size)
-        out = plan(cfg, args.world_size, Path(args.model_config) if args.model_config else None,
-                   gpu_mem=args.gpu_mem, reserve=args.reserve, mfu=args.mfu, peak_tflops=args.peak_tflops)
+        out = plan(
+            cfg,
+            args.world_size,
+            Path(args.model_config) if args.model_config else None,
+            gpu_mem=args.gpu_mem,
+            reserve=args.reserve,
+            mfu=args.mfu,
+            peak_tflops=args.peak_tflops,
+        )
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -334,4 +473,3 @@ def main(argv=None) -> int:
 
         report(cfg, out, sys.stdout)
     return 0
-

@@ -15,7 +15,9 @@ def build_policy(cfg, device, zero_stage: int = 0) -> Policy:
         from fastcps.policies.toy import ToyDigitsPolicy
 
         policy = ToyDigitsPolicy(cfg.pretrained or None, device=device, dtype=dtype)
-        if cfg.lora is not None:  # the toy trains all 0.47M parameters by default; LoRA exercises the FLUX path
+        if (
+            cfg.lora is not None
+        ):  # the toy trains all 0.47M parameters by default; LoRA exercises the FLUX path
             policy.add_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
         return policy
     if cfg.name in ("flux", "sd3"):

@@ -33,7 +33,9 @@ class Policy(abc.ABC):
         """(num_steps + 1,) fp32 schedule from 1 toward 0, with the trailing 0 appended."""
 
     @abc.abstractmethod
-    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def velocity(
+        self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond
+    ) -> torch.Tensor:
         """v = model(latents, σ, cond), same shape as latents. ``model`` is ``self.transformer`` or its
         DeepSpeed engine; ``sigma`` is (B,) fp32."""
 
@@ -43,8 +45,18 @@ class Policy(abc.ABC):
 
     #: module names LoRA adapts by default (flow_grpo's targets for the FLUX/SD3 transformers)
     default_lora_targets: tuple[str, ...] = (
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
     )
     lora: bool = False
     #: True when the transformer was left on the CPU for ZeRO-3 (its buffers on the device): the trainer
@@ -60,13 +72,19 @@ class Policy(abc.ABC):
         names = {n.split(".", 2)[-1] for n, _ in self.transformer.named_modules()}
         present = [t for t in targets if any(n.endswith(t) for n in names)]
         if not present:
-            raise ValueError(f"policy.lora.target_modules {targets} match no module of {type(self.transformer).__name__}")
+            raise ValueError(
+                f"policy.lora.target_modules {targets} match no module of {type(self.transformer).__name__}"
+            )
         self.transformer.requires_grad_(False)
-        self.transformer.add_adapter(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=present))
+        self.transformer.add_adapter(
+            LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=present)
+        )
         self.lora = True
 
     @staticmethod
-    def batch_inputs(latents: torch.Tensor, sigma, cond: Cond) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch_inputs(
+        latents: torch.Tensor, sigma, cond: Cond
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(σ, per-token text states, pooled text vector), each broadcast to the latents' batch:
         a float or one σ serves every sample, one prompt's conditioning serves every sample."""
         b = latents.shape[0]
@@ -101,7 +119,10 @@ class Policy(abc.ABC):
         finally:
             module.enable_adapters()
 
-    def initial_noise(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    def initial_noise(
+        self, batch: int, generator: torch.Generator | None = None, device=None
+    ) -> torch.Tensor:
         """x1 ~ N(0, I) in fp32, shape (batch, *latent_shape)."""
-        return torch.randn((batch, *self.latent_shape()), generator=generator, dtype=torch.float32,
-                           device=device or "cpu")
+        return torch.randn(
+            (batch, *self.latent_shape()), generator=generator, dtype=torch.float32, device=device or "cpu"
+        )

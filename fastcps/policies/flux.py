@@ -38,21 +38,27 @@ def resolve_pretrained(pretrained: str, family: str, example: str, subfolders: t
     """A local pipeline folder or a hub id; raises FileNotFoundError naming `policy.pretrained`."""
     if not pretrained:
         raise FileNotFoundError(
-            f"config key `policy.pretrained` is empty: the {family} policy needs a local pipeline folder or a "
-            f"hub id, e.g. --set policy.pretrained={example}")
+            f"config key `policy.pretrained` is empty: the {family} policy needs a local pipeline folder or "
+            "a "
+            f"hub id, e.g. --set policy.pretrained={example}"
+        )
     p = Path(os.path.expanduser(pretrained))
-    looks_local = p.is_absolute() or pretrained.startswith((".", "~")) or p.exists() or pretrained.count("/") != 1
+    looks_local = (
+        p.is_absolute() or pretrained.startswith((".", "~")) or p.exists() or pretrained.count("/") != 1
+    )
     if not looks_local:
         return pretrained  # a hub id: from_pretrained resolves it (cache, or download when online)
     if not p.is_dir():
         raise FileNotFoundError(
             f"{family} weights not found at {pretrained!r} (config key `policy.pretrained`): give a folder "
-            f"holding a diffusers pipeline ({', '.join(subfolders)}/), or a hub id such as {example}")
+            f"holding a diffusers pipeline ({', '.join(subfolders)}/), or a hub id such as {example}"
+        )
     missing = [s for s in subfolders if not (p / s).is_dir()]
     if missing:
         raise FileNotFoundError(
             f"{pretrained!r} (config key `policy.pretrained`) is not a complete {family} pipeline folder: "
-            f"missing {', '.join(s + '/' for s in missing)}")
+            f"missing {', '.join(s + '/' for s in missing)}"
+        )
     return str(p)
 
 
@@ -61,7 +67,8 @@ def load_component(cls, path: str, subfolder: str, **kw):
         return cls.from_pretrained(path, subfolder=subfolder, **kw)
     except (OSError, ValueError, EnvironmentError) as err:
         raise FileNotFoundError(
-            f"could not load {subfolder}/ of {path!r} (config key `policy.pretrained`): {err}") from err
+            f"could not load {subfolder}/ of {path!r} (config key `policy.pretrained`): {err}"
+        ) from err
 
 
 def set_attention_backend(transformer, backend: str, device: torch.device) -> str:
@@ -75,8 +82,11 @@ def set_attention_backend(transformer, backend: str, device: torch.device) -> st
     try:
         import flash_attn  # noqa: F401
     except ImportError:
-        warnings.warn("policy.attention_backend = 'flash' but flash-attn is not installed "
-                      "(pip install 'fastcps[flash]'); using SDPA", stacklevel=2)
+        warnings.warn(
+            "policy.attention_backend = 'flash' but flash-attn is not installed "
+            "(pip install 'fastcps[flash]'); using SDPA",
+            stacklevel=2,
+        )
         return "sdpa"
     transformer.set_attention_backend("flash")
     return "flash"
@@ -100,7 +110,9 @@ class DiffusersPolicy(Policy):
 
         self.dtype = DTYPES[cfg.dtype]
         self.path = resolve_pretrained(cfg.pretrained, self.family, self.example, self.subfolders)
-        self.transformer = load_component(self.transformer_cls, self.path, "transformer", torch_dtype=self.dtype)
+        self.transformer = load_component(
+            self.transformer_cls, self.path, "transformer", torch_dtype=self.dtype
+        )
         # ZeRO-3: the transformer stays on the CPU (FLUX.1-dev: 22 GiB in bf16, all of a 24 GB card);
         # the trainer partitions it onto the device tensor by tensor (fastcps.trainer.partition_zero3).
         # Otherwise every rank keeps the whole model on its device anyway: move it now. Module.to moves
@@ -116,7 +128,9 @@ class DiffusersPolicy(Policy):
         else:
             self.transformer.to(self.device)
         self.transformer.train()
-        if cfg.gradient_checkpointing is True:  # "auto" is resolved by the trainer (fastcps.plan.resolve_auto)
+        if (
+            cfg.gradient_checkpointing is True
+        ):  # "auto" is resolved by the trainer (fastcps.plan.resolve_auto)
             self.transformer.enable_gradient_checkpointing()
         self.attention_backend = set_attention_backend(self.transformer, cfg.attention_backend, self.device)
         self.vae = load_component(AutoencoderKL, self.path, "vae", torch_dtype=self.dtype)
@@ -124,8 +138,10 @@ class DiffusersPolicy(Policy):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         res = int(cfg.resolution)
         if res % (2 * self.vae_scale_factor):
-            raise ValueError(f"policy.resolution = {res} must be a multiple of {2 * self.vae_scale_factor} "
-                             f"for {self.family} (VAE x{self.vae_scale_factor}, 2x2 patches)")
+            raise ValueError(
+                f"policy.resolution = {res} must be a multiple of {2 * self.vae_scale_factor} "
+                f"for {self.family} (VAE x{self.vae_scale_factor}, 2x2 patches)"
+            )
         self.resolution = res
         self._base = None
 
@@ -178,7 +194,9 @@ class DiffusersPolicy(Policy):
                 yield base
             return
         if self._base is None:
-            self._base = load_component(self.transformer_cls, self.path, "transformer", torch_dtype=self.dtype)
+            self._base = load_component(
+                self.transformer_cls, self.path, "transformer", torch_dtype=self.dtype
+            )
             self._base.to(self.device).eval().requires_grad_(False)
             if self.attention_backend == "flash":
                 self._base.set_attention_backend("flash")
@@ -188,7 +206,15 @@ class DiffusersPolicy(Policy):
 class FluxPolicy(DiffusersPolicy):
     family = "FLUX"
     example = "black-forest-labs/FLUX.1-dev"
-    subfolders = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    subfolders = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    )
     text_encoder_names = ("text_encoder", "text_encoder_2")
 
     def __init__(self, cfg, device="cpu", zero_stage: int = 0):
@@ -202,8 +228,10 @@ class FluxPolicy(DiffusersPolicy):
             self.guidance = 3.5 if cfg.guidance is None else float(cfg.guidance)
         else:
             if cfg.guidance is not None:
-                raise ValueError(f"policy.guidance = {cfg.guidance}, but {self.path} has no guidance embedding "
-                                 "(FLUX.1-schnell is not guidance-distilled): set policy.guidance to null")
+                raise ValueError(
+                    f"policy.guidance = {cfg.guidance}, but {self.path} has no guidance embedding "
+                    "(FLUX.1-schnell is not guidance-distilled): set policy.guidance to null"
+                )
             self.guidance = None
         self.pipe = FluxPipeline(
             scheduler=load_component(FlowMatchEulerDiscreteScheduler, self.path, "scheduler"),
@@ -220,7 +248,9 @@ class FluxPolicy(DiffusersPolicy):
         self.latent_hw = lat
         self.num_tokens = (lat // 2) ** 2
         self.channels = tc.in_channels  # 64 = 16 latent channels x 2 x 2
-        self.img_ids = FluxPipeline._prepare_latent_image_ids(1, lat // 2, lat // 2, self.device, torch.float32)
+        self.img_ids = FluxPipeline._prepare_latent_image_ids(
+            1, lat // 2, lat // 2, self.device, torch.float32
+        )
         self.txt_ids = torch.zeros(self.max_sequence_length, 3, device=self.device)
         self._sigma_cache: dict[int, torch.Tensor] = {}
 
@@ -229,8 +259,12 @@ class FluxPolicy(DiffusersPolicy):
     def encode(self, prompts: list[str]) -> Cond:
         with self._encoders_on_device():
             embeds, pooled, _ = self.pipe.encode_prompt(
-                prompt=list(prompts), prompt_2=None, device=self.device, num_images_per_prompt=1,
-                max_sequence_length=self.max_sequence_length)
+                prompt=list(prompts),
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=self.max_sequence_length,
+            )
         return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
 
     def latent_shape(self) -> tuple[int, ...]:
@@ -241,11 +275,15 @@ class FluxPolicy(DiffusersPolicy):
             self._sigma_cache[num_steps] = pipeline_sigmas(self.scheduler_config, self.num_tokens, num_steps)
         return self._sigma_cache[num_steps].to(device or self.device)
 
-    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def velocity(
+        self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond
+    ) -> torch.Tensor:
         b = latents.shape[0]
         if tuple(latents.shape[1:]) != self.latent_shape():
-            raise ValueError(f"FLUX latents must be [B, {self.num_tokens}, {self.channels}] (packed at "
-                             f"{self.resolution} px), got {tuple(latents.shape)}")
+            raise ValueError(
+                f"FLUX latents must be [B, {self.num_tokens}, {self.channels}] (packed at "
+                f"{self.resolution} px), got {tuple(latents.shape)}"
+            )
         sigma, hidden, pooled = self.batch_inputs(latents, sigma, cond)
         dev, dtype = latents.device, self.dtype
         guidance = None
@@ -267,5 +305,7 @@ class FluxPolicy(DiffusersPolicy):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         from diffusers import FluxPipeline
 
-        z = FluxPipeline._unpack_latents(latents.float(), self.resolution, self.resolution, self.vae_scale_factor)
+        z = FluxPipeline._unpack_latents(
+            latents.float(), self.resolution, self.resolution, self.vae_scale_factor
+        )
         return self._vae_decode(z)

@@ -28,12 +28,30 @@ from fastcps.schedule import pipeline_sigmas
 class SD3Policy(DiffusersPolicy):
     family = "SD3"
     example = "stabilityai/stable-diffusion-3.5-medium"
-    subfolders = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
-                  "tokenizer_2", "tokenizer_3", "scheduler")
+    subfolders = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+        "scheduler",
+    )
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     t5_tokenizer_name = "tokenizer_3"
     #: flow_grpo's SD3.5 targets (scripts/train_sd3.py): the joint attention only, no feed-forward
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    default_lora_targets = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+    )
 
     def __init__(self, cfg, device="cpu", zero_stage: int = 0):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -42,8 +60,10 @@ class SD3Policy(DiffusersPolicy):
         self.transformer_cls = SD3Transformer2DModel
         self._load_common(cfg, device, zero_stage)
         if cfg.guidance is not None:
-            raise ValueError("policy.guidance is FLUX.1-dev's distilled guidance; SD3 has none: use "
-                             "policy.cfg_scale for true classifier-free guidance")
+            raise ValueError(
+                "policy.guidance is FLUX.1-dev's distilled guidance; SD3 has none: use "
+                "policy.cfg_scale for true classifier-free guidance"
+            )
         self.cfg_scale = None if cfg.cfg_scale is None or cfg.cfg_scale <= 1.0 else float(cfg.cfg_scale)
         self.pipe = StableDiffusion3Pipeline(
             scheduler=load_component(FlowMatchEulerDiscreteScheduler, self.path, "scheduler"),
@@ -66,8 +86,14 @@ class SD3Policy(DiffusersPolicy):
     def _encode(self, prompts: list[str]) -> Cond:
         with self._encoders_on_device():
             embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+                prompt=list(prompts),
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
         return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
 
     @torch.no_grad()
@@ -84,14 +110,20 @@ class SD3Policy(DiffusersPolicy):
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if num_steps not in self._sigma_cache:
             tokens = (self.resolution // self.vae_scale_factor // 2) ** 2  # read only by a dynamic shift
-            self._sigma_cache[num_steps] = pipeline_sigmas(self.scheduler_config, tokens, num_steps, default_shift=3.0)
+            self._sigma_cache[num_steps] = pipeline_sigmas(
+                self.scheduler_config, tokens, num_steps, default_shift=3.0
+            )
         return self._sigma_cache[num_steps].to(device or self.device)
 
-    def velocity(self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def velocity(
+        self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond
+    ) -> torch.Tensor:
         b = latents.shape[0]
         if tuple(latents.shape[1:]) != self.shape:
-            raise ValueError(f"SD3 latents must be [B, {', '.join(map(str, self.shape))}] at {self.resolution} px, "
-                             f"got {tuple(latents.shape)}")
+            raise ValueError(
+                f"SD3 latents must be [B, {', '.join(map(str, self.shape))}] at {self.resolution} px, "
+                f"got {tuple(latents.shape)}"
+            )
         sigma, hidden, pooled = self.batch_inputs(latents, sigma, cond)
         dev, dtype = latents.device, self.dtype
         x = latents.to(dtype)

@@ -113,7 +113,9 @@ class WeightedReward:
                 raise RewardFailed(f"reward {name!r} raised {type(err).__name__}: {err}") from err
             r = torch.as_tensor(r, dtype=torch.float32).reshape(-1).cpu()
             if r.shape[0] != images.shape[0]:
-                raise RewardFailed(f"reward {name!r} returned {r.shape[0]} values for {images.shape[0]} images")
+                raise RewardFailed(
+                    f"reward {name!r} returned {r.shape[0]} values for {images.shape[0]} images"
+                )
             if not bool(torch.isfinite(r).all()):
                 bad = [prompts[i] for i in torch.nonzero(~torch.isfinite(r)).flatten().tolist()[:3]]
                 raise RewardFailed(f"reward {name!r} returned non-finite values (e.g. for prompts {bad})")

@@ -75,8 +75,13 @@ def resolve_device(device, images: torch.Tensor) -> torch.device:
 
 
 _DTYPES = {
-    None: torch.float32, "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    None: torch.float32,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
     "amp": torch.float32,  # fp32 weights, the forward under fp16 autocast on CUDA (``autocast``)
 }
 
@@ -89,8 +94,10 @@ def resolve_dtype(reward: str, dtype, device: torch.device) -> torch.dtype:
     elif dtype in _DTYPES:
         dt = _DTYPES[dtype]
     else:
-        raise ValueError(f"reward {reward!r}: config key rewards[].args.dtype must be one of "
-                         f"float32/float16/bfloat16/amp, got {dtype!r}")
+        raise ValueError(
+            f"reward {reward!r}: config key rewards[].args.dtype must be one of "
+            f"float32/float16/bfloat16/amp, got {dtype!r}"
+        )
     if device.type == "cpu" and dt == torch.float16:
         return torch.float32  # half matmuls on CPU are slow or missing; fp16 is a CUDA option
     return dt

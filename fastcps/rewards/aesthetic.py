@@ -41,8 +41,14 @@ class AestheticHead(nn.Module):
         super().__init__()
         d = list(dims)
         self.layers = nn.Sequential(
-            nn.Linear(d[0], d[1]), nn.Dropout(0.2), nn.Linear(d[1], d[2]), nn.Dropout(0.2),
-            nn.Linear(d[2], d[3]), nn.Dropout(0.1), nn.Linear(d[3], d[4]), nn.Linear(d[4], d[5]),
+            nn.Linear(d[0], d[1]),
+            nn.Dropout(0.2),
+            nn.Linear(d[1], d[2]),
+            nn.Dropout(0.2),
+            nn.Linear(d[2], d[3]),
+            nn.Dropout(0.1),
+            nn.Linear(d[3], d[4]),
+            nn.Linear(d[4], d[5]),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +60,10 @@ class AestheticHead(nn.Module):
         try:
             w = [sd[f"layers.{i}.weight"] for i in (0, 2, 4, 6, 7)]
         except KeyError as err:
-            raise ValueError(f"reward 'aesthetic': head state dict lacks {err} (expected keys "
-                             "layers.{0,2,4,6,7}.weight/bias)") from err
+            raise ValueError(
+                f"reward 'aesthetic': head state dict lacks {err} (expected keys "
+                "layers.{0,2,4,6,7}.weight/bias)"
+            ) from err
         head = cls([w[0].shape[1]] + [x.shape[0] for x in w])
         head.load_state_dict(sd, strict=True)
         return head
@@ -87,8 +95,15 @@ class AestheticReward:
         batch_size: int = 16
         """Images per forward."""
 
-    def __init__(self, head: str | None = None, model: str = DEFAULT_CLIP, processor: str | None = None,
-                 device=None, dtype: str | None = "float32", batch_size: int = 16):
+    def __init__(
+        self,
+        head: str | None = None,
+        model: str = DEFAULT_CLIP,
+        processor: str | None = None,
+        device=None,
+        dtype: str | None = "float32",
+        batch_size: int = 16,
+    ):
         self.head_path, self.model_id, self.processor_id = head, model, processor or model
         self.device, self.dtype, self.batch_size = device, dtype, int(batch_size)
         self._clip = self._head = self._processor = None
@@ -99,8 +114,10 @@ class AestheticReward:
 
             head_path, _ = resolve_weights(self.name, "head", self.head_path)
             if not str(head_path).endswith((".pth", ".pt", ".safetensors", ".bin")):
-                raise ValueError(f"reward 'aesthetic': config key rewards[].args.head must be a local "
-                                 f".pth/.pt/.safetensors file, got {head_path!r}")
+                raise ValueError(
+                    f"reward 'aesthetic': config key rewards[].args.head must be a local "
+                    f".pth/.pt/.safetensors file, got {head_path!r}"
+                )
             proc, _ = resolve_weights(self.name, "processor", self.processor_id)
             mdl, _ = resolve_weights(self.name, "model", self.model_id)
             if head_path.endswith(".safetensors"):

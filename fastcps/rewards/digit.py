@@ -28,11 +28,20 @@ from torch import nn
 
 from fastcps.rewards import RewardArgs
 
-__all__ = ["CLEAN_CLASSIFIER", "DEFAULT_CLASSIFIER", "DigitCNN", "DigitCleanTrainedReward", "DigitReward",
-           "load_classifier", "to_classifier_input"]
+__all__ = [
+    "CLEAN_CLASSIFIER",
+    "DEFAULT_CLASSIFIER",
+    "DigitCNN",
+    "DigitCleanTrainedReward",
+    "DigitReward",
+    "load_classifier",
+    "to_classifier_input",
+]
 
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parent.parent / "assets" / "toy_digits_classifier.safetensors"
-CLEAN_CLASSIFIER = Path(__file__).resolve().parent.parent / "assets" / "toy_digits_classifier_clean.safetensors"
+CLEAN_CLASSIFIER = (
+    Path(__file__).resolve().parent.parent / "assets" / "toy_digits_classifier_clean.safetensors"
+)
 
 
 class DigitCNN(nn.Module):
@@ -74,7 +83,10 @@ def to_classifier_input(images: torch.Tensor, reward: str = "digit") -> torch.Te
 
 
 def load_classifier(
-    path: str | Path | None = None, device="cpu", default: Path = DEFAULT_CLASSIFIER, reward: str = "digit",
+    path: str | Path | None = None,
+    device="cpu",
+    default: Path = DEFAULT_CLASSIFIER,
+    reward: str = "digit",
     make: str = "python -m fastcps.toy.train_classifier",
 ) -> tuple[DigitCNN, dict]:
     """``path`` or ``default``; ``reward`` and ``make`` (the command that builds ``default``) name

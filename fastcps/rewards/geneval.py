@@ -51,8 +51,15 @@ from fastcps.rewards import RewardArgs
 from fastcps.rewards._util import check_inputs, to_pil
 
 __all__ = [
-    "COLORS", "Detection", "Detector", "GenEvalReward", "GivenDetector", "ServerDetector", "evaluate",
-    "filter_detections", "relative_position",
+    "COLORS",
+    "Detection",
+    "Detector",
+    "GenEvalReward",
+    "GivenDetector",
+    "ServerDetector",
+    "evaluate",
+    "filter_detections",
+    "relative_position",
 ]
 
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
@@ -74,8 +81,10 @@ class Detection:
                 raise ValueError(f"box needs 4 numbers, got {len(box)}")
             return cls(str(d["label"]), box, float(d.get("score", 1.0)), d.get("color"))
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"geneval: bad detection {d!r} ({err}); expected "
-                             "{'label', 'box': [x1, y1, x2, y2], 'score', 'color'?}") from err
+            raise ValueError(
+                f"geneval: bad detection {d!r} ({err}); expected "
+                "{'label', 'box': [x1, y1, x2, y2], 'score', 'color'?}"
+            ) from err
 
 
 class Detector(Protocol):
@@ -99,8 +108,10 @@ class ServerDetector:
 
     def __init__(self, url: str, timeout: float = 120.0):
         if not url or not str(url).startswith(("http://", "https://")):
-            raise ValueError(f"reward 'geneval': detection server URL must be http(s)://..., got {url!r} "
-                             "(config key rewards[].args.url or env FASTCPS_GENEVAL_URL)")
+            raise ValueError(
+                f"reward 'geneval': detection server URL must be http(s)://..., got {url!r} "
+                "(config key rewards[].args.url or env FASTCPS_GENEVAL_URL)"
+            )
         self.url, self.timeout = str(url), float(timeout)
 
     @staticmethod
@@ -110,32 +121,42 @@ class ServerDetector:
         return base64.b64encode(buf.getvalue()).decode("ascii")
 
     def detect(self, images, metadata, prompts=None):
-        body = json.dumps({
-            "images": [self.encode(im) for im in images],
-            "prompts": list(prompts) if prompts is not None else None,
-            "metadata": list(metadata),
-        }).encode()
-        req = urllib.request.Request(self.url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "images": [self.encode(im) for im in images],
+                "prompts": list(prompts) if prompts is not None else None,
+                "metadata": list(metadata),
+            }
+        ).encode()
+        req = urllib.request.Request(
+            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as err:
             detail = err.read()[:300].decode(errors="replace")
-            raise RuntimeError(f"geneval detection server {self.url} answered HTTP {err.code}: {detail}") from err
+            raise RuntimeError(
+                f"geneval detection server {self.url} answered HTTP {err.code}: {detail}"
+            ) from err
         except (urllib.error.URLError, TimeoutError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise RuntimeError(f"geneval detection server {self.url} unreachable or too slow "
-                               f"(timeout {self.timeout:g} s): {reason}") from err
+            raise RuntimeError(
+                f"geneval detection server {self.url} unreachable or too slow "
+                f"(timeout {self.timeout:g} s): {reason}"
+            ) from err
         try:
             dets = json.loads(raw)["detections"]
         except (ValueError, KeyError, TypeError) as err:
-            raise RuntimeError(f"geneval detection server {self.url}: answer is not JSON with a "
-                               f"'detections' list ({err}): {raw[:200]!r}") from err
+            raise RuntimeError(
+                f"geneval detection server {self.url}: answer is not JSON with a "
+                f"'detections' list ({err}): {raw[:200]!r}"
+            ) from err
         if not isinstance(dets, list) or len(dets) != len(images):
             n = len(dets) if isinstance(dets, list) else type(dets).__name__
-            raise RuntimeError(f"geneval detection server {self.url} returned {n} detection lists "
-                               f"for {len(images)} images")
+            raise RuntimeError(
+                f"geneval detection server {self.url} returned {n} detection lists for {len(images)} images"
+            )
         return [[Detection.from_dict(d) for d in per] for per in dets]
 
 
@@ -147,8 +168,9 @@ def _iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def filter_detections(dets: list[Detection], threshold: float, max_objects: int = 16,
-                      nms_threshold: float = 1.0) -> dict[str, list[Detection]]:
+def filter_detections(
+    dets: list[Detection], threshold: float, max_objects: int = 16, nms_threshold: float = 1.0
+) -> dict[str, list[Detection]]:
     """Class -> kept detections, highest score first (GenEval's selection)."""
     by_class: dict[str, list[Detection]] = {}
     for d in dets:
@@ -174,8 +196,10 @@ def relative_position(a: Detection, b: Detection, position_threshold: float = 0.
     dim_a = (abs(a.box[2] - a.box[0]), abs(a.box[3] - a.box[1]))
     dim_b = (abs(b.box[2] - b.box[0]), abs(b.box[3] - b.box[1]))
     off = (ca[0] - cb[0], ca[1] - cb[1])
-    rev = [max(abs(o) - position_threshold * (da + db), 0.0) * math.copysign(1.0, o) if o != 0 else 0.0
-           for o, da, db in zip(off, dim_a, dim_b)]
+    rev = [
+        max(abs(o) - position_threshold * (da + db), 0.0) * math.copysign(1.0, o) if o != 0 else 0.0
+        for o, da, db in zip(off, dim_a, dim_b)
+    ]
     if all(abs(r) < 1e-3 for r in rev):
         return set()
     norm = math.hypot(*off)
@@ -192,8 +216,9 @@ def relative_position(a: Detection, b: Detection, position_threshold: float = 0.
     return rel
 
 
-def evaluate(objects: dict[str, list[Detection]], metadata: dict,
-             position_threshold: float = 0.1) -> tuple[bool, int, int, list[str]]:
+def evaluate(
+    objects: dict[str, list[Detection]], metadata: dict, position_threshold: float = 0.1
+) -> tuple[bool, int, int, list[str]]:
     """GenEval's ``evaluate``: (all rules pass, rules passed, rules, reasons) for kept detections."""
     reasons: list[str] = []
     passed = total = 0
@@ -210,12 +235,16 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict,
             if "color" in req:
                 colors = [d.color for d in found]
                 if any(c is None for c in colors):
-                    raise ValueError(f"geneval: prompt needs a {req['color']} {cls} but the detector gives "
-                                     "no colours (the detection server must return 'color')")
+                    raise ValueError(
+                        f"geneval: prompt needs a {req['color']} {cls} but the detector gives "
+                        "no colours (the detection server must return 'color')"
+                    )
                 if colors.count(req["color"]) < count:
                     ok = False
-                    reasons.append(f"expected {req['color']} {cls}>={count}, found "
-                                   f"{colors.count(req['color'])} {req['color']}")
+                    reasons.append(
+                        f"expected {req['color']} {cls}>={count}, found "
+                        f"{colors.count(req['color'])} {req['color']}"
+                    )
             if "position" in req and ok:
                 rel, target = req["position"][0], int(req["position"][1])
                 if rel not in RELATIONS:
@@ -230,8 +259,10 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict,
                             true_rels = relative_position(obj, tgt, position_threshold)
                             if rel not in true_rels:
                                 ok = False
-                                reasons.append(f"expected {cls} {rel} target, found "
-                                               f"{' and '.join(sorted(true_rels)) or 'no relation to'} target")
+                                reasons.append(
+                                    f"expected {cls} {rel} target, found "
+                                    f"{' and '.join(sorted(true_rels)) or 'no relation to'} target"
+                                )
                                 break
                         if not ok:
                             break
@@ -279,17 +310,34 @@ class GenEvalReward:
         position_threshold: float = 0.1
         """Offset shrink (x the summed box sizes) of the relative-position checks."""
 
-    def __init__(self, detector="server", url: str | None = None, timeout: float = 120.0,
-                 score: str = "strict", threshold: float = 0.3, counting_threshold: float = 0.9,
-                 max_objects: int = 16, nms_threshold: float = 1.0, position_threshold: float = 0.1):
+    def __init__(
+        self,
+        detector="server",
+        url: str | None = None,
+        timeout: float = 120.0,
+        score: str = "strict",
+        threshold: float = 0.3,
+        counting_threshold: float = 0.9,
+        max_objects: int = 16,
+        nms_threshold: float = 1.0,
+        position_threshold: float = 0.1,
+    ):
         if score not in ("strict", "partial"):
-            raise ValueError(f"reward 'geneval': config key rewards[].args.score must be 'strict' or "
-                             f"'partial', got {score!r}")
+            raise ValueError(
+                f"reward 'geneval': config key rewards[].args.score must be 'strict' or "
+                f"'partial', got {score!r}"
+            )
         if detector not in ("server", "given") and not hasattr(detector, "detect"):
-            raise ValueError(f"reward 'geneval': config key rewards[].args.detector must be 'server' or "
-                             f"'given', got {detector!r}")
+            raise ValueError(
+                f"reward 'geneval': config key rewards[].args.detector must be 'server' or "
+                f"'given', got {detector!r}"
+            )
         self.detector_spec, self.url, self.timeout = detector, url, float(timeout)
-        self.score, self.threshold, self.counting_threshold = score, float(threshold), float(counting_threshold)
+        self.score, self.threshold, self.counting_threshold = (
+            score,
+            float(threshold),
+            float(counting_threshold),
+        )
         self.max_objects, self.nms_threshold = int(max_objects), float(nms_threshold)
         self.position_threshold = float(position_threshold)
         self._detector = None
@@ -304,9 +352,11 @@ class GenEvalReward:
             elif spec == "server":
                 url = self.url or os.environ.get("FASTCPS_GENEVAL_URL")
                 if not url:
-                    raise ValueError("reward 'geneval': no detection server; set config key "
-                                     "rewards[].args.url (or env FASTCPS_GENEVAL_URL), or "
-                                     "rewards[].args.detector: given with metadata['detections']")
+                    raise ValueError(
+                        "reward 'geneval': no detection server; set config key "
+                        "rewards[].args.url (or env FASTCPS_GENEVAL_URL), or "
+                        "rewards[].args.detector: given with metadata['detections']"
+                    )
                 self._detector = ServerDetector(url, self.timeout)
             else:
                 self._detector = spec
@@ -323,15 +373,19 @@ class GenEvalReward:
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None):
         check_inputs(self.name, images, prompts, metadata)
         if metadata is None or any(not m or ("include" not in m and "exclude" not in m) for m in metadata):
-            raise ValueError("reward 'geneval' needs GenEval metadata per prompt ({'tag', 'include', "
-                             "'exclude'}); use a .jsonl prompt file with a 'metadata' field")
+            raise ValueError(
+                "reward 'geneval' needs GenEval metadata per prompt ({'tag', 'include', "
+                "'exclude'}); use a .jsonl prompt file with a 'metadata' field"
+            )
         det = self.detector
         if isinstance(det, ServerDetector):
             dets = det.detect(images, metadata, prompts)
         else:
             dets = det.detect(images, metadata)
         if len(dets) != images.shape[0]:
-            raise RuntimeError(f"reward 'geneval': detector returned {len(dets)} lists for {images.shape[0]} images")
+            raise RuntimeError(
+                f"reward 'geneval': detector returned {len(dets)} lists for {images.shape[0]} images"
+            )
         scores, self.last_reasons = [], []
         for d, m in zip(dets, metadata):
             s, why = self.score_detections(d, m)

@@ -99,9 +99,16 @@ class HPSv2Reward:
         trust_checkpoint: bool = False
         """Allow full unpickling of the checkpoint."""
 
-    def __init__(self, checkpoint: str = DEFAULT_CHECKPOINT, model_name: str = "ViT-H-14",
-                 model_config: dict | str | None = None, device=None, dtype: str | None = "amp",
-                 batch_size: int = 16, trust_checkpoint: bool = False):
+    def __init__(
+        self,
+        checkpoint: str = DEFAULT_CHECKPOINT,
+        model_name: str = "ViT-H-14",
+        model_config: dict | str | None = None,
+        device=None,
+        dtype: str | None = "amp",
+        batch_size: int = 16,
+        trust_checkpoint: bool = False,
+    ):
         self.checkpoint, self.model_name, self.model_config = checkpoint, model_name, model_config
         self.device, self.dtype, self.batch_size = device, dtype, int(batch_size)
         self.trust_checkpoint = bool(trust_checkpoint)
@@ -111,11 +118,13 @@ class HPSv2Reward:
     def _checkpoint_path(self) -> str:
         ck = str(self.checkpoint) if self.checkpoint is not None else ""
         if ck.startswith("hf-hub:"):
-            repo_file = ck[len("hf-hub:"):]
+            repo_file = ck[len("hf-hub:") :]
             repo, _, fname = repo_file.rpartition("/")
             if not repo or "/" not in repo:
-                raise ValueError(f"reward 'hpsv2': config key rewards[].args.checkpoint {ck!r} must be "
-                                 "'hf-hub:<org>/<repo>/<file>' or a local path")
+                raise ValueError(
+                    f"reward 'hpsv2': config key rewards[].args.checkpoint {ck!r} must be "
+                    "'hf-hub:<org>/<repo>/<file>' or a local path"
+                )
             try:
                 from huggingface_hub import hf_hub_download
 
@@ -124,8 +133,10 @@ class HPSv2Reward:
                 raise hub_load_error(self.name, "checkpoint", ck, err) from err
         path, _ = resolve_weights(self.name, "checkpoint", ck or None)
         if Path(path).is_dir():
-            raise FileNotFoundError(f"reward 'hpsv2': config key rewards[].args.checkpoint {path!r} is a "
-                                    "directory; give the checkpoint file")
+            raise FileNotFoundError(
+                f"reward 'hpsv2': config key rewards[].args.checkpoint {path!r} is a "
+                "directory; give the checkpoint file"
+            )
         return path
 
     def _build(self):
@@ -140,8 +151,10 @@ class HPSv2Reward:
         if not isinstance(cfg, dict):
             p = Path(cfg)
             if not p.is_file():
-                raise FileNotFoundError(f"reward 'hpsv2': model config not found at {str(cfg)!r} "
-                                        "(config key rewards[].args.model_config)")
+                raise FileNotFoundError(
+                    f"reward 'hpsv2': model config not found at {str(cfg)!r} "
+                    "(config key rewards[].args.model_config)"
+                )
             cfg = json.loads(p.read_text())
         cfg = dict(cfg)
         model = open_clip.CLIP(**cfg)
@@ -158,12 +171,16 @@ class HPSv2Reward:
             try:
                 missing, unexpected = model.load_state_dict(sd, strict=False)
             except RuntimeError as err:
-                raise RuntimeError(f"reward 'hpsv2': checkpoint {path!r} does not fit the model "
-                                   f"(config keys rewards[].args.model_name / model_config): {err}") from err
+                raise RuntimeError(
+                    f"reward 'hpsv2': checkpoint {path!r} does not fit the model "
+                    f"(config keys rewards[].args.model_name / model_config): {err}"
+                ) from err
             missing = [k for k in missing if not k.endswith("attn_mask")]
             if missing or unexpected:
-                raise RuntimeError(f"reward 'hpsv2': checkpoint {path!r} does not fit the model "
-                                   f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+                raise RuntimeError(
+                    f"reward 'hpsv2': checkpoint {path!r} does not fit the model "
+                    f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+                )
             dt = resolve_dtype(self.name, self.dtype, device)
             self._model = model.to(device=device, dtype=dt).eval().requires_grad_(False)
         elif next(self._model.parameters()).device != device:

@@ -89,11 +89,19 @@ class OcrReward:
         use_gpu: bool = False
         """PaddleOCR 2.x on the GPU."""
 
-    def __init__(self, engine: str = "rapidocr", min_score: float = 0.0, params: dict | None = None,
-                 lang: str = "en", use_gpu: bool = False):
+    def __init__(
+        self,
+        engine: str = "rapidocr",
+        min_score: float = 0.0,
+        params: dict | None = None,
+        lang: str = "en",
+        use_gpu: bool = False,
+    ):
         if engine not in ("rapidocr", "paddleocr"):
-            raise ValueError(f"reward 'ocr': config key rewards[].args.engine must be 'rapidocr' or "
-                             f"'paddleocr', got {engine!r}")
+            raise ValueError(
+                f"reward 'ocr': config key rewards[].args.engine must be 'rapidocr' or "
+                f"'paddleocr', got {engine!r}"
+            )
         self.engine, self.min_score, self.params = engine, float(min_score), dict(params or {})
         self.lang, self.use_gpu = lang, use_gpu
         self._ocr = None
@@ -106,24 +114,37 @@ class OcrReward:
             try:
                 from rapidocr import RapidOCR
             except ImportError as err:
-                raise ImportError("reward 'ocr' with engine 'rapidocr' needs rapidocr and onnxruntime: "
-                                  "pip install 'fastcps[ocr]'") from err
-            params = {"Global.use_cls": False, "Global.text_score": self.min_score,
-                      "Global.log_level": "warning"}
+                raise ImportError(
+                    "reward 'ocr' with engine 'rapidocr' needs rapidocr and onnxruntime: "
+                    "pip install 'fastcps[ocr]'"
+                ) from err
+            params = {
+                "Global.use_cls": False,
+                "Global.text_score": self.min_score,
+                "Global.log_level": "warning",
+            }
             params.update(self.params)
             self._ocr = RapidOCR(params=params)
         else:
             try:
                 from paddleocr import PaddleOCR
             except ImportError as err:
-                raise ImportError("reward 'ocr' with engine 'paddleocr' needs PaddleOCR: "
-                                  "pip install 'fastcps[paddleocr]' (or use engine: rapidocr, which "
-                                  "runs offline)") from err
+                raise ImportError(
+                    "reward 'ocr' with engine 'paddleocr' needs PaddleOCR: "
+                    "pip install 'fastcps[paddleocr]' (or use engine: rapidocr, which "
+                    "runs offline)"
+                ) from err
             try:  # PaddleOCR 2.x
-                self._ocr = PaddleOCR(use_angle_cls=False, lang=self.lang, use_gpu=self.use_gpu, show_log=False)
+                self._ocr = PaddleOCR(
+                    use_angle_cls=False, lang=self.lang, use_gpu=self.use_gpu, show_log=False
+                )
             except (TypeError, ValueError):  # 3.x dropped these arguments
-                self._ocr = PaddleOCR(lang=self.lang, use_textline_orientation=False,
-                                      use_doc_orientation_classify=False, use_doc_unwarping=False)
+                self._ocr = PaddleOCR(
+                    lang=self.lang,
+                    use_textline_orientation=False,
+                    use_doc_orientation_classify=False,
+                    use_doc_unwarping=False,
+                )
         return self._ocr
 
     def recognize(self, image: torch.Tensor) -> str:
@@ -149,8 +170,10 @@ class OcrReward:
             return str(meta["text"])
         t = quoted_text(prompt)
         if t is None or not normalize_text(t):
-            raise ValueError(f"reward 'ocr': prompt {prompt!r} quotes no text (put the text in \"...\" "
-                             "or give metadata['text'])")
+            raise ValueError(
+                f"reward 'ocr': prompt {prompt!r} quotes no text (put the text in \"...\" "
+                "or give metadata['text'])"
+            )
         return t
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None):

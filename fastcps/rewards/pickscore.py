@@ -87,8 +87,16 @@ class PickScoreReward:
         max_length: int = 77
         """Text tokens."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, processor: str = DEFAULT_PROCESSOR, device=None,
-                 dtype: str | None = "float32", batch_size: int = 16, scale: float = 1.0, max_length: int = 77):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        processor: str = DEFAULT_PROCESSOR,
+        device=None,
+        dtype: str | None = "float32",
+        batch_size: int = 16,
+        scale: float = 1.0,
+        max_length: int = 77,
+    ):
         self.model_id, self.processor_id = model, processor
         self.device, self.dtype, self.batch_size = device, dtype, int(batch_size)
         self.scale, self.max_length = float(scale), int(max_length)
@@ -117,11 +125,24 @@ class PickScoreReward:
         out = []
         for sl in batches(images.shape[0], self.batch_size):
             imgs = [im.float().clamp(0, 1).cpu() for im in images[sl]]
-            pix = processor.image_processor(images=imgs, do_rescale=False, return_tensors="pt")["pixel_values"]
-            tok = processor.tokenizer(list(prompts[sl]), padding=True, truncation=True,
-                                      max_length=self.max_length, return_tensors="pt")
+            pix = processor.image_processor(images=imgs, do_rescale=False, return_tensors="pt")[
+                "pixel_values"
+            ]
+            tok = processor.tokenizer(
+                list(prompts[sl]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             mask = tok.get("attention_mask")
             with autocast(self.dtype, device):
-                out.append(clip_scores(model, pix.to(device, dt), tok["input_ids"].to(device),
-                                       None if mask is None else mask.to(device)))
+                out.append(
+                    clip_scores(
+                        model,
+                        pix.to(device, dt),
+                        tok["input_ids"].to(device),
+                        None if mask is None else mask.to(device),
+                    )
+                )
         return (torch.cat(out) * self.scale).float().to(images.device)

@@ -141,7 +141,8 @@ def unpack(tokens: torch.Tensor, height: int = IMAGE_SIZE, width: int = IMAGE_SI
 def image_ids(
     height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, device=None, dtype=torch.float32
 ) -> torch.Tensor:
-    """FLUX ``img_ids`` [(H/2)(W/2), 3]: (0, row, col) per token, as FluxPipeline._prepare_latent_image_ids."""
+    """FLUX ``img_ids`` [(H/2)(W/2), 3]: (0, row, col) per token, as
+    FluxPipeline._prepare_latent_image_ids."""
     hp, wp = height // PATCH, width // PATCH
     ids = torch.zeros(hp, wp, 3)
     ids[..., 1] += torch.arange(hp)[:, None]

@@ -71,7 +71,12 @@ def heldout_accuracy(model: DigitCNN) -> float:
 
 
 def train_classifier(
-    seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3, log: bool = True, clean: bool = False,
+    seed: int = 0,
+    epochs: int = 40,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    log: bool = True,
+    clean: bool = False,
     label_smoothing: float = 0.05,
 ) -> DigitCNN:
     """``clean``: geometric augmentation only (``augment_geometric``), else ``augment``."""
@@ -98,7 +103,8 @@ def train_classifier(
             tot += loss.item() * len(idx)
         if log and (epoch % 10 == 9 or epoch == epochs - 1):
             print(
-                f"epoch {epoch + 1}/{epochs}  loss {tot / len(y):.4f}  heldout_acc {heldout_accuracy(model):.4f}"
+                f"epoch {epoch + 1}/{epochs}  loss {tot / len(y):.4f}  heldout_acc "
+                f"{heldout_accuracy(model):.4f}"
             )
     return model.eval()
 
@@ -108,8 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="default: the shipped asset of the chosen reward")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--clean", action="store_true",
-                    help="train the digit_clean_trained reward's classifier: geometric augmentation only")
+    ap.add_argument(
+        "--clean",
+        action="store_true",
+        help="train the digit_clean_trained reward's classifier: geometric augmentation only",
+    )
     args = ap.parse_args(argv)
     args.out = args.out or str(CLEAN_CLASSIFIER if args.clean else DEFAULT_CLASSIFIER)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -129,12 +138,17 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_accuracy": f"{acc:.4f}",
         "seed": str(args.seed),
         "epochs": str(args.epochs),
-        "augmentation": ("geometric only: ±12° rotation, 0.9-1.1 scale, ±1 px shift; no pixel noise, no blur, "
-                         "no contrast change" if args.clean else
-                         "geometric (±12° rotation, 0.9-1.1 scale, ±1 px shift), blur on 1/3, contrast 0.7-1.1, "
-                         "Gaussian pixel noise std 0-0.3 on 1/2"),
-        "training": (f"AdamW lr 2e-3 wd 1e-4, OneCycle, batch 64, label smoothing 0.05, {args.epochs} epochs on the "
-                     "toy's train split (sklearn digits minus 360 held out), CPU, deterministic algorithms"),
+        "augmentation": (
+            "geometric only: ±12° rotation, 0.9-1.1 scale, ±1 px shift; no pixel noise, no blur, "
+            "no contrast change"
+            if args.clean
+            else "geometric (±12° rotation, 0.9-1.1 scale, ±1 px shift), blur on 1/3, contrast 0.7-1.1, "
+            "Gaussian pixel noise std 0-0.3 on 1/2"
+        ),
+        "training": (
+            f"AdamW lr 2e-3 wd 1e-4, OneCycle, batch 64, label smoothing 0.05, {args.epochs} epochs on the "
+            "toy's train split (sklearn digits minus 360 held out), CPU, deterministic algorithms"
+        ),
         "command": f"python -m fastcps.toy.train_classifier{clean} --seed {args.seed} --epochs {args.epochs}",
     }
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out, metadata=meta)
