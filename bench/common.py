@@ -29,7 +29,7 @@ import torch
 
 from fastcps import runinfo
 from fastcps.runinfo import device_name, git_commit, versions  # noqa: F401  (the benchmarks' names for them)
-from fastcps.runtime import DTYPES
+from fastcps.runtime import DTYPES, GIB
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -211,7 +211,7 @@ def peak_mem_gib(fn, device: torch.device) -> float | None:
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
+    return torch.cuda.max_memory_allocated(device) / GIB
 
 
 # ---------------------------------------------------------------- rows, CSV, tables

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from fastcps.runtime import DTYPES
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -76,12 +78,8 @@ def resolve_device(device, images: torch.Tensor) -> torch.device:
 
 _DTYPES = {
     None: torch.float32,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    **DTYPES,  # the config's short names
+    **{str(dt).removeprefix("torch."): dt for dt in DTYPES.values()},  # float32, float16, bfloat16
     "amp": torch.float32,  # fp32 weights, the forward under fp16 autocast on CUDA (``autocast``)
 }
 
