@@ -394,7 +394,10 @@ def main(argv=None) -> None:
     from cps_vs_sde_report import report
 
     all_specs = plan(args, Path(args.metrics_dir))
-    report(all_specs, args, Path(args.metrics_dir), out_dir, tag)
+    metrics_dir = Path(args.metrics_dir)
+    report(
+        all_specs, args, metrics_dir, out_dir, tag, matched_clips(args, metrics_dir) or {}, DEFAULT_ETA["cps"]
+    )
     print(f"[bench] total {time.perf_counter() - t0:.0f} s wall", flush=True)
 
 

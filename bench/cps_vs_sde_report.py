@@ -275,12 +275,13 @@ def plot_sweeps(sweep: list[dict], etas: list[dict], target: float, matched: dic
     plt.close(fig)
 
 
-def report(specs: list[dict], args, metrics_dir: Path, out_dir: Path, tag: str) -> str:
-    from bench_cps_vs_sde import DEFAULT_ETA, matched_clips
-
+def report(
+    specs: list[dict], args, metrics_dir: Path, out_dir: Path, tag: str, matched: dict, cps_eta: float
+) -> str:
+    """``matched``: each sampler's (matched clip range, how it was found); ``cps_eta``: CPS's η in the main
+    phase (its runs join the η sweep's table)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = [d for d in (load(sp, metrics_dir) for sp in specs) if d is not None]
-    matched = matched_clips(args, metrics_dir) or {}
     sweep = [r for r in data if r["phase"] == "sweep"]
     lines = [
         f"# {tag}: {len(data)} of {len(specs)} planned runs finished",
@@ -317,7 +318,7 @@ def report(specs: list[dict], args, metrics_dir: Path, out_dir: Path, tag: str) 
     etas += [
         r
         for r in groups_all.get("main", {}).get(("digit_clean_trained", "cps"), [])
-        if r["seed"] in args.seeds[: args.eta_seeds] and r["eta"] == DEFAULT_ETA["cps"]
+        if r["seed"] in args.seeds[: args.eta_seeds] and r["eta"] == cps_eta
     ]
     if etas:
         lines += [

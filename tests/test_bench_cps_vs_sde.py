@@ -110,7 +110,8 @@ def test_report_pairs_by_seed_and_lists_what_is_left(tmp_path, capsys):
     for p in tmp_path.glob("*.jsonl"):
         p.rename(tmp_path / "m" / p.name)
     args.metrics_dir = str(tmp_path / "m")
-    text = report(b.plan(args, tmp_path / "m"), args, tmp_path / "m", tmp_path, "t")
+    m = tmp_path / "m"
+    text = report(b.plan(args, m), args, m, tmp_path, "t", b.matched_clips(args, m), b.DEFAULT_ETA["cps"])
     assert "Runs not finished (2)" in text and "main_digit_clean_trained_dance_sde" in text
     # own last 3: CPS 0.7, Flow-SDE 0.55 + 0.01·seed/3 -> paired differences +0.150 and +0.1467
     row = [ln for ln in text.splitlines() if "CPS − Flow-SDE | own-sampler reward" in ln][0]
