@@ -12,6 +12,8 @@ encodings live in host memory and an epoch's distinct prompts move to the device
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections import OrderedDict
 
 import math
@@ -27,6 +29,37 @@ from fastcps.logger import progress as progress_bar
 from fastcps.ops.cps_step import cps_step
 from fastcps.runtime import derive_seed, synchronize, to_device
 from fastcps.samplers import StepCoeffs, step_coeffs
+
+
+@contextlib.contextmanager
+def whole_model(model, enabled: bool):
+    """The sampling loops' weights: with ``enabled`` and a ZeRO-3 engine, every partitioned parameter is
+    gathered once for the whole block (DeepSpeed's ``unwrap_model_for_generation``: ``GatheredParameters``
+    and the engine's fetch/release hooks taken off until the block ends), instead of each module's at
+    each forward. The plan's counting stand-in (``model.whole_model``) records it instead."""
+    if not enabled:
+        yield
+        return
+    own = getattr(model, "whole_model", None)
+    if own is not None:
+        with own():
+            yield
+        return
+    if getattr(model, "zero_optimization_stage", lambda: 0)() != 3:
+        yield
+        return
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    gathered = unwrap_model_for_generation(model)
+    gathered.__enter__()
+    try:
+        yield
+    except BaseException:
+        gathered.__exit__(*sys.exc_info())  # re-partitions; DeepSpeed's code puts the hooks back only
+        offload = getattr(model.optimizer, "parameter_offload", model.optimizer)  # on a normal exit
+        offload._register_deepspeed_module(offload.module)
+        raise
+    gathered.__exit__(None, None, None)
 
 
 class SamplingSteps(NamedTuple):
@@ -304,36 +337,38 @@ def rollout_epoch(
     bs = t.rollout_batch_size
     scorer = RewardWorker(reward_fn, enabled=overlap_rewards)
     try:
-        for start in progress_bar(
-            range(0, len(mine), bs),
-            desc=f"epoch {epoch + 1} rollout",
-            unit="images",
-            unit_scale=bs,
-            enabled=progress,
-        ):
-            batch = slice(start, start + bs)
-            idx = list(range(lo + start, lo + start + bs))
-            x1 = initial_noise(policy, (cfg.seed, epoch, 3), idx, device)
-            traj = sample(
-                policy,
-                model,
-                select(cond, cond_index[batch]),
-                x1,
-                sampling,
-                step_seeds=step_seeds,
-                first_index=idx[0],
-            )
-            synchronize(device)  # the reward reads values next: keep the sampling's time out of its timer
-            t0 = time.perf_counter()
-            images = policy.decode(traj.final)
-            scores.extend(scorer.collect())  # the previous batch's scores (raises its error)
-            scorer.submit(images, prompts[batch], meta[batch])  # synchronously: scored here
-            t_reward += time.perf_counter() - t0
-            preview = images if preview is None else preview
-            xs.append(traj.x_t)
-            nexts.append(traj.x_next)
-            lps.append(traj.log_prob)
-            check_stop()
+        # under ZeRO-3 the sampler's forwards gather the weights once, when that fits (the plan)
+        with whole_model(model, cfg.whole_model_sampling is True):
+            for start in progress_bar(
+                range(0, len(mine), bs),
+                desc=f"epoch {epoch + 1} rollout",
+                unit="images",
+                unit_scale=bs,
+                enabled=progress,
+            ):
+                batch = slice(start, start + bs)
+                idx = list(range(lo + start, lo + start + bs))
+                x1 = initial_noise(policy, (cfg.seed, epoch, 3), idx, device)
+                traj = sample(
+                    policy,
+                    model,
+                    select(cond, cond_index[batch]),
+                    x1,
+                    sampling,
+                    step_seeds=step_seeds,
+                    first_index=idx[0],
+                )
+                synchronize(device)  # the reward reads values next: keep the sampling's time out of its timer
+                t0 = time.perf_counter()
+                images = policy.decode(traj.final)
+                scores.extend(scorer.collect())  # the previous batch's scores (raises its error)
+                scorer.submit(images, prompts[batch], meta[batch])  # synchronously: scored here
+                t_reward += time.perf_counter() - t0
+                preview = images if preview is None else preview
+                xs.append(traj.x_t)
+                nexts.append(traj.x_next)
+                lps.append(traj.log_prob)
+                check_stop()
         t0 = time.perf_counter()
         scores.extend(scorer.collect())
         t_reward += time.perf_counter() - t0

@@ -43,6 +43,7 @@ from fastcps.rollout import (
     sample,
     sampling_steps,
     select,
+    whole_model,
 )
 from fastcps.runtime import GIB, synchronize
 from fastcps.update import epoch_advantages, run_update
@@ -357,7 +358,8 @@ class Trainer:
         div_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_prompts, n_images = 0, 0
         shown = []  # the first prompts' images, for the log
-        with self.ema.applied() if self.ema else contextlib.nullcontext():
+        whole = whole_model(self.engine, cfg.whole_model_sampling is True)  # ZeRO-3: one gather
+        with self.ema.applied() if self.ema else contextlib.nullcontext(), whole:
             for lo in range(0, per_rank, per_call):
                 chunk = mine[lo : lo + per_call]
                 pairs = [self.eval_prompts[min(p_idx, n_eval - 1)] for p_idx in chunk]

@@ -378,6 +378,7 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
     assert cfg.zero_stage == "auto" and cfg.policy.gradient_checkpointing == "auto"
     out, line = resolve_auto(cfg, 8, "cpu")
     assert out.zero_stage is None and out.policy.gradient_checkpointing is False and "ZeRO stage 3" in line
+    assert out.whole_model_sampling is False and "whole-model sampling off" in line
     models = ROOT / "configs" / "models"
     for sub, src, name in (
         ("transformer", tiny_flux, "config.json"),
@@ -392,17 +393,24 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
         [f"policy.pretrained={tmp_path}", "policy.offload_frozen=false", "eval.every=0"],
     )
     peaks = plan(local, 8)["peak_gib_by_choice"]
+    # whole_model_sampling "auto": only under ZeRO-3, on when the sampling phases fit with the whole model
+    # gathered (this tiny transformer is smaller than ZeRO-3's prefetch bucket: it always fits)
     for gib, expect in (
-        (peaks["zero2"] + 2, (2, False)),
-        ((peaks["zero3"] + peaks["zero2"]) / 2 + 1, (3, False)),
+        (peaks["zero2"] + 2, (2, False, False)),
+        ((peaks["zero3"] + peaks["zero2"]) / 2 + 1, (3, False, True)),
     ):
         monkeypatch.setattr(
             torch.cuda, "get_device_properties", lambda d, g=gib: SimpleNamespace(total_memory=g * 2**30)
         )
         out, line = resolve_auto(local, 8, "cuda:0")
-        assert (out.zero_stage, out.policy.gradient_checkpointing) == expect, (gib, peaks, line)
+        got = (out.zero_stage, out.policy.gradient_checkpointing, out.whole_model_sampling)
+        assert got == expect, (gib, peaks, line)
     # an explicit stage is not "auto": it stays; the trainer's DeepSpeed config takes it over the JSON's
-    fixed = load_config(RunConfig, str(FLUX_CFG), ["zero_stage=2", "policy.gradient_checkpointing=true"])
+    fixed = load_config(
+        RunConfig,
+        str(FLUX_CFG),
+        ["zero_stage=2", "policy.gradient_checkpointing=true", "whole_model_sampling=false"],
+    )
     assert resolve_auto(fixed, 8, "cpu") == (fixed, None)
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.world = fixed, 8

@@ -337,6 +337,11 @@ class RunConfig(BaseModel):
     """Seeds every random choice: prompts, noises, shuffles."""
     deepspeed_config: str = "configs/ds_zero3.json"
     """DeepSpeed JSON (ZeRO stage etc.); batch sizes in it are filled in at run time."""
+    whole_model_sampling: bool | Literal["auto"] = "auto"
+    """Under ZeRO-3, gather the whole transformer once for each sampling phase (the rollout, the eval)
+    with DeepSpeed's `unwrap_model_for_generation`, instead of gathering each module at each of the
+    sampler's forwards: the whole weights sit on every GPU while it samples. `auto`: on when the resource
+    plan says that fits the GPU's memory (off on the CPU and for the toy); ignored below ZeRO-3."""
     zero_stage: Literal["auto", 2, 3] | None = None
     """ZeRO stage, overriding the DeepSpeed JSON's: `auto` takes ZeRO-2 (whole weights on every GPU, no
     parameter gathers) when the resource plan says it fits the GPU's memory and ZeRO-3 when it does not

@@ -197,6 +197,12 @@ def transients(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
     """Bytes per GPU on top of ``persistent`` in each phase (measured activations + ZeRO-3 gathers)."""
     c, t, p = cfg_mult(cfg), cfg.train, cfg.policy
     gathered = live_gathered(cfg, model, zero)
+    # whole_model_sampling: the rollout and the eval hold every partitioned parameter at once
+    sampled = (
+        BYTES[p.dtype] * (model.params - model.small)
+        if zero.stage >= 3 and cfg.whole_model_sampling is True
+        else gathered
+    )
     m = model.meter
     train = m.step("ckpt" if p.gradient_checkpointing else "train", t.minibatch_size * c)
     act = train.peak
@@ -212,8 +218,8 @@ def transients(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
     moved_in = sum(TEXT_ENCODERS[p.name].values()) * 1e9 * BYTES[p.dtype] if p.offload_frozen else 0.0
     return {
         "training micro-step": {"activations (measured)": act, "ZeRO-3 gathered parameters": gathered},
-        "rollout step": {"forward / VAE decode (measured)": rollout, "ZeRO-3 gathered parameters": gathered},
-        "eval step": {"forward / VAE decode (measured)": evaluation, "ZeRO-3 gathered parameters": gathered},
+        "rollout step": {"forward / VAE decode (measured)": rollout, "ZeRO-3 gathered parameters": sampled},
+        "eval step": {"forward / VAE decode (measured)": evaluation, "ZeRO-3 gathered parameters": sampled},
         "optimizer step": {"fp32 gradient of the partition": step_fp32},
         "prompt encoding": {"text encoders moved in": moved_in},
     }

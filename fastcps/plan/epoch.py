@@ -57,6 +57,19 @@ class CountingEngine:
         self.optimizer_steps = 0
         self._pending: list[int] = []  # samples of the training forwards since the last backward
         self._boundary = False
+        self.whole: Counter = Counter()  # phase -> whole-model gathers (rollout.whole_model)
+        self.whole_calls: Counter = Counter()  # the calls made while the whole model was gathered
+        self._whole = False
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        """``rollout.whole_model`` on this stand-in: one whole-model gather, then calls that fetch nothing."""
+        self.whole[self.phase] += 1
+        self._whole = True
+        try:
+            yield
+        finally:
+            self._whole = False
 
     # the transformer call, made by CountingPolicy.velocity
     def forward(self, x: torch.Tensor, samples: int, reference: bool = False) -> torch.Tensor:
@@ -69,6 +82,8 @@ class CountingEngine:
                 else ("training forward" if grad else "old log-prob recompute")
             )
         self.calls[(phase, "train" if grad else "nograd", samples)] += 1
+        if self._whole:
+            self.whole_calls[(phase, "train" if grad else "nograd", samples)] += 1
         if grad:
             self._pending.append(samples)
             return x * 0 + self.weight
@@ -103,6 +118,7 @@ def zero_traffic(
     bytes_per_param: float,
     grad_bytes_per_param: float,
     gather_bytes_per_param: float | None = None,
+    whole_sampling: bool = False,
 ) -> dict:
     """Bytes received per GPU by ZeRO's collectives in the counted epoch (ring: (N-1)/N of each full
     tensor). ZeRO-3: each forward call gathers ``fetched["forward"]`` elements and each backward
@@ -113,13 +129,19 @@ def zero_traffic(
     ``gathered_params`` partitioned elements. Every backward reduce-scatters the trained gradients.
     ZeRO-2: every backward reduce-scatters the gradients, every optimizer step all-gathers the updated
     trained parameters. ``gather_bytes_per_param``: bytes a gathered parameter travels in (ZeRO++'s
-    quantized weights: ~1 + scales), default ``bytes_per_param``."""
+    quantized weights: ~1 + scales), default ``bytes_per_param``. ``whole_sampling``
+    (``whole_model_sampling``): the calls the trainer made inside ``rollout.whole_model`` fetch nothing
+    and each such block gathers the whole model once."""
     ring = (world - 1) / world
     forwards = sum(n for (phase, _, _), n in counted["calls"].items() if phase != "training backward")
+    wholes = 0.0
+    if whole_sampling:
+        forwards -= sum(counted.get("whole_calls", {}).values())
+        wholes = sum(counted.get("whole_gathers", {}).values())
     backwards = sum(n for (phase, _, _), n in counted["calls"].items() if phase == "training backward")
     grads = backwards * trained_params * grad_bytes_per_param * ring
     if stage >= 3:
-        elements = forwards * fetched["forward"] + backwards * fetched["backward"]
+        elements = forwards * fetched["forward"] + backwards * fetched["backward"] + wholes * gathered_params
         gathered = elements * (gather_bytes_per_param or bytes_per_param) * ring
         return {
             "parameter all-gather": gathered,
@@ -196,6 +218,8 @@ def count_epoch(
     from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch
     from fastcps.update import epoch_advantages, run_update
 
+    # counted with the sampling loops' whole-model gathers on: zero_traffic prices both ways
+    cfg = cfg.model_copy(update={"whole_model_sampling": True})
     vae: Counter = Counter()
     policy = CountingPolicy(latent_shape, sigmas, cfg_mult, vae)
     engine = CountingEngine()
@@ -225,15 +249,24 @@ def count_epoch(
         "vae": dict(vae),
         "optimizer_steps": engine.optimizer_steps,
         "images_per_rank": int(data.reward.numel()),
+        "whole_gathers": dict(engine.whole),
+        "whole_calls": dict(engine.whole_calls),
     }
     e = cfg.eval
     if e.every:
         engine.calls.clear()
+        engine.whole.clear()
+        engine.whole_calls.clear()
         vae.clear()
         engine.phase = "eval"
         _evaluate(cfg, world, policy, engine, encodings)
-        for key, n in engine.calls.items():
-            out["calls"][key] = out["calls"].get(key, 0) + n / e.every
+        for field, counts in (
+            ("calls", engine.calls),
+            ("whole_gathers", engine.whole),
+            ("whole_calls", engine.whole_calls),
+        ):
+            for key, n in counts.items():
+                out[field][key] = out[field].get(key, 0) + n / e.every
         out["vae_eval"] = {key: n / e.every for key, n in vae.items()}
     return out
 

@@ -35,8 +35,12 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     ck = "auto" if pol.gradient_checkpointing == "auto" else "set"
     p(
         f"world size {world}, ZeRO stage {r['zero_stage']} ({how}), gradient checkpointing "
-        f"{'on' if r['gradient_checkpointing'] else 'off'} ({ck})"
+        f"{'on' if r['gradient_checkpointing'] else 'off'} ({ck}), whole-model sampling "
+        f"{'on' if r['whole_model_sampling'] else 'off'} ({cfg.whole_model_sampling})"
     )
+    if r["whole_sampling_peak_gib"] is not None:
+        peak = r["whole_sampling_peak_gib"]
+        p(f"  with the whole transformer gathered while sampling: peak {peak:.1f} GiB per GPU")
     p()
     p("batch arithmetic")
     images = t.prompts_per_epoch * t.images_per_prompt

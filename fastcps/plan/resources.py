@@ -204,6 +204,7 @@ def load_phase(cfg: RunConfig, world: int, model: pc.Model, stage: int) -> dict:
 
 
 CHOICES = ((2, False), (3, False), (2, True), (3, True))  # cheapest first: no gathers, then no re-forward
+WHOLE = ", whole-model sampling"  # the traffic table's suffix for whole_model_sampling
 
 
 def choose(cfg: RunConfig, world: int, loader: Loader, model: pc.Model, limit: float | None) -> dict:
@@ -223,18 +224,34 @@ def choose(cfg: RunConfig, world: int, loader: Loader, model: pc.Model, limit: f
     allowed = [(s, c) for s, c in CHOICES if stage in ("auto", s) and ckpt in ("auto", c)]
     if stage != "auto" and stage not in (2, 3):  # a JSON with stage 0 or 1: counted as ZeRO-2's memory
         allowed = [(2, c) for c in ((False, True) if ckpt == "auto" else (ckpt,))]
-    if limit is None:
-        pick = next(
-            ((s, c) for s, c in allowed if s == (loader.zero.stage if stage == "auto" else s) and not c),
-            allowed[0],
-        )
+    if (
+        limit is None
+    ):  # nothing to fit: the DeepSpeed JSON's stage (as the trainer on the CPU), cheapest first
+        json_stage = [(s, c) for s, c in allowed if s == (loader.zero.stage if stage == "auto" else s)]
+        pick = (json_stage or allowed)[0]
     else:
         pick = next(((s, c) for s, c in allowed if peaks[(s, c)] <= limit), allowed[-1])
     return {
         "stage": pick[0] if stage in ("auto", 2, 3) else int(stage),
         "checkpointing": pick[1],
         "peaks": peaks,
+        **whole_sampling(cfg, world, loader, model, pick, limit),
     }
+
+
+def whole_sampling(cfg: RunConfig, world: int, loader: Loader, model: pc.Model, pick, limit) -> dict:
+    """``whole_model_sampling`` for the picked (stage, checkpointing): only ZeRO-3 gathers; "auto" is on
+    when the peak with the whole transformer gathered while sampling fits ``limit`` (off without one)."""
+    want = cfg.whole_model_sampling
+    if pick[0] < 3 or want is False:
+        return {"whole_model_sampling": False, "whole_sampling_peak": None}
+    changed = pc.with_changes(cfg, {"policy.gradient_checkpointing": pick[1], "whole_model_sampling": True})
+    peak = max(
+        pc.memory(changed, world, model, loader.load_zero(3))["peak"],
+        load_phase(cfg, world, model, 3)["peak"],
+    )
+    on = want is True or (limit is not None and peak <= limit)
+    return {"whole_model_sampling": on, "whole_sampling_peak": peak}
 
 
 def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tuple[RunConfig, str | None]:
@@ -246,23 +263,29 @@ def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tu
     import torch
 
     auto_stage, auto_ckpt = cfg.zero_stage == "auto", cfg.policy.gradient_checkpointing == "auto"
-    if not (auto_stage or auto_ckpt):
+    auto_whole = cfg.whole_model_sampling == "auto"
+    if not (auto_stage or auto_ckpt or auto_whole):
         return cfg, None
     device = torch.device(device)
     if device.type != "cuda" or cfg.policy.name not in ("flux", "sd3"):
-        stage, ckpt, why = None, False, f"no GPU memory to fit on {device.type} / {cfg.policy.name}"
+        stage, ckpt, whole = None, False, False
+        why = f"no GPU memory to fit on {device.type} / {cfg.policy.name}"
     else:
         total = torch.cuda.get_device_properties(device).total_memory / GIB
         loader = Loader(cfg)
         chosen = choose(cfg, world, loader, loader.model(cfg), (total - reserve) * GIB)
-        stage, ckpt = chosen["stage"], chosen["checkpointing"]
+        stage, ckpt, whole = chosen["stage"], chosen["checkpointing"], chosen["whole_model_sampling"]
         peak = chosen["peaks"][(stage if stage >= 3 else 2, ckpt)] / GIB
+        if whole and chosen["whole_sampling_peak"] is not None:
+            peak = chosen["whole_sampling_peak"] / GIB
         why = f"planned peak {peak:.1f} GiB of {total:.1f} GiB (minus {reserve:g} reserved)"
     changes = {}
     if auto_stage:
         changes["zero_stage"] = stage
     if auto_ckpt:
         changes["policy.gradient_checkpointing"] = ckpt
+    if auto_whole:
+        changes["whole_model_sampling"] = whole
     out = pc.with_changes(cfg, changes)
     shown = (
         out.zero_stage
@@ -271,7 +294,8 @@ def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tu
     )
     line = (
         f"auto: ZeRO stage {shown}, "
-        f"gradient checkpointing {'on' if out.policy.gradient_checkpointing else 'off'} ({why})"
+        f"gradient checkpointing {'on' if out.policy.gradient_checkpointing else 'off'}, "
+        f"whole-model sampling {'on' if out.whole_model_sampling is True else 'off'} ({why})"
     )
     return out, line
 
@@ -296,7 +320,13 @@ def plan(
     model = loader.model(cfg)
     limit = None if gpu_mem is None else (gpu_mem - reserve) * GIB
     chosen = choose(cfg, world, loader, model, limit)
-    cfg = pc.with_changes(cfg, {"policy.gradient_checkpointing": chosen["checkpointing"]})
+    cfg = pc.with_changes(
+        cfg,
+        {
+            "policy.gradient_checkpointing": chosen["checkpointing"],
+            "whole_model_sampling": chosen["whole_model_sampling"],
+        },
+    )
     zero = loader.load_zero(chosen["stage"])
     n_mean, n_min, n_max = pc.mean_trained(cfg, model.sigmas(cfg.sampler.num_steps))
     counted = counted_epoch(cfg, world, model)
@@ -357,6 +387,18 @@ def plan(
         grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(3)),
         **traffic_kw,
     )
+    for ck in (False, True):  # whole_model_sampling: the rollout and the eval gather the model once each
+        traffic[choice_name(3, ck) + WHOLE] = pe.zero_traffic(
+            counted,
+            stage=3,
+            fetched=fetched[ck],
+            grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(3)),
+            whole_sampling=True,
+            **traffic_kw,
+        )
+    chosen_traffic = choice_name(chosen["stage"], chosen["checkpointing"]) + (
+        WHOLE if chosen["whole_model_sampling"] else ""
+    )
     mem = {s: pc.memory(cfg, world, model, loader.load_zero(s)) for s in (2, 3)}
     mine = mem[3] if zero.stage >= 3 else mem[2]
     load = load_phase(cfg, world, model, zero.stage)
@@ -402,9 +444,9 @@ def plan(
         "load_peak_gib_per_gpu": load["peak"] / GIB,
         "peak_gib_by_choice": {choice_name(s, ck): v / GIB for (s, ck), v in chosen["peaks"].items()},
         "zero_traffic_bytes_per_gpu": traffic,
-        "zero_param_traffic_bytes_per_gpu": traffic[choice_name(chosen["stage"], chosen["checkpointing"])][
-            "parameter all-gather"
-        ],
+        "zero_param_traffic_bytes_per_gpu": traffic[chosen_traffic]["parameter all-gather"],
+        "whole_model_sampling": chosen["whole_model_sampling"],
+        "whole_sampling_peak_gib": None if (w := chosen["whole_sampling_peak"]) is None else w / GIB,
         "checkpoint_files": (ck := pc.checkpoint_files(cfg, world, model, zero.stage)),
         "checkpoint_bytes": sum(ck.values()),
         "mfu": mfu,
