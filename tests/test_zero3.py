@@ -281,3 +281,44 @@ def test_whole_model_sampling_gathers_once_per_sampling_phase_and_changes_no_num
     # the plan counts the update's module uses (as for nokl, within 3 %): an upper bound here, measured
     # 25 % above the real 8.06 whole-model gathers (10.81), by the update's smaller real fetches
     assert 0.7 <= real / planned <= 1.03, (real, planned)
+
+
+def test_whole_model_sampling_puts_deepspeeds_hooks_back_after_an_exception(monkeypatch):
+    """A stop (SIGTERM, Ctrl-C) inside a sampling phase: DeepSpeed's ``unwrap_model_for_generation``
+    re-registers its fetch hooks only on a normal exit; ``rollout.whole_model`` does it on the way out of
+    an exception too, so the checkpoint that follows and any later step see a partitioned, hooked model.
+    One process, ZeRO-3 over gloo, every tensor partitioned (seen failing without the re-registration:
+    no hooks left; DeepSpeed 0.19.8 still fetches a forward's weights without them, an older one did not)."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from fastcps.rollout import whole_model
+    from multi_run import free_port
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        *[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU()) for _ in range(3)]
+    )
+    ds = {"train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}  # fmt: skip
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    gathered = lambda: sum(p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in engine.module.parameters())  # noqa: E731
+    x = torch.randn(2, 16)
+    offload = engine.optimizer.parameter_offload
+    hooks = lambda: (len(offload.forward_hooks), len(offload.backward_hooks))  # noqa: E731
+    before = hooks()
+    with torch.no_grad():
+        want = engine(x)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad(), whole_model(engine, True):
+        assert gathered() == 6  # every weight and bias at once
+        assert torch.equal(engine(x), want)
+        raise KeyboardInterrupt
+    assert gathered() == 0 and hooks() == before and before[0] > 0
+    loss = engine(x).pow(2).mean()  # fetched by the hooks again: a real loss, a real step
+    engine.backward(loss)
+    engine.step()
+    assert gathered() == 0 and torch.isfinite(loss)
