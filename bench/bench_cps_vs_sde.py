@@ -44,11 +44,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+from common import DEFAULT_ETA, DEFAULT_FORM, REPO, RESULTS, study_overrides  # noqa: E402
 
-DEFAULT_ETA = {"cps": 0.8, "flow_sde": 0.7, "dance_sde": 0.3}
-DEFAULT_FORM = {"cps": "paper", "flow_sde": "gaussian", "dance_sde": "gaussian"}
 PAPER_CLIP = {"paper": 1e-4, "gaussian": 2e-3}
 SWEEP_CLIPS = {"paper": (5e-5, 1e-4, 2e-4, 4e-4, 8e-4), "gaussian": (5e-4, 1e-3, 2e-3, 4e-3)}
 REWARDS = ("digit_clean_trained", "digit")
@@ -188,26 +185,8 @@ def write_config(args, reward: str, root: Path) -> Path:
 
 
 def train_argv(sp: dict, args, run_root: Path) -> list[str]:
-    sets = {
-        "name": sp["run"],
-        "output_dir": str(run_root),
-        "seed": sp["seed"],
-        "sampler.name": sp["sampler"],
-        "sampler.eta": sp["eta"],
-        "sampler.logprob": sp["logprob"],
-        "train.clip_range": sp["clip_range"],
-        "train.num_epochs": sp["epochs"],
-        "eval.every": sp["eval_every"],
-        "log.tensorboard": "false",
-        "log.images_every": 0,
-        "log.progress": "false",
-        "checkpoint.every": 0,
-    }
-    sets.update(dict(kv.split("=", 1) for kv in args.set))
-    argv = ["--config", str(write_config(args, sp["reward"], run_root))]
-    for k, v in sets.items():
-        argv += ["--set", f"{k}={v}"]
-    return argv
+    config = ["--config", str(write_config(args, sp["reward"], run_root))]
+    return config + study_overrides(sp, run_root, sp["epochs"], sp["eval_every"], args.set)
 
 
 def claim(path: Path) -> bool:

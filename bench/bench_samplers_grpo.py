@@ -45,11 +45,18 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, append_csv, meta, read_run_metrics
+from common import (
+    DEFAULT_ETA,
+    DEFAULT_FORM,
+    LABEL,
+    REPO,
+    RESULTS,
+    append_csv,
+    meta,
+    read_run_metrics,
+    study_overrides,
+)
 
-DEFAULT_ETA = {"cps": 0.8, "flow_sde": 0.7, "dance_sde": 0.3}
-DEFAULT_FORM = {"cps": "paper", "flow_sde": "gaussian", "dance_sde": "gaussian"}
-LABEL = {"cps": "CPS (η 0.8)", "flow_sde": "Flow-SDE (η 0.7)", "dance_sde": "Dance-SDE (η 0.3)"}
 COLUMNS = [
     "timestamp",
     "device",
@@ -106,29 +113,6 @@ def plan(args) -> list[dict]:
     return specs
 
 
-def train_overrides(spec: dict, args, run_root: Path) -> list[str]:
-    sets = {
-        "name": spec["run"],
-        "output_dir": str(run_root),
-        "seed": spec["seed"],
-        "sampler.name": spec["sampler"],
-        "sampler.eta": spec["eta"],
-        "sampler.logprob": spec["logprob"],
-        "train.clip_range": spec["clip_range"],
-        "train.num_epochs": args.epochs,
-        "eval.every": args.eval_every,
-        "log.tensorboard": "false",
-        "log.images_every": 0,
-        "log.progress": "false",
-        "checkpoint.every": 0,
-    }
-    sets.update(dict(kv.split("=", 1) for kv in args.set))
-    out = []
-    for k, v in sets.items():
-        out += ["--set", f"{k}={v}"]
-    return out
-
-
 def run_one(spec: dict, args, run_root: Path, metrics_dir: Path) -> Path:
     dest = metrics_dir / f"{spec['run']}.jsonl"
     if dest.exists() and not args.rerun:
@@ -140,7 +124,7 @@ def run_one(spec: dict, args, run_root: Path, metrics_dir: Path) -> Path:
         "fastcps.train",
         "--config",
         args.config,
-        *train_overrides(spec, args, run_root),
+        *study_overrides(spec, run_root, args.epochs, args.eval_every, args.set),
     ]
     env = dict(
         os.environ,

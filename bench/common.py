@@ -95,6 +95,35 @@ TOKENS, CHANNELS = 4096, 64
 # ---------------------------------------------------------------- run metadata
 
 
+# The GRPO sampler studies (bench_samplers_grpo.py, bench_cps_vs_sde.py): each sampler at its paper η,
+# with the log-prob form its authors train with, and its name in tables and legends.
+DEFAULT_ETA = {"cps": 0.8, "flow_sde": 0.7, "dance_sde": 0.3}
+DEFAULT_FORM = {"cps": "paper", "flow_sde": "gaussian", "dance_sde": "gaussian"}
+LABEL = {"cps": "CPS (η 0.8)", "flow_sde": "Flow-SDE (η 0.7)", "dance_sde": "Dance-SDE (η 0.3)"}
+
+
+def study_overrides(spec: dict, run_root: Path, epochs: int, eval_every: int, extra: list[str]) -> list[str]:
+    """A study run's ``--set`` arguments for ``fastcps.train``: its sampler, η, log-prob form, clip range
+    and seed, quiet logging and no checkpoints, then the study's own ``KEY=VALUE`` overrides."""
+    sets = {
+        "name": spec["run"],
+        "output_dir": str(run_root),
+        "seed": spec["seed"],
+        "sampler.name": spec["sampler"],
+        "sampler.eta": spec["eta"],
+        "sampler.logprob": spec["logprob"],
+        "train.clip_range": spec["clip_range"],
+        "train.num_epochs": epochs,
+        "eval.every": eval_every,
+        "log.tensorboard": "false",
+        "log.images_every": 0,
+        "log.progress": "false",
+        "checkpoint.every": 0,
+    }
+    sets.update(dict(kv.split("=", 1) for kv in extra))
+    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
 def read_run_metrics(path: Path | str, keys: dict[str, str]) -> dict:
     """A study's run file (the trainer's metrics.jsonl plus the study's last line ``{"bench/wall_s": s,
     ...}``) as ``{name: {epoch: value}}`` for each ``name -> metric key`` of ``keys``, and ``"wall_s"``."""

@@ -15,9 +15,8 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from common import read_run_metrics
+from common import LABEL, read_run_metrics
 
-LABEL = {"cps": "CPS (η 0.8)", "flow_sde": "Flow-SDE (η 0.7)", "dance_sde": "Dance-SDE (η 0.3)"}
 COLORS = {"cps": "tab:blue", "flow_sde": "tab:red", "dance_sde": "tab:orange"}
 CSV_COLUMNS = [
     "phase",
