@@ -1,4 +1,4 @@
-"""The project's tolerance rule (flash-attention's; the README states it): compare the fused op and a
+"""The project's tolerance rule (flash-attention's; docs/testing.md states it): compare the fused op and a
 same-precision PyTorch run against the fp32 reference; the fused error may be at most twice PyTorch's
 own, plus a small atol, plus one ulp of the output dtype (Triton's interpreter rounds bf16 by
 truncation). fp32: ≤ 1e-6 relative to the reference's largest magnitude.
