@@ -32,6 +32,28 @@ from fastcps.samplers import StepCoeffs, step_coeffs
 
 
 @contextlib.contextmanager
+def module_mode(model, training: bool):
+    """The trained module in train (``training``) or eval mode for the block, back in its previous mode
+    after. Sampling (the rollout, the eval, ``fastcps.sample``) runs in eval mode as the stock pipelines
+    and flow_grpo do (``pipeline.transformer.eval()`` before sampling); the update's forwards (training,
+    old-log-prob recompute, the KL reference of a LoRA policy: the same module with its adapters off) in
+    train mode (flow_grpo: ``.train()`` before its training loop). ``model`` is the transformer or the
+    DeepSpeed engine around it (whose own ``train`` sets only its module's flags, so the module's are
+    read); objects that are no module (the plan's counting stand-in) are left alone. Switching walks
+    every submodule (FLUX.1-dev with LoRA: 4699), so it happens only when the mode changes: nested blocks
+    of the same mode cost a flag read."""
+    module = getattr(model, "module", model)
+    if not isinstance(module, torch.nn.Module) or module.training == training:
+        yield
+        return
+    module.train(training)
+    try:
+        yield
+    finally:
+        module.train(not training)
+
+
+@contextlib.contextmanager
 def whole_model(model, enabled: bool):
     """The sampling loops' weights: with ``enabled`` and a ZeRO-3 engine, every partitioned parameter is
     gathered once for the whole block (DeepSpeed's ``unwrap_model_for_generation``: ``GatheredParameters``
@@ -128,10 +150,15 @@ def sample(
     step_seeds: list[int] | None = None,
     first_index: int = 0,
 ) -> Trajectory:
-    """Run all steps from x = x1 with ``sampling``'s schedule and coefficients (on ``x``'s device). Noise of
-    step i,
-    sample b comes from Philox with seed ``step_seeds[i]`` and counter ``(first_index + b)·N + n``:
-    the same images whatever the batch split or the number of processes."""
+    """Run all steps from x = x1 with ``sampling``'s schedule and coefficients (on ``x``'s device), the
+    model in eval mode (``module_mode``). Noise of step i, sample b comes from Philox with seed
+    ``step_seeds[i]`` and counter ``(first_index + b)·N + n``: the same images whatever the batch split or
+    the number of processes."""
+    with module_mode(model, False):
+        return _sample(policy, model, cond, x, sampling, step_seeds, first_index)
+
+
+def _sample(policy, model, cond, x, sampling, step_seeds, first_index) -> Trajectory:
     b = x.shape[0]
     numel = x[0].numel()
     trained = set(sampling.trained)
@@ -337,8 +364,9 @@ def rollout_epoch(
     bs = t.rollout_batch_size
     scorer = RewardWorker(reward_fn, enabled=overlap_rewards)
     try:
-        # under ZeRO-3 the sampler's forwards gather the weights once, when that fits (the plan)
-        with whole_model(model, cfg.whole_model_sampling is True):
+        # under ZeRO-3 the sampler's forwards gather the weights once, when that fits (the plan); eval
+        # mode once for the epoch (``sample`` would switch per batch)
+        with whole_model(model, cfg.whole_model_sampling is True), module_mode(model, False):
             for start in progress_bar(
                 range(0, len(mine), bs),
                 desc=f"epoch {epoch + 1} rollout",

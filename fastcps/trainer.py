@@ -39,6 +39,7 @@ from fastcps.rollout import (
     epoch_steps,
     eval_noise,
     eval_prompt_set,
+    module_mode,
     rollout_epoch,
     sample,
     sampling_steps,
@@ -359,7 +360,12 @@ class Trainer:
         n_prompts, n_images = 0, 0
         shown = []  # the first prompts' images, for the log
         whole = whole_model(self.engine, cfg.whole_model_sampling is True)  # ZeRO-3: one gather
-        with self.ema.applied() if self.ema else contextlib.nullcontext(), whole:
+        # eval mode once for the whole eval (``sample`` would switch per call), as the stock pipelines sample
+        with (
+            self.ema.applied() if self.ema else contextlib.nullcontext(),
+            whole,
+            module_mode(self.engine, False),
+        ):
             for lo in range(0, per_rank, per_call):
                 chunk = mine[lo : lo + per_call]
                 pairs = [self.eval_prompts[min(p_idx, n_eval - 1)] for p_idx in chunk]

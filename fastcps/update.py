@@ -20,7 +20,7 @@ from fastcps import distributed as dist
 from fastcps.grpo import LossOutput, compute_advantages, grpo_loss
 from fastcps.logger import progress as progress_bar
 from fastcps.ops.cps_logprob_kl import cps_logprob_kl
-from fastcps.rollout import EpochData, select
+from fastcps.rollout import EpochData, module_mode, select
 from fastcps.runtime import derive_seed, synchronize, to_device
 
 
@@ -83,18 +83,22 @@ def micro_step_loss(
 ) -> tuple[LossOutput, torch.Tensor]:
     """The GRPO loss of the ``j``-th trained step for the samples ``mb`` (a device index tensor):
     one training forward, the reference forward when ``beta_kl > 0``, the fused log-prob/KL op with
-    the coefficients the rollout used for that step, the clipped loss. Returns (loss output, log-prob).
+    the coefficients the rollout used for that step, the clipped loss, the model in train mode (the
+    reference too when it is the model with its LoRA adapters off, as in flow_grpo; the toy's and full
+    fine-tuning's frozen copies stay in eval mode). Returns (loss output, log-prob).
     ``old_logp`` and ``adv`` are (len(mb),) on the device; ``old_logp = None`` takes this forward's own
     log-prob (detached) as the old one: the policy is still the rollout's, the ratio exactly 1."""
     step = data.sampling.trained[j]
     x_t, x_next = data.x_t[mb, j], data.x_next[mb, j]
     cond = select(data.cond, data.cond_index[mb])
     sigma = data.sampling.sigmas[step].expand(x_t.shape[0])
-    v = policy.velocity(model, x_t, sigma, cond)
     v_ref = None
-    if beta_kl > 0:
-        with torch.no_grad(), policy.reference(model) as ref:
-            v_ref = policy.velocity(ref, x_t, sigma, cond)
+    # a flag read when the model is in train mode already, as the trainer's is once the rollout's eval ends
+    with module_mode(model, True):
+        v = policy.velocity(model, x_t, sigma, cond)
+        if beta_kl > 0:
+            with torch.no_grad(), policy.reference(model) as ref:
+                v_ref = policy.velocity(ref, x_t, sigma, cond)
     logp, kl = cps_logprob_kl(x_t, v, x_next, data.sampling.coeffs[step], v_ref)
     if old_logp is None:
         old_logp = logp.detach().float()

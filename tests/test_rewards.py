@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastcps.rewards import REGISTRY, WeightedReward, build_reward
+from test_reward_anchors import anchor_hf_clip_pixels, anchor_open_clip_pixels
 from tiny_rewards import TINY_OPEN_CLIP, WORDS, _tiny_hf_clip, tiny_hps_checkpoint  # noqa: F401
 
 
@@ -60,11 +61,13 @@ def test_pickscore_tiny(hf_clip_dir):
     s = r(x, prompts, [{}] * 3)
     assert s.shape == (3,) and s.dtype == torch.float32 and torch.isfinite(s).all()
     assert not r._model.training and not any(p.requires_grad for p in r._model.parameters())
-    # reference: the processor and CLIPModel by hand, logit_scale.exp() * cos
+    # reference: flow_grpo's preprocessing (transcribed; 40 x 48: the short side resized, then cropped)
+    # and CLIPModel by hand, logit_scale.exp() * cos
     model = CLIPModel.from_pretrained(hf_clip_dir / "model").eval()
     proc = CLIPProcessor.from_pretrained(hf_clip_dir / "processor")
+    ip = proc.image_processor
     with torch.no_grad():
-        pix = proc.image_processor(images=list(x), do_rescale=False, return_tensors="pt")["pixel_values"]
+        pix = anchor_hf_clip_pixels(x, 32, 32, ip.image_mean, ip.image_std)
         tok = proc.tokenizer(prompts, padding=True, return_tensors="pt")
         vi = model.visual_projection(model.vision_model(pixel_values=pix).pooler_output)
         te = model.text_projection(model.text_model(**tok).pooler_output)
@@ -96,21 +99,18 @@ def test_hpsv2_tiny(hps_ckpt):
     prompts = ["a photo of a cat", "a red dog", "a beautiful landscape, 4k"]
     s = r(x, prompts, None)
     assert s.shape == (3,) and s.dtype == torch.float32 and (s.abs() <= 1 + 1e-5).all()
-    # reference: open_clip's own eval transform on PIL images (as hpsv2's img_score.py does)
-    from PIL import Image
+    # reference: hpsv2's img_score.py preprocessing (transcribed) on PIL images of the 8-bit levels
+    from fastcps.rewards.hpsv2 import OPENAI_MEAN, OPENAI_STD
 
     model = open_clip.CLIP(**TINY_OPEN_CLIP)
     model.load_state_dict(torch.load(path)["state_dict"])
     model.eval()
-    pre = open_clip.image_transform(32, is_train=False)
     tok = open_clip.SimpleTokenizer()
-    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in x]
     with torch.no_grad():
-        ie = model.encode_image(torch.stack([pre(p) for p in pil]), normalize=True)
+        ie = model.encode_image(anchor_open_clip_pixels(x, 32, OPENAI_MEAN, OPENAI_STD), normalize=True)
         te = model.encode_text(tok(prompts), normalize=True)
     ref = (ie * te).sum(-1)
-    # tensor-side resize vs PIL resize of a uint8 image: close, not identical
-    torch.testing.assert_close(s, ref, rtol=0, atol=2e-2)
+    torch.testing.assert_close(s, ref, rtol=0, atol=1e-6)
     # a dict config works too, and the order of the batch does not matter
     r2 = build_reward("hpsv2", {"checkpoint": str(path), "model_config": TINY_OPEN_CLIP})
     torch.testing.assert_close(r2(x.flip(0), prompts[::-1]).flip(0), s, rtol=1e-4, atol=1e-5)
@@ -207,9 +207,9 @@ def test_aesthetic_tiny(hf_clip_dir, tmp_path):
     s = r(x, ["", ""], [{}, {}])
     assert s.shape == (2,) and torch.isfinite(s).all()
     model = CLIPModel.from_pretrained(hf_clip_dir / "model").eval()
-    proc = CLIPProcessor.from_pretrained(hf_clip_dir / "processor")
+    ip = CLIPProcessor.from_pretrained(hf_clip_dir / "processor").image_processor
     with torch.no_grad():
-        pix = proc.image_processor(images=list(x), do_rescale=False, return_tensors="pt")["pixel_values"]
+        pix = anchor_hf_clip_pixels(x, 32, 32, ip.image_mean, ip.image_std)
         e = model.visual_projection(model.vision_model(pixel_values=pix).pooler_output)
         ref = head.eval()(e / e.norm(dim=-1, keepdim=True))[:, 0]
     torch.testing.assert_close(s, ref, rtol=1e-4, atol=1e-5)

@@ -311,6 +311,15 @@ def test_bad_input_exits_2_naming_the_argument(case, toy_run, tmp_path, capsys):
 # --- FLUX / SD3: the exported LoRA in a stock diffusers pipeline --------------------------------------
 
 
+def same_levels(ours, stock):
+    """Our images are the 8-bit levels of the stock pipeline's (``(x * 255).round()``, what a saved image
+    holds and flow_grpo's rewards score); sampling agrees to ~1e-6, so a level may differ by one where the
+    pipeline's value lies that close to a rounding edge."""
+    stock = (stock.float() * 255).round().clamp(0, 255) / 255
+    torch.testing.assert_close(ours, stock, atol=1 / 255 + 1e-6, rtol=0)
+    assert float((ours != stock).float().mean()) < 1e-3
+
+
 @pytest.mark.parametrize("name", ["flux", "sd3"])
 def test_stock_pipeline_with_the_exported_lora_gives_the_trained_images(name, tmp_path, one_thread):
     from diffusers import DiffusionPipeline
@@ -374,10 +383,8 @@ def test_stock_pipeline_with_the_exported_lora_gives_the_trained_images(name, tm
     else:  # true CFG 4.5 (sd35_ocr.json's cfg_scale) and fastcps's schedule
         kw.update(guidance_scale=4.5, sigmas=list(np.linspace(1.0, 1 / 4, 4)))
     with torch.no_grad():
-        torch.testing.assert_close(
-            c.images["base"][0], pipe([prompt] * 2, **kw).images.float(), atol=1e-5, rtol=1e-5
-        )
+        same_levels(c.images["base"][0], pipe([prompt] * 2, **kw).images)
         pipe.load_lora_weights(final)  # pytorch_lora_weights.safetensors, written beside policy.safetensors
         stock = pipe([prompt] * 2, **kw).images.float()
-    torch.testing.assert_close(c.images["trained"][0], stock, atol=1e-5, rtol=1e-5)
+    same_levels(c.images["trained"][0], stock)
     assert (c.images["trained"] - c.images["base"]).abs().max() > 1e-3  # the adapters change the images

@@ -41,6 +41,16 @@ def _world_size(info: ValidationInfo) -> int | None:
     return (info.context or {}).get("world_size")
 
 
+def lora_dropout_error(dropout: float) -> str:
+    """Why ``policy.lora.dropout`` must be 0 (the config validator and ``Policy.add_lora`` say it)."""
+    return (
+        f"policy.lora.dropout = {dropout}: the rollout samples in eval mode, so the log-probs it stores have "
+        "no dropout, while the training forward (train mode) would drop LoRA inputs at random: the "
+        "importance ratio would differ from 1 at the first step, and the clipped loss would train on "
+        "dropout noise. Set policy.lora.dropout to 0 (flow_grpo's LoRA has none either)"
+    )
+
+
 class LoraConfig(BaseModel):
     model_config = SECTION
 
@@ -51,7 +61,15 @@ class LoraConfig(BaseModel):
     target_modules: list[str] = Field(default_factory=list)
     """Module names to adapt; empty = the policy's default (flow_grpo's attention/ff targets)."""
     dropout: float = 0.0
-    """LoRA dropout."""
+    """LoRA dropout: must be 0 (the rollout samples and stores its log-probs without dropout, so a
+    training forward with dropout would start from a ratio other than 1)."""
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout(cls, dropout: float) -> float:
+        if dropout:
+            raise ValueError(lora_dropout_error(dropout))
+        return dropout
 
 
 class PolicyConfig(BaseModel):

@@ -41,18 +41,22 @@ class Policy(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1], fp32, no grad."""
+        """Images [B, 3, H, W] in [0, 1], fp32, no grad. The FLUX/SD3 policies return exactly the 8-bit
+        levels k/255 of a saved image (what the anchors' rewards score); the toy returns its decode as is."""
 
-    #: module names LoRA adapts by default (flow_grpo's targets for the FLUX/SD3 transformers)
+    #: module names LoRA adapts by default: flow_grpo's FLUX targets, verbatim (yifan123/flow_grpo
+    #: scripts/train_flux.py, ``target_modules``): every block's ``attn`` projections (the single blocks
+    #: have ``attn.to_q/k/v`` only) and the double blocks' feed-forwards. peft matches a name when a module's
+    #: path ends with ``.<name>`` (tests/test_policies.py lists the modules on the real FLUX.1-dev).
     default_lora_targets: tuple[str, ...] = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
+        "attn.to_k",
+        "attn.to_q",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
         "ff.net.0.proj",
         "ff.net.2",
         "ff_context.net.0.proj",
@@ -68,9 +72,15 @@ class Policy(abc.ABC):
         """Freeze the transformer and add peft LoRA adapters (B = 0 at start: the policy is the base)."""
         from peft import LoraConfig
 
+        from fastcps.config.models import lora_dropout_error
+
+        if dropout:
+            raise ValueError(lora_dropout_error(dropout))
+
         targets = list(target_modules) or list(self.default_lora_targets)
-        names = {n.split(".", 2)[-1] for n, _ in self.transformer.named_modules()}
-        present = [t for t in targets if any(n.endswith(t) for n in names)]
+        names = [n for n, _ in self.transformer.named_modules()]
+        # peft's rule: a target names a module whose path is the target or ends with "." + target
+        present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
         if not present:
             raise ValueError(
                 f"policy.lora.target_modules {targets} match no module of {type(self.transformer).__name__}"

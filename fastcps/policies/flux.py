@@ -8,15 +8,21 @@ Conventions, as ``FluxPipeline.__call__`` does them (diffusers 0.42):
 - latents are packed 2x2 patches of the 16-channel VAE latent: ``(L, 64)`` per image with
   ``L = (res/16)^2`` (1024 tokens at 512 px); ``img_ids`` carry (0, row, col) for the RoPE,
   ``txt_ids`` are zeros;
-- ``timestep = σ`` (the transformer multiplies by 1000 itself);
+- ``timestep = (1000·σ).to(dtype) / 1000``: FluxPipeline casts the scheduler's ``t = 1000·σ`` to the
+  latents' dtype (the model's: bf16 for the recipes) and passes ``t / 1000``; the transformer multiplies
+  by 1000 again. We do the same casts, so the transformer sees the pipeline's value bit for bit;
 - guidance is distilled: dev has a guidance embedding and gets ``guidance`` (3.5) per sample;
   schnell has none;
 - schedule: ``linspace(1, 1/N, N)`` with the dynamic (resolution-dependent) shift
   ``mu = calculate_shift(L, ...)`` from the scheduler config when ``use_dynamic_shifting`` (dev),
   else the config's static ``shift`` (schnell: 1), plus the trailing 0;
-- decode: unpack, ``z / scaling_factor + shift_factor``, VAE decode, ``x/2 + 0.5`` clamped to [0, 1].
+- decode: unpack, ``z / scaling_factor + shift_factor``, VAE decode in fp32, ``x/2 + 0.5`` clamped to
+  [0, 1], quantised to 8-bit levels (``DiffusersPolicy.decode``).
 
-Text encoders and VAE are frozen (no grad, eval); with ``offload_frozen`` the text encoders go back
+Text encoders and VAE are frozen (no grad, eval). The VAE is kept and run in fp32 whatever
+``policy.dtype``, as flow_grpo does (scripts/train_flux.py and train_sd3.py: ``pipeline.vae.to(device,
+dtype=torch.float32)``): 84 M parameters for FLUX.1 and SD3.5, 335 MB instead of 168 MB in bf16, and
+its decode's activations twice those of a bf16 decode. With ``offload_frozen`` the text encoders go back
 to the CPU after each ``encode`` (the trainer caches every prompt's encoding, so they run rarely).
 """
 
@@ -133,7 +139,7 @@ class DiffusersPolicy(Policy):
         ):  # "auto" is resolved by the trainer (fastcps.plan.resolve_auto)
             self.transformer.enable_gradient_checkpointing()
         self.attention_backend = set_attention_backend(self.transformer, cfg.attention_backend, self.device)
-        self.vae = load_component(AutoencoderKL, self.path, "vae", torch_dtype=self.dtype)
+        self.vae = load_component(AutoencoderKL, self.path, "vae", torch_dtype=torch.float32)
         self.vae.to(self.device).eval().requires_grad_(False)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         res = int(cfg.resolution)
@@ -173,16 +179,21 @@ class DiffusersPolicy(Policy):
         return m.to("cpu" if self.cfg.offload_frozen else self.device).eval().requires_grad_(False)
 
     #: images per VAE decode call: bounds the decoder's full-resolution activations (128 channels at
-    #: 512x512 is 64 MiB per tensor per image in bf16, several alive at once)
+    #: 512x512 is 128 MiB per tensor per image in fp32, several alive at once: a chunk of 4 peaks at
+    #: 3.0 GiB with the fp32 weights, 1.5 GiB in bf16; ``fastcps.plan.measure.vae_decode_peak``)
     decode_chunk = 4
 
     @torch.no_grad()
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
-        z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        """Images in [0, 1] holding exactly the 8-bit levels k/255 a saved image holds: the anchors score
+        ``(images * 255).round().clamp(0, 255).to(torch.uint8)`` of the fp32 decode (flow_grpo
+        flow_grpo/rewards.py, every reward), and a PNG of these images is what the rewards saw."""
+        z = z.float() / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
         out = []
         for part in z.split(self.decode_chunk):
             img = self.vae.decode(part.to(self.device, self.vae.dtype), return_dict=False)[0]
-            out.append((img.float() / 2 + 0.5).clamp(0.0, 1.0))
+            img = (img.float() * 0.5 + 0.5).clamp(0.0, 1.0)  # VaeImageProcessor.denormalize
+            out.append((img * 255).round() / 255)
         return torch.cat(out)
 
     @contextlib.contextmanager
@@ -291,7 +302,9 @@ class FluxPolicy(DiffusersPolicy):
             guidance = torch.full((b,), self.guidance, device=dev, dtype=torch.float32)
         out = model(
             hidden_states=latents.to(dtype),
-            timestep=sigma.to(dtype),  # σ: FluxTransformer2DModel multiplies by 1000 itself
+            # FluxPipeline: t = 1000·σ cast to the latents' dtype, then t / 1000 (the transformer multiplies
+            # by 1000 itself): in bf16 the embedding sees bf16(bf16(1000·σ) / 1000) · 1000, not 1000·σ
+            timestep=(sigma * 1000.0).to(dtype) / 1000,
             guidance=guidance,
             pooled_projections=pooled.to(dev, dtype),
             encoder_hidden_states=hidden.to(dev, dtype),

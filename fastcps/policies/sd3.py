@@ -3,7 +3,8 @@
 Conventions, as ``StableDiffusion3Pipeline.__call__`` does them (diffusers 0.42):
 - latents are the VAE's 16-channel latent, unpacked: ``(16, res/8, res/8)``; the transformer
   patchifies (2x2) itself;
-- ``timestep = 1000·σ`` (unlike FLUX, SD3's transformer does not scale it);
+- ``timestep = 1000·σ`` in fp32 whatever the policy's dtype: the scheduler's ``timesteps``, which the
+  pipeline passes as they are (unlike FLUX, SD3's transformer does not scale it);
 - conditioning: the two CLIPs' penultimate states concatenated, padded to T5's width and joined
   with T5's tokens; pooled = both CLIPs' projected embeddings (``encode_prompt``);
 - schedule: ``schedule.pipeline_sigmas`` with the checkpoint's static shift (3): the base grid
@@ -13,7 +14,8 @@ Conventions, as ``StableDiffusion3Pipeline.__call__`` does them (diffusers 0.42)
 - true classifier-free guidance when ``policy.cfg_scale`` is set (> 1): every velocity runs the
   batch twice (negative prompt "" and the prompt) and returns ``v_u + s·(v_c − v_u)``, in rollout
   and in training alike (flow_grpo's SD3.5 recipe: 4.5), so the log-probs see the guided velocity;
-- decode: ``z / scaling_factor + shift_factor``, VAE decode, to [0, 1].
+- decode: ``z / scaling_factor + shift_factor``, VAE decode in fp32 (flow_grpo's), to [0, 1], quantised to
+  the 8-bit levels a saved image holds (``DiffusersPolicy.decode``).
 """
 
 from __future__ import annotations
@@ -41,16 +43,21 @@ class SD3Policy(DiffusersPolicy):
     )
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     t5_tokenizer_name = "tokenizer_3"
-    #: flow_grpo's SD3.5 targets (scripts/train_sd3.py): the joint attention only, no feed-forward
+    #: flow_grpo's SD3.5 targets, verbatim (yifan123/flow_grpo scripts/train_sd3.py, ``target_modules``):
+    #: the joint attention's projections of every block (``attn.*``; the last block, ``context_pre_only``,
+    #: has no ``attn.to_add_out``), no feed-forward, and not the second self-attention ``attn2`` of
+    #: SD3.5-Medium's dual-attention blocks 0-12: peft matches ``attn.to_q`` on a path ending with
+    #: ``.attn.to_q`` only, where a bare ``to_q`` also takes ``attn2.to_q`` (52 more modules on
+    #: SD3.5-Medium; tests/test_policies.py lists the 191 adapted ones)
     default_lora_targets = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
     )
 
     def __init__(self, cfg, device="cpu", zero_stage: int = 0):
@@ -138,7 +145,9 @@ class SD3Policy(DiffusersPolicy):
             pooled = torch.cat([neg_p, pooled.to(dev, dtype)])
         out = model(
             hidden_states=x,
-            timestep=(sigma * 1000.0).to(dtype),  # SD3's transformer takes the scheduler's t = 1000·σ
+            # the scheduler's t = 1000·σ in fp32, as StableDiffusion3Pipeline passes it: the transformer
+            # computes its sinusoidal embedding from this value in fp32 (in bf16 818.18 would be 820)
+            timestep=sigma * 1000.0,
             encoder_hidden_states=hidden.to(dev, dtype),
             pooled_projections=pooled.to(dev, dtype),
             return_dict=False,

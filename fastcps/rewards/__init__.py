@@ -1,5 +1,11 @@
 """Rewards: ``Reward(images [B,3,H,W] in [0,1], prompts, metadata) -> Tensor[B]``, batched, no grad.
 
+Images are float tensors in [0, 1]. The FLUX/SD3 policies decode them in fp32 and hand them quantised to
+the 8-bit levels k/255 a saved image holds; the image-model rewards (pickscore, hpsv2, aesthetic, ocr,
+geneval, jpeg_compressibility) score those levels as uint8 (``_util.to_uint8``: ``(images * 255).round()
+.clamp(0, 255)``, exact on k/255), preprocessed as their anchors' code does (tests/test_reward_anchors.py
+compares each with flow_grpo's, transcribed). The toy's ``digit`` reward reads its images as they are.
+
 Registered by name and built lazily from the config (heavy models load on first call, on the
 images' device, outside DeepSpeed's ZeRO-3 partitioning since they never enter ``deepspeed.initialize``).
 """

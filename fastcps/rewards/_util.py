@@ -127,9 +127,17 @@ def batches(n: int, batch_size: int):
         yield slice(i, min(n, i + bs))
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images [..., H, W] in [0, 1] -> uint8 levels on their device, as the anchors quantise every image
+    they score: ``(images * 255).round().clamp(0, 255).to(torch.uint8)`` (flow_grpo flow_grpo/rewards.py,
+    each reward; the level a saved 8-bit image holds). Exact on the k/255 values the FLUX/SD3 policies
+    decode to (``DiffusersPolicy._vae_decode``): it gives k back."""
+    return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8_hwc(image: torch.Tensor):
-    """[3, H, W] in [0, 1] -> numpy uint8 [H, W, 3] (RGB)."""
-    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    """[3, H, W] in [0, 1] -> numpy uint8 [H, W, 3] (RGB), ``to_uint8``'s levels."""
+    return to_uint8(image).permute(1, 2, 0).cpu().numpy()
 
 
 def to_pil(image: torch.Tensor):
@@ -138,20 +146,47 @@ def to_pil(image: torch.Tensor):
     return Image.fromarray(to_uint8_hwc(image))
 
 
-def clip_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """CLIP-style eval transform on tensors: bicubic resize of the short side to ``size`` (antialiased),
-    center crop ``size``×``size``, normalize. ``images`` [B, 3, H, W] in [0, 1]."""
-    import torch.nn.functional as F
+def uint8_hwc_batch(images: torch.Tensor) -> list:
+    """[B, 3, H, W] in [0, 1] -> B numpy uint8 [H, W, 3] arrays (one copy of the quantised batch to the
+    host, 1 byte a pixel value)."""
+    return list(to_uint8(images).permute(0, 2, 3, 1).cpu().numpy())
 
-    x = images.float().clamp(0, 1)
-    h, w = x.shape[-2:]
-    if min(h, w) != size:
-        s = size / min(h, w)
-        nh, nw = max(size, round(h * s)), max(size, round(w * s))
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    x = x[..., top : top + size, left : left + size]
-    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+
+def pil_backend(image_processor):
+    """The transformers image processor that resizes with PIL, as the anchors' did: flow_grpo pins
+    transformers 4.40.0 (its setup.py), whose ``CLIPImageProcessor`` converts a uint8 image to PIL, resizes
+    it with PIL's bicubic filter, crops, rescales in float64 and normalises in float32; transformers 5's
+    default ``CLIPImageProcessor`` resizes with torchvision instead (another filter), and its PIL backend
+    (``CLIPImageProcessorPil``) is the 4.40 one. ``image_processor`` is returned as it is when it is a PIL
+    backend already."""
+    if getattr(image_processor, "backend", "pil") == "pil":
+        return image_processor
+    import transformers
+
+    name = type(image_processor).__name__ + "Pil"
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise TypeError(
+            f"{type(image_processor).__name__} has no PIL backend ({name}) in transformers "
+            f"{transformers.__version__}: the rewards preprocess as the anchors did, with PIL"
+        )
+    return cls.from_dict(image_processor.to_dict())
+
+
+def hf_pixel_values(image_processor, images: torch.Tensor) -> torch.Tensor:
+    """Pixel values [B, 3, S, S] (fp32, CPU) of images [B, 3, H, W] in [0, 1], as flow_grpo's scorers get
+    them: ``to_uint8``'s levels handed to the processor, PIL-resized (``pil_backend``)."""
+    proc = pil_backend(image_processor)
+    return proc(images=uint8_hwc_batch(images), return_tensors="pt")["pixel_values"]
+
+
+def open_clip_pixel_values(images: torch.Tensor, image_size: int, mean, std) -> torch.Tensor:
+    """Pixel values [B, 3, S, S] (fp32, CPU) of images [B, 3, H, W] in [0, 1], as HPSv2's scorer gets them:
+    PIL images of ``to_uint8``'s levels through open_clip's eval transform (resize of the short side with
+    PIL's bicubic filter, center crop, ``ToTensor``, normalise), tgxs002/HPSv2 ``hpsv2/img_score.py``
+    ``preprocess_val(image)`` and flow_grpo ``flow_grpo/hpsv2_scorer.py`` alike."""
+    import open_clip
+    from PIL import Image
+
+    pre = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
+    return torch.stack([pre(Image.fromarray(a)) for a in uint8_hwc_batch(images)])

@@ -8,7 +8,9 @@ sizes are read from the file, so any width works.
 
 Precision: float32 by default, as the RL anchors score (none runs it in bf16): flow_grpo
 ``flow_grpo/rewards.py`` ``aesthetic_score``: ``AestheticScorer(dtype=torch.float32)`` (its
-``flow_grpo/aesthetic_scorer.py`` feeds the CLIP inputs in that dtype, no autocast). The head always runs
+``flow_grpo/aesthetic_scorer.py`` feeds the CLIP inputs in that dtype, no autocast). Its images are
+``(images * 255).round()``'s uint8 levels through the CLIP processor of transformers 4.40 (PIL resize):
+so are ours (``_util.hf_pixel_values``). The head always runs
 in fp32 on the fp32 normalised embedding. ``dtype`` (float16 | bfloat16 | amp) applies to the CLIP model.
 """
 
@@ -23,6 +25,7 @@ from fastcps.rewards._util import (
     batches,
     check_inputs,
     from_pretrained,
+    hf_pixel_values,
     resolve_device,
     resolve_dtype,
     resolve_weights,
@@ -146,8 +149,7 @@ class AestheticReward:
         dt = next(clip.parameters()).dtype
         out = []
         for sl in batches(images.shape[0], self.batch_size):
-            imgs = [im.float().clamp(0, 1).cpu() for im in images[sl]]
-            pix = processor(images=imgs, do_rescale=False, return_tensors="pt")["pixel_values"]
+            pix = hf_pixel_values(processor, images[sl])
             with autocast(self.dtype, device):
                 emb = clip_embed_images(clip, pix.to(device, dt)).float()
             emb = emb / emb.norm(dim=-1, keepdim=True)

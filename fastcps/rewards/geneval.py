@@ -29,6 +29,9 @@ Detection sits behind ``Detector.detect(images [B,3,H,W] in [0,1], metadata) -> 
   ``{"detections": [[{"label": str, "box": [x1, y1, x2, y2], "score": float, "color"?: str}, ...], ...]}``
   with one list per image (boxes in pixels; colours from GenEval's list, needed for colour rules).
   ``timeout`` (s, 120) per request; errors name the URL and the HTTP status or the malformed field.
+  The PNG holds the images' 8-bit levels, ``(images * 255).round()``, losslessly: what GenEval's own
+  evaluator reads (it scores saved PNG files). flow_grpo's ``geneval_score`` sends the same levels as
+  JPEG at PIL's default quality 75 (lossy) to its server.
 - ``GivenDetector`` (``args.detector: "given"``): reads ``metadata[i]["detections"]`` in the same
   format; for tests and for detections computed elsewhere.
 """

@@ -2,9 +2,11 @@
 
 score = cos(text_embedding, image_embedding) (the paper: 0.304 → 0.377 with CPS), as in ``hpsv2``'s
 ``img_score.py``: the whole CLIP state dict comes from the HPS checkpoint (``checkpoint["state_dict"]``),
-so the LAION base weights are not needed. Images [B, 3, H, W] in [0, 1] are preprocessed on their device
-like open_clip's eval transform (bicubic resize of the short side to the model's image size, center
-crop, OpenAI CLIP mean/std); texts use open_clip's tokenizer (BPE vocabulary shipped in its wheel).
+so the LAION base weights are not needed. Images [B, 3, H, W] in [0, 1] are scored as the authors' and
+flow_grpo's scorers score a saved image: their 8-bit levels as PIL images through open_clip's eval
+transform (PIL bicubic resize of the short side to the model's image size, center crop, OpenAI CLIP
+mean/std; ``_util.open_clip_pixel_values``, on the CPU); texts use open_clip's tokenizer (BPE vocabulary
+shipped in its wheel).
 
 Precision: ``dtype="amp"`` by default, as the authors score: fp32 weights and the forward under fp16
 autocast (tgxs002/HPSv2 ``hpsv2/img_score.py``: ``create_model_and_transforms(..., precision='amp')``,
@@ -28,9 +30,9 @@ from fastcps.rewards._util import (
     autocast,
     batches,
     check_inputs,
-    clip_preprocess,
     hub_kwargs,
     hub_load_error,
+    open_clip_pixel_values,
     resolve_device,
     resolve_dtype,
     resolve_weights,
@@ -197,7 +199,7 @@ class HPSv2Reward:
         std = getattr(model.visual, "image_std", None) or OPENAI_STD
         out = []
         for sl in batches(images.shape[0], self.batch_size):
-            pix = clip_preprocess(images[sl].to(device), self.image_size, mean, std).to(dt)
+            pix = open_clip_pixel_values(images[sl], self.image_size, mean, std).to(device, dt)
             text = tokenizer(list(prompts[sl])).to(device)
             with autocast(self.dtype, device):
                 img = model.encode_image(pix, normalize=True).float()

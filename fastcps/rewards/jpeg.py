@@ -1,10 +1,12 @@
 """``jpeg_compressibility``: DDPO's compressibility reward, r = −(JPEG size in kB).
 
-Each image is quantised to uint8 RGB and saved with PIL at quality 95; the reward is minus the file
-size in kilobytes (1 kB = 1000 bytes), as DDPO does (``-len(buffer) / 1000``). Scale: a 512×512 photo
-is typically 30–150 kB (reward −150 … −30; uniform noise is ~310 kB); a 16×16 toy image lies between
-0.63 kB (blank: mostly the JPEG header) and ~0.93 kB (uniform noise), so on the toy it moves by
-tenths. Runs on CPU, under no grad.
+Each image is quantised to uint8 RGB (``(images * 255).round().clamp(0, 255)``) and saved with PIL at
+quality 95; the reward is minus the file size in kilobytes (1 kB = 1000 bytes), as DDPO does
+(``-len(buffer) / 1000``). flow_grpo's ``jpeg_compressibility`` computes the same size from the same
+bytes and divides it by 500: its reward is this one / 500 (``weight: 0.002`` in ``rewards`` gives it).
+Scale: a 512×512 photo is typically 30–150 kB (reward −150 … −30; uniform noise is ~310 kB); a 16×16
+toy image lies between 0.63 kB (blank: mostly the JPEG header) and ~0.93 kB (uniform noise), so on the
+toy it moves by tenths. Runs on CPU, under no grad.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from fastcps.rewards import RewardArgs
+from fastcps.rewards._util import uint8_hwc_batch
 
 __all__ = ["JpegCompressibility"]
 
@@ -38,11 +41,8 @@ class JpegCompressibility:
             raise ValueError(
                 f"jpeg_compressibility expects images [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}"
             )
-        with torch.no_grad():
-            arr = (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
-            arr = arr.permute(0, 2, 3, 1).cpu().numpy()
         sizes = []
-        for a in arr:
+        for a in uint8_hwc_batch(images):
             img = Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[-1] == 1 else a))
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=self.quality)

@@ -19,7 +19,11 @@ Engines (config ``args.engine``):
 Other args: ``min_score`` (0.0: keep every line the engine returns, as the reference did),
 ``params`` (extra RapidOCR params, e.g. ``{"EngineConfig.onnxruntime.intra_op_num_threads": 4}``),
 ``lang`` (PaddleOCR language, "en"), ``use_gpu`` (PaddleOCR 2.x, False).
-The OCR engines run on CPU (numpy images); the reward is returned on the images' device as fp32.
+The OCR engines run on CPU and see the images' 8-bit levels, ``(images * 255).round()`` as flow_grpo's
+``ocr_score`` makes them: RapidOCR as a PIL image (it converts to its BGR itself), PaddleOCR as the RGB
+array flow_grpo hands it (flow_grpo/ocr.py converts nothing; PaddleOCR reads arrays as BGR, so flow_grpo
+scores channel-swapped images, and so do we with this engine). The reward is returned on the images'
+device as fp32.
 """
 
 from __future__ import annotations
@@ -154,7 +158,9 @@ class OcrReward:
             out = ocr(to_pil(image))  # PIL input: RapidOCR converts RGB to its BGR itself
             txts, scores = getattr(out, "txts", None) or (), getattr(out, "scores", None) or ()
             return "".join(t for t, s in zip(txts, scores) if s > self.min_score)
-        arr = to_uint8_hwc(image)[:, :, ::-1].copy()  # PaddleOCR takes BGR arrays
+        # the RGB array as it is, as flow_grpo's OcrScorer hands it to PaddleOCR (flow_grpo/ocr.py:
+        # ``self.ocr.ocr(img, cls=False)`` on ``(images * 255).round()``'s HWC uint8, no BGR conversion)
+        arr = to_uint8_hwc(image)
         if hasattr(ocr, "predict") and not hasattr(ocr, "use_angle_cls"):
             texts = []
             for res in ocr.predict(arr):

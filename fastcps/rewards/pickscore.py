@@ -3,8 +3,10 @@
 score = ``logit_scale.exp() · cos(text_embedding, image_embedding)``, reported unscaled as in the paper
 (≈ 22 for FLUX.1-dev, 22.06 → 24.25 with CPS). ``scale`` multiplies it (e.g. 1/26 as Flow-GRPO trains).
 
-Images [B, 3, H, W] in [0, 1] go straight to the CLIP processor (``do_rescale=False``: resize of the short
-side, center crop, normalization), texts are truncated to 77 tokens. The model is a transformers
+Images [B, 3, H, W] in [0, 1] are scored as flow_grpo's ``pickscore_score`` scores them: their 8-bit levels
+(``(images * 255).round()``) through the CLIP processor as transformers 4.40 ran it, with PIL (resize of
+the short side, center crop, rescale, normalization; ``_util.hf_pixel_values``); texts are truncated to
+77 tokens. The model is a transformers
 ``CLIPModel`` loaded on first call on the images' device (or ``device``), eval mode, no grad.
 
 Precision: float32 by default, as the anchors score (none runs it in bf16): flow_grpo
@@ -24,6 +26,7 @@ from fastcps.rewards._util import (
     batches,
     check_inputs,
     from_pretrained,
+    hf_pixel_values,
     resolve_device,
     resolve_dtype,
     resolve_weights,
@@ -124,10 +127,7 @@ class PickScoreReward:
         dt = next(model.parameters()).dtype
         out = []
         for sl in batches(images.shape[0], self.batch_size):
-            imgs = [im.float().clamp(0, 1).cpu() for im in images[sl]]
-            pix = processor.image_processor(images=imgs, do_rescale=False, return_tensors="pt")[
-                "pixel_values"
-            ]
+            pix = hf_pixel_values(processor.image_processor, images[sl])
             tok = processor.tokenizer(
                 list(prompts[sl]),
                 padding=True,
