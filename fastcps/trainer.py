@@ -32,7 +32,7 @@ from fastcps.perf import FlopLedger, GatherMeter, peak_tflops
 from fastcps.perf import metrics as perf_metrics
 from fastcps.plan import resolve_auto
 from fastcps.policies import build_policy
-from fastcps.prompts import load_prompts, truncation_report
+from fastcps.prompts import held_out_warning, load_prompts, truncation_report
 from fastcps.rewards import WeightedReward
 from fastcps.rollout import (
     PromptEncodings,
@@ -135,6 +135,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.prompts, self.prompt_meta = load_prompts(cfg.prompts.source)
         self.eval_prompts = list(zip(*eval_prompt_set(cfg)))
+        held_out = held_out_warning(
+            cfg.prompts.source, cfg.prompts.eval_source, self.prompts, [p for p, _ in self.eval_prompts]
+        )
+        if held_out and dist.is_main():
+            log.warning(held_out)
 
         ds = self._deepspeed_config()  # before any weight loads: its ZeRO stage decides where they go
         stage = int(ds.get("zero_optimization", {}).get("stage", 0))
