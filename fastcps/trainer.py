@@ -26,6 +26,7 @@ import torch
 from fastcps import checkpoint as ckpt
 from fastcps import distributed as dist
 from fastcps.config import RunConfig, to_dict
+from fastcps.fetch import ensure_local
 from fastcps.logger import RunLogger, plot_reward_curve
 from fastcps.optim import EMA, SkippingAdamW
 from fastcps.perf import FlopLedger, GatherMeter, peak_tflops
@@ -126,6 +127,9 @@ class Trainer:
 
         self.rank, self.world = dist.rank(), dist.world()
         self.device = dist.local_device()
+        # every file the run needs, on this node, before anything loads (the plan below may read prompts):
+        # offline a missing one fails every rank now, not at a collective's timeout later
+        ensure_local(cfg, policy=policy is None)
         # zero_stage / gradient_checkpointing "auto": the resource plan's choice for this GPU, before any
         # weight loads
         cfg, chosen = resolve_auto(cfg, self.world, self.device)
@@ -149,6 +153,7 @@ class Trainer:
         self.encodings = PromptEncodings(self.policy, max_bytes=cfg.policy.prompt_cache_gib * GIB)
         self._report_truncation()
         self.reward_fn = WeightedReward([(r.name, r.weight, r.args) for r in cfg.rewards])
+        self.reward_fn.load(self.device)  # now, before deepspeed.initialize: not inside the first eval
         t = cfg.train
         self.optimizer = SkippingAdamW(
             self.policy.trainable_parameters(),

@@ -142,6 +142,46 @@ def test_a_corrupted_cached_copy_is_refused(cache, monkeypatch):
     assert not prompt_sets.is_available(s)
 
 
+def test_fetch_downloads_a_named_set_and_replaces_a_corrupted_copy(cache, github, monkeypatch, capsys):
+    from fastcps.fetch.__main__ import main
+
+    s = as_download(monkeypatch, "pickscore:test")
+    github[f"/{s.url_path}"] = gzip.decompress((prompt_sets.DATA / "pickscore_test.txt.gz").read_bytes())
+    prompt_sets.local_path(s).parent.mkdir(parents=True)
+    prompt_sets.local_path(s).write_bytes(b"corrupt")
+    assert main(["--prompt-set", "pickscore:test"]) == 0
+    out = capsys.readouterr().out
+    assert "wrong checksum: replaced" in out and "239.9 KB" in out  # the size from the server's metadata
+    assert prompt_sets.is_available(s)
+    assert main(["--prompt-set", "pickscore:test"]) == 0
+    assert "cached" in capsys.readouterr().out
+
+
+def test_fetch_names_the_file_and_both_checksums_on_a_mismatch(cache, github, capsys):
+    from fastcps.fetch.__main__ import main
+
+    s = prompt_sets.SETS["ocr:train"]
+    github[f"/{s.url_path}"] = b'a sign that says "hello"\n'
+    assert main(["--prompt-set", "ocr:train"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "ocr:train" in err
+        and s.blob_sha1 in err
+        and prompt_sets.git_blob_sha1(b'a sign that says "hello"\n') in err
+    )
+
+
+def test_offline_nothing_downloads(cache, github, monkeypatch, capsys):
+    from fastcps.fetch.__main__ import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["--prompt-set", "ocr:train"]) == 2
+    assert "HF_HUB_OFFLINE=1" in capsys.readouterr().err
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+
 def test_the_config_accepts_named_sets_and_rejects_unknown_names_with_a_suggestion():
     cfg = load_config(RunConfig, None, ["prompts.source=ocr:train", "prompts.eval_source=ocr:test"])
     assert (cfg.prompts.source, cfg.prompts.eval_source) == ("ocr:train", "ocr:test")
