@@ -296,10 +296,20 @@ def initial_noise(policy, seed_parts: tuple, indices: list[int], device) -> torc
 
 def eval_prompt_set(cfg) -> tuple[list[str], list[dict]]:
     """The run's fixed eval set: ``eval.num_prompts`` spread evenly over ``prompts.eval_source`` (else
-    ``prompts.source``): one per digit on the toy. The trainer and ``fastcps.sample`` both use it."""
+    ``prompts.source``), each prompt once (GenEval's test set lists each prompt 4 times: 16 picks spread over
+    the repeats were 4 prompts, 4 times each): one per digit on the toy. The trainer and
+    ``fastcps.sample`` both use it."""
     from fastcps.prompts import load_prompts
 
-    pool, meta = load_prompts(cfg.prompts.eval_source or cfg.prompts.source)
+    source, key = (
+        (cfg.prompts.eval_source, "prompts.eval_source")
+        if cfg.prompts.eval_source
+        else (cfg.prompts.source, "prompts.source")
+    )
+    pool, meta = load_prompts(source, key)
+    first = {p: i for i, p in reversed(list(enumerate(pool)))}  # each prompt's first row
+    keep = sorted(first.values())
+    pool, meta = [pool[i] for i in keep], [meta[i] for i in keep]
     n = min(cfg.eval.num_prompts, len(pool))
     pick = [i * len(pool) // n for i in range(n)]
     return [pool[i] for i in pick], [meta[i] for i in pick]

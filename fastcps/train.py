@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     except FileNotFoundError as err:  # weights, prompt files, DeepSpeed config: the message names the key
         print(f"[fastcps] {err}", file=sys.stderr, flush=True)
         return 2
+    except RewardFailed as err:  # a reward's models did not load (trainer start-up loads them)
+        print(f"[fastcps] stopped: {err}", file=sys.stderr, flush=True)
+        return 3
     if args.resume:
         if dist.is_main():
             print(f"[fastcps] resumed {run_dir} at epoch {trainer.epoch}", flush=True)

@@ -26,13 +26,14 @@ import torch
 from fastcps import checkpoint as ckpt
 from fastcps import distributed as dist
 from fastcps.config import RunConfig, to_dict
+from fastcps.fetch import ensure_local
 from fastcps.logger import RunLogger, plot_reward_curve
 from fastcps.optim import EMA, SkippingAdamW
 from fastcps.perf import FlopLedger, GatherMeter, peak_tflops
 from fastcps.perf import metrics as perf_metrics
 from fastcps.plan import resolve_auto
 from fastcps.policies import build_policy
-from fastcps.prompts import load_prompts, truncation_report
+from fastcps.prompts import held_out_warning, load_prompts, truncation_report
 from fastcps.rewards import WeightedReward
 from fastcps.rollout import (
     PromptEncodings,
@@ -127,6 +128,9 @@ class Trainer:
 
         self.rank, self.world = dist.rank(), dist.world()
         self.device = dist.local_device()
+        # every file the run needs, on this node, before anything loads (the plan below may read prompts):
+        # offline a missing one fails every rank now, not at a collective's timeout later
+        ensure_local(cfg, policy=policy is None)
         # zero_stage / gradient_checkpointing "auto": the resource plan's choice for this GPU, before any
         # weight loads
         cfg, chosen = resolve_auto(cfg, self.world, self.device)
@@ -136,6 +140,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.prompts, self.prompt_meta = load_prompts(cfg.prompts.source)
         self.eval_prompts = list(zip(*eval_prompt_set(cfg)))
+        held_out = held_out_warning(
+            cfg.prompts.source, cfg.prompts.eval_source, self.prompts, [p for p, _ in self.eval_prompts]
+        )
+        if held_out and dist.is_main():
+            log.warning(held_out)
 
         ds = self._deepspeed_config()  # before any weight loads: its ZeRO stage decides where they go
         stage = int(ds.get("zero_optimization", {}).get("stage", 0))
@@ -145,6 +154,7 @@ class Trainer:
         self.encodings = PromptEncodings(self.policy, max_bytes=cfg.policy.prompt_cache_gib * GIB)
         self._report_truncation()
         self.reward_fn = WeightedReward([(r.name, r.weight, r.args) for r in cfg.rewards])
+        self.reward_fn.load(self.device)  # now, before deepspeed.initialize: not inside the first eval
         t = cfg.train
         self.optimizer = SkippingAdamW(
             self.policy.trainable_parameters(),

@@ -18,7 +18,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # `python -m X --help` from the root: the README's commands and the other CLIs.
-ENTRY_POINTS = ("fastcps.train", "fastcps.sample", "fastcps.plan", "fastcps.gpucheck", "fastcps.analysis")
+ENTRY_POINTS = (
+    "fastcps.train",
+    "fastcps.sample",
+    "fastcps.plan",
+    "fastcps.gpucheck",
+    "fastcps.analysis",
+    "fastcps.fetch",
+)
 
 
 def root_import_names(root: Path) -> set[str]:

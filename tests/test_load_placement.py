@@ -77,6 +77,7 @@ def run_to_initialize(family, path, stage, tmp_path, monkeypatch, lora=True):
         "policy.offload_frozen=false",
         "policy.gradient_checkpointing=true",
         'rewards=[{"name": "jpeg_compressibility"}]',
+        "prompts.source=configs/prompts/ocr.txt",  # sd35_ocr.json trains on ocr:train, a download
         "train.prompts_per_epoch=2",
         "train.images_per_prompt=2",
         "train.rollout_batch_size=2",

@@ -214,8 +214,10 @@ def test_missing_weights_path_is_named(tiny, tmp_path, capsys):
 
 
 def tiny_run_args(path, out, name, rewards):
+    sample = ROOT / "configs" / "prompts" / ("pickscore.txt" if name == "flux" else "ocr.txt")
     sets = [
         f"policy.pretrained={path}",
+        f"prompts.source={sample}",  # the recipes' train splits: ocr:train downloads; a sample file here
         "policy.dtype=fp32",
         "policy.resolution=64",
         f"policy.max_sequence_length={SEQ}",
@@ -300,7 +302,9 @@ def test_shipped_configs_load_and_name_their_prompts(name):
     cfg = load_config(RunConfig, str(ROOT / "configs" / f"{name}.json"))
     for world in (1, 2, 4, 8):
         validate_tree(cfg, world_size=world)
-    prompts, meta = load_prompts(str(ROOT / cfg.prompts.source))
+    # the recipes name flow_grpo's / DanceGRPO's sets (tests/test_prompt_sets.py); the test splits ship
+    assert cfg.prompts.source.endswith(":train") and cfg.prompts.eval_source.endswith(":test")
+    prompts, meta = load_prompts(cfg.prompts.eval_source)
     assert len(prompts) >= 8 and cfg.policy.lora is not None and cfg.policy.dtype == "bf16"
     if name == "sd35_geneval":
         assert all(m["tag"] and m["include"] for m in meta)

@@ -216,10 +216,23 @@ class PromptConfig(BaseModel):
     model_config = SECTION
 
     source: str = "digits"
-    """`digits` (the toy's prompts), or a .txt file (one prompt per line) or .jsonl file
-    ({"prompt": ..., "metadata": {...}} per line)."""
+    """Training prompts: `digits` (the toy's prompts), a named set (`pickscore:train`, `pickscore:test`,
+    `ocr:train`, `ocr:test`, `geneval:train`, `geneval:test`, `hpd:train`: configs/prompts/README.md), or a
+    .txt file (one prompt per line) or .jsonl file ({"prompt": ..., "metadata": {...}} per line)."""
     eval_source: str | None = None
-    """Prompts of the fixed eval set; None = the first `eval.num_prompts` of `source`."""
+    """Prompts of the fixed eval set (`eval.num_prompts` of them, spread evenly), given as `source` is;
+    keep them out of the training prompts (a held-out test split). None = drawn from `source`: a warning
+    at start-up says why that misleads."""
+
+    @field_validator("source", "eval_source")
+    @classmethod
+    def _known_set(cls, value: str | None) -> str | None:
+        """A `family:split` value must name a known set (a typo fails now, with a did-you-mean)."""
+        from fastcps import prompt_sets
+
+        if value is not None and prompt_sets.looks_like_name(value) and value not in prompt_sets.SETS:
+            raise ValueError(prompt_sets.unknown_set_message(value, key=None))
+        return value
 
 
 class TrainConfig(BaseModel):

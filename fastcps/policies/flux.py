@@ -49,10 +49,7 @@ def resolve_pretrained(pretrained: str, family: str, example: str, subfolders: t
             f"hub id, e.g. --set policy.pretrained={example}"
         )
     p = Path(os.path.expanduser(pretrained))
-    looks_local = (
-        p.is_absolute() or pretrained.startswith((".", "~")) or p.exists() or pretrained.count("/") != 1
-    )
-    if not looks_local:
+    if is_hub_id(pretrained):
         return pretrained  # a hub id: from_pretrained resolves it (cache, or download when online)
     if not p.is_dir():
         raise FileNotFoundError(
@@ -68,9 +65,28 @@ def resolve_pretrained(pretrained: str, family: str, example: str, subfolders: t
     return str(p)
 
 
+def is_hub_id(pretrained: str) -> bool:
+    """``org/name`` that is not a path here (absolute, ./ or ~/, or existing) is a hub id."""
+    p = Path(os.path.expanduser(pretrained))
+    local = p.is_absolute() or pretrained.startswith((".", "~")) or p.exists() or pretrained.count("/") != 1
+    return bool(pretrained) and not local
+
+
+def _config_file(subfolder: str) -> str:
+    """The file ``from_pretrained(..., subfolder=)`` opens first in a pipeline's subfolder."""
+    if subfolder.startswith("tokenizer"):
+        return "tokenizer_config.json"
+    return "scheduler_config.json" if subfolder.startswith("scheduler") else "config.json"
+
+
 def load_component(cls, path: str, subfolder: str, **kw):
+    from fastcps.rewards._util import hub_kwargs
+
+    # HF_HUB_OFFLINE=1: local_files_only as well, since diffusers 0.42 asks the hub for a sharded
+    # checkpoint's file list unless told not to (hub_utils._get_checkpoint_shard_files: model_info), which
+    # fails offline even with every shard cached (FLUX.1-dev's transformer is sharded)
     try:
-        return cls.from_pretrained(path, subfolder=subfolder, **kw)
+        return cls.from_pretrained(path, subfolder=subfolder, **hub_kwargs(), **kw)
     except (OSError, ValueError, EnvironmentError) as err:
         raise FileNotFoundError(
             f"could not load {subfolder}/ of {path!r} (config key `policy.pretrained`): {err}"
@@ -106,6 +122,28 @@ class DiffusersPolicy(Policy):
     subfolders: tuple[str, ...] = ()
     text_encoder_names: tuple[str, ...] = ()
     t5_tokenizer_name = "tokenizer_2"  # the pipeline attribute of the T5 tokenizer
+
+    @classmethod
+    def files(cls, cfg) -> list:
+        """What ``policy.pretrained`` needs (``python -m fastcps.fetch``, the trainer's start-up check): of
+        a hub id, the subfolders this class loads and model_index.json, not the rest of the repo (FLUX.1-dev's
+        root holds the 23.8 GB single-file flux1-dev.safetensors, which diffusers' subfolders duplicate); a
+        local folder must exist."""
+        from fastcps.fetch.items import HubRepo, LocalPath
+
+        what = f"{cls.family} pipeline: {', '.join(cls.subfolders)}"
+        if not is_hub_id(cfg.pretrained):
+            return [LocalPath(cfg.pretrained, "policy.pretrained", what)]
+        return [
+            HubRepo(
+                cfg.pretrained,
+                "policy.pretrained",
+                what,
+                allow_patterns=("model_index.json", *(f"{s}/*" for s in cls.subfolders)),
+                required=tuple(f"{s}/{_config_file(s)}" for s in cls.subfolders),
+                weights=tuple(s for s in cls.subfolders if _config_file(s) == "config.json"),
+            )
+        ]
 
     def _load_common(self, cfg, device, zero_stage: int = 0) -> None:
         from diffusers import AutoencoderKL

@@ -6,8 +6,10 @@ geneval, jpeg_compressibility) score those levels as uint8 (``_util.to_uint8``: 
 .clamp(0, 255)``, exact on k/255), preprocessed as their anchors' code does (tests/test_reward_anchors.py
 compares each with flow_grpo's, transcribed). The toy's ``digit`` reward reads its images as they are.
 
-Registered by name and built lazily from the config (heavy models load on first call, on the
-images' device, outside DeepSpeed's ZeRO-3 partitioning since they never enter ``deepspeed.initialize``).
+Registered by name and built from the config. Heavy models load on the first call, on the images' device
+(or ``reward.load(device)`` loads them now: the trainer does, before its first collective), outside
+DeepSpeed's ZeRO-3 partitioning since they never enter ``deepspeed.initialize``. ``RewardClass.files(args)``
+declares what a reward needs on disk (``python -m fastcps.fetch``).
 """
 
 from __future__ import annotations
@@ -108,6 +110,21 @@ class WeightedReward:
         names = [n for n, _, _ in self.parts]
         if len(set(names)) != len(names):
             raise ValueError(f"config key `rewards` names a reward twice: {names}")
+
+    def load(self, device) -> None:
+        """Load every reward's models now (each reward's ``load(device)``; one without it stays lazy), so a
+        trainer loads them before its first collective instead of inside its first eval. A missing file
+        stays a FileNotFoundError; any other failure is a RewardFailed naming the reward."""
+        for name, _, fn in self.parts:
+            load = getattr(fn, "load", None)
+            if load is None:
+                continue
+            try:
+                load(torch.device(device))
+            except FileNotFoundError:
+                raise
+            except Exception as err:
+                raise RewardFailed(f"reward {name!r} could not load: {type(err).__name__}: {err}") from err
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
         comps, total = {}, None

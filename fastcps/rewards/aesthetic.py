@@ -111,6 +111,44 @@ class AestheticReward:
         self.device, self.dtype, self.batch_size = device, dtype, int(batch_size)
         self._clip = self._head = self._processor = None
 
+    @classmethod
+    def files(cls, args: dict) -> list:
+        """The head (a local file) and the CLIP model / processor (hub repos or local paths)."""
+        from fastcps.fetch.items import (
+            IMAGE_PROCESSOR,
+            LocalPath,
+            local_or_hub,
+            transformers_model,
+            transformers_processor,
+        )
+
+        a = cls.Args.model_validate(args)
+        both = a.processor in (None, a.model)  # the processor's files come with the model's repo
+        items = [
+            LocalPath(a.head or "", "head", "aesthetic MLP head"),
+            local_or_hub(
+                a.model,
+                "model",
+                "CLIP model" + (" and image processor" if both else ""),
+                lambda *r: transformers_model(*r, *((IMAGE_PROCESSOR,) if both else ())),
+            ),
+        ]
+        if not both:
+            items.append(
+                local_or_hub(
+                    a.processor,
+                    "processor",
+                    "CLIP image processor",
+                    lambda *r: transformers_processor(*r, IMAGE_PROCESSOR),
+                )
+            )
+        return items
+
+    def load(self, device) -> None:
+        """Load the models now (on ``device`` unless the reward's own ``device`` is set), not at the first
+        call."""
+        self._load(torch.device(self.device if self.device is not None else device))
+
     def _load(self, device: torch.device):
         if self._clip is None:
             from transformers import CLIPImageProcessor, CLIPModel

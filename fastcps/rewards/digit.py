@@ -128,6 +128,18 @@ class DigitReward:
         self._model: DigitCNN | None = None
         self.metadata: dict = {}
 
+    @classmethod
+    def files(cls, args: dict) -> list:
+        """The classifier's weights: ``weights``, or the one fastcps ships."""
+        from fastcps.fetch.items import LocalPath
+
+        weights = cls.Args.model_validate(args).weights
+        return [LocalPath(str(weights or cls.default_weights), "weights", f"{cls.name} classifier")]
+
+    def load(self, device) -> None:
+        """Load the classifier now, not at the first call."""
+        self._load(self.device or device)
+
     def _load(self, device) -> DigitCNN:
         if self._model is None:
             self._model, self.metadata = load_classifier(

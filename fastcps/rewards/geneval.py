@@ -346,6 +346,15 @@ class GenEvalReward:
         self._detector = None
         self.last_reasons: list[list[str]] = []
 
+    @classmethod
+    def files(cls, args: dict) -> list:
+        """Nothing: detection runs on the server at ``url`` (or the detections come in the metadata)."""
+        return []
+
+    def load(self, device=None) -> None:
+        """Set up the detector now: a missing server URL fails at start-up, not at the first reward."""
+        self.detector  # noqa: B018  (the property builds it)
+
     @property
     def detector(self):
         if self._detector is None:

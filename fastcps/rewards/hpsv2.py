@@ -117,6 +117,46 @@ class HPSv2Reward:
         self._model = self._tokenizer = None
         self.image_size = 224
 
+    @classmethod
+    def files(cls, args: dict) -> list:
+        """The checkpoint (``hf-hub:<org>/<repo>/<file>``: that one file; else a local path), a model
+        config file, and an ``hf-hub:`` open_clip architecture's config. open_clip's built-in ``ViT-H-14``
+        needs nothing else (``pretrained=None``; its BPE vocabulary ships in the wheel)."""
+        from fastcps.fetch.items import HubRepo, LocalPath, hub_file
+
+        a = cls.Args.model_validate(args)
+        ck = str(a.checkpoint)
+        items = []
+        if ck.startswith("hf-hub:"):
+            repo, _, fname = ck[len("hf-hub:") :].rpartition("/")
+            if not repo or "/" not in repo:
+                raise ValueError(
+                    f"reward 'hpsv2': config key rewards[].args.checkpoint {ck!r} must be "
+                    "'hf-hub:<org>/<repo>/<file>' or a local path"
+                )
+            items.append(hub_file(repo, fname, "checkpoint", "HPS v2 checkpoint"))
+        else:
+            items.append(LocalPath(ck, "checkpoint", "HPS v2 checkpoint"))
+        if isinstance(a.open_clip_config, str):
+            items.append(LocalPath(a.open_clip_config, "model_config", "open_clip model config"))
+        elif a.open_clip_config is None and a.model_name.startswith("hf-hub:"):
+            repo = a.model_name[len("hf-hub:") :]
+            items.append(
+                HubRepo(
+                    repo,
+                    "model_name",
+                    "open_clip config and tokenizer",
+                    allow_patterns=("*.json", "*.txt"),
+                    required=("open_clip_config.json",),
+                )
+            )
+        return items
+
+    def load(self, device) -> None:
+        """Load the model now (on ``device`` unless the reward's own ``device`` is set), not at the first
+        call."""
+        self._load(torch.device(self.device if self.device is not None else device))
+
     def _checkpoint_path(self) -> str:
         ck = str(self.checkpoint) if self.checkpoint is not None else ""
         if ck.startswith("hf-hub:"):

@@ -32,6 +32,11 @@ class JpegCompressibility:
     def __init__(self, quality: int = 95):
         self.quality = int(quality)
 
+    @classmethod
+    def files(cls, args: dict) -> list:
+        """Nothing: PIL's encoder."""
+        return []
+
     def __call__(
         self, images: torch.Tensor, prompts: list[str] | None = None, metadata: list[dict] | None = None
     ) -> torch.Tensor:

@@ -110,6 +110,30 @@ class OcrReward:
         self.lang, self.use_gpu = lang, use_gpu
         self._ocr = None
 
+    @classmethod
+    def files(cls, args: dict) -> list:
+        """RapidOCR: nothing (its wheel ships the ONNX models of its default configuration). PaddleOCR
+        downloads its own models on first use: 2.x from Baidu's BOS (paddleocr.bj.bcebos.com) into
+        ~/.paddleocr, 3.x through PaddleX (Hugging Face, ModelScope, AIStudio or BOS) into
+        ~/.paddlex/official_models; fetching builds the engine once, as flow_grpo's README says to."""
+        from fastcps.fetch.items import EngineModels
+
+        a = cls.Args.model_validate(args)
+        if a.engine == "rapidocr":
+            return []
+        return [
+            EngineModels(
+                "PaddleOCR detection and recognition models",
+                "engine",
+                "~/.paddleocr (2.x) or ~/.paddlex/official_models (3.x), on every node",
+                build=lambda: cls(**args)._load(),
+            )
+        ]
+
+    def load(self, device=None) -> None:
+        """Build the OCR engine now (it runs on the CPU), not at the first call."""
+        self._load()
+
     # -- engines -------------------------------------------------------------------------------
     def _load(self):
         if self._ocr is not None:

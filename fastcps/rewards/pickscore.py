@@ -105,6 +105,32 @@ class PickScoreReward:
         self.scale, self.max_length = float(scale), int(max_length)
         self._model = self._processor = None
 
+    @classmethod
+    def files(cls, args: dict) -> list:
+        """The hub repos (or local paths) of ``model`` and ``processor`` (``python -m fastcps.fetch``)."""
+        from fastcps.fetch.items import (
+            IMAGE_PROCESSOR,
+            local_or_hub,
+            transformers_model,
+            transformers_processor,
+        )
+
+        a = cls.Args.model_validate(args)
+        return [
+            local_or_hub(a.model, "model", "PickScore CLIPModel", transformers_model),
+            local_or_hub(
+                a.processor,
+                "processor",
+                "CLIP processor: image processor and tokenizer",
+                lambda *r: transformers_processor(*r, IMAGE_PROCESSOR, "tokenizer_config.json"),
+            ),
+        ]
+
+    def load(self, device) -> None:
+        """Load the model now (on ``device`` unless the reward's own ``device`` is set), not at the first
+        call."""
+        self._load(torch.device(self.device if self.device is not None else device))
+
     def _load(self, device: torch.device):
         if self._model is None:
             from transformers import CLIPModel, CLIPProcessor
