@@ -69,7 +69,10 @@ class Policy(abc.ABC):
     deferred_placement: bool = False
 
     def add_lora(self, r: int, alpha: float, target_modules=(), dropout: float = 0.0) -> None:
-        """Freeze the transformer and add peft LoRA adapters (B = 0 at start: the policy is the base)."""
+        """Freeze the transformer and add peft LoRA adapters (B = 0 at start: the policy is the base). A is
+        drawn from N(0, 1/r²) (peft's ``init_lora_weights="gaussian"``), as the anchors initialise it for
+        every model (FlowCPS and flow_grpo, scripts/train_*.py), not peft's default Kaiming-uniform A: the
+        first updates of B scale with A, so the init is part of the recipe."""
         from peft import LoraConfig
 
         from fastcps.config.models import lora_dropout_error
@@ -87,7 +90,13 @@ class Policy(abc.ABC):
             )
         self.transformer.requires_grad_(False)
         self.transformer.add_adapter(
-            LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=present)
+            LoraConfig(
+                r=r,
+                lora_alpha=alpha,
+                lora_dropout=dropout,
+                init_lora_weights="gaussian",
+                target_modules=present,
+            )
         )
         self.lora = True
 
