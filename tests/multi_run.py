@@ -37,7 +37,17 @@ def child_env(**extra) -> dict[str, str]:
     OpenMP thread: on 2 shared cores a tiny run's epoch took 14 s with torch's default of 2 threads and
     0.9 s with 1 (two threads of one process wait on each other when another process holds a core)."""
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-    return {**env, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    # `python tests/multi_run.py` puts tests/, not the checkout, first on sys.path: without this a child
+    # imported whichever fastcps is installed (another checkout's, when installed editable from there)
+    path = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return {
+        **env,
+        "PYTHONPATH": path,
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -50,11 +60,12 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """``cmd`` in its own session (``stop`` kills it whole), output (stdout and stderr) piped as text."""
+def start(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen:
+    """``cmd`` in its own session (``stop`` kills it whole), in ``cwd``, output (stdout and stderr) piped
+    as text."""
     return subprocess.Popen(
         cmd,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
