@@ -116,12 +116,12 @@ def where_things_are(run_dir: Path, *, lora: bool) -> str:
     tag = latest.read_text().strip() if latest.is_file() else None
     rows = [("run directory", f"{run_dir}  (config.json, metrics.jsonl, images/)")]
     if tag:
-        rows.append(
-            (
-                "checkpoint" if tag != "final" else "final checkpoint",
-                f"{ckpts / tag}  (policy.safetensors: the trained weights)",
-            )
+        weights = (
+            "policy.safetensors: the trained weights"
+            if lora
+            else "transformer/: the trained transformer, for diffusers' from_pretrained"
         )
+        rows.append(("checkpoint" if tag != "final" else "final checkpoint", f"{ckpts / tag}  ({weights})"))
         if lora:
             rows.append(
                 (
