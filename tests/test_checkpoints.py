@@ -6,6 +6,8 @@
   uninterrupted run's weights and EMA, bit for bit. A checkpoint written before the marker existed
   (``tests/data/legacy_run``) resumes the same way.
 - Rotation counts only complete checkpoints and never removes the newest complete one.
+- Two "nodes" with their own disks (two rank processes in different working directories, a relative
+  ``output_dir``): both ranks stop at start-up with exit code 2 and a message that says what to share.
 
 The tiny toy (``tests/data/tiny_toy_digits.safetensors``, 19.7k parameters) keeps each run at ~3 s; the
 runs share one interpreter (tests/multi_run.py).
@@ -14,13 +16,15 @@ runs share one interpreter (tests/multi_run.py).
 import json
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastcps.checkpoint import ExportedWeights, complete
-from multi_run import ROOT, launch
+from multi_run import ROOT, child_env, free_port, launch, start, stop
 from checkpoint_support import TINY_TOY
 
 CONFIG = str(ROOT / "configs" / "digits_cps.json")
@@ -228,3 +232,49 @@ def test_the_newest_complete_is_the_latest_epoch_and_any_marked_one_beats_a_lega
     with open(legacy / "policy.safetensors", "r+b") as f:  # a kill while it was written
         f.truncate(40)
     assert complete.scan(root)[0].why.startswith("policy.safetensors is missing or cut short")
+
+
+# --- a run directory the ranks do not share ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_the_run_directory_all_stop_at_start_up(tmp_path):
+    """Two "nodes" on localhost, each with its own disk: rank r runs in tmp/node<r> with the relative
+    output_dir ``runs``, so each resolves the run directory to its own folder. Both ranks exit 2 before
+    any model loads, each with the message naming rank 1, its host and output_dir. Seen failing with the
+    outcome decided per rank (rank 0 saw its own file and went on: exit 1 in its next collective, gloo's
+    "Connection closed by peer"; NCCL would wait), and before the check (both ranks exit 0: rank 1 wrote
+    its checkpoint files into its own folder, which no resume could put together)."""
+    port, procs, logs = free_port(), [], []
+    items = TINY + [
+        "train.gradient_accumulation_steps=1",
+        "output_dir=runs",
+        "name=local",
+        "train.num_epochs=1",
+    ]
+    try:
+        t0 = time.monotonic()
+        for rank in range(2):
+            node = tmp_path / f"node{rank}"
+            node.mkdir()
+            env = child_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port))  # fmt: skip
+            procs.append(
+                start([sys.executable, "-m", "fastcps.train", "--config", CONFIG] + sets(items), env, node)
+            )
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            stop(p)
+    assert [p.returncode for p in procs] == [2, 2], "\n".join(log[-2000:] for log in logs)
+    for log in logs:
+        assert "the run directory is not shared by all ranks" in log, log[-2000:]
+        assert re.search(
+            r"rank 1 on \S+ \(looked in " + re.escape(str(tmp_path / "node1" / "runs" / "local")), log
+        )
+        assert "output_dir" in log and "--set output_dir=/shared/runs" in log
+        assert "epoch 1/" not in log and "auto: ZeRO stage" not in log  # stopped before the model
+    assert (tmp_path / "node0" / "runs" / "local").is_dir() and not (tmp_path / "node1" / "runs").exists()
+    assert not list((tmp_path / "node0" / "runs" / "local").glob(".shared-check-*"))  # cleaned up
+    assert elapsed < 200

@@ -30,9 +30,12 @@ from fastcps.checkpoint.export import (
     export_weights,
     save_diffusers_lora,
 )
+from fastcps.checkpoint.shared import RunDirNotShared, check_run_dir_shared
 
 __all__ = [
     "ExportedWeights",
+    "RunDirNotShared",
+    "check_run_dir_shared",
     "complete_checkpoint",
     "export_weights",
     "load_checkpoint",
