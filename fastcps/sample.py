@@ -26,9 +26,10 @@ from fastcps.samplers import SAMPLERS
 EPILOG = """\
 what is compared:
   base     the run's base model (policy.pretrained; for LoRA: the same model with its adapters off)
-  trained  the checkpoint's policy.safetensors: the trained parameters, gathered from ZeRO-3. These are
-           the raw trained weights, not the EMA (train.ema_decay): EMA shadows are saved per rank as
-           ZeRO-3 partitions (ema_rank<r>.pt) and this command does not read them.
+  trained  the checkpoint's exported weights (transformer/ for full fine-tuning, policy.safetensors for
+           LoRA), gathered from ZeRO-3. These are the raw trained weights, not the EMA (train.ema_decay):
+           EMA shadows are saved per rank as ZeRO-3 partitions (ema_rank<r>.pt) and this command does
+           not read them.
   Every image of one prompt starts from the same initial noise in both rows (and, for stochastic
   samplers, the same seeded noise at every step).
 
@@ -44,8 +45,10 @@ the same trained images from a stock diffusers pipeline (FLUX/SD3 with LoRA):
   pipe(prompt, num_inference_steps=N, guidance_scale=<policy.guidance>, latents=x1)   # x1: packed noise
   SD3: guidance_scale=<policy.cfg_scale> (1 = none) and sigmas=numpy.linspace(1, 1/N, N) as fastcps uses.
   tests/test_sample.py checks that these give this command's trained images (tiny FLUX and SD3). Full
-  fine-tuning: load policy.safetensors
-  into pipe.transformer (load_state_dict(..., strict=False): it holds the parameters, not the buffers).
+  fine-tuning: the checkpoint's transformer/ is a diffusers model folder (sharded safetensors, index,
+  config.json), in the dtype it trained in:
+  transformer = FluxTransformer2DModel.from_pretrained("runs/<name>/checkpoints/final/transformer")
+  pipe = FluxPipeline.from_pretrained("<policy.pretrained>", transformer=transformer)
 """
 
 
@@ -75,30 +78,36 @@ def load_run_config(run: str):
 
 
 def resolve_checkpoint(run: str, tag: str | None) -> Path:
-    """<run>/checkpoints/<tag>/policy.safetensors; default ``final``, else the tag in ``latest``."""
+    """<run>/checkpoints/<tag>, a complete checkpoint (``fastcps.checkpoint.complete``); default ``final``,
+    else the newest complete one."""
+    from fastcps.checkpoint import complete
+
     root = Path(run) / "checkpoints"
-    tags = sorted(p.parent.name for p in root.glob("*/policy.safetensors"))
+    found = {f.folder.name: f for f in complete.scan(root)}
+    done = sorted(name for name, f in found.items() if f.complete)
     if tag is None:
-        latest = root / "latest"
-        tag = "final" if "final" in tags else (latest.read_text().strip() if latest.is_file() else None)
+        newest = complete.newest_complete(list(found.values()))
+        tag = "final" if "final" in done else (newest.folder.name if newest else None)
         if tag is None:
-            raise UsageError(f"--run {run}: no checkpoint under {root} yet (none has a policy.safetensors)")
-    path = root / tag / "policy.safetensors"
-    if not path.is_file():
-        have = ", ".join(tags) if tags else "none"
-        raise UsageError(f"--checkpoint {tag}: no {path}; checkpoints of this run: {have}")
-    return path
+            raise UsageError(f"--run {run}: no complete checkpoint under {root} yet")
+    if tag not in done:
+        why = f" is incomplete ({found[tag].why})" if tag in found else ": no such checkpoint"
+        have = ", ".join(done) if done else "none"
+        raise UsageError(f"--checkpoint {tag}{why}; checkpoints of this run: {have}")
+    return root / tag
 
 
-def check_weights_file(path: Path, family: str) -> None:
-    """The file is fastcps's export and was written for this policy family (before any model loads)."""
-    from safetensors import safe_open
+def check_weights_file(checkpoint: Path, family: str):
+    """The checkpoint's export is fastcps's and was written for this policy family (before any model
+    loads); returns it (``fastcps.checkpoint.ExportedWeights``)."""
+    from fastcps.checkpoint import ExportedWeights
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+        weights = ExportedWeights(checkpoint)
+        meta = weights.metadata
     except Exception as err:  # safetensors raises its own error types for a damaged header
-        raise UsageError(f"--checkpoint: {path} is not a readable safetensors file ({err})") from err
+        raise UsageError(f"--checkpoint: {checkpoint} holds no readable exported weights ({err})") from err
+    path = weights.path
     if meta.get("format") != "fastcps-policy-weights":
         raise UsageError(
             f"--checkpoint: {path} is not fastcps's policy export (metadata format={meta.get('format')!r})"
@@ -108,6 +117,7 @@ def check_weights_file(path: Path, family: str) -> None:
             f"--run / --checkpoint: {path} holds weights of a {meta.get('policy')!r} policy, but the "
             f"run's config.json says policy.name = {family!r}; pick the run that wrote this checkpoint"
         )
+    return weights
 
 
 def run_prompts(cfg) -> tuple[list[str], list[dict]]:
@@ -141,41 +151,35 @@ def chosen_prompts(args, cfg) -> tuple[list[str], list[dict]]:
     return run_prompts(cfg)
 
 
-def check_trained(model: torch.nn.Module, path: Path) -> None:
-    """The checkpoint holds exactly the model's trained parameters (``named_parameters()`` names and
-    shapes): checked before any image is made."""
-    from safetensors import safe_open
-
-    want = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with safe_open(str(path), framework="pt") as f:
-        have = set(f.keys())
-        extra, missing = sorted(have - set(want)), sorted(set(want) - have)
-        if extra or missing:
+def check_trained(model: torch.nn.Module, weights) -> None:
+    """The export holds every trained parameter of the model and nothing the model lacks (names and
+    shapes; a full fine-tuning export holds the whole state dict): checked before any image is made."""
+    path = weights.path
+    state = dict(model.state_dict(keep_vars=True))
+    want = {n for n, p in model.named_parameters() if p.requires_grad}
+    have = set(weights.keys())
+    extra, missing = sorted(have - set(state)), sorted(want - have)
+    if extra or missing:
+        raise UsageError(
+            f"--checkpoint: {path} does not match this run's trained parameters ({len(extra)} unexpected, "
+            f"e.g. {extra[:2]}; {len(missing)} missing, e.g. {missing[:2]}): was it written with this "
+            "config.json (policy.lora)?"
+        )
+    for name in sorted(have):
+        if weights.shape(name) != tuple(state[name].shape):
             raise UsageError(
-                f"--checkpoint: {path} does not match this run's trained parameters ({len(extra)} "
-                "unexpected, e.g. "
-                f"{extra[:2]}; {len(missing)} missing, e.g. {missing[:2]}): was it written with this "
-                "config.json "
-                "(policy.lora)?"
+                f"--checkpoint: {path}: {name} has shape {weights.shape(name)}, the model's "
+                f"{tuple(state[name].shape)}"
             )
-        for name, p in want.items():
-            shape = tuple(f.get_slice(name).get_shape())
-            if shape != tuple(p.shape):
-                raise UsageError(
-                    f"--checkpoint: {path}: {name} has shape {shape}, the model's {tuple(p.shape)}"
-                )
 
 
 @torch.no_grad()
-def load_trained(model: torch.nn.Module, path: Path) -> None:
-    """Copy the checkpoint into the parameters of the same names, one tensor at a time (a full FLUX
+def load_trained(model: torch.nn.Module, weights) -> None:
+    """Copy the export into the model's tensors of the same names, one tensor at a time (a full FLUX
     export does not fit twice in host memory)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(f.get_tensor(name))
+    state = dict(model.state_dict(keep_vars=True))
+    for name in weights.keys():
+        state[name].copy_(weights.get(name))
 
 
 # --- sampling and scoring ---------------------------------------------------------------------------
@@ -209,7 +213,7 @@ def generate(
 
 def compare(
     policy,
-    weights: Path,
+    checkpoint: Path,
     prompts: list[str],
     meta: list[dict],
     reward_fn,
@@ -219,9 +223,13 @@ def compare(
     seed: int,
     device,
 ) -> Comparison:
-    """Base images, then trained images from the same noise, and their rewards. LoRA: one model with
-    its adapters off, then on. Full fine-tuning: the trained weights overwrite the base in place."""
+    """Base images, then trained images (``checkpoint``'s exported weights) from the same noise, and
+    their rewards. LoRA: one model with its adapters off, then on. Full fine-tuning: the trained weights
+    overwrite the base in place."""
+    from fastcps.checkpoint import ExportedWeights
     from fastcps.rollout import PromptEncodings
+
+    weights = ExportedWeights(checkpoint)
 
     device = torch.device(device)
     sampling = sampling._replace(trained=[]).to(device)  # nothing to keep for an update
@@ -381,7 +389,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--checkpoint",
         metavar="TAG",
-        help="checkpoint under <run>/checkpoints (default: final, else the one `latest` names)",
+        help="checkpoint under <run>/checkpoints (default: final, else the newest complete one)",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
@@ -432,16 +440,16 @@ def main(argv=None) -> int:
     try:
         validate(args)
         cfg = load_run_config(args.run)
-        weights = resolve_checkpoint(args.run, args.checkpoint)
-        check_weights_file(weights, cfg.policy.name)
+        checkpoint = resolve_checkpoint(args.run, args.checkpoint)
+        weights = check_weights_file(checkpoint, cfg.policy.name)
         prompts, meta = chosen_prompts(args, cfg)
-        return run(args, cfg, weights, prompts, meta)
+        return run(args, cfg, checkpoint, weights.path, prompts, meta)
     except UsageError as err:
         print(f"fastcps.sample: error: {err}", file=sys.stderr)
         return 2
 
 
-def run(args, cfg, weights: Path, prompts: list[str], meta: list[dict]) -> int:
+def run(args, cfg, checkpoint: Path, weights: Path, prompts: list[str], meta: list[dict]) -> int:
     from fastcps.policies import build_policy
     from fastcps.rewards import RewardFailed, WeightedReward
     from fastcps.rollout import sampling_steps
@@ -466,7 +474,7 @@ def run(args, cfg, weights: Path, prompts: list[str], meta: list[dict]) -> int:
     try:
         c = compare(
             policy,
-            weights,
+            checkpoint,
             prompts,
             meta,
             reward_fn,
@@ -480,7 +488,7 @@ def run(args, cfg, weights: Path, prompts: list[str], meta: list[dict]) -> int:
         return 3
     info = {
         "run": str(args.run),
-        "checkpoint": weights.parent.name,
+        "checkpoint": checkpoint.name,
         "weights": str(weights),
         "sampler": args.sampler,
         "eta": eta,
@@ -491,9 +499,9 @@ def run(args, cfg, weights: Path, prompts: list[str], meta: list[dict]) -> int:
     out = Path(args.out)
     summary = write_outputs(c, out, info, {r.name: r.weight for r in cfg.rewards})
     print(
-        f"[fastcps.sample] {args.run} @ {weights.parent.name}: {len(prompts)} prompts x "
-        f"{args.images_per_prompt} "
-        f"images, {args.sampler}, {steps} steps, seed {seed} (trained = policy.safetensors, not the EMA)"
+        f"[fastcps.sample] {args.run} @ {checkpoint.name}: {len(prompts)} prompts x "
+        f"{args.images_per_prompt} images, {args.sampler}, {steps} steps, seed {seed} (trained = "
+        f"{weights.name}, not the EMA)"
     )
     print_means(summary["mean"])
     print(

@@ -44,27 +44,36 @@ def parse_args(argv=None):
 
 def load_run_config(args) -> RunConfig:
     if args.resume:
+        if args.config:
+            raise ConfigError("give either --config or --resume: a resumed run keeps its saved config")
         saved = Path(args.resume) / "config.json"
         if not saved.is_file():
             raise ConfigError(
                 f"--resume {args.resume}: no config.json there (is it a fastcps run directory?)"
             )
-        if args.config:
-            raise ConfigError("give either --config or --resume: a resumed run keeps its saved config")
         return load_config(RunConfig, str(saved), args.overrides)
     if not args.config:
         raise ConfigError("--config is required, e.g. --config configs/digits_cps.json")
     return load_config(RunConfig, args.config, args.overrides)
 
 
+def checked_config(args, world: int) -> RunConfig | None:
+    """The run's config, validated before any model loads; None once the error is printed."""
+    try:
+        cfg = load_run_config(args)
+        validate_tree(cfg, world_size=world)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return None
+    return cfg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        cfg = load_run_config(args)
-        validate_tree(cfg, world_size=world)  # before any model loads
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"config error: {err}", file=sys.stderr)
+    # A resumed run's config.json is read once every rank is known to see its directory (below).
+    cfg = None if args.resume else checked_config(args, world)
+    if cfg is None and not args.resume:
         return 2
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     from fastcps.logger import setup_logging
@@ -72,14 +81,24 @@ def main(argv=None) -> int:
     setup_logging()  # the trainer's `[fastcps] ...` lines, rank 0 only
 
     from fastcps import distributed as dist
+    from fastcps.checkpoint import RunDirNotShared, check_run_dir_shared
     from fastcps.rewards import RewardFailed
     from fastcps.trainer import NonFiniteStop, Trainer
 
     t0 = time.perf_counter()
     dist.init()
     run_dir = Path(args.resume) if args.resume else Path(cfg.output_dir) / cfg.name
+    try:  # before any rank reads what rank 0 alone writes there (config.json, latest, markers)
+        what = "--resume" if args.resume else "output_dir"
+        check_run_dir_shared(run_dir, rank=dist.rank(), world=dist.world(), what=what)
+    except RunDirNotShared as err:
+        print(f"[fastcps] {err}", file=sys.stderr, flush=True)
+        return 2
+    if args.resume:
+        if (cfg := checked_config(args, world)) is None:
+            return 2  # on every rank: they all read the same config.json
+        dist.barrier()  # every rank has read it before rank 0 renames it
     if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
         saved = run_dir / "config.json"
         if saved.exists():  # a resumed (or re-used) run: keep what was there
             saved.rename(run_dir / f"config.before_{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -119,12 +138,12 @@ def where_things_are(run_dir: Path, *, lora: bool) -> str:
     tag = latest.read_text().strip() if latest.is_file() else None
     rows = [("run directory", f"{run_dir}  (config.json, metrics.jsonl, images/)")]
     if tag:
-        rows.append(
-            (
-                "checkpoint" if tag != "final" else "final checkpoint",
-                f"{ckpts / tag}  (policy.safetensors: the trained weights)",
-            )
+        weights = (
+            "policy.safetensors: the trained weights"
+            if lora
+            else "transformer/: the trained transformer, for diffusers' from_pretrained"
         )
+        rows.append(("checkpoint" if tag != "final" else "final checkpoint", f"{ckpts / tag}  ({weights})"))
         if lora:
             rows.append(
                 (

@@ -517,6 +517,7 @@ class Trainer:
             self.run_dir,
             tag,
             {"trainer": self.state_dict()},
+            epoch=self.epoch,
             ema=self.ema,
             policy_name=self.cfg.policy.name,
             lora=self.policy.lora,

@@ -5,6 +5,10 @@ trainings for the interpreter and DeepSpeed start-up of one (most of a tiny run'
 the first non-zero code. ``--dump DIR``: record what every training micro-step is fed
 (``wiring_support.UpdateDump``) to ``DIR/run<k>.rank<r>.pt``. ``--probe DIR``: record how ZeRO-3 holds
 each parameter of the trained module (``wiring_support.PartitionProbe``) to ``DIR/run<k>.rank<r>.json``.
+``--writes DIR``: record the files every checkpoint save writes (``checkpoint_support.CheckpointWrites``) to
+``DIR/run<k>.rank<r>.json``; ``--fault K:S:J`` (with ``--writes``, repeatable): in run K, stop the s-th
+save right after its j-th file with ``checkpoint_support.InjectedFault``, as a kill would; the script then
+goes on with run K+1 (the resume, say) in the same interpreter.
 
 ``launch(runs, world)`` starts the ranks on a free port with a clean environment, waits with a
 timeout, and kills whatever is still running on the way out (a failing or hanging test leaves no
@@ -37,7 +41,17 @@ def child_env(**extra) -> dict[str, str]:
     OpenMP thread: on 2 shared cores a tiny run's epoch took 14 s with torch's default of 2 threads and
     0.9 s with 1 (two threads of one process wait on each other when another process holds a core)."""
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-    return {**env, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    # `python tests/multi_run.py` puts tests/, not the checkout, first on sys.path: without this a child
+    # imported whichever fastcps is installed (another checkout's, when installed editable from there)
+    path = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return {
+        **env,
+        "PYTHONPATH": path,
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -50,11 +64,11 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+def start(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen:
     """``cmd`` in its own session (``stop`` kills it whole), output (stdout and stderr) piped as text."""
     return subprocess.Popen(
         cmd,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -79,13 +93,19 @@ def launch(
     *,
     dump: Path | None = None,
     probe: Path | None = None,
+    writes: Path | None = None,
+    faults: dict[int, tuple[int, int]] | None = None,
     timeout: float = 500,
 ) -> list[str]:
     """Run the argument lists ``runs`` one after the other in ``world`` rank processes; returns each
-    rank's output. Fails (AssertionError with the logs) when a rank exits non-zero."""
+    rank's output. Fails (AssertionError with the logs) when a rank exits non-zero. ``writes`` /
+    ``faults``: see ``--writes`` / ``--fault`` above."""
     args = (["--dump", str(dump)] if dump is not None else []) + (
         ["--probe", str(probe)] if probe is not None else []
     )
+    args += ["--writes", str(writes)] if writes is not None else []
+    for k, (save, j) in (faults or {}).items():
+        args += ["--fault", f"{k}:{save}:{j}"]
     for i, run in enumerate(runs):
         args += (["--next"] if i else []) + run
     port = free_port()
@@ -112,14 +132,23 @@ def launch(
 def _main(argv: list[str]) -> int:
     from fastcps.train import main
 
-    recorders = []  # tests/ is this script's folder: wiring_support is on sys.path
-    while argv[:1] in (["--dump"], ["--probe"]):
+    from checkpoint_support import CheckpointWrites, InjectedFault
+    from wiring_support import PartitionProbe, UpdateDump
+
+    recorders, writes, faults = [], None, {}  # tests/ is this script's folder: wiring_support is on sys.path
+    while argv[:1] in (["--dump"], ["--probe"], ["--writes"], ["--fault"]):
         if argv[0] == "--dump":
-            from wiring_support import UpdateDump as recorder
+            recorders.append(UpdateDump(Path(argv[1])))
+        elif argv[0] == "--probe":
+            recorders.append(PartitionProbe(Path(argv[1])))
+        elif argv[0] == "--writes":
+            writes = Path(argv[1])
         else:
-            from wiring_support import PartitionProbe as recorder
-        recorders.append(recorder(Path(argv[1])))
+            k, save, j = (int(x) for x in argv[1].split(":"))
+            faults[k] = (save, j)
         argv = argv[2:]
+    if writes is not None:
+        recorders.append(CheckpointWrites(writes, faults))
     runs, cur = [], []
     for a in argv:
         if a == "--next":
@@ -131,7 +160,11 @@ def _main(argv: list[str]) -> int:
     for k, args in enumerate(runs):
         for r in recorders:
             r.start(k)
-        rc = main(args)
+        try:
+            rc = main(args)
+        except InjectedFault as fault:  # the run stops here, as a kill would stop it; go on with the next
+            print(f"[multi_run] run {k}: {fault}", flush=True)
+            rc = 0
         for r in recorders:
             r.save()
         if rc:

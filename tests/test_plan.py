@@ -214,7 +214,34 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
     # a LoRA checkpoint holds no frozen weight: adapter-sized files only
     files = r["checkpoint_files"]
     assert files["model states"] == 2 * r["trained_params"] and r["checkpoint_bytes"] == sum(files.values())
-    assert r["checkpoint_bytes"] == (2 + 12 + 2 + 2) * r["trained_params"]  # no EMA in this config
+    # no EMA in this config; the adapter is exported in fp32, twice (peft's names and diffusers')
+    assert r["checkpoint_bytes"] == (2 + 12 + 4 + 4) * r["trained_params"]
+    # a save holds the fp32 adapter at once on rank 0 (above the optimizer's 1/8 partition)
+    assert r["save_host_peak_bytes"] == 4 * r["trained_params"]
+
+
+def test_a_saves_host_peak_is_one_export_shard_not_the_whole_model():
+    """FLUX.1-dev's 11.9 B parameters, full fine-tuning in bf16 at 8 ranks under ZeRO-3: the export
+    holds one 5 GB shard (the old all-at-once export held the whole model in fp32, 47.6 GB); the
+    optimizer's largest partition torch.save copies is one sub-group, 4 GB. With 64 ranks the partition
+    shrinks and the shard stays the peak; a small model's export is smaller than a shard; ZeRO-2's flat
+    partition (trained / world) can exceed a shard; an offloaded optimizer adds nothing."""
+    from types import SimpleNamespace
+
+    from fastcps.plan import costs
+
+    cfg = load_config(RunConfig, str(FLUX_CFG), ["policy.lora=null"])
+    assert cfg.policy.dtype == "bf16"
+    dev = SimpleNamespace(params=11.9e9, trained=11.9e9, largest_fetch=0.1e9)
+    zero3 = SimpleNamespace(stage=3, sub_group_size=10**9, offload_optimizer=False)
+    assert costs.save_host_peak(cfg, 8, dev, zero3) == 5e9
+    assert costs.save_host_peak(cfg, 64, dev, zero3) == 5e9
+    small = SimpleNamespace(params=1e9, trained=1e9, largest_fetch=1e7)
+    assert costs.save_host_peak(cfg, 64, small, zero3) == 2e9
+    zero2 = SimpleNamespace(stage=2, sub_group_size=10**9, offload_optimizer=False)
+    assert costs.save_host_peak(cfg, 4, dev, zero2) == 4 * 11.9e9 / 4
+    offloaded = SimpleNamespace(stage=2, sub_group_size=10**9, offload_optimizer=True)
+    assert costs.save_host_peak(cfg, 4, dev, offloaded) == 5e9
 
 
 def test_a_pass_the_trainer_adds_or_removes_shows_in_the_plan(tiny_flux, monkeypatch):
@@ -258,6 +285,7 @@ def test_json_and_gpu_mem(tiny_flux, tmp_path):
         "zero_param_traffic_bytes_per_gpu",
         "anchor_ratio",
         "projected_epoch_s",
+        "save_host_peak_bytes",
     ):
         assert key in r, key
     # zero_stage and gradient_checkpointing "auto": the tiny model fits anything: ZeRO-2, no checkpointing
@@ -326,6 +354,7 @@ def test_table_and_exit_codes(tiny_flux, capsys):
         "PROJECTION",
         "ZeRO traffic",
         "quantized gathers",
+        "host memory a save holds at once",
     ):
         assert key in text
     assert main([*base, "--world-size", "7"]) == 2  # 384 images do not split over 7

@@ -17,7 +17,7 @@ import torch
 from multi_run import child_env  # noqa: E402
 from test_trainer import CONFIG, ROOT, sets  # noqa: E402
 
-from fastcps.checkpoint import export_weights
+from fastcps.checkpoint import complete, export_weights
 from fastcps.config import RunConfig, load_config, save_config
 from fastcps.policies import build_policy
 from fastcps.rollout import eval_noise
@@ -110,8 +110,8 @@ def test_the_printed_sample_command_reproduces_the_runs_eval(trained_run, tmp_pa
 
 
 def fake_run(root: Path, overrides=(), *, perturb=0.05, family=None, lora=None) -> tuple[Path, object]:
-    """A run directory as the trainer leaves it: config.json and checkpoints/final/policy.safetensors
-    (written by the trainer's own export) holding the base weights plus seeded noise."""
+    """A run directory as the trainer leaves it: config.json and a complete checkpoints/final (the
+    trainer's own export, then its marker) holding the base weights plus seeded noise."""
     cfg = load_config(RunConfig, CONFIG, ["eval.num_prompts=2", "eval.images_per_prompt=2", *overrides])
     run = root / "run"
     save_config(cfg, run / "config.json")
@@ -122,13 +122,10 @@ def fake_run(root: Path, overrides=(), *, perturb=0.05, family=None, lora=None) 
     with torch.no_grad():
         for p in policy.trainable_parameters():
             p.add_(perturb * torch.randn(p.shape, generator=gen))
-    (run / "checkpoints" / "final").mkdir(parents=True)
-    export_weights(
-        SimpleNamespace(module=policy.transformer),
-        family or cfg.policy.name,
-        policy.lora,
-        run / "checkpoints" / "final" / "policy.safetensors",
-    )
+    final = run / "checkpoints" / "final"
+    final.mkdir(parents=True)
+    export_weights(SimpleNamespace(module=policy.transformer), family or cfg.policy.name, policy.lora, final)
+    complete.seal(final, tag="final", epoch=1, rank=0, world=1)
     return run, policy
 
 
@@ -150,7 +147,7 @@ def test_toy_full_finetune_base_row_then_trained_row_from_the_same_noise(tmp_pat
     cfg = load_config(RunConfig, str(run / "config.json"))
     prompts = ["a handwritten digit three", "the number 7"]
     reward = WeightedReward([("digit", 1.0, {})])
-    weights = run / "checkpoints" / "final" / "policy.safetensors"
+    weights = run / "checkpoints" / "final"
     policy = build_policy(cfg.policy, "cpu")
     base = build_policy(cfg.policy, "cpu")
     ode = sampling_steps("ode", None, policy.sigmas(4, device="cpu"))
@@ -172,7 +169,7 @@ def test_toy_full_finetune_base_row_then_trained_row_from_the_same_noise(tmp_pat
     fresh = build_policy(cfg.policy, "cpu")
     s = compare(
         fresh,
-        same / "checkpoints" / "final" / "policy.safetensors",
+        same / "checkpoints" / "final",
         prompts[:1],
         [{}],
         reward,
@@ -352,14 +349,14 @@ def test_stock_pipeline_with_the_exported_lora_gives_the_trained_images(name, tm
             p.copy_(0.3 * torch.randn(p.shape, generator=gen))
     final = run / "checkpoints" / "final"
     final.mkdir(parents=True)
-    export_weights(SimpleNamespace(module=trained.transformer), name, True, final / "policy.safetensors")
+    export_weights(SimpleNamespace(module=trained.transformer), name, True, final)
 
     policy = build_policy(cfg.policy, "cpu")
     prompt = "a photo of a cat"
     sampling = sampling_steps("ode", None, policy.sigmas(4, device="cpu"))
     c = compare(
         policy,
-        final / "policy.safetensors",
+        final,
         [prompt],
         [{}],
         WeightedReward([("jpeg_compressibility", 1, {})]),

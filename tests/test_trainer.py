@@ -11,6 +11,7 @@ import torch
 from multi_run import child_env, free_port, run_command
 from safetensors.torch import load_file
 
+from fastcps.checkpoint import ExportedWeights
 from fastcps.config import ConfigError, RunConfig, load_config, validate_tree
 from fastcps.train import main
 
@@ -119,7 +120,7 @@ def test_one_epoch_single_process_and_exact_ratio(tmp_path):
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert list((run / "images").glob("eval_images_epoch0000.png"))
     final = run / "checkpoints" / "final"
-    weights = load_file(str(final / "policy.safetensors"))
+    weights = ExportedWeights(final).load_all()  # transformer/: full fine-tuning's sharded export
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
     assert (run / "checkpoints" / "latest").read_text().strip() == "final"
 

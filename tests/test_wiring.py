@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import isolated_global_state
-from safetensors.torch import load_file
 from wiring_support import advantages_by_hand, plain_initialize
 
 import fastcps.trainer as trainer_mod
 import fastcps.update as update_mod
+from fastcps.checkpoint import ExportedWeights
 from fastcps.config import RunConfig, load_config, validate_tree
 from fastcps.rewards import REGISTRY
 from fastcps.rollout import epoch_steps, sampling_steps, window_start
@@ -275,9 +275,10 @@ def test_checkpoint_rotation_keeps_the_newest_periodic_ones_and_final(fitted):
     root = fitted["run_dir"] / "checkpoints"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["epoch00002", "epoch00003", "final"]
     assert (root / "latest").read_text().strip() == "final"
-    weights = load_file(str(root / "final" / "policy.safetensors"))
+    weights = ExportedWeights(root / "final").load_all()  # full fine-tuning: the whole state dict
     trained = dict(fitted["trainer"].engine.module.named_parameters())
-    assert weights.keys() == {n for n, p in trained.items() if p.requires_grad}
+    assert weights.keys() == set(fitted["trainer"].engine.module.state_dict())
+    assert {n for n, p in trained.items() if p.requires_grad} <= weights.keys()
     for name, w in weights.items():
         assert torch.equal(w, trained[name].detach())
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fastcps.checkpoint import ExportedWeights
 from multi_run import ROOT, child_env, launch, start, stop
 from wiring_support import advantages_by_hand, load_dump
 
@@ -183,8 +184,8 @@ def metrics(run_dir: Path) -> list[dict]:
 def assert_same_end(full: Path, resumed: Path, epochs: int, ranks: int = 1) -> None:
     """The resumed run ends with the uninterrupted run's trained weights, EMA (each rank's) and per-epoch
     rewards, bit for bit."""
-    a = load_file(str(full / "checkpoints" / "final" / "policy.safetensors"))
-    b = load_file(str(resumed / "checkpoints" / "final" / "policy.safetensors"))
+    a = ExportedWeights(full / "checkpoints" / "final").load_all()
+    b = ExportedWeights(resumed / "checkpoints" / "final").load_all()
     assert a.keys() == b.keys() and a
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst == 0.0, f"final weights differ by up to {worst:.3g}"
@@ -215,7 +216,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_as_if_uninterrupted(o
     assert m and m[1] == str(out / "term" / "checkpoints" / f"interrupted_epoch0000{m[2]}"), one_process[
         "term_log"
     ][-2000:]
-    assert (Path(m[1]) / "policy.safetensors").is_file()
+    assert ExportedWeights(Path(m[1])).keys()
     done = int(m[2])
     assert epochs_after_resume(one_process["log"], out / "term") == (done, list(range(done + 1, 4)))
     assert_same_end(out / "full", out / "term", 3)

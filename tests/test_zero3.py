@@ -12,7 +12,8 @@ off), EMA on (eval samples with the EMA weights). Four trainings in one pair of 
 - ``whole``: the same 2 epochs with the default threshold (nothing partitioned) — the same ranks, batches
   and gradient reduction, so the adapter, EMA and every logged number must agree bit for bit: gathering
   a partitioned tensor returns its bytes unchanged;
-- ``stop``: threshold 0, 1 epoch, then ``--resume`` for the second: must end as ``part`` ends, bit for bit.
+- ``stop``: threshold 0, 1 epoch, then ``--resume`` for the second: must end as ``part`` ends, bit for bit;
+- ``fullft``: full fine-tuning, threshold 0, 1 epoch: its export, gathered block by block.
 
 ``tests/wiring_support.PartitionProbe`` records how ZeRO-3 held each parameter and what the LoRA layers'
 frozen weights were in each forward, so the test cannot pass with nothing partitioned.
@@ -110,6 +111,7 @@ def runs(tmp_path_factory):
             zero,
             ("train.beta_kl=0", "train.ema_decay=0", "whole_model_sampling=true"),
         ),
+        flux_run(flux, out, "fullft", 1, zero, ("policy.lora=null", "train.beta_kl=0", "train.ema_decay=0")),
     ]
     logs = launch(plan, 2, probe=out / "probe", timeout=1200)  # ~70 s on 2 idle cores; a guard against hangs
     (out / "rank0.log").write_text(logs[0])
@@ -281,6 +283,26 @@ def test_whole_model_sampling_gathers_once_per_sampling_phase_and_changes_no_num
     # the plan counts the update's module uses (as for nokl, within 3 %): an upper bound here, measured
     # 25 % above the real 8.06 whole-model gathers (10.81), by the update's smaller real fetches
     assert 0.7 <= real / planned <= 1.03, (real, planned)
+
+
+def test_full_finetuning_export_at_two_ranks_is_deepspeeds_own_weights_in_diffusers_layout(runs):
+    """Every tensor partitioned over the 2 ranks, the export gathered block by block on both, rank 0
+    wrote diffusers' sharded layout: ``from_pretrained`` loads it, and it equals DeepSpeed's own
+    consolidation of the same checkpoint (``zero_to_fp32``: each rank's fp32 partition, read from every
+    rank's optimizer file; fp32 training: the module's weights are those), bit for bit, and it moved
+    away from the base."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from diffusers import FluxTransformer2DModel
+
+    out = runs["out"]
+    ckpts = out / "fullft" / "checkpoints"
+    assert len(list((ckpts / "final").glob("*zero_pp_rank_1_*optim_states.pt"))) == 1
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(ckpts), tag="final")
+    exported = FluxTransformer2DModel.from_pretrained(ckpts / "final" / "transformer").state_dict()
+    base = FluxTransformer2DModel.from_pretrained(out / "flux" / "transformer").state_dict()
+    assert exported.keys() == consolidated.keys() == base.keys()
+    assert all(torch.equal(exported[k], consolidated[k]) for k in exported)
+    assert any(not torch.equal(exported[k], base[k]) for k in exported)
 
 
 def test_whole_model_sampling_puts_deepspeeds_hooks_back_after_an_exception(monkeypatch):

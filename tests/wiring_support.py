@@ -113,7 +113,12 @@ class PlainEngine:
         return not self.optimizer.last_skipped
 
     def save_checkpoint(
-        self, root: str, tag: str, client_state: dict, exclude_frozen_parameters: bool = False
+        self,
+        root: str,
+        tag: str,
+        client_state: dict,
+        exclude_frozen_parameters: bool = False,
+        save_latest: bool = True,
     ) -> None:
         folder = Path(root) / tag
         folder.mkdir(parents=True, exist_ok=True)
@@ -125,10 +130,11 @@ class PlainEngine:
             },
             folder / "state.pt",
         )
-        (Path(root) / "latest").write_text(tag)
+        if save_latest:
+            (Path(root) / "latest").write_text(tag)
 
-    def load_checkpoint(self, root: str, load_module_strict: bool = True):
-        tag = (Path(root) / "latest").read_text().strip()
+    def load_checkpoint(self, root: str, tag: str | None = None, load_module_strict: bool = True):
+        tag = tag or (Path(root) / "latest").read_text().strip()
         state = torch.load(Path(root) / tag / "state.pt", weights_only=False)
         self.module.load_state_dict(state["module"], strict=load_module_strict)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -247,17 +247,41 @@ def checkpoint_files(cfg: RunConfig, world: int, model: Model, stage: int) -> di
     """Bytes of one checkpoint, all ranks' files together, by what ``fastcps.checkpoint.save_checkpoint``
     writes: DeepSpeed's model states (a LoRA run excludes the frozen base: ``exclude_frozen_parameters``)
     and optimizer states (fp32 master + Adam m, v of the trained parameters, every rank's partition),
-    each rank's EMA (fp32; ZeRO-3: its partition, else the whole trained set on every rank),
-    ``policy.safetensors`` (the trained parameters, gathered) and, for LoRA, diffusers' adapter file."""
+    each rank's EMA (fp32; ZeRO-3: its partition, else the whole trained set on every rank) and the
+    export (``fastcps.checkpoint.export``): for LoRA the adapter in fp32 twice (``policy.safetensors``,
+    diffusers' ``pytorch_lora_weights.safetensors``), for full fine-tuning the whole transformer in the
+    trained dtype (``transformer/``, sharded)."""
     wb, lora = BYTES[cfg.policy.dtype], cfg.policy.lora is not None
     out = {
         "model states": wb * (model.trained if lora else model.params),
         "optimizer states (fp32 master, Adam m, v)": 12 * model.trained,
         "EMA": 4 * model.trained * (1 if stage >= 3 else world) if cfg.train.ema_decay else 0,
-        "policy.safetensors": wb * model.trained,
-        "pytorch_lora_weights.safetensors": wb * model.trained if lora else 0,
+        "policy.safetensors": 4 * model.trained if lora else 0,
+        "pytorch_lora_weights.safetensors": 4 * model.trained if lora else 0,
+        "transformer/ (sharded export)": 0 if lora else wb * model.params,
     }
     return out
+
+
+def save_host_peak(cfg: RunConfig, world: int, model: Model, zero: Zero) -> int:
+    """Host bytes rank 0 holds at once while it writes a checkpoint (the save's steps run one after the
+    other: the largest of them). The export holds one shard (``fastcps.checkpoint.export.MAX_SHARD_BYTES``,
+    the whole export when smaller; a FLUX/SD3 block, < 1 GB, never exceeds it) or, for LoRA, the fp32
+    adapter; DeepSpeed's ``torch.save`` copies each device tensor to host as it writes it, the largest
+    being a flat fp32 optimizer partition (ZeRO-1/2: trained / world elements; ZeRO-3: at most
+    ``sub_group_size``; without ZeRO: one parameter's state, at most the largest module's) and none when
+    the optimizer is offloaded (its states already live in host memory)."""
+    from fastcps.checkpoint.export import MAX_SHARD_BYTES
+
+    wb = BYTES[cfg.policy.dtype]
+    export = 4 * model.trained if cfg.policy.lora is not None else min(MAX_SHARD_BYTES, wb * model.params)
+    if zero.stage == 0:
+        partition = model.largest_fetch
+    else:
+        partition = model.trained / world
+        partition = min(partition, zero.sub_group_size) if zero.stage >= 3 else partition
+    states = 0 if zero.offload_optimizer else 4 * partition
+    return int(max(export, states))
 
 
 def with_changes(cfg: RunConfig, changes: dict) -> RunConfig:

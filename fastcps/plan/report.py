@@ -176,6 +176,10 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     p()
     files = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in r["checkpoint_files"].items() if v)
     p(f"one checkpoint, all ranks: {r['checkpoint_bytes'] / 1e9:.2f} GB ({files})")
+    p(
+        f"host memory a save holds at once (rank 0): {r['save_host_peak_bytes'] / 1e9:.2f} GB (one export "
+        "shard, at most 5 GB, or the fp32 LoRA adapter, or the largest optimizer state torch.save copies)"
+    )
 
     if "fits" in r:
         p()

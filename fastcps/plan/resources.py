@@ -449,6 +449,7 @@ def plan(
         "whole_sampling_peak_gib": None if (w := chosen["whole_sampling_peak"]) is None else w / GIB,
         "checkpoint_files": (ck := pc.checkpoint_files(cfg, world, model, zero.stage)),
         "checkpoint_bytes": sum(ck.values()),
+        "save_host_peak_bytes": pc.save_host_peak(cfg, world, model, zero),
         "mfu": mfu,
         "peak_tflops": peak_tflops,
         "projected_epoch_s": seconds,
