@@ -180,7 +180,7 @@ def test_lora_starts_as_the_anchors_initialise_it(tiny):
     the policy starts as the base, and A has the anchors' scale (peft's default Kaiming-uniform A has
     std 1/sqrt(3·fan_in), 0.085 over these layers, not 1/r = 0.25)."""
     policy = build_policy(policy_cfg("flux", tiny["flux"], lora=LoraConfig(r=4, alpha=8.0)), "cpu")
-    named = dict(policy.transformer.named_parameters())
+    named = {n: p.detach() for n, p in policy.transformer.named_parameters()}
     a = torch.cat([p.flatten() for n, p in named.items() if "lora_A" in n])
     b = torch.cat([p.flatten() for n, p in named.items() if "lora_B" in n])
     assert a.numel() > 2000 and bool((b == 0).all())
