@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 if __name__ == "__main__" and __package__ in (None, ""):
@@ -44,59 +45,93 @@ def parse_args(argv=None):
 
 def load_run_config(args) -> RunConfig:
     if args.resume:
-        if args.config:
-            raise ConfigError("give either --config or --resume: a resumed run keeps its saved config")
         saved = Path(args.resume) / "config.json"
         if not saved.is_file():
             raise ConfigError(
                 f"--resume {args.resume}: no config.json there (is it a fastcps run directory?)"
             )
+        if args.config:
+            raise ConfigError("give either --config or --resume: a resumed run keeps its saved config")
         return load_config(RunConfig, str(saved), args.overrides)
     if not args.config:
         raise ConfigError("--config is required, e.g. --config configs/digits_cps.json")
     return load_config(RunConfig, args.config, args.overrides)
 
 
-def checked_config(args, world: int) -> RunConfig | None:
-    """The run's config, validated before any model loads; None once the error is printed."""
-    try:
-        cfg = load_run_config(args)
-        validate_tree(cfg, world_size=world)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return None
-    return cfg
-
-
 def main(argv=None) -> int:
+    """Train; returns the exit code (``fastcps.distributed.Exit``: 0 done, 1 any other error, 2 config,
+    missing file or launcher variables, 3 reward, 4 non-finite, 5 a rank vanished, 6 a collective timed
+    out, 130 Ctrl-C twice). In a multi-process run an error on any rank ends every rank within seconds,
+    each with the exit code of the rank that failed first and a line naming it (``fastcps.distributed.
+    failure``); such a rank ends its process itself (``os._exit``: a broken process group cannot be torn
+    down), a world of one returns the code."""
     args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # A resumed run's config.json is read once every rank is known to see its directory (below).
-    cfg = None if args.resume else checked_config(args, world)
-    if cfg is None and not args.resume:
-        return 2
+    from fastcps.config import DistributedConfig
+    from fastcps.distributed import Exit, LaunchError, discover
+
+    try:
+        launch = discover(os.environ)
+    except LaunchError as err:
+        print(f"launch error: {err}", file=sys.stderr, flush=True)
+        return Exit.CONFIG
+    config_error, cfg = None, None
+    try:
+        # a resumed run's config.json is read once every rank is known to see its directory (_train)
+        if not args.resume:
+            cfg = load_run_config(args)
+            validate_tree(cfg, world_size=launch.world)  # before any model loads
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"config error: {err}", file=sys.stderr, flush=True)
+        if launch.world == 1:
+            return Exit.CONFIG
+        # the other ranks may have read their config: they learn of this one through the channel
+        cfg, config_error = None, f"config error: {err}"
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     from fastcps.logger import setup_logging
 
     setup_logging()  # the trainer's `[fastcps] ...` lines, rank 0 only
 
     from fastcps import distributed as dist
-    from fastcps.checkpoint import RunDirNotShared, check_run_dir_shared
-    from fastcps.rewards import RewardFailed
-    from fastcps.trainer import NonFiniteStop, Trainer
 
+    timeouts = cfg.distributed if cfg is not None else DistributedConfig()  # a resume: the defaults
     t0 = time.perf_counter()
-    dist.init()
+    try:
+        dist.init(timeout_s=timeouts.load_timeout_s, launch=launch)
+    except Exception as err:  # no process group, no channel: this rank can only say why
+        print(
+            f"[fastcps] could not start the process group ({launch.describe()}): {type(err).__name__}: {err}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return Exit.ERROR
+    channel = dist.open_failure_channel(heartbeat_timeout_s=timeouts.heartbeat_timeout_s)
+    try:
+        if config_error is not None:
+            channel.fail(Exit.CONFIG, config_error)
+            return Exit.CONFIG
+        code = _train(args, cfg, launch.world, t0)
+    except (Exception, KeyboardInterrupt) as err:
+        return _failed(err, channel)
+    if channel is not None:
+        channel.close(wait_s=timeouts.step_timeout_s)
+    return code
+
+
+def _train(args, cfg: RunConfig | None, world: int, t0: float) -> int:
+    from fastcps import distributed as dist
+    from fastcps.checkpoint import check_run_dir_shared
+    from fastcps.trainer import Trainer
+
     run_dir = Path(args.resume) if args.resume else Path(cfg.output_dir) / cfg.name
-    try:  # before any rank reads what rank 0 alone writes there (config.json, latest, markers)
-        what = "--resume" if args.resume else "output_dir"
-        check_run_dir_shared(run_dir, rank=dist.rank(), world=dist.world(), what=what)
-    except RunDirNotShared as err:
-        print(f"[fastcps] {err}", file=sys.stderr, flush=True)
-        return 2
+    # before any rank reads what rank 0 alone writes there (config.json, latest, markers); raises
+    # RunDirNotShared (exit 2) on every rank when one cannot see it
+    check_run_dir_shared(
+        run_dir, rank=dist.rank(), world=dist.world(), what="--resume" if args.resume else "output_dir"
+    )
     if args.resume:
-        if (cfg := checked_config(args, world)) is None:
-            return 2  # on every rank: they all read the same config.json
+        cfg = load_run_config(args)  # every rank reads the same config.json
+        validate_tree(cfg, world_size=world)
+        dist.set_collective_timeout(cfg.distributed.load_timeout_s)
         dist.barrier()  # every rank has read it before rank 0 renames it
     if dist.is_main():
         saved = run_dir / "config.json"
@@ -104,31 +139,73 @@ def main(argv=None) -> int:
             saved.rename(run_dir / f"config.before_{time.strftime('%Y%m%d-%H%M%S')}.json")
         save_config(cfg, saved)
     dist.barrier()
-    try:
-        trainer = Trainer(cfg, run_dir)
-        if args.resume:
-            trainer.load_checkpoint(run_dir)
-    except FileNotFoundError as err:  # weights, prompt files, DeepSpeed config: the message names the key
-        print(f"[fastcps] {err}", file=sys.stderr, flush=True)
-        return 2
-    except RewardFailed as err:  # a reward's models did not load (trainer start-up loads them)
-        print(f"[fastcps] stopped: {err}", file=sys.stderr, flush=True)
-        return 3
+    trainer = Trainer(cfg, run_dir)
     if args.resume:
+        trainer.load_checkpoint(run_dir)
         if dist.is_main():
             print(f"[fastcps] resumed {run_dir} at epoch {trainer.epoch}", flush=True)
-    try:
-        trainer.fit()
-    except RewardFailed as err:
-        print(f"[fastcps] stopped: {err}", file=sys.stderr, flush=True)
-        return 3
-    except NonFiniteStop as err:
-        print(f"[fastcps] {err}", file=sys.stderr, flush=True)
-        return 4
+    trainer.fit()
     if dist.is_main():
         print(f"[fastcps] done in {time.perf_counter() - t0:.1f} s", flush=True)
         print(where_things_are(run_dir, lora=cfg.policy.lora is not None), flush=True)
     return 0
+
+
+def _failed(err: BaseException, channel) -> int:
+    """Say what ended this rank, with the exit code its kind has; in a multi-process run, tell the others
+    through the channel (or, when ``err`` only echoes another rank's trouble, report that rank's cause)."""
+    code, line, message, of_peer = classify(err)
+    if code == 1 and channel is None:
+        raise err  # a world of one: Python's traceback and exit 1, as ever
+    if code == 1:
+        traceback.print_exception(err, file=sys.stderr)
+    print(line, file=sys.stderr, flush=True)
+    if channel is None:
+        if isinstance(err, KeyboardInterrupt):
+            raise err
+        return code
+    channel.fail(code, message, symptom_of_peer=of_peer)  # ends the process
+    return code
+
+
+def classify(err: BaseException) -> tuple[int, str, str, bool]:
+    """(exit code, the line this rank prints, the message the other ranks print, whether ``err`` is only
+    the echo of another rank's trouble: a closed connection, a collective timeout)."""
+    from fastcps import distributed as dist
+    from fastcps.distributed import Exit
+    from fastcps.rewards import RewardFailed
+    from fastcps.trainer import NonFiniteStop
+
+    text = f"{err}"[:2000]
+    if isinstance(err, ConfigError):  # a resumed run's saved config
+        return Exit.CONFIG, f"config error: {text}", f"config error: {text}", False
+    if isinstance(err, FileNotFoundError):  # weights, prompts, DeepSpeed JSON: the message names the key
+        return Exit.CONFIG, f"[fastcps] {text}", text, False
+    if isinstance(err, RewardFailed):
+        return Exit.REWARD, f"[fastcps] stopped: {text}", text, False
+    if isinstance(err, NonFiniteStop):
+        return Exit.NONFINITE, f"[fastcps] {text}", text, False
+    if isinstance(err, KeyboardInterrupt):
+        return Exit.INTERRUPTED, "[fastcps] interrupted (Ctrl-C)", "interrupted (Ctrl-C)", False
+    echo = dist.symptom(err)
+    first = text.splitlines()[0] if text else type(err).__name__
+    if echo == Exit.COLLECTIVE_TIMEOUT:
+        t = dist.current_timeout_s()
+        message = (
+            f"a collective timed out{f' after {t:g} s' if t else ''} (distributed.step_timeout_s in "
+            f"the training loop, load_timeout_s while loading or saving): another rank is stuck or far "
+            f"slower ({first})"
+        )
+        return echo, f"[fastcps] {message}", message, True
+    if echo == Exit.PEER_VANISHED:
+        message = f"lost a peer ({type(err).__name__}: {first})"
+        return echo, f"[fastcps] {message}", message, True
+    return (
+        Exit.ERROR,
+        f"[fastcps] error: {type(err).__name__}: {text}",
+        f"{type(err).__name__}: {text}",
+        False,
+    )
 
 
 def where_things_are(run_dir: Path, *, lora: bool) -> str:

@@ -13,6 +13,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -117,6 +118,18 @@ def keep_lora_whole(zero: dict, trained) -> None:
     (3072 x 3072 and up in FLUX) stay partitioned. A threshold the DeepSpeed JSON sets wins."""
     largest = max((p.numel() for p in trained), default=0)
     zero.setdefault("stage3_param_persistence_threshold", max(100_000, largest))
+
+
+def _under_load_timeout(method):
+    """Run a Trainer method under the long collective timeout (``distributed.load_timeout_s``): a
+    checkpoint save, whose rank 0 writes the consolidated weights while the other ranks wait."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with dist.collective_timeout(self.cfg.distributed.load_timeout_s):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class Trainer:
@@ -446,6 +459,10 @@ class Trainer:
                 ):
                     metrics.update(self._timed_evaluate(self.epoch))
                 self.logger.scalars(metrics, self.epoch)
+                # the first epoch ran under the loading timeout (its first calls compile the fused ops and
+                # the kernels, the base model's eval runs before it); from here on a stuck collective ends
+                # the run after step_timeout_s
+                dist.set_collective_timeout(cfg.distributed.step_timeout_s)
                 last = metrics
                 log.info("epoch %d/%d: %s", self.epoch, cfg.train.num_epochs, self._fmt(metrics))
                 if (
@@ -511,6 +528,7 @@ class Trainer:
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         self.skipped_total = int(state["skipped_total"])
 
+    @_under_load_timeout
     def save_checkpoint(self, tag: str, periodic: bool = False) -> Path:
         return ckpt.save_checkpoint(
             self.engine,

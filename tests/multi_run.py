@@ -2,7 +2,8 @@
 ``python tests/multi_run.py [--dump DIR] ARGS... --next ARGS...``. Started once per rank (RANK /
 WORLD_SIZE / MASTER_* in the environment, no launcher; ``launch`` below does that), it runs several
 trainings for the interpreter and DeepSpeed start-up of one (most of a tiny run's cost). Exits with
-the first non-zero code. ``--dump DIR``: record what every training micro-step is fed
+the first non-zero code. ``--reward NAME=module:Class`` registers a test reward (a module of tests/,
+e.g. ``tiny_rewards:ScriptedReward``). ``--dump DIR``: record what every training micro-step is fed
 (``wiring_support.UpdateDump``) to ``DIR/run<k>.rank<r>.pt``. ``--probe DIR``: record how ZeRO-3 holds
 each parameter of the trained module (``wiring_support.PartitionProbe``) to ``DIR/run<k>.rank<r>.json``.
 ``--writes DIR``: record the files every checkpoint save writes (``checkpoint_support.CheckpointWrites``) to
@@ -21,6 +22,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +90,59 @@ def run_command(cmd: list[str], env: dict[str, str], timeout: float) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+class Processes:
+    """Commands started together, each in its own session (``start``), their output (stdout and stderr)
+    read on threads as it comes (``log(i)``), the time each exited (``exited_at``). A ``with`` block
+    kills (``stop``) whatever is still running on the way out: no test leaves a process behind."""
+
+    def __init__(self, commands: list[tuple[list[str], dict[str, str]]]):
+        self.procs = [start(cmd, env) for cmd, env in commands]
+        self.lines: list[list[str]] = [[] for _ in self.procs]
+        self.exited_at: list[float | None] = [None for _ in self.procs]
+        self.readers = [
+            threading.Thread(target=self._read, args=(i,), daemon=True) for i in range(len(self.procs))
+        ]
+        for r in self.readers:
+            r.start()
+
+    def _read(self, i: int) -> None:
+        for line in self.procs[i].stdout:
+            self.lines[i].append(line)
+        self.procs[i].wait()
+        self.exited_at[i] = time.monotonic()
+
+    def log(self, i: int) -> str:
+        return "".join(self.lines[i])
+
+    def wait(self, timeout: float, which=None) -> list[int | None]:
+        """Wait until the processes ``which`` (all) have exited, ``timeout`` seconds at most; their
+        return codes (None: still running)."""
+        which = range(len(self.procs)) if which is None else which
+        deadline = time.monotonic() + timeout
+        for i in which:
+            self.readers[i].join(timeout=max(0.0, deadline - time.monotonic()))
+        return [self.procs[i].poll() if self.exited_at[i] is not None else None for i in which]
+
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            stop(p)
+        for r in self.readers:
+            r.join(timeout=10)
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2) -> float:
+    """Poll ``predicate`` until true (then the monotonic time), AssertionError naming ``what`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(poll)
+    return time.monotonic()
+
+
 def launch(
     runs: list[list[str]],
     world: int,
@@ -136,7 +192,13 @@ def _main(argv: list[str]) -> int:
     from wiring_support import PartitionProbe, UpdateDump
 
     recorders, writes, faults = [], None, {}  # tests/ is this script's folder: wiring_support is on sys.path
-    while argv[:1] in (["--dump"], ["--probe"], ["--writes"], ["--fault"]):
+    while argv[:1] in (["--dump"], ["--probe"], ["--writes"], ["--fault"], ["--reward"]):
+        if argv[0] == "--reward":  # NAME=module:Class, e.g. scripted=tiny_rewards:ScriptedReward
+            from fastcps.rewards import register
+
+            register(*argv[1].split("=", 1))
+            argv = argv[2:]
+            continue
         if argv[0] == "--dump":
             recorders.append(UpdateDump(Path(argv[1])))
         elif argv[0] == "--probe":

@@ -151,7 +151,10 @@ def _get(data, dotted):
 
 
 # top-level keys added since the fixtures were saved, with the value an older run's config gets
-ADDED_SINCE = {"whole_model_sampling": "auto"}
+ADDED_SINCE = {
+    "whole_model_sampling": "auto",
+    "distributed": {"load_timeout_s": 1800.0, "step_timeout_s": 300.0, "heartbeat_timeout_s": 60.0},
+}
 
 
 @pytest.mark.parametrize("name", sorted(OLD))

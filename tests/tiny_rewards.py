@@ -78,3 +78,29 @@ def tiny_hps_checkpoint(root):
     torch.save({"state_dict": model.state_dict()}, path)
     (root / "cfg.json").write_text(json.dumps(TINY_OPEN_CLIP))
     return path, root / "cfg.json"
+
+
+class ScriptedReward:
+    """A stand-in reward for the multi-process failure tests (tests/test_failing_together.py): from its
+    ``from_call``-th call on (0 = the first), the global ranks in ``raise_on`` raise and those in
+    ``sleep_on`` (rank -> seconds) sleep; it scores every image 0. Each call first creates
+    ``<marker_dir>/rank<r>.call<n>``, so that a test knows where each rank is. Registered in a rank
+    process with ``tests/multi_run.py --reward scripted=tiny_rewards:ScriptedReward``."""
+
+    def __init__(self, raise_on=(), sleep_on=None, from_call: int = 0, marker_dir: str | None = None):
+        self.raise_on, self.sleep_on = set(raise_on), {int(k): float(v) for k, v in (sleep_on or {}).items()}
+        self.from_call, self.marker_dir, self.calls = from_call, marker_dir, 0
+
+    def __call__(self, images, prompts, metadata):
+        import time
+        from pathlib import Path
+
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        call, self.calls = self.calls, self.calls + 1
+        if self.marker_dir:
+            Path(self.marker_dir, f"rank{rank}.call{call}").touch()
+        if call >= self.from_call:
+            if rank in self.raise_on:
+                raise RuntimeError(f"scripted failure on rank {rank}")
+            time.sleep(self.sleep_on.get(rank, 0.0))
+        return torch.zeros(images.shape[0])

@@ -6,6 +6,7 @@ from fastcps.config.errors import ConfigError
 from fastcps.config.loading import from_dict, load_config, save_config, to_dict, validate_tree
 from fastcps.config.models import (
     CheckpointConfig,
+    DistributedConfig,
     EvalConfig,
     LogConfig,
     LoraConfig,
@@ -26,6 +27,7 @@ __all__ = [
     "to_dict",
     "validate_tree",
     "CheckpointConfig",
+    "DistributedConfig",
     "EvalConfig",
     "LogConfig",
     "LoraConfig",

@@ -355,6 +355,29 @@ class CheckpointConfig(BaseModel):
     """Periodic checkpoints kept (the newest); the final one is always kept."""
 
 
+class DistributedConfig(BaseModel):
+    model_config = SECTION
+
+    load_timeout_s: float = Field(1800.0, gt=0)
+    """Seconds a collective may wait while the run loads: the process group's start (every rank must
+    join), model and weight loading (a first download included), DeepSpeed's engine, the first epoch
+    after a start or resume (rewards load their models at their first call) and every checkpoint save
+    (rank 0 writes while the others wait). Ranks legitimately wait for the slowest one there: 30 min,
+    torch's default for gloo (NCCL's is 10 min, DeepSpeed's too, too short for a 24 GB download)."""
+    step_timeout_s: float = Field(300.0, gt=0)
+    """Seconds a collective may wait in the training loop (after the first epoch): a rank stuck or
+    gone for longer ends the run (exit 6) instead of hanging it. Ranks meet at collectives many times
+    per epoch and do the same work in between, so they wait on each other for seconds (rank 0's image
+    grids, an uneven reward batch); 5 min leaves a wide margin above that and frees a stuck job's
+    GPUs 6x sooner than torch's 30 min default."""
+    heartbeat_timeout_s: float = Field(60.0, ge=2)
+    """Seconds without a heartbeat after which a rank is taken for dead (SIGKILL, the OOM killer, a
+    lost node) and every rank ends (exit 5, naming it). The heartbeat is written every second by a
+    thread that does nothing else, so only a dead process (or one whose interpreter is frozen for this
+    long) misses it; 60 s is far above any scheduling hiccup yet ends a broken job within a minute.
+    Also bounds how long a failing rank waits for the others to read its error."""
+
+
 class RunConfig(BaseModel):
     """A fastcps training run (``python -m fastcps.train --config FILE``)."""
 
@@ -393,6 +416,8 @@ class RunConfig(BaseModel):
     """TensorBoard, W&B, image grids, progress."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """How often checkpoints are saved and how many are kept."""
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Timeouts of a multi-process run: collectives while loading and while training, heartbeats."""
 
     @field_validator("rewards")
     @classmethod
