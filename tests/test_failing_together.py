@@ -302,7 +302,9 @@ def test_checkpoint_saves_run_under_the_loading_timeout(monkeypatch):
     )
     cfg = RunConfig.model_validate({"distributed": {"load_timeout_s": 1234, "step_timeout_s": 300}})
     stub = type(
-        "T", (), {"cfg": cfg, "engine": None, "run_dir": None, "ema": None, "state_dict": lambda self: {}}
+        "T",
+        (),
+        {"cfg": cfg, "engine": None, "run_dir": None, "ema": None, "epoch": 3, "state_dict": lambda self: {}},
     )()
     stub.policy = type("P", (), {"lora": None})()
     Trainer.save_checkpoint(stub, "final")
