@@ -263,6 +263,8 @@ def test_tiny_mask2former_end_to_end(tiny):
     class it was biased to, scores above the floor; a batch split in two gives what one image at a time
     gives."""
     r = build_reward("geneval", {**tiny, "batch_size": 2})
+    r.load()  # a direct user's call: the CPU
+    assert next(r.detector._model.parameters()).device.type == "cpu" and r._colors._model is not None
     x = torch.rand(3, 3, 40, 56, generator=torch.Generator().manual_seed(4))
     batched = r.detector.detect(x, [0.3, 0.5, 0.3])
     one = [r.detector.detect(x[i : i + 1], [f])[0] for i, f in enumerate([0.3, 0.5, 0.3])]
@@ -335,7 +337,7 @@ def test_crop_is_genevals():
     g = torch.Generator().manual_seed(5)
     img = torch.randint(0, 256, (3, 37, 53), generator=g, dtype=torch.uint8)
     mask = torch.rand(37, 53, generator=g) > 0.6
-    mask[:, :7] = False
+    mask[:, :7], mask[:, 45:], mask[30:] = False, False, False  # a box inside the image
     box = mask2bbox(mask[None])[0]
     row = np.array([*box.tolist(), 0.9], dtype=np.float32)  # mmdetection's bbox row: x1, y1, x2, y2, score
     pil = Image.fromarray(img.permute(1, 2, 0).numpy())

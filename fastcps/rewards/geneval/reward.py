@@ -149,6 +149,7 @@ class GenEvalReward:
         or check the server URL (``server``): failures at start-up, not at the first reward."""
         det = self.detector
         if self._colors is not None:
+            device = device if device is not None else "cpu"
             det.load(device)
             self._colors.load(device)
 
