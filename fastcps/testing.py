@@ -219,3 +219,76 @@ if __name__ == "__main__":
 
     save_tiny_flux(Path(sys.argv[1]) / "flux")
     save_tiny_sd3(Path(sys.argv[1]) / "sd3")
+
+
+# --- geneval: a tiny Mask2Former and a tiny open_clip CLIP ---------------------------------------------
+
+TINY_GENEVAL_CLIP = {
+    "embed_dim": 16,
+    "quick_gelu": True,  # as GenEval's OpenAI ViT-L-14
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def tiny_mask2former(num_queries: int = 10, label: str | None = None, seed: int = 0):
+    """A random-weight ``Mask2FormerForUniversalSegmentation`` (Swin backbone of ~0.35 M parameters, 80
+    COCO classes). ``label`` (a GenEval object name): every query predicts that class with probability
+    ~0.99 (zero class weights, one large bias), so detections pass GenEval's thresholds; None = random."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    from fastcps.rewards.geneval.mask2former import OBJECT_NAMES
+
+    swin = SwinConfig(
+        image_size=64,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        drop_path_rate=0.0,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    cfg = Mask2FormerConfig(
+        backbone_config=swin,
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        dim_feedforward=32,
+        num_queries=num_queries,
+        num_labels=len(OBJECT_NAMES),
+    )
+    torch.manual_seed(seed)
+    model = Mask2FormerForUniversalSegmentation(cfg).eval()
+    if label is not None:
+        head = model.class_predictor
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.fill_(-5.0)
+            head.bias[OBJECT_NAMES.index(label)] = 5.0
+    return model
+
+
+def save_tiny_geneval(folder: str | Path, *, label: str | None = "car", seed: int = 0) -> dict:
+    """A tiny Mask2Former (``tiny_mask2former``) and a tiny open_clip CLIP with random weights, saved under
+    ``folder``; returns the ``geneval`` reward's args that score with them (``build_reward("geneval",
+    args)``): detector mask2former, the detector's input at most 64 x 128 pixels, CPU-sized."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tiny_mask2former(label=label, seed=seed).save_pretrained(folder / "mask2former")
+    torch.manual_seed(seed + 1)
+    clip = open_clip.CLIP(**TINY_GENEVAL_CLIP)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "clip.safetensors"))
+    return {
+        "detector": "mask2former",
+        "model": str(folder / "mask2former"),
+        "clip_pretrained": str(folder / "clip.safetensors"),
+        "clip_config": TINY_GENEVAL_CLIP,
+        "detect_size": [64, 128],
+    }

@@ -60,8 +60,10 @@ def test_the_shipped_configs_need_their_policy_reward_models_and_prompt_sets():
             ("PromptSetFile", "prompts.source", "ocr:train"),
             ("PromptSetFile", "prompts.eval_source", "ocr:test"),
         },
-        "sd35_geneval": {  # detection runs on a server
+        "sd35_geneval": {  # GenEval's detector in process: Mask2Former and the colour classifier's CLIP
             ("HubRepo", "policy.pretrained", "stabilityai/stable-diffusion-3.5-medium"),
+            ("HubRepo", "rewards.0.args.model", "facebook/mask2former-swin-small-coco-instance"),
+            ("HubRepo", "rewards.0.args.clip_pretrained", "timm/vit_large_patch14_clip_224.openai"),
             ("PromptSetFile", "prompts.source", "geneval:train"),
             ("PromptSetFile", "prompts.eval_source", "geneval:test"),
         },

@@ -443,7 +443,7 @@ def test_geneval_errors():
     with pytest.raises(ValueError, match="GenEval metadata"):
         r(torch.zeros(1, 3, 8, 8), ["a car"], [{}])
     with pytest.raises(ValueError, match=r"rewards\[\]\.args\.url"):
-        build_reward("geneval", {})(
+        build_reward("geneval", {"detector": "server"})(
             torch.zeros(1, 3, 8, 8),
             ["a car"],
             [{"tag": "single_object", "include": [{"class": "car", "count": 1}]}],
@@ -499,7 +499,7 @@ def test_geneval_server_detector(loopback_server):
     s = r(torch.rand(len(cases), 3, 12, 16), [f"p{i}" for i in range(len(cases))], meta)
     torch.testing.assert_close(s, torch.tensor([float(c[2]) for c in cases]))
     assert seen == [([(16, 12)] * len(cases), [f"p{i}" for i in range(len(cases))])]
-    bad = build_reward("geneval", {"url": url + "/broken", "timeout": 10})
+    bad = build_reward("geneval", {"detector": "server", "url": url + "/broken", "timeout": 10})
     with pytest.raises(RuntimeError, match="HTTP 500: detector crashed"):
         bad(torch.rand(1, 3, 8, 8), ["p"], meta[:1])
 
@@ -510,7 +510,7 @@ def test_geneval_server_unreachable():
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = build_reward("geneval", {"url": f"http://127.0.0.1:{port}/", "timeout": 2})
+    r = build_reward("geneval", {"detector": "server", "url": f"http://127.0.0.1:{port}/", "timeout": 2})
     with pytest.raises(RuntimeError, match="unreachable"):
         r(
             torch.rand(1, 3, 8, 8),

@@ -122,6 +122,6 @@ def test_rewards_load_at_start_up_for_the_trainer_and_on_first_call_for_direct_u
     assert direct(torch.rand(1, 3, 32, 32), ["a cat"]).shape == (1,) and direct._model is not None
     monkeypatch.delenv("FASTCPS_GENEVAL_URL", raising=False)
     with pytest.raises(RewardFailed, match=r"reward 'geneval' could not load: .*rewards\[\]\.args\.url"):
-        WeightedReward([("geneval", 1.0, {})]).load("cpu")
+        WeightedReward([("geneval", 1.0, {"detector": "server"})]).load("cpu")
     with pytest.raises(FileNotFoundError, match=r"rewards\[\]\.args\.model"):
         WeightedReward([("pickscore", 1.0, {**args, "model": str(tmp_path / "none")})]).load("cpu")
