@@ -58,6 +58,10 @@ def load_run_config(args) -> RunConfig:
 
 
 def main(argv=None) -> int:
+    from fastcps.allocator import enable_expandable_segments
+
+    # before anything touches CUDA: the allocator reads its settings once (why: fastcps.allocator)
+    enable_expandable_segments()
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from fastcps import runinfo
+from fastcps.allocator import enable_expandable_segments
 
 REPO = Path(__file__).resolve().parents[2]
 PARTS = ("tests", "kernels", "toy", "flux")
@@ -215,6 +216,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # internal: run one part in this process
     args = ap.parse_args(argv)
+    # before any CUDA call, here and (inherited) in every part's process: fastcps.allocator says why
+    enable_expandable_segments()
     out = Path(args.out)
     if args.part:
         return run_part(args.part, out)
