@@ -126,8 +126,8 @@ class Trainer:
 
         self.rank, self.world = dist.rank(), dist.world()
         self.device = dist.local_device()
-        # zero_stage / gradient_checkpointing "auto": the resource plan's choice for this GPU, before any
-        # weight loads
+        # the "auto" settings (ZeRO stage, checkpointing, micro-batch, ...): the resource plan's choice for
+        # the smallest GPU of the run (every rank alike), before any weight loads
         cfg, chosen = resolve_auto(cfg, self.world, self.device)
         if chosen:
             log.info(chosen)
@@ -358,18 +358,18 @@ class Trainer:
         div_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_prompts, n_images = 0, 0
         shown = []  # the first prompts' images, for the log
+        # encoded before the gather: the text encoders (offload_frozen) never sit beside the whole model
+        cond, index = self.encodings.for_prompts(
+            [self.eval_prompts[min(p, n_eval - 1)][0] for p in mine for _ in range(k)], self.device
+        )
         whole = whole_model(self.engine, cfg.whole_model_sampling is True)  # ZeRO-3: one gather
         with self.ema.applied() if self.ema else contextlib.nullcontext(), whole:
             for lo in range(0, per_rank, per_call):
                 chunk = mine[lo : lo + per_call]
                 pairs = [self.eval_prompts[min(p_idx, n_eval - 1)] for p_idx in chunk]
                 x1 = torch.cat([eval_noise(self.policy, e.seed, p_idx, k, self.device) for p_idx in chunk])
-                cond, index = self.encodings.for_prompts(
-                    [prompt for prompt, _ in pairs for _ in range(k)], self.device
-                )
-                images = self.policy.decode(
-                    sample(self.policy, self.engine, select(cond, index), x1, sampling).final
-                )
+                conds = select(cond, index[lo * k : (lo + len(chunk)) * k])
+                images = self.policy.decode(sample(self.policy, self.engine, conds, x1, sampling).final)
                 real = [j for j, p_idx in enumerate(chunk) if p_idx < n_eval]
                 if not real:
                     continue
