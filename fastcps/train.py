@@ -65,6 +65,10 @@ def main(argv=None) -> int:
     each with the exit code of the rank that failed first and a line naming it (``fastcps.distributed.
     failure``); such a rank ends its process itself (``os._exit``: a broken process group cannot be torn
     down), a world of one returns the code."""
+    from fastcps.allocator import enable_expandable_segments
+
+    # before anything touches CUDA: the allocator reads its settings once (why: fastcps.allocator)
+    enable_expandable_segments()
     args = parse_args(argv)
     from fastcps.config import DistributedConfig
     from fastcps.distributed import Exit, LaunchError, discover

@@ -144,8 +144,8 @@ class Trainer:
         # every file the run needs, on this node, before anything loads (the plan below may read prompts):
         # offline a missing one fails every rank now, not at a collective's timeout later
         ensure_local(cfg, policy=policy is None)
-        # zero_stage / gradient_checkpointing "auto": the resource plan's choice for this GPU, before any
-        # weight loads
+        # the "auto" settings (ZeRO stage, checkpointing, micro-batch, ...): the resource plan's choice for
+        # the smallest GPU of the run (every rank alike), before any weight loads
         cfg, chosen = resolve_auto(cfg, self.world, self.device)
         if chosen:
             log.info(chosen)
@@ -382,6 +382,10 @@ class Trainer:
         div_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_prompts, n_images = 0, 0
         shown = []  # the first prompts' images, for the log
+        # encoded before the gather: the text encoders (offload_frozen) never sit beside the whole model
+        cond, index = self.encodings.for_prompts(
+            [self.eval_prompts[min(p, n_eval - 1)][0] for p in mine for _ in range(k)], self.device
+        )
         whole = whole_model(self.engine, cfg.whole_model_sampling is True)  # ZeRO-3: one gather
         # eval mode once for the whole eval (``sample`` would switch per call), as the stock pipelines sample
         with (
@@ -393,12 +397,8 @@ class Trainer:
                 chunk = mine[lo : lo + per_call]
                 pairs = [self.eval_prompts[min(p_idx, n_eval - 1)] for p_idx in chunk]
                 x1 = torch.cat([eval_noise(self.policy, e.seed, p_idx, k, self.device) for p_idx in chunk])
-                cond, index = self.encodings.for_prompts(
-                    [prompt for prompt, _ in pairs for _ in range(k)], self.device
-                )
-                images = self.policy.decode(
-                    sample(self.policy, self.engine, select(cond, index), x1, sampling).final
-                )
+                conds = select(cond, index[lo * k : (lo + len(chunk)) * k])
+                images = self.policy.decode(sample(self.policy, self.engine, conds, x1, sampling).final)
                 real = [j for j, p_idx in enumerate(chunk) if p_idx < n_eval]
                 if not real:
                     continue

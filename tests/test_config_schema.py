@@ -150,18 +150,28 @@ def _get(data, dotted):
     return data
 
 
-# top-level keys added since the fixtures were saved, with the value an older run's config gets
+# keys added since the fixtures were saved, with the value an older run's config gets (nested: merged)
 ADDED_SINCE = {
     "whole_model_sampling": "auto",
+    "memory_reserve": {"fraction": 0.08, "gib": 0.0},
     "distributed": {"load_timeout_s": 1800.0, "step_timeout_s": 300.0, "heartbeat_timeout_s": 60.0},
+    "train": {"micro_batch": None},
 }
+
+
+def with_added(saved: dict) -> dict:
+    """``saved`` with the keys of ``ADDED_SINCE`` added, section by section."""
+    out = dict(saved)
+    for key, value in ADDED_SINCE.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and key in out else value
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(OLD))
 def test_configs_saved_by_earlier_versions_still_load(name, tmp_path):
     saved = DATA / f"old_config_{name}.json"
     cfg = load_config(RunConfig, str(saved))
-    want = {**json.loads(saved.read_text()), **ADDED_SINCE}
+    want = with_added(json.loads(saved.read_text()))
     assert to_dict(cfg) == want  # every value as saved, nothing lost, only the new keys' defaults added
     for key, value in OLD[name].items():
         assert _get(to_dict(cfg), key) == value
@@ -174,10 +184,7 @@ def test_configs_saved_by_earlier_versions_still_load(name, tmp_path):
 
 
 def test_the_default_config_is_the_one_saved_before():
-    assert to_dict(RunConfig()) == {
-        **json.loads((DATA / "old_config_default.json").read_text()),
-        **ADDED_SINCE,
-    }
+    assert to_dict(RunConfig()) == with_added(json.loads((DATA / "old_config_default.json").read_text()))
 
 
 # --- rewards checked with the config ------------------------------------------------------------------
@@ -301,3 +308,24 @@ def test_external_rewards_with_and_without_an_args_model(monkeypatch):
     assert load_config(RunConfig, DIGITS, ["rewards.0.name=mine", "rewards.0.args.size=3"]).rewards[
         0
     ].args == {"size": 3}
+
+
+def test_micro_batch_and_memory_reserve_are_typed_and_checked():
+    """train.micro_batch: "auto", a divisor of the images per optimizer step, or null; the error of one
+    that does not divide names the key and the divisors. memory_reserve: a share below 1, GiB >= 0."""
+    flux = str(ROOT / "configs" / "flux_pickscore.json")
+    for value, want in (("auto", "auto"), ("4", 4), ("null", None)):
+        cfg = load_config(RunConfig, flux, [f"train.micro_batch={value}"])
+        validate_tree(cfg, world_size=8)
+        assert cfg.train.micro_batch == want
+    cfg = load_config(RunConfig, flux, ["train.micro_batch=5"])  # checked with the world size
+    with pytest.raises(
+        ConfigError, match=r"train.micro_batch = 5 does not divide the 24 images per optimizer"
+    ):
+        validate_tree(cfg, world_size=8)
+    for bad in ("0", '"4"', "true"):
+        with pytest.raises(ConfigError, match="train.micro_batch"):
+            load_config(RunConfig, flux, [f"train.micro_batch={bad}"])
+    for bad in ("memory_reserve.fraction=1", "memory_reserve.fraction=-0.1", "memory_reserve.gib=-1"):
+        with pytest.raises(ConfigError, match="memory_reserve"):
+            load_config(RunConfig, flux, [bad])

@@ -434,3 +434,44 @@ def test_batched_eval_equals_one_prompt_at_a_time(monkeypatch):
         eval_trainer(policy, ["train.rollout_batch_size=8"], world=2, rank=rank).evaluate(1)
     torch.testing.assert_close(sums[0] + sums[1], whole, rtol=1e-6, atol=1e-9)
     assert sums[0][-2:].tolist() == [3, 12] and sums[1][-2:].tolist() == [2, 8]  # prompts, images per rank
+
+
+def test_eval_encodes_its_prompts_before_it_gathers_the_model(monkeypatch):
+    """Trainer.evaluate encodes every eval prompt of its rank before the whole-model gather
+    (whole_model_sampling under ZeRO-3): the text encoders, which policy.offload_frozen brings to the GPU
+    to encode, never share it with the gathered transformer; inside the gather only sampling runs. The
+    metrics are those of encoding chunk by chunk (test_batched_eval_equals_one_prompt_at_a_time)."""
+    import contextlib
+
+    from fastcps.policies import build_policy
+
+    policy = build_policy(load_config(RunConfig, CONFIG, []).policy, "cpu")
+    events = []
+
+    class Recorded(torch.nn.Module):
+        """The engine: forwards to the transformer; its whole-model gather recorded
+        (fastcps.rollout.whole_model takes a model's own ``whole_model``, as the plan's stand-in does)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            events.append("forward")
+            return self.inner(*args, **kwargs)
+
+        @contextlib.contextmanager
+        def whole_model(self):
+            events.append("gather")
+            yield
+            events.append("release")
+
+    real_encode = policy.encode
+    monkeypatch.setattr(policy, "encode", lambda prompts: events.append("encode") or real_encode(prompts))
+    t = eval_trainer(policy, ["whole_model_sampling=true", "train.rollout_batch_size=4"])
+    t.engine = Recorded(policy.transformer)
+    t.evaluate(0)
+    assert events.count("gather") == 1 and "encode" in events and "forward" in events
+    gathered = events[events.index("gather") : events.index("release") + 1]
+    assert "encode" not in gathered and set(gathered) == {"gather", "forward", "release"}, events
+    assert events.index("encode") < events.index("gather")

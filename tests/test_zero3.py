@@ -69,6 +69,7 @@ def flux_run(flux: Path, out: Path, name: str, epochs: int, ds: Path, extra: tup
         "train.rollout_batch_size=4",
         "train.minibatch_size=2",
         "train.gradient_accumulation_steps=1",
+        "train.micro_batch=null",  # the layout as written (the recipe's "auto" ties rollout to minibatch)
         "train.beta_kl=0.1",
         "train.ema_decay=0.5",
         "train.lr=1e-3",

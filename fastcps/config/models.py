@@ -16,7 +16,7 @@ import argparse
 import difflib
 import json
 import sys
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -250,6 +250,14 @@ class TrainConfig(BaseModel):
     """Images per training forward, per rank (DeepSpeed's micro batch)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     """Minibatches per optimizer step; every trained timestep of a minibatch accumulates too."""
+    micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
+    """Images per transformer call, rollout and training alike, per rank: sets `rollout_batch_size` and
+    `minibatch_size` to it and `gradient_accumulation_steps` to `minibatch_size` x
+    `gradient_accumulation_steps` / micro_batch, so the images per optimizer step stay as written (8 x 3
+    -> 4 x 6) and the rollout's log-probs stay reusable for later accumulation windows (`old_logprob`).
+    Must divide `minibatch_size` x `gradient_accumulation_steps`. `auto`: the largest such batch that
+    the resource plan's choice fits in the GPU's memory (fastcps.plan; on the CPU: `minibatch_size`);
+    None = the sizes as written."""
     num_inner_epochs: int = Field(1, ge=1)
     """Passes over one epoch's samples."""
     lr: float = 3e-4
@@ -315,6 +323,13 @@ class TrainConfig(BaseModel):
                 f"train.gradient_accumulation_steps = {self.gradient_accumulation_steps} does "
                 f"not divide the {per_rank // self.minibatch_size} minibatches per process"
             )
+        step = self.minibatch_size * self.gradient_accumulation_steps
+        if isinstance(self.micro_batch, int) and step % self.micro_batch:
+            raise ValueError(
+                f"train.micro_batch = {self.micro_batch} does not divide the {step} images per optimizer "
+                f"step (train.minibatch_size x train.gradient_accumulation_steps); choose one of "
+                f'{[b for b in range(1, step + 1) if step % b == 0]}, or "auto"'
+            )
 
 
 class EvalConfig(BaseModel):
@@ -361,9 +376,10 @@ class DistributedConfig(BaseModel):
     load_timeout_s: float = Field(1800.0, gt=0)
     """Seconds a collective may wait while the run loads: the process group's start (every rank must
     join), model and weight loading (a first download included), DeepSpeed's engine, the first epoch
-    after a start or resume (rewards load their models at their first call) and every checkpoint save
-    (rank 0 writes while the others wait). Ranks legitimately wait for the slowest one there: 30 min,
-    torch's default for gloo (NCCL's is 10 min, DeepSpeed's too, too short for a 24 GB download)."""
+    after a start or resume (the base model's eval, the first compiles of the fused ops) and every
+    checkpoint save (rank 0 writes while the others wait). Ranks legitimately wait for the slowest one
+    there: 30 min, torch's default for gloo (NCCL's is 10 min, DeepSpeed's too, too short for a 24 GB
+    download)."""
     step_timeout_s: float = Field(300.0, gt=0)
     """Seconds a collective may wait in the training loop (after the first epoch): a rank stuck or
     gone for longer ends the run (exit 6) instead of hanging it. Ranks meet at collectives many times
@@ -376,6 +392,18 @@ class DistributedConfig(BaseModel):
     thread that does nothing else, so only a dead process (or one whose interpreter is frozen for this
     long) misses it; 60 s is far above any scheduling hiccup yet ends a broken job within a minute.
     Also bounds how long a failing rank waits for the others to read its error."""
+
+
+class MemoryReserveConfig(BaseModel):
+    model_config = SECTION
+
+    fraction: float = Field(0.08, ge=0.0, lt=1.0)
+    """Share of the GPU's total memory (as torch reports it) that `zero_stage`, `gradient_checkpointing`,
+    `whole_model_sampling` and `train.micro_batch` = `auto` keep free of the resource plan's peak: the
+    plan counts tensors, not the CUDA context, cuBLAS and NCCL workspaces or the caching allocator's
+    fragmentation (fastcps.plan.choose lists the sources). 0.08 of an 80 GB H100 (79.1 GiB) is 6.3 GiB."""
+    gib: float = Field(0.0, ge=0.0)
+    """A floor in GiB: the reserve is the larger of `fraction` x total memory and this."""
 
 
 class RunConfig(BaseModel):
@@ -400,6 +428,8 @@ class RunConfig(BaseModel):
     """ZeRO stage, overriding the DeepSpeed JSON's: `auto` takes ZeRO-2 (whole weights on every GPU, no
     parameter gathers) when the resource plan says it fits the GPU's memory and ZeRO-3 when it does not
     (on the CPU: the JSON's stage); None = the JSON's."""
+    memory_reserve: MemoryReserveConfig = Field(default_factory=MemoryReserveConfig)
+    """GPU memory the `auto` choices keep free of the resource plan's peak."""
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     """The trained model: adapter, weights, precision, LoRA."""
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)

@@ -1,7 +1,7 @@
 """One command that measures a GPU machine: ``python -m fastcps.gpucheck`` (from a fastcps checkout).
 
 Parts, each in a process of its own (a part that fails or runs out of memory leaves the others their
-figures), about 6-8 minutes on one H100:
+figures), about 7-10 minutes on one H100:
 
 - ``tests``: the gpu-marked tests (``pytest -m gpu``): the Triton kernels compiled for the device against
   the fp32 reference in every dtype and tiling (the multi-iteration ones too), the toy trainer on CUDA;
@@ -12,8 +12,9 @@ figures), about 6-8 minutes on one H100:
 - ``toy``: the digits run on CUDA through the Triton path (fp32 and bf16): ``train/ratio_dev`` with old
   log-probs from the rollout, and the rollout-vs-training log-prob agreement on the same samples;
 - ``flux``: one GRPO epoch of the real-size FLUX.1-dev architecture (configs/models, random weights),
-  LoRA r 64, 512 px, bf16, gradient checkpointing, one process under ZeRO-3, tiny text encoders of the
-  real widths, a tiny VAE: images/s, the epoch split, peak memory beside the plan's prediction.
+  LoRA r 64, 512 px, bf16, one process at the settings ``auto`` takes for this GPU (ZeRO stage,
+  checkpointing, micro-batch: ``fastcps.plan.choose``), tiny text encoders of the real widths, a tiny
+  VAE: images/s, the epoch split, the run's peak memory (reserved and allocated) beside the plan's.
 
 Every figure becomes a row of ``<out>/gpucheck.csv`` with the device name, versions and commit
 (``FASTCPS_COMMIT`` names the commit where the copy has no .git). Nothing is downloaded. Without CUDA
@@ -36,10 +37,12 @@ from pathlib import Path
 import torch
 
 from fastcps import runinfo
+from fastcps.allocator import enable_expandable_segments
 
 REPO = Path(__file__).resolve().parents[2]
 PARTS = ("tests", "kernels", "toy", "flux")
-TIMEOUT_S = {"tests": 150, "kernels": 150, "toy": 90, "flux": 210}
+# flux: the plan measures FLUX.1-dev on fake CPU tensors first (~1 min) to take the auto settings
+TIMEOUT_S = {"tests": 150, "kernels": 150, "toy": 90, "flux": 360}
 COLUMNS = [
     "timestamp",
     "device",
@@ -215,6 +218,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # internal: run one part in this process
     args = ap.parse_args(argv)
+    # before any CUDA call, here and (inherited) in every part's process: fastcps.allocator says why
+    enable_expandable_segments()
     out = Path(args.out)
     if args.part:
         return run_part(args.part, out)

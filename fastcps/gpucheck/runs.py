@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fastcps import distributed as dist
-from fastcps.config import LoraConfig, RunConfig, load_config, save_config
+from fastcps.config import RunConfig, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -133,25 +133,35 @@ def flux_epoch(
     text_dims: tuple[int, int] = (4096, 768),
     max_sequence_length: int = 512,
     lora_r: int = 64,
+    gpu_mem_gib: float | None = None,
 ) -> list[dict]:
-    """configs/flux_pickscore.json's recipe on one process under ZeRO-3 (bf16, LoRA r 64, gradient
-    checkpointing, CPS with a 3-step SDE window of 6 steps, recompute) with the transformer of
-    ``model_config`` (default: FLUX.1-dev's, 11.9 B parameters) in random weights, tiny text
-    encoders of the real widths, a tiny VAE and the jpeg_compressibility reward: one warm-up epoch,
-    then one measured epoch: images/s, the epoch split, peak memory beside the plan's prediction."""
+    """configs/flux_pickscore.json's recipe on one process (bf16, LoRA r 64, CPS with a 3-step SDE window
+    of 6 steps, recompute) with the transformer of ``model_config`` (default: FLUX.1-dev's, 11.9 B
+    parameters) in random weights, tiny text encoders of the real widths, a tiny VAE and the
+    jpeg_compressibility reward, at the settings the trainer's ``auto`` takes for this GPU (ZeRO stage,
+    checkpointing, whole-model sampling, micro-batch: ``fastcps.plan.choose`` on the big transformer and
+    ``gpu_mem_gib``, default the device's total memory; on the CPU without it: the settings as written):
+    one warm-up epoch, then one measured epoch: images/s, the epoch split, and the run's peak memory
+    (``max_memory_reserved`` and ``max_memory_allocated`` over load, warm-up and measured epoch) beside
+    the plan's peak for the same settings."""
     from fastcps.perf import peak_tflops
     from fastcps.policies import build_policy
     from fastcps.testing import save_tiny_flux
 
     if model_config is None:
         model_config = json.loads((CONFIGS / "models" / "flux1-dev_transformer.json").read_text())
+    if gpu_mem_gib is None and device.type == "cuda":
+        gpu_mem_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_tiny_flux(Path(tmp) / "flux", t5_dim=text_dims[0], clip_dim=text_dims[1])
+        transformer_json = Path(tmp) / "transformer.json"  # one path: the plan measures it once
+        transformer_json.write_text(json.dumps(model_config))
         per_prompt = 8
         sets = [
             f"policy.pretrained={folder}",
             "policy.offload_frozen=false",
-            "policy.lora=null",
+            f"policy.lora.r={lora_r}",
+            f"policy.lora.alpha={2.0 * lora_r}",
             f"policy.resolution={resolution}",
             f"policy.max_sequence_length={max_sequence_length}",
             'rewards=[{"name": "jpeg_compressibility"}]',
@@ -160,38 +170,58 @@ def flux_epoch(
             "train.rollout_batch_size=8",
             "train.minibatch_size=4",
             "train.gradient_accumulation_steps=2",
+            "train.micro_batch=auto",
             "train.num_epochs=2",
             "eval.every=0",
             "log.progress=false",
-            # explicit: "auto" would plan the tiny transformer of the folder, not build_big_flux's
-            "zero_stage=3",
+            "zero_stage=auto",
+            "policy.gradient_checkpointing=auto",
+            "whole_model_sampling=auto",
             "log.images_every=0",
             "checkpoint.every=0",
             f"output_dir={tmp}",
             f"deepspeed_config={CONFIGS / 'ds_zero3.json'}",
             f"prompts.source={CONFIGS / 'prompts' / 'pickscore.txt'}",
         ]
-        cfg = load_config(RunConfig, str(CONFIGS / "flux_pickscore.json"), sets)
-        policy = build_policy(cfg.policy, device)  # tiny transformer, replaced next
+        cfg = auto_settings(
+            load_config(RunConfig, str(CONFIGS / "flux_pickscore.json"), sets), transformer_json, gpu_mem_gib
+        )
+        lora = cfg.policy.lora
+        policy = build_policy(cfg.policy.model_copy(update={"lora": None}), device)  # tiny, replaced next
         policy.transformer = build_big_flux(model_config, device).train()
-        policy.transformer.enable_gradient_checkpointing()
-        policy.add_lora(lora_r, 2.0 * lora_r)
-        cfg.policy.lora, cfg.policy.gradient_checkpointing = LoraConfig(r=lora_r, alpha=2.0 * lora_r), True
+        if cfg.policy.gradient_checkpointing:
+            policy.transformer.enable_gradient_checkpointing()
+        policy.add_lora(lora.r, lora.alpha)
         n_params = sum(p.numel() for p in policy.transformer.parameters())
         trainer = _trainer(cfg, Path(tmp) / "flux", policy=policy)
         trainer.run_epoch(0)  # warm-up: kernel compilation, allocator, DeepSpeed buffers
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         m = trainer.run_epoch(1)
-        save_config(cfg, Path(tmp) / "flux_gpucheck.json")
-        planned = plan_json(Path(tmp) / "flux_gpucheck.json", model_config)
+        ran = trainer.cfg  # what the trainer ran (nothing "auto" left to resolve)
+        peaks = memory_peaks(device)
+        save_config(ran, Path(tmp) / "flux_gpucheck.json")
+        planned = plan_json(Path(tmp) / "flux_gpucheck.json", transformer_json, gpu_mem_gib)
         trainer.logger.close()
-    predicted = planned.get("peak_gib_per_gpu")
+    t = ran.train
+    settings = (
+        f"ZeRO-{ran.zero_stage}, checkpointing {'on' if ran.policy.gradient_checkpointing else 'off'}, "
+        f"whole-model sampling {'on' if ran.whole_model_sampling is True else 'off'}, micro-batch "
+        f"{t.minibatch_size} (rollout {t.rollout_batch_size}, {t.gradient_accumulation_steps} per step)"
+    )
+    # the plan's peak over the epoch's phases and the load phase, as the measured peaks cover the whole run
+    plan_peak = max(planned["peak_gib_per_gpu"], planned["load_peak_gib_per_gpu"]) if planned else None
     note = (
-        f"{n_params / 1e9:.2f} B params, {resolution} px, {images} images, LoRA r {lora_r}, bf16, ckpt, "
-        "ZeRO-3, 1 process"
+        f"{n_params / 1e9:.2f} B params, {resolution} px, {images} images, LoRA r {lora_r}, bf16, 1 process, "
+        f"{settings}"
     )
     rows = [row("flux", "images_per_s", m["perf/images_per_s"], "img/s", note)]
+    rows.append(row("flux", "settings", settings, "", "the auto choice for this GPU (fastcps.plan.choose)"))
+    for key, value in (
+        ("zero_stage", ran.zero_stage),
+        ("gradient_checkpointing", int(bool(ran.policy.gradient_checkpointing))),
+        ("whole_model_sampling", int(ran.whole_model_sampling is True)),
+        ("micro_batch", t.minibatch_size),
+    ):
+        rows.append(row("flux", key, value, "", "as the trainer ran it"))
     for key in ("epoch_s", "rollout_s", "reward_s", "recompute_s", "update_s"):
         rows.append(
             row(
@@ -202,14 +232,47 @@ def flux_epoch(
                 "update_s includes recompute_s" if key == "update_s" else "",
             )
         )
+    both = (
+        f"measured reserved {peaks['reserved']}, allocated {peaks['allocated']}, plan {plan_peak} GiB "
+        f"(GPU {gpu_mem_gib} GiB; {settings})"
+    )
     rows.append(
         row(
-            "flux", "peak_gib", m["memory/peak_gib"], "GiB", "torch.cuda.max_memory_allocated, measured epoch"
+            "flux",
+            "peak_reserved_gib",
+            peaks["reserved"],
+            "GiB",
+            "torch.cuda.max_memory_reserved, whole run; " + both,
         )
     )
     rows.append(
-        row("flux", "plan_peak_gib", predicted, "GiB", "python -m fastcps.plan --world-size 1, same settings")
+        row(
+            "flux",
+            "peak_allocated_gib",
+            peaks["allocated"],
+            "GiB",
+            "torch.cuda.max_memory_allocated, whole run",
+        )
     )
+    rows.append(
+        row(
+            "flux",
+            "plan_peak_gib",
+            plan_peak,
+            "GiB",
+            "python -m fastcps.plan --world-size 1, the settings run",
+        )
+    )
+    if planned.get("headroom_gib") is not None:
+        rows.append(
+            row(
+                "flux",
+                "plan_headroom_gib",
+                planned["headroom_gib"],
+                "GiB",
+                "GPU memory minus the plan's peak",
+            )
+        )
     # utilisation: the FLOPs of the trainer's own calls (fastcps.perf) over each phase's time, and the plan's
     # counted FLOPs of the same phases beside them (fastcps.plan.epoch): the first GPU run says how far the
     # trainer is from the hardware and whether the plan counts what the trainer does
@@ -259,25 +322,57 @@ def flux_epoch(
     return rows
 
 
-def plan_json(config_path: Path, model_config: dict) -> dict:
+def auto_settings(cfg: RunConfig, transformer_json: Path, gpu_mem_gib: float | None) -> RunConfig:
+    """``cfg`` with its "auto" settings made as the trainer's ``resolve_auto`` makes them, but for the
+    transformer of ``transformer_json`` (the one the check builds; the pipeline folder's is tiny) and a
+    GPU of ``gpu_mem_gib`` (None: nothing to fit, the settings as written)."""
+    from fastcps.plan import Loader, choose
+    from fastcps.plan.choose import reserve_gib
+    from fastcps.plan.costs import with_changes
+
+    loader = Loader(cfg, transformer_json)
+    limit = None
+    if gpu_mem_gib is not None:
+        limit = (gpu_mem_gib - reserve_gib(gpu_mem_gib, cfg.memory_reserve)) * 2**30
+    chosen = choose(cfg, 1, loader, loader.model(cfg), limit)
+    return with_changes(
+        cfg,
+        {
+            "zero_stage": chosen["stage"],
+            "policy.gradient_checkpointing": chosen["checkpointing"],
+            "whole_model_sampling": chosen["whole_model_sampling"],
+            **(chosen["changes"] or {"train.micro_batch": None}),
+        },
+    )
+
+
+def memory_peaks(device: torch.device) -> dict:
+    """The caching allocator's peaks since the process started, in GiB: what it reserved from the driver
+    (what the plan's peak plus fragmentation must fit) and what tensors held; None off CUDA."""
+    if device.type != "cuda":
+        return {"reserved": None, "allocated": None}
+    return {
+        "reserved": torch.cuda.max_memory_reserved(device) / 2**30,
+        "allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+    }
+
+
+def plan_json(config_path: Path, transformer_json: Path, gpu_mem_gib: float | None = None) -> dict:
     """The plan (``--json``) of a saved config at world size 1, or {} when the plan cannot say."""
     import contextlib
     import io
 
     from fastcps import plan
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(model_config, f)
+    argv = ["--config", str(config_path), "--world-size", "1", "--model-config", str(transformer_json)]
+    if gpu_mem_gib is not None:
+        argv += ["--gpu-mem", str(gpu_mem_gib)]
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            rc = plan.main(
-                ["--config", str(config_path), "--world-size", "1", "--model-config", f.name, "--json"]
-            )
+            rc = plan.main([*argv, "--json"])
     except SystemExit as exc:  # argparse: this version of the plan lacks a flag
         rc = exc.code
-    finally:
-        Path(f.name).unlink()
     if rc != 0:
         return {}
     try:

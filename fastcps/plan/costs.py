@@ -33,6 +33,10 @@ TEXT_ENCODERS = {
     "flux": {"T5-XXL encoder": 4.762, "CLIP-L text": 0.123},
     "sd3": {"T5-XXL encoder": 4.762, "CLIP-G text": 0.695, "CLIP-L text": 0.123},
 }
+# The VAE in fp32, weights and decode, as flow_grpo keeps it (scripts/train_sd3.py:410,
+# ``pipeline.vae.to(accelerator.device, dtype=torch.float32)``) and the policies decode.
+VAE_DTYPE = "fp32"
+DECODE_CHUNK = 4  # images per VAE decode call (DiffusersPolicy.decode_chunk)
 # Rewards on the training GPU (fastcps/rewards/*): PickScore and HPSv2 are CLIP ViT-H-14 (986 M),
 # aesthetic a CLIP ViT-L/14 (428 M) + a small MLP; ocr runs on the CPU, geneval on a detection server.
 REWARD_PARAMS = {"pickscore": 0.986, "hpsv2": 0.986, "aesthetic": 0.428}
@@ -58,6 +62,8 @@ class Model:
     meter_lora: tuple | None = None  # the LoRA (r, alpha, targets) the meter was built with
     meter_threshold: int = 0  # ZeRO-3's persistence threshold behind ``small`` (tensors below it stay whole)
     sigmas: object = None  # num_steps -> the policy's sigma schedule
+    text_encoder_params: float | None = None  # all text encoders; None: the published sizes (TEXT_ENCODERS)
+    counted: dict = field(default_factory=dict)  # the epochs counted for this model (epoch.counted_epoch)
 
 
 @dataclass
@@ -165,9 +171,8 @@ def persistent(cfg: RunConfig, world: int, model: Model, zero: Zero, n_trained_m
         else min(zero.reduce_bucket_size, model.trained)
     )
     out["fp32 master + Adam m, v (partition)"] = 0.0 if zero.offload_optimizer else 12 * model.trained / n
-    out["VAE"] = wb * model.vae_params
-    enc = sum(TEXT_ENCODERS[p.name].values()) * 1e9 * wb
-    out["text encoders"] = 0.0 if p.offload_frozen else enc
+    out[f"VAE ({VAE_DTYPE})"] = BYTES[VAE_DTYPE] * model.vae_params
+    out["text encoders"] = 0.0 if p.offload_frozen else text_encoder_bytes(cfg, model)
     out["reward models"] = sum(
         REWARD_PARAMS.get(r.name, 0.0) * 1e9 * BYTES[str(r.args.get("dtype", "float32"))] for r in cfg.rewards
     )
@@ -183,6 +188,15 @@ def persistent(cfg: RunConfig, world: int, model: Model, zero: Zero, n_trained_m
     return out
 
 
+def text_encoder_bytes(cfg: RunConfig, model: Model) -> float:
+    """The policy's text encoders in its dtype: counted from a local pipeline folder's files when the
+    plan has them (``Model.text_encoder_params``), else the published sizes."""
+    n = model.text_encoder_params
+    if n is None:
+        n = sum(TEXT_ENCODERS[cfg.policy.name].values()) * 1e9
+    return n * BYTES[cfg.policy.dtype]
+
+
 def live_gathered(cfg: RunConfig, model: Model, zero: Zero) -> float:
     """ZeRO-3's gathered working set: the running module's parameters plus the prefetch bucket,
     capped by stage3_max_live_parameters."""
@@ -193,43 +207,53 @@ def live_gathered(cfg: RunConfig, model: Model, zero: Zero) -> float:
     )
 
 
-def transients(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
-    """Bytes per GPU on top of ``persistent`` in each phase (measured activations + ZeRO-3 gathers)."""
-    c, t, p = cfg_mult(cfg), cfg.train, cfg.policy
+def transients(cfg: RunConfig, world: int, model: Model, zero: Zero, batches: dict) -> dict:
+    """Bytes per GPU on top of ``persistent`` in each phase the trainer runs (measured activations + ZeRO-3
+    gathers), at the call sizes of ``fastcps.plan.epoch.call_batches``."""
+    t, p = cfg.train, cfg.policy
     gathered = live_gathered(cfg, model, zero)
     # whole_model_sampling: the rollout and the eval hold every partitioned parameter at once
-    sampled = (
-        BYTES[p.dtype] * (model.params - model.small)
-        if zero.stage >= 3 and cfg.whole_model_sampling is True
-        else gathered
-    )
+    whole = zero.stage >= 3 and cfg.whole_model_sampling is True
+    sampled = BYTES[p.dtype] * (model.params - model.small) if whole else gathered
     m = model.meter
-    train = m.step("ckpt" if p.gradient_checkpointing else "train", t.minibatch_size * c)
-    act = train.peak
+    kind = "ckpt" if p.gradient_checkpointing else "train"
+    act, saved = m.activation(kind, batches["train"])
     if t.beta_kl > 0 and p.lora is not None:  # the reference's no-grad forward while the graph is alive
-        act = max(act, train.saved + m.step("nograd", t.minibatch_size * c).peak)
-    decode = model.vae_peak(min(4, t.rollout_batch_size))  # DiffusersPolicy.decode_chunk = 4
-    rollout = max(m.step("nograd", t.rollout_batch_size * c).peak, decode)
-    k = cfg.eval.images_per_prompt
-    evaluation = max(m.step("nograd", k * c).peak, model.vae_peak(min(4, k))) if cfg.eval.every else 0.0
+        act = max(act, saved + m.activation("nograd", batches["train"])[0])
+    decode = model.vae_peak(batches["decode"]) if batches["decode"] else 0.0
+    rollout = max(m.activation("nograd", batches["rollout"])[0], decode)
+    evaluation = 0.0
+    if batches["eval"]:
+        decode_eval = model.vae_peak(batches["decode_eval"]) if batches["decode_eval"] else 0.0
+        evaluation = max(m.activation("nograd", batches["eval"])[0], decode_eval)
     step_fp32 = 0.0 if zero.offload_optimizer else 4 * min(model.trained / world, zero.sub_group_size)
     # policy.offload_frozen: the text encoders come to the GPU while new prompts are encoded (the first
-    # epochs; encodings are cached in host memory); their own activations are not modeled
-    moved_in = sum(TEXT_ENCODERS[p.name].values()) * 1e9 * BYTES[p.dtype] if p.offload_frozen else 0.0
+    # epochs; encodings are cached in host memory), next to whatever is resident then: the persistent
+    # terms, and the gathered transformer if the trainer encoded inside a whole-model gather (it does not:
+    # Trainer.evaluate encodes before it gathers); their own activations are not modeled (no grad, 128
+    # tokens: tens of MiB)
+    moved_in = text_encoder_bytes(cfg, model) if p.offload_frozen else 0.0
+    encode = {"text encoders moved in": moved_in}
+    if whole and batches["encode_in_whole"]:
+        encode["whole transformer gathered (encoding inside the gather)"] = sampled
     return {
         "training micro-step": {"activations (measured)": act, "ZeRO-3 gathered parameters": gathered},
         "rollout step": {"forward / VAE decode (measured)": rollout, "ZeRO-3 gathered parameters": sampled},
         "eval step": {"forward / VAE decode (measured)": evaluation, "ZeRO-3 gathered parameters": sampled},
         "optimizer step": {"fp32 gradient of the partition": step_fp32},
-        "prompt encoding": {"text encoders moved in": moved_in},
+        "prompt encoding": encode,
     }
 
 
 def memory(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
-    """Per-GPU bytes: the persistent terms, each phase's transients, each phase's total and the peak."""
+    """Per-GPU bytes: the persistent terms, each phase's transients, each phase's total and the peak,
+    at the batch sizes of the trainer's own epoch for ``cfg`` (``fastcps.plan.epoch.counted_epoch``)."""
+    from fastcps.plan.epoch import call_batches, counted_epoch
+
     n_max = max(trained_steps(cfg, model.sigmas(cfg.sampler.num_steps)))
     keep = persistent(cfg, world, model, zero, n_max)
-    trans = transients(cfg, world, model, zero)
+    batches = call_batches(counted_epoch(cfg, world, model))
+    trans = transients(cfg, world, model, zero, batches)
     base = sum(keep.values())
     totals = {ph: base + sum(v.values()) for ph, v in trans.items()}
     phase = max(totals, key=totals.get)
@@ -240,6 +264,7 @@ def memory(cfg: RunConfig, world: int, model: Model, zero: Zero) -> dict:
         "peak": totals[phase],
         "peak_phase": phase,
         "stage": zero.stage,
+        "batches": batches,
     }
 
 

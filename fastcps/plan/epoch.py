@@ -162,9 +162,13 @@ class CountingPolicy:
     """The policy interface the epoch functions call, at the real policy's latent shape and schedule;
     every transformer call goes to the engine with its samples (x CFG's 2 where SD3 runs CFG)."""
 
-    def __init__(self, latent_shape: tuple, sigmas, cfg_mult: int, vae_counter: Counter):
+    def __init__(self, latent_shape: tuple, sigmas, cfg_mult: int, vae_counter: Counter, engine=None):
         self._shape, self._sigmas, self._mult, self._vae = tuple(latent_shape), sigmas, cfg_mult, vae_counter
         self.lora = None
+        self.engine = engine
+        # (phase, whole model gathered?) -> prompts encoded: the text encoders' phase and what sits
+        # beside them on the device (fastcps.plan.costs: "prompt encoding")
+        self.encodes: Counter = Counter()
 
     def latent_shape(self):
         return self._shape
@@ -173,6 +177,8 @@ class CountingPolicy:
         return torch.as_tensor(self._sigmas(num_steps), dtype=torch.float32)
 
     def encode(self, prompts: list[str]):
+        if self.engine is not None:
+            self.encodes[(self.engine.phase, self.engine._whole)] += len(prompts)
         return {"prompt": torch.zeros(len(prompts), 1)}
 
     def velocity(self, model, latents: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
@@ -211,7 +217,8 @@ def count_epoch(
     cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_mult: int, epoch: int = 0
 ) -> dict:
     """Calls of one epoch on rank 0 (every rank runs the same calls: ZeRO-3 needs it). Returns
-    {"calls": {(phase, kind, samples): n}, "vae": {images: calls}, "optimizer_steps", "images_per_rank"};
+    {"calls": {(phase, kind, samples): n}, "vae": {images: calls}, "optimizer_steps", "images_per_rank",
+    "encodes": {(phase, inside a whole-model gather): prompts}};
     eval's calls are divided by ``eval.every`` (it runs every that many epochs). ``latent_shape``:
     the stand-in's latents (their size changes no call; the plan passes one element)."""
     from fastcps.prompts import load_prompts
@@ -221,8 +228,8 @@ def count_epoch(
     # counted with the sampling loops' whole-model gathers on: zero_traffic prices both ways
     cfg = cfg.model_copy(update={"whole_model_sampling": True})
     vae: Counter = Counter()
-    policy = CountingPolicy(latent_shape, sigmas, cfg_mult, vae)
     engine = CountingEngine()
+    policy = CountingPolicy(latent_shape, sigmas, cfg_mult, vae, engine)
     encodings = PromptEncodings(policy)
     cpu = torch.device("cpu")
     data = rollout_epoch(
@@ -251,6 +258,7 @@ def count_epoch(
         "images_per_rank": int(data.reward.numel()),
         "whole_gathers": dict(engine.whole),
         "whole_calls": dict(engine.whole_calls),
+        "encodes": policy.encodes,  # (phase, inside a whole-model gather) -> prompts, eval's included
     }
     e = cfg.eval
     if e.every:
@@ -259,7 +267,8 @@ def count_epoch(
         engine.whole_calls.clear()
         vae.clear()
         engine.phase = "eval"
-        _evaluate(cfg, world, policy, engine, encodings)
+        # a fresh cache: the eval's own encodings are seen whether or not the rollout's cached them
+        _evaluate(cfg, world, policy, engine, PromptEncodings(policy))
         for field, counts in (
             ("calls", engine.calls),
             ("whole_gathers", engine.whole),
@@ -269,6 +278,51 @@ def count_epoch(
                 out[field][key] = out[field].get(key, 0) + n / e.every
         out["vae_eval"] = {key: n / e.every for key, n in vae.items()}
     return out
+
+
+def counted_epoch(cfg: RunConfig, world: int, model) -> dict:
+    """The trainer's own epoch on the counting stand-ins (``count_epoch``), once per config and world size
+    for ``model`` (a ``costs.Model``: its ``counted`` holds them, so a plan counts the code it runs with):
+    every call's batch, every encode's phase (~0.06 s a count). The ZeRO stage and checkpointing change
+    no call, and whole-model sampling is counted both ways (its gathers are recorded, ``zero_traffic``
+    prices them or not): one count serves them all."""
+    from fastcps.plan.costs import cfg_mult, with_changes
+
+    canonical = with_changes(
+        cfg,
+        {
+            "zero_stage": None,
+            "whole_model_sampling": True,
+            "policy.gradient_checkpointing": False,
+        },
+    )
+    key = (canonical.model_dump_json(), world)
+    if key not in model.counted:
+        model.counted[key] = count_epoch(
+            canonical, world, latent_shape=(1, 1), sigmas=model.sigmas, cfg_mult=cfg_mult(cfg)
+        )
+    return model.counted[key]
+
+
+def call_batches(counted: dict) -> dict:
+    """Samples per transformer call (the largest of each phase) and images per VAE decode call, as the
+    trainer's own functions made them (a policy decodes ``costs.DECODE_CHUNK`` images at a time)."""
+    from fastcps.plan.costs import DECODE_CHUNK
+
+    def largest(phase: str) -> int:
+        return max((b for (ph, _, b) in counted["calls"] if ph == phase), default=0)
+
+    decode = max(counted["vae"], default=0)
+    decode_eval = max(counted.get("vae_eval", {}), default=0)
+    return {
+        "train": largest("training forward"),
+        "rollout": largest("rollout"),
+        "eval": largest("eval"),
+        "decode": min(DECODE_CHUNK, decode),
+        "decode_eval": min(DECODE_CHUNK, decode_eval),
+        # an encode inside a whole-model gather holds the text encoders beside the gathered weights
+        "encode_in_whole": any(whole for (_, whole), n in counted.get("encodes", {}).items() if n),
+    }
 
 
 def _evaluate(cfg: RunConfig, world: int, policy, engine, encodings) -> None:

@@ -53,6 +53,7 @@ def load_peak_bytes(
     text_encoder_params: float,
     offload_frozen: bool,
     largest_fetch: int,
+    vae_dtype_bytes: int | None = None,
 ) -> dict:
     """Bytes per GPU at the load phase's peak (the end of ``deepspeed.initialize``'s partitioning),
     term by term, plus ``"peak"`` (their sum). Counts are elements (parameters), not billions:
@@ -62,7 +63,8 @@ def load_peak_bytes(
     tensor, the one whole tensor ZeRO-3's partitioning holds at once), ``vae_params``,
     ``text_encoder_params`` (all the policy's text encoders together, on the device unless
     ``offload_frozen``). ``family``: ``flux``, ``sd3`` or ``toy`` (the toy goes to the device whole at
-    every stage). See the module docstring for the DeepSpeed code behind each term."""
+    every stage). ``vae_dtype_bytes``: the VAE's bytes per parameter (default ``dtype_bytes``; the
+    policies keep it in fp32). See the module docstring for the DeepSpeed code behind each term."""
     if family not in DEFERRED + ("toy",):
         raise ValueError(f"family = {family!r}: choose flux, sd3 or toy")
     if world < 1:
@@ -86,7 +88,27 @@ def load_peak_bytes(
     out["transformer tensor being partitioned (whole, one at a time)"] = (
         float(dtype_bytes * largest_fetch) if partitioned else 0.0
     )
-    out["VAE"] = float(dtype_bytes * vae_params)
+    out["VAE"] = float((vae_dtype_bytes or dtype_bytes) * vae_params)
     out["text encoders"] = 0.0 if offload_frozen else float(dtype_bytes * text_encoder_params)
     out["peak"] = sum(out.values())
     return out
+
+
+def load_phase(cfg, world: int, model, stage: int) -> dict:
+    """``load_peak_bytes`` of a run config (``fastcps.config.RunConfig``) and its measured model
+    (``fastcps.plan.costs.Model``) under ZeRO ``stage``."""
+    from fastcps.plan import costs as pc
+
+    return load_peak_bytes(
+        family=cfg.policy.name,
+        stage=stage,
+        world=world,
+        params=model.params,
+        small=model.small,
+        dtype_bytes=pc.BYTES[cfg.policy.dtype],
+        vae_params=model.vae_params,
+        text_encoder_params=pc.text_encoder_bytes(cfg, model) / pc.BYTES[cfg.policy.dtype],
+        offload_frozen=cfg.policy.offload_frozen,
+        largest_fetch=model.largest_fetch,
+        vae_dtype_bytes=pc.BYTES[pc.VAE_DTYPE],
+    )

@@ -20,7 +20,15 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     def p(line=""):
         print(line, file=out)
 
-    t, s, pol = cfg.train, cfg.sampler, cfg.policy
+    s, pol = cfg.sampler, cfg.policy
+    # the batch sizes the plan chose (train.micro_batch "auto" changes them), the rest as configured
+    t = cfg.train.model_copy(
+        update={
+            "minibatch_size": r["micro_batch"],
+            "rollout_batch_size": r["rollout_batch_size"],
+            "gradient_accumulation_steps": r["gradient_accumulation_steps"],
+        }
+    )
     per_rank = r["images_per_rank"]
     world, c = r["world_size"], r["cfg_batch_multiplier"]
     tf = Path(r["files"]["transformer"]).absolute()
@@ -36,7 +44,8 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     p(
         f"world size {world}, ZeRO stage {r['zero_stage']} ({how}), gradient checkpointing "
         f"{'on' if r['gradient_checkpointing'] else 'off'} ({ck}), whole-model sampling "
-        f"{'on' if r['whole_model_sampling'] else 'off'} ({cfg.whole_model_sampling})"
+        f"{'on' if r['whole_model_sampling'] else 'off'} ({cfg.whole_model_sampling}), micro-batch "
+        f"{r['micro_batch']} ({cfg.train.micro_batch})"
     )
     if r["whole_sampling_peak_gib"] is not None:
         peak = r["whole_sampling_peak_gib"]
@@ -94,7 +103,7 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     p(
         f"  rollout forward of {t.rollout_batch_size * c} samples: {gib(a['rollout']).strip()};  VAE decode "
         "of "
-        f"{min(4, t.rollout_batch_size)} images: {gib(a['vae_decode']).strip()}"
+        f"{min(4, t.rollout_batch_size)} images (fp32): {gib(a['vae_decode']).strip()}"
     )
 
     p()
@@ -152,7 +161,10 @@ def report(cfg: RunConfig, r: dict, out) -> None:
         "fastcps.plan.load)"
     )
     by = "  ".join(f"{k} {v:.1f}" for k, v in r["peak_gib_by_choice"].items())
-    p(f"  peak by choice (GiB): {by}; plus the CUDA context, NCCL buffers and fragmentation (--reserve)")
+    p(
+        f"  peak by choice at micro-batch {t.minibatch_size} (GiB): {by}; plus the CUDA context, cuBLAS/NCCL "
+        "workspaces and fragmentation (--reserve)"
+    )
     if pol.offload_frozen:
         p("  text encoders on the CPU (policy.offload_frozen): moved in only to encode new prompts")
 
@@ -183,9 +195,34 @@ def report(cfg: RunConfig, r: dict, out) -> None:
 
     if "fits" in r:
         p()
-        head = f"--gpu-mem {r['gpu_mem_gib']:g} GiB (minus --reserve {r['reserve_gib']:g} GiB):"
+        open_ = len(r["candidates"]) > 1
+        p(
+            "settings the config leaves open (auto): what fits first, cheapest first (FLOPs: checkpointing; "
+            "ZeRO-2 before ZeRO-3; traffic; the largest micro-batch); the first is taken"
+            if open_
+            else "settings: as configured"
+        )
+        for cand in r["candidates"][:12]:
+            fits = "fits" if cand["fits"] else "does not fit"
+            p(
+                f"  {cand['choice']:34} micro-batch {cand['micro_batch']:3}  peak {cand['peak_gib']:6.1f} "
+                f"GiB  ZeRO traffic {cand['zero_traffic_gb']:8.1f} GB  {fits}"
+            )
+        if len(r["candidates"]) > 12:
+            p(f"  ... {len(r['candidates']) - 12} more (--json: candidates)")
+        res = r["reserve"]
+        how = f"{res['fraction']:.0%} of it" if res["fraction"] else ""
+        how += (" or " if how else "") + f"{res['gib']:g} GiB" if res["gib"] else ""
+        head = (
+            f"--gpu-mem {r['gpu_mem_gib']:g} GiB, {r['reserve_gib']:.2f} GiB kept free ({how or 'none'}; "
+            "fastcps.plan.choose):"
+        )
+        peak = r["gpu_mem_gib"] - r["headroom_gib"]
         if r["fits"]:
-            p(f"{head} fits (peak {r['peak_gib_per_gpu']:.2f} GiB)")
+            p(
+                f"{head} fits (peak {peak:.2f} GiB, headroom {r['headroom_gib']:.2f} GiB = "
+                f"{r['headroom_fraction']:.1%} of the GPU)"
+            )
         else:
             sug = r["suggestion"]
             flags = " ".join(f"--set {f}" for f in sug["set"])

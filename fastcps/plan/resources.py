@@ -8,14 +8,18 @@ optimizer step; ZeRO's collectives follow from those calls. Measured, on fake te
 local folder), with the config's LoRA adapters, and run at the config's resolution, text length and
 the counted calls' batch sizes: FLOPs of each call, of autograd's backward (and of gradient
 checkpointing's re-forwards), the peak bytes of a training micro-step, a rollout forward and a VAE
-decode. Counted from sizes (``fastcps.plan.costs``, ``fastcps.plan.load``): ZeRO-2/3 partitions and
-buffers with DeepSpeed's defaults, frozen models at published sizes, the rollout's buffers, the load
-phase, one checkpoint's files. Beside it, flow_grpo's own recipe (``plan_epoch.ANCHOR``).
+decode (fp32, as the policies decode). Counted from sizes (``fastcps.plan.costs``,
+``fastcps.plan.load``): ZeRO-2/3 partitions and buffers with DeepSpeed's defaults, frozen models at
+published sizes (a local pipeline folder's text encoders from its files), the rollout's buffers, the
+load phase, one checkpoint's files. Beside it, flow_grpo's own recipe (``plan_epoch.ANCHOR``).
 
-``zero_stage`` / ``policy.gradient_checkpointing`` = "auto" take the cheapest choice that fits
-``--gpu-mem`` (``choose``; the trainer does the same for its GPU: ``resolve_auto``).
+``zero_stage`` / ``policy.gradient_checkpointing`` / ``whole_model_sampling`` / ``train.micro_batch``
+= "auto" take the cheapest choice that fits ``--gpu-mem`` minus the reserve (``fastcps.plan.choose``;
+the trainer does the same for the smallest GPU of its run: ``resolve_auto``).
 
-Options: ``--gpu-mem GIB`` says whether the peak fits and, if not, which ``--set`` flags make it fit;
+Options: ``--gpu-mem GIB`` (the total memory torch reports: 79.1 for an 80 GB H100) says whether the
+peak fits and, if not, which ``--set`` flags make it fit; ``--reserve`` (8% or GiB; default the config's
+``memory_reserve``: 8 %) what the choice keeps free for what the plan does not count;
 ``--mfu`` / ``--peak-tflops`` turn the epoch's FLOPs into a projected time; ``--json`` prints one
 JSON object instead of the table. Config errors exit with status 2 and name the key.
 """
@@ -29,6 +33,7 @@ from pathlib import Path
 
 from fastcps.config import ConfigError, RunConfig, load_config, validate_tree
 from fastcps.plan import costs as pc
+from fastcps.plan.choose import CHOICES, choice_name, choose, parse_reserve, reserve_gib, zero_traffic
 from fastcps.runtime import GIB
 
 MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"  # in the repo checkout
@@ -85,12 +90,6 @@ def zero_section(cfg: RunConfig) -> dict:
     if not ds_path.is_file():
         raise ConfigError(f"DeepSpeed config {str(ds_path)!r} (config key `deepspeed_config`) not found")
     return json.loads(ds_path.read_text()).get("zero_optimization", {})
-
-
-def choice_name(stage: int, checkpointing: bool) -> str:
-    """The key of a (ZeRO stage, gradient checkpointing) choice in the plan's output: zero2, zero3+ckpt,
-    ..."""
-    return f"zero{stage if stage >= 3 else 2}{'+ckpt' if checkpointing else ''}"
 
 
 class Loader:
@@ -155,7 +154,7 @@ class Loader:
         latent = (
             (res // 16) ** 2 * c["in_channels"] if pol.name == "flux" else c["in_channels"] * (res // 8) ** 2
         )
-        vae_path, dtype = str(self.files["vae"]), pol.dtype
+        vae_path, dtype = str(self.files["vae"]), pc.VAE_DTYPE  # the policies decode in fp32
         return pc.Model(
             family=pol.name,
             params=sum(p.numel() for p in params),
@@ -173,131 +172,33 @@ class Loader:
             vae_flop=lambda b: b * measure.vae_decode_peak(vae_path, res, 1, dtype)[2],
             meter_lora=lora,
             sigmas=lambda n: policy_sigmas(pol.name, self.scheduler, res, n),
+            text_encoder_params=local_text_encoder_params(pol.pretrained),
         )
 
 
-def counted_epoch(cfg: RunConfig, world: int, model: pc.Model) -> dict:
-    """The trainer's own epoch functions run on the stand-ins of ``fastcps.plan.epoch``: its calls."""
-    from fastcps.plan import epoch as plan_epoch
+def local_text_encoder_params(pretrained: str) -> int | None:
+    """Parameters of a local pipeline folder's text encoders (``text_encoder*/*.safetensors``, read from
+    the files' headers: no weights load); None for a hub id or a folder without them (the plan then
+    counts the published sizes, ``costs.TEXT_ENCODERS``)."""
+    from safetensors import safe_open
 
-    return plan_epoch.count_epoch(
-        cfg, world, latent_shape=(1, 1), sigmas=model.sigmas, cfg_mult=pc.cfg_mult(cfg)
-    )
-
-
-def load_phase(cfg: RunConfig, world: int, model: pc.Model, stage: int) -> dict:
-    """Bytes per GPU while the models load, term by term (``fastcps.plan.load``)."""
-    from fastcps.plan.load import load_peak_bytes
-
-    return load_peak_bytes(
-        family=cfg.policy.name,
-        stage=stage,
-        world=world,
-        params=model.params,
-        small=model.small,
-        dtype_bytes=pc.BYTES[cfg.policy.dtype],
-        vae_params=model.vae_params,
-        text_encoder_params=sum(pc.TEXT_ENCODERS[cfg.policy.name].values()) * 1e9,
-        offload_frozen=cfg.policy.offload_frozen,
-        largest_fetch=model.largest_fetch,
-    )
-
-
-CHOICES = ((2, False), (3, False), (2, True), (3, True))  # cheapest first: no gathers, then no re-forward
-WHOLE = ", whole-model sampling"  # the traffic table's suffix for whole_model_sampling
-
-
-def choose(cfg: RunConfig, world: int, loader: Loader, model: pc.Model, limit: float | None) -> dict:
-    """ZeRO stage and gradient checkpointing: explicit settings win; ``auto`` takes the cheapest of
-    ``CHOICES`` whose peak fits ``limit`` bytes (without a limit: the DeepSpeed JSON's stage, no
-    checkpointing). Returns {"stage", "checkpointing", "peaks": {(stage, ckpt): bytes}}."""
-    stage, ckpt = cfg.zero_stage, cfg.policy.gradient_checkpointing
-    if stage is None:
-        stage = loader.zero.stage
-    peaks = {}
-    for s, c in CHOICES:  # the larger of the training epoch's peak and the load phase's
-        changed = pc.with_changes(cfg, {"policy.gradient_checkpointing": c})
-        peaks[(s, c)] = max(
-            pc.memory(changed, world, model, loader.load_zero(s))["peak"],
-            load_phase(cfg, world, model, s)["peak"],
-        )
-    allowed = [(s, c) for s, c in CHOICES if stage in ("auto", s) and ckpt in ("auto", c)]
-    if stage != "auto" and stage not in (2, 3):  # a JSON with stage 0 or 1: counted as ZeRO-2's memory
-        allowed = [(2, c) for c in ((False, True) if ckpt == "auto" else (ckpt,))]
-    if (
-        limit is None
-    ):  # nothing to fit: the DeepSpeed JSON's stage (as the trainer on the CPU), cheapest first
-        json_stage = [(s, c) for s, c in allowed if s == (loader.zero.stage if stage == "auto" else s)]
-        pick = (json_stage or allowed)[0]
-    else:
-        pick = next(((s, c) for s, c in allowed if peaks[(s, c)] <= limit), allowed[-1])
-    return {
-        "stage": pick[0] if stage in ("auto", 2, 3) else int(stage),
-        "checkpointing": pick[1],
-        "peaks": peaks,
-        **whole_sampling(cfg, world, loader, model, pick, limit),
-    }
-
-
-def whole_sampling(cfg: RunConfig, world: int, loader: Loader, model: pc.Model, pick, limit) -> dict:
-    """``whole_model_sampling`` for the picked (stage, checkpointing): only ZeRO-3 gathers; "auto" is on
-    when the peak with the whole transformer gathered while sampling fits ``limit`` (off without one)."""
-    want = cfg.whole_model_sampling
-    if pick[0] < 3 or want is False:
-        return {"whole_model_sampling": False, "whole_sampling_peak": None}
-    changed = pc.with_changes(cfg, {"policy.gradient_checkpointing": pick[1], "whole_model_sampling": True})
-    peak = max(
-        pc.memory(changed, world, model, loader.load_zero(3))["peak"],
-        load_phase(cfg, world, model, 3)["peak"],
-    )
-    on = want is True or (limit is not None and peak <= limit)
-    return {"whole_model_sampling": on, "whole_sampling_peak": peak}
-
-
-def resolve_auto(cfg: RunConfig, world: int, device, reserve: float = 1.0) -> tuple[RunConfig, str | None]:
-    """``zero_stage`` / ``policy.gradient_checkpointing`` = "auto" made concrete before any weight loads:
-    on a CUDA device the plan's choice for its memory (``choose``: the cheapest that fits total memory
-    minus ``reserve`` GiB); elsewhere (the CPU, the toy: nothing to fit) the DeepSpeed JSON's stage and
-    no checkpointing. Returns the config with concrete values and a line saying what was chosen (None
-    when nothing was "auto")."""
-    import torch
-
-    auto_stage, auto_ckpt = cfg.zero_stage == "auto", cfg.policy.gradient_checkpointing == "auto"
-    auto_whole = cfg.whole_model_sampling == "auto"
-    if not (auto_stage or auto_ckpt or auto_whole):
-        return cfg, None
-    device = torch.device(device)
-    if device.type != "cuda" or cfg.policy.name not in ("flux", "sd3"):
-        stage, ckpt, whole = None, False, False
-        why = f"no GPU memory to fit on {device.type} / {cfg.policy.name}"
-    else:
-        total = torch.cuda.get_device_properties(device).total_memory / GIB
-        loader = Loader(cfg)
-        chosen = choose(cfg, world, loader, loader.model(cfg), (total - reserve) * GIB)
-        stage, ckpt, whole = chosen["stage"], chosen["checkpointing"], chosen["whole_model_sampling"]
-        peak = chosen["peaks"][(stage if stage >= 3 else 2, ckpt)] / GIB
-        if whole and chosen["whole_sampling_peak"] is not None:
-            peak = chosen["whole_sampling_peak"] / GIB
-        why = f"planned peak {peak:.1f} GiB of {total:.1f} GiB (minus {reserve:g} reserved)"
-    changes = {}
-    if auto_stage:
-        changes["zero_stage"] = stage
-    if auto_ckpt:
-        changes["policy.gradient_checkpointing"] = ckpt
-    if auto_whole:
-        changes["whole_model_sampling"] = whole
-    out = pc.with_changes(cfg, changes)
-    shown = (
-        out.zero_stage
-        if out.zero_stage is not None
-        else f"{int(zero_section(cfg).get('stage', 0))} (the DeepSpeed JSON's)"
-    )
-    line = (
-        f"auto: ZeRO stage {shown}, "
-        f"gradient checkpointing {'on' if out.policy.gradient_checkpointing else 'off'}, "
-        f"whole-model sampling {'on' if out.whole_model_sampling is True else 'off'} ({why})"
-    )
-    return out, line
+    folder = Path(pretrained) if pretrained else None
+    if folder is None or not folder.is_dir():
+        return None
+    subfolders = sorted(d for d in folder.glob("text_encoder*") if d.is_dir())
+    files = [sorted(d.glob("*.safetensors")) for d in subfolders]
+    if not subfolders or not all(files):
+        return None
+    total = 0
+    for f in (f for group in files for f in group):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                shape = fh.get_slice(k).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
+    return total
 
 
 def plan(
@@ -306,30 +207,40 @@ def plan(
     model_config: Path | None = None,
     *,
     gpu_mem: float | None = None,
-    reserve: float = 1.0,
+    reserve=None,
     mfu: float = 0.4,
     peak_tflops: float = H100_BF16_DENSE_TFLOPS,
 ) -> dict:
-    """Everything the report shows, as one dict (bytes, FLOPs, seconds; ``*_gib`` in GiB)."""
+    """Everything the report shows, as one dict (bytes, FLOPs, seconds; ``*_gib`` in GiB). ``gpu_mem``:
+    the GPU's total memory in GiB as torch reports it; ``reserve``: a ``MemoryReserveConfig``, GiB, or
+    None (the config's ``memory_reserve``)."""
+    from fastcps.config import MemoryReserveConfig
     from fastcps.plan import epoch as pe
     from fastcps.plan import measure
+    from fastcps.plan.load import load_phase
 
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must lie in (0, 1], got {mfu}")
+    if reserve is None:
+        reserve = cfg.memory_reserve
+    elif not isinstance(reserve, MemoryReserveConfig):
+        reserve = MemoryReserveConfig(fraction=0.0, gib=float(reserve))
     loader = Loader(cfg, model_config)
     model = loader.model(cfg)
-    limit = None if gpu_mem is None else (gpu_mem - reserve) * GIB
+    kept = None if gpu_mem is None else reserve_gib(gpu_mem, reserve)
+    limit = None if gpu_mem is None else (gpu_mem - kept) * GIB
     chosen = choose(cfg, world, loader, model, limit)
     cfg = pc.with_changes(
         cfg,
         {
             "policy.gradient_checkpointing": chosen["checkpointing"],
             "whole_model_sampling": chosen["whole_model_sampling"],
+            **chosen["changes"],
         },
     )
     zero = loader.load_zero(chosen["stage"])
     n_mean, n_min, n_max = pc.mean_trained(cfg, model.sigmas(cfg.sampler.num_steps))
-    counted = counted_epoch(cfg, world, model)
+    counted = pe.counted_epoch(cfg, world, model)
     phases = {
         k: v * world
         for k, v in pe.phase_flops(counted, model.meter, model.vae_flop, chosen["checkpointing"]).items()
@@ -348,53 +259,14 @@ def plan(
     )
     anchor = {k: v * images for k, v in pe.anchor_flop_per_image(anchor_meter, model.vae_flop).items()}
     training = epoch_flop - phases["eval"]
-    wb = pc.BYTES[cfg.policy.dtype]
-    threshold = model.meter_threshold
-    traffic_kw = dict(
-        world=world,
-        gathered_params=model.params - model.small,
-        trained_params=model.trained,
-        bytes_per_param=wb,
-    )
-    # a KL reference forward between the policy's forward and backward resets DeepSpeed's trace: the
-    # backward then fetches again what the re-forward fetched (measure.ModuleUses)
-    kl = any(phase == "KL reference forward" for phase, _, _ in counted["calls"])
-    fetched = {
-        ck: {
-            "forward": model.meter.gathered("nograd", 1, threshold)["forward"],
-            "backward": model.meter.gathered("ckpt" if ck else "train", 1, threshold)[
-                "backward_unshared" if kl else "backward"
-            ],
-        }
-        for ck in (False, True)
-    }
-    traffic = {
-        choice_name(s, ck): pe.zero_traffic(
-            counted,
-            stage=s,
-            fetched=fetched[ck],
-            grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(s)),
-            **traffic_kw,
-        )
-        for s, ck in CHOICES
-    }
+    traffic = {choice_name(s, ck): zero_traffic(cfg, world, loader, model, s, ck) for s, ck in CHOICES}
     # DeepSpeed's ZeRO++ quantized weights (zero_quantized_weights: int8 blocks + scales) for slow links
-    traffic["zero3+ckpt, quantized gathers"] = pe.zero_traffic(
-        counted,
-        stage=3,
-        fetched=fetched[True],
-        gather_bytes_per_param=1.0,
-        grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(3)),
-        **traffic_kw,
+    traffic["zero3+ckpt, quantized gathers"] = zero_traffic(
+        cfg, world, loader, model, 3, True, gather_bytes_per_param=1.0
     )
     for ck in (False, True):  # whole_model_sampling: the rollout and the eval gather the model once each
-        traffic[choice_name(3, ck) + WHOLE] = pe.zero_traffic(
-            counted,
-            stage=3,
-            fetched=fetched[ck],
-            grad_bytes_per_param=pc.grad_bytes(cfg, loader.load_zero(3)),
-            whole_sampling=True,
-            **traffic_kw,
+        traffic[choice_name(3, ck) + WHOLE] = zero_traffic(
+            cfg, world, loader, model, 3, ck, whole_sampling=True
         )
     chosen_traffic = choice_name(chosen["stage"], chosen["checkpointing"]) + (
         WHOLE if chosen["whole_model_sampling"] else ""
@@ -403,17 +275,21 @@ def plan(
     mine = mem[3] if zero.stage >= 3 else mem[2]
     load = load_phase(cfg, world, model, zero.stage)
     acts = {
-        "train": plain.peak,
-        "train_checkpointed": model.meter.step("ckpt", t.minibatch_size * c).peak,
-        "rollout": model.meter.step("nograd", t.rollout_batch_size * c).peak,
-        "vae_decode": model.vae_peak(min(4, t.rollout_batch_size)),
+        "train": model.meter.activation("train", t.minibatch_size * c)[0],
+        "train_checkpointed": model.meter.activation("ckpt", t.minibatch_size * c)[0],
+        "rollout": model.meter.activation("nograd", t.rollout_batch_size * c)[0],
+        "vae_decode": model.vae_peak(min(pc.DECODE_CHUNK, t.rollout_batch_size)),
     }
     seconds = epoch_flop / (world * peak_tflops * 1e12 * mfu)
+    peak = max(mine["peak"], load["peak"])
     out = {
         "config": cfg.name,
         "world_size": world,
         "zero_stage": zero.stage,
         "gradient_checkpointing": chosen["checkpointing"],
+        "micro_batch": t.minibatch_size,
+        "rollout_batch_size": t.rollout_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "files": {k: str(v) for k, v in loader.files.items()},
         "transformer_params": model.params - (model.trained if cfg.policy.lora else 0),
         "trained_params": model.trained,
@@ -443,8 +319,22 @@ def plan(
         "load_phase": load,
         "load_peak_gib_per_gpu": load["peak"] / GIB,
         "peak_gib_by_choice": {choice_name(s, ck): v / GIB for (s, ck), v in chosen["peaks"].items()},
+        # what fits first, cheapest first (fastcps.plan.choose.Candidate.key): the first is the choice
+        "candidates": [
+            {
+                "choice": cand.name(),
+                "micro_batch": cand.micro_batch or t.minibatch_size,
+                "peak_gib": cand.peak / GIB,
+                "zero_traffic_gb": cand.traffic / 1e9,
+                "fits": None if limit is None else cand.peak <= limit,
+            }
+            for cand in sorted(
+                chosen["candidates"], key=lambda c: (limit is not None and c.peak > limit, c.key())
+            )
+        ],
         "zero_traffic_bytes_per_gpu": traffic,
         "zero_param_traffic_bytes_per_gpu": traffic[chosen_traffic]["parameter all-gather"],
+        "zero_param_gathers": traffic[chosen_traffic]["gathers"],
         "whole_model_sampling": chosen["whole_model_sampling"],
         "whole_sampling_peak_gib": None if (w := chosen["whole_sampling_peak"]) is None else w / GIB,
         "checkpoint_files": (ck := pc.checkpoint_files(cfg, world, model, zero.stage)),
@@ -453,14 +343,22 @@ def plan(
         "mfu": mfu,
         "peak_tflops": peak_tflops,
         "projected_epoch_s": seconds,
-        "reserve_gib": reserve,
+        "reserve": {"fraction": reserve.fraction, "gib": reserve.gib},
     }
     if gpu_mem is not None:
         out["gpu_mem_gib"] = gpu_mem
-        out["fits"] = max(mine["peak"], load["peak"]) <= limit
+        out["reserve_gib"] = kept
+        # the card's memory minus the planned peak (the reserve not subtracted): what is left for what the
+        # plan does not count
+        out["headroom_gib"] = gpu_mem - peak / GIB
+        out["headroom_fraction"] = out["headroom_gib"] / gpu_mem
+        out["fits"] = peak <= limit
         sug = pc.suggest(cfg, world, zero, limit, loader.model, loader.load_zero)
         out["suggestion"] = {"set": sug["flags"], "peak_gib": sug["peak"] / GIB, "fits": sug["fits"]}
     return out
+
+
+WHOLE = ", whole-model sampling"  # the traffic table's suffix for whole_model_sampling
 
 
 def main(argv=None) -> int:
@@ -474,14 +372,17 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--model-config", help="transformer config.json (default: configs/models/ by policy)")
     ap.add_argument(
-        "--gpu-mem", type=float, metavar="GIB", help="GPU memory: does the run fit, and if not, how"
+        "--gpu-mem",
+        type=float,
+        metavar="GIB",
+        help="the GPU's total memory in GiB as torch reports it (an 80 GB H100: 79.1): does the run fit, "
+        "and if not, how; the auto settings are chosen for it",
     )
     ap.add_argument(
         "--reserve",
-        type=float,
-        default=1.0,
-        metavar="GIB",
-        help="kept free of --gpu-mem for the CUDA context, NCCL and fragmentation (not measured; 1)",
+        metavar="PCT|GIB",
+        help="kept free of --gpu-mem for the CUDA context, cuBLAS/NCCL workspaces and fragmentation, which "
+        "the plan does not count: 8%% of the GPU or GiB (default: the config's memory_reserve, 8%%)",
     )
     ap.add_argument(
         "--mfu", type=float, default=0.4, help="fraction of --peak-tflops reached (0.4): projection only"
@@ -502,7 +403,7 @@ def main(argv=None) -> int:
             args.world_size,
             Path(args.model_config) if args.model_config else None,
             gpu_mem=args.gpu_mem,
-            reserve=args.reserve,
+            reserve=None if args.reserve is None else parse_reserve(args.reserve),
             mfu=args.mfu,
             peak_tflops=args.peak_tflops,
         )
