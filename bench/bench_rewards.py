@@ -33,12 +33,13 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 sys.path.insert(2, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from common import RESULTS, append_csv, meta, print_table, time_cpu  # noqa: E402
+from common import CLOCKS, RESULTS, append_csv, meta, print_table, time_cpu  # noqa: E402
 
 COLUMNS = [
     "timestamp",
     "device",
     "threads",
+    "timer",
     "torch",
     "triton",
     "fastcps",
@@ -194,11 +195,18 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=10, help="timed calls of each reward per size")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (the first loads the model)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: a shared machine)")
+    p.add_argument(
+        "--timer",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall (time.perf_counter) or cpu (time.process_time: CPU time of all this process's threads, "
+        "leaving out the time other processes held the cores of a shared machine)",
+    )
     p.add_argument("--csv", default=str(RESULTS / "rewards.csv"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    base = {**meta(device), "libs": libs()}
+    base = {**meta(device, args.timer), "libs": libs()}
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         sizes = [int(s) for s in args.sizes.split(",")]
@@ -215,7 +223,7 @@ def main(argv=None) -> list[dict]:
                 r, x, prompts, md_ = c[:4]
                 fns[name] = lambda r=r, x=x, prompts=prompts, md_=md_: r(x, prompts, md_)
             with torch.no_grad():
-                timings = time_cpu(fns, args.repeats, args.warmup)
+                timings = time_cpu(fns, args.repeats, args.warmup, CLOCKS[args.timer])
             for name, (med, p20, p80) in timings.items():
                 _, x, _, _, model, note = cases[name]
                 rows.append(

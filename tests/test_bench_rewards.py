@@ -31,6 +31,8 @@ def test_bench_rewards_writes_a_row_per_reward_and_size(tmp_path, capsys):
             "1",
             "--warmup",
             "1",
+            "--timer",
+            "cpu",
             "--csv",
             str(out),
         ]
@@ -53,7 +55,14 @@ def test_bench_rewards_writes_a_row_per_reward_and_size(tmp_path, capsys):
         ]
     )  # the toy's digit once, at its own size
     for r in rows:
-        assert r["device"] and r["torch"] and r["commit"] and "transformers" in r["libs"] and r["model"]
+        assert (
+            r["timer"] == "cpu:cpu"
+            and r["device"]
+            and r["torch"]
+            and r["commit"]
+            and "transformers" in r["libs"]
+            and r["model"]
+        )
         assert int(r["batch"]) == 3 and float(r["median_ms_per_batch"]) > 0
         assert float(r["images_per_s"]) == pytest.approx(
             3 / (float(r["median_ms_per_batch"]) / 1e3), rel=1e-3

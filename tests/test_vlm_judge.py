@@ -350,3 +350,21 @@ def test_the_config_checks_both_new_rewards_arguments_when_it_loads():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(RunConfig, digits, [f"rewards={json.dumps(rewards)}", bad])
+
+
+def test_an_interrupted_batch_sends_no_more_requests(standin, monkeypatch):
+    """Ctrl-C while the batch waits: the queued requests are not sent, the threads end with it."""
+    from fastcps.rewards import vlm_judge
+
+    s = standin(hold_s=0.3)
+
+    def interrupted(futs, return_when):
+        deadline = time.monotonic() + 10
+        while s.count < 2 and time.monotonic() < deadline:  # Ctrl-C once two requests are in flight
+            time.sleep(0.01)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vlm_judge, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        judge(s.url, max_concurrency=2)(flat_images([1, 2, 3, 4, 5, 6]), ["a"] * 6, [{}] * 6)
+    assert s.count == 2  # the two in flight; none of the four queued

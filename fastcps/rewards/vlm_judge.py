@@ -332,13 +332,16 @@ class VlmJudgeReward:
         workers = min(self.args.max_concurrency, len(arrays))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastcps-vlm-judge") as pool:
             futs = [pool.submit(self._ask, i, p, a, stop) for i, (p, a) in enumerate(zip(prompts, arrays))]
-            done, _ = wait(futs, return_when=FIRST_EXCEPTION)
-            failed = [f for f in futs if f in done and f.exception() is not None]
-            if failed:
+            try:
+                done, _ = wait(futs, return_when=FIRST_EXCEPTION)
+                failed = [f for f in futs if f in done and f.exception() is not None]
+                if failed:
+                    raise failed[0].exception()
+            except BaseException:  # a failed request, or the caller interrupted (Ctrl-C)
                 stop.set()  # the others stop at their next attempt; the pool's exit joins its threads
                 for f in futs:
                     f.cancel()
-                raise failed[0].exception()
+                raise
         return [f.result() for f in futs]
 
     @torch.no_grad()
