@@ -19,8 +19,8 @@ Unlike the anchor (every request of a batch at once, no timeout below the client
 client's 2 hidden retries), requests run on at most ``max_concurrency`` threads, each with ``timeout_s``,
 ``retries`` with exponential backoff on connection errors, timeouts and HTTP 408/429/5xx (any other HTTP
 error is raised at once: a wrong model name does not get better), and a clear error after the last retry
-naming the URL, the model and the last error. ``load`` checks the endpoint (``GET {url}/models`` lists
-the model) before training starts.
+naming the URL, the model and the last error. ``load`` checks the endpoint answers (``GET {url}/models``)
+before training starts.
 
 Client: httpx (the ``vlm`` extra), not the ``openai`` package: the request is one JSON POST, and httpx's
 thread-safe pooled ``Client`` with explicit timeouts lets the retries, backoff and concurrency be ours
@@ -247,8 +247,8 @@ class VlmJudgeReward:
         )
 
     def load(self, device=None) -> None:
-        """Check the endpoint before training starts: ``GET {url}/models`` answers and lists ``model``
-        (a server without that route is only warned about)."""
+        """Check the endpoint before training starts: ``GET {url}/models`` must answer (within the retries);
+        a model list without ``model``, or a server without that route, is warned about."""
         resp = None
         try:
             resp = self._request(
@@ -265,9 +265,15 @@ class VlmJudgeReward:
             log.warning("%s: GET /models answered no model list; not checked", self._where())
             return
         if self.args.model not in served:
-            raise VlmJudgeError(
-                f"{self._where()}: the server serves {served}, not {self.args.model!r} "
-                "(config key rewards[].args.model)"
+            # a warning, not an error: SGLang answers whatever name a request gives (flow_grpo asks for
+            # "UnifiedReward-7b-v1.5" from a server it starts with --model-path CodeGoat24/...); vLLM
+            # refuses an unknown name, and the first request then stops the run with its 404
+            log.warning(
+                "%s: the server lists %s, not %r (config key rewards[].args.model); SGLang answers any "
+                "name, vLLM refuses it",
+                self._where(),
+                served,
+                self.args.model,
             )
 
     # --- one image ----------------------------------------------------------------------------------
