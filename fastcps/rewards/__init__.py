@@ -31,6 +31,8 @@ REGISTRY: dict[str, str] = {
     "ocr": "fastcps.rewards.ocr:OcrReward",
     "geneval": "fastcps.rewards.geneval:GenEvalReward",
     "aesthetic": "fastcps.rewards.aesthetic:AestheticReward",
+    "image_similarity": "fastcps.rewards.image_similarity:ImageSimilarityReward",
+    "vlm_judge": "fastcps.rewards.vlm_judge:VlmJudgeReward",
 }
 
 
