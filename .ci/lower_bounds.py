@@ -1,4 +1,4 @@
-"""Print pip constraints pinning every runtime dependency of pyproject.toml (and the ocr/clip extras the
+"""Print pip constraints pinning every runtime dependency of pyproject.toml (and the ocr/clip/serve extras the
 suite uses) at exactly its lower bound, and the dev tools at the lock's versions: `.ci/oldest`'s set."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lower_bounds(project: dict, extras=("ocr", "clip")) -> list[str]:
+def lower_bounds(project: dict, extras=("ocr", "clip", "serve")) -> list[str]:
     lines = []
     for text in project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]:
         req = Requirement(text)

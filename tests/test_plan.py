@@ -339,6 +339,20 @@ def test_json_and_gpu_mem(tiny_flux, tmp_path):
     assert not r["fits"] and not r["suggestion"]["fits"]
 
 
+def test_a_remote_reward_holds_no_training_gpu_memory():
+    """PickScore in process: its CLIP ViT-H (986 M parameters, fp32) on every training GPU; served by the
+    reward service (the `remote` reward): nothing there, whatever it serves."""
+    from fastcps.plan.costs import reward_model_bytes
+
+    local = load_config(RunConfig, str(FLUX_CFG)).rewards
+    remote = {"name": "remote", "args": {"url": "http://reward-host:8000", "serves": "pickscore"}}
+    served = load_config(RunConfig, str(FLUX_CFG), [f"rewards={json.dumps([remote])}"]).rewards
+    assert reward_model_bytes(local) / 2**30 == pytest.approx(0.986e9 * 4 / 2**30)  # 3.67 GiB
+    assert reward_model_bytes(served) == 0.0
+    both = load_config(RunConfig, str(FLUX_CFG), [f"rewards={json.dumps([remote, {'name': 'pickscore'}])}"])
+    assert reward_model_bytes(both.rewards) == reward_model_bytes(local)
+
+
 def test_table_and_exit_codes(tiny_flux, capsys):
     base = ["--config", str(FLUX_CFG), "--model-config", str(tiny_flux)]
     assert main([*base, "--world-size", "8"]) == 0

@@ -34,8 +34,17 @@ TEXT_ENCODERS = {
     "sd3": {"T5-XXL encoder": 4.762, "CLIP-G text": 0.695, "CLIP-L text": 0.123},
 }
 # Rewards on the training GPU (fastcps/rewards/*): PickScore and HPSv2 are CLIP ViT-H-14 (986 M),
-# aesthetic a CLIP ViT-L/14 (428 M) + a small MLP; ocr runs on the CPU, geneval on a detection server.
-REWARD_PARAMS = {"pickscore": 0.986, "hpsv2": 0.986, "aesthetic": 0.428}
+# aesthetic a CLIP ViT-L/14 (428 M) + a small MLP; ocr runs on the CPU, geneval on a detection server,
+# remote on its reward service (python -m fastcps.rewards.serve, another GPU or machine): none on a
+# training GPU.
+REWARD_PARAMS = {"pickscore": 0.986, "hpsv2": 0.986, "aesthetic": 0.428, "remote": 0.0}
+
+
+def reward_model_bytes(rewards) -> float:
+    """Bytes of reward models each training GPU holds, for the config's ``rewards``."""
+    return sum(
+        REWARD_PARAMS.get(r.name, 0.0) * 1e9 * BYTES[str(r.args.get("dtype", "float32"))] for r in rewards
+    )
 
 
 @dataclass
@@ -168,9 +177,7 @@ def persistent(cfg: RunConfig, world: int, model: Model, zero: Zero, n_trained_m
     out["VAE"] = wb * model.vae_params
     enc = sum(TEXT_ENCODERS[p.name].values()) * 1e9 * wb
     out["text encoders"] = 0.0 if p.offload_frozen else enc
-    out["reward models"] = sum(
-        REWARD_PARAMS.get(r.name, 0.0) * 1e9 * BYTES[str(r.args.get("dtype", "float32"))] for r in cfg.rewards
-    )
+    out["reward models"] = reward_model_bytes(cfg.rewards)
     out["KL reference (frozen copy)"] = wb * model.params if full_ft_ref else 0.0
     per_rank = t.prompts_per_epoch * t.images_per_prompt // n
     out["rollout buffers (x_t, x_next fp32, log-probs)"] = (
