@@ -9,10 +9,11 @@ localhost, the service's decoding and batcher, the same reward there). Overhead 
 (service - in process) / B, also as % of in process; the goal is <= 10 % at batch 8. The scores of both
 must be equal (the images travel losslessly). Rows append to bench/results/reward_service.csv.
 
-Default reward: jpeg_compressibility at 512x512 (the recipes' resolution), a reward whose in-process cost
-is of the order of a real one's: PIL encodes each image on the CPU (a few ms), as PickScore / HPSv2 /
-aesthetic spend a few ms per image in PIL's resize before their CLIP forward. 64x64 shows the fixed
-cost of a request where the reward itself costs almost nothing.
+Rewards whose in-process cost is real at these sizes, with no downloaded weights: jpeg_compressibility
+(the default: PIL encodes each image on the CPU, a few ms at 512x512, the cheap end of the rewards) and
+ocr (RapidOCR's shipped detection and recognition models on the CPU, the OCR recipe's reward). The images:
+smooth noise with the prompt's quoted text drawn on it. 64x64 shows the fixed cost of a request where the
+reward itself costs almost nothing.
 """
 
 from __future__ import annotations
@@ -99,6 +100,24 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"the service at {url} was not ready after {timeout} s")
 
 
+def sign_images(n: int, size: int) -> torch.Tensor:
+    """n images [n, 3, size, size] of 8-bit levels (as the policies decode them): smooth noise, closer to
+    a photo than pixel noise, with the prompt's text drawn on it (what the OCR reward reads)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    g = torch.Generator().manual_seed(size)
+    low = torch.rand(n, 3, max(2, size // 8), max(2, size // 8), generator=g)
+    smooth = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    out = []
+    font = ImageFont.load_default(size=max(8, size // 8))
+    for i, a in enumerate((smooth * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
+        img = Image.fromarray(a)
+        ImageDraw.Draw(img).text((size // 10, size // 3), f"open {i}", fill=(255, 255, 255), font=font)
+        out.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    return torch.stack(out).float() / 255
+
+
 def measure(args, url: str, size: int) -> dict:
     from fastcps.rewards import build_reward
     from fastcps.rewards.remote import RemoteReward
@@ -108,13 +127,9 @@ def measure(args, url: str, size: int) -> dict:
     if hasattr(local, "load"):
         local.load(torch.device("cpu"))
     remote = RemoteReward(url=url, batch_size=args.batch, retries=0)
-    g = torch.Generator().manual_seed(size)
-    # 8-bit levels, as the policies decode them; smooth noise, closer to a photo than pixel noise
-    low = torch.rand(args.batch, 3, max(2, size // 8), max(2, size // 8), generator=g)
-    images = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    images = (images * 255).round() / 255
-    prompts = [f"a photo of a cat {i}" for i in range(args.batch)]
+    prompts = [f'a shop sign that says "open {i}"' for i in range(args.batch)]
     metadata = [{} for _ in prompts]
+    images = sign_images(args.batch, size)
     equal = torch.equal(local(images, prompts, metadata).float().cpu(), remote(images, prompts, metadata))
     t = time_cpu(
         {
