@@ -1,5 +1,6 @@
-"""Print pip constraints pinning every runtime dependency of pyproject.toml (and the ocr/clip/vlm extras the
-suite uses) at exactly its lower bound, and the dev tools at the lock's versions: `.ci/oldest`'s set."""
+"""Print pip constraints pinning every runtime dependency of pyproject.toml (and the ocr/clip/vlm/serve
+extras the suite uses) at exactly its lower bound, and the dev tools at the lock's versions: `.ci/oldest`'s
+set."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lower_bounds(project: dict, extras=("ocr", "clip", "vlm")) -> list[str]:
+def lower_bounds(project: dict, extras=("ocr", "clip", "vlm", "serve")) -> list[str]:
     lines = []
     for text in project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]:
         req = Requirement(text)

@@ -497,7 +497,7 @@ def run(args, cfg, checkpoint: Path, weights: Path, prompts: list[str], meta: li
         "images_per_prompt": args.images_per_prompt,
     }
     out = Path(args.out)
-    summary = write_outputs(c, out, info, {r.name: r.weight for r in cfg.rewards})
+    summary = write_outputs(c, out, info, reward_fn.weights)
     print(
         f"[fastcps.sample] {args.run} @ {checkpoint.name}: {len(prompts)} prompts x "
         f"{args.images_per_prompt} images, {args.sampler}, {steps} steps, seed {seed} (trained = "

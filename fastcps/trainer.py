@@ -35,7 +35,7 @@ from fastcps.perf import metrics as perf_metrics
 from fastcps.plan import resolve_auto
 from fastcps.policies import build_policy
 from fastcps.prompts import held_out_warning, load_prompts, truncation_report
-from fastcps.rewards import WeightedReward
+from fastcps.rewards import WeightedReward, check_services
 from fastcps.rollout import (
     PromptEncodings,
     epoch_steps,
@@ -144,6 +144,9 @@ class Trainer:
         # every file the run needs, on this node, before anything loads (the plan below may read prompts):
         # offline a missing one fails every rank now, not at a collective's timeout later
         ensure_local(cfg, policy=policy is None)
+        # every reward service (`remote`) answers and is ready: a down one stops every rank now (exit 3),
+        # not in the first rollout once every model has loaded
+        check_services([(r.name, r.args) for r in cfg.rewards])
         # the "auto" settings (ZeRO stage, checkpointing, micro-batch, ...): the resource plan's choice for
         # the smallest GPU of the run (every rank alike), before any weight loads
         cfg, chosen = resolve_auto(cfg, self.world, self.device)

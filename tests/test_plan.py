@@ -350,6 +350,20 @@ def test_json_and_gpu_mem(tiny_flux, tmp_path):
     assert not r["fits"] and not r["suggestion"]["fits"]
 
 
+def test_a_remote_reward_holds_no_training_gpu_memory():
+    """PickScore in process: its CLIP ViT-H (986 M parameters, fp32) on every training GPU; served by the
+    reward service (the `remote` reward): nothing there, whatever it serves."""
+    from fastcps.plan.costs import reward_model_bytes
+
+    local = load_config(RunConfig, str(FLUX_CFG)).rewards
+    remote = {"name": "remote", "args": {"url": "http://reward-host:8000", "serves": "pickscore"}}
+    served = load_config(RunConfig, str(FLUX_CFG), [f"rewards={json.dumps([remote])}"]).rewards
+    assert reward_model_bytes(local) / 2**30 == pytest.approx(0.986e9 * 4 / 2**30)  # 3.67 GiB
+    assert reward_model_bytes(served) == 0.0
+    both = load_config(RunConfig, str(FLUX_CFG), [f"rewards={json.dumps([remote, {'name': 'pickscore'}])}"])
+    assert reward_model_bytes(both.rewards) == reward_model_bytes(local)
+
+
 def test_table_and_exit_codes(tiny_flux, capsys):
     base = ["--config", str(FLUX_CFG), "--model-config", str(tiny_flux)]
     assert main([*base, "--world-size", "8"]) == 0
@@ -739,3 +753,20 @@ def test_flux_dev_goals_at_80_40_and_24_gb():
         assert got[gib]["zero_stage"] == 2 and got[gib]["zero_param_gathers"] == 0
     for gib in (40, 24):
         assert got[gib]["anchor_ratio"] <= 1.25, (gib, got[gib]["anchor_ratio"])
+
+
+def test_geneval_in_process_holds_its_detector_and_colour_classifier():
+    """geneval's default detector (mask2former) puts Mask2Former Swin-S (68.7 M, `dtype` float32) and
+    open_clip ViT-L-14 (427.6 M, `clip_dtype` amp: fp32 weights) on every training GPU; a detection server
+    puts nothing there; each part follows its own dtype argument."""
+    from fastcps.plan.costs import reward_model_bytes
+
+    def bytes_of(args):
+        cfg = load_config(
+            RunConfig, str(FLUX_CFG), [f"rewards={json.dumps([{'name': 'geneval', 'args': args}])}"]
+        )
+        return reward_model_bytes(cfg.rewards)
+
+    assert bytes_of({}) == pytest.approx((0.0687 + 0.4276) * 1e9 * 4)
+    assert bytes_of({"clip_dtype": "bf16"}) == pytest.approx((0.0687 * 4 + 0.4276 * 2) * 1e9)
+    assert bytes_of({"detector": "server", "url": "http://detector:80"}) == 0.0

@@ -95,7 +95,9 @@ def test_to_uint8_is_the_anchors_quantisation_and_exact_on_the_policies_levels()
 
     x = images(0, b=2)
     x[0, 0, 0, :4] = torch.tensor([-0.2, 1.3, 0.5 / 255, 254.5 / 255])  # out of range, ties
+    given = x.clone()
     assert np.array_equal(to_uint8(x).permute(0, 2, 3, 1).numpy(), anchor_uint8_hwc(x))
+    assert torch.equal(x, given)  # rounded and clamped in place, but in its own temporary
     assert all(np.array_equal(a, b) for a, b in zip(uint8_hwc_batch(x), anchor_uint8_hwc(x)))
     k = torch.arange(256, dtype=torch.float32)
     assert torch.equal(to_uint8(k / 255), k.to(torch.uint8))  # k/255 in fp32 gives k back

