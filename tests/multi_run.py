@@ -29,6 +29,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The launcher's variables: a child must not inherit the test process's own rendezvous (an in-process
 # ``main()`` leaves them behind when a test forgets to clean up).
+# The digits toy at its smallest, for multi-process runs: 2 prompts x 4 images, 4 sampling steps, one
+# rollout batch and minibatch of 4 per rank, no eval, no logs or images, only the final checkpoint.
+DIGITS_CONFIG = str(ROOT / "configs" / "digits_cps.json")
+TINY_DIGITS = [
+    "sampler.num_steps=4",
+    "train.prompts_per_epoch=2",
+    "train.images_per_prompt=4",
+    "train.rollout_batch_size=4",
+    "train.minibatch_size=4",
+    "eval.every=0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.images_every=0",
+    "checkpoint.every=0",
+    f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}",
+]
 RENDEZVOUS = ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
 

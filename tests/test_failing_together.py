@@ -21,7 +21,7 @@ import torch
 import torch.distributed as tdist
 
 from fastcps.distributed import Exit, Failure, FailureChannel, symptom
-from multi_run import ROOT, Processes, child_env, free_port, wait_for
+from multi_run import DIGITS_CONFIG, Processes, ROOT, TINY_DIGITS, child_env, free_port, wait_for
 
 # --- the channel, in-process ------------------------------------------------------------------------
 
@@ -163,21 +163,8 @@ def test_symptoms_of_a_peers_trouble():
 
 # --- real runs: two ranks of the digits toy ------------------------------------------------------
 
-CONFIG = str(ROOT / "configs" / "digits_cps.json")
-TINY = [
-    "sampler.num_steps=4",
-    "train.prompts_per_epoch=2",
-    "train.images_per_prompt=4",
-    "train.rollout_batch_size=4",
-    "train.minibatch_size=4",
-    "train.num_epochs=3",
-    "eval.every=0",
-    "log.progress=false",
-    "log.tensorboard=false",
-    "log.images_every=0",
-    "checkpoint.every=0",
-    f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}",
-]
+CONFIG = DIGITS_CONFIG
+TINY = TINY_DIGITS + ["train.num_epochs=3"]
 
 
 def two_ranks(out: Path, reward_args: str, extra=(), rank_extra=None) -> Processes:

@@ -17,7 +17,7 @@ import pytest
 from fastcps.checkpoint import ExportedWeights
 from fastcps.distributed import launchers
 from fastcps.distributed.launchers import LaunchError, discover, expand_hostlist, first_host, slurm_port
-from multi_run import ROOT, Processes, child_env, free_port
+from multi_run import DIGITS_CONFIG, Processes, ROOT, TINY_DIGITS, child_env, free_port
 
 HOST = {"HOSTNAME": "gpu01", "PATH": "/usr/bin", "HOME": "/home/u"}  # what every environment has
 
@@ -265,21 +265,8 @@ def test_hostlists():
 
 # --- real runs ---------------------------------------------------------------------------------------
 
-CONFIG = str(ROOT / "configs" / "digits_cps.json")
-TINY = [
-    "sampler.num_steps=4",
-    "train.prompts_per_epoch=2",
-    "train.images_per_prompt=4",
-    "train.rollout_batch_size=4",
-    "train.minibatch_size=4",
-    "train.num_epochs=2",
-    "eval.every=0",
-    "log.progress=false",
-    "log.tensorboard=false",
-    "log.images_every=0",
-    "checkpoint.every=0",
-    f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}",
-]
+CONFIG = DIGITS_CONFIG
+TINY = TINY_DIGITS + ["train.num_epochs=2"]
 SCRIPT = str(ROOT / "tests" / "multi_run.py")
 
 

@@ -24,25 +24,13 @@ import torch
 from safetensors.torch import load_file
 
 from fastcps.checkpoint import ExportedWeights
-from multi_run import ROOT, child_env, launch, start, stop
+from multi_run import DIGITS_CONFIG, TINY_DIGITS, child_env, launch, start, stop
 from wiring_support import advantages_by_hand, load_dump
 
 pytestmark = pytest.mark.slow
 
-CONFIG = str(ROOT / "configs" / "digits_cps.json")
-COMMON = [
-    "sampler.num_steps=4",
-    "train.prompts_per_epoch=2",
-    "train.images_per_prompt=4",
-    "train.rollout_batch_size=4",
-    "train.minibatch_size=4",
-    "eval.every=0",
-    "log.progress=false",
-    "log.tensorboard=false",
-    "log.images_every=0",
-    "checkpoint.every=0",
-    f"deepspeed_config={ROOT / 'configs' / 'ds_zero3.json'}",
-]
+CONFIG = DIGITS_CONFIG
+COMMON = TINY_DIGITS
 # One process: minibatch 4 x accumulation 2, one optimizer step an epoch.
 ONE = COMMON + ["train.gradient_accumulation_steps=2"]
 # Two ranks, 4 samples each: one optimizer step an epoch too (gradients averaged over the ranks), so the
