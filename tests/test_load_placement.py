@@ -1,6 +1,6 @@
 """Where the transformer is when DeepSpeed gets it (issue 18, point 5): under ZeRO-3 no rank ever holds
 the whole FLUX/SD3 transformer on its device (it stays on the CPU and is partitioned tensor by tensor
-before ``deepspeed.initialize``: ``fastcps.trainer.partition_zero3``); under ZeRO-2 it is on the device,
+before ``deepspeed.initialize``: ``fastcps.engine.partition_zero3``); under ZeRO-2 it is on the device,
 whole, as every rank keeps it. And the load-phase bytes the plan gets (``fastcps.plan.load``).
 
 The trainer runs in this process up to ``deepspeed.initialize`` (replaced by a recorder that stops it),
@@ -222,7 +222,7 @@ def test_lora_matrices_stay_whole_under_zero3():
     """FLUX.1-dev's r-64 LoRA matrices (up to 64 x 12288) are above DeepSpeed's default persistence
     threshold (1e5): the trainer raises it to the largest trained tensor, so they are never partitioned,
     while the frozen 3072 x 3072 weights (9.4 M) stay above it; a threshold the JSON sets wins."""
-    from fastcps.trainer import keep_lora_whole
+    from fastcps.engine import keep_lora_whole
 
     trained = [torch.empty(64, 3072, device="meta"), torch.empty(12288, 64, device="meta")]
     zero = {"stage": 3}

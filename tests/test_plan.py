@@ -209,7 +209,7 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
     assert m3["persistent"]["text encoders"] == 0.0
     assert m3["transients"]["prompt encoding"]["text encoders moved in"] == pytest.approx(4.885e9 * 2)
     assert r["projected_epoch_s"] == pytest.approx(r["epoch_flop"] / (8 * 989e12 * 0.4))
-    # bf16 under ZeRO-2/3: gradients accumulate and reduce in fp32 (Trainer._deepspeed_config)
+    # bf16 under ZeRO-2/3: gradients accumulate and reduce in fp32 (fastcps.engine.deepspeed_config)
     assert m3["persistent"]["gradients (partition, fp32)"] == pytest.approx(4 * r["trained_params"] / 8)
     assert z["zero3"]["gradient reduce-scatter"] == pytest.approx(18 * 4 * r["trained_params"] * 7 / 8)
     # a LoRA checkpoint holds no frozen weight: adapter-sized files only
@@ -441,7 +441,7 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
     from types import SimpleNamespace
 
     from fastcps.plan import resolve_auto
-    from fastcps.trainer import Trainer
+    from fastcps.engine import deepspeed_config
 
     cfg = load_config(RunConfig, str(FLUX_CFG))
     assert cfg.zero_stage == "auto" and cfg.policy.gradient_checkpointing == "auto"
@@ -503,9 +503,7 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
         ],
     )
     assert resolve_auto(fixed, 8, "cpu") == (fixed, None)
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.world = fixed, 8
-    assert trainer._deepspeed_config()["zero_optimization"]["stage"] == 2
+    assert deepspeed_config(fixed, 8)["zero_optimization"]["stage"] == 2
     # an explicit micro-batch applies everywhere: rollout = minibatch = 4, twice the accumulation
     four = resolve_auto(
         fixed.model_copy(update={"train": fixed.train.model_copy(update={"micro_batch": 4})}), 8, "cpu"

@@ -252,16 +252,14 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path, monkeypatch, capsys):
 
 
 def trainer_ds_config(tmp_path, dtype, user: dict, world: int = 2):
-    """``Trainer._deepspeed_config`` for ``policy.dtype=dtype`` and the user's DeepSpeed JSON ``user``
-    (no model, no process group: the method reads only ``cfg`` and ``world``)."""
-    from types import SimpleNamespace
-
-    from fastcps.trainer import Trainer
+    """``fastcps.engine.deepspeed_config`` for ``policy.dtype=dtype`` and the user's DeepSpeed JSON ``user``
+    (no model, no process group: it reads only ``cfg`` and ``world``)."""
+    from fastcps.engine import deepspeed_config
 
     path = tmp_path / f"ds_{len(list(tmp_path.iterdir()))}.json"
     path.write_text(json.dumps(user))
     cfg = load_config(RunConfig, CONFIG, [f"policy.dtype={dtype}", f"deepspeed_config={path}"])
-    return Trainer._deepspeed_config(SimpleNamespace(cfg=cfg, world=world))
+    return deepspeed_config(cfg, world)
 
 
 def test_bf16_and_fp16_accumulate_and_reduce_gradients_in_fp32_under_zero2_and_zero3(tmp_path):

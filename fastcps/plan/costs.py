@@ -170,7 +170,7 @@ def trained_steps(cfg: RunConfig, sigmas) -> list[int]:
 
 def grad_bytes(cfg: RunConfig, zero: Zero) -> int:
     """Bytes per gradient element in the accumulated partition and the reduction: the trainer sets fp32
-    for a bf16/fp16 model under ZeRO-2/3 (``Trainer._deepspeed_config``: data_types.grad_accum_dtype,
+    for a bf16/fp16 model under ZeRO-2/3 (``fastcps.engine.deepspeed_config``: data_types.grad_accum_dtype,
     communication_data_type; a DeepSpeed JSON that sets them itself is not read here)."""
     wb = BYTES[cfg.policy.dtype]
     return 4 if wb == 2 and zero.stage in (2, 3) else wb

@@ -14,7 +14,7 @@ or kept on the CPU with ``policy.offload_frozen``); the trainer then hands the t
   parameters into one buffer on the device only when the device has room for it, else through the CPU
   (runtime/zero/stage_1_and_2.py:450-460): not a term that can exceed the device.
 - ZeRO-3 (FLUX, SD3): the transformer stays on the CPU (``Policy.deferred_placement``);
-  ``fastcps.trainer.partition_zero3`` partitions it with ``deepspeed.zero.Init(module=...)`` before
+  ``fastcps.engine.partition_zero3`` partitions it with ``deepspeed.zero.Init(module=...)`` before
   ``initialize``, PARAMETER BY PARAMETER, not module by module: for each tensor in turn it moves the
   whole tensor to the device, broadcasts it from rank 0, allocates this rank's partition (numel/world,
   padded to a multiple of world), copies its slice and frees the whole tensor

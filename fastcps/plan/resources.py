@@ -143,7 +143,7 @@ class Loader:
         threshold = self.zero.param_persistence_threshold
         params = list(meter.model.parameters())
         if pol.lora is not None and "stage3_param_persistence_threshold" not in self.zero_section:
-            # the trainer keeps LoRA matrices whole under ZeRO-3 (fastcps.trainer.keep_lora_whole)
+            # the trainer keeps LoRA matrices whole under ZeRO-3 (fastcps.engine.keep_lora_whole)
             threshold = max(threshold, max(p.numel() for p in params if p.requires_grad))
         largest = max(
             sum(p.numel() for p in mod.parameters(recurse=False) if p.numel() >= threshold)

@@ -64,7 +64,7 @@ class Policy(abc.ABC):
     )
     lora: bool = False
     #: True when the transformer was left on the CPU for ZeRO-3 (its buffers on the device): the trainer
-    #: partitions it onto the device tensor by tensor (``fastcps.trainer.partition_zero3``), so no rank
+    #: partitions it onto the device tensor by tensor (``fastcps.engine.partition_zero3``), so no rank
     #: ever holds the whole model there
     deferred_placement: bool = False
 

@@ -158,7 +158,7 @@ class DiffusersPolicy(Policy):
             self.transformer_cls, self.path, "transformer", torch_dtype=self.dtype
         )
         # ZeRO-3: the transformer stays on the CPU (FLUX.1-dev: 22 GiB in bf16, all of a 24 GB card);
-        # the trainer partitions it onto the device tensor by tensor (fastcps.trainer.partition_zero3).
+        # the trainer partitions it onto the device tensor by tensor (fastcps.engine.partition_zero3).
         # Otherwise every rank keeps the whole model on its device anyway: move it now. Module.to moves
         # tensor by tensor and drops each CPU copy as it goes, so the device never holds two copies.
         self.deferred_placement = zero_stage == 3
