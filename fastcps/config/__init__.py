@@ -1,4 +1,5 @@
-"""The run config: typed pydantic models (``models``), strict loading with ``--set`` overrides
+"""The run config: typed pydantic models (``models``: the run and its run-level sections; ``sections``:
+policy, sampler, rewards, prompts), strict loading with ``--set`` overrides
 (``loading``), and one-line errors that name the key (``errors``). ``python -m fastcps.config --schema``
 prints the JSON Schema (``configs/schema.json``)."""
 
@@ -9,16 +10,12 @@ from fastcps.config.models import (
     DistributedConfig,
     EvalConfig,
     LogConfig,
-    LoraConfig,
     MemoryReserveConfig,
-    PolicyConfig,
-    PromptConfig,
-    RewardConfig,
     RunConfig,
-    SamplerConfig,
     TrainConfig,
     schema_json,
 )
+from fastcps.config.sections import LoraConfig, PolicyConfig, PromptConfig, RewardConfig, SamplerConfig
 
 __all__ = [
     "ConfigError",

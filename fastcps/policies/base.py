@@ -75,7 +75,7 @@ class Policy(abc.ABC):
         first updates of B scale with A, so the init is part of the recipe."""
         from peft import LoraConfig
 
-        from fastcps.config.models import lora_dropout_error
+        from fastcps.config.sections import lora_dropout_error
 
         if dropout:
             raise ValueError(lora_dropout_error(dropout))
