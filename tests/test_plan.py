@@ -521,13 +521,15 @@ def test_activation_extrapolation_equals_a_measurement():
     """The micro-batch search prices every batch from three measurements a kind: from 2 samples on the
     live bytes at the peak are affine in the batch (batch-independent rotary tables and ids beside
     batch-proportional activations), so 4 and 7 samples extrapolated equal 4 and 7 measured, to the byte
-    (FLUX.1-dev at 512 px: the same for 4 and 8, fastcps.plan.measure.TransformerMeter.activation)."""
+    (FLUX.1-dev at 512 px: the same for 4 and 8, fastcps.plan.measure.TransformerMeter.activation); the
+    FLOPs (``flops``) likewise, exactly."""
     kw = dict(resolution=64, text_tokens=8, dtype="bf16", lora=LORA)
     m = TransformerMeter("flux", TINY_FLUX, **kw)
     for kind in ("train", "ckpt", "nograd"):
         for batch in (4, 7):
             measured = m.step(kind, batch)
             assert m.activation(kind, batch) == (measured.peak, measured.saved), (kind, batch)
+            assert m.flops(kind, batch) == (measured.forward_flop, measured.backward_flop), (kind, batch)
         assert m.activation(kind, 2) == (m.step(kind, 2).peak, m.step(kind, 2).saved)  # measured
 
 

@@ -349,18 +349,18 @@ def _evaluate(cfg: RunConfig, world: int, policy, engine, encodings) -> None:
 
 
 def phase_flops(counted: dict, meter, vae_flop, checkpointing: bool) -> dict:
-    """FLOPs per phase on one rank: each counted call at its measured cost (``meter.step(kind, b)``:
+    """FLOPs per phase on one rank: each counted call at its measured cost (``meter.flops(kind, b)``:
     forward, autograd backward; with ``checkpointing`` the checkpointed step's backward, whose extra
     over the plain one is the re-forward). ``vae_flop(b)``: one decode of b latents."""
     out = dict.fromkeys(PHASES, 0.0)
     for (phase, _, samples), n in counted["calls"].items():
         if phase == "training backward":
-            plain = meter.step("train", samples).backward_flop
+            plain = meter.flops("train", samples)[1]
             out[phase] += n * plain
             if checkpointing:
-                out["checkpoint re-forward"] += n * (meter.step("ckpt", samples).backward_flop - plain)
+                out["checkpoint re-forward"] += n * (meter.flops("ckpt", samples)[1] - plain)
         else:
-            out[phase] += n * meter.step("nograd", samples).forward_flop
+            out[phase] += n * meter.flops("nograd", samples)[0]
     for b, n in counted["vae"].items():
         out["VAE decode"] += n * vae_flop(b)
     for b, n in counted.get("vae_eval", {}).items():  # eval's decodes are eval's

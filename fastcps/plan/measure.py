@@ -349,6 +349,23 @@ class TransformerMeter:
         extra = batch - top
         return hi.peak + extra * (hi.peak - lo.peak), hi.saved + extra * (hi.saved - lo.saved)
 
+    def flops(self, kind: str, batch: int) -> tuple[float, float]:
+        """(forward, backward) FLOPs of a ``kind`` call of ``batch`` samples, priced as ``activation``
+        prices bytes: measured up to ``MEASURED_UP_TO`` samples, beyond on the line through the last two.
+        Every op the FLOP counter counts (matmuls, attention) runs over the batch, so the FLOPs are linear
+        in it; the rotary tables' and ids' elementwise work is not counted (tests/test_plan.py checks
+        the line against measurements). A plan then measures no new batch for the chosen micro-batch."""
+        top = self.MEASURED_UP_TO
+        if batch <= top:
+            s = self.step(kind, batch)
+            return s.forward_flop, s.backward_flop
+        lo, hi = self.step(kind, top - 1), self.step(kind, top)
+        extra = batch - top
+        return (
+            hi.forward_flop + extra * (hi.forward_flop - lo.forward_flop),
+            hi.backward_flop + extra * (hi.backward_flop - lo.backward_flop),
+        )
+
     def step(self, kind: str, batch: int) -> Step:
         """``kind``: "train" (forward + backward), "ckpt" (the same with gradient checkpointing) or
         "nograd" (a rollout/eval forward)."""

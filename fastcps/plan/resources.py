@@ -247,7 +247,7 @@ def plan(
     }
     epoch_flop = sum(phases.values())
     c, t = pc.cfg_mult(cfg), cfg.train
-    plain = model.meter.step("train", t.minibatch_size * c)
+    plain_fwd, plain_bwd = model.meter.flops("train", t.minibatch_size * c)
     images = t.prompts_per_epoch * t.images_per_prompt
     anchor_meter = measure.meter(
         cfg.policy.name,
@@ -300,8 +300,8 @@ def plan(
         "trained_steps_per_image": n_mean,
         "trained_steps_range": [n_min, n_max],
         "cfg_batch_multiplier": c,
-        "forward_flop_per_image": plain.forward_flop / (t.minibatch_size * c) * c,
-        "backward_flop_per_image": plain.backward_flop / (t.minibatch_size * c) * c,
+        "forward_flop_per_image": plain_fwd / (t.minibatch_size * c) * c,
+        "backward_flop_per_image": plain_bwd / (t.minibatch_size * c) * c,
         "calls_per_rank": {
             f"{ph} ({kind}, {b} samples)": n for (ph, kind, b), n in sorted(counted["calls"].items())
         },
