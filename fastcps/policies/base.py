@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from fastcps.policies.families import FLUX_LORA_TARGETS
+
 Cond = dict[str, torch.Tensor]  # conditioning tensors, first dim = number of prompts
 
 
@@ -44,24 +46,8 @@ class Policy(abc.ABC):
         """Images [B, 3, H, W] in [0, 1], fp32, no grad. The FLUX/SD3 policies return exactly the 8-bit
         levels k/255 of a saved image (what the anchors' rewards score); the toy returns its decode as is."""
 
-    #: module names LoRA adapts by default: flow_grpo's FLUX targets, verbatim (yifan123/flow_grpo
-    #: scripts/train_flux.py, ``target_modules``): every block's ``attn`` projections (the single blocks
-    #: have ``attn.to_q/k/v`` only) and the double blocks' feed-forwards. peft matches a name when a module's
-    #: path ends with ``.<name>`` (tests/test_policies.py lists the modules on the real FLUX.1-dev).
-    default_lora_targets: tuple[str, ...] = (
-        "attn.to_k",
-        "attn.to_q",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_k_proj",
-        "attn.add_q_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "ff_context.net.0.proj",
-        "ff_context.net.2",
-    )
+    #: module names LoRA adapts by default: the family's (``fastcps.policies.families``)
+    default_lora_targets: tuple[str, ...] = FLUX_LORA_TARGETS
     lora: bool = False
     #: True when the transformer was left on the CPU for ZeRO-3 (its buffers on the device): the trainer
     #: partitions it onto the device tensor by tensor (``fastcps.engine.partition_zero3``), so no rank

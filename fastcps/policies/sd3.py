@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from fastcps.policies.base import Cond
+from fastcps.policies.families import SD3_LORA_TARGETS
 from fastcps.policies.flux import DiffusersPolicy, load_component
 from fastcps.schedule import pipeline_sigmas
 
@@ -43,22 +44,7 @@ class SD3Policy(DiffusersPolicy):
     )
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     t5_tokenizer_name = "tokenizer_3"
-    #: flow_grpo's SD3.5 targets, verbatim (yifan123/flow_grpo scripts/train_sd3.py, ``target_modules``):
-    #: the joint attention's projections of every block (``attn.*``; the last block, ``context_pre_only``,
-    #: has no ``attn.to_add_out``), no feed-forward, and not the second self-attention ``attn2`` of
-    #: SD3.5-Medium's dual-attention blocks 0-12: peft matches ``attn.to_q`` on a path ending with
-    #: ``.attn.to_q`` only, where a bare ``to_q`` also takes ``attn2.to_q`` (52 more modules on
-    #: SD3.5-Medium; tests/test_policies.py lists the 191 adapted ones)
-    default_lora_targets = (
-        "attn.add_k_proj",
-        "attn.add_q_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "attn.to_k",
-        "attn.to_out.0",
-        "attn.to_q",
-        "attn.to_v",
-    )
+    default_lora_targets = SD3_LORA_TARGETS  # fastcps.policies.families
 
     def __init__(self, cfg, device="cpu", zero_stage: int = 0):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline

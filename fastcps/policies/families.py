@@ -1,0 +1,114 @@
+"""The model families fastcps trains, by ``policy.name``: one registry that the trainer (``build_policy``),
+the plan (``fastcps.plan``) and the fetcher (``fastcps.fetch``) read, so a new model is one entry here
+and one policy module, not a switch to edit in each of them.
+
+A ``Family`` holds what is known of a model without loading it: where its policy class lives (imported
+on first use: the plan and the fetcher never load diffusers' pipelines), the diffusers transformer class,
+the LoRA modules its anchors adapt. The plan reads the rest from the policy class's ``plan_*`` hooks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+#: flow_grpo's FLUX targets, verbatim (yifan123/flow_grpo scripts/train_flux.py, ``target_modules``): every
+#: block's ``attn`` projections (the single blocks have ``attn.to_q/k/v`` only) and the double blocks'
+#: feed-forwards. peft matches a name when a module's path ends with ``.<name>`` (tests/test_policies.py
+#: lists the modules on the real FLUX.1-dev).
+FLUX_LORA_TARGETS = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+
+#: flow_grpo's SD3.5 targets, verbatim (yifan123/flow_grpo scripts/train_sd3.py, ``target_modules``): the
+#: joint attention's projections of every block (``attn.*``; the last block, ``context_pre_only``, has no
+#: ``attn.to_add_out``), no feed-forward, and not the second self-attention ``attn2`` of SD3.5-Medium's
+#: dual-attention blocks 0-12: peft matches ``attn.to_q`` on a path ending with ``.attn.to_q`` only, where a
+#: bare ``to_q`` also takes ``attn2.to_q`` (52 more modules on SD3.5-Medium; tests/test_policies.py lists the
+#: 191 adapted ones)
+SD3_LORA_TARGETS = (
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+)
+
+#: FlowCPS's Qwen-Image targets, verbatim (IamCreateAI/FlowCPS scripts/train_qwenimage.py,
+#: ``target_modules``): the joint attention's projections and both streams' feed-forwards, which Qwen-Image
+#: names ``img_mlp`` / ``txt_mlp`` (FLUX: ``ff`` / ``ff_context``)
+QWENIMAGE_LORA_TARGETS = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the value of ``policy.name``
+    policy: str  # "module:Class" of the policy, imported on first use
+    transformer: str | None  # the diffusers transformer class (None: the toy's own)
+    lora_targets: tuple[str, ...]  # the modules LoRA adapts when ``policy.lora.target_modules`` is empty
+    example: str  # a ``policy.pretrained`` that loads (a hub id)
+
+    def policy_class(self):
+        module, cls = self.policy.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def transformer_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.transformer)
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("toy", "fastcps.policies.toy:ToyDigitsPolicy", None, FLUX_LORA_TARGETS, ""),
+        Family(
+            "flux",
+            "fastcps.policies.flux:FluxPolicy",
+            "FluxTransformer2DModel",
+            FLUX_LORA_TARGETS,
+            "black-forest-labs/FLUX.1-dev",
+        ),
+        Family(
+            "sd3",
+            "fastcps.policies.sd3:SD3Policy",
+            "SD3Transformer2DModel",
+            SD3_LORA_TARGETS,
+            "stabilityai/stable-diffusion-3.5-medium",
+        ),
+    )
+}
+
+
+def family(name: str) -> Family:
+    """The family of ``policy.name``; a KeyError naming the choices otherwise."""
+    if name not in FAMILIES:
+        raise KeyError(f"policy.name = {name!r}: choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
