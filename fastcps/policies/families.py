@@ -103,6 +103,13 @@ FAMILIES: dict[str, Family] = {
             SD3_LORA_TARGETS,
             "stabilityai/stable-diffusion-3.5-medium",
         ),
+        Family(
+            "qwenimage",
+            "fastcps.policies.qwenimage:QwenImagePolicy",
+            "QwenImageTransformer2DModel",
+            QWENIMAGE_LORA_TARGETS,
+            "Qwen/Qwen-Image",
+        ),
     )
 }
 
