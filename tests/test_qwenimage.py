@@ -16,6 +16,7 @@ import torch
 from fastcps.config import PolicyConfig
 from fastcps.policies import build_policy
 from fastcps.rewards import RewardOutput
+from fastcps.conditioning import PromptEncodings, select
 from fastcps.rollout import sample, sampling_steps
 from fastcps.testing.qwenimage import QWENIMAGE_SCHEDULER, save_tiny_qwenimage
 
@@ -64,9 +65,10 @@ def test_ode_sampling_reproduces_qwenimage_pipeline(tiny, cfg_scale):
     n = 4
     policy = qwen_policy(tiny, cfg_scale=cfg_scale)
     assert policy.latent_shape() == (16, 64) and policy.vae.dtype == torch.float32
-    cond = policy.encode(PROMPTS)
+    cond, index = PromptEncodings(policy).for_prompts(PROMPTS, torch.device("cpu"))  # the trainer's path
+    cond = select(cond, index)
     lengths = cond["encoder_hidden_states_mask"].sum(1).tolist()
-    assert lengths[0] < lengths[1] == cond["encoder_hidden_states"].shape[1]  # padded, as the contract says
+    assert lengths == [7, 22] == [cond["encoder_hidden_states"].shape[1] - 15, 22]  # the short one padded
     x1 = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
     steps = sampling_steps("cps", 0.0, policy.sigmas(n))
     ours = sample(policy, policy.transformer, cond, x1.clone(), steps).final
@@ -178,6 +180,39 @@ def test_transformer_gets_the_pipelines_timestep_in_bf16(tiny):
     assert int((cast != torch.stack([s[0] for s in theirs[::2]])).sum()) > 0  # what σ.to(bf16) would pass
 
 
+def test_lora_export_loads_in_stock_qwenimage_pipeline(tiny, tmp_path):
+    """The trained adapters, exported as the trainer exports them, load with QwenImagePipeline's
+    ``load_lora_weights`` and give the trained policy's velocity (true CFG on); adapters off = the base."""
+    from fastcps.checkpoint import save_diffusers_lora
+    from fastcps.config import LoraConfig
+
+    policy = qwen_policy(tiny, cfg_scale=4.0, lora=LoraConfig(r=4, alpha=8.0))
+    cond = policy.encode(PROMPTS)
+    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(3))
+    s = torch.tensor([0.7, 0.3])
+    named = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
+    assert len(named) == 2 * 2 * 12  # 2 blocks x 12 FlowCPS targets x (A, B)
+    with torch.no_grad():
+        base = policy.velocity(policy.transformer, x, s, cond)
+        torch.manual_seed(4)
+        for p in named.values():
+            p.normal_(0, 0.3)
+        trained = policy.velocity(policy.transformer, x, s, cond)
+        with policy.reference(policy.transformer) as ref:
+            torch.testing.assert_close(policy.velocity(ref, x, s, cond), base)
+    assert not torch.allclose(trained, base)
+    save_diffusers_lora(
+        {n: p.detach().clone() for n, p in named.items()},
+        policy.transformer.peft_config["default"],
+        tmp_path / "pytorch_lora_weights.safetensors",
+    )
+    pipe = stock(tiny)
+    pipe.load_lora_weights(tmp_path)
+    with torch.no_grad():
+        loaded = policy.velocity(pipe.transformer, x, s, cond)
+    torch.testing.assert_close(loaded, trained, atol=1e-6, rtol=1e-5)
+
+
 # --- the recipe's pieces --------------------------------------------------------------------------------
 
 # FlowCPS's list, transcribed (IamCreateAI/FlowCPS scripts/train_qwenimage.py, target_modules)
@@ -257,19 +292,20 @@ def test_qwenimage_recipe_at_full_size_on_fake_cuda(tiny):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastcps.config import RunConfig, load_config
+    from fastcps.conditioning import PromptEncodings
     from fastcps.prompts import load_prompts
-    from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch
+    from fastcps.rollout import epoch_slots, epoch_steps, rollout_epoch
     from fastcps.update import epoch_advantages, micro_step_loss, minibatches
 
     cuda = torch.device("cuda")
     sets = [
         f"policy.pretrained={tiny}",
         "policy.offload_frozen=false",
-        "train.prompts_per_epoch=1",
+        "train.prompts_per_epoch=2",
         "train.images_per_prompt=2",
-        "train.rollout_batch_size=2",
+        "train.rollout_batch_size=4",
         "train.minibatch_size=2",
-        "train.gradient_accumulation_steps=1",
+        "train.gradient_accumulation_steps=2",
         "sampler.sde_window_range=[0, 1]",
     ]
     cfg = load_config(RunConfig, str(ROOT / "configs" / "qwenimage_pickscore.json"), sets)
@@ -282,7 +318,7 @@ def test_qwenimage_recipe_at_full_size_on_fake_cuda(tiny):
     sampling = epoch_steps(cfg, 0, policy)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_policy(policy, mode, cuda)
-    width, text = 3584, 40  # Qwen2.5-VL-7B's hidden size; a prompt's tokens past the template
+    width = 3584  # Qwen2.5-VL-7B's hidden size
 
     def states(n, length):
         return {
@@ -290,23 +326,24 @@ def test_qwenimage_recipe_at_full_size_on_fake_cuda(tiny):
             "encoder_hidden_states_mask": torch.ones(n, length, dtype=torch.long, device=cuda),
         }
 
+    # the epoch's two prompts at 40 and 25 tokens: fake tensors hold no mask values, so each is cached alone
+    # at its own length first; the rollout's batch then pads the shorter one and carries the mask
+    pool = load_prompts(cfg.prompts.source)
+    chosen = [pool[0][i] for i in epoch_slots(cfg, 0, len(pool[0]), 0, 1)[0]]
+    length_of = dict(zip(chosen, (40, 25)))
+    policy.encode = lambda prompts: states(len(prompts), length_of[prompts[0]])
+    encodings = PromptEncodings(policy)
     with mode:
         policy._negative = states(1, 6)  # " " after the template
-    policy.encode = lambda prompts: states(len(prompts), text)
-    with mode:
+        for p in chosen:
+            encodings.for_prompts([p], cuda)
+        cond, _ = encodings.for_prompts(chosen, cuda)
+        assert cond["encoder_hidden_states_mask"].shape == (2, 40)
         data = rollout_epoch(
-            cfg,
-            0,
-            sampling,
-            policy,
-            policy.transformer,
-            HostReward(),
-            PromptEncodings(policy),
-            load_prompts(cfg.prompts.source),
-            device=cuda,
+            cfg, 0, sampling, policy, policy.transformer, HostReward(), encodings, pool, device=cuda
         )
         adv = epoch_advantages(data, cfg.train, cuda)
-        mb = minibatches(2, 2, (0,), cuda)[0]
+        mb = minibatches(4, 2, (0,), cuda)[0]
         with NoHostTraffic():
             out, logp = micro_step_loss(
                 policy,
@@ -319,7 +356,61 @@ def test_qwenimage_recipe_at_full_size_on_fake_cuda(tiny):
                 clip_range=cfg.train.clip_range,
                 beta_kl=cfg.train.beta_kl,
             )
-    assert data.x_t.shape == (2, 2, 1024, 64) and data.preview.shape == (2, 3, 512, 512)
+    assert data.x_t.shape == (4, 2, 1024, 64) and data.preview.shape[1:] == (3, 512, 512)
     for t in (data.x_t, data.log_prob, out.loss, logp):
         assert t.device.type == "cuda"
     assert out.loss.requires_grad
+
+
+# --- the trainer: one GRPO epoch, ZeRO-3, 2 processes -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_one_grpo_epoch_of_the_recipe_zero3_two_processes(tiny, tmp_path):
+    """configs/qwenimage_pickscore.json on the tiny pipeline: two ranks run an epoch through the trainer
+    (prompt cache with padded batches, true CFG in rollout and update, ZeRO-3), the ratio starts at 1, and
+    the saved adapter loads in stock QwenImagePipeline."""
+    from multi_run import launch
+    from safetensors.torch import load_file
+    from tiny_rewards import _tiny_hf_clip
+
+    clip = tmp_path / "tiny_pickscore"
+    _tiny_hf_clip(clip)
+    reward = {"model": str(clip / "model"), "processor": str(clip / "processor"), "max_length": 16}
+    sets = [
+        f"policy.pretrained={tiny}",
+        f"prompts.source={ROOT / 'configs' / 'prompts' / 'pickscore.txt'}",
+        "policy.dtype=fp32",
+        "policy.resolution=64",
+        f"policy.max_sequence_length={SEQ}",
+        'policy.lora={"r": 4, "alpha": 8.0}',
+        "policy.offload_frozen=false",
+        f"rewards={json.dumps([{'name': 'pickscore', 'args': reward}])}",
+        "sampler.num_steps=4",
+        "sampler.sde_window_range=[0, 2]",
+        "train.num_epochs=1",
+        "train.prompts_per_epoch=2",
+        "train.images_per_prompt=4",
+        "train.rollout_batch_size=4",
+        "train.minibatch_size=2",
+        "train.gradient_accumulation_steps=2",
+        "train.micro_batch=null",
+        "eval.every=0",
+        "log.progress=false",
+        "checkpoint.every=0",
+        f"output_dir={tmp_path}",
+        "name=qwen",
+    ]
+    config = ["--config", str(ROOT / "configs" / "qwenimage_pickscore.json")]
+    launch([config + [a for kv in sets for a in ("--set", kv)]], world=2, timeout=400)
+    run = tmp_path / "qwen"
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["train/ratio_dev"] == 0.0 and last["train/loss"] == last["train/loss"]  # finite, not NaN
+    assert "reward/pickscore/mean" in last
+    final = run / "checkpoints" / "final"
+    trained = load_file(str(final / "policy.safetensors"))
+    assert trained and all("lora_" in k for k in trained)
+    assert any(float(t.abs().max()) > 0 for k, t in trained.items() if "lora_B" in k)  # it moved
+    pipe = stock(tiny)
+    pipe.load_lora_weights(final)
+    assert sum("lora_" in k for k in pipe.transformer.state_dict()) == len(trained)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcps.policies.base import Cond
+from fastcps.conditioning import Cond, expand_cond
 from fastcps.policies.families import QWENIMAGE_LORA_TARGETS
 from fastcps.policies.flux import DiffusersPolicy, load_component
 from fastcps.schedule import pipeline_sigmas
@@ -141,12 +141,9 @@ class QwenImagePolicy(DiffusersPolicy):
     def _text_batch(self, cond: Cond, b: int, dev) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(states, mask or None) for ``b`` samples, with the negative rows after them under CFG. Padding
         is decided from shapes (host values): no device value is read."""
-        hidden, mask = cond["encoder_hidden_states"], cond.get(MASK)
-        for key, t in ((k, cond[k]) for k in ("encoder_hidden_states", MASK) if k in cond):
-            if t.shape[0] not in (1, b):
-                raise ValueError(f"cond[{key!r}] has {t.shape[0]} rows for a batch of {b} latents")
-        hidden = hidden.to(dev, self.dtype).expand(b, -1, -1)
-        mask = None if mask is None else mask.to(dev).expand(b, -1)
+        cond = expand_cond(cond, b)  # one prompt's conditioning serves every sample
+        hidden, mask = cond["encoder_hidden_states"].to(dev, self.dtype), cond.get(MASK)
+        mask = None if mask is None else mask.to(dev)
         if self.cfg_scale is None:
             return hidden, mask
         if self._negative is None:
