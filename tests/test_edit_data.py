@@ -253,17 +253,33 @@ def test_the_counting_edit_sets_ship_with_their_counts_checksums_and_image_root(
     assert check_edit_images(name) == count
 
 
-def test_the_startup_check_runs_before_the_policy_builds(tmp_path, monkeypatch):
+def test_the_eval_set_keeps_each_instruction_on_each_image():
+    """counting_edit:test asks the same instruction of several images: each pair is an eval prompt."""
+    from fastcps.config import RunConfig, load_config
+    from fastcps.rollout import eval_prompt_set
+
+    sets = ["prompts.source=counting_edit:train", "prompts.eval_source=counting_edit:test"]
+    cfg = load_config(RunConfig, DIGITS, sets + ["eval.num_prompts=1000"])
+    prompts, meta = eval_prompt_set(cfg)
+    assert len(prompts) == 112 and len(set(prompts)) == 99
+    assert len({(p, m["image"]) for p, m in zip(prompts, meta)}) == 112
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt"])
+def test_the_startup_check_runs_before_the_policy_builds(tmp_path, monkeypatch, problem):
     from fastcps import trainer
     from fastcps.config import RunConfig, load_config
 
     built = []
     monkeypatch.setattr(trainer, "build_policy", lambda *a, **kw: built.append(a) or pytest.fail("built"))
     monkeypatch.setattr(trainer, "resolve_auto", lambda *a, **kw: built.append(a) or pytest.fail("planned"))
+    if problem == "corrupt":
+        (tmp_path / "a.png").write_bytes(b"not a picture")
     source = write_rows(tmp_path / "e.jsonl", [{"prompt": "0", "image": "a.png"}], blank_after_first=False)
     cfg = load_config(RunConfig, DIGITS, [f"prompts.source={source}", f"output_dir={tmp_path}"])
-    with pytest.raises(FileNotFoundError, match=r"row 1 \(line 1\): .*a\.png"):
+    with pytest.raises(FileNotFoundError, match=r"row 1 \(line 1\): .*a\.png") as err:
         trainer.Trainer(cfg, tmp_path / "run")
+    assert isinstance(err.value, UnreadableImage) == (problem == "corrupt")
     assert built == []
 
 

@@ -210,8 +210,10 @@ class PromptConfig(BaseModel):
 
     source: str = "digits"
     """Training prompts: `digits` (the toy's prompts), a named set (`pickscore:train`, `pickscore:test`,
-    `ocr:train`, `ocr:test`, `geneval:train`, `geneval:test`, `hpd:train`: configs/prompts/README.md), or a
-    .txt file (one prompt per line) or .jsonl file ({"prompt": ..., "metadata": {...}} per line)."""
+    `ocr:train`, `ocr:test`, `geneval:train`, `geneval:test`, `hpd:train`, `counting_edit:train`,
+    `counting_edit:test`: configs/prompts/README.md), or a .txt file (one prompt per line) or .jsonl file
+    ({"prompt": ..., "metadata": {...}} per line; an "image", a path relative to the file or a URL, or a
+    list of them, makes the row an edit row: the prompt is the instruction, the image what to edit)."""
     eval_source: str | None = None
     """Prompts of the fixed eval set (`eval.num_prompts` of them, spread evenly), given as `source` is;
     keep them out of the training prompts (a held-out test split). None = drawn from `source`: a warning
