@@ -77,15 +77,31 @@ def truncation_report(counts: list[int], limit: int, what: str = "prompts") -> s
     )
 
 
+def prompt_identity(prompt: str, meta: dict | None) -> tuple:
+    """What makes a prompt the same prompt: its text, and an edit row's source images with it (the same
+    instruction asked of another image is another task)."""
+    from fastcps.edit_images import SOURCE_IMAGES
+
+    return (prompt, *((meta or {}).get(SOURCE_IMAGES, ())))
+
+
 def held_out_warning(
-    source: str, eval_source: str | None, train: list[str], evaluated: list[str]
+    source: str,
+    eval_source: str | None,
+    train: list[str],
+    evaluated: list[str],
+    train_meta: list[dict] | None = None,
+    eval_meta: list[dict] | None = None,
 ) -> str | None:
     """Why an eval on training prompts misleads, and the fix; None when the eval prompts are held out (or
-    for the toy, whose 40 prompts are its whole task: there is nothing to hold out)."""
+    for the toy, whose 40 prompts are its whole task: there is nothing to hold out). With the metadata,
+    edit rows compare as instruction and source images (``prompt_identity``): counting_edit's test split
+    asks the train split's instructions of other images, or of the same images other instructions."""
     if source == "digits":
         return None
     same = eval_source is None or eval_source == source
-    shared = set(evaluated) & set(train)
+    eval_ids = {prompt_identity(p, m) for p, m in zip(evaluated, eval_meta or [None] * len(evaluated))}
+    shared = eval_ids & {prompt_identity(p, m) for p, m in zip(train, train_meta or [None] * len(train))}
     if not same and not shared:
         return None
     from fastcps import prompt_sets
@@ -104,7 +120,7 @@ def held_out_warning(
         else (
             f"prompts.eval_source is prompts.source ({source!r})"
             if eval_source == source
-            else f"{len(shared)} of the {len(set(evaluated))} eval prompts ({eval_source!r}) are also "
+            else f"{len(shared)} of the {len(eval_ids)} eval prompts ({eval_source!r}) are also "
             f"training prompts ({source!r})"
         )
     )

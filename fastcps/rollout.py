@@ -258,8 +258,7 @@ def eval_prompt_set(cfg) -> tuple[list[str], list[dict]]:
     ``prompts.source``), each prompt once (GenEval's test set lists each prompt 4 times: 16 picks spread over
     the repeats were 4 prompts, 4 times each; an edit prompt is its instruction with its source images): one
     per digit on the toy. The trainer and ``fastcps.sample`` both use it."""
-    from fastcps.edit_images import SOURCE_IMAGES
-    from fastcps.prompts import load_prompts
+    from fastcps.prompts import load_prompts, prompt_identity
 
     source, key = (
         (cfg.prompts.eval_source, "prompts.eval_source")
@@ -269,7 +268,7 @@ def eval_prompt_set(cfg) -> tuple[list[str], list[dict]]:
     pool, meta = load_prompts(source, key)
     # each prompt's first row; an edit row is its instruction on its image(s): counting_edit:test gives one
     # instruction to several images (112 rows, 99 instructions), each pair a prompt of its own
-    first = {(p, *m.get(SOURCE_IMAGES, ())): i for i, (p, m) in reversed(list(enumerate(zip(pool, meta))))}
+    first = {prompt_identity(p, m): i for i, (p, m) in reversed(list(enumerate(zip(pool, meta))))}
     keep = sorted(first.values())
     pool, meta = [pool[i] for i in keep], [meta[i] for i in keep]
     n = min(cfg.eval.num_prompts, len(pool))

@@ -265,6 +265,25 @@ def test_the_eval_set_keeps_each_instruction_on_each_image():
     assert len({(p, m["image"]) for p, m in zip(prompts, meta)}) == 112
 
 
+def test_train_and_test_edit_rows_compare_with_their_images():
+    """counting_edit's splits share instructions (and images), never an instruction on the same image: no
+    held-out warning when the metadata is given; a file sharing a pair gets it."""
+    from fastcps.prompts import held_out_warning
+
+    train, test = load_prompts("counting_edit:train"), load_prompts("counting_edit:test")
+    assert set(train[0]) & set(test[0])  # by text alone they overlap
+    assert held_out_warning("counting_edit:train", "counting_edit:test", *_zip(train, test)) is None
+    one = (test[0][:1], test[1][:1])
+    said = held_out_warning("counting_edit:train", "mine.jsonl", *_zip(train, one))
+    assert said is None  # a test pair is not a training pair
+    said = held_out_warning("counting_edit:train", "mine.jsonl", *_zip(train, (train[0][:3], train[1][:3])))
+    assert said and "3 of the 3 eval prompts ('mine.jsonl') are also training prompts" in said
+
+
+def _zip(train, evaluated):
+    return train[0], evaluated[0], train[1], evaluated[1]
+
+
 @pytest.mark.parametrize("problem", ["missing", "corrupt"])
 def test_the_startup_check_runs_before_the_policy_builds(tmp_path, monkeypatch, problem):
     from fastcps import trainer
