@@ -218,7 +218,8 @@ def where_and_fix(source: str, ref: str, unreadable: bool = False) -> tuple[str,
             fix = f"delete the cached copy ({url_cache_path(ref)}) and {fix}"
     elif prompt_sets.looks_like_name(source):
         images = prompt_sets.get(source).images
-        fix = f"{images}; put them in {prompt_sets.image_root(prompt_sets.get(source))}"
+        root = prompt_sets.image_root(prompt_sets.get(source))
+        fix = f"{images}; put them under {root} (the rows' paths are relative to it; a symlink will do)"
     else:
         folder = Path(source).resolve().parent
         fix = f"correct the path in the row, or put the image there (relative paths resolve against {folder})"
@@ -231,49 +232,59 @@ def where_and_fix(source: str, ref: str, unreadable: bool = False) -> tuple[str,
 Problem = tuple[int, int, str, str]  # (row, line, image, why)
 
 
-def report(kind: str, found: list[Problem], total: int, source: str, key: str) -> str:
-    """The error for ``found`` (images that ``kind``): the first few by row, line and path, the count,
-    the config key and the fix."""
+def report(kind: str, found: list[Problem], refs: list[tuple[int, int, str]], source: str, key: str) -> str:
+    """The error for ``found`` (images that ``kind``, of all the source's ``refs``): each image once with
+    the first row and line naming it (and how many more do), the first few of them, the counts, the config
+    key and the fix."""
     where, fix = where_and_fix(source, found[0][2], unreadable=kind == "do not decode")
-    shown = "\n".join(f"  - row {row} (line {line}): {ref}{why}" for row, line, ref, why in found[:SHOWN])
-    more = f"\n  ... and {len(found) - SHOWN} more" if len(found) > SHOWN else ""
+    by_image: dict[str, list[Problem]] = {}
+    for problem in found:
+        by_image.setdefault(problem[2], []).append(problem)
+    lines = []
+    for ref, rows in list(by_image.items())[:SHOWN]:
+        row, line, _, why = rows[0]
+        also = f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else ""
+        lines.append(f"    row {row} (line {line}): {ref}{why}{also}")
+    if len(by_image) > SHOWN:
+        lines.append(f"    ... and {len(by_image) - SHOWN} more images")
+    images, rows = len({r for _, _, r in refs}), len({row for row, _, _ in refs})
     return (
-        f"{len(found)} of the {total} source images of {where} (config key `{key}`) {kind}:\n{shown}{more}\n"
-        f"fix: {fix}"
+        f"{len(by_image)} of the {images} source images of {where} (config key `{key}`), named by "
+        f"{len({p[0] for p in found})} of its {rows} edit rows, {kind}:\n"
+        + "\n".join(lines)
+        + f"\nfix: {fix}"
     )
 
 
-def missing_images(source: str, key: str) -> tuple[list[Problem], int]:
-    """(every source image not on this machine, the number of source images); no decoding."""
+def missing_images(source: str, key: str) -> tuple[list[Problem], list[tuple[int, int, str]]]:
+    """(every (row, image) whose image is not on this machine, all (row, line, image) of the source); no
+    decoding."""
     refs = edit_refs(source, key)
     lost = [
         (row, line, ref, " (not downloaded)" if is_url(ref) else "")
         for row, line, ref in refs
         if not local_file(ref).is_file()
     ]
-    return lost, len(refs)
-
-
-def distinct_refs(source: str, key: str) -> list[str]:
-    return list(dict.fromkeys(ref for _, _, ref in edit_refs(source, key)))
+    return lost, refs
 
 
 def check_edit_images(source: str, key: str = "prompts.source") -> int:
-    """Every source image of ``source`` is here and decodes whole (``verify``); returns how many rows'
+    """Every source image of ``source`` is here and decodes whole (``verify``); returns how many distinct
     images were checked. FileNotFoundError for missing ones, ``UnreadableImage`` (a FileNotFoundError too)
     for ones that do not decode, each naming the images, their rows and lines, the config key and the fix."""
-    lost, total = missing_images(source, key)
+    lost, refs = missing_images(source, key)
     if lost:
-        raise FileNotFoundError(report("do not exist", lost, total, source, key))
-    bad, seen = [], set()
-    for row, line, ref in edit_refs(source, key):
-        if ref in seen:  # counting_edit edits each image up to three ways: decode it once
-            continue
-        seen.add(ref)
-        try:
-            verify(local_file(ref))
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for a broken file
-            bad.append((row, line, ref, f" ({type(err).__name__}: {err})"))
+        raise FileNotFoundError(report("do not exist", lost, refs, source, key))
+    bad, verdict = [], {}
+    for row, line, ref in refs:
+        if ref not in verdict:  # counting_edit edits each image up to three ways: decode it once
+            try:
+                verify(local_file(ref))
+                verdict[ref] = None
+            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for a broken file
+                verdict[ref] = f" ({type(err).__name__}: {err})"
+        if verdict[ref] is not None:
+            bad.append((row, line, ref, verdict[ref]))
     if bad:
-        raise UnreadableImage(report("do not decode", bad, total, source, key))
-    return total
+        raise UnreadableImage(report("do not decode", bad, refs, source, key))
+    return len(verdict)

@@ -114,12 +114,12 @@ def test_rows_with_relative_absolute_and_url_images_load(tmp_path, cache, server
         check_edit_images(str(prompts_file))
     assert fetch(*config, "--dry-run") == 0
     listed = capsys.readouterr().out
-    assert "edit source images" in listed and "1 of 4 images to download (URL rows)" in listed
+    assert "edit source images" in listed and "1 of 3 images to download (URL rows)" in listed
     assert not (cache / "edit_images").exists()  # a dry run downloads nothing
     assert fetch(*config) == 0
-    assert check_edit_images(str(prompts_file)) == 4
+    assert check_edit_images(str(prompts_file)) == 3  # distinct images
     assert fetch(*config, "--dry-run") == 0
-    assert "4 images" in capsys.readouterr().out  # all here now
+    assert "3 images, 3 rows" in capsys.readouterr().out  # all here now
 
     def pixels(ref):  # at the picture's own size: exactly the saved pixels, [3, H, W] in [0, 1]
         return (load_image(ref, (64, 96)) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -139,7 +139,8 @@ def test_a_missing_image_is_an_error_naming_its_row_line_key_and_fix(tmp_path):
     msg = str(err.value)
     assert not isinstance(err.value, UnreadableImage)
     for part in (
-        "1 of the 3 source images",
+        "1 of the 2 source images",
+        "named by 1 of its 2 edit rows",
         f"prompt file {source}",
         "config key `prompts.eval_source`",
         f"row 2 (line 3): {tmp_path / 'gone' / 'b.png'}",
@@ -147,7 +148,7 @@ def test_a_missing_image_is_an_error_naming_its_row_line_key_and_fix(tmp_path):
     ):
         assert part in msg, (part, msg)
     picture(tmp_path / "gone" / "b.png")
-    assert check_edit_images(str(source)) == 3
+    assert check_edit_images(str(source)) == 2
 
 
 @pytest.mark.parametrize("damage", ["truncated jpeg", "not an image", "bad png checksum"])
@@ -165,12 +166,21 @@ def test_a_corrupt_image_is_an_error_naming_its_row(tmp_path, damage):
         bad.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :])
     source = write_rows(
         tmp_path / "edits.jsonl",
-        [{"prompt": "fine", "image": "ok.jpg"}, {"prompt": "broken", "image": bad.name}],
+        [
+            {"prompt": "fine", "image": "ok.jpg"},
+            {"prompt": "broken", "image": bad.name},
+            {"prompt": "again", "image": ["ok.jpg", bad.name]},
+        ],
     )
     with pytest.raises(UnreadableImage) as err:
         check_edit_images(str(source))
     msg = str(err.value)
-    assert f"row 2 (line 3): {bad}" in msg and "do not decode" in msg and "config key `prompts.source`" in msg
+    assert "1 of the 2 source images" in msg and "named by 2 of its 3 edit rows, do not decode" in msg
+    assert (
+        f"row 2 (line 3): {bad} (" in msg
+        and "(and 1 more rows)" in msg
+        and "config key `prompts.source`" in msg
+    )
     assert "ok.jpg" not in msg
     assert isinstance(err.value, FileNotFoundError)  # the trainer's exit 2, as for a missing file
 
@@ -246,11 +256,15 @@ def test_the_counting_edit_sets_ship_with_their_counts_checksums_and_image_root(
     with pytest.raises(FileNotFoundError) as err:  # not published: the error says how to make them
         check_edit_images(name)
     msg = str(err.value)
-    assert f"{count} of the {count} source images of prompt set {name!r}" in msg
-    assert "process_data.py" in msg and f"put them in {root}" in msg
+    assert (
+        f"{distinct} of the {distinct} source images of prompt set {name!r} (config key `prompts.source`), "
+        f"named by {count} of its {count} edit rows, do not exist" in msg
+    )
+    assert "process_data.py" in msg and f"put them under {root}" in msg
+    assert msg.count("\n    row ") == 5 and f"... and {distinct - 5} more images" in msg
     for i, rel in enumerate(images):
         picture(root / rel, size=(32, 32), seed=i)
-    assert check_edit_images(name) == count
+    assert check_edit_images(name) == distinct
 
 
 def test_the_eval_set_keeps_each_instruction_on_each_image():

@@ -92,23 +92,24 @@ def _survey_images(item: EditImages) -> Row:
     from fastcps import edit_images
 
     try:
-        lost, total = edit_images.missing_images(item.source, item.key)
+        lost, refs = edit_images.missing_images(item.source, item.key)
     except FileNotFoundError as err:  # its prompt set is not downloaded yet: listed once it is
         return Row(item, DOWNLOAD, None, detail=f"listed once its prompt file is here ({err})")
+    images = list(dict.fromkeys(ref for _, _, ref in refs))
     files = [p for p in lost if not edit_images.is_url(p[2])]
     if files:  # the whole report (rows, lines, fix): check_edit_images, which the callers run
         row, line, ref, _ = files[0]
+        n = len({p[2] for p in files})
         return Row(
             item,
             MISSING,
-            detail=f"{len(files)} of {total} images do not exist (row {row}, line {line}: {ref}, ...)",
+            detail=f"{n} of {len(images)} images do not exist (row {row}, line {line}: {ref}, ...)",
         )
     if lost:
-        return Row(item, DOWNLOAD, None, detail=f"{len(lost)} of {total} images to download (URL rows)")
-    size = sum(
-        edit_images.local_file(r).stat().st_size for r in edit_images.distinct_refs(item.source, item.key)
-    )
-    return Row(item, LOCAL, size, detail=f"{total} images")
+        n = len({p[2] for p in lost})
+        return Row(item, DOWNLOAD, None, detail=f"{n} of {len(images)} images to download (URL rows)")
+    size = sum(edit_images.local_file(r).stat().st_size for r in images)
+    return Row(item, LOCAL, size, detail=f"{len(images)} images, {len({r for r, _, _ in refs})} rows")
 
 
 def _remote_size(url: str) -> int | None:
