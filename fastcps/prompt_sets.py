@@ -70,9 +70,9 @@ class PromptSet:
 
 COUNTING_EDIT_IMAGES = (
     "counting_edit's source images are not published: generate them with FlowCPS's "
-    "dataset/counting_edit/process_data.py (FLUX.1-dev, one 1024 px image per t2i_prompt of its "
-    "metadata.jsonl, saved as generated_images/image_<i>.jpg), then split_train_test.py; the rows name "
-    "generated_images/image_<i>.jpg"
+    "dataset/counting_edit/process_data.py (FLUX.1-dev, 1024 px, 50 steps, guidance 3.5, no seed: your "
+    "images differ from FlowCPS's), which saves one image per line i of its metadata.jsonl as "
+    "generated_images/image_<i>.jpg, the paths these rows name"
 )
 
 
