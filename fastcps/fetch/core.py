@@ -131,7 +131,8 @@ def get(row: Row) -> None:
         from fastcps import edit_images
 
         for _, _, ref, _ in edit_images.missing_images(item.source, item.key)[0]:
-            if edit_images.is_url(ref) and not edit_images.local_file(ref).is_file():  # listed once per row
+            # a URL several rows name is listed once per row: downloaded once
+            if edit_images.is_url(ref) and not edit_images.local_file(ref).is_file():
                 edit_images.download(ref)
     elif isinstance(item, EngineModels):
         try:
