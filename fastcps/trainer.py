@@ -80,6 +80,16 @@ def _under_load_timeout(method):
     return wrapper
 
 
+def evaluate_with(step: int = 1, **parts) -> dict[str, float]:
+    """``Trainer.evaluate`` on the given parts (``cfg``, ``world``, ``rank``, ``device``, ``policy``,
+    ``engine``, ``encodings``, ``eval_prompts``, ``reward_fn``, ``ema``, ``logger``) without building a
+    run: the resource plan counts an eval's calls on its stand-ins with it (``fastcps.plan.epoch``). The
+    trainer passes it to the plan (``resolve_auto``), so the plan never imports the trainer."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.__dict__.update(parts)
+    return trainer.evaluate(step)
+
+
 class Trainer:
     """One run: builds the policy, rewards and DeepSpeed engine from ``cfg``; ``fit()`` runs the
     epochs with eval and checkpoints; ``state_dict()`` is what a resume restores."""
@@ -97,7 +107,7 @@ class Trainer:
         check_services([(r.name, r.args) for r in cfg.rewards])
         # the "auto" settings (ZeRO stage, checkpointing, micro-batch, ...): the resource plan's choice for
         # the smallest GPU of the run (every rank alike), before any weight loads
-        cfg, chosen = resolve_auto(cfg, self.world, self.device)
+        cfg, chosen = resolve_auto(cfg, self.world, self.device, evaluate_with)
         if chosen:
             log.info(chosen)
         self.cfg, self.run_dir = cfg, Path(run_dir)

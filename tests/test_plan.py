@@ -20,6 +20,7 @@ from fastcps.config import RunConfig, load_config
 from fastcps.plan import Loader, main, plan, policy_sigmas
 from fastcps.plan.measure import LiveBytes, TransformerMeter
 from fastcps.policies.flux import FluxPolicy
+from fastcps.trainer import evaluate_with
 
 ROOT = Path(__file__).resolve().parent.parent
 FLUX_CFG = ROOT / "configs" / "flux_pickscore.json"
@@ -49,7 +50,7 @@ def tiny_flux(tmp_path):
 def run_json(*argv) -> dict:
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert main([*argv, "--json"]) == 0
+        assert main([*argv, "--json"], evaluate=evaluate_with) == 0
     return json.loads(buf.getvalue())
 
 
@@ -132,7 +133,7 @@ def test_dev_trained_steps_come_from_the_policy_dynamic_shift():
 
 
 def tiny_meter(cfg, tiny_flux):
-    return Loader(cfg, tiny_flux).model(cfg).meter
+    return Loader(cfg, tiny_flux, evaluate=evaluate_with).model(cfg).meter
 
 
 def test_plan_counts_the_trainers_own_epoch(tiny_flux):
@@ -145,7 +146,7 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tiny_flux.parent / "ds.json").write_text(json.dumps(ds))
     cfg = load_config(RunConfig, str(FLUX_CFG), [f"deepspeed_config={tiny_flux.parent / 'ds.json'}"])
-    r = plan(cfg, 8, tiny_flux)
+    r = plan(cfg, 8, tiny_flux, evaluate=evaluate_with)
     m = tiny_meter(cfg, tiny_flux)
     calls, ph = r["calls_per_rank"], r["phase_flop"]
     assert r["trained_steps_range"] == [3, 3] and r["images_per_rank"] == 48 and r["optimizer_steps"] == 2
@@ -178,7 +179,7 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
     z = r["zero_traffic_bytes_per_gpu"]
     gathered = r["gathered_params"]  # the tensors at or above stage3_param_persistence_threshold
     assert gathered > 0.9 * r["transformer_params"]  # the tiny model's biggest tensors are partitioned
-    threshold = Loader(cfg, tiny_flux).model(cfg).meter_threshold
+    threshold = Loader(cfg, tiny_flux, evaluate=evaluate_with).model(cfg).meter_threshold
     numel = {n: p.numel() for n, p in m.model.named_parameters() if p.numel() >= threshold}
     assert sum(numel.values()) == gathered and m.gathered("nograd", 8, threshold) == {"forward": gathered}
     plain, ckpt = m.step("train", 8).uses, m.step("ckpt", 8).uses
@@ -253,7 +254,7 @@ def test_a_pass_the_trainer_adds_or_removes_shows_in_the_plan(tiny_flux, monkeyp
     import fastcps.rollout as rollout_mod
 
     def calls(*sets):
-        r = plan(load_config(RunConfig, str(FLUX_CFG), list(sets)), 8, tiny_flux)
+        r = plan(load_config(RunConfig, str(FLUX_CFG), list(sets)), 8, tiny_flux, evaluate=evaluate_with)
         return r["calls_per_rank"], r["phase_flop"]
 
     small = ["train.minibatch_size=4", "train.gradient_accumulation_steps=6", "train.micro_batch=null"]
@@ -366,7 +367,7 @@ def test_a_remote_reward_holds_no_training_gpu_memory():
 
 def test_table_and_exit_codes(tiny_flux, capsys):
     base = ["--config", str(FLUX_CFG), "--model-config", str(tiny_flux)]
-    assert main([*base, "--world-size", "8"]) == 0
+    assert main([*base, "--world-size", "8"], evaluate=evaluate_with) == 0
     text = capsys.readouterr().out
     for key in (
         "batch arithmetic",
@@ -382,13 +383,22 @@ def test_table_and_exit_codes(tiny_flux, capsys):
         "host memory a save holds at once",
     ):
         assert key in text
-    assert main([*base, "--world-size", "7"]) == 2  # 384 images do not split over 7
+    assert main([*base, "--world-size", "7"], evaluate=evaluate_with) == 2  # 384 images do not split over 7
     assert "train.prompts_per_epoch" in capsys.readouterr().err
-    assert main([*base, "--world-size", "8", "--set", "policy.resolution=500"]) == 2
+    assert main([*base, "--world-size", "8", "--set", "policy.resolution=500"], evaluate=evaluate_with) == 2
     assert "policy.resolution" in capsys.readouterr().err
-    assert main([*base, "--world-size", "8", "--set", "deepspeed_config=missing.json"]) == 2
+    assert (
+        main([*base, "--world-size", "8", "--set", "deepspeed_config=missing.json"], evaluate=evaluate_with)
+        == 2
+    )
     assert "deepspeed_config" in capsys.readouterr().err
-    assert main(["--config", str(ROOT / "configs" / "digits_cps.json"), "--world-size", "1"]) == 2
+    assert (
+        main(
+            ["--config", str(ROOT / "configs" / "digits_cps.json"), "--world-size", "1"],
+            evaluate=evaluate_with,
+        )
+        == 2
+    )
     assert "policy.name" in capsys.readouterr().err
 
 
@@ -446,7 +456,7 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
     cfg = load_config(RunConfig, str(FLUX_CFG))
     assert cfg.zero_stage == "auto" and cfg.policy.gradient_checkpointing == "auto"
     assert cfg.train.micro_batch == "auto"
-    out, line = resolve_auto(cfg, 8, "cpu")
+    out, line = resolve_auto(cfg, 8, "cpu", evaluate_with)
     assert out.zero_stage is None and out.policy.gradient_checkpointing is False and "ZeRO stage 3" in line
     assert out.whole_model_sampling is False and "whole-model sampling off" in line
     t = out.train  # the configured minibatch, and the rollout's batch the same
@@ -467,7 +477,7 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
             "memory_reserve.fraction=0",
         ],
     )
-    peaks = plan(local, 8)["peak_gib_by_choice"]
+    peaks = plan(local, 8, evaluate=evaluate_with)["peak_gib_by_choice"]
     # whole_model_sampling "auto": only under ZeRO-3, on when the sampling phases fit with the whole model
     # gathered (this tiny transformer is smaller than ZeRO-3's prefetch bucket: it always fits)
     for gib, expect in (
@@ -477,7 +487,7 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
         monkeypatch.setattr(
             torch.cuda, "get_device_properties", lambda d, g=gib: SimpleNamespace(total_memory=g * 2**30)
         )
-        out, line = resolve_auto(local, 8, "cuda:0")
+        out, line = resolve_auto(local, 8, "cuda:0", evaluate_with)
         got = (out.zero_stage, out.policy.gradient_checkpointing, out.whole_model_sampling)
         assert got == expect, (gib, peaks, line)
     # memory_reserve keeps its share free: the same GPU with 8 % reserved no longer fits ZeRO-2
@@ -485,11 +495,11 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=gib * 2**30)
     )
-    assert resolve_auto(local, 8, "cuda:0")[0].zero_stage == 2
+    assert resolve_auto(local, 8, "cuda:0", evaluate_with)[0].zero_stage == 2
     reserved = local.model_copy(
         update={"memory_reserve": local.memory_reserve.model_copy(update={"fraction": 0.08})}
     )
-    out, line = resolve_auto(reserved, 8, "cuda:0")
+    out, line = resolve_auto(reserved, 8, "cuda:0", evaluate_with)
     assert out.zero_stage == 3 and f"{0.08 * gib:.1f} GiB kept free" in line, line
     # an explicit stage is not "auto": it stays; the trainer's DeepSpeed config takes it over the JSON's
     fixed = load_config(
@@ -502,11 +512,14 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
             "train.micro_batch=null",
         ],
     )
-    assert resolve_auto(fixed, 8, "cpu") == (fixed, None)
+    assert resolve_auto(fixed, 8, "cpu", evaluate_with) == (fixed, None)
     assert deepspeed_config(fixed, 8)["zero_optimization"]["stage"] == 2
     # an explicit micro-batch applies everywhere: rollout = minibatch = 4, twice the accumulation
     four = resolve_auto(
-        fixed.model_copy(update={"train": fixed.train.model_copy(update={"micro_batch": 4})}), 8, "cpu"
+        fixed.model_copy(update={"train": fixed.train.model_copy(update={"micro_batch": 4})}),
+        8,
+        "cpu",
+        evaluate_with,
     )
     t = four[0].train
     assert (t.micro_batch, t.minibatch_size, t.rollout_batch_size, t.gradient_accumulation_steps) == (
@@ -627,7 +640,7 @@ def test_the_plan_counts_where_the_trainer_encodes(tiny_flux, monkeypatch):
     from fastcps.trainer import Trainer
 
     cfg = load_config(RunConfig, str(FLUX_CFG), ["zero_stage=3", "whole_model_sampling=true"])
-    loader = Loader(cfg, tiny_flux)
+    loader = Loader(cfg, tiny_flux, evaluate=evaluate_with)
     model = loader.model(cfg)
     counted = pe.counted_epoch(cfg, 8, model)
     assert counted["encodes"] and not any(whole for (_, whole) in counted["encodes"])
@@ -687,12 +700,12 @@ def test_smallest_gpu_decides_for_every_rank(tiny_flux, tmp_path, monkeypatch):
             "train.micro_batch=null",
         ],
     )
-    peaks = plan(local, 8)["peak_gib_by_choice"]
+    peaks = plan(local, 8, evaluate=evaluate_with)["peak_gib_by_choice"]
     big, small = peaks["zero2"] * 2, peaks["zero2"] * 0.9  # ZeRO-2 fits the big GPU only
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=big * 2**30)
     )
-    assert resolve_auto(local, 8, "cuda:0")[0].zero_stage == 2  # alone: its own memory
+    assert resolve_auto(local, 8, "cuda:0", evaluate_with)[0].zero_stage == 2  # alone: its own memory
     reduced = []
 
     def all_reduce(t, op):
@@ -710,7 +723,7 @@ def test_smallest_gpu_decides_for_every_rank(tiny_flux, tmp_path, monkeypatch):
         ReduceOp=tdist.ReduceOp,
     )
     monkeypatch.setattr(choose_mod, "tdist", group)
-    out, line = resolve_auto(local, 8, "cuda:0")
+    out, line = resolve_auto(local, 8, "cuda:0", evaluate_with)
     assert reduced == [int(big * 2**30)] and out.zero_stage == 3, line
     assert f"of {small:.1f} GiB, the smallest GPU of the run" in line
 
