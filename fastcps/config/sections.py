@@ -64,8 +64,9 @@ class LoraConfig(BaseModel):
 class PolicyConfig(BaseModel):
     model_config = SECTION
 
-    name: Literal["toy", "flux", "sd3"] = "toy"
-    """Policy adapter: `toy` (16x16 digits, CPU), `flux` (FLUX.1-dev/schnell), `sd3` (SD3.5)."""
+    name: Literal["toy", "flux", "sd3", "qwenimage"] = "toy"
+    """Policy adapter: `toy` (16x16 digits, CPU), `flux` (FLUX.1-dev/schnell), `sd3` (SD3.5), `qwenimage`
+    (Qwen-Image)."""
     pretrained: str = ""
     """Local path or hub id of the weights; empty = the shipped toy base (toy only)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
