@@ -902,3 +902,22 @@ def test_sd35_large_fits_24_gb():
     assert r["fits"] and r["headroom_gib"] >= 0.08 * gib, (r["headroom_gib"], r["candidates"][:3])
     assert r["micro_batch"] * r["gradient_accumulation_steps"] == 12  # 4 x 3 as configured
     assert r["transformer_params"] > 8.0e9
+
+
+def test_flow_grpo_sd3_anchor_counts_cfg_and_the_kl_reference():
+    """flow_grpo's geneval_sd3 per image: 10 sampling steps on 2 samples (true CFG), 9 trained steps
+    (timestep_fraction 0.99) of forward + backward on 2 samples and the KL reference's no-grad forward."""
+    from types import SimpleNamespace
+
+    from fastcps.plan.epoch import anchor_flop_per_image
+    from fastcps.policies.plan_facts import FLOW_GRPO_SD3, SD3Plan
+
+    assert SD3Plan.anchor is FLOW_GRPO_SD3
+
+    def step(kind, b):
+        assert b == 18 and kind in ("nograd", "train")  # 9 images x 2 samples, no checkpointing
+        return SimpleNamespace(forward_flop=b, backward_flop=10 * b)
+
+    out = anchor_flop_per_image(FLOW_GRPO_SD3, SimpleNamespace(step=step), lambda b: 0.0)
+    assert out["rollout"] == 10 * 2 and out["training forward"] == 9 * 2
+    assert out["training backward"] == 9 * 2 * 10 and out["KL reference forward"] == 9 * 2

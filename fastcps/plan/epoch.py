@@ -259,7 +259,7 @@ def anchor_flop_per_image(anchor, meter, vae_flop) -> dict:
     """The anchor recipe's FLOPs per image by phase (``plan_facts.Anchor``), from the same transformer
     measured at its text length (and the same VAE decode: it decodes every image too). A call runs
     ``anchor.batch`` images, ``anchor.cfg`` samples each; with ``checkpointing`` the backward includes the
-    checkpointed blocks' re-forward."""
+    checkpointed blocks' re-forward; ``reference_forwards`` add the KL reference's no-grad forwards."""
     b, c = anchor.batch * anchor.cfg, anchor.cfg
     fwd = meter.step("nograd", b).forward_flop / b * c
     train = meter.step("ckpt" if anchor.checkpointing else "train", b)
@@ -269,5 +269,7 @@ def anchor_flop_per_image(anchor, meter, vae_flop) -> dict:
         "training forward": anchor.trained_steps * train.forward_flop / b * c,
         "training backward": anchor.trained_steps * train.backward_flop / b * c,
     }
+    if anchor.reference_forwards:  # the KL term's frozen reference, no grad, at every trained step
+        out["KL reference forward"] = anchor.reference_forwards * anchor.trained_steps * fwd
     out["total"] = sum(out.values())
     return out

@@ -24,6 +24,8 @@ def anchor_lines(cfg) -> list[str]:
     samples = "" if a.cfg == 1 else f" of {a.cfg} samples (true CFG)"
     text = f"{a.text_tokens} text tokens" if a.text_tokens is not None else "the run's text tokens"
     ckpt = "activation checkpointing" if a.checkpointing else "no checkpointing"
+    if a.reference_forwards:
+        ckpt += f", {a.reference_forwards} KL reference forward per trained step"
     return [
         f"  anchor: {a.name} ({a.source}; {a.rollout_forwards} rollout forwards + {a.trained_steps} "
         f"trained steps{samples} per image,",

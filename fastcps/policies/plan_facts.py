@@ -16,7 +16,8 @@ class Anchor:
     """A reference recipe's transformer work per image, counted as its code runs it: ``rollout_forwards``
     sampling calls and ``trained_steps`` training forward + backward, each on ``cfg`` samples per image
     (true CFG: cond and uncond), at ``batch`` images a call, ``text_tokens`` text tokens (None: the run's),
-    the backward with the re-forward of activation checkpointing when ``checkpointing``."""
+    the backward with the re-forward of activation checkpointing when ``checkpointing``, and
+    ``reference_forwards`` no-grad forwards of the frozen reference per trained step (the KL term)."""
 
     name: str
     source: str  # where its numbers are read: repository and file
@@ -26,6 +27,7 @@ class Anchor:
     text_tokens: int | None = None
     cfg: int = 1
     checkpointing: bool = False
+    reference_forwards: int = 0
 
 
 #: flow_grpo's own FLUX.1-dev recipe, like for like with configs/flux_pickscore.json (yifan123/flow_grpo,
@@ -40,6 +42,22 @@ FLOW_GRPO_FLUX = Anchor(
     trained_steps=3,
     batch=3,
     text_tokens=128,
+)
+
+#: flow_grpo's own SD3.5-Medium GenEval recipe (yifan123/flow_grpo config/grpo.py ``geneval_sd3``: 10 sampling
+#: steps, guidance_scale 4.5 as true CFG, train_batch_size 9, 24 images per prompt, timestep_fraction 0.99 =
+#: int(10 x 0.99) = 9 trained steps (SDE on every step), beta 0.04; scripts/train_sd3.py: CLIP's 77 + T5's
+#: 128 tokens, ``compute_log_prob`` on 2B (train.cfg True), the KL reference as the same call with the
+#: adapter disabled under no_grad, old log-probs from the sampling, no gradient checkpointing).
+FLOW_GRPO_SD3 = Anchor(
+    "flow_grpo geneval_sd3",
+    "yifan123/flow_grpo config/grpo.py",
+    rollout_forwards=10,
+    trained_steps=9,
+    batch=9,
+    text_tokens=205,
+    cfg=2,
+    reference_forwards=1,
 )
 
 #: FlowCPS's Qwen-Image recipe as its code runs it (IamCreateAI/FlowCPS config/grpo.py
@@ -132,6 +150,7 @@ class SD3Plan(FamilyPlan):
     text_encoders = {"T5-XXL encoder": 4.762, "CLIP-G text": 0.695, "CLIP-L text": 0.123}
     default_shift = 3.0
     true_cfg = True
+    anchor = FLOW_GRPO_SD3
 
     @staticmethod
     def text_tokens(max_sequence_length: int) -> int:
