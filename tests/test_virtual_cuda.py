@@ -361,6 +361,84 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     assert out.loss.requires_grad
 
 
+@pytest.mark.slow
+def test_sd35_large_recipe_at_full_size_on_fake_cuda(tiny):
+    """configs/sd35l_geneval.json at SD3.5-Large's real size: the 8 B-parameter transformer built from
+    configs/models/sd3.5-large_transformer.json (no weights: meta, then fake CUDA), LoRA r 32 on flow_grpo's
+    SD3 targets, bf16, gradient checkpointing, 512 px (64 x 64 latents, 2x2 patches), true CFG (one forward
+    of 2B), CLIP's 77 + T5's 128 text tokens, 10 steps with a 4-step SDE window. Rollout, advantages and a
+    training micro-step all stay on the device."""
+    import json
+
+    from diffusers import SD3Transformer2DModel
+
+    sets = [
+        f"policy.pretrained={tiny['sd3']}",
+        "policy.offload_frozen=false",
+        "prompts.source=geneval:test",  # the shipped split: geneval:train downloads (the count is the same)
+        "train.prompts_per_epoch=1",
+        "train.images_per_prompt=2",
+        "train.rollout_batch_size=2",
+        "train.minibatch_size=2",
+        "train.gradient_accumulation_steps=1",
+        "sampler.sde_window_range=[0, 1]",
+    ]
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "sd35l_geneval.json"), sets)
+    assert cfg.policy.cfg_scale > 1
+    policy = build_policy(cfg.policy, "cpu")  # tiny encoders and VAE; the transformer is replaced below
+    mc = json.loads((ROOT / "configs" / "models" / "sd3.5-large_transformer.json").read_text())
+    with torch.device("meta"):
+        big = SD3Transformer2DModel.from_config({k: v for k, v in mc.items() if not k.startswith("_")})
+    policy.transformer = big.to(torch.bfloat16)
+    policy.transformer.enable_gradient_checkpointing()
+    policy.add_lora(cfg.policy.lora.r, cfg.policy.lora.alpha)
+    assert sum(p.numel() for p in policy.transformer.parameters()) > 8.0e9
+    sampling = epoch_steps(cfg, 0, policy)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_policy(policy, mode, CUDA)
+    L = 77 + cfg.policy.max_sequence_length  # CLIP-L/G's 77 tokens, then T5-XXL's
+
+    def encode(prompts):  # CLIP-L + CLIP-G (pooled 2048) and T5-XXL (4096) shapes; the tiny ones are narrow
+        cond = {
+            "encoder_hidden_states": torch.zeros(len(prompts), L, 4096, dtype=torch.bfloat16, device=CUDA),
+            "pooled_projections": torch.zeros(len(prompts), 2048, dtype=torch.bfloat16, device=CUDA),
+        }
+        if policy._negative is None:  # what SD3Policy.encode keeps for true CFG
+            policy._negative = {k: v[:1] for k, v in cond.items()}
+        return cond
+
+    policy.encode = encode
+    with mode:
+        data = rollout_epoch(
+            cfg,
+            0,
+            sampling,
+            policy,
+            policy.transformer,
+            HostReward(CUDA),
+            PromptEncodings(policy),
+            load_prompts(cfg.prompts.source),
+            device=CUDA,
+        )
+        adv = epoch_advantages(data, cfg.train, CUDA)
+        mb = minibatches(2, 2, (0,), CUDA)[0]
+        with NoHostTraffic():
+            out, logp = micro_step_loss(
+                policy,
+                policy.transformer,
+                data,
+                mb,
+                0,
+                data.log_prob[mb, 0],
+                adv.local[mb],
+                clip_range=cfg.train.clip_range,
+                beta_kl=cfg.train.beta_kl,
+            )
+    assert data.x_t.shape == (2, 4, 16, 64, 64) and data.preview.shape == (2, 3, 512, 512)
+    on(CUDA, data.x_t, data.log_prob, out.loss, logp)
+    assert out.loss.requires_grad
+
+
 def test_prompt_encodings_keep_their_cache_in_host_memory():
     """The encoder runs on the GPU, but its outputs are cached on the CPU (FLUX's T5 states are 4 MiB a
     prompt: a GPU cache would grow by a prompt set's worth beside the model); each call copies its rows
