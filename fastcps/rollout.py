@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections import OrderedDict
-
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +23,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from fastcps.conditioning import PromptEncodings, select  # noqa: F401 (imported from here by others)
 from fastcps.logger import progress as progress_bar
 from fastcps.ops.cps_step import cps_step
 from fastcps.runtime import derive_seed, synchronize, to_device
@@ -183,46 +182,6 @@ def _sample(policy, model, cond, x, sampling, step_seeds, first_index) -> Trajec
         torch.stack(nexts, 1) if nexts else empty,
         torch.stack(lps, 1) if lps else x.new_zeros((b, 0)),
     )
-
-
-class PromptEncodings:
-    """Encodings computed once per prompt and kept in host memory, least recently used first out past
-    ``max_bytes``: FLUX's T5 states are 1 MiB a prompt at 128 tokens (4 MiB at 512), so a 25k-prompt
-    file would hold 25-100 GiB per rank if every encoding stayed. ``for_prompts`` moves the distinct
-    prompts of a list to the device in one copy and says which row each entry uses; an evicted prompt
-    is encoded again when it comes back."""
-
-    def __init__(self, policy, max_bytes: float = float("inf")):
-        self.policy = policy
-        self.max_bytes = max_bytes
-        self.host: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self.nbytes = 0
-
-    def for_prompts(self, prompts: list[str], device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        unique = list(dict.fromkeys(prompts))
-        todo = [p for p in unique if p not in self.host]
-        if todo:
-            enc = self.policy.encode(todo)
-            for i, p in enumerate(todo):
-                self.host[p] = {k: v[i : i + 1].detach().to("cpu").clone() for k, v in enc.items()}
-                self.nbytes += sum(t.nbytes for t in self.host[p].values())
-        for p in unique:
-            self.host.move_to_end(p)
-        row = {p: i for i, p in enumerate(unique)}
-        cond = {
-            k: to_device(torch.cat([self.host[p][k] for p in unique]), device) for k in self.host[unique[0]]
-        }
-        index = to_device(torch.tensor([row[p] for p in prompts], dtype=torch.long), device)
-        # evict after the copy: this call's prompts may exceed the bound themselves
-        while self.nbytes > self.max_bytes and self.host:
-            _, dropped = self.host.popitem(last=False)
-            self.nbytes -= sum(t.nbytes for t in dropped.values())
-        return cond, index
-
-
-def select(cond: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The conditioning rows of ``index`` (a device tensor or slice of one): a gather on the device."""
-    return {k: v[index] for k, v in cond.items()}
 
 
 @dataclass

@@ -13,9 +13,8 @@ from typing import Iterator
 
 import torch
 
+from fastcps.conditioning import Cond, expand_cond
 from fastcps.policies.families import FLUX_LORA_TARGETS
-
-Cond = dict[str, torch.Tensor]  # conditioning tensors, first dim = number of prompts
 
 
 class Policy(abc.ABC):
@@ -90,18 +89,22 @@ class Policy(abc.ABC):
     def batch_inputs(
         latents: torch.Tensor, sigma, cond: Cond
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(σ, per-token text states, pooled text vector), each broadcast to the latents' batch:
-        a float or one σ serves every sample, one prompt's conditioning serves every sample."""
+        """(σ, per-token text states, pooled text vector) of the FLUX/SD3/toy bundle, each broadcast to the
+        latents' batch: a float or one σ serves every sample, one prompt's conditioning serves every
+        sample (``fastcps.conditioning.expand_cond``)."""
         b = latents.shape[0]
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(b)
-        hidden, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
-        if hidden.shape[0] == 1 and b > 1:
-            hidden, pooled = hidden.expand(b, -1, -1), pooled.expand(b, -1)
-        if hidden.shape[0] != b or sigma.shape[0] != b:
-            raise ValueError(f"batch mismatch: latents {b}, sigma {sigma.shape[0]}, cond {hidden.shape[0]}")
-        return sigma, hidden, pooled
+        if sigma.shape[0] != b:
+            raise ValueError(f"batch mismatch: latents {b}, sigma {sigma.shape[0]}")
+        cond = expand_cond(cond, b)
+        return sigma, cond["encoder_hidden_states"], cond["pooled_projections"]
+
+    def encoding_key(self, prompt: str):
+        """What the prompt cache keys an encoding on: what the encoder reads (the prompt; an editing
+        policy's (image, instruction))."""
+        return prompt
 
     def text_token_counts(self, prompts: list[str]) -> list[int] | None:
         """Tokens each prompt has for the length-limited text encoder (``policy.max_sequence_length``),

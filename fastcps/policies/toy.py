@@ -25,11 +25,11 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
 
 from fastcps.policies.base import Cond, Policy
+from fastcps.schedule import pipeline_sigmas
 from fastcps.toy.digits import IMAGE_SIZE, NUM_TOKENS, TOKEN_CHANNELS, image_ids, unpack
 from fastcps.toy.text_encoder import ToyTextEncoder
 
@@ -178,11 +178,8 @@ class ToyDigitsPolicy(Policy):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if num_steps not in self._sigma_cache:
-            sched = FlowMatchEulerDiscreteScheduler(
-                num_train_timesteps=1000, shift=self.shift, use_dynamic_shifting=False
-            )
-            sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps))
-            self._sigma_cache[num_steps] = sched.sigmas.detach().to(torch.float32).cpu()
+            # a static shift, the FLUX grid: what SD3's scheduler config gives (fastcps.schedule)
+            self._sigma_cache[num_steps] = pipeline_sigmas({"shift": self.shift}, 0, num_steps)
         return self._sigma_cache[num_steps].to(device or self.device)
 
     def velocity(
