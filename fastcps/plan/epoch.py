@@ -107,7 +107,8 @@ def count_epoch(
     trainer's eval on given parts (``fastcps.trainer.evaluate_with``; passed in: the trainer imports the
     plan, not the other way round)."""
     from fastcps.prompts import load_prompts
-    from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch
+    from fastcps.conditioning import PromptEncodings
+    from fastcps.rollout import epoch_steps, rollout_epoch
     from fastcps.update import epoch_advantages, run_update
 
     # counted with the sampling loops' whole-model gathers on: zero_traffic prices both ways
