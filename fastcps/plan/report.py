@@ -21,7 +21,7 @@ def anchor_lines(cfg) -> list[str]:
     from fastcps.policies.families import family
 
     a = family(cfg.policy.name).plan_facts().anchor
-    samples = "" if a.cfg == 1 else f" of {a.cfg} samples (true CFG)"
+    samples = "" if a.cfg == 1 else f", each on {a.cfg} samples (true CFG),"
     text = f"{a.text_tokens} text tokens" if a.text_tokens is not None else "the run's text tokens"
     ckpt = "activation checkpointing" if a.checkpointing else "no checkpointing"
     if a.reference_forwards:
