@@ -29,6 +29,7 @@ FLUX_SUBFOLDERS = (
     "scheduler",
 )
 SD3_SUBFOLDERS = FLUX_SUBFOLDERS + ("text_encoder_3", "tokenizer_3")
+QWENIMAGE_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def labels(items):
@@ -67,12 +68,21 @@ def test_the_shipped_configs_need_their_policy_reward_models_and_prompt_sets():
             ("PromptSetFile", "prompts.source", "geneval:train"),
             ("PromptSetFile", "prompts.eval_source", "geneval:test"),
         },
+        "qwenimage_pickscore": {  # the family's registry entry names the policy class
+            ("HubRepo", "policy.pretrained", "Qwen/Qwen-Image"),
+            ("HubRepo", "rewards.0.args.model", DEFAULT_MODEL),
+            ("HubRepo", "rewards.0.args.processor", DEFAULT_PROCESSOR),
+            ("PromptSetFile", "prompts.source", "pickscore:train"),
+            ("PromptSetFile", "prompts.eval_source", "pickscore:test"),
+        },
     }
     for name, expected in need.items():
         items = config_items(cfg_of(name))
         assert labels(items) == expected, name
         policy = next(i for i in items if i.key == "policy.pretrained")
         subfolders = SD3_SUBFOLDERS if name.startswith("sd35") else FLUX_SUBFOLDERS
+        if name.startswith("qwenimage"):
+            subfolders = QWENIMAGE_SUBFOLDERS
         assert set(policy.allow_patterns) == {"model_index.json", *(f"{s}/*" for s in subfolders)}
     hps = next(i for i in config_items(cfg_of("flux_schnell_hpsv2")) if i.key.startswith("rewards"))
     assert hps.allow_patterns == ("HPS_v2.1_compressed.pt",)  # one file of xswu/HPSv2, not its others

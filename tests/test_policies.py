@@ -306,7 +306,9 @@ def test_one_grpo_epoch_flux_and_sd3_zero3_two_processes(tiny, tmp_path):
 # --- configs (no weights; the plan is tested in tests/test_plan.py) ------------------------------------
 
 
-@pytest.mark.parametrize("name", ["flux_pickscore", "flux_schnell_hpsv2", "sd35_ocr", "sd35_geneval"])
+@pytest.mark.parametrize(
+    "name", ["flux_pickscore", "flux_schnell_hpsv2", "sd35_ocr", "sd35_geneval", "qwenimage_pickscore"]
+)
 def test_shipped_configs_load_and_name_their_prompts(name):
     from fastcps.config import RunConfig
     from fastcps.config import load_config, validate_tree

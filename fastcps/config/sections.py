@@ -76,7 +76,7 @@ class PolicyConfig(BaseModel):
     guidance: float | None = None
     """Distilled guidance scale fed through FLUX.1-dev's embedding (3.5); None for models without it."""
     cfg_scale: float | None = None
-    """True classifier-free guidance scale (SD3.5); None = off."""
+    """True classifier-free guidance scale (SD3.5, Qwen-Image); None = off."""
     lora: LoraConfig | None = None
     """LoRA adapters through peft; None = full fine-tuning."""
     attention_backend: Literal["sdpa", "flash"] = "sdpa"
@@ -91,8 +91,9 @@ class PolicyConfig(BaseModel):
     """T5 tokens per prompt: FLUX attends over them with the image's tokens in every block, so each forward
     costs more with every token (512 px FLUX.1-dev: 1024 image tokens; 512 text tokens make a forward
     ~1.33x of 128's). 128 is what flow_grpo trains FLUX and SD3.5 with (the pipelines' defaults are
-    512 / 256). Prompts with more tokens are cut, as the pipelines do; the trainer reports how many at
-    start-up with the length that would keep them whole."""
+    512 / 256). Qwen-Image: Qwen2.5-VL tokens after the chat template's prefix, at most 1024 (FlowCPS: 512,
+    the pipeline's default). Prompts with more tokens are cut, as the pipelines do; the trainer reports how
+    many at start-up with the length that would keep them whole."""
     gradient_checkpointing: bool | Literal["auto"] = False
     """Recompute the transformer's activations in backward (diffusers' gradient checkpointing): one more
     forward per trained step. `auto`: only when the resource plan (fastcps.plan) says the step does not

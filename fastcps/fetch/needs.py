@@ -10,17 +10,15 @@ from fastcps.fetch.items import Item, LocalPath, PromptSetFile, with_key_prefix
 
 
 def policy_items(policy_cfg) -> list[Item]:
-    if policy_cfg.name == "flux":
-        from fastcps.policies.flux import FluxPolicy as cls
-    elif policy_cfg.name == "sd3":
-        from fastcps.policies.sd3 import SD3Policy as cls
-    else:  # the toy: its weights are in the package unless a path is given
+    from fastcps.policies.families import family
+
+    if policy_cfg.name == "toy":  # its weights are in the package unless a path is given
         return (
             [LocalPath(policy_cfg.pretrained, "policy.pretrained", "toy weights")]
             if policy_cfg.pretrained
             else []
         )
-    return cls.files(policy_cfg)
+    return family(policy_cfg.name).policy_class().files(policy_cfg)
 
 
 def reward_class(name: str):

@@ -126,6 +126,13 @@ FAMILIES: dict[str, Family] = {
             "Qwen/Qwen-Image",
             "fastcps.policies.plan_facts:QwenImagePlan",
         ),
+        Family(
+            "qwenimage",
+            "fastcps.policies.qwenimage:QwenImagePolicy",
+            "QwenImageTransformer2DModel",
+            QWENIMAGE_LORA_TARGETS,
+            "Qwen/Qwen-Image",
+        ),
     )
 }
 

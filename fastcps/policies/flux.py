@@ -119,6 +119,7 @@ class DiffusersPolicy(Policy):
 
     transformer_cls = None
     pipeline_cls = None
+    vae_cls = None  # None: diffusers' AutoencoderKL (FLUX, SD3)
     subfolders: tuple[str, ...] = ()
     text_encoder_names: tuple[str, ...] = ()
     t5_tokenizer_name = "tokenizer_2"  # the pipeline attribute of the T5 tokenizer
@@ -146,8 +147,6 @@ class DiffusersPolicy(Policy):
         ]
 
     def _load_common(self, cfg, device, zero_stage: int = 0) -> None:
-        from diffusers import AutoencoderKL
-
         self.cfg = cfg
         self.device = torch.device(device)
         from fastcps.policies import DTYPES
@@ -177,9 +176,13 @@ class DiffusersPolicy(Policy):
         ):  # "auto" is resolved by the trainer (fastcps.plan.resolve_auto)
             self.transformer.enable_gradient_checkpointing()
         self.attention_backend = set_attention_backend(self.transformer, cfg.attention_backend, self.device)
-        self.vae = load_component(AutoencoderKL, self.path, "vae", torch_dtype=torch.float32)
+        if self.vae_cls is None:
+            from diffusers import AutoencoderKL
+
+            self.vae_cls = AutoencoderKL
+        self.vae = load_component(self.vae_cls, self.path, "vae", torch_dtype=torch.float32)
         self.vae.to(self.device).eval().requires_grad_(False)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_scale_factor()
         res = int(cfg.resolution)
         if res % (2 * self.vae_scale_factor):
             raise ValueError(
@@ -216,6 +219,14 @@ class DiffusersPolicy(Policy):
         m = load_component(cls, self.path, subfolder, torch_dtype=self.dtype)
         return m.to("cpu" if self.cfg.offload_frozen else self.device).eval().requires_grad_(False)
 
+    def _vae_scale_factor(self) -> int:
+        """Pixels per latent cell: AutoencoderKL halves the side at every block but the last."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _vae_input(self, z: torch.Tensor) -> torch.Tensor:
+        """The model's latents (fp32) as the VAE decodes them: AutoencoderKL's scaling and shift."""
+        return z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+
     #: images per VAE decode call: bounds the decoder's full-resolution activations (128 channels at
     #: 512x512 is 128 MiB per tensor per image in fp32, several alive at once: a chunk of 4 peaks at
     #: 3.0 GiB with the fp32 weights, 1.5 GiB in bf16; ``fastcps.plan.measure.vae_decode_peak``)
@@ -226,10 +237,12 @@ class DiffusersPolicy(Policy):
         """Images in [0, 1] holding exactly the 8-bit levels k/255 a saved image holds: the anchors score
         ``(images * 255).round().clamp(0, 255).to(torch.uint8)`` of the fp32 decode (flow_grpo
         flow_grpo/rewards.py, every reward), and a PNG of these images is what the rewards saw."""
-        z = z.float() / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        z = self._vae_input(z.float())
         out = []
         for part in z.split(self.decode_chunk):
             img = self.vae.decode(part.to(self.device, self.vae.dtype), return_dict=False)[0]
+            if img.dim() == 5:  # a video VAE (Qwen-Image's): (B, C, frames, H, W), one frame
+                img = img[:, :, 0]
             img = (img.float() * 0.5 + 0.5).clamp(0.0, 1.0)  # VaeImageProcessor.denormalize
             out.append((img * 255).round() / 255)
         return torch.cat(out)
