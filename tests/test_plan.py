@@ -787,7 +787,7 @@ def test_geneval_in_process_holds_its_detector_and_colour_classifier():
 
 # --- families from the registry: SD3.5-Large, Qwen-Image ------------------------------------------------
 
-QWEN_CFG = ROOT / "tests" / "data" / "qwenimage_pickscore.json"  # configs/qwenimage_pickscore.json's recipe
+QWEN_CFG = ROOT / "configs" / "qwenimage_pickscore.json"
 SD35L_CFG = ROOT / "configs" / "sd35l_geneval.json"
 # geneval:train is a download; the shipped test split gives the same count (prompts_per_epoch of any set)
 SHIPPED_GENEVAL = ["--set", "prompts.source=geneval:test"]

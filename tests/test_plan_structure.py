@@ -76,3 +76,14 @@ def test_the_plan_has_no_switch_on_family_names():
 def test_plan_modules_stay_short():
     long = {p.name: n for p in PLAN.glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_every_family_is_registered_once_and_the_diffusion_ones_have_plan_facts():
+    import pytest
+
+    from fastcps.policies.families import FAMILIES, Family, registry
+
+    assert {n for n, f in FAMILIES.items() if f.plan} == set(FAMILIES) - {"toy"}
+    flux = FAMILIES["flux"]
+    with pytest.raises(ValueError, match="registered twice: flux"):
+        registry(flux, Family("flux", flux.policy, flux.transformer, flux.lora_targets, flux.example))

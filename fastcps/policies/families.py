@@ -98,43 +98,43 @@ class Family:
         return getattr(importlib.import_module(module), cls)
 
 
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        Family("toy", "fastcps.policies.toy:ToyDigitsPolicy", None, FLUX_LORA_TARGETS, ""),
-        Family(
-            "flux",
-            "fastcps.policies.flux:FluxPolicy",
-            "FluxTransformer2DModel",
-            FLUX_LORA_TARGETS,
-            "black-forest-labs/FLUX.1-dev",
-            "fastcps.policies.plan_facts:FluxPlan",
-        ),
-        Family(
-            "sd3",
-            "fastcps.policies.sd3:SD3Policy",
-            "SD3Transformer2DModel",
-            SD3_LORA_TARGETS,
-            "stabilityai/stable-diffusion-3.5-medium",
-            "fastcps.policies.plan_facts:SD3Plan",
-        ),
-        Family(
-            "qwenimage",
-            "fastcps.policies.qwenimage:QwenImagePolicy",
-            "QwenImageTransformer2DModel",
-            QWENIMAGE_LORA_TARGETS,
-            "Qwen/Qwen-Image",
-            "fastcps.policies.plan_facts:QwenImagePlan",
-        ),
-        Family(
-            "qwenimage",
-            "fastcps.policies.qwenimage:QwenImagePolicy",
-            "QwenImageTransformer2DModel",
-            QWENIMAGE_LORA_TARGETS,
-            "Qwen/Qwen-Image",
-        ),
-    )
-}
+def registry(*families: Family) -> dict[str, Family]:
+    """``FAMILIES`` by name; a ValueError for a name given twice (a dict would keep the last silently: two
+    branches that each add the same family merge into two entries, and the later one wins)."""
+    names = [f.name for f in families]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"model families registered twice: {', '.join(twice)}; keep one entry each")
+    return {f.name: f for f in families}
+
+
+FAMILIES: dict[str, Family] = registry(
+    Family("toy", "fastcps.policies.toy:ToyDigitsPolicy", None, FLUX_LORA_TARGETS, ""),
+    Family(
+        "flux",
+        "fastcps.policies.flux:FluxPolicy",
+        "FluxTransformer2DModel",
+        FLUX_LORA_TARGETS,
+        "black-forest-labs/FLUX.1-dev",
+        "fastcps.policies.plan_facts:FluxPlan",
+    ),
+    Family(
+        "sd3",
+        "fastcps.policies.sd3:SD3Policy",
+        "SD3Transformer2DModel",
+        SD3_LORA_TARGETS,
+        "stabilityai/stable-diffusion-3.5-medium",
+        "fastcps.policies.plan_facts:SD3Plan",
+    ),
+    Family(
+        "qwenimage",
+        "fastcps.policies.qwenimage:QwenImagePolicy",
+        "QwenImageTransformer2DModel",
+        QWENIMAGE_LORA_TARGETS,
+        "Qwen/Qwen-Image",
+        "fastcps.policies.plan_facts:QwenImagePlan",
+    ),
+)
 
 
 def family(name: str) -> Family:
