@@ -12,10 +12,8 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import math
 import resource
 import signal
 import time
@@ -27,6 +25,7 @@ from fastcps import checkpoint as ckpt
 from fastcps import distributed as dist
 from fastcps.config import RunConfig, to_dict
 from fastcps.engine import deepspeed_config, keep_lora_whole, partition_zero3
+from fastcps.evaluation import evaluate
 from fastcps.fetch import ensure_local
 from fastcps.logger import RunLogger, plot_reward_curve
 from fastcps.optim import EMA, SkippingAdamW
@@ -36,18 +35,7 @@ from fastcps.plan import resolve_auto
 from fastcps.policies import build_policy
 from fastcps.prompts import held_out_warning, load_prompts, truncation_report
 from fastcps.rewards import WeightedReward, check_services
-from fastcps.rollout import (
-    PromptEncodings,
-    epoch_steps,
-    eval_noise,
-    eval_prompt_set,
-    module_mode,
-    rollout_epoch,
-    sample,
-    sampling_steps,
-    select,
-    whole_model,
-)
+from fastcps.rollout import PromptEncodings, epoch_steps, eval_prompt_set, rollout_epoch
 from fastcps.runtime import GIB, synchronize
 from fastcps.update import epoch_advantages, run_update
 
@@ -276,78 +264,22 @@ class Trainer:
                 self.ema.update()
 
     # --- evaluation -------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """ODE samples of the fixed eval set: eval/<reward> and eval/diversity (mean pairwise L2
-        distance between the images of one prompt: the guard against mode collapse).
-
-        Whole prompts are batched, up to ``train.rollout_batch_size`` images per call (K when K is
-        larger). Prompt p's images start from ``eval_noise(seed, p)`` and each image's ODE trajectory is
-        its own, so batching changes no value beyond the matmul reduction order of a wider batch. Every
-        rank runs the same calls: ranks whose share is short repeat the last prompt (sampled, not
-        scored), since ZeRO-3 gathers parameters collectively in every forward."""
-        cfg, e = self.cfg, self.cfg.eval
-        k = e.images_per_prompt
-        n_eval = len(self.eval_prompts)
-        per_rank = math.ceil(n_eval / self.world)  # equal forwards on every rank (ZeRO-3)
-        mine = [i * self.world + self.rank for i in range(per_rank)]
-        per_call = max(1, cfg.train.rollout_batch_size // k)  # whole prompts per sampling call
-        sampling = sampling_steps(
-            "ode", None, self.policy.sigmas(e.num_steps or cfg.sampler.num_steps, device="cpu")
+        """eval/<reward> and eval/diversity of the fixed eval set (``fastcps.evaluation.evaluate``)."""
+        return evaluate(
+            self.cfg,
+            step,
+            self.policy,
+            self.engine,
+            self.reward_fn,
+            self.encodings,
+            self.eval_prompts,
+            ema=self.ema,
+            logger=self.logger,
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
         )
-        sampling = sampling.to(self.device)
-        sums: dict[str, float] = {}
-        div_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        n_prompts, n_images = 0, 0
-        shown = []  # the first prompts' images, for the log
-        # encoded before the gather: the text encoders (offload_frozen) never sit beside the whole model
-        cond, index = self.encodings.for_prompts(
-            [self.eval_prompts[min(p, n_eval - 1)][0] for p in mine for _ in range(k)], self.device
-        )
-        whole = whole_model(self.engine, cfg.whole_model_sampling is True)  # ZeRO-3: one gather
-        # eval mode once for the whole eval (``sample`` would switch per call), as the stock pipelines sample
-        with (
-            self.ema.applied() if self.ema else contextlib.nullcontext(),
-            whole,
-            module_mode(self.engine, False),
-        ):
-            for lo in range(0, per_rank, per_call):
-                chunk = mine[lo : lo + per_call]
-                pairs = [self.eval_prompts[min(p_idx, n_eval - 1)] for p_idx in chunk]
-                x1 = torch.cat([eval_noise(self.policy, e.seed, p_idx, k, self.device) for p_idx in chunk])
-                conds = select(cond, index[lo * k : (lo + len(chunk)) * k])
-                images = self.policy.decode(sample(self.policy, self.engine, conds, x1, sampling).final)
-                real = [j for j, p_idx in enumerate(chunk) if p_idx < n_eval]
-                if not real:
-                    continue
-                rows = torch.cat([torch.arange(j * k, (j + 1) * k) for j in real]).to(images.device)
-                scored = images[rows]
-                r = self.reward_fn(
-                    scored,
-                    [pairs[j][0] for j in real for _ in range(k)],
-                    [pairs[j][1] for j in real for _ in range(k)],
-                )  # returns CPU tensors
-                for i, j in enumerate(real):
-                    own = slice(i * k, (i + 1) * k)
-                    for name, comp in r.components.items():  # per prompt, in prompt order: the sums of
-                        sums[name] = sums.get(name, 0.0) + float(comp[own].sum())  # one at a time
-                    if k > 1:
-                        div_sum += torch.pdist(scored[own].reshape(k, -1).float()).mean()
-                    n_prompts += 1
-                    n_images += k
-                    if len(shown) < 4:
-                        shown.append(scored[own])
-        names = [n for n, _, _ in self.reward_fn.parts]
-        vec = torch.tensor(
-            [sums.get(n, 0.0) for n in names] + [float(div_sum), n_prompts, n_images], dtype=torch.float64
-        )
-        vec = dist.all_reduce(vec)
-        out = {f"eval/{n}": float(vec[i] / vec[-1]) for i, n in enumerate(names)}
-        out["eval/diversity"] = float(vec[len(names)] / vec[len(names) + 1])
-        every = cfg.log.images_every
-        if shown and (step == 0 or (every and step % every == 0) or step == cfg.train.num_epochs):
-            self.logger.images("eval/images", torch.cat(shown), step)
-        return out
 
     def _timed_evaluate(self, step: int) -> dict[str, float]:
         self.flops.take()  # anything counted before belongs to the epoch's metrics, already logged

@@ -17,6 +17,7 @@ import torch
 from conftest import isolated_global_state
 from wiring_support import advantages_by_hand, plain_initialize
 
+import fastcps.evaluation as evaluation_mod
 import fastcps.trainer as trainer_mod
 import fastcps.update as update_mod
 from fastcps.checkpoint import ExportedWeights
@@ -205,7 +206,7 @@ def fitted(tmp_path_factory):
         start, after_steps, at_eval = weights(), [], []
         real_after, real_sample, real_loss = (
             t._after_optimizer_step,
-            trainer_mod.sample,
+            evaluation_mod.sample,
             update_mod.cps_logprob_kl,
         )
         calls = {"loss": 0}
@@ -233,7 +234,7 @@ def fitted(tmp_path_factory):
             )
 
         mp.setattr(t, "_after_optimizer_step", after)
-        mp.setattr(trainer_mod, "sample", sample)
+        mp.setattr(evaluation_mod, "sample", sample)
         mp.setattr(update_mod, "cps_logprob_kl", loss)
         t.fit()
     return {"trainer": t, "start": start, "steps": after_steps, "eval": at_eval, "run_dir": run_dir}
