@@ -23,7 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_cuda import HostSyncError, NoHostTraffic, fake_policy  # noqa: E402
+from fake_cuda import (  # noqa: E402
+    HostSyncError,
+    NoHostTraffic,
+    fake_policy,
+    full_size_transformer,
+    rollout_and_micro_step,
+)
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 from wiring_support import FlagOptimizer, RecordingEngine, toy_config  # noqa: E402
 
@@ -295,10 +301,6 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     configs/models/flux1-dev_transformer.json (no weights: meta, then fake CUDA), LoRA r 64, bf16,
     gradient checkpointing, 512 px (1024 image + 128 text tokens), 6 steps with a 3-step SDE window,
     T5/CLIP-sized conditioning. Rollout, advantages and a training micro-step all stay on the device."""
-    import json
-
-    from diffusers import FluxTransformer2DModel
-
     sets = [
         f"policy.pretrained={tiny['flux']}",
         "policy.offload_frozen=false",
@@ -311,13 +313,7 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     ]
     cfg = load_config(RunConfig, str(ROOT / "configs" / "flux_pickscore.json"), sets)
     policy = build_policy(cfg.policy, "cpu")  # tiny encoders and VAE; the transformer is replaced below
-    mc = json.loads((ROOT / "configs" / "models" / "flux1-dev_transformer.json").read_text())
-    with torch.device("meta"):
-        big = FluxTransformer2DModel.from_config({k: v for k, v in mc.items() if not k.startswith("_")})
-    policy.transformer = big.to(torch.bfloat16)
-    policy.transformer.enable_gradient_checkpointing()
-    policy.add_lora(cfg.policy.lora.r, cfg.policy.lora.alpha)
-    assert sum(p.numel() for p in policy.transformer.parameters()) > 11.9e9
+    assert full_size_transformer(policy, "flux", "flux1-dev_transformer.json", cfg.policy.lora) > 11.9e9
     sampling = epoch_steps(cfg, 0, policy)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_policy(policy, mode, CUDA)
@@ -331,31 +327,16 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
 
     policy.encode = encode
     with mode:
-        data = rollout_epoch(
+        data, out, logp = rollout_and_micro_step(
             cfg,
-            0,
             sampling,
             policy,
-            policy.transformer,
             HostReward(CUDA),
             PromptEncodings(policy),
             load_prompts(cfg.prompts.source),
-            device=CUDA,
+            CUDA,
+            2,
         )
-        adv = epoch_advantages(data, cfg.train, CUDA)
-        mb = minibatches(2, 2, (0,), CUDA)[0]
-        with NoHostTraffic():
-            out, logp = micro_step_loss(
-                policy,
-                policy.transformer,
-                data,
-                mb,
-                0,
-                data.log_prob[mb, 0],
-                adv.local[mb],
-                clip_range=cfg.train.clip_range,
-                beta_kl=cfg.train.beta_kl,
-            )
     assert data.x_t.shape == (2, 3, 1024, 64) and data.preview.shape == (2, 3, 512, 512)
     on(CUDA, data.x_t, data.log_prob, out.loss, logp)
     assert out.loss.requires_grad
@@ -368,10 +349,6 @@ def test_sd35_large_recipe_at_full_size_on_fake_cuda(tiny):
     SD3 targets, bf16, gradient checkpointing, 512 px (64 x 64 latents, 2x2 patches), true CFG (one forward
     of 2B), CLIP's 77 + T5's 128 text tokens, 10 steps with a 4-step SDE window. Rollout, advantages and a
     training micro-step all stay on the device."""
-    import json
-
-    from diffusers import SD3Transformer2DModel
-
     sets = [
         f"policy.pretrained={tiny['sd3']}",
         "policy.offload_frozen=false",
@@ -386,13 +363,7 @@ def test_sd35_large_recipe_at_full_size_on_fake_cuda(tiny):
     cfg = load_config(RunConfig, str(ROOT / "configs" / "sd35l_geneval.json"), sets)
     assert cfg.policy.cfg_scale > 1
     policy = build_policy(cfg.policy, "cpu")  # tiny encoders and VAE; the transformer is replaced below
-    mc = json.loads((ROOT / "configs" / "models" / "sd3.5-large_transformer.json").read_text())
-    with torch.device("meta"):
-        big = SD3Transformer2DModel.from_config({k: v for k, v in mc.items() if not k.startswith("_")})
-    policy.transformer = big.to(torch.bfloat16)
-    policy.transformer.enable_gradient_checkpointing()
-    policy.add_lora(cfg.policy.lora.r, cfg.policy.lora.alpha)
-    assert sum(p.numel() for p in policy.transformer.parameters()) > 8.0e9
+    assert full_size_transformer(policy, "sd3", "sd3.5-large_transformer.json", cfg.policy.lora) > 8.0e9
     sampling = epoch_steps(cfg, 0, policy)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_policy(policy, mode, CUDA)
@@ -409,31 +380,16 @@ def test_sd35_large_recipe_at_full_size_on_fake_cuda(tiny):
 
     policy.encode = encode
     with mode:
-        data = rollout_epoch(
+        data, out, logp = rollout_and_micro_step(
             cfg,
-            0,
             sampling,
             policy,
-            policy.transformer,
             HostReward(CUDA),
             PromptEncodings(policy),
             load_prompts(cfg.prompts.source),
-            device=CUDA,
+            CUDA,
+            2,
         )
-        adv = epoch_advantages(data, cfg.train, CUDA)
-        mb = minibatches(2, 2, (0,), CUDA)[0]
-        with NoHostTraffic():
-            out, logp = micro_step_loss(
-                policy,
-                policy.transformer,
-                data,
-                mb,
-                0,
-                data.log_prob[mb, 0],
-                adv.local[mb],
-                clip_range=cfg.train.clip_range,
-                beta_kl=cfg.train.beta_kl,
-            )
     assert data.x_t.shape == (2, 4, 16, 64, 64) and data.preview.shape == (2, 3, 512, 512)
     on(CUDA, data.x_t, data.log_prob, out.loss, logp)
     assert out.loss.requires_grad
