@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import resource
-import signal
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from fastcps.config import RunConfig, to_dict
 from fastcps.engine import deepspeed_config, keep_lora_whole, partition_zero3
 from fastcps.evaluation import evaluate
 from fastcps.fetch import ensure_local
-from fastcps.logger import RunLogger, plot_reward_curve
+from fastcps.logger import RunLogger, metrics_line, plot_reward_curve
 from fastcps.optim import EMA, SkippingAdamW
 from fastcps.perf import FlopLedger, GatherMeter, peak_tflops
 from fastcps.perf import metrics as perf_metrics
@@ -36,24 +34,11 @@ from fastcps.policies import build_policy
 from fastcps.prompts import held_out_warning, load_prompts, truncation_report
 from fastcps.rewards import WeightedReward, check_services
 from fastcps.rollout import PromptEncodings, epoch_steps, eval_prompt_set, rollout_epoch
-from fastcps.runtime import GIB, synchronize
+from fastcps.runtime import GIB, peak_memory_gib, synchronize
+from fastcps.stopping import Interrupted, NonFiniteStop, SignalStop
 from fastcps.update import epoch_advantages, run_update
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """SIGTERM or Ctrl-C arrived: checkpoint and leave."""
-
-
-class NonFiniteStop(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _under_load_timeout(method):
@@ -146,7 +131,7 @@ class Trainer:
         self.epoch = 0  # next epoch to run
         self.nonfinite_in_a_row = 0
         self.skipped_total = 0
-        self._stop_signal = False
+        self.stop = SignalStop()  # SIGTERM / Ctrl-C while fit() runs: checkpoint at the next step
         self.logger = RunLogger(
             self.run_dir,
             enabled=dist.is_main(),
@@ -165,7 +150,7 @@ class Trainer:
             log.warning(line)
 
     def _check_stop(self) -> None:
-        if dist.any_rank(self._stop_signal):
+        if dist.any_rank(self.stop.requested):
             raise Interrupted()
 
     @property
@@ -294,13 +279,13 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
-        handlers = self._install_signal_handlers()
+        self.stop.install()
         last: dict[str, float] = {}
         try:
             if self.epoch == 0 and cfg.eval.every:
                 last = self._timed_evaluate(0)
                 self.logger.scalars(last, 0)
-                log.info("base model: %s", self._fmt(last))
+                log.info("base model: %s", metrics_line(last))
             for epoch in range(self.epoch, cfg.train.num_epochs):
                 metrics = self.run_epoch(epoch)
                 self.epoch = epoch + 1
@@ -314,7 +299,7 @@ class Trainer:
                 # the run after step_timeout_s
                 dist.set_collective_timeout(cfg.distributed.step_timeout_s)
                 last = metrics
-                log.info("epoch %d/%d: %s", self.epoch, cfg.train.num_epochs, self._fmt(metrics))
+                log.info("epoch %d/%d: %s", self.epoch, cfg.train.num_epochs, metrics_line(metrics))
                 if (
                     cfg.checkpoint.every
                     and self.epoch % cfg.checkpoint.every == 0
@@ -337,32 +322,11 @@ class Trainer:
                 self.epoch + 1,
             )
         finally:
-            self._restore_signal_handlers(handlers)
+            self.stop.restore()
             if dist.is_main():
                 plot_reward_curve(self.run_dir)
             self.logger.close()
         return last
-
-    @staticmethod
-    def _fmt(m: dict[str, float]) -> str:
-        keys = [
-            k for k in m if k.startswith("eval/") or k in ("reward/mean", "train/ratio_dev", "time/epoch_s")
-        ]
-        return "  ".join(f"{k}={m[k]:.4g}" for k in keys)
-
-    def _install_signal_handlers(self):
-        def handler(signum, frame):
-            if self._stop_signal and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # second Ctrl-C: leave now
-            self._stop_signal = True
-            log.info("got signal %d: writing a checkpoint at the next step", signum)
-
-        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    @staticmethod
-    def _restore_signal_handlers(handlers) -> None:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -299,13 +299,13 @@ def test_an_interrupt_leaves_a_checkpoint_an_uninterrupted_run_passes_through(
     steps = []
 
     def rollout(cfg, epoch, *args, **kwargs):
-        t._stop_signal = t._stop_signal or (stop_in == "rollout" and epoch == 1)
+        t.stop.requested = t.stop.requested or (stop_in == "rollout" and epoch == 1)
         return real_rollout(cfg, epoch, *args, **kwargs)
 
     def after(epoch, skipped):
         real_after(epoch, skipped)
         steps.append(epoch)
-        t._stop_signal = t._stop_signal or (stop_in == "update" and epoch == 1)
+        t.stop.requested = t.stop.requested or (stop_in == "update" and epoch == 1)
 
     monkeypatch.setattr(trainer_mod, "rollout_epoch", rollout)
     monkeypatch.setattr(t, "_after_optimizer_step", after)
