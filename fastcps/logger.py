@@ -210,6 +210,12 @@ class RunLogger:
             self.wandb.finish()
 
 
+def metrics_line(m: dict[str, float]) -> str:
+    """The console line of an epoch's (or the base model's) metrics: eval, reward, ratio, time."""
+    keys = [k for k in m if k.startswith("eval/") or k in ("reward/mean", "train/ratio_dev", "time/epoch_s")]
+    return "  ".join(f"{k}={m[k]:.4g}" for k in keys)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

@@ -1,8 +1,10 @@
 """Device and seed helpers the rollout, the update, the trainer and the sampling CLI share: host-to-device
-copies that do not stall the GPU queue, a device wait only where wall time is read, and seeds derived
-from integers so every random choice of a run repeats on resume and on any machine."""
+copies that do not stall the GPU queue, a device wait only where wall time is read, a run's peak memory,
+and seeds derived from integers so every random choice of a run repeats on resume and on any machine."""
 
 from __future__ import annotations
+
+import resource
 
 import numpy as np
 import torch
@@ -35,3 +37,9 @@ def synchronize(device) -> None:
     runs ahead, so an unsynchronised timer charges queued work to whichever phase reads a value next."""
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

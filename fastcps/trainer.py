@@ -12,12 +12,8 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import math
-import resource
-import signal
 import time
 from pathlib import Path
 
@@ -27,8 +23,9 @@ from fastcps import checkpoint as ckpt
 from fastcps import distributed as dist
 from fastcps.config import RunConfig, to_dict
 from fastcps.engine import deepspeed_config, keep_lora_whole, partition_zero3
+from fastcps.evaluation import evaluate
 from fastcps.fetch import ensure_local
-from fastcps.logger import RunLogger, plot_reward_curve
+from fastcps.logger import RunLogger, metrics_line, plot_reward_curve
 from fastcps.optim import EMA, SkippingAdamW
 from fastcps.perf import FlopLedger, GatherMeter, peak_tflops
 from fastcps.perf import metrics as perf_metrics
@@ -36,36 +33,12 @@ from fastcps.plan import resolve_auto
 from fastcps.policies import build_policy
 from fastcps.prompts import held_out_warning, load_prompts, truncation_report
 from fastcps.rewards import WeightedReward, check_services
-from fastcps.rollout import (
-    PromptEncodings,
-    epoch_steps,
-    eval_noise,
-    eval_prompt_set,
-    module_mode,
-    rollout_epoch,
-    sample,
-    sampling_steps,
-    select,
-    whole_model,
-)
-from fastcps.runtime import GIB, synchronize
+from fastcps.rollout import PromptEncodings, epoch_steps, eval_prompt_set, rollout_epoch
+from fastcps.runtime import GIB, peak_memory_gib, synchronize
+from fastcps.stopping import Interrupted, NonFiniteStop, SignalStop
 from fastcps.update import epoch_advantages, run_update
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """SIGTERM or Ctrl-C arrived: checkpoint and leave."""
-
-
-class NonFiniteStop(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _under_load_timeout(method):
@@ -78,6 +51,16 @@ def _under_load_timeout(method):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+def evaluate_with(step: int = 1, **parts) -> dict[str, float]:
+    """``Trainer.evaluate`` on the given parts (``cfg``, ``world``, ``rank``, ``device``, ``policy``,
+    ``engine``, ``encodings``, ``eval_prompts``, ``reward_fn``, ``ema``, ``logger``) without building a
+    run: the resource plan counts an eval's calls on its stand-ins with it (``fastcps.plan.epoch``). The
+    trainer passes it to the plan (``resolve_auto``), so the plan never imports the trainer."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.__dict__.update(parts)
+    return trainer.evaluate(step)
 
 
 class Trainer:
@@ -97,7 +80,7 @@ class Trainer:
         check_services([(r.name, r.args) for r in cfg.rewards])
         # the "auto" settings (ZeRO stage, checkpointing, micro-batch, ...): the resource plan's choice for
         # the smallest GPU of the run (every rank alike), before any weight loads
-        cfg, chosen = resolve_auto(cfg, self.world, self.device)
+        cfg, chosen = resolve_auto(cfg, self.world, self.device, evaluate_with)
         if chosen:
             log.info(chosen)
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -148,7 +131,7 @@ class Trainer:
         self.epoch = 0  # next epoch to run
         self.nonfinite_in_a_row = 0
         self.skipped_total = 0
-        self._stop_signal = False
+        self.stop = SignalStop()  # SIGTERM / Ctrl-C while fit() runs: checkpoint at the next step
         self.logger = RunLogger(
             self.run_dir,
             enabled=dist.is_main(),
@@ -167,7 +150,7 @@ class Trainer:
             log.warning(line)
 
     def _check_stop(self) -> None:
-        if dist.any_rank(self._stop_signal):
+        if dist.any_rank(self.stop.requested):
             raise Interrupted()
 
     @property
@@ -266,78 +249,22 @@ class Trainer:
                 self.ema.update()
 
     # --- evaluation -------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """ODE samples of the fixed eval set: eval/<reward> and eval/diversity (mean pairwise L2
-        distance between the images of one prompt: the guard against mode collapse).
-
-        Whole prompts are batched, up to ``train.rollout_batch_size`` images per call (K when K is
-        larger). Prompt p's images start from ``eval_noise(seed, p)`` and each image's ODE trajectory is
-        its own, so batching changes no value beyond the matmul reduction order of a wider batch. Every
-        rank runs the same calls: ranks whose share is short repeat the last prompt (sampled, not
-        scored), since ZeRO-3 gathers parameters collectively in every forward."""
-        cfg, e = self.cfg, self.cfg.eval
-        k = e.images_per_prompt
-        n_eval = len(self.eval_prompts)
-        per_rank = math.ceil(n_eval / self.world)  # equal forwards on every rank (ZeRO-3)
-        mine = [i * self.world + self.rank for i in range(per_rank)]
-        per_call = max(1, cfg.train.rollout_batch_size // k)  # whole prompts per sampling call
-        sampling = sampling_steps(
-            "ode", None, self.policy.sigmas(e.num_steps or cfg.sampler.num_steps, device="cpu")
+        """eval/<reward> and eval/diversity of the fixed eval set (``fastcps.evaluation.evaluate``)."""
+        return evaluate(
+            self.cfg,
+            step,
+            self.policy,
+            self.engine,
+            self.reward_fn,
+            self.encodings,
+            self.eval_prompts,
+            ema=self.ema,
+            logger=self.logger,
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
         )
-        sampling = sampling.to(self.device)
-        sums: dict[str, float] = {}
-        div_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        n_prompts, n_images = 0, 0
-        shown = []  # the first prompts' images, for the log
-        # encoded before the gather: the text encoders (offload_frozen) never sit beside the whole model
-        cond, index = self.encodings.for_prompts(
-            [self.eval_prompts[min(p, n_eval - 1)][0] for p in mine for _ in range(k)], self.device
-        )
-        whole = whole_model(self.engine, cfg.whole_model_sampling is True)  # ZeRO-3: one gather
-        # eval mode once for the whole eval (``sample`` would switch per call), as the stock pipelines sample
-        with (
-            self.ema.applied() if self.ema else contextlib.nullcontext(),
-            whole,
-            module_mode(self.engine, False),
-        ):
-            for lo in range(0, per_rank, per_call):
-                chunk = mine[lo : lo + per_call]
-                pairs = [self.eval_prompts[min(p_idx, n_eval - 1)] for p_idx in chunk]
-                x1 = torch.cat([eval_noise(self.policy, e.seed, p_idx, k, self.device) for p_idx in chunk])
-                conds = select(cond, index[lo * k : (lo + len(chunk)) * k])
-                images = self.policy.decode(sample(self.policy, self.engine, conds, x1, sampling).final)
-                real = [j for j, p_idx in enumerate(chunk) if p_idx < n_eval]
-                if not real:
-                    continue
-                rows = torch.cat([torch.arange(j * k, (j + 1) * k) for j in real]).to(images.device)
-                scored = images[rows]
-                r = self.reward_fn(
-                    scored,
-                    [pairs[j][0] for j in real for _ in range(k)],
-                    [pairs[j][1] for j in real for _ in range(k)],
-                )  # returns CPU tensors
-                for i, j in enumerate(real):
-                    own = slice(i * k, (i + 1) * k)
-                    for name, comp in r.components.items():  # per prompt, in prompt order: the sums of
-                        sums[name] = sums.get(name, 0.0) + float(comp[own].sum())  # one at a time
-                    if k > 1:
-                        div_sum += torch.pdist(scored[own].reshape(k, -1).float()).mean()
-                    n_prompts += 1
-                    n_images += k
-                    if len(shown) < 4:
-                        shown.append(scored[own])
-        names = [n for n, _, _ in self.reward_fn.parts]
-        vec = torch.tensor(
-            [sums.get(n, 0.0) for n in names] + [float(div_sum), n_prompts, n_images], dtype=torch.float64
-        )
-        vec = dist.all_reduce(vec)
-        out = {f"eval/{n}": float(vec[i] / vec[-1]) for i, n in enumerate(names)}
-        out["eval/diversity"] = float(vec[len(names)] / vec[len(names) + 1])
-        every = cfg.log.images_every
-        if shown and (step == 0 or (every and step % every == 0) or step == cfg.train.num_epochs):
-            self.logger.images("eval/images", torch.cat(shown), step)
-        return out
 
     def _timed_evaluate(self, step: int) -> dict[str, float]:
         self.flops.take()  # anything counted before belongs to the epoch's metrics, already logged
@@ -352,13 +279,13 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
-        handlers = self._install_signal_handlers()
+        self.stop.install()
         last: dict[str, float] = {}
         try:
             if self.epoch == 0 and cfg.eval.every:
                 last = self._timed_evaluate(0)
                 self.logger.scalars(last, 0)
-                log.info("base model: %s", self._fmt(last))
+                log.info("base model: %s", metrics_line(last))
             for epoch in range(self.epoch, cfg.train.num_epochs):
                 metrics = self.run_epoch(epoch)
                 self.epoch = epoch + 1
@@ -372,7 +299,7 @@ class Trainer:
                 # the run after step_timeout_s
                 dist.set_collective_timeout(cfg.distributed.step_timeout_s)
                 last = metrics
-                log.info("epoch %d/%d: %s", self.epoch, cfg.train.num_epochs, self._fmt(metrics))
+                log.info("epoch %d/%d: %s", self.epoch, cfg.train.num_epochs, metrics_line(metrics))
                 if (
                     cfg.checkpoint.every
                     and self.epoch % cfg.checkpoint.every == 0
@@ -395,32 +322,11 @@ class Trainer:
                 self.epoch + 1,
             )
         finally:
-            self._restore_signal_handlers(handlers)
+            self.stop.restore()
             if dist.is_main():
                 plot_reward_curve(self.run_dir)
             self.logger.close()
         return last
-
-    @staticmethod
-    def _fmt(m: dict[str, float]) -> str:
-        keys = [
-            k for k in m if k.startswith("eval/") or k in ("reward/mean", "train/ratio_dev", "time/epoch_s")
-        ]
-        return "  ".join(f"{k}={m[k]:.4g}" for k in keys)
-
-    def _install_signal_handlers(self):
-        def handler(signum, frame):
-            if self._stop_signal and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # second Ctrl-C: leave now
-            self._stop_signal = True
-            log.info("got signal %d: writing a checkpoint at the next step", signum)
-
-        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    @staticmethod
-    def _restore_signal_handlers(handlers) -> None:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

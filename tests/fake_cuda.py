@@ -101,3 +101,47 @@ class NoHostTraffic(TorchDispatchMode):
                 raise HostSyncError(f"{func} moves data between {sorted(devices)}")
             self.uploads += 1
         return out
+
+
+def full_size_transformer(policy, family: str, config_name: str, lora) -> int:
+    """Replace a tiny policy's transformer with the real architecture of ``configs/models/<config_name>``
+    (meta, bf16, gradient checkpointing, the config's LoRA); returns its parameter count. ``fake_policy``
+    then puts it on the fake device."""
+    import json
+    from pathlib import Path
+
+    from fastcps.policies import family as family_of
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "models" / config_name
+    config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        big = family_of(family).transformer_class().from_config(config)
+    policy.transformer = big.to(torch.bfloat16)
+    policy.transformer.enable_gradient_checkpointing()
+    policy.add_lora(lora.r, lora.alpha)
+    return sum(p.numel() for p in policy.transformer.parameters())
+
+
+def rollout_and_micro_step(cfg, sampling, policy, reward, encodings, pool, device, samples: int):
+    """Under a fake mode (``sampling``: ``epoch_steps``, computed before it, on the host): the epoch's
+    rollout, its advantages and one training micro-step of the first ``cfg.train.minibatch_size`` samples,
+    the micro-step watched for host traffic. (data, loss output, log-prob)."""
+    from fastcps.rollout import rollout_epoch
+    from fastcps.update import epoch_advantages, micro_step_loss, minibatches
+
+    data = rollout_epoch(cfg, 0, sampling, policy, policy.transformer, reward, encodings, pool, device=device)
+    adv = epoch_advantages(data, cfg.train, device)
+    mb = minibatches(samples, cfg.train.minibatch_size, (0,), device)[0]
+    with NoHostTraffic():
+        out, logp = micro_step_loss(
+            policy,
+            policy.transformer,
+            data,
+            mb,
+            0,
+            data.log_prob[mb, 0],
+            adv.local[mb],
+            clip_range=cfg.train.clip_range,
+            beta_kl=cfg.train.beta_kl,
+        )
+    return data, out, logp

@@ -20,6 +20,7 @@ from fastcps.config import RunConfig, load_config
 from fastcps.plan import Loader, main, plan, policy_sigmas
 from fastcps.plan.measure import LiveBytes, TransformerMeter
 from fastcps.policies.flux import FluxPolicy
+from fastcps.trainer import evaluate_with
 
 ROOT = Path(__file__).resolve().parent.parent
 FLUX_CFG = ROOT / "configs" / "flux_pickscore.json"
@@ -49,7 +50,7 @@ def tiny_flux(tmp_path):
 def run_json(*argv) -> dict:
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert main([*argv, "--json"]) == 0
+        assert main([*argv, "--json"], evaluate=evaluate_with) == 0
     return json.loads(buf.getvalue())
 
 
@@ -132,7 +133,7 @@ def test_dev_trained_steps_come_from_the_policy_dynamic_shift():
 
 
 def tiny_meter(cfg, tiny_flux):
-    return Loader(cfg, tiny_flux).model(cfg).meter
+    return Loader(cfg, tiny_flux, evaluate=evaluate_with).model(cfg).meter
 
 
 def test_plan_counts_the_trainers_own_epoch(tiny_flux):
@@ -145,7 +146,7 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tiny_flux.parent / "ds.json").write_text(json.dumps(ds))
     cfg = load_config(RunConfig, str(FLUX_CFG), [f"deepspeed_config={tiny_flux.parent / 'ds.json'}"])
-    r = plan(cfg, 8, tiny_flux)
+    r = plan(cfg, 8, tiny_flux, evaluate=evaluate_with)
     m = tiny_meter(cfg, tiny_flux)
     calls, ph = r["calls_per_rank"], r["phase_flop"]
     assert r["trained_steps_range"] == [3, 3] and r["images_per_rank"] == 48 and r["optimizer_steps"] == 2
@@ -178,7 +179,7 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
     z = r["zero_traffic_bytes_per_gpu"]
     gathered = r["gathered_params"]  # the tensors at or above stage3_param_persistence_threshold
     assert gathered > 0.9 * r["transformer_params"]  # the tiny model's biggest tensors are partitioned
-    threshold = Loader(cfg, tiny_flux).model(cfg).meter_threshold
+    threshold = Loader(cfg, tiny_flux, evaluate=evaluate_with).model(cfg).meter_threshold
     numel = {n: p.numel() for n, p in m.model.named_parameters() if p.numel() >= threshold}
     assert sum(numel.values()) == gathered and m.gathered("nograd", 8, threshold) == {"forward": gathered}
     plain, ckpt = m.step("train", 8).uses, m.step("ckpt", 8).uses
@@ -253,7 +254,7 @@ def test_a_pass_the_trainer_adds_or_removes_shows_in_the_plan(tiny_flux, monkeyp
     import fastcps.rollout as rollout_mod
 
     def calls(*sets):
-        r = plan(load_config(RunConfig, str(FLUX_CFG), list(sets)), 8, tiny_flux)
+        r = plan(load_config(RunConfig, str(FLUX_CFG), list(sets)), 8, tiny_flux, evaluate=evaluate_with)
         return r["calls_per_rank"], r["phase_flop"]
 
     small = ["train.minibatch_size=4", "train.gradient_accumulation_steps=6", "train.micro_batch=null"]
@@ -366,7 +367,7 @@ def test_a_remote_reward_holds_no_training_gpu_memory():
 
 def test_table_and_exit_codes(tiny_flux, capsys):
     base = ["--config", str(FLUX_CFG), "--model-config", str(tiny_flux)]
-    assert main([*base, "--world-size", "8"]) == 0
+    assert main([*base, "--world-size", "8"], evaluate=evaluate_with) == 0
     text = capsys.readouterr().out
     for key in (
         "batch arithmetic",
@@ -382,13 +383,22 @@ def test_table_and_exit_codes(tiny_flux, capsys):
         "host memory a save holds at once",
     ):
         assert key in text
-    assert main([*base, "--world-size", "7"]) == 2  # 384 images do not split over 7
+    assert main([*base, "--world-size", "7"], evaluate=evaluate_with) == 2  # 384 images do not split over 7
     assert "train.prompts_per_epoch" in capsys.readouterr().err
-    assert main([*base, "--world-size", "8", "--set", "policy.resolution=500"]) == 2
+    assert main([*base, "--world-size", "8", "--set", "policy.resolution=500"], evaluate=evaluate_with) == 2
     assert "policy.resolution" in capsys.readouterr().err
-    assert main([*base, "--world-size", "8", "--set", "deepspeed_config=missing.json"]) == 2
+    assert (
+        main([*base, "--world-size", "8", "--set", "deepspeed_config=missing.json"], evaluate=evaluate_with)
+        == 2
+    )
     assert "deepspeed_config" in capsys.readouterr().err
-    assert main(["--config", str(ROOT / "configs" / "digits_cps.json"), "--world-size", "1"]) == 2
+    assert (
+        main(
+            ["--config", str(ROOT / "configs" / "digits_cps.json"), "--world-size", "1"],
+            evaluate=evaluate_with,
+        )
+        == 2
+    )
     assert "policy.name" in capsys.readouterr().err
 
 
@@ -446,7 +456,7 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
     cfg = load_config(RunConfig, str(FLUX_CFG))
     assert cfg.zero_stage == "auto" and cfg.policy.gradient_checkpointing == "auto"
     assert cfg.train.micro_batch == "auto"
-    out, line = resolve_auto(cfg, 8, "cpu")
+    out, line = resolve_auto(cfg, 8, "cpu", evaluate_with)
     assert out.zero_stage is None and out.policy.gradient_checkpointing is False and "ZeRO stage 3" in line
     assert out.whole_model_sampling is False and "whole-model sampling off" in line
     t = out.train  # the configured minibatch, and the rollout's batch the same
@@ -467,7 +477,7 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
             "memory_reserve.fraction=0",
         ],
     )
-    peaks = plan(local, 8)["peak_gib_by_choice"]
+    peaks = plan(local, 8, evaluate=evaluate_with)["peak_gib_by_choice"]
     # whole_model_sampling "auto": only under ZeRO-3, on when the sampling phases fit with the whole model
     # gathered (this tiny transformer is smaller than ZeRO-3's prefetch bucket: it always fits)
     for gib, expect in (
@@ -477,7 +487,7 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
         monkeypatch.setattr(
             torch.cuda, "get_device_properties", lambda d, g=gib: SimpleNamespace(total_memory=g * 2**30)
         )
-        out, line = resolve_auto(local, 8, "cuda:0")
+        out, line = resolve_auto(local, 8, "cuda:0", evaluate_with)
         got = (out.zero_stage, out.policy.gradient_checkpointing, out.whole_model_sampling)
         assert got == expect, (gib, peaks, line)
     # memory_reserve keeps its share free: the same GPU with 8 % reserved no longer fits ZeRO-2
@@ -485,11 +495,11 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=gib * 2**30)
     )
-    assert resolve_auto(local, 8, "cuda:0")[0].zero_stage == 2
+    assert resolve_auto(local, 8, "cuda:0", evaluate_with)[0].zero_stage == 2
     reserved = local.model_copy(
         update={"memory_reserve": local.memory_reserve.model_copy(update={"fraction": 0.08})}
     )
-    out, line = resolve_auto(reserved, 8, "cuda:0")
+    out, line = resolve_auto(reserved, 8, "cuda:0", evaluate_with)
     assert out.zero_stage == 3 and f"{0.08 * gib:.1f} GiB kept free" in line, line
     # an explicit stage is not "auto": it stays; the trainer's DeepSpeed config takes it over the JSON's
     fixed = load_config(
@@ -502,11 +512,14 @@ def test_auto_resolves_for_the_gpu_and_stays_put_on_the_cpu(tiny_flux, tmp_path,
             "train.micro_batch=null",
         ],
     )
-    assert resolve_auto(fixed, 8, "cpu") == (fixed, None)
+    assert resolve_auto(fixed, 8, "cpu", evaluate_with) == (fixed, None)
     assert deepspeed_config(fixed, 8)["zero_optimization"]["stage"] == 2
     # an explicit micro-batch applies everywhere: rollout = minibatch = 4, twice the accumulation
     four = resolve_auto(
-        fixed.model_copy(update={"train": fixed.train.model_copy(update={"micro_batch": 4})}), 8, "cpu"
+        fixed.model_copy(update={"train": fixed.train.model_copy(update={"micro_batch": 4})}),
+        8,
+        "cpu",
+        evaluate_with,
     )
     t = four[0].train
     assert (t.micro_batch, t.minibatch_size, t.rollout_batch_size, t.gradient_accumulation_steps) == (
@@ -627,7 +640,7 @@ def test_the_plan_counts_where_the_trainer_encodes(tiny_flux, monkeypatch):
     from fastcps.trainer import Trainer
 
     cfg = load_config(RunConfig, str(FLUX_CFG), ["zero_stage=3", "whole_model_sampling=true"])
-    loader = Loader(cfg, tiny_flux)
+    loader = Loader(cfg, tiny_flux, evaluate=evaluate_with)
     model = loader.model(cfg)
     counted = pe.counted_epoch(cfg, 8, model)
     assert counted["encodes"] and not any(whole for (_, whole) in counted["encodes"])
@@ -687,12 +700,12 @@ def test_smallest_gpu_decides_for_every_rank(tiny_flux, tmp_path, monkeypatch):
             "train.micro_batch=null",
         ],
     )
-    peaks = plan(local, 8)["peak_gib_by_choice"]
+    peaks = plan(local, 8, evaluate=evaluate_with)["peak_gib_by_choice"]
     big, small = peaks["zero2"] * 2, peaks["zero2"] * 0.9  # ZeRO-2 fits the big GPU only
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=big * 2**30)
     )
-    assert resolve_auto(local, 8, "cuda:0")[0].zero_stage == 2  # alone: its own memory
+    assert resolve_auto(local, 8, "cuda:0", evaluate_with)[0].zero_stage == 2  # alone: its own memory
     reduced = []
 
     def all_reduce(t, op):
@@ -710,7 +723,7 @@ def test_smallest_gpu_decides_for_every_rank(tiny_flux, tmp_path, monkeypatch):
         ReduceOp=tdist.ReduceOp,
     )
     monkeypatch.setattr(choose_mod, "tdist", group)
-    out, line = resolve_auto(local, 8, "cuda:0")
+    out, line = resolve_auto(local, 8, "cuda:0", evaluate_with)
     assert reduced == [int(big * 2**30)] and out.zero_stage == 3, line
     assert f"of {small:.1f} GiB, the smallest GPU of the run" in line
 
@@ -770,3 +783,141 @@ def test_geneval_in_process_holds_its_detector_and_colour_classifier():
     assert bytes_of({}) == pytest.approx((0.0687 + 0.4276) * 1e9 * 4)
     assert bytes_of({"clip_dtype": "bf16"}) == pytest.approx((0.0687 * 4 + 0.4276 * 2) * 1e9)
     assert bytes_of({"detector": "server", "url": "http://detector:80"}) == 0.0
+
+
+# --- families from the registry: SD3.5-Large, Qwen-Image ------------------------------------------------
+
+QWEN_CFG = ROOT / "configs" / "qwenimage_pickscore.json"
+SD35L_CFG = ROOT / "configs" / "sd35l_geneval.json"
+# geneval:train is a download; the shipped test split gives the same count (prompts_per_epoch of any set)
+SHIPPED_GENEVAL = ["--set", "prompts.source=geneval:test"]
+TINY_QWEN = {
+    "_class_name": "QwenImageTransformer2DModel",
+    "attention_head_dim": 16,
+    "axes_dims_rope": [4, 6, 6],
+    "guidance_embeds": False,
+    "in_channels": 64,
+    "joint_attention_dim": 32,
+    "num_attention_heads": 2,
+    "num_layers": 2,
+    "out_channels": 16,
+    "patch_size": 2,
+}
+
+
+def test_model_files_come_from_the_family_entry():
+    """Each family picks its shipped configs from policy.pretrained (SD3.5-Large no longer refused)."""
+    from fastcps.plan.loader import model_files
+
+    def stems(cfg_path, pretrained):
+        cfg = load_config(RunConfig, str(cfg_path), [f"policy.pretrained={pretrained}"])
+        return {k: v.name for k, v in model_files(cfg).items()}
+
+    assert stems(SD35L_CFG, "stabilityai/stable-diffusion-3.5-large") == {
+        "transformer": "sd3.5-large_transformer.json",
+        "vae": "sd3.5_vae.json",
+        "scheduler": "sd3.5-large_scheduler.json",
+    }
+    assert stems(SD35L_CFG, "stabilityai/stable-diffusion-3.5-medium")["transformer"] == (
+        "sd3.5-medium_transformer.json"
+    )
+    assert stems(FLUX_CFG, "black-forest-labs/FLUX.1-schnell")["scheduler"] == "flux1-schnell_scheduler.json"
+    assert stems(QWEN_CFG, "Qwen/Qwen-Image") == {
+        "transformer": "qwen-image_transformer.json",
+        "vae": "qwen-image_vae.json",
+        "scheduler": "qwen-image_scheduler.json",
+    }
+    for files in (
+        stems(SD35L_CFG, "stabilityai/stable-diffusion-3.5-large"),
+        stems(QWEN_CFG, "Qwen/Qwen-Image"),
+    ):
+        for name in files.values():
+            assert (ROOT / "configs" / "models" / name).is_file(), name
+
+
+def test_flowcps_anchor_counts_cond_and_uncond_and_the_checkpointed_backward():
+    """FlowCPS's pickscore_qwenimage_8gpu per image: 10 sampling steps of cond + uncond (2 samples),
+    2 trained steps of one 2B forward each and its backward through the checkpointed blocks."""
+    from types import SimpleNamespace
+
+    from fastcps.plan.epoch import anchor_flop_per_image
+    from fastcps.policies.plan_facts import FLOWCPS_QWENIMAGE, QwenImagePlan
+
+    assert QwenImagePlan.anchor is FLOWCPS_QWENIMAGE
+    seen = []
+
+    def step(kind, b):  # per sample: forward 1, backward 10 (100 with checkpointing's re-forward)
+        seen.append((kind, b))
+        return SimpleNamespace(forward_flop=b, backward_flop=b * (100 if kind == "ckpt" else 10))
+
+    out = anchor_flop_per_image(FLOWCPS_QWENIMAGE, SimpleNamespace(step=step), lambda b: 7.0 * b)
+    assert seen == [("nograd", 8), ("ckpt", 8)]  # batch 4 images x 2 samples
+    assert out["rollout"] == 10 * 2 and out["training forward"] == 2 * 2
+    assert out["training backward"] == 2 * 2 * 100 and out["VAE decode"] == 7.0
+    assert out["total"] == 20 + 4 + 400 + 7.0
+
+
+def test_a_qwenimage_plan_reads_the_family(tmp_path):
+    """The Qwen-Image recipe on a tiny QwenImageTransformer2DModel: true CFG doubles every call's samples,
+    the transformer sees max_sequence_length text tokens (no pooled vector), the Qwen VAE decodes one frame,
+    the Qwen2.5-VL-7B text encoder is counted at its published size, FlowCPS's recipe is the anchor."""
+    tiny = tmp_path / "tiny_qwen.json"
+    tiny.write_text(json.dumps(TINY_QWEN))
+    r = run_json("--config", str(QWEN_CFG), "--world-size", "8", "--model-config", str(tiny))
+    assert r["cfg_batch_multiplier"] == 2 and r["anchor"] == "FlowCPS pickscore_qwenimage_8gpu"
+    assert Path(r["files"]["vae"]).name == "qwen-image_vae.json"
+    assert r["images_per_rank"] == 64 and r["optimizer_steps"] == 2
+    assert "rollout (nograd, 8 samples)" in r["calls_per_rank"]  # 4 images x (cond + uncond)
+    text = r["memory"]["3"]["persistent"]
+    assert text["text encoders"] == 0.0  # offload_frozen
+    enc = r["memory"]["3"]["transients"]["prompt encoding"]["text encoders moved in"]
+    assert enc == pytest.approx(8.29e9 * 2)
+    assert r["activation_peak_bytes"]["vae_decode"] > 0
+
+
+@pytest.mark.slow
+def test_qwenimage_goals_at_80_and_40_gb():
+    """The Qwen-Image recipe (FlowCPS's pickscore_qwenimage_8gpu: 32 prompts x 16, 10 steps, SDE window 2,
+    true CFG 4, LoRA r 64) on 8 GPUs, the real 20.4 B-parameter transformer on fake tensors: on an 80 GB
+    H100 (79.1 GiB as torch reports it) at most FlowCPS's training FLOPs counted as its code runs them, on
+    a 40 GB A100 (39.4 GiB) a fitting choice; each with at least 8 % of the GPU left free of the planned
+    peak (the first-run issue's headroom rule)."""
+    got = {}
+    for gib in (79.1, 39.4):
+        r = run_json("--config", str(QWEN_CFG), "--world-size", "8", "--gpu-mem", str(gib))
+        got[gib] = r
+        assert r["fits"] and r["headroom_gib"] >= 0.08 * gib, (gib, r["headroom_gib"], r["candidates"][:3])
+        assert r["micro_batch"] == r["rollout_batch_size"]
+        assert r["micro_batch"] * r["gradient_accumulation_steps"] == 32  # 8 x 4 as configured
+    assert got[79.1]["anchor_ratio"] <= 1.0, got[79.1]["anchor_ratio"]
+
+
+@pytest.mark.slow
+def test_sd35_large_fits_24_gb():
+    """configs/sd35l_geneval.json (the SD3.5-Medium recipe on SD3.5-Large) on 8 x 24 GB cards (23.6 GiB as
+    torch reports them), the real 8.1 B-parameter transformer on fake tensors: a fitting choice with at
+    least 8 % of the GPU left free of the planned peak."""
+    gib = 23.6
+    r = run_json("--config", str(SD35L_CFG), "--world-size", "8", "--gpu-mem", str(gib), *SHIPPED_GENEVAL)
+    assert r["fits"] and r["headroom_gib"] >= 0.08 * gib, (r["headroom_gib"], r["candidates"][:3])
+    assert r["micro_batch"] * r["gradient_accumulation_steps"] == 12  # 4 x 3 as configured
+    assert r["transformer_params"] > 8.0e9
+
+
+def test_flow_grpo_sd3_anchor_counts_cfg_and_the_kl_reference():
+    """flow_grpo's geneval_sd3 per image: 10 sampling steps on 2 samples (true CFG), 9 trained steps
+    (timestep_fraction 0.99) of forward + backward on 2 samples and the KL reference's no-grad forward."""
+    from types import SimpleNamespace
+
+    from fastcps.plan.epoch import anchor_flop_per_image
+    from fastcps.policies.plan_facts import FLOW_GRPO_SD3, SD3Plan
+
+    assert SD3Plan.anchor is FLOW_GRPO_SD3
+
+    def step(kind, b):
+        assert b == 18 and kind in ("nograd", "train")  # 9 images x 2 samples, no checkpointing
+        return SimpleNamespace(forward_flop=b, backward_flop=10 * b)
+
+    out = anchor_flop_per_image(FLOW_GRPO_SD3, SimpleNamespace(step=step), lambda b: 0.0)
+    assert out["rollout"] == 10 * 2 and out["training forward"] == 9 * 2
+    assert out["training backward"] == 9 * 2 * 10 and out["KL reference forward"] == 9 * 2

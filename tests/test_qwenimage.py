@@ -288,14 +288,13 @@ def test_qwenimage_recipe_at_full_size_on_fake_cuda(tiny):
     SDE window, true CFG 4 (one forward of 2B, the negative's 6 tokens padded to the prompts'), Qwen2.5-VL-7B
     -sized states. Rollout, advantages and a training micro-step all stay on the device, with no host sync
     in the micro-step."""
-    from fake_cuda import NoHostTraffic, fake_policy
+    from fake_cuda import fake_policy, rollout_and_micro_step
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastcps.config import RunConfig, load_config
     from fastcps.conditioning import PromptEncodings
     from fastcps.prompts import load_prompts
-    from fastcps.rollout import epoch_slots, epoch_steps, rollout_epoch
-    from fastcps.update import epoch_advantages, micro_step_loss, minibatches
+    from fastcps.rollout import epoch_slots, epoch_steps
 
     cuda = torch.device("cuda")
     sets = [
@@ -339,23 +338,9 @@ def test_qwenimage_recipe_at_full_size_on_fake_cuda(tiny):
             encodings.for_prompts([p], cuda)
         cond, _ = encodings.for_prompts(chosen, cuda)
         assert cond["encoder_hidden_states_mask"].shape == (2, 40)
-        data = rollout_epoch(
-            cfg, 0, sampling, policy, policy.transformer, HostReward(), encodings, pool, device=cuda
+        data, out, logp = rollout_and_micro_step(
+            cfg, sampling, policy, HostReward(), encodings, pool, cuda, 4
         )
-        adv = epoch_advantages(data, cfg.train, cuda)
-        mb = minibatches(4, 2, (0,), cuda)[0]
-        with NoHostTraffic():
-            out, logp = micro_step_loss(
-                policy,
-                policy.transformer,
-                data,
-                mb,
-                0,
-                data.log_prob[mb, 0],
-                adv.local[mb],
-                clip_range=cfg.train.clip_range,
-                beta_kl=cfg.train.beta_kl,
-            )
     assert data.x_t.shape == (4, 2, 1024, 64) and data.preview.shape[1:] == (3, 512, 512)
     for t in (data.x_t, data.log_prob, out.loss, logp):
         assert t.device.type == "cuda"

@@ -380,17 +380,17 @@ def test_batched_eval_equals_one_prompt_at_a_time(monkeypatch):
     of a matmul's reductions (fp32 on the CPU: ~1e-7 relative a forward, 4 ODE steps; measured 0 here).
     Two ranks run the same number of calls (ZeRO-3) and their sums are the one-rank sums."""
     import fastcps.distributed as fdist
-    import fastcps.trainer as trainer_mod
+    import fastcps.evaluation as evaluation_mod
     from fastcps.policies import build_policy
 
     calls = []
-    real_sample = trainer_mod.sample
+    real_sample = evaluation_mod.sample
 
     def counted(policy, model, cond, x1, sampling, **kw):
         calls.append(x1.shape[0])
         return real_sample(policy, model, cond, x1, sampling, **kw)
 
-    monkeypatch.setattr(trainer_mod, "sample", counted)
+    monkeypatch.setattr(evaluation_mod, "sample", counted)
     sums = []
     monkeypatch.setattr(fdist, "all_reduce", lambda v, *a, **kw: sums.append(v.clone()) or v)
     policy = build_policy(load_config(RunConfig, CONFIG, []).policy, "cpu")

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_cuda import HostSyncError, NoHostTraffic, fake_policy  # noqa: E402
+from fake_cuda import (  # noqa: E402
+    HostSyncError,
+    NoHostTraffic,
+    fake_policy,
+    full_size_transformer,
+    rollout_and_micro_step,
+)
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 from wiring_support import FlagOptimizer, RecordingEngine, toy_config  # noqa: E402
 
@@ -295,10 +301,6 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     configs/models/flux1-dev_transformer.json (no weights: meta, then fake CUDA), LoRA r 64, bf16,
     gradient checkpointing, 512 px (1024 image + 128 text tokens), 6 steps with a 3-step SDE window,
     T5/CLIP-sized conditioning. Rollout, advantages and a training micro-step all stay on the device."""
-    import json
-
-    from diffusers import FluxTransformer2DModel
-
     sets = [
         f"policy.pretrained={tiny['flux']}",
         "policy.offload_frozen=false",
@@ -311,13 +313,7 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     ]
     cfg = load_config(RunConfig, str(ROOT / "configs" / "flux_pickscore.json"), sets)
     policy = build_policy(cfg.policy, "cpu")  # tiny encoders and VAE; the transformer is replaced below
-    mc = json.loads((ROOT / "configs" / "models" / "flux1-dev_transformer.json").read_text())
-    with torch.device("meta"):
-        big = FluxTransformer2DModel.from_config({k: v for k, v in mc.items() if not k.startswith("_")})
-    policy.transformer = big.to(torch.bfloat16)
-    policy.transformer.enable_gradient_checkpointing()
-    policy.add_lora(cfg.policy.lora.r, cfg.policy.lora.alpha)
-    assert sum(p.numel() for p in policy.transformer.parameters()) > 11.9e9
+    assert full_size_transformer(policy, "flux", "flux1-dev_transformer.json", cfg.policy.lora) > 11.9e9
     sampling = epoch_steps(cfg, 0, policy)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_policy(policy, mode, CUDA)
@@ -331,32 +327,70 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
 
     policy.encode = encode
     with mode:
-        data = rollout_epoch(
+        data, out, logp = rollout_and_micro_step(
             cfg,
-            0,
             sampling,
             policy,
-            policy.transformer,
             HostReward(CUDA),
             PromptEncodings(policy),
             load_prompts(cfg.prompts.source),
-            device=CUDA,
+            CUDA,
+            2,
         )
-        adv = epoch_advantages(data, cfg.train, CUDA)
-        mb = minibatches(2, 2, (0,), CUDA)[0]
-        with NoHostTraffic():
-            out, logp = micro_step_loss(
-                policy,
-                policy.transformer,
-                data,
-                mb,
-                0,
-                data.log_prob[mb, 0],
-                adv.local[mb],
-                clip_range=cfg.train.clip_range,
-                beta_kl=cfg.train.beta_kl,
-            )
     assert data.x_t.shape == (2, 3, 1024, 64) and data.preview.shape == (2, 3, 512, 512)
+    on(CUDA, data.x_t, data.log_prob, out.loss, logp)
+    assert out.loss.requires_grad
+
+
+@pytest.mark.slow
+def test_sd35_large_recipe_at_full_size_on_fake_cuda(tiny):
+    """configs/sd35l_geneval.json at SD3.5-Large's real size: the 8 B-parameter transformer built from
+    configs/models/sd3.5-large_transformer.json (no weights: meta, then fake CUDA), LoRA r 32 on flow_grpo's
+    SD3 targets, bf16, gradient checkpointing, 512 px (64 x 64 latents, 2x2 patches), true CFG (one forward
+    of 2B), CLIP's 77 + T5's 128 text tokens, 10 steps with a 4-step SDE window. Rollout, advantages and a
+    training micro-step all stay on the device."""
+    sets = [
+        f"policy.pretrained={tiny['sd3']}",
+        "policy.offload_frozen=false",
+        "prompts.source=geneval:test",  # the shipped split: geneval:train downloads (the count is the same)
+        "train.prompts_per_epoch=1",
+        "train.images_per_prompt=2",
+        "train.rollout_batch_size=2",
+        "train.minibatch_size=2",
+        "train.gradient_accumulation_steps=1",
+        "sampler.sde_window_range=[0, 1]",
+    ]
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "sd35l_geneval.json"), sets)
+    assert cfg.policy.cfg_scale > 1
+    policy = build_policy(cfg.policy, "cpu")  # tiny encoders and VAE; the transformer is replaced below
+    assert full_size_transformer(policy, "sd3", "sd3.5-large_transformer.json", cfg.policy.lora) > 8.0e9
+    sampling = epoch_steps(cfg, 0, policy)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_policy(policy, mode, CUDA)
+    L = 77 + cfg.policy.max_sequence_length  # CLIP-L/G's 77 tokens, then T5-XXL's
+
+    def encode(prompts):  # CLIP-L + CLIP-G (pooled 2048) and T5-XXL (4096) shapes; the tiny ones are narrow
+        cond = {
+            "encoder_hidden_states": torch.zeros(len(prompts), L, 4096, dtype=torch.bfloat16, device=CUDA),
+            "pooled_projections": torch.zeros(len(prompts), 2048, dtype=torch.bfloat16, device=CUDA),
+        }
+        if policy._negative is None:  # what SD3Policy.encode keeps for true CFG
+            policy._negative = {k: v[:1] for k, v in cond.items()}
+        return cond
+
+    policy.encode = encode
+    with mode:
+        data, out, logp = rollout_and_micro_step(
+            cfg,
+            sampling,
+            policy,
+            HostReward(CUDA),
+            PromptEncodings(policy),
+            load_prompts(cfg.prompts.source),
+            CUDA,
+            2,
+        )
+    assert data.x_t.shape == (2, 4, 16, 64, 64) and data.preview.shape == (2, 3, 512, 512)
     on(CUDA, data.x_t, data.log_prob, out.loss, logp)
     assert out.loss.requires_grad
 

@@ -17,6 +17,7 @@ import torch
 from conftest import isolated_global_state
 from wiring_support import advantages_by_hand, plain_initialize
 
+import fastcps.evaluation as evaluation_mod
 import fastcps.trainer as trainer_mod
 import fastcps.update as update_mod
 from fastcps.checkpoint import ExportedWeights
@@ -205,7 +206,7 @@ def fitted(tmp_path_factory):
         start, after_steps, at_eval = weights(), [], []
         real_after, real_sample, real_loss = (
             t._after_optimizer_step,
-            trainer_mod.sample,
+            evaluation_mod.sample,
             update_mod.cps_logprob_kl,
         )
         calls = {"loss": 0}
@@ -233,7 +234,7 @@ def fitted(tmp_path_factory):
             )
 
         mp.setattr(t, "_after_optimizer_step", after)
-        mp.setattr(trainer_mod, "sample", sample)
+        mp.setattr(evaluation_mod, "sample", sample)
         mp.setattr(update_mod, "cps_logprob_kl", loss)
         t.fit()
     return {"trainer": t, "start": start, "steps": after_steps, "eval": at_eval, "run_dir": run_dir}
@@ -298,13 +299,13 @@ def test_an_interrupt_leaves_a_checkpoint_an_uninterrupted_run_passes_through(
     steps = []
 
     def rollout(cfg, epoch, *args, **kwargs):
-        t._stop_signal = t._stop_signal or (stop_in == "rollout" and epoch == 1)
+        t.stop.requested = t.stop.requested or (stop_in == "rollout" and epoch == 1)
         return real_rollout(cfg, epoch, *args, **kwargs)
 
     def after(epoch, skipped):
         real_after(epoch, skipped)
         steps.append(epoch)
-        t._stop_signal = t._stop_signal or (stop_in == "update" and epoch == 1)
+        t.stop.requested = t.stop.requested or (stop_in == "update" and epoch == 1)
 
     monkeypatch.setattr(trainer_mod, "rollout_epoch", rollout)
     monkeypatch.setattr(t, "_after_optimizer_step", after)

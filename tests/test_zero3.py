@@ -239,11 +239,12 @@ def test_zero3_gathers_what_the_plan_counts(runs):
     from fastcps.config import RunConfig
     from fastcps.config import load_config
     from fastcps.plan import plan
+    from fastcps.trainer import evaluate_with
 
     out = runs["out"]
     for name, tolerance in (("nokl", 0.03), ("part", 0.06)):
         cfg = load_config(RunConfig, str(out / name / "config.json"), [])
-        report = plan(cfg, 2, out / "flux" / "transformer" / "config.json")
+        report = plan(cfg, 2, out / "flux" / "transformer" / "config.json", evaluate=evaluate_with)
         planned = report["zero_traffic_bytes_per_gpu"]["zero3+ckpt"]["gathers"]
         rows = metrics(out / name)[1:]
         assert rows
@@ -260,6 +261,7 @@ def test_whole_model_sampling_gathers_once_per_sampling_phase_and_changes_no_num
     the rollout's 4 steps make 4), the update's as ``nokl``'s; the plan's count within 3 %."""
     from fastcps.config import RunConfig, load_config
     from fastcps.plan import plan
+    from fastcps.trainer import evaluate_with
 
     out = runs["out"]
     a, b = out / "nokl", out / "sampled"
@@ -277,7 +279,7 @@ def test_whole_model_sampling_gathers_once_per_sampling_phase_and_changes_no_num
     # the update fetches less: DeepSpeed's prefetcher no longer follows a trace the sampler recorded
     assert last_b["zero/update_gathers"] <= last_a["zero/update_gathers"]
     cfg = load_config(RunConfig, str(b / "config.json"), [])
-    report = plan(cfg, 2, out / "flux" / "transformer" / "config.json")
+    report = plan(cfg, 2, out / "flux" / "transformer" / "config.json", evaluate=evaluate_with)
     assert report["zero_stage"] == 3 and report["whole_model_sampling"] is True
     planned = report["zero_traffic_bytes_per_gpu"]["zero3+ckpt, whole-model sampling"]["gathers"]
     real = sum(last_b[f"zero/{phase}_gathers"] for phase in ("rollout", "update", "eval"))

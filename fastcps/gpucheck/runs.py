@@ -329,8 +329,9 @@ def auto_settings(cfg: RunConfig, transformer_json: Path, gpu_mem_gib: float | N
     from fastcps.plan import Loader, choose
     from fastcps.plan.choose import reserve_gib
     from fastcps.plan.costs import with_changes
+    from fastcps.trainer import evaluate_with
 
-    loader = Loader(cfg, transformer_json)
+    loader = Loader(cfg, transformer_json, evaluate=evaluate_with)
     limit = None
     if gpu_mem_gib is not None:
         limit = (gpu_mem_gib - reserve_gib(gpu_mem_gib, cfg.memory_reserve)) * 2**30
@@ -363,6 +364,7 @@ def plan_json(config_path: Path, transformer_json: Path, gpu_mem_gib: float | No
     import io
 
     from fastcps import plan
+    from fastcps.trainer import evaluate_with
 
     argv = ["--config", str(config_path), "--world-size", "1", "--model-config", str(transformer_json)]
     if gpu_mem_gib is not None:
@@ -370,7 +372,7 @@ def plan_json(config_path: Path, transformer_json: Path, gpu_mem_gib: float | No
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            rc = plan.main([*argv, "--json"])
+            rc = plan.main([*argv, "--json"], evaluate=evaluate_with)
     except SystemExit as exc:  # argparse: this version of the plan lacks a flag
         rc = exc.code
     if rc != 0:

@@ -273,28 +273,32 @@ def smallest_total_memory(device) -> int:
     return int(t.item())
 
 
-def resolve_auto(cfg: RunConfig, world: int, device) -> tuple[RunConfig, str | None]:
+def resolve_auto(cfg: RunConfig, world: int, device, evaluate) -> tuple[RunConfig, str | None]:
     """``zero_stage`` / ``policy.gradient_checkpointing`` / ``whole_model_sampling`` = "auto" and
     ``train.micro_batch`` made concrete before any weight loads: on a CUDA device the plan's choice for
     the smallest GPU of the run (``smallest_total_memory``) minus ``memory_reserve``; elsewhere (the CPU,
     the toy: nothing to fit) the DeepSpeed JSON's stage, no checkpointing, no whole-model sampling and
     the configured minibatch. Returns the config with concrete values and a line saying what was chosen
-    (None when nothing was "auto")."""
-    from fastcps.plan.resources import Loader, zero_section
+    (None when nothing was "auto"). ``evaluate``: the trainer's eval on given parts
+    (``fastcps.trainer.evaluate_with``), which the plan counts: the trainer passes it in, so the plan
+    does not import the trainer."""
+    from fastcps.plan.loader import Loader, zero_section
+    from fastcps.policies.families import FAMILIES
 
     auto_stage, auto_ckpt = cfg.zero_stage == "auto", cfg.policy.gradient_checkpointing == "auto"
     auto_whole, mb = cfg.whole_model_sampling == "auto", cfg.train.micro_batch
     if not (auto_stage or auto_ckpt or auto_whole or mb is not None):
         return cfg, None
     device = torch.device(device)
-    if device.type != "cuda" or cfg.policy.name not in ("flux", "sd3"):
+    fam = FAMILIES.get(cfg.policy.name)
+    if device.type != "cuda" or fam is None or fam.plan is None:
         stage, ckpt, whole = None, False, False
         changes = micro_batch_changes(cfg, cfg.train.minibatch_size if mb == "auto" else mb)
         why = f"no GPU memory to fit on {device.type} / {cfg.policy.name}"
     else:
         total = smallest_total_memory(device) / GIB
         reserve = reserve_gib(total, cfg.memory_reserve)
-        loader = Loader(cfg)
+        loader = Loader(cfg, evaluate=evaluate)
         chosen = choose(cfg, world, loader, loader.model(cfg), (total - reserve) * GIB)
         stage, ckpt, whole = chosen["stage"], chosen["checkpointing"], chosen["whole_model_sampling"]
         changes = chosen["changes"]

@@ -27,12 +27,6 @@ BYTES = {
     "bfloat16": 2,
     "amp": 4,
 }  # a reward's "amp": fp32 weights, fp16 autocast (fastcps.rewards._util)
-# Frozen models as placed by the trainer: published parameter counts (the weights cannot be
-# downloaded here), in billions. Text encoders: T5-XXL encoder, CLIP-L (FLUX) / CLIP-L + CLIP-G (SD3).
-TEXT_ENCODERS = {
-    "flux": {"T5-XXL encoder": 4.762, "CLIP-L text": 0.123},
-    "sd3": {"T5-XXL encoder": 4.762, "CLIP-G text": 0.695, "CLIP-L text": 0.123},
-}
 # The VAE in fp32, weights and decode, as flow_grpo keeps it (scripts/train_sd3.py:410,
 # ``pipeline.vae.to(accelerator.device, dtype=torch.float32)``) and the policies decode.
 VAE_DTYPE = "fp32"
@@ -87,8 +81,10 @@ class Model:
     meter_lora: tuple | None = None  # the LoRA (r, alpha, targets) the meter was built with
     meter_threshold: int = 0  # ZeRO-3's persistence threshold behind ``small`` (tensors below it stay whole)
     sigmas: object = None  # num_steps -> the policy's sigma schedule
-    text_encoder_params: float | None = None  # all text encoders; None: the published sizes (TEXT_ENCODERS)
+    text_encoder_params: float | None = None  # all text encoders; None: the published sizes (facts)
     counted: dict = field(default_factory=dict)  # the epochs counted for this model (epoch.counted_epoch)
+    evaluate: object = None  # the trainer's eval on given parts (fastcps.trainer.evaluate_with)
+    facts: object = None  # the family's fastcps.policies.plan_facts.FamilyPlan
 
 
 @dataclass
@@ -137,9 +133,13 @@ def zero_settings(zero_section: dict, stage: int | None = None) -> Zero:
 
 
 def cfg_mult(cfg: RunConfig) -> int:
-    """Transformer samples per image: true CFG (SD3, cfg_scale > 1) runs every velocity on 2B."""
+    """Transformer samples per image: true CFG (a family with ``FamilyPlan.true_cfg``, cfg_scale > 1)
+    runs every velocity on 2B."""
+    from fastcps.policies.families import family
+
     p = cfg.policy
-    return 2 if p.name == "sd3" and p.cfg_scale is not None and p.cfg_scale > 1 else 1
+    true_cfg = family(p.name).plan_facts().true_cfg
+    return 2 if true_cfg and p.cfg_scale is not None and p.cfg_scale > 1 else 1
 
 
 def trained_steps(cfg: RunConfig, sigmas) -> list[int]:
@@ -213,10 +213,10 @@ def persistent(cfg: RunConfig, world: int, model: Model, zero: Zero, n_trained_m
 
 def text_encoder_bytes(cfg: RunConfig, model: Model) -> float:
     """The policy's text encoders in its dtype: counted from a local pipeline folder's files when the
-    plan has them (``Model.text_encoder_params``), else the published sizes."""
+    plan has them (``Model.text_encoder_params``), else the family's published sizes."""
     n = model.text_encoder_params
     if n is None:
-        n = sum(TEXT_ENCODERS[cfg.policy.name].values()) * 1e9
+        n = sum(model.facts.text_encoders.values()) * 1e9
     return n * BYTES[cfg.policy.dtype]
 
 
@@ -342,106 +342,6 @@ def with_changes(cfg: RunConfig, changes: dict) -> RunConfig:
             obj = getattr(obj, part)
         setattr(obj, last, value)
     return out
-
-
-def smaller_batches(per_rank: int, current: int) -> list[int]:
-    return [b for b in range(current - 1, 0, -1) if per_rank % b == 0]
-
-
-def levers(cfg: RunConfig, world: int, zero: Zero) -> list[list[tuple[dict, dict]]]:
-    """The changes that lower the peak, cheapest first; each lever lists its settings mildest first as
-    (changes to the RunConfig or to ZeRO ("zero.stage", "zero.offload_optimizer"), --set flags)."""
-    t, p = cfg.train, cfg.policy
-    per_rank = t.prompts_per_epoch * t.images_per_prompt // world
-    out = []
-    if not p.gradient_checkpointing:
-        out.append([({"policy.gradient_checkpointing": True}, {"policy.gradient_checkpointing": "true"})])
-    minibatch = []
-    for b in smaller_batches(per_rank, t.minibatch_size):
-        images = t.minibatch_size * t.gradient_accumulation_steps  # keep the images per optimizer step
-        gas = (
-            images // b
-            if images % b == 0 and (per_rank // b) % (images // b) == 0
-            else t.gradient_accumulation_steps
-        )
-        minibatch.append(
-            (
-                {"train.minibatch_size": b, "train.gradient_accumulation_steps": gas},
-                {"train.minibatch_size": b, "train.gradient_accumulation_steps": gas},
-            )
-        )
-    out.append(minibatch)
-    out.append(
-        [
-            ({"train.rollout_batch_size": b}, {"train.rollout_batch_size": b})
-            for b in smaller_batches(per_rank, t.rollout_batch_size)
-        ]
-    )
-    if not p.offload_frozen:
-        out.append([({"policy.offload_frozen": True}, {"policy.offload_frozen": "true"})])
-    if p.lora is None:
-        from fastcps.config import LoraConfig
-
-        out.append([({"policy.lora": LoraConfig()}, {"policy.lora.r": 64})])
-    if zero.stage < 3:
-        out.append([({"zero.stage": 3}, {"deepspeed_config": "configs/ds_zero3.json"})])
-    if not zero.offload_optimizer:
-        out.append(
-            [
-                (
-                    {"zero.offload_optimizer": True},
-                    {"deepspeed_config": '<a copy with zero_optimization.offload_optimizer.device = "cpu">'},
-                )
-            ]
-        )
-    return [lever for lever in out if lever]
-
-
-def suggest(cfg: RunConfig, world: int, zero: Zero, limit: float, load_model, load_zero) -> dict:
-    """The cheapest changes after which the peak fits ``limit`` bytes: levers are taken in order
-    (``levers``), each at its mildest setting that fits, else its strongest; then each taken lever is
-    relaxed again as far as the others allow. ``load_model(cfg)`` / ``load_zero(stage, offload)`` give
-    the Model and Zero of a changed config."""
-
-    def peak(chosen: list[dict]) -> float:
-        merged = {k: v for changes in chosen for k, v in changes.items()}
-        z = load_zero(
-            merged.pop("zero.stage", zero.stage), merged.pop("zero.offload_optimizer", zero.offload_optimizer)
-        )
-        c = with_changes(cfg, merged)
-        return memory(c, world, load_model(c), z)["peak"]
-
-    ladder = levers(cfg, world, zero)
-    chosen: dict[int, int] = {}  # lever index -> setting index
-
-    def setting(override: dict | None = None, skip: int | None = None) -> list[dict]:
-        picks = {**chosen, **(override or {})}
-        return [ladder[i][j][0] for i, j in picks.items() if i != skip]
-
-    best = peak([])
-    for i, lever in enumerate(ladder):
-        if best <= limit:
-            break
-        for j in range(len(lever)):
-            if peak(setting({i: j})) <= limit:
-                chosen[i] = j
-                break
-        else:
-            if peak(setting({i: len(lever) - 1})) < best:
-                chosen[i] = len(lever) - 1
-        best = peak(setting())
-    if best <= limit:  # relax: drop a lever, or take its mildest setting that still fits
-        for i in sorted(chosen):
-            if peak(setting(skip=i)) <= limit:
-                del chosen[i]
-                continue
-            for j in range(chosen[i]):
-                if peak(setting({i: j})) <= limit:
-                    chosen[i] = j
-                    break
-        best = peak(setting())
-    flags = {k: v for i, j in sorted(chosen.items()) for k, v in ladder[i][j][1].items()}
-    return {"flags": [f"{k}={v}" for k, v in flags.items()], "peak": best, "fits": best <= limit}
 
 
 def mean_trained(cfg: RunConfig, sigmas) -> tuple[float, int, int]:

@@ -24,7 +24,6 @@ recomputes, and ``train/old_logprob_recomputed`` says so in its logs.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from types import SimpleNamespace
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from fastcps.config import RunConfig
+from fastcps.plan.standins import ConstantReward, CountingEngine, CountingPolicy, _Optimizer
 
 PHASES = (
     "rollout",
@@ -43,68 +43,6 @@ PHASES = (
     "KL reference forward",
     "eval",
 )
-
-
-class CountingEngine:
-    """Stands in for the DeepSpeed engine around the transformer: records every transformer call
-    (phase, "train"/"nograd", samples), every backward (samples) and every optimizer step; the
-    collectives follow from these per ZeRO stage (``zero_traffic``)."""
-
-    def __init__(self):
-        self.weight = torch.nn.Parameter(torch.zeros(()))  # gives the training forward a graph
-        self.phase = "rollout"
-        self.calls: Counter = Counter()  # (phase, kind, samples) -> calls
-        self.optimizer_steps = 0
-        self._pending: list[int] = []  # samples of the training forwards since the last backward
-        self._boundary = False
-        self.whole: Counter = Counter()  # phase -> whole-model gathers (rollout.whole_model)
-        self.whole_calls: Counter = Counter()  # the calls made while the whole model was gathered
-        self._whole = False
-
-    @contextlib.contextmanager
-    def whole_model(self):
-        """``rollout.whole_model`` on this stand-in: one whole-model gather, then calls that fetch nothing."""
-        self.whole[self.phase] += 1
-        self._whole = True
-        try:
-            yield
-        finally:
-            self._whole = False
-
-    # the transformer call, made by CountingPolicy.velocity
-    def forward(self, x: torch.Tensor, samples: int, reference: bool = False) -> torch.Tensor:
-        grad = torch.is_grad_enabled()
-        phase = self.phase
-        if phase == "update":
-            phase = (
-                "KL reference forward"
-                if reference
-                else ("training forward" if grad else "old log-prob recompute")
-            )
-        self.calls[(phase, "train" if grad else "nograd", samples)] += 1
-        if self._whole:
-            self.whole_calls[(phase, "train" if grad else "nograd", samples)] += 1
-        if grad:
-            self._pending.append(samples)
-            return x * 0 + self.weight
-        return torch.zeros_like(x)
-
-    # the DeepSpeed engine interface run_update uses
-    def set_gradient_accumulation_boundary(self, boundary: bool) -> None:
-        self._boundary = boundary
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-        for samples in self._pending:
-            self.calls[("training backward", "backward", samples)] += 1
-        self._pending = []
-
-    def step(self) -> None:
-        self.weight.grad = None
-        self.optimizer_steps += self._boundary
-
-    def was_step_applied(self) -> bool:
-        return True
 
 
 def zero_traffic(
@@ -158,71 +96,19 @@ def zero_traffic(
     }
 
 
-class CountingPolicy:
-    """The policy interface the epoch functions call, at the real policy's latent shape and schedule;
-    every transformer call goes to the engine with its samples (x CFG's 2 where SD3 runs CFG)."""
-
-    def __init__(self, latent_shape: tuple, sigmas, cfg_mult: int, vae_counter: Counter, engine=None):
-        self._shape, self._sigmas, self._mult, self._vae = tuple(latent_shape), sigmas, cfg_mult, vae_counter
-        self.lora = None
-        self.engine = engine
-        # (phase, whole model gathered?) -> prompts encoded: the text encoders' phase and what sits
-        # beside them on the device (fastcps.plan.costs: "prompt encoding")
-        self.encodes: Counter = Counter()
-
-    def latent_shape(self):
-        return self._shape
-
-    def sigmas(self, num_steps: int, device=None) -> torch.Tensor:
-        return torch.as_tensor(self._sigmas(num_steps), dtype=torch.float32)
-
-    def encode(self, prompts: list[str]):
-        if self.engine is not None:
-            self.encodes[(self.engine.phase, self.engine._whole)] += len(prompts)
-        return {"prompt": torch.zeros(len(prompts), 1)}
-
-    def velocity(self, model, latents: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
-        return model.forward(
-            latents, latents.shape[0] * self._mult, reference=getattr(model, "is_reference", False)
-        )
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        self._vae[latents.shape[0]] += 1
-        return torch.zeros(latents.shape[0], 3, 1, 1)
-
-    @contextlib.contextmanager
-    def reference(self, model):
-        yield SimpleNamespace(
-            forward=lambda x, samples, reference=True: model.forward(x, samples, reference=True),
-            is_reference=True,
-        )
-
-
-class ConstantReward:
-    parts = [("constant", 1.0, None)]
-
-    def __call__(self, images, prompts, metadata):
-        from fastcps.rewards import RewardOutput
-
-        r = torch.ones(len(prompts))
-        return RewardOutput(r, {"constant": r})
-
-
-class _Optimizer:
-    skip_flag = None
-    last_skipped = False
-
-
 def count_epoch(
-    cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_mult: int, epoch: int = 0
+    cfg: RunConfig, world: int, *, latent_shape: tuple, sigmas, cfg_mult: int, evaluate, epoch: int = 0
 ) -> dict:
     """Calls of one epoch on rank 0 (every rank runs the same calls: ZeRO-3 needs it). Returns
     {"calls": {(phase, kind, samples): n}, "vae": {images: calls}, "optimizer_steps", "images_per_rank",
     "encodes": {(phase, inside a whole-model gather): prompts}};
     eval's calls are divided by ``eval.every`` (it runs every that many epochs). ``latent_shape``:
-    the stand-in's latents (their size changes no call; the plan passes one element)."""
+    the stand-in's latents (their size changes no call; the plan passes one element). ``evaluate``: the
+    trainer's eval on given parts (``fastcps.trainer.evaluate_with``; passed in: the trainer imports the
+    plan, not the other way round)."""
     from fastcps.prompts import load_prompts
-    from fastcps.rollout import PromptEncodings, epoch_steps, rollout_epoch
+    from fastcps.conditioning import PromptEncodings
+    from fastcps.rollout import epoch_steps, rollout_epoch
     from fastcps.update import epoch_advantages, run_update
 
     # counted with the sampling loops' whole-model gathers on: zero_traffic prices both ways
@@ -268,7 +154,7 @@ def count_epoch(
         vae.clear()
         engine.phase = "eval"
         # a fresh cache: the eval's own encodings are seen whether or not the rollout's cached them
-        _evaluate(cfg, world, policy, engine, PromptEncodings(policy))
+        _evaluate(evaluate, cfg, world, policy, engine, PromptEncodings(policy))
         for field, counts in (
             ("calls", engine.calls),
             ("whole_gathers", engine.whole),
@@ -299,7 +185,12 @@ def counted_epoch(cfg: RunConfig, world: int, model) -> dict:
     key = (canonical.model_dump_json(), world)
     if key not in model.counted:
         model.counted[key] = count_epoch(
-            canonical, world, latent_shape=(1, 1), sigmas=model.sigmas, cfg_mult=cfg_mult(cfg)
+            canonical,
+            world,
+            latent_shape=(1, 1),
+            sigmas=model.sigmas,
+            cfg_mult=cfg_mult(cfg),
+            evaluate=model.evaluate,
         )
     return model.counted[key]
 
@@ -325,14 +216,12 @@ def call_batches(counted: dict) -> dict:
     }
 
 
-def _evaluate(cfg: RunConfig, world: int, policy, engine, encodings) -> None:
-    """``Trainer.evaluate`` itself, on the stand-ins (rank 0 of ``world``)."""
+def _evaluate(evaluate, cfg: RunConfig, world: int, policy, engine, encodings) -> None:
+    """The trainer's eval (``evaluate``) on the stand-ins, for rank 0 of ``world``."""
     from fastcps.rollout import eval_prompt_set
-    from fastcps.trainer import Trainer
 
-    trainer = Trainer.__new__(Trainer)
-    logger = SimpleNamespace(images=lambda *a, **k: None)
-    trainer.__dict__.update(
+    evaluate(
+        1,
         cfg=cfg,
         world=world,
         rank=0,
@@ -343,9 +232,8 @@ def _evaluate(cfg: RunConfig, world: int, policy, engine, encodings) -> None:
         eval_prompts=list(zip(*eval_prompt_set(cfg))),
         reward_fn=ConstantReward(),
         ema=None,
-        logger=logger,
+        logger=SimpleNamespace(images=lambda *a, **k: None),
     )
-    trainer.evaluate(1)
 
 
 def phase_flops(counted: dict, meter, vae_flop, checkpointing: bool) -> dict:
@@ -368,31 +256,21 @@ def phase_flops(counted: dict, meter, vae_flop, checkpointing: bool) -> dict:
     return out
 
 
-# flow_grpo's own FLUX.1-dev recipe, like for like with configs/flux_pickscore.json (yifan123/flow_grpo,
-# config/grpo.py ``pickscore_flux_fast``: num_steps 6, sde_window_size 3, noise_level 0.8, sde_type cps,
-# train_batch_size 3 for sampling and training, 24 images per prompt, 2 optimizer steps per epoch;
-# scripts/train_flux.py: T5 prompts of max_sequence_length=128, old log-probs from the sampling, no
-# gradient checkpointing). Per image: 6 forwards in the rollout, 3 trained steps of forward + backward.
-ANCHOR = {
-    "name": "flow_grpo pickscore_flux_fast",
-    "rollout_forwards": 6,
-    "trained_steps": 3,
-    "text_tokens": 128,
-    "batch": 3,
-}
-
-
-def anchor_flop_per_image(meter, vae_flop) -> dict:
-    """The anchor's FLOPs per image by phase, from the same transformer measured at its text length
-    (and the same VAE decode: it decodes every image too)."""
-    b = ANCHOR["batch"]
-    fwd = meter.step("nograd", b).forward_flop / b
-    train = meter.step("train", b)
+def anchor_flop_per_image(anchor, meter, vae_flop) -> dict:
+    """The anchor recipe's FLOPs per image by phase (``plan_facts.Anchor``), from the same transformer
+    measured at its text length (and the same VAE decode: it decodes every image too). A call runs
+    ``anchor.batch`` images, ``anchor.cfg`` samples each; with ``checkpointing`` the backward includes the
+    checkpointed blocks' re-forward; ``reference_forwards`` add the KL reference's no-grad forwards."""
+    b, c = anchor.batch * anchor.cfg, anchor.cfg
+    fwd = meter.step("nograd", b).forward_flop / b * c
+    train = meter.step("ckpt" if anchor.checkpointing else "train", b)
     out = {
-        "rollout": ANCHOR["rollout_forwards"] * fwd,
+        "rollout": anchor.rollout_forwards * fwd,
         "VAE decode": vae_flop(1),
-        "training forward": ANCHOR["trained_steps"] * train.forward_flop / b,
-        "training backward": ANCHOR["trained_steps"] * train.backward_flop / b,
+        "training forward": anchor.trained_steps * train.forward_flop / b * c,
+        "training backward": anchor.trained_steps * train.backward_flop / b * c,
     }
+    if anchor.reference_forwards:  # the KL term's frozen reference, no grad, at every trained step
+        out["KL reference forward"] = anchor.reference_forwards * anchor.trained_steps * fwd
     out["total"] = sum(out.values())
     return out

@@ -37,8 +37,17 @@ from __future__ import annotations
 
 import math
 
-#: families whose policy leaves the transformer on the CPU under ZeRO-3 (``Policy.deferred_placement``)
-DEFERRED = ("flux", "sd3")
+
+def deferred(family: str) -> bool:
+    """Whether the family's policy leaves the transformer on the CPU under ZeRO-3
+    (``Policy.deferred_placement``: ``FamilyPlan.deferred_zero3``); the toy (no plan facts) goes to the
+    device whole. A ValueError names the families for an unknown one."""
+    from fastcps.policies.families import FAMILIES
+
+    if family not in FAMILIES:
+        raise ValueError(f"family = {family!r}: choose one of {', '.join(FAMILIES)}")
+    f = FAMILIES[family]
+    return f.plan is not None and f.plan_facts().deferred_zero3
 
 
 def load_peak_bytes(
@@ -62,11 +71,11 @@ def load_peak_bytes(
     only), ``largest_fetch`` the largest module's own parameters (an upper bound on the largest single
     tensor, the one whole tensor ZeRO-3's partitioning holds at once), ``vae_params``,
     ``text_encoder_params`` (all the policy's text encoders together, on the device unless
-    ``offload_frozen``). ``family``: ``flux``, ``sd3`` or ``toy`` (the toy goes to the device whole at
-    every stage). ``vae_dtype_bytes``: the VAE's bytes per parameter (default ``dtype_bytes``; the
-    policies keep it in fp32). See the module docstring for the DeepSpeed code behind each term."""
-    if family not in DEFERRED + ("toy",):
-        raise ValueError(f"family = {family!r}: choose flux, sd3 or toy")
+    ``offload_frozen``). ``family``: a registry name (``fastcps.policies.families``; the toy goes to the
+    device whole at every stage). ``vae_dtype_bytes``: the VAE's bytes per parameter (default
+    ``dtype_bytes``; the policies keep it in fp32). See the module docstring for the DeepSpeed code
+    behind each term."""
+    is_deferred = deferred(family)
     if world < 1:
         raise ValueError(f"world = {world} must be >= 1")
     if stage not in (0, 1, 2, 3):
@@ -76,7 +85,7 @@ def load_peak_bytes(
             f"need 0 <= small ({small}) <= params ({params}) and 0 <= largest_fetch "
             f"({largest_fetch}) <= params"
         )
-    partitioned = stage == 3 and family in DEFERRED
+    partitioned = stage == 3 and is_deferred
     out: dict[str, float] = {}
     # not partitioned at load: the policy's whole transformer, the only copy on the device
     out["transformer (before partitioning)"] = 0.0 if partitioned else float(dtype_bytes * params)

@@ -28,141 +28,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import flop_registry
-from torch.utils.weak import WeakIdKeyDictionary
 
+from fastcps.plan.fake import LiveBytes, build, default_dtype, to_fake  # noqa: F401 - this module's API
+from fastcps.policies.families import family as family_of
 from fastcps.runtime import DTYPES
-
-
-# Attention kernels whose FLOPs torch 2.14's counter misses: it has formulas for the CUDA kernels only,
-# so on fake CPU tensors (where the plan measures) a FLUX.1-dev forward at 512 px / 512 text tokens
-# lost its 57 attention calls (1.65 of 21.84 TFLOP). Torch 2.15 counts them itself (its own formula
-# stays); older releases get torch's own sdpa formulas registered here for the same shapes, so the
-# figure is the same whichever torch runs the plan.
-_ATTENTION_WITHOUT_FORMULA = (
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_fused_attention_overrideable",
-)
-
-
-def _register_attention_flop_formulas() -> list[str]:
-    """Add torch's own sdpa forward/backward formulas for the attention ops the registry lacks;
-    returns the names added (empty where torch counts them already)."""
-    from torch.utils import flop_counter
-
-    added = []
-    for name in _ATTENTION_WITHOUT_FORMULA:
-        for op, formula in (
-            (name, flop_counter.sdpa_flop),
-            (f"{name}_backward", flop_counter.sdpa_backward_flop),
-        ):
-            packet = getattr(torch.ops.aten, op, None)
-            if packet is not None and packet not in flop_registry:
-                flop_registry[packet] = formula  # the registry FlopCounterMode reads too
-                added.append(op)
-    return added
-
-
-_register_attention_flop_formulas()
-
-
-class LiveBytes(TorchDispatchMode):
-    """Live bytes of the tensor storages created inside the mode (``current``, ``peak``) and FLOPs per
-    ``phase`` (set ``tracker.phase`` between calls). Storages of ``exclude`` (e.g. a model's
-    parameters) are never counted, not even through views."""
-
-    def __init__(self, exclude=()):
-        super().__init__()
-        self._seen = WeakIdKeyDictionary()
-        for t in exclude:
-            self._seen[t.untyped_storage()] = 0
-        self.current = self.peak = 0
-        self.phase = "forward"
-        self.flops: Counter[str] = Counter()
-
-    def _free(self, nbytes: int) -> None:
-        self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.flops[self.phase] += formula(*args, **kwargs, out_val=out)
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if st in self._seen:
-                    continue
-                n = st.nbytes()
-                self._seen[st] = n
-                weakref.finalize(st, self._free, n)
-                self.current += n
-                self.peak = max(self.peak, self.current)
-        return out
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def transformer_class(family: str):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    return {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}[family]
-
-
-def build(
-    cls, config: dict, dtype: torch.dtype = torch.bfloat16, lora: tuple | None = None, device: str = "meta"
-):
-    """``cls.from_config(config)`` on ``device`` (meta: shapes only) in ``dtype``; with ``lora = (r, alpha,
-    targets)`` the model is frozen and peft adapters are added (trainable), as ``Policy.add_lora`` does."""
-    with torch.device(device), default_dtype(dtype):
-        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-        if lora is not None:
-            from peft import LoraConfig
-
-            r, alpha, targets = lora
-            names = [n for n, _ in model.named_modules()]
-            present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
-            if not present:
-                raise ValueError(
-                    f"policy.lora.target_modules {list(targets)} match no module of {cls.__name__}"
-                )
-            model.requires_grad_(False)
-            model.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=present))
-    return model
-
-
-def to_fake(model: torch.nn.Module, mode, device: str = "cpu") -> torch.nn.Module:
-    """Replace every meta parameter and buffer by a fake tensor on ``device``, in place. (Moving a
-    module that already holds fake tensors with ``.to`` fails in ``swap_tensors``, hence meta first.)"""
-    conv = mode.fake_tensor_converter
-    dev = torch.device(device)
-    for mod in model.modules():
-        for k, p in mod._parameters.items():
-            if p is not None:
-                mod._parameters[k] = torch.nn.Parameter(
-                    conv.from_meta_and_device(mode, p.data, dev), requires_grad=p.requires_grad
-                )
-        for k, b in mod._buffers.items():
-            if b is not None:
-                mod._buffers[k] = conv.from_meta_and_device(mode, b, dev)
-    return model
 
 
 @dataclass(frozen=True)
@@ -238,8 +113,8 @@ class ModuleUses:
 class TransformerMeter:
     """The real transformer of one config on fake tensors; each (kind, batch) is measured once.
 
-    ``tokens``: FLUX: image tokens (packed 2x2 patches) and text tokens; SD3: the latent side and the
-    text tokens. ``guidance``: FLUX.1-dev's distilled-guidance input.
+    ``family``: a registry name (``fastcps.policies.families``): its transformer class and its plan
+    facts' ``inputs`` (the call's tensors for a batch at ``resolution`` and ``text_tokens``).
     """
 
     def __init__(
@@ -257,7 +132,8 @@ class TransformerMeter:
 
         self.family, self.config, self.dtype = family, config, DTYPES[dtype]
         self.resolution, self.text_tokens = resolution, text_tokens
-        cls = transformer_class(family)
+        fam = family_of(family)
+        cls, self._inputs = fam.transformer_class(), fam.plan_facts().inputs
         if fake:
             self.mode = FakeTensorMode(allow_non_fake_inputs=True)
             self.model = to_fake(build(cls, config, self.dtype, lora), self.mode)
@@ -272,29 +148,7 @@ class TransformerMeter:
         self._cache: dict[tuple, Step] = {}
 
     def inputs(self, batch: int) -> dict:
-        c, b, dt, txt = self.config, batch, self.dtype, self.text_tokens
-        common = dict(
-            encoder_hidden_states=torch.randn(b, txt, c["joint_attention_dim"], dtype=dt),
-            pooled_projections=torch.randn(b, c["pooled_projection_dim"], dtype=dt),
-            return_dict=False,
-        )
-        if self.family == "flux":
-            img = (self.resolution // 16) ** 2  # 8x VAE, then 2x2 patches packed into tokens
-            guidance = torch.full((b,), 3.5) if c.get("guidance_embeds") else None
-            return dict(
-                hidden_states=torch.randn(b, img, c["in_channels"], dtype=dt),
-                timestep=torch.full((b,), 0.5, dtype=dt),
-                guidance=guidance,
-                txt_ids=torch.zeros(txt, 3),
-                img_ids=torch.zeros(img, 3),
-                **common,
-            )
-        side = self.resolution // 8
-        return dict(
-            hidden_states=torch.randn(b, c["in_channels"], side, side, dtype=dt),
-            timestep=torch.full((b,), 500.0, dtype=dt),
-            **common,
-        )
+        return self._inputs(self.config, batch, self.resolution, self.text_tokens, self.dtype)
 
     def _run(self, kind: str, batch: int) -> Step:
         train = kind != "nograd"
@@ -391,21 +245,20 @@ def meter(
 
 
 @functools.lru_cache(maxsize=None)
-def vae_decode_peak(
-    config_path: str, resolution: int, batch: int, dtype: str = "bf16"
-) -> tuple[int, int, int]:
+def vae_decode(facts, config_path: str, resolution: int, dtype: str, batch: int) -> tuple[int, int, int]:
     """(parameters of the VAE, peak bytes of one no-grad decode of ``batch`` latents at ``resolution``
-    plus the policy's fp32 images, FLOPs of that decode)."""
-    from diffusers import AutoencoderKL
+    plus the policy's fp32 images, FLOPs of that decode), for the family's ``facts`` (a ``FamilyPlan``:
+    its VAE class and latents)."""
+    import diffusers
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    cls = getattr(diffusers, facts.vae_class)
     config = json.loads(Path(config_path).read_text())
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    vae = to_fake(build(AutoencoderKL, config, DTYPES[dtype]), mode).eval()
+    vae = to_fake(build(cls, config, DTYPES[dtype]), mode).eval()
     n_params = sum(p.numel() for p in vae.parameters())
-    side = resolution // 2 ** (len(config["block_out_channels"]) - 1)
     with mode, torch.device("cpu"), torch.no_grad(), LiveBytes(list(vae.parameters())) as live:
-        z = torch.randn(batch, config["latent_channels"], side, side, dtype=DTYPES[dtype])
+        z = facts.vae_latents(config, resolution, batch, DTYPES[dtype])
         img = vae.decode(z, return_dict=False)[0]
         img = (img.float() / 2 + 0.5).clamp(0.0, 1.0)  # what DiffusersPolicy._vae_decode returns
         del img, z

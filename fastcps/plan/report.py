@@ -16,6 +16,23 @@ def tflop(x: float) -> str:
     return f"{x / 1e12:10.1f} TFLOP"
 
 
+def anchor_lines(cfg) -> list[str]:
+    """What the family's anchor recipe counts (``fastcps.policies.plan_facts.Anchor``), in two lines."""
+    from fastcps.policies.families import family
+
+    a = family(cfg.policy.name).plan_facts().anchor
+    samples = "" if a.cfg == 1 else f", each on {a.cfg} samples (true CFG),"
+    text = f"{a.text_tokens} text tokens" if a.text_tokens is not None else "the run's text tokens"
+    ckpt = "activation checkpointing" if a.checkpointing else "no checkpointing"
+    if a.reference_forwards:
+        ckpt += f", {a.reference_forwards} KL reference forward per trained step"
+    return [
+        f"  anchor: {a.name} ({a.source}; {a.rollout_forwards} rollout forwards + {a.trained_steps} "
+        f"trained steps{samples} per image,",
+        f"  {text}, old log-probs from the rollout, {ckpt}, the same images per epoch; eval not counted)",
+    ]
+
+
 def report(cfg: RunConfig, r: dict, out) -> None:
     def p(line=""):
         print(line, file=out)
@@ -120,14 +137,8 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     for k, v in r["phase_flop"].items():
         p(f"  {k:40} {tflop(v)} {tflop(an[k]) if k in an else ' ' * 16:>18}")
     p(f"  {'total':40} {tflop(r['epoch_flop'])} {tflop(r['anchor_epoch_flop']):>18}")
-    p(
-        f"  anchor: {r['anchor']} (yifan123/flow_grpo config/grpo.py; 6 rollout forwards + 3 trained steps "
-        "per image,"
-    )
-    p(
-        "  128 text tokens, old log-probs from the rollout, no checkpointing, the same images per epoch; "
-        "eval not counted)"
-    )
+    for line in anchor_lines(cfg):
+        p(line)
     p(f"  training epoch (without eval) / anchor: {r['anchor_ratio']:.3f}x")
     p(
         f"  projected epoch time: {r['projected_epoch_s']:.0f} s on {world} GPUs at {r['mfu']:.0%} of "

@@ -4,7 +4,9 @@ and one policy module, not a switch to edit in each of them.
 
 A ``Family`` holds what is known of a model without loading it: where its policy class lives (imported
 on first use: the plan and the fetcher never load diffusers' pipelines), the diffusers transformer class,
-the LoRA modules its anchors adapt. The plan reads the rest from the policy class's ``plan_*`` hooks.
+the LoRA modules its anchors adapt, and the class of its resource-plan facts (``fastcps.policies.plan_facts``:
+shipped model configs, transformer inputs, latent size, frozen models, anchor recipe), which the plan reads
+instead of switching on family names.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class Family:
     transformer: str | None  # the diffusers transformer class (None: the toy's own)
     lora_targets: tuple[str, ...]  # the modules LoRA adapts when ``policy.lora.target_modules`` is empty
     example: str  # a ``policy.pretrained`` that loads (a hub id)
+    plan: str | None = None  # "module:Class" of its ``plan_facts.FamilyPlan`` (None: the plan refuses it)
 
     def policy_class(self):
         module, cls = self.policy.split(":")
@@ -84,34 +87,54 @@ class Family:
 
         return getattr(diffusers, self.transformer)
 
+    def plan_facts(self):
+        """The family's ``FamilyPlan`` class; a ValueError naming the families the plan covers otherwise."""
+        if self.plan is None:
+            covered = ", ".join(f.name for f in FAMILIES.values() if f.plan)
+            raise ValueError(
+                f"policy.name = {self.name!r}: the plan covers {covered} (the toy needs no plan)"
+            )
+        module, cls = self.plan.split(":")
+        return getattr(importlib.import_module(module), cls)
 
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        Family("toy", "fastcps.policies.toy:ToyDigitsPolicy", None, FLUX_LORA_TARGETS, ""),
-        Family(
-            "flux",
-            "fastcps.policies.flux:FluxPolicy",
-            "FluxTransformer2DModel",
-            FLUX_LORA_TARGETS,
-            "black-forest-labs/FLUX.1-dev",
-        ),
-        Family(
-            "sd3",
-            "fastcps.policies.sd3:SD3Policy",
-            "SD3Transformer2DModel",
-            SD3_LORA_TARGETS,
-            "stabilityai/stable-diffusion-3.5-medium",
-        ),
-        Family(
-            "qwenimage",
-            "fastcps.policies.qwenimage:QwenImagePolicy",
-            "QwenImageTransformer2DModel",
-            QWENIMAGE_LORA_TARGETS,
-            "Qwen/Qwen-Image",
-        ),
-    )
-}
+
+def registry(*families: Family) -> dict[str, Family]:
+    """``FAMILIES`` by name; a ValueError for a name given twice (a dict would keep the last silently: two
+    branches that each add the same family merge into two entries, and the later one wins)."""
+    names = [f.name for f in families]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"model families registered twice: {', '.join(twice)}; keep one entry each")
+    return {f.name: f for f in families}
+
+
+FAMILIES: dict[str, Family] = registry(
+    Family("toy", "fastcps.policies.toy:ToyDigitsPolicy", None, FLUX_LORA_TARGETS, ""),
+    Family(
+        "flux",
+        "fastcps.policies.flux:FluxPolicy",
+        "FluxTransformer2DModel",
+        FLUX_LORA_TARGETS,
+        "black-forest-labs/FLUX.1-dev",
+        "fastcps.policies.plan_facts:FluxPlan",
+    ),
+    Family(
+        "sd3",
+        "fastcps.policies.sd3:SD3Policy",
+        "SD3Transformer2DModel",
+        SD3_LORA_TARGETS,
+        "stabilityai/stable-diffusion-3.5-medium",
+        "fastcps.policies.plan_facts:SD3Plan",
+    ),
+    Family(
+        "qwenimage",
+        "fastcps.policies.qwenimage:QwenImagePolicy",
+        "QwenImageTransformer2DModel",
+        QWENIMAGE_LORA_TARGETS,
+        "Qwen/Qwen-Image",
+        "fastcps.policies.plan_facts:QwenImagePlan",
+    ),
+)
 
 
 def family(name: str) -> Family:

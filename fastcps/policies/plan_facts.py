@@ -1,0 +1,215 @@
+"""What the resource plan (``fastcps.plan``) knows of a model family without loading a weight: the
+shipped model configs a ``policy.pretrained`` picks, the transformer's inputs for a batch, the latent's
+size, the text tokens the transformer sees, the frozen models' published sizes, where the policy puts
+the transformer under ZeRO-3 and the anchor recipe the plan compares with. ``Family.plan`` names one of
+these classes, so the plan has no switch on family names: a new model is a subclass here (or in its
+policy module) and a registry entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A reference recipe's transformer work per image, counted as its code runs it: ``rollout_forwards``
+    sampling calls and ``trained_steps`` training forward + backward, each on ``cfg`` samples per image
+    (true CFG: cond and uncond), at ``batch`` images a call, ``text_tokens`` text tokens (None: the run's),
+    the backward with the re-forward of activation checkpointing when ``checkpointing``, and
+    ``reference_forwards`` no-grad forwards of the frozen reference per trained step (the KL term)."""
+
+    name: str
+    source: str  # where its numbers are read: repository and file
+    rollout_forwards: int
+    trained_steps: int
+    batch: int
+    text_tokens: int | None = None
+    cfg: int = 1
+    checkpointing: bool = False
+    reference_forwards: int = 0
+
+
+#: flow_grpo's own FLUX.1-dev recipe, like for like with configs/flux_pickscore.json (yifan123/flow_grpo,
+#: config/grpo.py ``pickscore_flux_fast``: num_steps 6, sde_window_size 3, noise_level 0.8, sde_type cps,
+#: train_batch_size 3 for sampling and training, 24 images per prompt, 2 optimizer steps per epoch;
+#: scripts/train_flux.py: T5 prompts of max_sequence_length=128, old log-probs from the sampling, no
+#: gradient checkpointing). Per image: 6 forwards in the rollout, 3 trained steps of forward + backward.
+FLOW_GRPO_FLUX = Anchor(
+    "flow_grpo pickscore_flux_fast",
+    "yifan123/flow_grpo config/grpo.py",
+    rollout_forwards=6,
+    trained_steps=3,
+    batch=3,
+    text_tokens=128,
+)
+
+#: flow_grpo's own SD3.5-Medium GenEval recipe (yifan123/flow_grpo config/grpo.py ``geneval_sd3``: 10 sampling
+#: steps, guidance_scale 4.5 as true CFG, train_batch_size 9, 24 images per prompt, timestep_fraction 0.99 =
+#: int(10 x 0.99) = 9 trained steps (SDE on every step), beta 0.04; scripts/train_sd3.py: CLIP's 77 + T5's
+#: 128 tokens, ``compute_log_prob`` on 2B (train.cfg True), the KL reference as the same call with the
+#: adapter disabled under no_grad, old log-probs from the sampling, no gradient checkpointing).
+FLOW_GRPO_SD3 = Anchor(
+    "flow_grpo geneval_sd3",
+    "yifan123/flow_grpo config/grpo.py",
+    rollout_forwards=10,
+    trained_steps=9,
+    batch=9,
+    text_tokens=205,
+    cfg=2,
+    reference_forwards=1,
+)
+
+#: FlowCPS's Qwen-Image recipe as its code runs it (IamCreateAI/FlowCPS config/grpo.py
+#: ``pickscore_qwenimage_8gpu``: 10 sampling steps, guidance_scale 4 as true CFG, train_batch_size 4,
+#: 16 images per prompt, 32 prompts per epoch on 8 GPUs, sde_window_size 2 in (0, 5), beta 0,
+#: activation_checkpointing; scripts/train_qwenimage.py). Per image: the rollout's 10 steps each run the
+#: conditional and the negative prompt (QwenImagePipeline's true CFG: 2 samples a step); the training
+#: loop runs ``compute_log_prob`` on the window's 2 steps, one forward of cond + uncond (2B) each and its
+#: backward through the checkpointed blocks; old log-probs come from the sampling (no recompute). Its
+#: text length is the prompt's own (the batch's longest, padded): the plan prices it at the run's.
+FLOWCPS_QWENIMAGE = Anchor(
+    "FlowCPS pickscore_qwenimage_8gpu",
+    "IamCreateAI/FlowCPS config/grpo.py",
+    rollout_forwards=10,
+    trained_steps=2,
+    batch=4,
+    cfg=2,
+    checkpointing=True,
+)
+
+
+class FamilyPlan:
+    """The plan's facts of a family (class attributes and static hooks; no instances)."""
+
+    #: (substring of ``policy.pretrained`` in lower case, stem of configs/models/<stem>_{transformer,
+    #: scheduler}.json): the first that matches; "" matches every id
+    model_configs: tuple[tuple[str, str], ...] = ()
+    vae_config: str = ""  # configs/models/<vae_config>.json
+    vae_class: str = "AutoencoderKL"  # the diffusers VAE class
+    #: the policy's text encoders at their published sizes (billions of parameters): the weights cannot be
+    #: downloaded here; a local pipeline folder's own files are counted instead when given
+    text_encoders: dict[str, float] = {}
+    #: the policy leaves the transformer on the CPU under ZeRO-3 for ``fastcps.engine.partition_zero3``
+    #: (``Policy.deferred_placement``): the load phase then holds partitions, not the whole model
+    deferred_zero3: bool = True
+    default_shift: float = 1.0  # the scheduler's shift when its config gives none
+    true_cfg: bool = False  # ``policy.cfg_scale`` > 1 runs every velocity on cond + uncond (2B samples)
+    anchor: Anchor = FLOW_GRPO_FLUX
+
+    @staticmethod
+    def text_tokens(max_sequence_length: int) -> int:
+        """The text tokens the transformer sees for ``policy.max_sequence_length``."""
+        return max_sequence_length
+
+    @staticmethod
+    def latent_numel(config: dict, resolution: int) -> int:
+        """Elements of one image's latent as the policy keeps it (the rollout stores two per trained step)."""
+        return (resolution // 16) ** 2 * config["in_channels"]  # 8x VAE, 2x2 patches packed into tokens
+
+    @staticmethod
+    def inputs(config: dict, batch: int, resolution: int, text_tokens: int, dtype) -> dict:
+        """Keyword arguments of one transformer call on ``batch`` samples."""
+        raise NotImplementedError
+
+    @staticmethod
+    def vae_latents(config: dict, resolution: int, batch: int, dtype):
+        """The latents ``vae.decode`` takes for ``batch`` images of ``resolution``."""
+        import torch
+
+        side = resolution // 2 ** (len(config["block_out_channels"]) - 1)
+        return torch.randn(batch, config["latent_channels"], side, side, dtype=dtype)
+
+
+class FluxPlan(FamilyPlan):
+    model_configs = (("schnell", "flux1-schnell"), ("", "flux1-dev"))
+    vae_config = "flux1_vae"
+    text_encoders = {"T5-XXL encoder": 4.762, "CLIP-L text": 0.123}
+
+    @staticmethod
+    def inputs(config: dict, batch: int, resolution: int, text_tokens: int, dtype) -> dict:
+        import torch
+
+        b, img = batch, (resolution // 16) ** 2  # 8x VAE, then 2x2 patches packed into tokens
+        guidance = torch.full((b,), 3.5) if config.get("guidance_embeds") else None
+        return dict(
+            hidden_states=torch.randn(b, img, config["in_channels"], dtype=dtype),
+            timestep=torch.full((b,), 0.5, dtype=dtype),
+            guidance=guidance,
+            txt_ids=torch.zeros(text_tokens, 3),
+            img_ids=torch.zeros(img, 3),
+            encoder_hidden_states=torch.randn(b, text_tokens, config["joint_attention_dim"], dtype=dtype),
+            pooled_projections=torch.randn(b, config["pooled_projection_dim"], dtype=dtype),
+            return_dict=False,
+        )
+
+
+class SD3Plan(FamilyPlan):
+    model_configs = (("large", "sd3.5-large"), ("", "sd3.5-medium"))
+    vae_config = "sd3.5_vae"
+    text_encoders = {"T5-XXL encoder": 4.762, "CLIP-G text": 0.695, "CLIP-L text": 0.123}
+    default_shift = 3.0
+    true_cfg = True
+    anchor = FLOW_GRPO_SD3
+
+    @staticmethod
+    def text_tokens(max_sequence_length: int) -> int:
+        return max_sequence_length + 77  # CLIP's 77 tokens before T5's
+
+    @staticmethod
+    def latent_numel(config: dict, resolution: int) -> int:
+        return config["in_channels"] * (resolution // 8) ** 2  # unpacked: the transformer patchifies
+
+    @staticmethod
+    def inputs(config: dict, batch: int, resolution: int, text_tokens: int, dtype) -> dict:
+        import torch
+
+        side = resolution // 8
+        return dict(
+            hidden_states=torch.randn(batch, config["in_channels"], side, side, dtype=dtype),
+            timestep=torch.full((batch,), 500.0, dtype=dtype),
+            encoder_hidden_states=torch.randn(batch, text_tokens, config["joint_attention_dim"], dtype=dtype),
+            pooled_projections=torch.randn(batch, config["pooled_projection_dim"], dtype=dtype),
+            return_dict=False,
+        )
+
+
+class QwenImagePlan(FamilyPlan):
+    """Qwen-Image: Qwen2.5-VL-7B's last hidden states (3584 wide) as the text, 2x2-packed latents like
+    FLUX's (64 channels), true CFG, a causal 3-D VAE decoding one frame.
+
+    Text tokens: a prompt's Qwen tokens after the template is dropped, at most ``policy.max_sequence_length``
+    (QwenImagePipeline's cut); the calls pad to the batch's longest. The plan prices every call at the cap
+    (``max_sequence_length``): an upper bound for memory, and FlowCPS's anchor is priced at the same
+    length, so the ratio compares like with like (PickScore's prompts are shorter: the real calls cost less
+    for both)."""
+
+    model_configs = (("", "qwen-image"),)
+    vae_config = "qwen-image_vae"
+    vae_class = "AutoencoderKLQwenImage"
+    #: Qwen2.5-VL-7B-Instruct, the whole Qwen2_5_VLForConditionalGeneration the pipeline loads (vision tower
+    #: included): 8.29 B parameters as its model card gives them
+    text_encoders = {"Qwen2.5-VL-7B": 8.29}
+    true_cfg = True
+    anchor = FLOWCPS_QWENIMAGE
+
+    @staticmethod
+    def inputs(config: dict, batch: int, resolution: int, text_tokens: int, dtype) -> dict:
+        import torch
+
+        side = resolution // 16  # 8x VAE, then 2x2 patches packed into tokens
+        return dict(
+            hidden_states=torch.randn(batch, side * side, config["in_channels"], dtype=dtype),
+            encoder_hidden_states=torch.randn(batch, text_tokens, config["joint_attention_dim"], dtype=dtype),
+            # no mask: every token real (QwenImagePipeline passes None when the mask is all ones)
+            timestep=torch.full((batch,), 0.5, dtype=dtype),
+            img_shapes=[[(1, side, side)]] * batch,
+            return_dict=False,
+        )
+
+    @staticmethod
+    def vae_latents(config: dict, resolution: int, batch: int, dtype):
+        import torch
+
+        side = resolution // 2 ** (len(config["dim_mult"]) - 1)
+        return torch.randn(batch, config["z_dim"], 1, side, side, dtype=dtype)  # one frame

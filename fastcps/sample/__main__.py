@@ -1,0 +1,5 @@
+import sys
+
+from fastcps.sample.cli import main
+
+sys.exit(main())
