@@ -289,3 +289,25 @@ def check_edit_images(source: str, key: str = "prompts.source") -> int:
     if bad:
         raise UnreadableImage(report("do not decode", bad, refs, source, key))
     return len(verdict)
+
+
+def check_rows_fit_policy(policy_name: str, editing: bool, prompts: list[str], meta: list[dict], key: str):
+    """An editing policy needs every row's source image(s), a text-to-image policy none: a ValueError naming
+    ``key``, the first row that does not fit and the fix, before any model loads (a text-to-image model
+    would otherwise train on edit instructions with the images silently dropped)."""
+    has = [SOURCE_IMAGES in (m or {}) for m in meta]
+    if editing and not all(has):
+        i = has.index(False)
+        raise ValueError(
+            f"{key}: row {i + 1} ({prompts[i]!r}) has no source image, but policy.name = {policy_name!r} "
+            'edits images: every row needs one ({"prompt": "<instruction>", "image": "path/or/url.jpg"}, '
+            "configs/prompts/README.md), e.g. the counting_edit:train set"
+        )
+    if not editing and any(has):
+        i = has.index(True)
+        raise ValueError(
+            f"{key}: row {i + 1} ({prompts[i]!r}) is an edit row (it names a source image), but "
+            f"policy.name = "
+            f"{policy_name!r} generates from text alone and would ignore the image: use an editing policy "
+            '(kontext, qwenimage_edit) or rows without an "image"'
+        )

@@ -326,7 +326,7 @@ def rollout_epoch(
     chosen, mine, lo = epoch_slots(cfg, epoch, len(pool), rank, world)
     prompts = [pool[chosen[g]] for g in mine]
     meta = [pool_meta[chosen[g]] for g in mine]
-    cond, cond_index = encodings.for_prompts(prompts, device)
+    cond, cond_index = encodings.for_prompts(prompts, device, meta)
 
     sampling = sampling.to(device)
     step_seeds = [derive_seed(cfg.seed, epoch, 2, i) for i in range(len(sampling.coeffs))]

@@ -30,7 +30,9 @@ from fastcps.optim import EMA, SkippingAdamW
 from fastcps.perf import FlopLedger, GatherMeter, peak_tflops
 from fastcps.perf import metrics as perf_metrics
 from fastcps.plan import resolve_auto
+from fastcps.edit_images import check_rows_fit_policy
 from fastcps.policies import build_policy
+from fastcps.policies.families import family
 from fastcps.prompts import held_out_warning, load_prompts, truncation_report
 from fastcps.rewards import WeightedReward, check_services
 from fastcps.rollout import PromptEncodings, epoch_steps, eval_prompt_set, rollout_epoch
@@ -87,8 +89,17 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.prompts, self.prompt_meta = load_prompts(cfg.prompts.source)
         self.eval_prompts = list(zip(*eval_prompt_set(cfg)))
+        editing = family(cfg.policy.name).editing
+        check_rows_fit_policy(cfg.policy.name, editing, self.prompts, self.prompt_meta, "prompts.source")
+        eval_key = "prompts.eval_source" if cfg.prompts.eval_source else "prompts.source"
+        check_rows_fit_policy(cfg.policy.name, editing, *map(list, zip(*self.eval_prompts)), eval_key)
         held_out = held_out_warning(
-            cfg.prompts.source, cfg.prompts.eval_source, self.prompts, [p for p, _ in self.eval_prompts]
+            cfg.prompts.source,
+            cfg.prompts.eval_source,
+            self.prompts,
+            [p for p, _ in self.eval_prompts],
+            self.prompt_meta,
+            [m for _, m in self.eval_prompts],
         )
         if held_out and dist.is_main():
             log.warning(held_out)

@@ -26,7 +26,7 @@ class RaggedEncoder:
     def __init__(self):
         self.calls = []
 
-    def encode(self, prompts):
+    def encode(self, prompts, metadata=None):
         self.calls.append(list(prompts))
         g = torch.Generator().manual_seed(0)
         table = torch.randn(50, 6, generator=g)

@@ -18,7 +18,16 @@ import torch
 from PIL import Image
 
 from fastcps import prompt_sets
-from fastcps.edit_images import SOURCE_IMAGES, ImageCache, UnreadableImage, check_edit_images, load_image
+from fastcps.conditioning import PromptEncodings
+from fastcps.edit_images import (
+    SOURCE_IMAGES,
+    ImageCache,
+    UnreadableImage,
+    check_edit_images,
+    check_rows_fit_policy,
+    load_image,
+)
+from fastcps.policies.base import Policy
 from fastcps.prompts import load_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -350,3 +359,43 @@ def test_a_missing_edit_image_stops_every_rank_with_exit_2(tmp_path):
         assert f"row 2 (line 3): {tmp_path / 'lost.png'}" in log, log[-3000:]
         assert "epoch 1/" not in log
     assert time.perf_counter() - t0 < 240
+
+
+class _EditEncoder:
+    """A stand-in editing policy: its encoding of a row is the instruction's length and the source image's
+    name, so a cache that keyed on the text alone would hand one image's encoding to another image."""
+
+    editing = True
+    encoding_key = Policy.encoding_key
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, prompts, metadata=None):
+        self.calls.append([(p, tuple(m[SOURCE_IMAGES])) for p, m in zip(prompts, metadata)])
+        return {
+            "x": torch.tensor([[len(p), int(m[SOURCE_IMAGES][0][-5])] for p, m in zip(prompts, metadata)])
+        }
+
+
+def test_edit_encodings_are_keyed_on_instruction_and_image():
+    enc = _EditEncoder()
+    cache = PromptEncodings(enc)
+    a, b = {SOURCE_IMAGES: ["/d/img1.jpg"]}, {SOURCE_IMAGES: ["/d/img2.jpg"]}
+    cond, index = cache.for_prompts(["two cats", "two cats", "two cats"], torch.device("cpu"), [a, b, a])
+    assert enc.calls == [[("two cats", ("/d/img1.jpg",)), ("two cats", ("/d/img2.jpg",))]]
+    assert cond["x"][index].tolist() == [[8, 1], [8, 2], [8, 1]]
+    cache.for_prompts(["two cats"], torch.device("cpu"), [b])  # cached: no second encode
+    assert len(enc.calls) == 1
+    with pytest.raises(ValueError, match="2 prompts but 1 metadata"):
+        cache.for_prompts(["x", "y"], torch.device("cpu"), [a])
+
+
+def test_rows_must_fit_the_policy_kind():
+    prompts, edit, plain = ["two cats", "a dog"], {SOURCE_IMAGES: ["/d/img1.jpg"]}, {}
+    check_rows_fit_policy("kontext", True, prompts, [edit, edit], "prompts.source")
+    check_rows_fit_policy("flux", False, prompts, [plain, plain], "prompts.source")
+    with pytest.raises(ValueError, match=r"prompts.source: row 2 \('a dog'\) has no source image.*kontext"):
+        check_rows_fit_policy("kontext", True, prompts, [edit, plain], "prompts.source")
+    with pytest.raises(ValueError, match=r"prompts.eval_source: row 1 .*edit row.*'flux'"):
+        check_rows_fit_policy("flux", False, prompts, [edit, plain], "prompts.eval_source")

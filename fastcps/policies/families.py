@@ -77,6 +77,7 @@ class Family:
     lora_targets: tuple[str, ...]  # the modules LoRA adapts when ``policy.lora.target_modules`` is empty
     example: str  # a ``policy.pretrained`` that loads (a hub id)
     plan: str | None = None  # "module:Class" of its ``plan_facts.FamilyPlan`` (None: the plan refuses it)
+    editing: bool = False  # edits source images (prompt rows with "image"), not text-to-image
 
     def policy_class(self):
         module, cls = self.policy.split(":")

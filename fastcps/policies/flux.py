@@ -318,7 +318,7 @@ class FluxPolicy(DiffusersPolicy):
 
     # --- Policy interface -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Cond:
+    def encode(self, prompts: list[str], metadata: list[dict] | None = None) -> Cond:
         with self._encoders_on_device():
             embeds, pooled, _ = self.pipe.encode_prompt(
                 prompt=list(prompts),

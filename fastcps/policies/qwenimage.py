@@ -114,7 +114,7 @@ class QwenImagePolicy(DiffusersPolicy):
         return {"encoder_hidden_states": embeds.to(self.dtype), MASK: mask.to(torch.long)}
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Cond:
+    def encode(self, prompts: list[str], metadata: list[dict] | None = None) -> Cond:
         if self.cfg_scale is not None and self._negative is None:  # " " once, kept on the policy
             self._negative = self._encode([self.negative_prompt])
         return self._encode(prompts)

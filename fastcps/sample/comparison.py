@@ -53,16 +53,18 @@ class Comparison:
 
 @torch.no_grad()
 def generate(
-    policy, model, encodings, prompts: list[str], sampling, *, k: int, seed: int, device
+    policy, model, encodings, prompts: list[str], sampling, *, k: int, seed: int, device, meta=None
 ) -> torch.Tensor:
-    """(P, K, 3, H, W): every prompt's K images with ``sampling``; noise seeded by (seed, prompt, image)."""
+    """(P, K, 3, H, W): every prompt's K images with ``sampling``; noise seeded by (seed, prompt, image).
+    ``meta``: each prompt's metadata (an edit prompt's source images)."""
     from fastcps.rollout import eval_noise, sample
     from fastcps.runtime import derive_seed
 
     step_seeds = [derive_seed(seed, 6, i) for i in range(len(sampling.coeffs))]
     out = []
-    for p, prompt in enumerate(prompts):
-        cond, _ = encodings.for_prompts([prompt], device)
+    meta = [{}] * len(prompts) if meta is None else meta
+    for p, (prompt, m) in enumerate(zip(prompts, meta)):
+        cond, _ = encodings.for_prompts([prompt], device, [m])
         x1 = eval_noise(policy, seed, p, k, device)
         final = sample(policy, model, cond, x1, sampling, step_seeds=step_seeds, first_index=p * k).final
         out.append(policy.decode(final).float().cpu())
@@ -94,7 +96,9 @@ def compare(
     encodings = PromptEncodings(policy)
     model = policy.transformer.eval()
     check_trained(model, weights)
-    run = lambda m: generate(policy, m, encodings, prompts, sampling, k=k, seed=seed, device=device)  # noqa: E731
+    run = lambda m: generate(  # noqa: E731
+        policy, m, encodings, prompts, sampling, k=k, seed=seed, device=device, meta=meta
+    )
     if policy.lora:
         load_trained(model, weights)
         with policy.reference(model) as base_model:
