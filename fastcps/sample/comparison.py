@@ -49,6 +49,19 @@ class Comparison:
     images: dict[str, torch.Tensor]  # "base" / "trained" -> (P, K, 3, H, W) in [0, 1], CPU
     total: dict[str, torch.Tensor]  # -> (P, K) weighted reward
     components: dict[str, dict[str, torch.Tensor]]  # -> reward name -> (P, K)
+    #: an editing policy's source images, one (S, 3, H, W) tensor per prompt in [0, 1] as the policy read
+    #: them (loaded and resized as the anchor does: ``fastcps.edit_images.load_image``); None otherwise
+    sources: list[torch.Tensor] | None = None
+
+
+def source_images(policy, meta: list[dict]) -> list[torch.Tensor] | None:
+    """Each edit prompt's source images at the policy's resolution, what its encoder was given; None for a
+    text-to-image policy."""
+    if not getattr(policy, "editing", False):
+        return None
+    from fastcps.edit_images import SOURCE_IMAGES, load_image
+
+    return [torch.stack([load_image(ref, policy.resolution) for ref in m[SOURCE_IMAGES]]) for m in meta]
 
 
 @torch.no_grad()
@@ -112,7 +125,7 @@ def compare(
         rows = [reward_fn(imgs[p], [prompts[p]] * k, [meta[p]] * k) for p in range(len(prompts))]
         total[which] = torch.stack([r.total for r in rows])
         comps[which] = {n: torch.stack([r.components[n] for r in rows]) for n in rows[0].components}
-    return Comparison(prompts, images, total, comps)
+    return Comparison(prompts, images, total, comps, source_images(policy, meta))
 
 
 def means(c: Comparison) -> dict[str, dict[str, float]]:
