@@ -292,20 +292,22 @@ def check_edit_images(source: str, key: str = "prompts.source") -> int:
 
 
 def check_rows_fit_policy(policy_name: str, editing: bool, prompts: list[str], meta: list[dict], key: str):
-    """An editing policy needs every row's source image(s), a text-to-image policy none: a ValueError naming
+    """An editing policy needs every row's source image(s), a text-to-image policy none: a ConfigError naming
     ``key``, the first row that does not fit and the fix, before any model loads (a text-to-image model
     would otherwise train on edit instructions with the images silently dropped)."""
+    from fastcps.config.errors import ConfigError  # a ValueError: the trainer exits 2 on every rank
+
     has = [SOURCE_IMAGES in (m or {}) for m in meta]
     if editing and not all(has):
         i = has.index(False)
-        raise ValueError(
+        raise ConfigError(
             f"{key}: row {i + 1} ({prompts[i]!r}) has no source image, but policy.name = {policy_name!r} "
             'edits images: every row needs one ({"prompt": "<instruction>", "image": "path/or/url.jpg"}, '
             "configs/prompts/README.md), e.g. the counting_edit:train set"
         )
     if not editing and any(has):
         i = has.index(True)
-        raise ValueError(
+        raise ConfigError(
             f"{key}: row {i + 1} ({prompts[i]!r}) is an edit row (it names a source image), but "
             f"policy.name = "
             f"{policy_name!r} generates from text alone and would ignore the image: use an editing policy "

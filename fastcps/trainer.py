@@ -80,13 +80,7 @@ class Trainer:
         # every reward service (`remote`) answers and is ready: a down one stops every rank now (exit 3),
         # not in the first rollout once every model has loaded
         check_services([(r.name, r.args) for r in cfg.rewards])
-        # the "auto" settings (ZeRO stage, checkpointing, micro-batch, ...): the resource plan's choice for
-        # the smallest GPU of the run (every rank alike), before any weight loads
-        cfg, chosen = resolve_auto(cfg, self.world, self.device, evaluate_with)
-        if chosen:
-            log.info(chosen)
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        torch.manual_seed(cfg.seed)
+        # the prompts, checked to fit the policy (edit rows for an editing one), before the plan and models
         self.prompts, self.prompt_meta = load_prompts(cfg.prompts.source)
         self.eval_prompts = list(zip(*eval_prompt_set(cfg)))
         editing = family(cfg.policy.name).editing
@@ -103,6 +97,13 @@ class Trainer:
         )
         if held_out and dist.is_main():
             log.warning(held_out)
+        # the "auto" settings (ZeRO stage, checkpointing, micro-batch, ...): the resource plan's choice for
+        # the smallest GPU of the run (every rank alike), before any weight loads
+        cfg, chosen = resolve_auto(cfg, self.world, self.device, evaluate_with)
+        if chosen:
+            log.info(chosen)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        torch.manual_seed(cfg.seed)
 
         # before any weight loads: its ZeRO stage decides where they go
         ds = deepspeed_config(cfg, self.world)

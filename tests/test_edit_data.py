@@ -325,6 +325,21 @@ def test_the_startup_check_runs_before_the_policy_builds(tmp_path, monkeypatch, 
     assert built == []
 
 
+def test_edit_rows_for_a_text_to_image_policy_stop_the_trainer_before_the_plan(tmp_path, monkeypatch):
+    from fastcps import trainer
+    from fastcps.config import ConfigError, RunConfig, load_config
+
+    built = []
+    monkeypatch.setattr(trainer, "build_policy", lambda *a, **kw: built.append(a) or pytest.fail("built"))
+    monkeypatch.setattr(trainer, "resolve_auto", lambda *a, **kw: built.append(a) or pytest.fail("planned"))
+    picture(tmp_path / "a.png")
+    source = write_rows(tmp_path / "e.jsonl", [{"prompt": "0", "image": "a.png"}], blank_after_first=False)
+    cfg = load_config(RunConfig, DIGITS, [f"prompts.source={source}", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"prompts.source: row 1 \('0'\) is an edit row .*'toy'"):
+        trainer.Trainer(cfg, tmp_path / "run")
+    assert built == []
+
+
 @pytest.mark.slow
 def test_a_missing_edit_image_stops_every_rank_with_exit_2(tmp_path):
     from multi_run import TINY_DIGITS, child_env, free_port, start, stop
