@@ -64,9 +64,9 @@ class LoraConfig(BaseModel):
 class PolicyConfig(BaseModel):
     model_config = SECTION
 
-    name: Literal["toy", "flux", "sd3", "qwenimage"] = "toy"
+    name: Literal["toy", "flux", "sd3", "qwenimage", "kontext"] = "toy"
     """Policy adapter: `toy` (16x16 digits, CPU), `flux` (FLUX.1-dev/schnell), `sd3` (SD3.5), `qwenimage`
-    (Qwen-Image)."""
+    (Qwen-Image), `kontext` (FLUX.1 Kontext [dev], editing: prompt rows with an "image")."""
     pretrained: str = ""
     """Local path or hub id of the weights; empty = the shipped toy base (toy only)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -74,7 +74,8 @@ class PolicyConfig(BaseModel):
     resolution: int = 16
     """Image side in pixels."""
     guidance: float | None = None
-    """Distilled guidance scale fed through FLUX.1-dev's embedding (3.5); None for models without it."""
+    """Distilled guidance scale fed through FLUX.1's embedding; None = the model's default (FLUX.1-dev 3.5,
+    FLUX.1 Kontext 2.5) or none for models without it."""
     cfg_scale: float | None = None
     """True classifier-free guidance scale (SD3.5, Qwen-Image); None = off."""
     lora: LoraConfig | None = None
