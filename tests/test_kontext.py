@@ -203,3 +203,40 @@ def test_default_lora_targets_are_flowcps_modules_on_the_real_architecture():
     want = {f"transformer_blocks.{i}.{t}" for i in range(19) for t in FLOWCPS_KONTEXT[:12]}
     want |= {f"single_transformer_blocks.{i}.{t}" for i in range(38) for t in single}
     assert got == want and len(got) == 380
+
+
+def test_the_recipe_config_is_flowcps_counting_flux_kontext():
+    """configs/kontext_counting.json: FlowCPS's counting_flux_kontext (6 steps with 5 trained, CPS eta 0.9,
+    guidance 2.5, 512 px, K = 21, 48 prompts per epoch, clip 1e-4, global advantage std, LoRA r 64 on the
+    family's targets, 0.5 image_similarity + 0.5 geneval on counting_edit) loads and validates on 1 to 8
+    GPUs; its eval rows carry one source image each and GenEval's counting fields."""
+    from fastcps.config import RunConfig, load_config, validate_tree
+    from fastcps.prompts import load_prompts
+    from fastcps.schedule import pipeline_sigmas
+
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "kontext_counting.json"))
+    for world in (1, 2, 4, 8):
+        validate_tree(cfg, world_size=world)
+    p, s, t = cfg.policy, cfg.sampler, cfg.train
+    assert (p.name, p.resolution, p.guidance, p.dtype, p.max_sequence_length) == (
+        "kontext",
+        512,
+        2.5,
+        "bf16",
+        128,
+    )
+    assert p.lora.r == 64 and p.lora.alpha == 128.0 and not p.lora.target_modules
+    assert (s.name, s.eta, s.num_steps) == ("cps", 0.9, 6)
+    assert (t.prompts_per_epoch, t.images_per_prompt, t.clip_range, t.adv_std, t.beta_kl) == (
+        48,
+        21,
+        1e-4,
+        "global",
+        0.0,
+    )
+    assert [(r.name, r.weight) for r in cfg.rewards] == [("image_similarity", 0.5), ("geneval", 0.5)]
+    sched = json.loads((ROOT / "configs" / "models" / "flux1-dev_scheduler.json").read_text())
+    steps = sampling_steps(s.name, s.eta, pipeline_sigmas(sched, 1024, s.num_steps))
+    assert steps.trained == [0, 1, 2, 3, 4]  # FlowCPS: int(6 x 0.99) = 5, the first ones
+    prompts, meta = load_prompts(cfg.prompts.eval_source)
+    assert len(prompts) == 112 and all(len(m[SOURCE_IMAGES]) == 1 and m["tag"] == "counting" for m in meta)

@@ -78,6 +78,23 @@ FLOWCPS_QWENIMAGE = Anchor(
     checkpointing=True,
 )
 
+#: FlowCPS's FLUX.1 Kontext recipe as its code runs it (IamCreateAI/FlowCPS config/grpo.py
+#: ``counting_flux_kontext``: 6 sampling steps, guidance_scale 2.5 embedded, 512 px, train_batch_size 3, 21
+#: images per prompt, 48 prompts per epoch (num_batches_per_epoch = 48 / (28 GPUs x 3 / 21) = 12 on its 28
+#: GPUs), timestep_fraction 0.99 = int(6 x 0.99) = 5 trained steps, noise_level 0.9 on every step, beta 0;
+#: scripts/train_flux_kontext.py: T5 prompts of max_sequence_length=128, LoRA r 64 / alpha 128 on FLUX's
+#: targets plus proj_mlp, old log-probs from the sampling, no gradient checkpointing). Every call carries the
+#: source image's tokens after the target's (2 x 1024 image tokens at 512 px): ``KontextPlan.inputs``, so
+#: the anchor is priced on the same inputs. Per image: 6 rollout forwards, 5 trained forward + backward.
+FLOWCPS_KONTEXT = Anchor(
+    "FlowCPS counting_flux_kontext",
+    "IamCreateAI/FlowCPS config/grpo.py",
+    rollout_forwards=6,
+    trained_steps=5,
+    batch=3,
+    text_tokens=128,
+)
+
 
 class FamilyPlan:
     """The plan's facts of a family (class attributes and static hooks; no instances)."""
@@ -213,3 +230,24 @@ class QwenImagePlan(FamilyPlan):
 
         side = resolution // 2 ** (len(config["dim_mult"]) - 1)
         return torch.randn(batch, config["z_dim"], 1, side, side, dtype=dtype)  # one frame
+
+
+class KontextPlan(FluxPlan):
+    """FLUX.1 Kontext [dev]: FLUX.1-dev's transformer, VAE, text encoders and scheduler (the same
+    architecture and configs: configs/models/flux1-dev_*.json), every call on the target's image tokens
+    and the source image's after them (``fastcps.policies.kontext``: the source at the run's resolution, so
+    twice the image tokens), FlowCPS's recipe as the anchor. The latent the rollout keeps is the target's
+    alone; the source's latents are conditioning (one per prompt, in the prompt cache)."""
+
+    model_configs = (("", "flux1-dev"),)
+    anchor = FLOWCPS_KONTEXT
+
+    @staticmethod
+    def inputs(config: dict, batch: int, resolution: int, text_tokens: int, dtype) -> dict:
+        import torch
+
+        kw = FluxPlan.inputs(config, batch, resolution, text_tokens, dtype)
+        image = kw["hidden_states"].shape[1]
+        kw["hidden_states"] = torch.randn(batch, 2 * image, config["in_channels"], dtype=dtype)
+        kw["img_ids"] = torch.zeros(2 * image, 3)
+        return kw
