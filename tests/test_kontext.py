@@ -240,3 +240,93 @@ def test_the_recipe_config_is_flowcps_counting_flux_kontext():
     assert steps.trained == [0, 1, 2, 3, 4]  # FlowCPS: int(6 x 0.99) = 5, the first ones
     prompts, meta = load_prompts(cfg.prompts.eval_source)
     assert len(prompts) == 112 and all(len(m[SOURCE_IMAGES]) == 1 and m["tag"] == "counting" for m in meta)
+
+
+# --- the full-size architecture on fake CUDA -------------------------------------------------------------
+
+
+class HostReward:
+    """One fp32 score per image, on the CPU (as tests/test_virtual_cuda.py's)."""
+
+    parts = [("host", 1.0, None)]
+
+    def __call__(self, images, prompts, metadata):
+        from fastcps.rewards import RewardOutput
+
+        assert images.device.type == "cuda" and images.shape[:2] == (len(prompts), 3), images
+        assert all(len(m[SOURCE_IMAGES]) == 1 for m in metadata)  # the edit rows' metadata reaches rewards
+        r = torch.rand(len(prompts))
+        return RewardOutput(r, {"host": r})
+
+
+@pytest.mark.slow
+def test_kontext_recipe_at_full_size_on_fake_cuda(tiny):
+    """configs/kontext_counting.json at FLUX.1 Kontext's real size: the 11.9 B-parameter transformer built
+    from configs/models/flux1-dev_transformer.json (the same architecture; no weights: meta, then fake
+    CUDA), LoRA r 64 on FlowCPS's 380 modules, bf16, gradient checkpointing, 512 px: 1024 target tokens
+    plus the source's 1024 on every call (the bf16 reference latents from the prompt cache), 128 T5 tokens,
+    6 steps with 5 trained. Rollout, advantages and a training micro-step all stay on the device, with no
+    host sync in the micro-step."""
+    from fake_cuda import fake_policy, full_size_transformer, rollout_and_micro_step
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastcps.config import RunConfig, load_config
+    from fastcps.prompts import load_prompts
+    from fastcps.rollout import epoch_steps
+
+    cuda = torch.device("cuda")
+    path, _ = tiny
+    sets = [
+        f"policy.pretrained={path}",
+        "policy.offload_frozen=false",
+        "train.prompts_per_epoch=1",
+        "train.images_per_prompt=2",
+        "train.rollout_batch_size=2",
+        "train.minibatch_size=2",
+        "train.gradient_accumulation_steps=1",
+    ]
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "kontext_counting.json"), sets)
+    policy = build_policy(cfg.policy, "cpu")  # tiny encoders and VAE; the transformer is replaced below
+    assert full_size_transformer(policy, "kontext", "flux1-dev_transformer.json", cfg.policy.lora) > 11.9e9
+    adapted = {n for n, m in policy.transformer.named_modules() if hasattr(m, "lora_A")}
+    assert len(adapted) == 380 and policy.guidance == 2.5 and policy.latent_shape() == (1024, 64)
+    sampling = epoch_steps(cfg, 0, policy)
+    assert sampling.trained == [0, 1, 2, 3, 4]
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_policy(policy, mode, cuda)
+    assert policy.joint_ids.shape == (2048, 3) and policy.joint_ids.device.type == "cuda"
+    seq = cfg.policy.max_sequence_length
+    calls = []
+
+    def encode(prompts, metadata=None):  # T5-XXL, CLIP-L and the source's packed latents at 512 px
+        calls.append([m[SOURCE_IMAGES] for m in metadata])
+        n = len(prompts)
+        return {
+            "encoder_hidden_states": torch.zeros(n, seq, 4096, dtype=torch.bfloat16, device=cuda),
+            "pooled_projections": torch.zeros(n, 768, dtype=torch.bfloat16, device=cuda),
+            "image_latents": torch.zeros(n, 1024, 64, dtype=torch.bfloat16, device=cuda),
+        }
+
+    policy.encode = encode
+    seen = []
+    hook = policy.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"].shape, kw["img_ids"].shape)), with_kwargs=True
+    )
+    with mode:
+        data, out, logp = rollout_and_micro_step(
+            cfg,
+            sampling,
+            policy,
+            HostReward(),
+            PromptEncodings(policy),
+            load_prompts(cfg.prompts.source),
+            cuda,
+            2,
+        )
+    hook.remove()
+    assert len(calls) == 1 and len(calls[0]) == 1  # one (instruction, image) pair, encoded once
+    assert seen and all(s == ((2, 2048, 64), (2048, 3)) for s in seen)
+    assert data.x_t.shape == (2, 5, 1024, 64) and data.preview.shape[1:] == (3, 512, 512)
+    for t in (data.x_t, data.log_prob, out.loss, logp):
+        assert t.device.type == "cuda"
+    assert out.loss.requires_grad
