@@ -164,6 +164,65 @@ def test_rows_without_one_source_image_are_refused(tiny):
         policy.velocity(policy.transformer, x, 0.5, text_only)
 
 
+def test_lora_export_loads_in_stock_flux_kontext_pipeline(tiny, tmp_path):
+    """The trained adapters (FlowCPS's targets, proj_mlp included), exported as the trainer exports them,
+    load with FluxKontextPipeline's ``load_lora_weights`` and give the trained policy's velocity; adapters
+    off = the base."""
+    from fastcps.checkpoint import save_diffusers_lora
+    from fastcps.config import LoraConfig
+
+    path, images = tiny
+    policy = kontext_policy(path, lora=LoraConfig(r=4, alpha=8.0))
+    cond = policy.encode(PROMPTS, rows(images))
+    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(3))
+    s = torch.tensor([0.7, 0.3])
+    named = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
+    assert len(named) == 2 * (12 + 4)  # (A, B) x (one double block's 12 targets + one single block's 4)
+    assert any(".proj_mlp." in n for n in named)
+    with torch.no_grad():
+        base = policy.velocity(policy.transformer, x, s, cond)
+        torch.manual_seed(4)
+        for p in named.values():
+            p.normal_(0, 0.3)
+        trained = policy.velocity(policy.transformer, x, s, cond)
+        with policy.reference(policy.transformer) as ref:
+            torch.testing.assert_close(policy.velocity(ref, x, s, cond), base)
+    assert not torch.allclose(trained, base)
+    save_diffusers_lora(
+        {n: p.detach().clone() for n, p in named.items()},
+        policy.transformer.peft_config["default"],
+        tmp_path / "pytorch_lora_weights.safetensors",
+    )
+    pipe = stock(path)
+    pipe.load_lora_weights(tmp_path)
+    with torch.no_grad():
+        loaded = policy.velocity(pipe.transformer, x, s, cond)
+    torch.testing.assert_close(loaded, trained, atol=1e-6, rtol=1e-5)
+
+
+def test_fetch_takes_the_pipeline_subfolders_only():
+    """``python -m fastcps.fetch`` for the recipe: FLUX.1-Kontext-dev's diffusers subfolders and
+    model_index.json, not the repo root's single-file checkpoint (flux1-kontext-dev.safetensors, which the
+    subfolders duplicate), then the rewards' models and the counting_edit sets with their source images."""
+    from fastcps.config import RunConfig, load_config
+    from fastcps.fetch.items import EditImages, HubRepo
+    from fastcps.fetch.needs import config_items
+
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "kontext_counting.json"))
+    items = config_items(cfg)
+    policy = items[0]
+    assert isinstance(policy, HubRepo) and policy.repo_id == "black-forest-labs/FLUX.1-Kontext-dev"
+    assert policy.key == "policy.pretrained" and "model_index.json" in policy.allow_patterns
+    assert not any(p.endswith(".safetensors") or p == "*" for p in policy.allow_patterns)
+    assert {"transformer/*", "vae/*", "text_encoder_2/*", "scheduler/*"} <= set(policy.allow_patterns)
+    assert [i.source for i in items if isinstance(i, EditImages)] == [
+        "counting_edit:train",
+        "counting_edit:test",
+    ]
+    keys = {i.key.split(".args.")[0] for i in items}
+    assert {"rewards.0", "rewards.1"} <= keys
+
+
 # --- the recipe's pieces --------------------------------------------------------------------------------
 
 # FlowCPS's list, transcribed (IamCreateAI/FlowCPS scripts/train_flux_kontext.py, target_modules)
