@@ -8,6 +8,7 @@ architecture, and the full-size architecture runs a training step on fake CUDA."
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -299,6 +300,66 @@ def test_the_recipe_config_is_flowcps_counting_flux_kontext():
     assert steps.trained == [0, 1, 2, 3, 4]  # FlowCPS: int(6 x 0.99) = 5, the first ones
     prompts, meta = load_prompts(cfg.prompts.eval_source)
     assert len(prompts) == 112 and all(len(m[SOURCE_IMAGES]) == 1 and m["tag"] == "counting" for m in meta)
+
+
+# --- the trainer: one GRPO epoch on edit rows, ZeRO-3, 2 processes --------------------------------------
+
+
+@pytest.mark.slow
+def test_one_grpo_epoch_of_the_recipe_on_edit_rows_zero3_two_processes(tiny, tmp_path):
+    """configs/kontext_counting.json on the tiny pipeline and a .jsonl of edit rows (two instructions on two
+    source images, relative paths): two ranks run an epoch through the trainer (the rows checked to fit the
+    editing policy, the prompt cache keyed on (instruction, image), the source tokens in rollout and
+    update, ZeRO-3), the ratio starts at 1, and the saved adapter loads in stock FluxKontextPipeline."""
+    from multi_run import launch
+    from safetensors.torch import load_file
+
+    path, images = tiny
+    (tmp_path / "img").mkdir()
+    for i in images:  # relative paths resolve against the prompt file's folder
+        shutil.copy(i, tmp_path / "img" / Path(i).name)
+    rows_file = tmp_path / "edits.jsonl"
+    rows_file.write_text(
+        "".join(
+            json.dumps({"prompt": p, "image": f"img/{Path(i).name}"}) + "\n" for p, i in zip(PROMPTS, images)
+        )
+    )
+    sets = [
+        f"policy.pretrained={path}",
+        f"prompts.source={rows_file}",
+        f"prompts.eval_source={rows_file}",
+        "policy.dtype=fp32",
+        f"policy.resolution={RES}",
+        f"policy.max_sequence_length={SEQ}",
+        'policy.lora={"r": 4, "alpha": 8.0}',
+        "policy.offload_frozen=false",
+        f"rewards={json.dumps([{'name': 'jpeg_compressibility'}])}",
+        "sampler.num_steps=4",
+        "train.num_epochs=1",
+        "train.prompts_per_epoch=2",
+        "train.images_per_prompt=4",
+        "train.rollout_batch_size=2",
+        "train.minibatch_size=2",
+        "train.gradient_accumulation_steps=2",
+        "train.micro_batch=null",
+        "eval.every=0",
+        "log.progress=false",
+        "checkpoint.every=0",
+        f"output_dir={tmp_path}",
+        "name=kontext",
+    ]
+    config = ["--config", str(ROOT / "configs" / "kontext_counting.json")]
+    launch([config + [a for kv in sets for a in ("--set", kv)]], world=2, timeout=400)
+    run = tmp_path / "kontext"
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["train/ratio_dev"] == 0.0 and last["train/loss"] == last["train/loss"]  # finite, not NaN
+    final = run / "checkpoints" / "final"
+    trained = load_file(str(final / "policy.safetensors"))
+    assert trained and all("lora_" in k for k in trained)
+    assert any("proj_mlp" in k for k in trained)
+    assert any(float(t.abs().max()) > 0 for k, t in trained.items() if "lora_B" in k)  # it moved
+    pipe = stock(path)
+    pipe.load_lora_weights(final)
 
 
 # --- the full-size architecture on fake CUDA -------------------------------------------------------------
