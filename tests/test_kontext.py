@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -360,6 +362,15 @@ def test_one_grpo_epoch_of_the_recipe_on_edit_rows_zero3_two_processes(tiny, tmp
     assert any(float(t.abs().max()) > 0 for k, t in trained.items() if "lora_B" in k)  # it moved
     pipe = stock(path)
     pipe.load_lora_weights(final)
+    # the run's images, base beside trained, with each prompt's source image: fastcps.sample on the run
+    grid = tmp_path / "grid.png"
+    argv = ["--run", str(run), "--out", str(grid), "--images-per-prompt", "1", "--steps", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "fastcps.sample", *argv], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = sorted(f.name for f in (tmp_path / "grid_images").iterdir())
+    assert shown == [f"p0{i}_{row}_0.png" for i in (0, 1) for row in ("base", "source", "trained")]
 
 
 # --- the full-size architecture on fake CUDA -------------------------------------------------------------
