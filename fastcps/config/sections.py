@@ -64,9 +64,9 @@ class LoraConfig(BaseModel):
 class PolicyConfig(BaseModel):
     model_config = SECTION
 
-    name: Literal["toy", "flux", "sd3", "qwenimage"] = "toy"
+    name: Literal["toy", "flux", "sd3", "qwenimage", "qwenimage_edit"] = "toy"
     """Policy adapter: `toy` (16x16 digits, CPU), `flux` (FLUX.1-dev/schnell), `sd3` (SD3.5), `qwenimage`
-    (Qwen-Image)."""
+    (Qwen-Image), `qwenimage_edit` (Qwen-Image-Edit: prompt rows with a source "image")."""
     pretrained: str = ""
     """Local path or hub id of the weights; empty = the shipped toy base (toy only)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -135,6 +135,15 @@ FAMILIES: dict[str, Family] = registry(
         "Qwen/Qwen-Image",
         "fastcps.policies.plan_facts:QwenImagePlan",
     ),
+    Family(  # Qwen-Image's transformer: FlowCPS's train_qwenimage_edit.py adapts the same modules
+        "qwenimage_edit",
+        "fastcps.policies.qwenimage_edit:QwenImageEditPolicy",
+        "QwenImageTransformer2DModel",
+        QWENIMAGE_LORA_TARGETS,
+        "Qwen/Qwen-Image-Edit",
+        "fastcps.policies.plan_facts:QwenImageEditPlan",
+        editing=True,
+    ),
 )
 
 
