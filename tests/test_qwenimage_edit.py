@@ -6,6 +6,8 @@ instruction on two images twice."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +19,7 @@ from fastcps.policies import build_policy
 from fastcps.rollout import sample, sampling_steps
 from fastcps.testing.qwenimage_edit import save_tiny_qwenimage_edit
 
+ROOT = Path(__file__).resolve().parent.parent
 RES = 64
 PROMPTS = ["a cat", "a red bus by the sea at night"]
 
@@ -123,3 +126,70 @@ def test_same_instruction_on_two_images_encodes_twice(tiny, sources):
     )
     with pytest.raises(ValueError, match="no source image"):
         policy.encode(["a cat"], [{}])
+
+
+# --- the full-size architecture on fake CUDA -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_qwenimage_edit_recipe_at_full_size_on_fake_cuda(tiny):
+    """configs/qwenimage_edit_counting.json at Qwen-Image-Edit's real size: the 20.4 B-parameter transformer
+    (no weights: meta, then fake CUDA), LoRA r 64, bf16, gradient checkpointing, 512 px target (1024 tokens)
+    with the 1024 px reference's 4096 tokens after it in every call, true CFG 4 with each prompt's own
+    negative, Qwen2.5-VL-7B-sized states holding 1369 image tokens. Rollout, advantages and a training
+    micro-step stay on the device, with no host sync in the micro-step."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_cuda import fake_policy, rollout_and_micro_step
+    from test_qwenimage import HostReward, real_transformer
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastcps.config import RunConfig, load_config
+    from fastcps.rollout import epoch_steps
+
+    cuda = torch.device("cuda")
+    sets = [
+        f"policy.pretrained={tiny}",
+        "policy.offload_frozen=false",
+        "train.prompts_per_epoch=2",
+        "train.images_per_prompt=2",
+        "train.rollout_batch_size=4",
+        "train.minibatch_size=2",
+        "train.gradient_accumulation_steps=2",
+        "sampler.sde_window_range=[0, 1]",
+    ]
+    cfg = load_config(RunConfig, str(ROOT / "configs" / "qwenimage_edit_counting.json"), sets)
+    policy = build_policy(cfg.policy, "cpu")  # tiny encoder and VAE; the transformer is replaced below
+    policy.transformer = real_transformer().to(torch.bfloat16)
+    policy.transformer.enable_gradient_checkpointing()
+    policy.add_lora(cfg.policy.lora.r, cfg.policy.lora.alpha)
+    assert policy.latent_shape() == (1024, 64) and policy.reference_tokens == 4096
+    sampling = epoch_steps(cfg, 0, policy)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_policy(policy, mode, cuda)
+    width, text = 3584, 37 * 37 + 7 + 12  # Qwen2.5-VL-7B: image tokens + template + instruction
+
+    def encode(prompts, metadata=None):
+        n, bf16 = len(prompts), torch.bfloat16
+        return {
+            "encoder_hidden_states": torch.zeros(n, text, width, dtype=bf16, device=cuda),
+            "negative_encoder_hidden_states": torch.zeros(n, text - 11, width, dtype=bf16, device=cuda),
+            "image_latents": torch.zeros(n, 4096, 64, dtype=bf16, device=cuda),
+        }
+
+    policy.encode = encode
+    seen = []  # the image tokens of every transformer call: [target; reference]
+    img_in = next(m for n, m in policy.transformer.named_modules() if n.endswith("img_in"))
+    img_in.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[:2])))
+    pool = (["Change the number of cat to two.", "Change the number of bus to one."], [])
+    pool = (pool[0], [{SOURCE_IMAGES: [f"/src/{i}.png"]} for i in range(2)])
+    with mode:
+        data, out, logp = rollout_and_micro_step(
+            cfg, sampling, policy, HostReward(), PromptEncodings(policy), pool, cuda, 4
+        )
+    assert data.x_t.shape == (4, 2, 1024, 64) and data.preview.shape[1:] == (3, 512, 512)
+    for t in (data.x_t, data.log_prob, out.loss, logp):
+        assert t.device.type == "cuda"
+    assert out.loss.requires_grad
+    assert seen and {n for _, n in seen} == {1024 + 4096}  # rollout (8 samples) and micro-step (4) alike
