@@ -193,3 +193,13 @@ def test_qwenimage_edit_recipe_at_full_size_on_fake_cuda(tiny):
         assert t.device.type == "cuda"
     assert out.loss.requires_grad
     assert seen and {n for _, n in seen} == {1024 + 4096}  # rollout (8 samples) and micro-step (4) alike
+
+
+def test_the_fetcher_takes_the_processor():
+    """Qwen/Qwen-Image-Edit's processor/ (the VL image processor the encoder reads the source through) is
+    among the subfolders the fetcher downloads, with Qwen-Image's."""
+    from fastcps.fetch.needs import policy_items
+
+    cfg = PolicyConfig(name="qwenimage_edit", pretrained="Qwen/Qwen-Image-Edit")
+    (item,) = policy_items(cfg)
+    assert "processor/*" in item.allow_patterns and "text_encoder/*" in item.allow_patterns
