@@ -985,3 +985,34 @@ def test_kontext_goals_at_80_and_40_gb():
         assert r["fits"] and r["headroom_gib"] >= 0.08 * gib, (gib, r["headroom_gib"], r["candidates"][:3])
         assert r["micro_batch"] * r["gradient_accumulation_steps"] == 63  # 3 x 21 as configured
     assert got[79.1]["anchor_ratio"] <= 1.0, got[79.1]["anchor_ratio"]
+
+
+QWEN_EDIT_CFG = ROOT / "configs" / "qwenimage_edit_counting.json"
+
+
+def test_a_qwenimage_edit_plan_prices_the_reference_tokens(tmp_path):
+    """The Qwen-Image-Edit recipe on a tiny QwenImageTransformer2DModel: every call carries the reference's
+    64 x 64 tokens after the target's and the VL text with the reference's 1369 image tokens; FlowCPS's
+    counting_qwenimage_edit_8gpu is the anchor, true CFG doubles the samples."""
+    from fastcps.policies.plan_facts import FLOWCPS_QWENIMAGE_EDIT, QwenImageEditPlan
+
+    assert QwenImageEditPlan.text_tokens(32) == 37 * 37 + 7 + 32
+    inputs = QwenImageEditPlan.inputs(TINY_QWEN, 2, 512, 40, torch.float32)
+    assert inputs["hidden_states"].shape == (2, 32 * 32 + 64 * 64, 64)
+    assert inputs["img_shapes"] == [[(1, 32, 32), (1, 64, 64)]] * 2
+    tiny = tmp_path / "tiny_qwen.json"
+    tiny.write_text(json.dumps(TINY_QWEN))
+    r = run_json("--config", str(QWEN_EDIT_CFG), "--world-size", "8", "--model-config", str(tiny))
+    assert r["anchor"] == FLOWCPS_QWENIMAGE_EDIT.name and QwenImageEditPlan.anchor is FLOWCPS_QWENIMAGE_EDIT
+    assert r["cfg_batch_multiplier"] == 2 and "rollout (nograd, 8 samples)" in r["calls_per_rank"]
+    assert r["images_per_rank"] == 64 and r["optimizer_steps"] == 2
+
+
+@pytest.mark.slow
+def test_qwenimage_edit_fits_80_gb():
+    """configs/qwenimage_edit_counting.json on 8 x 80 GB (79.1 GiB), the real 20.4 B-parameter transformer
+    on fake tensors with the reference tokens: a fitting choice with >= 8 % headroom, at most the anchor's
+    FLOPs."""
+    r = run_json("--config", str(QWEN_EDIT_CFG), "--world-size", "8", "--gpu-mem", "79.1")
+    assert r["fits"] and r["headroom_gib"] >= 0.08 * 79.1, (r["headroom_gib"], r["candidates"][:3])
+    assert r["anchor"] == "FlowCPS counting_qwenimage_edit_8gpu" and r["anchor_ratio"] <= 1.0

@@ -64,9 +64,10 @@ class LoraConfig(BaseModel):
 class PolicyConfig(BaseModel):
     model_config = SECTION
 
-    name: Literal["toy", "flux", "sd3", "qwenimage", "kontext"] = "toy"
+    name: Literal["toy", "flux", "sd3", "qwenimage", "kontext", "qwenimage_edit"] = "toy"
     """Policy adapter: `toy` (16x16 digits, CPU), `flux` (FLUX.1-dev/schnell), `sd3` (SD3.5), `qwenimage`
-    (Qwen-Image), `kontext` (FLUX.1 Kontext [dev], editing: prompt rows with an "image")."""
+    (Qwen-Image); editing (prompt rows with a source "image"): `kontext` (FLUX.1 Kontext [dev]),
+    `qwenimage_edit` (Qwen-Image-Edit)."""
     pretrained: str = ""
     """Local path or hub id of the weights; empty = the shipped toy base (toy only)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -149,6 +149,15 @@ FAMILIES: dict[str, Family] = registry(
         "fastcps.policies.plan_facts:KontextPlan",
         editing=True,
     ),
+    Family(  # Qwen-Image's transformer: FlowCPS's train_qwenimage_edit.py adapts the same modules
+        "qwenimage_edit",
+        "fastcps.policies.qwenimage_edit:QwenImageEditPolicy",
+        "QwenImageTransformer2DModel",
+        QWENIMAGE_LORA_TARGETS,
+        "Qwen/Qwen-Image-Edit",
+        "fastcps.policies.plan_facts:QwenImageEditPlan",
+        editing=True,
+    ),
 )
 
 

@@ -251,3 +251,59 @@ class KontextPlan(FluxPlan):
         kw["hidden_states"] = torch.randn(batch, 2 * image, config["in_channels"], dtype=dtype)
         kw["img_ids"] = torch.zeros(2 * image, 3)
         return kw
+
+
+#: FlowCPS's Qwen-Image-Edit recipe as its code runs it (IamCreateAI/FlowCPS config/grpo.py
+#: ``counting_qwenimage_edit_8gpu``: 10 sampling steps, guidance_scale 4 as true CFG, train_batch_size 4,
+#: 16 images per prompt, 32 prompts per epoch on 8 GPUs, noise_level 1.8, sde_window_size 2 in (0, 5),
+#: beta 0, activation_checkpointing, geneval 1.0; scripts/train_qwenimage_edit.py). The same loop as
+#: pickscore_qwenimage_8gpu: per image 10 rollout steps of cond + uncond, 2 trained steps of one 2B forward
+#: and its checkpointed backward, old log-probs from the sampling. Every call carries the reference's tokens
+#: after the target's and the VL text with the image tokens: the plan prices both at the run's sizes.
+FLOWCPS_QWENIMAGE_EDIT = Anchor(
+    "FlowCPS counting_qwenimage_edit_8gpu",
+    "IamCreateAI/FlowCPS config/grpo.py",
+    rollout_forwards=10,
+    trained_steps=2,
+    batch=4,
+    cfg=2,
+    checkpointing=True,
+)
+
+#: QwenImageEditPipeline's reference: calculate_dimensions(1024 * 1024, 1) = 1024 px for a square source,
+#: 8x VAE, 2x2 patches: 64 x 64 tokens after the target's
+EDIT_REFERENCE_SIDE = 1024 // 16
+#: Qwen2.5-VL's image tokens of the 1024 px reference: Qwen2VLImageProcessor's smart_resize rounds 1024 to
+#: 1036 (a multiple of 28 = 14-px patches x 2x2 merge), 37 x 37 merged patches
+EDIT_IMAGE_TOKENS = 37 * 37
+#: the kept template around them: <|vision_start|>, <|vision_end|> and, after the instruction, <|im_end|>,
+#: a newline, <|im_start|>, "assistant" and a newline (the 64 dropped tokens are the system turn before)
+EDIT_TEMPLATE_TOKENS = 2 + 5
+
+
+class QwenImageEditPlan(QwenImagePlan):
+    """Qwen-Image-Edit: Qwen-Image's transformer, VAE and text encoder; each call carries the reference
+    image's 4096 tokens after the target's, and the VL text holds the reference's 1369 image tokens.
+
+    Text tokens: the image tokens, the kept template and ``policy.max_sequence_length`` as the bound of the
+    instruction's tokens (the edit pipeline cuts nothing; counting_edit's instructions are ~12 tokens)."""
+
+    anchor = FLOWCPS_QWENIMAGE_EDIT
+
+    @staticmethod
+    def text_tokens(max_sequence_length: int) -> int:
+        return EDIT_IMAGE_TOKENS + EDIT_TEMPLATE_TOKENS + max_sequence_length
+
+    @staticmethod
+    def inputs(config: dict, batch: int, resolution: int, text_tokens: int, dtype) -> dict:
+        import torch
+
+        side, ref = resolution // 16, EDIT_REFERENCE_SIDE
+        tokens = side * side + ref * ref  # [target; reference]
+        return dict(
+            hidden_states=torch.randn(batch, tokens, config["in_channels"], dtype=dtype),
+            encoder_hidden_states=torch.randn(batch, text_tokens, config["joint_attention_dim"], dtype=dtype),
+            timestep=torch.full((batch,), 0.5, dtype=dtype),
+            img_shapes=[[(1, side, side), (1, ref, ref)]] * batch,
+            return_dict=False,
+        )
