@@ -74,6 +74,9 @@ def test_a_served_image_similarity_scores_against_the_source_images_the_client_s
             edit_images, "local_file", lambda ref: client_only.get(ref) or real_local_file(ref)
         )
         got = RemoteReward(url=url, batch_size=2, retries=0)(x, prompts, remote_meta)
+        gone = [remote_meta[0], {"source_images": [str(tmp_path / "gone.jpg")]}]
+        with pytest.raises(ValueError, match=r"the source image '.*gone\.jpg' of a request's row 1 cannot"):
+            RemoteReward(url=url, retries=0)(x[:2], prompts[:2], gone)
     finally:
         stop(proc)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -197,7 +197,16 @@ class RemoteReward:
         if self._source_cache is None or self._source_cache.size != size:
             # a GRPO group shares one source image: decoded once (ImageCache keeps uint8, returns k/255)
             self._source_cache = ImageCache(size, max_bytes=2**28)
-        imgs = [self._source_cache.get(str(m[SOURCE_IMAGES][0])) for m in meta]
+        imgs = []
+        for i, m in enumerate(meta):
+            ref = str(m[SOURCE_IMAGES][0])
+            try:
+                imgs.append(self._source_cache.get(ref))
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"reward {self.label!r}: the source image {ref!r} of a request's row {i} cannot be read "
+                    f"here to send to the service at {self.url}: {type(err).__name__}: {err}"
+                ) from err
         return torch.stack(imgs).mul_(255).round_().to(torch.uint8)
 
     def _request(self, method: str, path: str, body: bytes | None, timeout: float):
