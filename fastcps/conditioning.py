@@ -122,19 +122,27 @@ class PromptEncodings:
         self.lengths: dict[Hashable, int] = {}  # tokens of each cached prompt's varying keys
         self.nbytes = 0
 
-    def _key(self, prompt) -> Hashable:
+    def _key(self, prompt, meta) -> Hashable:
         key = getattr(self.policy, "encoding_key", None)
-        return prompt if key is None else key(prompt)
+        return prompt if key is None else key(prompt, meta)
 
-    def for_prompts(self, prompts: list[str], device) -> tuple[Cond, torch.Tensor]:
-        keys = [self._key(p) for p in prompts]
-        first: dict[Hashable, str] = {}  # a key's first prompt (the one encoded), in order
-        for k, p in zip(keys, prompts):
-            first.setdefault(k, p)
+    def for_prompts(
+        self, prompts: list[str], device, metadata: list[dict] | None = None
+    ) -> tuple[Cond, torch.Tensor]:
+        """(the bundle of the distinct prompts on ``device``, each entry's row of it). ``metadata``: one
+        dict per prompt (an edit row's carries its source images: ``fastcps.edit_images``)."""
+        metadata = [{}] * len(prompts) if metadata is None else list(metadata)
+        if len(metadata) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(metadata)} metadata entries")
+        keys = [self._key(p, m) for p, m in zip(prompts, metadata)]
+        first: dict[Hashable, tuple[str, dict]] = {}  # a key's first prompt (the one encoded), in order
+        for k, p, m in zip(keys, prompts, metadata):
+            first.setdefault(k, (p, m))
         unique = list(first)
         todo = [k for k in unique if k not in self.host]
         if todo:
-            rows, lengths = split_prompts(self.policy.encode([first[k] for k in todo]))
+            texts, metas = [first[k][0] for k in todo], [first[k][1] for k in todo]
+            rows, lengths = split_prompts(self.policy.encode(texts, metas))
             for k, row, n in zip(todo, rows, lengths):
                 self.host[k], self.lengths[k] = row, n
                 self.nbytes += sum(t.nbytes for t in row.values())

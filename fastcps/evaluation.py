@@ -51,9 +51,8 @@ def evaluate(
     n_prompts, n_images = 0, 0
     shown = []  # the first prompts' images, for the log
     # encoded before the gather: the text encoders (offload_frozen) never sit beside the whole model
-    cond, index = encodings.for_prompts(
-        [eval_prompts[min(p, n_eval - 1)][0] for p in mine for _ in range(k)], device
-    )
+    rows = [eval_prompts[min(p, n_eval - 1)] for p in mine for _ in range(k)]
+    cond, index = encodings.for_prompts([p for p, _ in rows], device, [m for _, m in rows])
     whole = whole_model(engine, cfg.whole_model_sampling is True)  # ZeRO-3: one gather
     # eval mode once for the whole eval (``sample`` would switch per call), as the stock pipelines sample
     with (

@@ -17,6 +17,11 @@ GenEval files hold one GenEval row a line (``{"tag", "include", "exclude"?, "pro
 ``GenevalPromptDataset`` reads them); they load as the prompt plus the row as its metadata, the format of
 fastcps's ``.jsonl`` files (configs/prompts/README.md).
 
+Edit sets (``images`` set: counting_edit) are GenEval rows with an ``"image"`` to edit, a path relative to
+the set's image root, ``<cache>/images/<family>/`` (``image_root``); ``images`` says where the images come
+from. Their source images are not checksummed here: FlowCPS does not publish them (its
+dataset/counting_edit/process_data.py generates them with FLUX.1-dev, unseeded), so every copy differs.
+
 This module imports nothing heavy: the config validator reads ``SETS``.
 """
 
@@ -40,6 +45,7 @@ CACHE_ENV = "FASTCPS_CACHE"
 
 FLOW_GRPO = ("yifan123/flow_grpo", "ac4c86e8cae021841f1fde853d340e0db67690dd")
 DANCE_GRPO = ("XueZeyue/DanceGRPO", "15cc71d53cc2e6e18a68ee607d5fb6ba9a99e344")
+FLOW_CPS = ("IamCreateAI/FlowCPS", "b402c7a3d5b2539e6c42fed6c6c042bab9a1be05")
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,19 @@ class PromptSet:
     shipped: str | None = None  # file name in fastcps/data/prompts (gzip), None = downloaded
     sha256: str | None = None  # of the uncompressed file, for people checking by hand
     geneval: bool = False  # one GenEval metadata row a line
+    images: str | None = None  # an edit set: where its source images come from, in words (the fix)
 
     @property
     def url_path(self) -> str:
         return f"{self.repo}/{self.commit}/{self.path}"
+
+
+COUNTING_EDIT_IMAGES = (
+    "counting_edit's source images are not published: generate them with FlowCPS's "
+    "dataset/counting_edit/process_data.py (FLUX.1-dev, 1024 px, 50 steps, guidance 3.5, no seed: your "
+    "images differ from FlowCPS's), which saves one image per line i of its metadata.jsonl as "
+    "generated_images/image_<i>.jpg, the paths these rows name"
+)
 
 
 def _flow_grpo(name, path, blob, **kw) -> PromptSet:
@@ -119,6 +134,36 @@ SETS: dict[str, PromptSet] = {
             sha256="cec4b24b9fee7bac21c8f787054ecc8dc9ff831674037713a4cd35e0f0a74a28",
             geneval=True,
         ),
+        *(
+            PromptSet(
+                f"counting_edit:{split}",
+                *FLOW_CPS,
+                f"dataset/counting_edit/{split}_metadata.jsonl",
+                blob,
+                licence="MIT (FlowCPS, (c) 2025 Jie Liu)",
+                origin=f"FlowCPS's object-counting edit instructions ({split} split, its FLUX.1 Kontext "
+                "recipe): each asks to change how many of an object a FLUX.1-dev image shows",
+                count=count,
+                shipped=f"counting_edit_{split}_metadata.jsonl.gz",
+                sha256=sha256,
+                geneval=True,
+                images=COUNTING_EDIT_IMAGES,
+            )
+            for split, blob, count, sha256 in (
+                (
+                    "train",
+                    "98b1491b63dd0f299ccfd961c6a8236d35f43fb1",
+                    818,
+                    "64fa1ee657f4292d37bf494326a0f35404dbb217b2a319fb15b4abd715bcb349",
+                ),
+                (
+                    "test",
+                    "bf5c44d94dbac2b0435f125c48bc8538a98631ee",
+                    112,
+                    "3d38b10151b74e23e06393be908b52e50f816215915c2f904ef4ff7af97fcd50",
+                ),
+            )
+        ),
         PromptSet(
             "hpd:train",
             *DANCE_GRPO,
@@ -178,6 +223,12 @@ def local_path(s: PromptSet) -> Path:
         return DATA / s.shipped
     stem = s.name.replace(":", "_")
     return cache_dir() / "prompts" / f"{stem}.{s.blob_sha1[:12]}{Path(s.path).suffix}"
+
+
+def image_root(s: PromptSet) -> Path:
+    """The folder an edit set's relative image paths resolve against: ``<cache>/images/<family>/`` (a
+    symlink to the folder that holds them will do)."""
+    return cache_dir() / "images" / s.name.split(":")[0]
 
 
 def url(s: PromptSet) -> str:
@@ -241,11 +292,26 @@ def download(s: PromptSet, timeout: float = 120.0) -> Path:
 
 
 def load(name: str, key: str = "prompts.source") -> tuple[list[str], list[dict]]:
-    """(prompts, metadata) of named set ``name``: a .txt set gives ``{}`` metadata, a GenEval set the row."""
+    """(prompts, metadata) of named set ``name``: a .txt set gives ``{}`` metadata, a GenEval set the row
+    (an edit set's with its resolved source images, ``fastcps.edit_images.SOURCE_IMAGES``)."""
+    rows = load_rows(name, key)
+    return [p for _, p, _ in rows], [m for _, _, m in rows]
+
+
+def load_rows(name: str, key: str = "prompts.source") -> list[tuple[int, str, dict]]:
+    """(line, prompt, metadata) of each row of named set ``name``."""
     s = get(name, key)
     text = read_bytes(s).decode("utf-8")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [(i + 1, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
     if not s.geneval:
-        return lines, [{} for _ in lines]
-    rows = [json.loads(line) for line in lines]
-    return [str(r["prompt"]) for r in rows], rows
+        return [(n, line, {}) for n, line in lines]
+    rows = [(n, json.loads(line)) for n, line in lines]
+    if s.images is not None:
+        from fastcps.edit_images import SOURCE_IMAGES, row_images
+
+        root = image_root(s)
+        for n, r in rows:
+            images = row_images(r, root, f"prompt set {name!r}, line {n}")
+            if images is not None:
+                r[SOURCE_IMAGES] = images
+    return [(n, str(r["prompt"]), r) for n, r in rows]

@@ -9,16 +9,25 @@ from pathlib import Path
 
 def load_prompts(source: str, key: str = "prompts.source") -> tuple[list[str], list[dict]]:
     """(prompts, metadata) from `digits`, a named set (``family:split``, see ``fastcps.prompt_sets``), a
-    .txt file (one prompt a line) or a .jsonl file. ``key`` names the config key in errors."""
+    .txt file (one prompt a line) or a .jsonl file. ``key`` names the config key in errors. An edit row's
+    source images are in its metadata (``fastcps.edit_images.SOURCE_IMAGES``)."""
+    _, rows = load_rows(source, key)
+    return [p for _, p, _ in rows], [m for _, _, m in rows]
+
+
+def load_rows(source: str, key: str = "prompts.source") -> tuple[str, list[tuple[int, str, dict]]]:
+    """(what ``source`` is, in words; (line, prompt, metadata) of each row): ``load_prompts`` with the line
+    each row comes from, for errors that name it."""
     if source == "digits":
         from fastcps.toy.digits import all_prompts, parse_digit
 
-        prompts = all_prompts()
-        return prompts, [{"digit": parse_digit(p)} for p in prompts]
+        return "the toy's digit prompts", [
+            (i + 1, p, {"digit": parse_digit(p)}) for i, p in enumerate(all_prompts())
+        ]
     from fastcps import prompt_sets
 
     if prompt_sets.looks_like_name(source):
-        return prompt_sets.load(source, key)
+        return f"prompt set {source!r}", prompt_sets.load_rows(source, key)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(
@@ -26,25 +35,31 @@ def load_prompts(source: str, key: str = "prompts.source") -> tuple[list[str], l
             f"({', '.join(prompt_sets.SETS)}), a .txt (one prompt per line) or .jsonl file, or `digits` for "
             "the toy"
         )
+    lines = [(i + 1, line) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
     if path.suffix == ".jsonl":
-        prompts, meta = [], []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompts.append(str(row["prompt"]))
-            except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(
-                    f"{path}:{i + 1}: each line must be a JSON object with a 'prompt' ({err})"
-                ) from err
-            meta.append(dict(row.get("metadata", {})))
+        rows = [_jsonl_row(path, n, line, key) for n, line in lines]
     else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        meta = [{} for _ in prompts]
-    if not prompts:
+        rows = [(n, line.strip(), {}) for n, line in lines]
+    if not rows:
         raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts, meta
+    return str(path), rows
+
+
+def _jsonl_row(path: Path, n: int, line: str, key: str) -> tuple[int, str, dict]:
+    """One line of a .jsonl prompt file: ``{"prompt", "metadata"?, "image"?}`` (configs/prompts/README.md);
+    an ``image`` makes it an edit row, its paths resolved against the file's folder."""
+    from fastcps.edit_images import SOURCE_IMAGES, row_images
+
+    try:
+        row = json.loads(line)
+        prompt = str(row["prompt"])
+        meta = dict(row.get("metadata", {}))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}:{n}: each line must be a JSON object with a 'prompt' ({err})") from err
+    images = row_images(row, path.resolve().parent, f"{path}:{n} (config key `{key}`)")
+    if images is not None:
+        meta[SOURCE_IMAGES] = images
+    return n, prompt, meta
 
 
 def truncation_report(counts: list[int], limit: int, what: str = "prompts") -> str | None:
@@ -62,15 +77,31 @@ def truncation_report(counts: list[int], limit: int, what: str = "prompts") -> s
     )
 
 
+def prompt_identity(prompt: str, meta: dict | None) -> tuple:
+    """What makes a prompt the same prompt: its text, and an edit row's source images with it (the same
+    instruction asked of another image is another task)."""
+    from fastcps.edit_images import SOURCE_IMAGES
+
+    return (prompt, *((meta or {}).get(SOURCE_IMAGES, ())))
+
+
 def held_out_warning(
-    source: str, eval_source: str | None, train: list[str], evaluated: list[str]
+    source: str,
+    eval_source: str | None,
+    train: list[str],
+    evaluated: list[str],
+    train_meta: list[dict] | None = None,
+    eval_meta: list[dict] | None = None,
 ) -> str | None:
     """Why an eval on training prompts misleads, and the fix; None when the eval prompts are held out (or
-    for the toy, whose 40 prompts are its whole task: there is nothing to hold out)."""
+    for the toy, whose 40 prompts are its whole task: there is nothing to hold out). With the metadata,
+    edit rows compare as instruction and source images (``prompt_identity``): counting_edit's test split
+    asks the train split's instructions of other images, or of the same images other instructions."""
     if source == "digits":
         return None
     same = eval_source is None or eval_source == source
-    shared = set(evaluated) & set(train)
+    eval_ids = {prompt_identity(p, m) for p, m in zip(evaluated, eval_meta or [None] * len(evaluated))}
+    shared = eval_ids & {prompt_identity(p, m) for p, m in zip(train, train_meta or [None] * len(train))}
     if not same and not shared:
         return None
     from fastcps import prompt_sets
@@ -89,7 +120,7 @@ def held_out_warning(
         else (
             f"prompts.eval_source is prompts.source ({source!r})"
             if eval_source == source
-            else f"{len(shared)} of the {len(set(evaluated))} eval prompts ({eval_source!r}) are also "
+            else f"{len(shared)} of the {len(eval_ids)} eval prompts ({eval_source!r}) are also "
             f"training prompts ({source!r})"
         )
     )

@@ -256,9 +256,9 @@ def initial_noise(policy, seed_parts: tuple, indices: list[int], device) -> torc
 def eval_prompt_set(cfg) -> tuple[list[str], list[dict]]:
     """The run's fixed eval set: ``eval.num_prompts`` spread evenly over ``prompts.eval_source`` (else
     ``prompts.source``), each prompt once (GenEval's test set lists each prompt 4 times: 16 picks spread over
-    the repeats were 4 prompts, 4 times each): one per digit on the toy. The trainer and
-    ``fastcps.sample`` both use it."""
-    from fastcps.prompts import load_prompts
+    the repeats were 4 prompts, 4 times each; an edit prompt is its instruction with its source images): one
+    per digit on the toy. The trainer and ``fastcps.sample`` both use it."""
+    from fastcps.prompts import load_prompts, prompt_identity
 
     source, key = (
         (cfg.prompts.eval_source, "prompts.eval_source")
@@ -266,7 +266,9 @@ def eval_prompt_set(cfg) -> tuple[list[str], list[dict]]:
         else (cfg.prompts.source, "prompts.source")
     )
     pool, meta = load_prompts(source, key)
-    first = {p: i for i, p in reversed(list(enumerate(pool)))}  # each prompt's first row
+    # each prompt's first row; an edit row is its instruction on its image(s): counting_edit:test gives one
+    # instruction to several images (112 rows, 99 instructions), each pair a prompt of its own
+    first = {prompt_identity(p, m): i for i, (p, m) in reversed(list(enumerate(zip(pool, meta))))}
     keep = sorted(first.values())
     pool, meta = [pool[i] for i in keep], [meta[i] for i in keep]
     n = min(cfg.eval.num_prompts, len(pool))
@@ -324,7 +326,7 @@ def rollout_epoch(
     chosen, mine, lo = epoch_slots(cfg, epoch, len(pool), rank, world)
     prompts = [pool[chosen[g]] for g in mine]
     meta = [pool_meta[chosen[g]] for g in mine]
-    cond, cond_index = encodings.for_prompts(prompts, device)
+    cond, cond_index = encodings.for_prompts(prompts, device, meta)
 
     sampling = sampling.to(device)
     step_seeds = [derive_seed(cfg.seed, epoch, 2, i) for i in range(len(sampling.coeffs))]

@@ -30,7 +30,9 @@ from fastcps.optim import EMA, SkippingAdamW
 from fastcps.perf import FlopLedger, GatherMeter, peak_tflops
 from fastcps.perf import metrics as perf_metrics
 from fastcps.plan import resolve_auto
+from fastcps.edit_images import check_rows_fit_policy
 from fastcps.policies import build_policy
+from fastcps.policies.families import family
 from fastcps.prompts import held_out_warning, load_prompts, truncation_report
 from fastcps.rewards import WeightedReward, check_services
 from fastcps.rollout import PromptEncodings, epoch_steps, eval_prompt_set, rollout_epoch
@@ -78,6 +80,23 @@ class Trainer:
         # every reward service (`remote`) answers and is ready: a down one stops every rank now (exit 3),
         # not in the first rollout once every model has loaded
         check_services([(r.name, r.args) for r in cfg.rewards])
+        # the prompts, checked to fit the policy (edit rows for an editing one), before the plan and models
+        self.prompts, self.prompt_meta = load_prompts(cfg.prompts.source)
+        self.eval_prompts = list(zip(*eval_prompt_set(cfg)))
+        editing = family(cfg.policy.name).editing
+        check_rows_fit_policy(cfg.policy.name, editing, self.prompts, self.prompt_meta, "prompts.source")
+        eval_key = "prompts.eval_source" if cfg.prompts.eval_source else "prompts.source"
+        check_rows_fit_policy(cfg.policy.name, editing, *map(list, zip(*self.eval_prompts)), eval_key)
+        held_out = held_out_warning(
+            cfg.prompts.source,
+            cfg.prompts.eval_source,
+            self.prompts,
+            [p for p, _ in self.eval_prompts],
+            self.prompt_meta,
+            [m for _, m in self.eval_prompts],
+        )
+        if held_out and dist.is_main():
+            log.warning(held_out)
         # the "auto" settings (ZeRO stage, checkpointing, micro-batch, ...): the resource plan's choice for
         # the smallest GPU of the run (every rank alike), before any weight loads
         cfg, chosen = resolve_auto(cfg, self.world, self.device, evaluate_with)
@@ -85,13 +104,6 @@ class Trainer:
             log.info(chosen)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         torch.manual_seed(cfg.seed)
-        self.prompts, self.prompt_meta = load_prompts(cfg.prompts.source)
-        self.eval_prompts = list(zip(*eval_prompt_set(cfg)))
-        held_out = held_out_warning(
-            cfg.prompts.source, cfg.prompts.eval_source, self.prompts, [p for p, _ in self.eval_prompts]
-        )
-        if held_out and dist.is_main():
-            log.warning(held_out)
 
         # before any weight loads: its ZeRO stage decides where they go
         ds = deepspeed_config(cfg, self.world)

@@ -26,7 +26,7 @@ class RaggedEncoder:
     def __init__(self):
         self.calls = []
 
-    def encode(self, prompts):
+    def encode(self, prompts, metadata=None):
         self.calls.append(list(prompts))
         g = torch.Generator().manual_seed(0)
         table = torch.randn(50, 6, generator=g)
@@ -90,7 +90,7 @@ def test_a_mask_with_a_hole_is_refused():
 def test_the_cache_keys_on_what_the_encoder_reads():
     """Two prompts the encoder reads the same way (here: the same words, other case) are encoded once."""
     enc = RaggedEncoder()
-    enc.encoding_key = lambda p: p.lower()
+    enc.encoding_key = lambda p, meta=None: p.lower()
     cond, index = PromptEncodings(enc).for_prompts(["A red bus", "a red bus", "dog"], CPU)
     assert enc.calls == [["A red bus", "dog"]] and index.tolist() == [0, 0, 1]
     assert cond["encoder_hidden_states"].shape[0] == 2

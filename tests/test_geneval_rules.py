@@ -98,3 +98,29 @@ def test_nms_uses_genevals_iou():
     assert filter_detections([first, second], 0.3, nms_threshold=0.12) == {"cup": [first]}
     assert filter_detections([first, second], 0.3, nms_threshold=0.15) == {"cup": [first, second]}
     assert filter_detections([first, second], 0.3) == {"cup": [first, second]}  # 1.0: off (GenEval's default)
+
+
+# counting_edit:train (FlowCPS dataset/counting_edit/train_metadata.jsonl), a row as load_prompts gives it:
+# GenEval's counting row for the edited image, its instruction as the prompt, the source image's t2i_prompt
+# ("three") and paths that GenEval's rules must not read
+EDIT_ROW = (
+    '{"tag": "counting", "include": [{"class": "airplane", "count": 2}], "exclude": [{"class": "airplane", '
+    '"count": 3}], "t2i_prompt": "a photo of three airplanes", "prompt": "Change the number of airplane '
+    'in the image to two.", "image": "generated_images/image_286.jpg", '
+    '"source_images": ["/data/image_286.jpg"]}'
+)
+
+
+@pytest.mark.parametrize("mode", ["strict", "partial"])
+def test_counting_edit_rows_score_the_edited_image_as_flowcps(mode):
+    """FlowCPS scores an edit with the text-to-image GenEval (rewards.py geneval_score: the prompts are
+    dropped, the row's tag/include/exclude judge the edited image): two detected airplanes pass "two", three
+    fail (the source's count, t2i_prompt's "three"), one fails."""
+    row = json.loads(EDIT_ROW)
+    plane = [d("airplane", LEFT), d("airplane", RIGHT), d("airplane", TOP)]
+    meta = [dict(row, detections=plane[:2]), dict(row, detections=plane), dict(row, detections=plane[:1])]
+    r = build_reward("geneval", {"detector": "given", "score": mode})
+    got = r(torch.zeros(3, 3, 8, 8), [row["prompt"]] * 3, meta)
+    # GenEval's partial score: the share of include/exclude rules met (three: the exclude fails; one: the
+    # include fails, the exclude holds)
+    assert got.tolist() == ([1.0, 0.0, 0.0] if mode == "strict" else [1.0, 0.5, 0.5])

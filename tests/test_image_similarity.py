@@ -5,6 +5,8 @@ unreadable image."""
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -179,9 +181,15 @@ def test_a_missing_key_file_or_unreadable_image_is_named(clip_dir, refs):
     with pytest.raises(
         ValueError,
         match=r"prompt row 1 \('the dog'\) has no reference image: its metadata has no "
-        r"'image' \(config key rewards\[\]\.args\.key\).*got metadata keys \['img'\]",
+        r"'source_images' \(an edit row's image\) nor 'image'.*got metadata keys \['img'\]",
     ):
         r(x, ["a cat", "the dog"], [{"image": names[0]}, {"img": names[1]}])
+    with pytest.raises(
+        ValueError,
+        match=r"prompt row 1 \('the dog'\) has no reference image: its metadata has no "
+        r"'image' \(config key rewards\[\]\.args\.key\).*got metadata keys \['img'\]",
+    ):
+        reward(clip_dir, root, key="image")(x, ["a cat", "the dog"], [{"image": names[0]}, {"img": names[1]}])
     with pytest.raises(
         FileNotFoundError,
         match=r"prompt row 0 \('a cat'\): reference image '.*refs/gone\.png' "
@@ -227,3 +235,78 @@ def test_files_declare_the_model_processor_and_image_root():
         ("LocalPath", "/data/edits", "image_root"),
     ]
     assert len(ImageSimilarityReward.files({})) == 2
+
+
+# --- edit rows (issue 29): the source image by default, and the anchors' weighting with GenEval -----------
+
+
+def counting_edit_rows(tmp_path, monkeypatch, n: int) -> tuple[list[str], list[dict]]:
+    """The first ``n`` rows of ``counting_edit:test`` as ``load_prompts`` gives them (the GenEval row, its
+    relative ``image`` and the resolved ``source_images``), their source images written (random JPEGs of
+    another size than the generated one) under a temporary cache."""
+    from fastcps.prompts import load_prompts
+
+    monkeypatch.setenv("FASTCPS_CACHE", str(tmp_path / "cache"))
+    prompts, meta = load_prompts("counting_edit:test")
+    g = np.random.default_rng(5)
+    for m in meta[:n]:
+        path = Path(m["source_images"][0])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(g.integers(0, 256, (90, 70, 3), dtype=np.uint8)).save(path)
+    return prompts[:n], meta[:n]
+
+
+def test_edit_rows_are_scored_against_their_source_image_with_no_key_or_root(clip_dir, tmp_path, monkeypatch):
+    prompts, meta = counting_edit_rows(tmp_path, monkeypatch, 3)
+    x = gen_images(3, True)
+    r = build_reward(
+        "image_similarity", {"model": str(clip_dir / "model"), "processor": str(clip_dir / "processor40")}
+    )
+    got = r(x, prompts, meta)
+    want = anchor_similarity(clip_dir, x, [m["source_images"][0] for m in meta], RES)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # an explicit key wins: the rows' own "image" is relative to the set's image root, not the launch folder
+    with pytest.raises(FileNotFoundError, match=r"metadata key 'image' = 'generated_images/"):
+        reward(clip_dir, tmp_path, key="image")(x, prompts, meta)
+    with pytest.raises(ValueError, match=r"prompt row 1 \(.*\) has no reference image.*'source_images'"):
+        r(x[:2], prompts[:2], [meta[0], {"tag": "counting", "source_images": []}])
+
+
+def test_source_pixels_sent_to_a_service_score_as_the_file(clip_dir, tmp_path, monkeypatch):
+    """What a reward service gets instead of a path (``wire.SOURCE_PIXELS``: the file opened and resized by
+    the client as the anchor does) scores as the file in process, with the path unreadable here."""
+    from fastcps.edit_images import load_image_uint8
+    from fastcps.rewards.service.wire import SOURCE_PIXELS
+
+    prompts, meta = counting_edit_rows(tmp_path, monkeypatch, 2)
+    x = gen_images(2, True)
+    args = {"model": str(clip_dir / "model"), "processor": str(clip_dir / "processor40")}
+    want = build_reward("image_similarity", args)(x, prompts, meta)
+    sent = [
+        {**m, "source_images": ["/elsewhere/src.jpg"], SOURCE_PIXELS: load_image_uint8(src, RES).numpy()}
+        for m, src in zip(meta, [m["source_images"][0] for m in meta])
+    ]
+    r = build_reward("image_similarity", args)
+    assert r.wants_source_images
+    torch.testing.assert_close(r(x, prompts, sent), want, rtol=0, atol=0)
+    assert not build_reward("image_similarity", {**args, "key": "image"}).wants_source_images
+
+
+def test_the_anchors_weighting_of_similarity_and_geneval_on_edit_rows(clip_dir, tmp_path, monkeypatch):
+    """FlowCPS counting_flux_kontext: image_similarity 0.5 + geneval 0.5, on counting_edit rows (GenEval's
+    rules read the rows' tag/include/exclude; detections given): the weighted sum, both components kept."""
+    prompts, meta = counting_edit_rows(tmp_path, monkeypatch, 2)
+    cls = meta[0]["include"][0]["class"]
+    want_n = meta[0]["include"][0]["count"]
+    box = [10, 10, 60, 60]
+    dets = [{"label": cls, "box": box, "score": 0.95, "color": None}] * want_n
+    meta = [{**meta[0], "detections": dets}, {**meta[1], "detections": []}]  # row 0 passes, row 1 not
+    x = gen_images(2, True)
+    clip = {"model": str(clip_dir / "model"), "processor": str(clip_dir / "processor40")}
+    w = WeightedReward([("image_similarity", 0.5, clip), ("geneval", 0.5, {"detector": "given"})])
+    out = w(x, prompts, meta)
+    sim = build_reward("image_similarity", clip)(x, prompts, meta)
+    assert set(out.components) == {"image_similarity", "geneval"}
+    assert out.components["geneval"].tolist() == [1.0, 0.0]
+    torch.testing.assert_close(out.components["image_similarity"], sim, rtol=0, atol=0)
+    torch.testing.assert_close(out.total, 0.5 * sim + 0.5 * torch.tensor([1.0, 0.0]), rtol=0, atol=1e-7)

@@ -921,3 +921,98 @@ def test_flow_grpo_sd3_anchor_counts_cfg_and_the_kl_reference():
     out = anchor_flop_per_image(FLOW_GRPO_SD3, SimpleNamespace(step=step), lambda b: 0.0)
     assert out["rollout"] == 10 * 2 and out["training forward"] == 9 * 2
     assert out["training backward"] == 9 * 2 * 10 and out["KL reference forward"] == 9 * 2
+
+
+# --- FLUX.1 Kontext: the source image's tokens on every call ---------------------------------------------
+
+KONTEXT_CFG = ROOT / "configs" / "kontext_counting.json"
+
+
+def test_flowcps_kontext_anchor_counts_six_rollout_forwards_and_five_trained_steps():
+    """FlowCPS's counting_flux_kontext per image: 6 sampling steps, int(6 x 0.99) = 5 trained steps of
+    forward + backward, batch 3, no CFG, no checkpointing, no KL reference (beta 0)."""
+    from types import SimpleNamespace
+
+    from fastcps.plan.epoch import anchor_flop_per_image
+    from fastcps.policies.plan_facts import FLOWCPS_KONTEXT, KontextPlan
+
+    assert KontextPlan.anchor is FLOWCPS_KONTEXT
+    seen = []
+
+    def step(kind, b):
+        seen.append((kind, b))
+        return SimpleNamespace(forward_flop=b, backward_flop=10 * b)
+
+    out = anchor_flop_per_image(FLOWCPS_KONTEXT, SimpleNamespace(step=step), lambda b: 7.0 * b)
+    assert seen == [("nograd", 3), ("train", 3)]
+    assert out["rollout"] == 6 and out["training forward"] == 5 and out["training backward"] == 50
+    assert "KL reference forward" not in out and out["total"] == 6 + 5 + 50 + 7.0
+
+
+def test_a_kontext_plan_prices_the_source_tokens(tmp_path):
+    """The Kontext recipe on a tiny FluxTransformer2DModel: every call carries the target's and the source
+    image's tokens (2 x 1024 at 512 px), so a forward costs more than FLUX's on the same transformer, text
+    and batch (the attention more than doubles); the anchor is FlowCPS's and is priced on the same inputs;
+    the rollout keeps the target's latent only; FLUX.1-dev's shipped configs serve (the same architecture)."""
+    tiny = tmp_path / "tiny_flux.json"
+    tiny.write_text(json.dumps(TINY_FLUX))
+    common = ["--world-size", "8", "--model-config", str(tiny), "--set", "policy.max_sequence_length=128"]
+    kontext = run_json("--config", str(KONTEXT_CFG), *common)
+    flux = run_json("--config", str(FLUX_CFG), *common)
+    assert kontext["anchor"] == "FlowCPS counting_flux_kontext"
+    assert {k: Path(v).name for k, v in kontext["files"].items()} == {
+        "transformer": "tiny_flux.json",
+        "vae": "flux1_vae.json",
+        "scheduler": "flux1-dev_scheduler.json",
+    }
+    ratio = kontext["forward_flop_per_image"] / flux["forward_flop_per_image"]
+    assert 2.0 < ratio < 4.0, ratio  # linear layers x 2176/1152 tokens, attention x (2176/1152)^2
+    assert kontext["images_per_rank"] == 126 and kontext["optimizer_steps"] == 2
+    assert kontext["anchor_ratio"] == pytest.approx(1.0, abs=1e-9)  # the anchor's calls, priced alike
+
+
+@pytest.mark.slow
+def test_kontext_goals_at_80_and_40_gb():
+    """The Kontext recipe (FlowCPS's counting_flux_kontext: 48 prompts x 21, 6 steps with 5 trained, CPS eta
+    0.9, LoRA r 64 on FLUX's targets + proj_mlp, 1024 target + 1024 source tokens) on 8 GPUs, the real
+    11.9 B-parameter transformer on fake tensors: on an 80 GB H100 (79.1 GiB) at most FlowCPS's training
+    FLOPs, on a 40 GB A100 (39.4 GiB) a fitting choice; each with at least 8 % of the GPU left free of the
+    planned peak (the headroom rule)."""
+    got = {}
+    for gib in (79.1, 39.4):
+        r = run_json("--config", str(KONTEXT_CFG), "--world-size", "8", "--gpu-mem", str(gib))
+        got[gib] = r
+        assert r["fits"] and r["headroom_gib"] >= 0.08 * gib, (gib, r["headroom_gib"], r["candidates"][:3])
+        assert r["micro_batch"] * r["gradient_accumulation_steps"] == 63  # 3 x 21 as configured
+    assert got[79.1]["anchor_ratio"] <= 1.0, got[79.1]["anchor_ratio"]
+
+
+QWEN_EDIT_CFG = ROOT / "configs" / "qwenimage_edit_counting.json"
+
+
+def test_a_qwenimage_edit_plan_prices_the_reference_tokens(tmp_path):
+    """The Qwen-Image-Edit recipe on a tiny QwenImageTransformer2DModel: every call carries the reference's
+    64 x 64 tokens after the target's and the VL text with the reference's 1369 image tokens; FlowCPS's
+    counting_qwenimage_edit_8gpu is the anchor, true CFG doubles the samples."""
+    from fastcps.policies.plan_facts import FLOWCPS_QWENIMAGE_EDIT, QwenImageEditPlan
+
+    assert QwenImageEditPlan.text_tokens(32) == 37 * 37 + 7 + 32
+    inputs = QwenImageEditPlan.inputs(TINY_QWEN, 2, 512, 40, torch.float32)
+    assert inputs["hidden_states"].shape == (2, 32 * 32 + 64 * 64, 64)
+    assert inputs["img_shapes"] == [[(1, 32, 32), (1, 64, 64)]] * 2
+    tiny = tmp_path / "tiny_qwen.json"
+    tiny.write_text(json.dumps(TINY_QWEN))
+    r = run_json("--config", str(QWEN_EDIT_CFG), "--world-size", "8", "--model-config", str(tiny))
+    assert r["anchor"] == FLOWCPS_QWENIMAGE_EDIT.name and QwenImageEditPlan.anchor is FLOWCPS_QWENIMAGE_EDIT
+    assert r["cfg_batch_multiplier"] == 2 and "rollout (nograd, 8 samples)" in r["calls_per_rank"]
+    assert r["images_per_rank"] == 64 and r["optimizer_steps"] == 2
+
+
+@pytest.mark.slow
+def test_qwenimage_edit_fits_80_gb():
+    """configs/qwenimage_edit_counting.json on 8 x 80 GB (79.1 GiB), the real 20.4 B-parameter transformer
+    on fake tensors with the reference tokens: a fitting choice with >= 8 % headroom, at most the anchor's
+    FLOPs."""
+    r = run_json("--config", str(QWEN_EDIT_CFG), "--world-size", "8", "--gpu-mem", "79.1")
+    assert r["fits"] and r["headroom_gib"] >= 0.08 * 79.1, (r["headroom_gib"], r["candidates"][:3])
+    assert r["anchor"] == "FlowCPS counting_qwenimage_edit_8gpu" and r["anchor_ratio"] <= 1.0

@@ -330,7 +330,7 @@ def test_qwenimage_recipe_at_full_size_on_fake_cuda(tiny):
     pool = load_prompts(cfg.prompts.source)
     chosen = [pool[0][i] for i in epoch_slots(cfg, 0, len(pool[0]), 0, 1)[0]]
     length_of = dict(zip(chosen, (40, 25)))
-    policy.encode = lambda prompts: states(len(prompts), length_of[prompts[0]])
+    policy.encode = lambda prompts, metadata=None: states(len(prompts), length_of[prompts[0]])
     encodings = PromptEncodings(policy)
     with mode:
         policy._negative = states(1, 6)  # " " after the template

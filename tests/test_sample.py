@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from multi_run import child_env  # noqa: E402
 from test_trainer import CONFIG, ROOT, sets  # noqa: E402
 
@@ -263,6 +264,8 @@ def write(path: Path, text: str) -> Path:
         "missing --out",
         "not png",
         "cpws steps",
+        "image for a text model",
+        "edit rows for a text model",
     ],
 )
 def test_bad_input_exits_2_naming_the_argument(case, toy_run, tmp_path, capsys):
@@ -293,6 +296,15 @@ def test_bad_input_exits_2_naming_the_argument(case, toy_run, tmp_path, capsys):
         argv, want = ["--run", str(tmp_path / "r")] + out, "Give --prompts FILE or --prompt TEXT"
     elif case == "lora weights":  # a LoRA export in a full fine-tuning run
         argv, want = ["--run", str(fake_run(tmp_path, lora={"r": 2, "alpha": 2})[0])] + out, "(policy.lora)"
+    elif case == "image for a text model":
+        img = tmp_path / "src.png"
+        Image.new("RGB", (8, 8)).save(img)
+        argv = ["--run", run, "--prompt", "the number 1", "--image", str(img)] + out
+        want = "--image: the run's policy (toy) generates from text alone"
+    elif case == "edit rows for a text model":
+        Image.new("RGB", (8, 8)).save(tmp_path / "src.png")
+        rows = write(tmp_path / "e.jsonl", '{"prompt": "the number 1", "image": "src.png"}\n')
+        argv, want = ["--run", run, "--prompts", str(rows)] + out, "row 1 ('the number 1') is an edit row"
     elif case == "missing --out":
         argv, want = ["--run", run], "the following arguments are required: --out"
     elif case == "not png":
@@ -385,3 +397,28 @@ def test_stock_pipeline_with_the_exported_lora_gives_the_trained_images(name, tm
         stock = pipe([prompt] * 2, **kw).images.float()
     same_levels(c.images["trained"][0], stock)
     assert (c.images["trained"] - c.images["base"]).abs().max() > 1e-3  # the adapters change the images
+
+
+def test_an_edit_grid_shows_each_source_beside_its_base_and_trained_edits(tmp_path):
+    """An editing run's outputs: each prompt's source image saved as the policy read it and drawn left of the
+    base and trained rows (the grid is wider by a column), its file named in the JSON."""
+    from fastcps.sample.comparison import Comparison
+    from fastcps.sample.outputs import write_outputs
+
+    gen = torch.Generator().manual_seed(0)
+    levels = lambda *shape: torch.randint(0, 256, shape, generator=gen).float() / 255  # noqa: E731
+    images = {w: levels(2, 3, 3, 32, 32) for w in ("base", "trained")}
+    total = {w: torch.rand(2, 3, generator=gen) for w in images}
+    comps = {w: {"geneval": total[w]} for w in images}
+    info = dict(run="r", checkpoint="final", sampler="ode", steps=4, seed=0)
+    plain = write_outputs(
+        Comparison(["a", "b"], images, total, comps), tmp_path / "t2i.png", info, {"geneval": 1}
+    )
+    sources = [levels(1, 3, 32, 32), levels(1, 3, 32, 32)]
+    edit = Comparison(["a", "b"], images, total, comps, sources)
+    summary = write_outputs(edit, tmp_path / "edit.png", info, {"geneval": 1})
+    assert "source_images" not in plain
+    for p, (files,) in enumerate(summary["source_images"]):
+        saved = torch.from_numpy(np.asarray(Image.open(files))).permute(2, 0, 1).float() / 255
+        torch.testing.assert_close(saved, sources[p][0], atol=0, rtol=0)
+    assert Image.open(tmp_path / "edit.png").width > Image.open(tmp_path / "t2i.png").width

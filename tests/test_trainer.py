@@ -465,7 +465,9 @@ def test_eval_encodes_its_prompts_before_it_gathers_the_model(monkeypatch):
             events.append("release")
 
     real_encode = policy.encode
-    monkeypatch.setattr(policy, "encode", lambda prompts: events.append("encode") or real_encode(prompts))
+    monkeypatch.setattr(
+        policy, "encode", lambda prompts, meta=None: events.append("encode") or real_encode(prompts, meta)
+    )
     t = eval_trainer(policy, ["whole_model_sampling=true", "train.rollout_batch_size=4"])
     t.engine = Recorded(policy.transformer)
     t.evaluate(0)

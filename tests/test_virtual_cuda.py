@@ -319,7 +319,7 @@ def test_flux_dev_recipe_at_full_size_on_fake_cuda(tiny):
     fake_policy(policy, mode, CUDA)
     L = cfg.policy.max_sequence_length
 
-    def encode(prompts):  # T5-XXL and CLIP-L shapes (the tiny pipeline's encoders are 32 wide)
+    def encode(prompts, metadata=None):  # T5-XXL and CLIP-L shapes (the tiny pipeline's encoders are 32 wide)
         return {
             "encoder_hidden_states": torch.zeros(len(prompts), L, 4096, dtype=torch.bfloat16, device=CUDA),
             "pooled_projections": torch.zeros(len(prompts), 768, dtype=torch.bfloat16, device=CUDA),
@@ -369,7 +369,9 @@ def test_sd35_large_recipe_at_full_size_on_fake_cuda(tiny):
     fake_policy(policy, mode, CUDA)
     L = 77 + cfg.policy.max_sequence_length  # CLIP-L/G's 77 tokens, then T5-XXL's
 
-    def encode(prompts):  # CLIP-L + CLIP-G (pooled 2048) and T5-XXL (4096) shapes; the tiny ones are narrow
+    def encode(
+        prompts, metadata=None
+    ):  # CLIP-L + CLIP-G (pooled 2048) and T5-XXL (4096) shapes; the tiny ones are narrow
         cond = {
             "encoder_hidden_states": torch.zeros(len(prompts), L, 4096, dtype=torch.bfloat16, device=CUDA),
             "pooled_projections": torch.zeros(len(prompts), 2048, dtype=torch.bfloat16, device=CUDA),
@@ -401,7 +403,7 @@ def test_prompt_encodings_keep_their_cache_in_host_memory():
     over."""
 
     class Encoder:
-        def encode(self, prompts):
+        def encode(self, prompts, metadata=None):
             return {"states": torch.zeros(len(prompts), 3, 8, dtype=torch.bfloat16, device=CUDA)}
 
     with FakeTensorMode(allow_non_fake_inputs=True):

@@ -64,9 +64,10 @@ class LoraConfig(BaseModel):
 class PolicyConfig(BaseModel):
     model_config = SECTION
 
-    name: Literal["toy", "flux", "sd3", "qwenimage"] = "toy"
+    name: Literal["toy", "flux", "sd3", "qwenimage", "kontext", "qwenimage_edit"] = "toy"
     """Policy adapter: `toy` (16x16 digits, CPU), `flux` (FLUX.1-dev/schnell), `sd3` (SD3.5), `qwenimage`
-    (Qwen-Image)."""
+    (Qwen-Image); editing (prompt rows with a source "image"): `kontext` (FLUX.1 Kontext [dev]),
+    `qwenimage_edit` (Qwen-Image-Edit)."""
     pretrained: str = ""
     """Local path or hub id of the weights; empty = the shipped toy base (toy only)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -74,7 +75,8 @@ class PolicyConfig(BaseModel):
     resolution: int = 16
     """Image side in pixels."""
     guidance: float | None = None
-    """Distilled guidance scale fed through FLUX.1-dev's embedding (3.5); None for models without it."""
+    """Distilled guidance scale fed through FLUX.1's embedding; None = the model's default (FLUX.1-dev 3.5,
+    FLUX.1 Kontext 2.5) or none for models without it."""
     cfg_scale: float | None = None
     """True classifier-free guidance scale (SD3.5, Qwen-Image); None = off."""
     lora: LoraConfig | None = None
@@ -210,8 +212,10 @@ class PromptConfig(BaseModel):
 
     source: str = "digits"
     """Training prompts: `digits` (the toy's prompts), a named set (`pickscore:train`, `pickscore:test`,
-    `ocr:train`, `ocr:test`, `geneval:train`, `geneval:test`, `hpd:train`: configs/prompts/README.md), or a
-    .txt file (one prompt per line) or .jsonl file ({"prompt": ..., "metadata": {...}} per line)."""
+    `ocr:train`, `ocr:test`, `geneval:train`, `geneval:test`, `hpd:train`, `counting_edit:train`,
+    `counting_edit:test`: configs/prompts/README.md), or a .txt file (one prompt per line) or .jsonl file
+    ({"prompt": ..., "metadata": {...}} per line; an "image", a path relative to the file or a URL, or a
+    list of them, makes the row an edit row: the prompt is the instruction, the image what to edit)."""
     eval_source: str | None = None
     """Prompts of the fixed eval set (`eval.num_prompts` of them, spread evenly), given as `source` is;
     keep them out of the training prompts (a held-out test split). None = drawn from `source`: a warning

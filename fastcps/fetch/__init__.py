@@ -7,10 +7,18 @@ calls ``ensure_local(cfg)`` before it loads anything (``fastcps.fetch.ensure``).
 
 Policies and rewards declare their files next to their arguments: ``DiffusersPolicy.files(policy_cfg)``,
 ``RewardClass.files(args)`` returning ``fastcps.fetch.items`` (hub repos with the files they need, local
-paths, prompt sets, models a library downloads itself)."""
+paths, prompt sets, the source images of edit rows, models a library downloads itself)."""
 
 from fastcps.fetch.ensure import ensure_local
-from fastcps.fetch.items import EngineModels, HubRepo, LocalPath, PromptSetFile
+from fastcps.fetch.items import EditImages, EngineModels, HubRepo, LocalPath, PromptSetFile
 from fastcps.fetch.needs import config_items
 
-__all__ = ["EngineModels", "HubRepo", "LocalPath", "PromptSetFile", "config_items", "ensure_local"]
+__all__ = [
+    "EditImages",
+    "EngineModels",
+    "HubRepo",
+    "LocalPath",
+    "PromptSetFile",
+    "config_items",
+    "ensure_local",
+]

@@ -2,7 +2,8 @@
 config needs into this machine's caches and say what and how large (per item and in total).
 
 ``--prompt-set NAME`` (repeatable) fetches named prompt sets without a config. ``--dry-run`` lists
-without downloading (sizes from the hub's metadata when online, "unknown" offline). Exit 0 when
+without downloading (sizes from the hub's metadata when online, "unknown" offline). The source images of
+edit rows are listed too: URL ones downloaded, then every one checked to exist and decode. Exit 0 when
 everything is here, 2 on a config error or a failed download (the item, its config key and why)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 
 from fastcps.fetch import core, hub
-from fastcps.fetch.items import HubRepo, PromptSetFile
+from fastcps.fetch.items import EditImages, HubRepo, PromptSetFile
 
 
 def parse_args(argv=None):
@@ -87,10 +88,10 @@ def main(argv=None) -> int:
     print(table(rows), flush=True)
     for row in rows:
         if row.state == core.MISSING:
-            failed.append(f"{row.item.what} {row.item.label!r}: {row.detail}")
+            failed.append(_missing(row))
         elif args.dry_run or row.state not in (core.DOWNLOAD, core.ON_BUILD):
             continue
-        elif not online and isinstance(row.item, (HubRepo, PromptSetFile)):
+        elif not online and isinstance(row.item, (HubRepo, PromptSetFile, EditImages)):
             failed.append(f"{row.item.label} (config key `{row.item.key}`): not here and HF_HUB_OFFLINE=1")
         else:
             print(f"[fastcps] fetching {row.item.label} ({hub.human(row.size)}) ...", flush=True)
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
                 core.get(row)
             except FileNotFoundError as err:
                 failed.append(str(err))
+    if not failed and not args.dry_run:
+        failed += _unreadable_images(rows)
     if failed:
         print("[fastcps] fetch failed:\n" + "\n".join(f"  - {f}" for f in failed), file=sys.stderr)
         return 2
@@ -109,6 +112,32 @@ def main(argv=None) -> int:
             flush=True,
         )
     return 0
+
+
+def _missing(row: core.Row) -> str:
+    if isinstance(row.item, EditImages):  # every missing image by row and line, with the fix
+        from fastcps.edit_images import check_edit_images
+
+        try:
+            check_edit_images(row.item.source, row.item.key)
+        except FileNotFoundError as err:
+            return str(err)
+    return f"{row.item.what} {row.item.label!r}: {row.detail}"
+
+
+def _unreadable_images(rows: list[core.Row]) -> list[str]:
+    """Every edit image here decodes (a download, or a file the config names): the errors of those that
+    do not, as the trainer's start-up check would give them."""
+    from fastcps.edit_images import check_edit_images
+
+    out = []
+    for row in rows:
+        if isinstance(row.item, EditImages):
+            try:
+                check_edit_images(row.item.source, row.item.key)
+            except FileNotFoundError as err:
+                out.append(str(err))
+    return out
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastcps import prompt_sets
 from fastcps.fetch import hub
-from fastcps.fetch.items import EngineModels, HubRepo, Item, LocalPath, PromptSetFile
+from fastcps.fetch.items import EditImages, EngineModels, HubRepo, Item, LocalPath, PromptSetFile
 
 # states
 CACHED, SHIPPED, LOCAL, DOWNLOAD, MISSING, ON_BUILD = (
@@ -60,6 +60,8 @@ def survey(item: Item, online: bool) -> Row:
             " (the cached copy has a wrong checksum: replaced)" if prompt_sets.local_path(s).exists() else ""
         )
         return Row(item, DOWNLOAD, size, detail=prompt_sets.url(s) + bad)
+    if isinstance(item, EditImages):
+        return _survey_images(item)
     if isinstance(item, EngineModels):
         return Row(item, ON_BUILD, None, detail=item.where)
     lost = hub.missing_locally(item)
@@ -84,6 +86,32 @@ def survey(item: Item, online: bool) -> Row:
     )
 
 
+def _survey_images(item: EditImages) -> Row:
+    """MISSING (naming the files and their lines) when a local image is not here, DOWNLOAD when only URL
+    images are missing, else LOCAL with their size. No decoding: ``check_edit_images`` does that."""
+    from fastcps import edit_images
+
+    try:
+        lost, refs = edit_images.missing_images(item.source, item.key)
+    except FileNotFoundError as err:  # its prompt set is not downloaded yet: listed once it is
+        return Row(item, DOWNLOAD, None, detail=f"listed once its prompt file is here ({err})")
+    images = list(dict.fromkeys(ref for _, _, ref in refs))
+    files = [p for p in lost if not edit_images.is_url(p[2])]
+    if files:  # the whole report (rows, lines, fix): check_edit_images, which the callers run
+        row, line, ref, _ = files[0]
+        n = len({p[2] for p in files})
+        return Row(
+            item,
+            MISSING,
+            detail=f"{n} of {len(images)} images do not exist (row {row}, line {line}: {ref}, ...)",
+        )
+    if lost:
+        n = len({p[2] for p in lost})
+        return Row(item, DOWNLOAD, None, detail=f"{n} of {len(images)} images to download (URL rows)")
+    size = sum(edit_images.local_file(r).stat().st_size for r in images)
+    return Row(item, LOCAL, size, detail=f"{len(images)} images, {len({r for r, _, _ in refs})} rows")
+
+
 def _remote_size(url: str) -> int | None:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30) as resp:
@@ -99,6 +127,13 @@ def get(row: Row) -> None:
     item = row.item
     if isinstance(item, PromptSetFile):
         prompt_sets.download(prompt_sets.get(item.name, item.key))
+    elif isinstance(item, EditImages):
+        from fastcps import edit_images
+
+        for _, _, ref, _ in edit_images.missing_images(item.source, item.key)[0]:
+            # a URL several rows name is listed once per row: downloaded once
+            if edit_images.is_url(ref) and not edit_images.local_file(ref).is_file():
+                edit_images.download(ref)
     elif isinstance(item, EngineModels):
         try:
             item.build()

@@ -11,6 +11,9 @@ every rank makes sure its node holds every file the config needs.
   prompt sets are written atomically). A shared network HF_HOME is best filled once beforehand with
   ``python -m fastcps.fetch`` (file locks over NFS are not reliable).
 - A local path that does not exist: FileNotFoundError, online or not.
+- The source images of edit rows (``fastcps.edit_images``): URL ones are downloaded as above; then every
+  image must exist and decode (``check_edit_images``), else FileNotFoundError naming the images, their
+  rows and lines, the config key and the fix, online or not.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import logging
 
 from fastcps.fetch import core, hub
-from fastcps.fetch.items import EngineModels, LocalPath
+from fastcps.fetch.items import EditImages, EngineModels, LocalPath
 from fastcps.fetch.needs import config_items
 
 log = logging.getLogger(__name__)
@@ -31,12 +34,24 @@ def _line(row: core.Row) -> str:
 
 def ensure_local(cfg, *, policy: bool = True) -> None:
     """See the module doc. ``policy``: False when the caller brings its own policy object."""
+    from fastcps.edit_images import check_edit_images
+
     rows = [core.survey(it, online=False) for it in config_items(cfg, policy=policy)]
+    for r in rows:  # its own error: every missing image by row and line, with the fix
+        if isinstance(r.item, EditImages) and r.state == core.MISSING:
+            check_edit_images(r.item.source, r.item.key)
     absent = [r for r in rows if isinstance(r.item, LocalPath) and r.state == core.MISSING]
     if absent:
         raise FileNotFoundError(
             "the config names files that do not exist here:\n" + "\n".join(_line(r) for r in absent)
         )
+    _get_lacking(rows)
+    for r in rows:  # after the downloads: URL images too
+        if isinstance(r.item, EditImages):
+            check_edit_images(r.item.source, r.item.key)
+
+
+def _get_lacking(rows: list[core.Row]) -> None:
     lacking = [r for r in rows if r.state == core.DOWNLOAD and not isinstance(r.item, EngineModels)]
     if not lacking:
         return

@@ -61,6 +61,20 @@ class PromptSetFile:
 
 
 @dataclass(frozen=True)
+class EditImages:
+    """The source images of a prompt source's edit rows (``fastcps.edit_images``): local files that must
+    exist and decode, and URLs downloaded into fastcps's cache."""
+
+    source: str  # the prompt source: a .jsonl file or a named edit set
+    key: str
+    what: str = "edit source images"
+
+    @property
+    def label(self) -> str:
+        return self.source
+
+
+@dataclass(frozen=True)
 class EngineModels:
     """Models a library downloads itself, to its own cache, on first use (PaddleOCR): fetched by building
     the engine once; their size is not known in advance."""
@@ -75,7 +89,7 @@ class EngineModels:
         return self.where
 
 
-Item = HubRepo | LocalPath | PromptSetFile | EngineModels
+Item = HubRepo | LocalPath | PromptSetFile | EditImages | EngineModels
 
 
 def with_key_prefix(items: list[Item], prefix: str) -> list[Item]:

@@ -1,12 +1,13 @@
 """Every file a run config needs, as ``fastcps.fetch.items``: the policy's (``policy.pretrained``), each
-reward's (its class's ``files(args)``), the prompt sets (``prompts.source`` / ``prompts.eval_source``)."""
+reward's (its class's ``files(args)``), the prompt sets (``prompts.source`` / ``prompts.eval_source``) and
+the source images of their edit rows."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
 
-from fastcps.fetch.items import Item, LocalPath, PromptSetFile, with_key_prefix
+from fastcps.fetch.items import EditImages, Item, LocalPath, PromptSetFile, with_key_prefix
 
 
 def policy_items(policy_cfg) -> list[Item]:
@@ -39,6 +40,7 @@ def reward_items(index: int, reward_cfg) -> list[Item]:
 
 def prompt_items(prompts_cfg) -> list[Item]:
     from fastcps import prompt_sets
+    from fastcps.edit_images import declares_images
 
     out: list[Item] = []
     for key in ("source", "eval_source"):
@@ -49,6 +51,8 @@ def prompt_items(prompts_cfg) -> list[Item]:
             out.append(PromptSetFile(value, f"prompts.{key}"))
         else:
             out.append(LocalPath(value, f"prompts.{key}", "prompt file"))
+        if declares_images(value):  # after its prompt file: a named set downloads before its images
+            out.append(EditImages(value, f"prompts.{key}"))
     return out
 
 

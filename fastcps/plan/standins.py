@@ -92,7 +92,7 @@ class CountingPolicy:
     def sigmas(self, num_steps: int, device=None) -> torch.Tensor:
         return torch.as_tensor(self._sigmas(num_steps), dtype=torch.float32)
 
-    def encode(self, prompts: list[str]):
+    def encode(self, prompts: list[str], metadata=None):
         if self.engine is not None:
             self.encodes[(self.engine.phase, self.engine._whole)] += len(prompts)
         return {"prompt": torch.zeros(len(prompts), 1)}

@@ -21,9 +21,15 @@ class Policy(abc.ABC):
     #: the module DeepSpeed wraps and trains (LoRA-wrapped or full)
     transformer: torch.nn.Module
 
+    #: an editing policy conditions on each prompt's source image(s) (``metadata[i]["source_images"]``,
+    #: ``fastcps.edit_images``) as well as its instruction; a text-to-image policy reads the text only
+    editing: bool = False
+
     @abc.abstractmethod
-    def encode(self, prompts: list[str]) -> Cond:
-        """Conditioning for each prompt (no grad). The trainer caches it per prompt."""
+    def encode(self, prompts: list[str], metadata: list[dict] | None = None) -> Cond:
+        """Conditioning for each prompt (no grad). The trainer caches it per ``encoding_key``. ``metadata``
+        (one dict per prompt: the prompt rows' metadata) is what an editing policy reads its source images
+        from; a text-to-image policy ignores it."""
 
     @abc.abstractmethod
     def latent_shape(self) -> tuple[int, ...]:
@@ -101,9 +107,13 @@ class Policy(abc.ABC):
         cond = expand_cond(cond, b)
         return sigma, cond["encoder_hidden_states"], cond["pooled_projections"]
 
-    def encoding_key(self, prompt: str):
+    def encoding_key(self, prompt: str, meta: dict | None = None):
         """What the prompt cache keys an encoding on: what the encoder reads (the prompt; an editing
-        policy's (image, instruction))."""
+        policy's instruction with its source images: ``fastcps.prompts.prompt_identity``)."""
+        if self.editing:
+            from fastcps.prompts import prompt_identity
+
+            return prompt_identity(prompt, meta)
         return prompt
 
     def text_token_counts(self, prompts: list[str]) -> list[int] | None:

@@ -33,6 +33,11 @@ FLUX_LORA_TARGETS = (
     "ff_context.net.2",
 )
 
+#: FlowCPS's FLUX.1 Kontext targets, verbatim (IamCreateAI/FlowCPS scripts/train_flux_kontext.py,
+#: ``target_modules``): flow_grpo's FLUX list plus ``proj_mlp``, the single blocks' feed-forward input (their
+#: MLP's first linear; its output half is ``proj_out``, which stays frozen)
+KONTEXT_LORA_TARGETS = FLUX_LORA_TARGETS + ("proj_mlp",)
+
 #: flow_grpo's SD3.5 targets, verbatim (yifan123/flow_grpo scripts/train_sd3.py, ``target_modules``): the
 #: joint attention's projections of every block (``attn.*``; the last block, ``context_pre_only``, has no
 #: ``attn.to_add_out``), no feed-forward, and not the second self-attention ``attn2`` of SD3.5-Medium's
@@ -77,6 +82,7 @@ class Family:
     lora_targets: tuple[str, ...]  # the modules LoRA adapts when ``policy.lora.target_modules`` is empty
     example: str  # a ``policy.pretrained`` that loads (a hub id)
     plan: str | None = None  # "module:Class" of its ``plan_facts.FamilyPlan`` (None: the plan refuses it)
+    editing: bool = False  # edits source images (prompt rows with "image"), not text-to-image
 
     def policy_class(self):
         module, cls = self.policy.split(":")
@@ -133,6 +139,24 @@ FAMILIES: dict[str, Family] = registry(
         QWENIMAGE_LORA_TARGETS,
         "Qwen/Qwen-Image",
         "fastcps.policies.plan_facts:QwenImagePlan",
+    ),
+    Family(
+        "kontext",
+        "fastcps.policies.kontext:FluxKontextPolicy",
+        "FluxTransformer2DModel",
+        KONTEXT_LORA_TARGETS,
+        "black-forest-labs/FLUX.1-Kontext-dev",
+        "fastcps.policies.plan_facts:KontextPlan",
+        editing=True,
+    ),
+    Family(  # Qwen-Image's transformer: FlowCPS's train_qwenimage_edit.py adapts the same modules
+        "qwenimage_edit",
+        "fastcps.policies.qwenimage_edit:QwenImageEditPolicy",
+        "QwenImageTransformer2DModel",
+        QWENIMAGE_LORA_TARGETS,
+        "Qwen/Qwen-Image-Edit",
+        "fastcps.policies.plan_facts:QwenImageEditPlan",
+        editing=True,
     ),
 )
 

@@ -318,7 +318,7 @@ class FluxPolicy(DiffusersPolicy):
 
     # --- Policy interface -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Cond:
+    def encode(self, prompts: list[str], metadata: list[dict] | None = None) -> Cond:
         with self._encoders_on_device():
             embeds, pooled, _ = self.pipe.encode_prompt(
                 prompt=list(prompts),
@@ -351,8 +351,9 @@ class FluxPolicy(DiffusersPolicy):
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((b,), self.guidance, device=dev, dtype=torch.float32)
+        tokens, img_ids = self._image_tokens(latents.to(dtype), cond)
         out = model(
-            hidden_states=latents.to(dtype),
+            hidden_states=tokens,
             # FluxPipeline: t = 1000·σ cast to the latents' dtype, then t / 1000 (the transformer multiplies
             # by 1000 itself): in bf16 the embedding sees bf16(bf16(1000·σ) / 1000) · 1000, not 1000·σ
             timestep=(sigma * 1000.0).to(dtype) / 1000,
@@ -360,10 +361,16 @@ class FluxPolicy(DiffusersPolicy):
             pooled_projections=pooled.to(dev, dtype),
             encoder_hidden_states=hidden.to(dev, dtype),
             txt_ids=self.txt_ids[: hidden.shape[1]].to(dev),
-            img_ids=self.img_ids.to(dev),
+            img_ids=img_ids.to(dev),
             return_dict=False,
         )[0]
-        return out.float()
+        # the target's tokens come first; an editing subclass's reference tokens after them are dropped
+        return out[:, : latents.shape[1]].float()
+
+    def _image_tokens(self, latents: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the transformer's image tokens, their RoPE ids): FLUX's are the target's alone; FLUX.1 Kontext
+        appends the source image's (``fastcps.policies.kontext``)."""
+        return latents, self.img_ids
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

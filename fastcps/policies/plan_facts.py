@@ -78,6 +78,23 @@ FLOWCPS_QWENIMAGE = Anchor(
     checkpointing=True,
 )
 
+#: FlowCPS's FLUX.1 Kontext recipe as its code runs it (IamCreateAI/FlowCPS config/grpo.py
+#: ``counting_flux_kontext``: 6 sampling steps, guidance_scale 2.5 embedded, 512 px, train_batch_size 3, 21
+#: images per prompt, 48 prompts per epoch (num_batches_per_epoch = 48 / (28 GPUs x 3 / 21) = 12 on its 28
+#: GPUs), timestep_fraction 0.99 = int(6 x 0.99) = 5 trained steps, noise_level 0.9 on every step, beta 0;
+#: scripts/train_flux_kontext.py: T5 prompts of max_sequence_length=128, LoRA r 64 / alpha 128 on FLUX's
+#: targets plus proj_mlp, old log-probs from the sampling, no gradient checkpointing). Every call carries the
+#: source image's tokens after the target's (2 x 1024 image tokens at 512 px): ``KontextPlan.inputs``, so
+#: the anchor is priced on the same inputs. Per image: 6 rollout forwards, 5 trained forward + backward.
+FLOWCPS_KONTEXT = Anchor(
+    "FlowCPS counting_flux_kontext",
+    "IamCreateAI/FlowCPS config/grpo.py",
+    rollout_forwards=6,
+    trained_steps=5,
+    batch=3,
+    text_tokens=128,
+)
+
 
 class FamilyPlan:
     """The plan's facts of a family (class attributes and static hooks; no instances)."""
@@ -213,3 +230,80 @@ class QwenImagePlan(FamilyPlan):
 
         side = resolution // 2 ** (len(config["dim_mult"]) - 1)
         return torch.randn(batch, config["z_dim"], 1, side, side, dtype=dtype)  # one frame
+
+
+class KontextPlan(FluxPlan):
+    """FLUX.1 Kontext [dev]: FLUX.1-dev's transformer, VAE, text encoders and scheduler (the same
+    architecture and configs: configs/models/flux1-dev_*.json), every call on the target's image tokens
+    and the source image's after them (``fastcps.policies.kontext``: the source at the run's resolution, so
+    twice the image tokens), FlowCPS's recipe as the anchor. The latent the rollout keeps is the target's
+    alone; the source's latents are conditioning (one per prompt, in the prompt cache)."""
+
+    model_configs = (("", "flux1-dev"),)
+    anchor = FLOWCPS_KONTEXT
+
+    @staticmethod
+    def inputs(config: dict, batch: int, resolution: int, text_tokens: int, dtype) -> dict:
+        import torch
+
+        kw = FluxPlan.inputs(config, batch, resolution, text_tokens, dtype)
+        image = kw["hidden_states"].shape[1]
+        kw["hidden_states"] = torch.randn(batch, 2 * image, config["in_channels"], dtype=dtype)
+        kw["img_ids"] = torch.zeros(2 * image, 3)
+        return kw
+
+
+#: FlowCPS's Qwen-Image-Edit recipe as its code runs it (IamCreateAI/FlowCPS config/grpo.py
+#: ``counting_qwenimage_edit_8gpu``: 10 sampling steps, guidance_scale 4 as true CFG, train_batch_size 4,
+#: 16 images per prompt, 32 prompts per epoch on 8 GPUs, noise_level 1.8, sde_window_size 2 in (0, 5),
+#: beta 0, activation_checkpointing, geneval 1.0; scripts/train_qwenimage_edit.py). The same loop as
+#: pickscore_qwenimage_8gpu: per image 10 rollout steps of cond + uncond, 2 trained steps of one 2B forward
+#: and its checkpointed backward, old log-probs from the sampling. Every call carries the reference's tokens
+#: after the target's and the VL text with the image tokens: the plan prices both at the run's sizes.
+FLOWCPS_QWENIMAGE_EDIT = Anchor(
+    "FlowCPS counting_qwenimage_edit_8gpu",
+    "IamCreateAI/FlowCPS config/grpo.py",
+    rollout_forwards=10,
+    trained_steps=2,
+    batch=4,
+    cfg=2,
+    checkpointing=True,
+)
+
+#: QwenImageEditPipeline's reference: calculate_dimensions(1024 * 1024, 1) = 1024 px for a square source,
+#: 8x VAE, 2x2 patches: 64 x 64 tokens after the target's
+EDIT_REFERENCE_SIDE = 1024 // 16
+#: Qwen2.5-VL's image tokens of the 1024 px reference: Qwen2VLImageProcessor's smart_resize rounds 1024 to
+#: 1036 (a multiple of 28 = 14-px patches x 2x2 merge), 37 x 37 merged patches
+EDIT_IMAGE_TOKENS = 37 * 37
+#: the kept template around them: <|vision_start|>, <|vision_end|> and, after the instruction, <|im_end|>,
+#: a newline, <|im_start|>, "assistant" and a newline (the 64 dropped tokens are the system turn before)
+EDIT_TEMPLATE_TOKENS = 2 + 5
+
+
+class QwenImageEditPlan(QwenImagePlan):
+    """Qwen-Image-Edit: Qwen-Image's transformer, VAE and text encoder; each call carries the reference
+    image's 4096 tokens after the target's, and the VL text holds the reference's 1369 image tokens.
+
+    Text tokens: the image tokens, the kept template and ``policy.max_sequence_length`` as the bound of the
+    instruction's tokens (the edit pipeline cuts nothing; counting_edit's instructions are ~12 tokens)."""
+
+    anchor = FLOWCPS_QWENIMAGE_EDIT
+
+    @staticmethod
+    def text_tokens(max_sequence_length: int) -> int:
+        return EDIT_IMAGE_TOKENS + EDIT_TEMPLATE_TOKENS + max_sequence_length
+
+    @staticmethod
+    def inputs(config: dict, batch: int, resolution: int, text_tokens: int, dtype) -> dict:
+        import torch
+
+        side, ref = resolution // 16, EDIT_REFERENCE_SIDE
+        tokens = side * side + ref * ref  # [target; reference]
+        return dict(
+            hidden_states=torch.randn(batch, tokens, config["in_channels"], dtype=dtype),
+            encoder_hidden_states=torch.randn(batch, text_tokens, config["joint_attention_dim"], dtype=dtype),
+            timestep=torch.full((batch,), 0.5, dtype=dtype),
+            img_shapes=[[(1, side, side), (1, ref, ref)]] * batch,
+            return_dict=False,
+        )

@@ -54,7 +54,6 @@ class QwenImagePolicy(DiffusersPolicy):
         from diffusers import (
             AutoencoderKLQwenImage,
             FlowMatchEulerDiscreteScheduler,
-            QwenImagePipeline,
             QwenImageTransformer2DModel,
         )
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
@@ -68,12 +67,12 @@ class QwenImagePolicy(DiffusersPolicy):
                 "policy.cfg_scale for true classifier-free guidance (FlowCPS's recipe: 4)"
             )
         self.cfg_scale = None if cfg.cfg_scale is None or cfg.cfg_scale <= 1.0 else float(cfg.cfg_scale)
-        self.pipe = QwenImagePipeline(
+        self.pipe = self._pipeline(  # ours trains under DeepSpeed; the pipeline only encodes prompts
             scheduler=load_component(FlowMatchEulerDiscreteScheduler, self.path, "scheduler"),
             vae=self.vae,
             text_encoder=self._frozen_text_encoder(Qwen2_5_VLForConditionalGeneration, "text_encoder"),
             tokenizer=load_component(Qwen2Tokenizer, self.path, "tokenizer"),
-            transformer=None,  # ours trains under DeepSpeed; the pipeline only encodes prompts
+            transformer=None,
         )
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.max_sequence_length = int(cfg.max_sequence_length)
@@ -88,6 +87,13 @@ class QwenImagePolicy(DiffusersPolicy):
         self.img_shape = (1, lat // 2, lat // 2)  # (frames, rows, cols) of the packed image for the RoPE
         self._negative: Cond | None = None
         self._sigma_cache: dict[int, torch.Tensor] = {}
+
+    def _pipeline(self, **components):
+        """The diffusers pipeline whose ``encode_prompt`` the policy calls (the edit policy's adds the
+        ``processor``)."""
+        from diffusers import QwenImagePipeline
+
+        return QwenImagePipeline(**components)
 
     # --- the VAE: a video VAE with per-channel statistics -------------------------------------------
     def _vae_scale_factor(self) -> int:
@@ -114,7 +120,7 @@ class QwenImagePolicy(DiffusersPolicy):
         return {"encoder_hidden_states": embeds.to(self.dtype), MASK: mask.to(torch.long)}
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Cond:
+    def encode(self, prompts: list[str], metadata: list[dict] | None = None) -> Cond:
         if self.cfg_scale is not None and self._negative is None:  # " " once, kept on the policy
             self._negative = self._encode([self.negative_prompt])
         return self._encode(prompts)
@@ -146,10 +152,7 @@ class QwenImagePolicy(DiffusersPolicy):
         mask = None if mask is None else mask.to(dev)
         if self.cfg_scale is None:
             return hidden, mask
-        if self._negative is None:
-            raise RuntimeError("QwenImagePolicy.encode must run before velocity when policy.cfg_scale is set")
-        neg_h = self._negative["encoder_hidden_states"].to(dev, self.dtype).expand(b, -1, -1)
-        neg_m = self._negative[MASK].to(dev).expand(b, -1)
+        neg_h, neg_m = self._negative_batch(cond, b, dev)
         length = max(hidden.shape[1], neg_h.shape[1])
         if mask is None and hidden.shape[1] == neg_h.shape[1]:
             return torch.cat([hidden, neg_h]), None  # no padding anywhere: the pipeline's mask-free call
@@ -159,6 +162,18 @@ class QwenImagePolicy(DiffusersPolicy):
         hidden = torch.cat([_pad_tokens(hidden, length), _pad_tokens(neg_h, length)])
         mask = torch.cat([_pad_tokens(mask, length), _pad_tokens(neg_m, length)])
         return hidden, mask
+
+    def _negative_batch(self, cond: Cond, b: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states, mask) of the negative prompt for ``b`` samples: " ", encoded once and kept."""
+        if self._negative is None:
+            raise RuntimeError("QwenImagePolicy.encode must run before velocity when policy.cfg_scale is set")
+        neg_h = self._negative["encoder_hidden_states"].to(dev, self.dtype).expand(b, -1, -1)
+        return neg_h, self._negative[MASK].to(dev).expand(b, -1)
+
+    def _with_reference(self, x: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, list[tuple]]:
+        """(the transformer's image tokens, their ``img_shapes`` entry) for latents ``x``: the target's own
+        (the edit policy appends the reference image's tokens)."""
+        return x, [self.img_shape]
 
     def velocity(
         self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Cond
@@ -176,7 +191,7 @@ class QwenImagePolicy(DiffusersPolicy):
         if sigma.shape[0] != b:
             raise ValueError(f"batch mismatch: latents {b}, sigma {sigma.shape[0]}")
         hidden, mask = self._text_batch(cond, b, dev)
-        x = latents.to(dtype)
+        x, shapes = self._with_reference(latents.to(dtype), expand_cond(cond, b))
         # QwenImagePipeline: t = 1000·σ cast to the latents' dtype, then t / 1000 (as FluxPipeline)
         t = (sigma * 1000.0).to(dtype) / 1000
         if self.cfg_scale is not None:  # one forward of 2B: [prompt; negative], FlowCPS's order
@@ -186,9 +201,9 @@ class QwenImagePolicy(DiffusersPolicy):
             timestep=t,
             encoder_hidden_states=hidden,
             encoder_hidden_states_mask=mask,
-            img_shapes=[[self.img_shape]] * x.shape[0],
+            img_shapes=[shapes] * x.shape[0],
             return_dict=False,
-        )[0].float()
+        )[0][:, : self.num_tokens].float()  # the target's tokens (reference tokens, if any, follow them)
         if self.cfg_scale is None:
             return out
         cond_v, neg_v = out.chunk(2)

@@ -90,7 +90,7 @@ class SD3Policy(DiffusersPolicy):
         return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Cond:
+    def encode(self, prompts: list[str], metadata: list[dict] | None = None) -> Cond:
         if self.cfg_scale is not None and self._negative is None:  # "" once, kept on the policy
             self._negative = self._encode([""])
         return self._encode(prompts)

@@ -167,7 +167,7 @@ class ToyDigitsPolicy(Policy):
 
     # --- Policy interface -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Cond:
+    def encode(self, prompts: list[str], metadata: list[dict] | None = None) -> Cond:
         hidden, pooled = self.text_encoder.encode(list(prompts), device=self.device)
         return {"encoder_hidden_states": hidden.float(), "pooled_projections": pooled.float()}
 

@@ -10,10 +10,12 @@ Computed as FlowCPS computes it (IamCreateAI/FlowCPS ``flow_grpo/rewards.py`` ``
   of that repo's ``CLIPProcessor``;
 - the generated images are scored as the float tensors they are (not quantised: the anchor hands its
   pipeline's float output straight to the scorer; the FLUX/SD3 policies' k/255 levels give the same);
-- the reference: ``metadata[key]`` (``"image"``, the key FlowCPS's ``GenevalPromptImageDataset`` reads), a
-  path relative to the dataset folder there (``image_root`` here), opened with PIL, ``.convert("RGB")``,
-  resized with PIL's default filter (bicubic) to the generated size (FlowCPS resizes it to
-  ``config.resolution``, the size it generates at: ``ref_image.resize((res, res))``), then
+- the reference: an edit row's source image (``metadata["source_images"][0]``, the absolute path the prompt
+  loader resolved) by default, else ``metadata[key]`` (default ``"image"``, the key FlowCPS's
+  ``GenevalPromptImageDataset`` reads), a path relative to the dataset folder there (``image_root`` here);
+  as a service, the pixels the client sent in its place (``service.wire``). Opened with PIL,
+  ``.convert("RGB")``, resized with PIL's default filter (bicubic) to the generated size (FlowCPS resizes
+  it to ``config.resolution``, the size it generates at: ``ref_image.resize((res, res))``), then
   ``torch.tensor(uint8) / 255``;
 - both through the anchor's ``get_image_transform``: torchvision ``Resize(shortest_edge)`` (bilinear,
   antialiased) on the tensors, ``CenterCrop(crop_size)``, ``Normalize(mean, std)`` — not the processor's
@@ -27,11 +29,14 @@ and one per generated image. A reference file changed during a run is not re-rea
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from fastcps.edit_images import SOURCE_IMAGES
 from fastcps.rewards import DType, RewardArgs
 from fastcps.rewards._util import (
     autocast,
@@ -42,6 +47,7 @@ from fastcps.rewards._util import (
     resolve_dtype,
     resolve_weights,
 )
+from fastcps.rewards.service.wire import SOURCE_PIXELS
 
 __all__ = ["ImageSimilarityReward", "clip_tensor_transform"]
 
@@ -89,8 +95,10 @@ class ImageSimilarityReward:
         """CLIPModel path or hub id (FlowCPS: openai/clip-vit-large-patch14)."""
         processor: str = DEFAULT_MODEL
         """CLIPProcessor path or hub id: its image size, crop, mean and std."""
-        key: str = "image"
-        """Metadata key holding each prompt's reference image path (FlowCPS's jsonl rows: "image")."""
+        key: str | None = None
+        """Metadata key holding each prompt's reference image path. None (default): an edit row's resolved
+        source image (`source_images[0]`, set by the prompt loader) when the row has one, else "image"
+        (FlowCPS's jsonl rows)."""
         image_root: str | None = None
         """Folder that relative reference paths are resolved against (FlowCPS: the dataset folder holding
         the metadata .jsonl); None = the directory the run is launched from."""
@@ -108,7 +116,7 @@ class ImageSimilarityReward:
         self,
         model: str = DEFAULT_MODEL,
         processor: str = DEFAULT_MODEL,
-        key: str = "image",
+        key: str | None = None,
         image_root: str | None = None,
         resize_reference: bool = True,
         device=None,
@@ -116,7 +124,7 @@ class ImageSimilarityReward:
         batch_size: int = 16,
     ):
         self.model_id, self.processor_id = model, processor
-        self.key, self.image_root, self.resize_reference = str(key), image_root, bool(resize_reference)
+        self.key, self.image_root, self.resize_reference = key, image_root, bool(resize_reference)
         self.device, self.dtype, self.batch_size = device, dtype, int(batch_size)
         self._model = self._transform = None
         # (resolved path, H, W) -> normalised embedding [D] (fp32); H = W = 0 without resize_reference
@@ -169,18 +177,35 @@ class ImageSimilarityReward:
 
     # --- references ---------------------------------------------------------------------------------
 
+    def key_of(self, meta) -> str:
+        """The metadata key naming a row's reference: ``key`` when set, else the edit row's
+        ``source_images`` when present, else ``"image"``."""
+        if self.key is not None:
+            return self.key
+        return SOURCE_IMAGES if isinstance(meta, dict) and SOURCE_IMAGES in meta else "image"
+
     def reference_path(self, row: int, prompt: str, meta) -> Path:
-        """The reference image path of prompt row ``row``: ``meta[key]``, under ``image_root`` when relative;
-        a clear error when the key is missing or the file does not exist."""
+        """The reference image path of prompt row ``row``: ``meta[key]`` (a list's first entry: an edit row's
+        first source image), under ``image_root`` when relative; a clear error when the key is missing or the
+        file does not exist."""
         where = f"reward {self.name!r}: prompt row {row} ({prompt!r})"
-        if not isinstance(meta, dict) or self.key not in meta or meta[self.key] in (None, ""):
+        key = self.key_of(meta)
+        value = meta.get(key) if isinstance(meta, dict) else None
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value in (None, ""):
+            which = (
+                f"{key!r} (config key rewards[].args.key)"
+                if self.key is not None
+                else f"{SOURCE_IMAGES!r} (an edit row's image) nor {key!r}"
+            )
             raise ValueError(
-                f"{where} has no reference image: its metadata has no {self.key!r} (config key "
-                f"rewards[].args.key). Each prompt needs one, e.g. a .jsonl line "
-                f'{{"prompt": "...", "metadata": {{"{self.key}": "refs/0001.png"}}}}; '
+                f"{where} has no reference image: its metadata has no {which}. Each prompt needs one: an "
+                f'edit row {{"prompt": "<instruction>", "image": "src.png"}}, or a .jsonl line '
+                f'{{"prompt": "...", "metadata": {{"image": "refs/0001.png"}}}} with rewards[].args.key; '
                 f"got metadata keys {sorted(meta) if isinstance(meta, dict) else type(meta).__name__}"
             )
-        path = Path(str(meta[self.key])).expanduser()
+        path = Path(str(value)).expanduser()
         if not path.is_absolute():
             path = Path(self.image_root if self.image_root is not None else ".").expanduser() / path
         if not path.is_file():
@@ -190,12 +215,14 @@ class ImageSimilarityReward:
                 else "rewards[].args.image_root is not set: relative paths start at the launch directory"
             )
             raise FileNotFoundError(
-                f"{where}: reference image {str(path)!r} (metadata key {self.key!r} = "
-                f"{str(meta[self.key])!r}) does not exist; {root}"
+                f"{where}: reference image {str(path)!r} (metadata key {key!r} = "
+                f"{str(value)!r}) does not exist; {root}"
             )
         return path
 
-    def _open_reference(self, row: int, prompt: str, path: Path, hw: tuple[int, int]) -> torch.Tensor:
+    def _open_reference(
+        self, row: int, prompt: str, path: Path, hw: tuple[int, int], key: str = "image"
+    ) -> torch.Tensor:
         """[3, H, W] in [0, 1] as FlowCPS reads a reference: PIL RGB, resized (bicubic), uint8 / 255."""
         import numpy as np
         from PIL import Image, UnidentifiedImageError
@@ -206,7 +233,7 @@ class ImageSimilarityReward:
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise ValueError(
                 f"reward {self.name!r}: prompt row {row} ({prompt!r}): reference image {str(path)!r} "
-                f"(metadata key {self.key!r}) cannot be read as an image: {err}"
+                f"(metadata key {key!r}) cannot be read as an image: {err}"
             ) from err
         if self.resize_reference:
             img = img.resize((hw[1], hw[0]))  # PIL takes (width, height); its default filter: bicubic
@@ -225,13 +252,46 @@ class ImageSimilarityReward:
             out.append(emb / emb.norm(p=2, dim=-1, keepdim=True))
         return torch.cat(out)
 
+    @property
+    def wants_source_images(self) -> bool:
+        """As a service (``fastcps.rewards.service``): clients send edit rows' source pixels (the service's
+        machine may not have the trainer's files), used in place of the paths."""
+        return self.key in (None, SOURCE_IMAGES) and self.resize_reference
+
+    def _reference_key(self, row: int, prompt: str, meta, size) -> tuple:
+        """The cache key of a row's reference: its path, or the digest of the source pixels a service
+        client sent (``wire.SOURCE_PIXELS``, the file as the client opened and resized it)."""
+        pixels = meta.get(SOURCE_PIXELS) if isinstance(meta, dict) else None
+        if pixels is not None and self.key_of(meta) == SOURCE_IMAGES:
+            if not self.resize_reference:
+                raise ValueError(
+                    f"reward {self.name!r}: prompt row {row} ({prompt!r}) came with its source image's "
+                    "pixels resized to the generated size, but resize_reference is false"
+                )
+            return ("pixels", hashlib.sha1(np.ascontiguousarray(pixels)).hexdigest(), *size)
+        return (str(self.reference_path(row, prompt, meta)), *size)
+
+    def _load_reference(self, row: int, prompt: str, meta, key: tuple, hw) -> torch.Tensor:
+        if key[0] == "pixels":
+            pixels = torch.as_tensor(meta[SOURCE_PIXELS])
+            if tuple(pixels.shape) != (3, *hw):
+                raise ValueError(
+                    f"reward {self.name!r}: prompt row {row} ({prompt!r}): its source pixels are "
+                    f"{list(pixels.shape)}, the generated images [3, {hw[0]}, {hw[1]}]"
+                )
+            return pixels / 255.0  # as _open_reference: uint8 / 255
+        return self._open_reference(row, prompt, Path(key[0]), hw, self.key_of(meta))
+
     def _reference_embeddings(self, model, prompts, metadata, hw, device) -> torch.Tensor:
         size = hw if self.resize_reference else (0, 0)  # unresized references do not depend on hw
-        keys = [(str(self.reference_path(i, p, m)), *size) for i, (p, m) in enumerate(zip(prompts, metadata))]
+        keys = [self._reference_key(i, p, m, size) for i, (p, m) in enumerate(zip(prompts, metadata))]
         new = list(dict.fromkeys(k for k in keys if k not in self._ref_cache))
         if new:
             first_row = {k: keys.index(k) for k in new}
-            refs = [self._open_reference(first_row[k], prompts[first_row[k]], Path(k[0]), hw) for k in new]
+            refs = [
+                self._load_reference(first_row[k], prompts[first_row[k]], metadata[first_row[k]], k, hw)
+                for k in new
+            ]
             if len({tuple(r.shape) for r in refs}) > 1:  # resize_reference=false: sizes may differ
                 emb = torch.cat([self._embed(model, r[None], device) for r in refs])
             else:
@@ -245,7 +305,7 @@ class ImageSimilarityReward:
         if metadata is None:
             raise ValueError(
                 f"reward {self.name!r} needs each prompt's metadata (its reference image under "
-                f"{self.key!r}); got none"
+                f"{self.key or SOURCE_IMAGES!r}); got none"
             )
         check_inputs(self.name, images, prompts, metadata)
         device = resolve_device(self.device, images)

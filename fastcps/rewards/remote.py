@@ -15,6 +15,10 @@ rank) the service must answer ``GET /health`` (same retries) and its reward be r
 ``timeout_s`` while it loads), else the run stops at once, exit code 3: the code of a reward that cannot
 load or fails during the run.
 
+Edit rows: when the service's /health says ``"source_images": true`` (an ``image_similarity`` service), each
+request also carries its rows' source images (``metadata["source_images"][0]``, opened and resized to the
+generated size here as the anchor does), so the service needs none of the trainer's files (``service.wire``).
+
 Nothing to download (``files``) and no GPU memory in the plan (``fastcps.plan``). The served reward sees
 the images' 8-bit levels: the same numbers as in process for every image-model reward; the toy's
 ``digit`` reward, which reads unquantised floats in process, differs by that quantisation.
@@ -109,6 +113,8 @@ class RemoteReward:
             a.backoff_s,
             a.batch_size,
         )
+        self._wants_sources: bool | None = None  # the service's /health "source_images", once checked
+        self._source_cache = None
 
     @classmethod
     def component_name(cls, args: dict) -> str:
@@ -144,6 +150,7 @@ class RemoteReward:
                     f"{self.serves!r} (rewards[].args.serves)"
                 )
             if health["ready"]:
+                self._wants_sources = bool(health.get("source_images", False))  # older services: no key
                 return health
             if health.get("error"):
                 raise RemoteRewardError(
@@ -163,8 +170,9 @@ class RemoteReward:
         scores: list[float] = []
         for part in batches(len(prompts), self.batch_size):
             meta = None if metadata is None else list(metadata[part])
+            sources = self._sources(meta, images.shape[-2:])
             try:
-                body = wire.encode(images[part], list(prompts[part]), meta)
+                body = wire.encode(images[part], list(prompts[part]), meta, sources)
             except TypeError as err:  # json: metadata the service cannot be sent
                 raise ValueError(f"reward {self.label!r}: the prompts' metadata is not JSON: {err}") from err
             answer = self._request("POST", "/score", body, self.timeout_s)
@@ -173,6 +181,33 @@ class RemoteReward:
             except ValueError as err:
                 raise RemoteRewardError(f"the reward service at {self.url}: {err}") from None
         return torch.tensor(scores, dtype=torch.float32)
+
+    def _sources(self, meta: list[dict] | None, hw) -> torch.Tensor | None:
+        """uint8 [B, 3, H, W]: the rows' first source images, resized to the generated size as the anchor
+        does, when every row is an edit row and the service asks for them (its /health, checked once)."""
+        from fastcps.edit_images import SOURCE_IMAGES, ImageCache
+
+        if not meta or not all(isinstance(m, dict) and m.get(SOURCE_IMAGES) for m in meta):
+            return None
+        if self._wants_sources is None:
+            self.check()
+        if not self._wants_sources:
+            return None
+        size = (int(hw[0]), int(hw[1]))
+        if self._source_cache is None or self._source_cache.size != size:
+            # a GRPO group shares one source image: decoded once (ImageCache keeps uint8, returns k/255)
+            self._source_cache = ImageCache(size, max_bytes=2**28)
+        imgs = []
+        for i, m in enumerate(meta):
+            ref = str(m[SOURCE_IMAGES][0])
+            try:
+                imgs.append(self._source_cache.get(ref))
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"reward {self.label!r}: the source image {ref!r} of a request's row {i} cannot be read "
+                    f"here to send to the service at {self.url}: {type(err).__name__}: {err}"
+                ) from err
+        return torch.stack(imgs).mul_(255).round_().to(torch.uint8)
 
     def _request(self, method: str, path: str, body: bytes | None, timeout: float):
         """The JSON answer of one request, retried as the module doc says."""

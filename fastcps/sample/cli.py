@@ -30,10 +30,13 @@ what is compared:
   Every image of one prompt starts from the same initial noise in both rows (and, for stochastic
   samplers, the same seeded noise at every step).
 
+  An editing run (kontext, qwenimage_edit) shows each prompt's source image(s) left of both rows: the
+  base and the trained model edit the same source from the same noise.
+
 outputs, beside --out (e.g. grid.png):
   grid.png           a row of base and a row of trained images per prompt, each image labelled with its
-                     reward components and their weighted total
-  grid_images/       every image, one PNG each (p00_base_0.png, p00_trained_0.png, ...)
+                     reward components and their weighted total (an edit: its source image beside them)
+  grid_images/       every image, one PNG each (p00_base_0.png, p00_trained_0.png, ...; p00_source_0.png)
   grid.json, .csv    per-image rewards and the means
 
 the same trained images from a stock diffusers pipeline (FLUX/SD3 with LoRA):
@@ -71,6 +74,12 @@ def parse_args(argv=None):
         help=".txt (one prompt a line) or .jsonl prompt file (default: the run's fixed eval prompts)",
     )
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="an editing run's source image for --prompt (once for all prompts, or once per --prompt)",
+    )
     p.add_argument(
         "--images-per-prompt", type=int, default=4, metavar="K", help="images per prompt and row (4)"
     )

@@ -49,20 +49,35 @@ class Comparison:
     images: dict[str, torch.Tensor]  # "base" / "trained" -> (P, K, 3, H, W) in [0, 1], CPU
     total: dict[str, torch.Tensor]  # -> (P, K) weighted reward
     components: dict[str, dict[str, torch.Tensor]]  # -> reward name -> (P, K)
+    #: an editing policy's source images, one (S, 3, H, W) tensor per prompt in [0, 1] as the policy read
+    #: them (loaded and resized as the anchor does: ``fastcps.edit_images.load_image``); None otherwise
+    sources: list[torch.Tensor] | None = None
+
+
+def source_images(policy, meta: list[dict]) -> list[torch.Tensor] | None:
+    """Each edit prompt's source images at the policy's resolution, what its encoder was given; None for a
+    text-to-image policy."""
+    if not getattr(policy, "editing", False):
+        return None
+    from fastcps.edit_images import SOURCE_IMAGES, load_image
+
+    return [torch.stack([load_image(ref, policy.resolution) for ref in m[SOURCE_IMAGES]]) for m in meta]
 
 
 @torch.no_grad()
 def generate(
-    policy, model, encodings, prompts: list[str], sampling, *, k: int, seed: int, device
+    policy, model, encodings, prompts: list[str], sampling, *, k: int, seed: int, device, meta=None
 ) -> torch.Tensor:
-    """(P, K, 3, H, W): every prompt's K images with ``sampling``; noise seeded by (seed, prompt, image)."""
+    """(P, K, 3, H, W): every prompt's K images with ``sampling``; noise seeded by (seed, prompt, image).
+    ``meta``: each prompt's metadata (an edit prompt's source images)."""
     from fastcps.rollout import eval_noise, sample
     from fastcps.runtime import derive_seed
 
     step_seeds = [derive_seed(seed, 6, i) for i in range(len(sampling.coeffs))]
     out = []
-    for p, prompt in enumerate(prompts):
-        cond, _ = encodings.for_prompts([prompt], device)
+    meta = [{}] * len(prompts) if meta is None else meta
+    for p, (prompt, m) in enumerate(zip(prompts, meta)):
+        cond, _ = encodings.for_prompts([prompt], device, [m])
         x1 = eval_noise(policy, seed, p, k, device)
         final = sample(policy, model, cond, x1, sampling, step_seeds=step_seeds, first_index=p * k).final
         out.append(policy.decode(final).float().cpu())
@@ -94,7 +109,9 @@ def compare(
     encodings = PromptEncodings(policy)
     model = policy.transformer.eval()
     check_trained(model, weights)
-    run = lambda m: generate(policy, m, encodings, prompts, sampling, k=k, seed=seed, device=device)  # noqa: E731
+    run = lambda m: generate(  # noqa: E731
+        policy, m, encodings, prompts, sampling, k=k, seed=seed, device=device, meta=meta
+    )
     if policy.lora:
         load_trained(model, weights)
         with policy.reference(model) as base_model:
@@ -108,7 +125,7 @@ def compare(
         rows = [reward_fn(imgs[p], [prompts[p]] * k, [meta[p]] * k) for p in range(len(prompts))]
         total[which] = torch.stack([r.total for r in rows])
         comps[which] = {n: torch.stack([r.components[n] for r in rows]) for n in rows[0].components}
-    return Comparison(prompts, images, total, comps)
+    return Comparison(prompts, images, total, comps, source_images(policy, meta))
 
 
 def means(c: Comparison) -> dict[str, dict[str, float]]:

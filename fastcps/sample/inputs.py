@@ -85,10 +85,41 @@ def run_prompts(cfg) -> tuple[list[str], list[dict]]:
 
 
 def chosen_prompts(args, cfg) -> tuple[list[str], list[dict]]:
+    """The prompts (and metadata) to sample: ``--prompt`` (with ``--image`` for an editing run), a
+    ``--prompts`` file, else the run's eval set; checked to fit the run's policy (an editing policy needs a
+    source image per prompt, a text-to-image policy none) and every source image there."""
+    from fastcps.edit_images import check_edit_images, check_rows_fit_policy
+    from fastcps.policies.families import family
+
+    prompts, meta = _prompts(args, cfg)
+    editing = family(cfg.policy.name).editing
+    if args.prompt and editing and not args.image:
+        raise UsageError(
+            f"--prompt: the run's policy ({cfg.policy.name}) edits images: give each --prompt its source "
+            "image with --image PATH (one --image for all prompts, or one per --prompt, in order)"
+        )
+    if args.image and not editing:
+        raise UsageError(
+            f"--image: the run's policy ({cfg.policy.name}) generates from text alone; drop --image"
+        )
+    where = (
+        "--prompt" if args.prompt else ("--prompts " + args.prompts if args.prompts else "the run's eval set")
+    )
+    try:
+        check_rows_fit_policy(cfg.policy.name, editing, prompts, meta, where)
+        if editing and not args.prompt:  # every source image is there and decodes, before a model loads
+            source = args.prompts or cfg.prompts.eval_source or cfg.prompts.source
+            check_edit_images(source, "--prompts" if args.prompts else where)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    return prompts, meta
+
+
+def _prompts(args, cfg) -> tuple[list[str], list[dict]]:
     from fastcps.prompts import load_prompts
 
     if args.prompt:
-        return list(args.prompt), [{} for _ in args.prompt]
+        return list(args.prompt), _command_line_images(args)
     if args.prompts:
         if Path(args.prompts).suffix not in (".txt", ".jsonl"):
             raise UsageError(
@@ -100,3 +131,29 @@ def chosen_prompts(args, cfg) -> tuple[list[str], list[dict]]:
         except (FileNotFoundError, ValueError) as err:
             raise UsageError(f"--prompts {args.prompts}: {err}") from err
     return run_prompts(cfg)
+
+
+def _command_line_images(args) -> list[dict]:
+    """Each ``--prompt``'s metadata: its ``--image`` (one for all, or one each) resolved and checked."""
+    from fastcps.edit_images import SOURCE_IMAGES, UnreadableImage, download, is_url, local_file, verify
+
+    images = list(args.image or [])
+    if not images:
+        return [{} for _ in args.prompt]
+    if len(images) not in (1, len(args.prompt)):
+        raise UsageError(
+            f"--image given {len(images)} times for {len(args.prompt)} --prompt: give one image for all "
+            "prompts or one per prompt"
+        )
+    refs = []
+    for ref in images:
+        ref = ref if is_url(ref) else str(Path(ref).expanduser().resolve())
+        try:
+            if is_url(ref) and not local_file(ref).is_file():
+                download(ref)
+            verify(local_file(ref))
+        except (FileNotFoundError, UnreadableImage, OSError) as err:
+            raise UsageError(f"--image {ref}: {err}") from err
+        refs.append(ref)
+    refs = refs * len(args.prompt) if len(refs) == 1 else refs
+    return [{SOURCE_IMAGES: [r]} for r in refs]

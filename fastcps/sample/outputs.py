@@ -29,6 +29,9 @@ def draw_block(c: Comparison, p: int, names: list[str], show_total: bool, cell: 
     line, pad, label_w = 16, 6, 84
     k = c.images["base"].shape[1]
     caption = line * (len(names) + show_total)
+    # an edit: the source image(s) in a column left of both rows, then the edits
+    src = [] if c.sources is None else list(c.sources[p])
+    label_w += len(src) * (cell + pad)
     width = label_w + k * (cell + pad)
     head = textwrap.wrap(c.prompts[p], max(20, int(width / 7.5)))[:3] or [""]
     height = len(head) * line + pad + 2 * (cell + caption + pad)
@@ -37,11 +40,15 @@ def draw_block(c: Comparison, p: int, names: list[str], show_total: bool, cell: 
     for i, text in enumerate(head):
         draw.text((pad, i * line), text, fill="black", font=font)
     y = len(head) * line + pad
+    for i, image in enumerate(src):
+        x = pad + i * (cell + pad)
+        img.paste(to_pil(image).resize((cell, cell), Image.NEAREST), (x, y + (cell + caption + pad) // 2))
+        draw.text((x, y + (cell + caption + pad) // 2 + cell + 1), "source", fill="black", font=font)
+    x_label = label_w - 84
     for which in ("base", "trained"):
-        draw.text((pad, y + cell // 2 - line), which, fill="black", font=font)
-        draw.text(
-            (pad, y + cell // 2), f"mean {float(c.total[which][p].mean()):.3f}", fill=(90, 90, 90), font=font
-        )
+        draw.text((x_label + pad, y + cell // 2 - line), which, fill="black", font=font)
+        mean = f"mean {float(c.total[which][p].mean()):.3f}"
+        draw.text((x_label + pad, y + cell // 2), mean, fill=(90, 90, 90), font=font)
         for j in range(k):
             x = label_w + j * (cell + pad)
             img.paste(to_pil(c.images[which][p, j]).resize((cell, cell), Image.NEAREST), (x, y))
@@ -83,8 +90,12 @@ def write_outputs(c: Comparison, out: Path, info: dict, weights: dict[str, float
     img_dir = out.with_name(out.stem + "_images")
     img_dir.mkdir(exist_ok=True)
     names = list(c.components["base"])
-    rows = []
+    rows, sources = [], {}
     for p, prompt in enumerate(c.prompts):
+        for i, image in enumerate([] if c.sources is None else c.sources[p]):
+            file = img_dir / f"p{p:02d}_source_{i}.png"
+            to_pil(image).save(file)
+            sources.setdefault(p, []).append(str(file))
         for which in ("base", "trained"):
             for j in range(c.images[which].shape[1]):
                 file = img_dir / f"p{p:02d}_{which}_{j}.png"
@@ -101,6 +112,8 @@ def write_outputs(c: Comparison, out: Path, info: dict, weights: dict[str, float
                     }
                 )
     summary = {**info, "rewards": weights, "mean": means(c), "images": rows}
+    if c.sources is not None:  # an edit run: the sources as the policy read them, per prompt
+        summary["source_images"] = [sources.get(p, []) for p in range(len(c.prompts))]
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out.with_suffix(".csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -109,7 +122,8 @@ def write_outputs(c: Comparison, out: Path, info: dict, weights: dict[str, float
     title = (
         f"{info['run']} @ {info['checkpoint']}: {info['sampler']}, {info['steps']} steps, seed "
         f"{info['seed']}; "
-        "base vs trained from the same noise"
+        + ("source, then " if c.sources is not None else "")
+        + "base vs trained from the same noise"
     )
     draw_grid(c, weights, title).save(out)
     return summary

@@ -68,6 +68,8 @@ class RewardService:
             "args": self.args,
             "device": str(self.device),
             "ready": self.ready,
+            # edit rows' source pixels wanted in requests (wire.py): a reward scoring against them
+            "source_images": bool(getattr(self.reward, "wants_source_images", False)),
             "error": self.error,
             "max_batch": self.batcher.max_batch,
             "max_wait_ms": self.batcher.max_wait_s * 1000,
@@ -111,7 +113,7 @@ def create_app(service: RewardService, max_body_bytes: int):
             why = f"failed to load: {service.error}" if service.error else "is still loading"
             raise HTTPException(503, f"reward {service.name!r} {why}")
         req = wire.decode(await read_body(request, max_body_bytes))
-        futures = service.batcher.submit(req.pixels, req.prompts, req.metadata)
+        futures = service.batcher.submit(req.pixels, req.prompts, req.metadata_with_sources())
         try:
             parts = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except Exception as err:
