@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_support import assert_exported_lora_loads_in_stock
 
 from fastcps.conditioning import PromptEncodings, select
 from fastcps.config import PolicyConfig
@@ -169,7 +170,6 @@ def test_lora_export_loads_in_stock_flux_kontext_pipeline(tiny, tmp_path):
     """The trained adapters (FlowCPS's targets, proj_mlp included), exported as the trainer exports them,
     load with FluxKontextPipeline's ``load_lora_weights`` and give the trained policy's velocity; adapters
     off = the base."""
-    from fastcps.checkpoint import save_diffusers_lora
     from fastcps.config import LoraConfig
 
     path, images = tiny
@@ -180,25 +180,7 @@ def test_lora_export_loads_in_stock_flux_kontext_pipeline(tiny, tmp_path):
     named = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
     assert len(named) == 2 * (12 + 4)  # (A, B) x (one double block's 12 targets + one single block's 4)
     assert any(".proj_mlp." in n for n in named)
-    with torch.no_grad():
-        base = policy.velocity(policy.transformer, x, s, cond)
-        torch.manual_seed(4)
-        for p in named.values():
-            p.normal_(0, 0.3)
-        trained = policy.velocity(policy.transformer, x, s, cond)
-        with policy.reference(policy.transformer) as ref:
-            torch.testing.assert_close(policy.velocity(ref, x, s, cond), base)
-    assert not torch.allclose(trained, base)
-    save_diffusers_lora(
-        {n: p.detach().clone() for n, p in named.items()},
-        policy.transformer.peft_config["default"],
-        tmp_path / "pytorch_lora_weights.safetensors",
-    )
-    pipe = stock(path)
-    pipe.load_lora_weights(tmp_path)
-    with torch.no_grad():
-        loaded = policy.velocity(pipe.transformer, x, s, cond)
-    torch.testing.assert_close(loaded, trained, atol=1e-6, rtol=1e-5)
+    assert_exported_lora_loads_in_stock(policy, x, s, cond, stock(path), tmp_path)
 
 
 def test_fetch_takes_the_pipeline_subfolders_only():

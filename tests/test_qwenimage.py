@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_support import assert_exported_lora_loads_in_stock
 
 from fastcps.config import PolicyConfig
 from fastcps.policies import build_policy
@@ -183,7 +184,6 @@ def test_transformer_gets_the_pipelines_timestep_in_bf16(tiny):
 def test_lora_export_loads_in_stock_qwenimage_pipeline(tiny, tmp_path):
     """The trained adapters, exported as the trainer exports them, load with QwenImagePipeline's
     ``load_lora_weights`` and give the trained policy's velocity (true CFG on); adapters off = the base."""
-    from fastcps.checkpoint import save_diffusers_lora
     from fastcps.config import LoraConfig
 
     policy = qwen_policy(tiny, cfg_scale=4.0, lora=LoraConfig(r=4, alpha=8.0))
@@ -192,25 +192,7 @@ def test_lora_export_loads_in_stock_qwenimage_pipeline(tiny, tmp_path):
     s = torch.tensor([0.7, 0.3])
     named = {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
     assert len(named) == 2 * 2 * 12  # 2 blocks x 12 FlowCPS targets x (A, B)
-    with torch.no_grad():
-        base = policy.velocity(policy.transformer, x, s, cond)
-        torch.manual_seed(4)
-        for p in named.values():
-            p.normal_(0, 0.3)
-        trained = policy.velocity(policy.transformer, x, s, cond)
-        with policy.reference(policy.transformer) as ref:
-            torch.testing.assert_close(policy.velocity(ref, x, s, cond), base)
-    assert not torch.allclose(trained, base)
-    save_diffusers_lora(
-        {n: p.detach().clone() for n, p in named.items()},
-        policy.transformer.peft_config["default"],
-        tmp_path / "pytorch_lora_weights.safetensors",
-    )
-    pipe = stock(tiny)
-    pipe.load_lora_weights(tmp_path)
-    with torch.no_grad():
-        loaded = policy.velocity(pipe.transformer, x, s, cond)
-    torch.testing.assert_close(loaded, trained, atol=1e-6, rtol=1e-5)
+    assert_exported_lora_loads_in_stock(policy, x, s, cond, stock(tiny), tmp_path)
 
 
 # --- the recipe's pieces --------------------------------------------------------------------------------

@@ -124,12 +124,15 @@ def save_tiny_flux(
     seed: int = 0,
     t5_dim: int = T5_DIM,
     clip_dim: int = CLIP_DIM,
+    pipeline: str = "FluxPipeline",
 ) -> Path:
     """A FluxPipeline like FLUX.1-dev (guidance embedding, dynamic shift) or, with ``schnell``,
     like FLUX.1-schnell (no guidance, static shift 1). ~0.5 MB of weights. ``t5_dim=4096,
     clip_dim=768`` gives one-layer text encoders with FLUX.1's real output widths, so the real-size
-    transformer can replace the tiny one (``fastcps.gpucheck``)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    transformer can replace the tiny one (``fastcps.gpucheck``). ``pipeline``: the diffusers class saved
+    with the same components (``FluxKontextPipeline``: ``fastcps.testing.kontext``)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -160,7 +163,7 @@ def save_tiny_flux(
             max_shift=1.15,
         )
     wide = t5_dim != T5_DIM or clip_dim != CLIP_DIM  # one layer each: a 4096-wide T5 layer is 67 MB
-    pipe = FluxPipeline(
+    pipe = getattr(diffusers, pipeline)(
         scheduler=sched,
         vae=_vae(0.3611, 0.1159),
         text_encoder=_clip(v1, False, clip_dim, layers=1 if wide else 2),

@@ -12,57 +12,16 @@ is visibly off), and FLUX.1-dev's scheduler config (the dynamic shift from the t
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-import torch
-
-from fastcps.testing import CLIP_DIM, T5_DIM, _clip, _clip_tokenizer, _t5, _t5_tokenizer, _vae
-
-#: FLUX.1-dev's scheduler_config.json (configs/models/flux1-dev_scheduler.json): Kontext [dev] keeps it
-KONTEXT_SCHEDULER = dict(
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-    base_shift=0.5,
-    max_shift=1.15,
-)
+from fastcps.testing import save_tiny_flux
 
 
 def save_tiny_kontext(folder: str | Path, *, seed: int = 0) -> Path:
-    """A FluxKontextPipeline shaped like FLUX.1-Kontext-dev (one double and one single block, 2 heads of
-    16, guidance embedding, dynamic shift). ~0.5 MB of weights."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
-
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok, v1 = _clip_tokenizer(Path(tmp))
-    tok2, v2 = _t5_tokenizer()
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=T5_DIM,
-        pooled_projection_dim=CLIP_DIM,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    )
-    pipe = FluxKontextPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**KONTEXT_SCHEDULER),
-        vae=_vae(0.3611, 0.1159),  # FLUX.1's AutoencoderKL scaling_factor, shift_factor
-        text_encoder=_clip(v1, False),
-        tokenizer=tok,
-        text_encoder_2=_t5(v2),
-        tokenizer_2=tok2,
-        transformer=transformer,
-    )
-    pipe.save_pretrained(folder)
-    return folder
+    """A FluxKontextPipeline shaped like FLUX.1-Kontext-dev: the tiny FLUX.1-dev pipeline's components (one
+    double and one single block, 2 heads of 16, guidance embedding, FLUX.1-dev's dynamic shift, which
+    Kontext [dev] keeps). ~0.5 MB of weights."""
+    return save_tiny_flux(folder, seed=seed, pipeline="FluxKontextPipeline")
 
 
 def save_source_images(folder: str | Path, count: int = 2, size: int = 80, seed: int = 0) -> list[Path]:
