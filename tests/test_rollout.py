@@ -124,7 +124,9 @@ def test_a_samples_noise_and_trajectory_do_not_depend_on_its_batch():
 def test_prompt_encodings_encode_each_prompt_once_and_index_its_rows(monkeypatch):
     _, policy = toy()
     real, calls = policy.encode, []
-    monkeypatch.setattr(policy, "encode", lambda prompts: (calls.append(list(prompts)), real(prompts))[1])
+    monkeypatch.setattr(
+        policy, "encode", lambda prompts, meta=None: (calls.append(list(prompts)), real(prompts, meta))[1]
+    )
     enc = PromptEncodings(policy)
     cond, index = enc.for_prompts(["b", "a", "b"], CPU)
     assert calls == [["b", "a"]] and index.tolist() == [0, 1, 0] and index.dtype == torch.long
@@ -299,7 +301,9 @@ def test_prompt_encodings_keep_the_most_recently_used_within_their_bytes(monkeyp
     call is used before it may go, an evicted prompt is encoded again (and equal) when it comes back."""
     _, policy = toy()
     real, calls = policy.encode, []
-    monkeypatch.setattr(policy, "encode", lambda prompts: (calls.append(list(prompts)), real(prompts))[1])
+    monkeypatch.setattr(
+        policy, "encode", lambda prompts, meta=None: (calls.append(list(prompts)), real(prompts, meta))[1]
+    )
     one = sum(t.nbytes for t in real(["a"]).values())
     enc = PromptEncodings(policy, max_bytes=2 * one)
     enc.for_prompts(["a", "b"], CPU)
