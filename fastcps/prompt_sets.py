@@ -20,7 +20,8 @@ fastcps's ``.jsonl`` files (configs/prompts/README.md).
 Edit sets (``images`` set: counting_edit) are GenEval rows with an ``"image"`` to edit, a path relative to
 the set's image root, ``<cache>/images/<family>/`` (``image_root``); ``images`` says where the images come
 from. Their source images are not checksummed here: FlowCPS does not publish them (its
-dataset/counting_edit/process_data.py generates them with FLUX.1-dev, unseeded), so every copy differs.
+dataset/counting_edit/process_data.py generates them with FLUX.1-dev, unseeded), so every copy differs;
+``python -m fastcps.edit_sources`` makes them the same way, seeded.
 
 This module imports nothing heavy: the config validator reads ``SETS``.
 """
@@ -69,10 +70,11 @@ class PromptSet:
 
 
 COUNTING_EDIT_IMAGES = (
-    "counting_edit's source images are not published: generate them with FlowCPS's "
-    "dataset/counting_edit/process_data.py (FLUX.1-dev, 1024 px, 50 steps, guidance 3.5, no seed: your "
-    "images differ from FlowCPS's), which saves one image per line i of its metadata.jsonl as "
-    "generated_images/image_<i>.jpg, the paths these rows name"
+    "counting_edit's source images are not published: make them with `python -m fastcps.edit_sources "
+    "--source counting_edit:train` (FLUX.1-dev from each row's t2i_prompt at 1024 px, 50 steps, guidance "
+    "3.5, as FlowCPS's dataset/counting_edit/process_data.py makes them, but seeded per image; "
+    "`torchrun --nproc-per-node 8 -m fastcps.edit_sources ...` splits them over GPUs; the test set's "
+    "images are among the train set's), or use copies you have"
 )
 
 

@@ -269,7 +269,8 @@ def test_the_counting_edit_sets_ship_with_their_counts_checksums_and_image_root(
         f"{distinct} of the {distinct} source images of prompt set {name!r} (config key `prompts.source`), "
         f"named by {count} of its {count} edit rows, do not exist" in msg
     )
-    assert "process_data.py" in msg and f"put them under {root}" in msg
+    assert "python -m fastcps.edit_sources --source counting_edit:train" in msg
+    assert f"put them under {root}" in msg
     assert msg.count("\n    row ") == 5 and f"... and {distinct - 5} more images" in msg
     for i, rel in enumerate(images):
         picture(root / rel, size=(32, 32), seed=i)

@@ -1008,6 +1008,34 @@ def test_a_qwenimage_edit_plan_prices_the_reference_tokens(tmp_path):
     assert r["images_per_rank"] == 64 and r["optimizer_steps"] == 2
 
 
+def test_the_32_gpu_qwenimage_edit_recipe_is_priced_against_its_own_anchor(tmp_path):
+    """FlowCPS has two Qwen-Image-Edit recipes: the 8-GPU one trains 2 window steps per image, the 32-GPU
+    one (counting_qwenimage_edit) 9 of its 10 steps. Each config is compared with the recipe it copies
+    (the same 512 images an epoch, so the same anchor FLOPs per image would make the 32-GPU config look
+    4.5x dearer than it is); a config that matches neither is compared with the family's first."""
+    from fastcps.policies.plan_facts import (
+        FLOWCPS_QWENIMAGE_EDIT,
+        FLOWCPS_QWENIMAGE_EDIT_32GPU,
+        QwenImageEditPlan,
+    )
+
+    assert QwenImageEditPlan.anchor_for(10, 9) is FLOWCPS_QWENIMAGE_EDIT_32GPU
+    assert QwenImageEditPlan.anchor_for(10, 2) is FLOWCPS_QWENIMAGE_EDIT
+    assert QwenImageEditPlan.anchor_for(10, 3) is FLOWCPS_QWENIMAGE_EDIT
+    tiny = tmp_path / "tiny_qwen.json"
+    tiny.write_text(json.dumps(TINY_QWEN))
+    cfg32 = ROOT / "configs" / "qwenimage_edit_counting_32gpu.json"
+    ckpt = ("--set", "policy.gradient_checkpointing=true")  # as both anchors run
+    r = run_json("--config", str(cfg32), "--world-size", "32", "--model-config", str(tiny), *ckpt)
+    assert r["anchor"] == "FlowCPS counting_qwenimage_edit" and r["trained_steps_range"] == [9, 9]
+    assert r["anchor_recipe"]["trained_steps"] == 9 and r["optimizer_steps"] == 2
+    assert r["images_per_rank"] == 16
+    assert r["anchor_ratio"] == pytest.approx(1.0, abs=1e-3), r["anchor_ratio"]
+    r8 = run_json("--config", str(QWEN_EDIT_CFG), "--world-size", "8", "--model-config", str(tiny), *ckpt)
+    assert r8["anchor"] == FLOWCPS_QWENIMAGE_EDIT.name
+    assert r8["anchor_ratio"] == pytest.approx(1.0, abs=1e-3), r8["anchor_ratio"]
+
+
 @pytest.mark.slow
 def test_qwenimage_edit_fits_80_gb():
     """configs/qwenimage_edit_counting.json on 8 x 80 GB (79.1 GiB), the real 20.4 B-parameter transformer

@@ -16,11 +16,11 @@ def tflop(x: float) -> str:
     return f"{x / 1e12:10.1f} TFLOP"
 
 
-def anchor_lines(cfg) -> list[str]:
-    """What the family's anchor recipe counts (``fastcps.policies.plan_facts.Anchor``), in two lines."""
-    from fastcps.policies.families import family
+def anchor_lines(r: dict) -> list[str]:
+    """What the plan's anchor recipe counts (``fastcps.policies.plan_facts.Anchor``), in two lines."""
+    from fastcps.policies.plan_facts import Anchor
 
-    a = family(cfg.policy.name).plan_facts().anchor
+    a = Anchor(**r["anchor_recipe"])
     samples = "" if a.cfg == 1 else f", each on {a.cfg} samples (true CFG),"
     text = f"{a.text_tokens} text tokens" if a.text_tokens is not None else "the run's text tokens"
     ckpt = "activation checkpointing" if a.checkpointing else "no checkpointing"
@@ -137,7 +137,7 @@ def report(cfg: RunConfig, r: dict, out) -> None:
     for k, v in r["phase_flop"].items():
         p(f"  {k:40} {tflop(v)} {tflop(an[k]) if k in an else ' ' * 16:>18}")
     p(f"  {'total':40} {tflop(r['epoch_flop'])} {tflop(r['anchor_epoch_flop']):>18}")
-    for line in anchor_lines(cfg):
+    for line in anchor_lines(r):
         p(line)
     p(f"  training epoch (without eval) / anchor: {r['anchor_ratio']:.3f}x")
     p(

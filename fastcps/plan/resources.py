@@ -11,8 +11,9 @@ checkpointing's re-forwards), the peak bytes of a training micro-step, a rollout
 decode (fp32, as the policies decode). Counted from sizes (``fastcps.plan.costs``,
 ``fastcps.plan.load``): ZeRO-2/3 partitions and buffers with DeepSpeed's defaults, frozen models at
 published sizes (a local pipeline folder's text encoders from its files), the rollout's buffers, the
-load phase, one checkpoint's files. Beside it, the family's anchor recipe (``FamilyPlan.anchor``:
-flow_grpo's for FLUX and SD3.5, FlowCPS's for Qwen-Image). What the plan knows of a family comes from
+load phase, one checkpoint's files. Beside it, the family's anchor recipe (``FamilyPlan.anchor_for``:
+flow_grpo's for FLUX and SD3.5, FlowCPS's for Qwen-Image and the editing models; the one with the config's
+sampling and trained steps where a family has several). What the plan knows of a family comes from
 its registry entry (``fastcps.policies.families``, ``fastcps.policies.plan_facts``).
 
 ``zero_stage`` / ``policy.gradient_checkpointing`` / ``whole_model_sampling`` / ``train.micro_batch``
@@ -29,6 +30,7 @@ JSON object instead of the table. Config errors exit with status 2 and name the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -134,7 +136,8 @@ def epoch_section(cfg: RunConfig, world: int, loader, model: pc.Model, checkpoin
     epoch_flop = sum(phases.values())
     c, t = pc.cfg_mult(cfg), cfg.train
     plain_fwd, plain_bwd = model.meter.flops("train", t.minibatch_size * c)
-    anchor = anchor_flop(cfg, loader, model)
+    recipe = model.facts.anchor_for(cfg.sampler.num_steps, n_mean)
+    anchor = anchor_flop(cfg, loader, model, recipe)
     training = epoch_flop - phases["eval"]
     return {
         "images_per_rank": counted["images_per_rank"],
@@ -150,20 +153,21 @@ def epoch_section(cfg: RunConfig, world: int, loader, model: pc.Model, checkpoin
         "phase_flop": phases,
         "epoch_flop": epoch_flop,
         "training_epoch_flop": training,
-        "anchor": model.facts.anchor.name,
+        "anchor": recipe.name,
+        "anchor_recipe": dataclasses.asdict(recipe),
         "anchor_phase_flop": anchor,
         "anchor_epoch_flop": anchor["total"],
         "anchor_ratio": training / anchor["total"],
     }
 
 
-def anchor_flop(cfg: RunConfig, loader, model: pc.Model) -> dict:
-    """The family's anchor recipe's FLOPs per phase for the config's images per epoch, on the same
-    transformer measured at the anchor's text length (the run's when the anchor gives none)."""
+def anchor_flop(cfg: RunConfig, loader, model: pc.Model, anchor) -> dict:
+    """The anchor recipe's FLOPs per phase for the config's images per epoch, on the same transformer
+    measured at the anchor's text length (the run's when the anchor gives none)."""
     from fastcps.plan import epoch as pe
     from fastcps.plan import measure
 
-    anchor, pol, t = model.facts.anchor, cfg.policy, cfg.train
+    pol, t = cfg.policy, cfg.train
     text = anchor.text_tokens if anchor.text_tokens is not None else model.text_tokens
     meter = measure.meter(
         pol.name, str(loader.files["transformer"]), pol.resolution, text, pol.dtype, model.meter_lora

@@ -113,6 +113,18 @@ class FamilyPlan:
     default_shift: float = 1.0  # the scheduler's shift when its config gives none
     true_cfg: bool = False  # ``policy.cfg_scale`` > 1 runs every velocity on cond + uncond (2B samples)
     anchor: Anchor = FLOW_GRPO_FLUX
+    #: the family's further reference recipes: a config that samples and trains the steps of one of them
+    #: is compared with that one (``anchor_for``)
+    other_anchors: tuple[Anchor, ...] = ()
+
+    @classmethod
+    def anchor_for(cls, num_steps: int, trained_steps: float) -> Anchor:
+        """The reference recipe with the config's sampling steps and trained steps per image: among
+        ``anchor`` and ``other_anchors`` the first that matches, else ``anchor``."""
+        for a in (cls.anchor, *cls.other_anchors):
+            if a.rollout_forwards == num_steps and a.trained_steps == trained_steps:
+                return a
+        return cls.anchor
 
     @staticmethod
     def text_tokens(max_sequence_length: int) -> int:
@@ -270,6 +282,20 @@ FLOWCPS_QWENIMAGE_EDIT = Anchor(
     checkpointing=True,
 )
 
+#: FlowCPS's 32-GPU Qwen-Image-Edit recipe (config/grpo.py ``counting_qwenimage_edit``, the one its
+#: scripts/multi_node/qwenimage_edit/main.sh launches on 4 x 8 GPUs): as the 8-GPU one but noise_level 1.0
+#: and sde_window_size 0, which scripts/train_qwenimage_edit.py trains on num_steps - 1 = 9 steps per
+#: image; rewards image_similarity 0.2 + geneval 0.8; the same 512 images per epoch.
+FLOWCPS_QWENIMAGE_EDIT_32GPU = Anchor(
+    "FlowCPS counting_qwenimage_edit",
+    "IamCreateAI/FlowCPS config/grpo.py",
+    rollout_forwards=10,
+    trained_steps=9,
+    batch=4,
+    cfg=2,
+    checkpointing=True,
+)
+
 #: QwenImageEditPipeline's reference: calculate_dimensions(1024 * 1024, 1) = 1024 px for a square source,
 #: 8x VAE, 2x2 patches: 64 x 64 tokens after the target's
 EDIT_REFERENCE_SIDE = 1024 // 16
@@ -289,6 +315,7 @@ class QwenImageEditPlan(QwenImagePlan):
     instruction's tokens (the edit pipeline cuts nothing; counting_edit's instructions are ~12 tokens)."""
 
     anchor = FLOWCPS_QWENIMAGE_EDIT
+    other_anchors = (FLOWCPS_QWENIMAGE_EDIT_32GPU,)
 
     @staticmethod
     def text_tokens(max_sequence_length: int) -> int:
