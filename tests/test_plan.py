@@ -2,13 +2,12 @@
 known
 tensor sizes, FLOPs against a hand count and FlopCounterMode, fake-tensor measurements against the same
 measurement on real CPU tensors, the epoch arithmetic, the JSON, ``--gpu-mem`` and the exit codes.
-Tiny transformer configs keep these fast; one slow test measures the real FLUX.1-dev."""
+Tiny transformer configs keep these fast; the model families' plans are tests/test_plan_families.py,
+the recipes' goals at full size tests/test_plan_goals.py."""
 
 import importlib
-import io
 import json
 import math
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -19,25 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastcps.config import RunConfig, load_config
 from fastcps.plan import Loader, main, plan, policy_sigmas
 from fastcps.plan.measure import LiveBytes, TransformerMeter
-from fastcps.policies.flux import FluxPolicy
 from fastcps.trainer import evaluate_with
-
-ROOT = Path(__file__).resolve().parent.parent
-FLUX_CFG = ROOT / "configs" / "flux_pickscore.json"
-TINY_FLUX = {
-    "_class_name": "FluxTransformer2DModel",
-    "attention_head_dim": 16,
-    "axes_dims_rope": [4, 6, 6],
-    "guidance_embeds": True,
-    "in_channels": 64,
-    "joint_attention_dim": 32,
-    "num_attention_heads": 2,
-    "num_layers": 2,
-    "num_single_layers": 2,
-    "patch_size": 1,
-    "pooled_projection_dim": 32,
-}
-LORA = (4, 8.0, tuple(FluxPolicy.default_lora_targets))
+from plan_support import FLUX_CFG, LORA, ROOT, TINY_FLUX, run_json
 
 
 @pytest.fixture
@@ -45,13 +27,6 @@ def tiny_flux(tmp_path):
     path = tmp_path / "tiny_flux.json"
     path.write_text(json.dumps(TINY_FLUX))
     return path
-
-
-def run_json(*argv) -> dict:
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        assert main([*argv, "--json"], evaluate=evaluate_with) == 0
-    return json.loads(buf.getvalue())
 
 
 def test_live_bytes_counts_storages_once_and_frees_them():
@@ -402,33 +377,6 @@ def test_table_and_exit_codes(tiny_flux, capsys):
     assert "policy.name" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_real_flux_dev_measurement():
-    """The real FLUX.1-dev transformer (11.9 B) with LoRA r 64: one training micro-step of one image."""
-    from fastcps.plan.measure import meter
-
-    m = meter(
-        "flux",
-        str(ROOT / "configs" / "models" / "flux1-dev_transformer.json"),
-        512,
-        512,
-        "bf16",
-        (64, 128.0, tuple(FluxPolicy.default_lora_targets)),
-    )
-    params = list(m.model.parameters())
-    lora = sum(p.numel() for p in params if p.requires_grad)
-    assert sum(p.numel() for p in params) - lora == 11_901_408_320 and lora == 179_306_496
-    step = m.step("ckpt", 1)
-    # ~2 x 11.9 B x 1536 tokens (20.19 TFLOP) plus 57 attention calls of 24 heads x 1536² x 128, Q·Kᵀ and
-    # P·V (1.65 TFLOP): torch 2.15 counts 21.85 itself, torch 2.14 with fastcps.plan.measure's formulas.
-    attention = 57 * 2 * (2 * 24 * 1536 * 1536 * 128)
-    assert 21.84e12 < step.forward_flop < 21.86e12, step.forward_flop
-    # backward: the 5 attention matmuls of torch's sdpa backward formula (2.5x the forward's two) on top
-    # of 2x the linear layers' forward (input and weight gradients; LoRA's frozen base gets only input ones)
-    assert step.backward_flop > 2.5 * attention, step.backward_flop
-    assert 0.3 * 2**30 < step.peak < 2 * 2**30
-
-
 def local_tiny_pipeline(tmp_path, tiny_flux) -> Path:
     """A local pipeline folder the plan reads its model configs from: the tiny transformer, FLUX's VAE
     and FLUX.1-dev's scheduler (no weights, no text encoders: those count at their published sizes)."""
@@ -749,25 +697,6 @@ def test_smallest_total_memory_on_two_gloo_ranks(tmp_path):
     assert [int((tmp_path / f"{r}.txt").read_text()) for r in (0, 1)] == [40 * 2**30] * 2
 
 
-@pytest.mark.slow
-def test_flux_dev_goals_at_80_40_and_24_gb():
-    """configs/flux_pickscore.json on 8 GPUs, the real FLUX.1-dev on fake tensors: at 80 GB the anchor's
-    training FLOPs (1.000x) with no parameter gathers beyond ZeRO-2's; at 40 and 24 GB at most 1.25x;
-    on each at least 8 % of the GPU left free of the planned peak (the VAE decoding in fp32)."""
-    got = {}
-    for gib in (80, 79.1, 40, 24):  # 79.1: what torch reports for an 80 GB H100
-        r = run_json("--config", str(FLUX_CFG), "--world-size", "8", "--gpu-mem", str(gib))
-        got[gib] = r
-        assert r["fits"] and r["headroom_gib"] >= 0.08 * gib, (gib, r["headroom_gib"], r["candidates"][:3])
-        assert r["micro_batch"] == r["rollout_batch_size"]  # the rollout's log-probs stay reusable
-        assert r["micro_batch"] * r["gradient_accumulation_steps"] == 24  # 8 x 3 as configured
-    for gib in (80, 79.1):
-        assert got[gib]["anchor_ratio"] == pytest.approx(1.0, abs=5e-4)
-        assert got[gib]["zero_stage"] == 2 and got[gib]["zero_param_gathers"] == 0
-    for gib in (40, 24):
-        assert got[gib]["anchor_ratio"] <= 1.25, (gib, got[gib]["anchor_ratio"])
-
-
 def test_geneval_in_process_holds_its_detector_and_colour_classifier():
     """geneval's default detector (mask2former) puts Mask2Former Swin-S (68.7 M, `dtype` float32) and
     open_clip ViT-L-14 (427.6 M, `clip_dtype` amp: fp32 weights) on every training GPU; a detection server
@@ -783,264 +712,3 @@ def test_geneval_in_process_holds_its_detector_and_colour_classifier():
     assert bytes_of({}) == pytest.approx((0.0687 + 0.4276) * 1e9 * 4)
     assert bytes_of({"clip_dtype": "bf16"}) == pytest.approx((0.0687 * 4 + 0.4276 * 2) * 1e9)
     assert bytes_of({"detector": "server", "url": "http://detector:80"}) == 0.0
-
-
-# --- families from the registry: SD3.5-Large, Qwen-Image ------------------------------------------------
-
-QWEN_CFG = ROOT / "configs" / "qwenimage_pickscore.json"
-SD35L_CFG = ROOT / "configs" / "sd35l_geneval.json"
-# geneval:train is a download; the shipped test split gives the same count (prompts_per_epoch of any set)
-SHIPPED_GENEVAL = ["--set", "prompts.source=geneval:test"]
-TINY_QWEN = {
-    "_class_name": "QwenImageTransformer2DModel",
-    "attention_head_dim": 16,
-    "axes_dims_rope": [4, 6, 6],
-    "guidance_embeds": False,
-    "in_channels": 64,
-    "joint_attention_dim": 32,
-    "num_attention_heads": 2,
-    "num_layers": 2,
-    "out_channels": 16,
-    "patch_size": 2,
-}
-
-
-def test_model_files_come_from_the_family_entry():
-    """Each family picks its shipped configs from policy.pretrained (SD3.5-Large no longer refused)."""
-    from fastcps.plan.loader import model_files
-
-    def stems(cfg_path, pretrained):
-        cfg = load_config(RunConfig, str(cfg_path), [f"policy.pretrained={pretrained}"])
-        return {k: v.name for k, v in model_files(cfg).items()}
-
-    assert stems(SD35L_CFG, "stabilityai/stable-diffusion-3.5-large") == {
-        "transformer": "sd3.5-large_transformer.json",
-        "vae": "sd3.5_vae.json",
-        "scheduler": "sd3.5-large_scheduler.json",
-    }
-    assert stems(SD35L_CFG, "stabilityai/stable-diffusion-3.5-medium")["transformer"] == (
-        "sd3.5-medium_transformer.json"
-    )
-    assert stems(FLUX_CFG, "black-forest-labs/FLUX.1-schnell")["scheduler"] == "flux1-schnell_scheduler.json"
-    assert stems(QWEN_CFG, "Qwen/Qwen-Image") == {
-        "transformer": "qwen-image_transformer.json",
-        "vae": "qwen-image_vae.json",
-        "scheduler": "qwen-image_scheduler.json",
-    }
-    for files in (
-        stems(SD35L_CFG, "stabilityai/stable-diffusion-3.5-large"),
-        stems(QWEN_CFG, "Qwen/Qwen-Image"),
-    ):
-        for name in files.values():
-            assert (ROOT / "configs" / "models" / name).is_file(), name
-
-
-def test_flowcps_anchor_counts_cond_and_uncond_and_the_checkpointed_backward():
-    """FlowCPS's pickscore_qwenimage_8gpu per image: 10 sampling steps of cond + uncond (2 samples),
-    2 trained steps of one 2B forward each and its backward through the checkpointed blocks."""
-    from types import SimpleNamespace
-
-    from fastcps.plan.epoch import anchor_flop_per_image
-    from fastcps.policies.plan_facts import FLOWCPS_QWENIMAGE, QwenImagePlan
-
-    assert QwenImagePlan.anchor is FLOWCPS_QWENIMAGE
-    seen = []
-
-    def step(kind, b):  # per sample: forward 1, backward 10 (100 with checkpointing's re-forward)
-        seen.append((kind, b))
-        return SimpleNamespace(forward_flop=b, backward_flop=b * (100 if kind == "ckpt" else 10))
-
-    out = anchor_flop_per_image(FLOWCPS_QWENIMAGE, SimpleNamespace(step=step), lambda b: 7.0 * b)
-    assert seen == [("nograd", 8), ("ckpt", 8)]  # batch 4 images x 2 samples
-    assert out["rollout"] == 10 * 2 and out["training forward"] == 2 * 2
-    assert out["training backward"] == 2 * 2 * 100 and out["VAE decode"] == 7.0
-    assert out["total"] == 20 + 4 + 400 + 7.0
-
-
-def test_a_qwenimage_plan_reads_the_family(tmp_path):
-    """The Qwen-Image recipe on a tiny QwenImageTransformer2DModel: true CFG doubles every call's samples,
-    the transformer sees max_sequence_length text tokens (no pooled vector), the Qwen VAE decodes one frame,
-    the Qwen2.5-VL-7B text encoder is counted at its published size, FlowCPS's recipe is the anchor."""
-    tiny = tmp_path / "tiny_qwen.json"
-    tiny.write_text(json.dumps(TINY_QWEN))
-    r = run_json("--config", str(QWEN_CFG), "--world-size", "8", "--model-config", str(tiny))
-    assert r["cfg_batch_multiplier"] == 2 and r["anchor"] == "FlowCPS pickscore_qwenimage_8gpu"
-    assert Path(r["files"]["vae"]).name == "qwen-image_vae.json"
-    assert r["images_per_rank"] == 64 and r["optimizer_steps"] == 2
-    assert "rollout (nograd, 8 samples)" in r["calls_per_rank"]  # 4 images x (cond + uncond)
-    text = r["memory"]["3"]["persistent"]
-    assert text["text encoders"] == 0.0  # offload_frozen
-    enc = r["memory"]["3"]["transients"]["prompt encoding"]["text encoders moved in"]
-    assert enc == pytest.approx(8.29e9 * 2)
-    assert r["activation_peak_bytes"]["vae_decode"] > 0
-
-
-@pytest.mark.slow
-def test_qwenimage_goals_at_80_and_40_gb():
-    """The Qwen-Image recipe (FlowCPS's pickscore_qwenimage_8gpu: 32 prompts x 16, 10 steps, SDE window 2,
-    true CFG 4, LoRA r 64) on 8 GPUs, the real 20.4 B-parameter transformer on fake tensors: on an 80 GB
-    H100 (79.1 GiB as torch reports it) at most FlowCPS's training FLOPs counted as its code runs them, on
-    a 40 GB A100 (39.4 GiB) a fitting choice; each with at least 8 % of the GPU left free of the planned
-    peak (the first-run issue's headroom rule)."""
-    got = {}
-    for gib in (79.1, 39.4):
-        r = run_json("--config", str(QWEN_CFG), "--world-size", "8", "--gpu-mem", str(gib))
-        got[gib] = r
-        assert r["fits"] and r["headroom_gib"] >= 0.08 * gib, (gib, r["headroom_gib"], r["candidates"][:3])
-        assert r["micro_batch"] == r["rollout_batch_size"]
-        assert r["micro_batch"] * r["gradient_accumulation_steps"] == 32  # 8 x 4 as configured
-    assert got[79.1]["anchor_ratio"] <= 1.0, got[79.1]["anchor_ratio"]
-
-
-@pytest.mark.slow
-def test_sd35_large_fits_24_gb():
-    """configs/sd35l_geneval.json (the SD3.5-Medium recipe on SD3.5-Large) on 8 x 24 GB cards (23.6 GiB as
-    torch reports them), the real 8.1 B-parameter transformer on fake tensors: a fitting choice with at
-    least 8 % of the GPU left free of the planned peak."""
-    gib = 23.6
-    r = run_json("--config", str(SD35L_CFG), "--world-size", "8", "--gpu-mem", str(gib), *SHIPPED_GENEVAL)
-    assert r["fits"] and r["headroom_gib"] >= 0.08 * gib, (r["headroom_gib"], r["candidates"][:3])
-    assert r["micro_batch"] * r["gradient_accumulation_steps"] == 12  # 4 x 3 as configured
-    assert r["transformer_params"] > 8.0e9
-
-
-def test_flow_grpo_sd3_anchor_counts_cfg_and_the_kl_reference():
-    """flow_grpo's geneval_sd3 per image: 10 sampling steps on 2 samples (true CFG), 9 trained steps
-    (timestep_fraction 0.99) of forward + backward on 2 samples and the KL reference's no-grad forward."""
-    from types import SimpleNamespace
-
-    from fastcps.plan.epoch import anchor_flop_per_image
-    from fastcps.policies.plan_facts import FLOW_GRPO_SD3, SD3Plan
-
-    assert SD3Plan.anchor is FLOW_GRPO_SD3
-
-    def step(kind, b):
-        assert b == 18 and kind in ("nograd", "train")  # 9 images x 2 samples, no checkpointing
-        return SimpleNamespace(forward_flop=b, backward_flop=10 * b)
-
-    out = anchor_flop_per_image(FLOW_GRPO_SD3, SimpleNamespace(step=step), lambda b: 0.0)
-    assert out["rollout"] == 10 * 2 and out["training forward"] == 9 * 2
-    assert out["training backward"] == 9 * 2 * 10 and out["KL reference forward"] == 9 * 2
-
-
-# --- FLUX.1 Kontext: the source image's tokens on every call ---------------------------------------------
-
-KONTEXT_CFG = ROOT / "configs" / "kontext_counting.json"
-
-
-def test_flowcps_kontext_anchor_counts_six_rollout_forwards_and_five_trained_steps():
-    """FlowCPS's counting_flux_kontext per image: 6 sampling steps, int(6 x 0.99) = 5 trained steps of
-    forward + backward, batch 3, no CFG, no checkpointing, no KL reference (beta 0)."""
-    from types import SimpleNamespace
-
-    from fastcps.plan.epoch import anchor_flop_per_image
-    from fastcps.policies.plan_facts import FLOWCPS_KONTEXT, KontextPlan
-
-    assert KontextPlan.anchor is FLOWCPS_KONTEXT
-    seen = []
-
-    def step(kind, b):
-        seen.append((kind, b))
-        return SimpleNamespace(forward_flop=b, backward_flop=10 * b)
-
-    out = anchor_flop_per_image(FLOWCPS_KONTEXT, SimpleNamespace(step=step), lambda b: 7.0 * b)
-    assert seen == [("nograd", 3), ("train", 3)]
-    assert out["rollout"] == 6 and out["training forward"] == 5 and out["training backward"] == 50
-    assert "KL reference forward" not in out and out["total"] == 6 + 5 + 50 + 7.0
-
-
-def test_a_kontext_plan_prices_the_source_tokens(tmp_path):
-    """The Kontext recipe on a tiny FluxTransformer2DModel: every call carries the target's and the source
-    image's tokens (2 x 1024 at 512 px), so a forward costs more than FLUX's on the same transformer, text
-    and batch (the attention more than doubles); the anchor is FlowCPS's and is priced on the same inputs;
-    the rollout keeps the target's latent only; FLUX.1-dev's shipped configs serve (the same architecture)."""
-    tiny = tmp_path / "tiny_flux.json"
-    tiny.write_text(json.dumps(TINY_FLUX))
-    common = ["--world-size", "8", "--model-config", str(tiny), "--set", "policy.max_sequence_length=128"]
-    kontext = run_json("--config", str(KONTEXT_CFG), *common)
-    flux = run_json("--config", str(FLUX_CFG), *common)
-    assert kontext["anchor"] == "FlowCPS counting_flux_kontext"
-    assert {k: Path(v).name for k, v in kontext["files"].items()} == {
-        "transformer": "tiny_flux.json",
-        "vae": "flux1_vae.json",
-        "scheduler": "flux1-dev_scheduler.json",
-    }
-    ratio = kontext["forward_flop_per_image"] / flux["forward_flop_per_image"]
-    assert 2.0 < ratio < 4.0, ratio  # linear layers x 2176/1152 tokens, attention x (2176/1152)^2
-    assert kontext["images_per_rank"] == 126 and kontext["optimizer_steps"] == 2
-    assert kontext["anchor_ratio"] == pytest.approx(1.0, abs=1e-9)  # the anchor's calls, priced alike
-
-
-@pytest.mark.slow
-def test_kontext_goals_at_80_and_40_gb():
-    """The Kontext recipe (FlowCPS's counting_flux_kontext: 48 prompts x 21, 6 steps with 5 trained, CPS eta
-    0.9, LoRA r 64 on FLUX's targets + proj_mlp, 1024 target + 1024 source tokens) on 8 GPUs, the real
-    11.9 B-parameter transformer on fake tensors: on an 80 GB H100 (79.1 GiB) at most FlowCPS's training
-    FLOPs, on a 40 GB A100 (39.4 GiB) a fitting choice; each with at least 8 % of the GPU left free of the
-    planned peak (the headroom rule)."""
-    got = {}
-    for gib in (79.1, 39.4):
-        r = run_json("--config", str(KONTEXT_CFG), "--world-size", "8", "--gpu-mem", str(gib))
-        got[gib] = r
-        assert r["fits"] and r["headroom_gib"] >= 0.08 * gib, (gib, r["headroom_gib"], r["candidates"][:3])
-        assert r["micro_batch"] * r["gradient_accumulation_steps"] == 63  # 3 x 21 as configured
-    assert got[79.1]["anchor_ratio"] <= 1.0, got[79.1]["anchor_ratio"]
-
-
-QWEN_EDIT_CFG = ROOT / "configs" / "qwenimage_edit_counting.json"
-
-
-def test_a_qwenimage_edit_plan_prices_the_reference_tokens(tmp_path):
-    """The Qwen-Image-Edit recipe on a tiny QwenImageTransformer2DModel: every call carries the reference's
-    64 x 64 tokens after the target's and the VL text with the reference's 1369 image tokens; FlowCPS's
-    counting_qwenimage_edit_8gpu is the anchor, true CFG doubles the samples."""
-    from fastcps.policies.plan_facts import FLOWCPS_QWENIMAGE_EDIT, QwenImageEditPlan
-
-    assert QwenImageEditPlan.text_tokens(32) == 37 * 37 + 7 + 32
-    inputs = QwenImageEditPlan.inputs(TINY_QWEN, 2, 512, 40, torch.float32)
-    assert inputs["hidden_states"].shape == (2, 32 * 32 + 64 * 64, 64)
-    assert inputs["img_shapes"] == [[(1, 32, 32), (1, 64, 64)]] * 2
-    tiny = tmp_path / "tiny_qwen.json"
-    tiny.write_text(json.dumps(TINY_QWEN))
-    r = run_json("--config", str(QWEN_EDIT_CFG), "--world-size", "8", "--model-config", str(tiny))
-    assert r["anchor"] == FLOWCPS_QWENIMAGE_EDIT.name and QwenImageEditPlan.anchor is FLOWCPS_QWENIMAGE_EDIT
-    assert r["cfg_batch_multiplier"] == 2 and "rollout (nograd, 8 samples)" in r["calls_per_rank"]
-    assert r["images_per_rank"] == 64 and r["optimizer_steps"] == 2
-
-
-def test_the_32_gpu_qwenimage_edit_recipe_is_priced_against_its_own_anchor(tmp_path):
-    """FlowCPS has two Qwen-Image-Edit recipes: the 8-GPU one trains 2 window steps per image, the 32-GPU
-    one (counting_qwenimage_edit) 9 of its 10 steps. Each config is compared with the recipe it copies
-    (the same 512 images an epoch, so the same anchor FLOPs per image would make the 32-GPU config look
-    4.5x dearer than it is); a config that matches neither is compared with the family's first."""
-    from fastcps.policies.plan_facts import (
-        FLOWCPS_QWENIMAGE_EDIT,
-        FLOWCPS_QWENIMAGE_EDIT_32GPU,
-        QwenImageEditPlan,
-    )
-
-    assert QwenImageEditPlan.anchor_for(10, 9) is FLOWCPS_QWENIMAGE_EDIT_32GPU
-    assert QwenImageEditPlan.anchor_for(10, 2) is FLOWCPS_QWENIMAGE_EDIT
-    assert QwenImageEditPlan.anchor_for(10, 3) is FLOWCPS_QWENIMAGE_EDIT
-    tiny = tmp_path / "tiny_qwen.json"
-    tiny.write_text(json.dumps(TINY_QWEN))
-    cfg32 = ROOT / "configs" / "qwenimage_edit_counting_32gpu.json"
-    ckpt = ("--set", "policy.gradient_checkpointing=true")  # as both anchors run
-    r = run_json("--config", str(cfg32), "--world-size", "32", "--model-config", str(tiny), *ckpt)
-    assert r["anchor"] == "FlowCPS counting_qwenimage_edit" and r["trained_steps_range"] == [9, 9]
-    assert r["anchor_recipe"]["trained_steps"] == 9 and r["optimizer_steps"] == 2
-    assert r["images_per_rank"] == 16
-    assert r["anchor_ratio"] == pytest.approx(1.0, abs=1e-3), r["anchor_ratio"]
-    r8 = run_json("--config", str(QWEN_EDIT_CFG), "--world-size", "8", "--model-config", str(tiny), *ckpt)
-    assert r8["anchor"] == FLOWCPS_QWENIMAGE_EDIT.name
-    assert r8["anchor_ratio"] == pytest.approx(1.0, abs=1e-3), r8["anchor_ratio"]
-
-
-@pytest.mark.slow
-def test_qwenimage_edit_fits_80_gb():
-    """configs/qwenimage_edit_counting.json on 8 x 80 GB (79.1 GiB), the real 20.4 B-parameter transformer
-    on fake tensors with the reference tokens: a fitting choice with >= 8 % headroom, at most the anchor's
-    FLOPs."""
-    r = run_json("--config", str(QWEN_EDIT_CFG), "--world-size", "8", "--gpu-mem", "79.1")
-    assert r["fits"] and r["headroom_gib"] >= 0.08 * 79.1, (r["headroom_gib"], r["candidates"][:3])
-    assert r["anchor"] == "FlowCPS counting_qwenimage_edit_8gpu" and r["anchor_ratio"] <= 1.0

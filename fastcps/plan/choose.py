@@ -32,7 +32,7 @@ leave out; each is a few hundred MiB to a few GiB, and they add up:
 total_memory`` in GiB): an "80 GB" H100 reports 79.1 GiB ("GPU 0 has a total capacity of 79.11 GiB",
 vllm-project/vllm#27508), an 80 GB A100 79.25 GiB (HiDream-ai/VAREdit#6). ``--gpu-mem 80`` is the
 nominal card, 0.9 GiB above what an H100 has; ``--gpu-mem 79.1`` is the H100 as the trainer sees it
-(tests/test_plan.py pins the FLUX.1-dev goals at both).
+(tests/test_plan_goals.py pins the FLUX.1-dev goals at both).
 """
 
 from __future__ import annotations
