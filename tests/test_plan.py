@@ -158,6 +158,13 @@ def test_plan_counts_the_trainers_own_epoch(tiny_flux):
     numel = {n: p.numel() for n, p in m.model.named_parameters() if p.numel() >= threshold}
     assert sum(numel.values()) == gathered and m.gathered("nograd", 8, threshold) == {"forward": gathered}
     plain, ckpt = m.step("train", 8).uses, m.step("ckpt", 8).uses
+    # the modules a call uses do not depend on its batch: gathered() reads them from a small measured
+    # batch, so pricing a large micro-batch's traffic measures nothing new
+    for kind in ("train", "ckpt", "nograd"):
+        assert m.step(kind, 1).uses == m.step(kind, 3).uses == m.step(kind, 8).uses, kind
+        measured = set(m._cache)
+        m.gathered(kind, 16, threshold)
+        assert set(m._cache) == measured, kind
     for n in numel:
         needed = plain["backward"].get(n, 0)
         assert needed in (0, 1) and ckpt["forward"][n] == plain["forward"][n] == 1, n
