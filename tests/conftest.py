@@ -54,22 +54,26 @@ def no_leaked_global_state():
         yield
 
 
-#: The files that take minutes, longest first (seconds of `.ci/newest --durations` on the loaded 2-core
-#: machine, 2026-12-05). With `--dist loadfile` and `--no-loadscope-reorder` (pyproject.toml's addopts) the
-#: two workers take files in this order, then the rest in collection order: the longest go first so both
-#: workers end together (xdist's default order, by test count, left the full-size plans for last on one
-#: worker: 1123 s instead of 892 s).
+#: The files that take minutes, longest first: seconds of test time per file measured by
+#: `pytest -n 2 -v --durations=0` on the 2-core machine, nothing else running (2026-12-05, at a229bd8;
+#: test_plan_goals.py's without the Qwen-Image-Edit plan it then held). With `--dist loadfile` and
+#: `--no-loadscope-reorder` (pyproject.toml's addopts) the two workers take files in this order, then the
+#: rest in collection order, so both end together (xdist's default order, by test count, left the
+#: full-size plans for last on one worker: 1123 s instead of 892 s).
 SLOWEST_FILES = (
-    "test_plan_goals.py",  # ~660: every recipe at full size on fake tensors
-    "test_checkpoints.py",  # ~320
-    "test_zero3.py",  # ~230
-    "test_plan.py",  # ~200
-    "test_trainer.py",  # ~170
-    "test_golden_curve.py",  # ~125
-    "test_launchers.py",  # ~120
-    "test_qwenimage_edit.py",  # ~120
-    "test_qwenimage.py",  # ~110
-    "test_wiring_runs.py",  # ~95
+    "test_plan_goals.py",  # 349: the recipes at full size on fake tensors
+    "test_plan.py",  # 124
+    "test_qwenimage_edit.py",  # 103
+    "test_zero3.py",  # 100
+    "test_qwenimage.py",  # 96
+    "test_failing_together.py",  # 84
+    "test_trainer.py",  # 83
+    "test_golden_curve.py",  # 82
+    "test_wiring_runs.py",  # 75
+    "test_launchers.py",  # 72
+    "test_virtual_cuda.py",  # 71
+    "test_reward_service.py",  # 64
+    "test_checkpoints.py",  # 61
 )
 
 
